@@ -1,0 +1,577 @@
+// Gather/scatter kernels between per-layer KV slabs and contiguous caches.
+//
+// Both ops are MLX primitives with a CPU kernel: the op validates and builds a
+// lazy node; eval_cpu (run by mx.eval on the caller's thread) allocates or
+// donates the outputs, plans one memcpy per (slab, head, block run) and
+// dispatches the copies to the stream's worker, where they run split over a
+// few threads.
+#include "kernels/gather_scatter.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
+
+namespace kvpool {
+
+namespace {
+
+// Copy plan ----------------------------------------------------------------
+
+// Memory bandwidth saturates early: DESIGN.md measured 2 threads ~1.4x faster
+// than one memcpy on this CPU; more rarely pays for itself on a copy kernel.
+constexpr int kMaxCopyThreads = 2;
+// Below this many bytes per thread, starting a thread costs more than it buys.
+constexpr size_t kMinBytesPerThread = size_t{1} << 20;
+// Jobs are cut to at most this size so threads that take jobs from a shared
+// counter end within one job of each other.
+constexpr size_t kMaxJobBytes = size_t{256} << 10;
+
+// One job: `rows` rows of `cols` elements into dense memory at dst (rows are
+// cols * itemsize bytes apart). Source rows are src_row_stride elements
+// apart, elements src_col_stride apart. src == nullptr zero-fills dst.
+struct RowCopy {
+  char* dst;
+  const char* src;
+  int64_t rows;
+  int64_t cols;
+  int64_t src_row_stride;
+  int64_t src_col_stride;
+  int64_t itemsize;
+
+  size_t nbytes() const {
+    return static_cast<size_t>(rows * cols * itemsize);
+  }
+};
+
+template <typename T>
+void copy_strided_row(char* dst, const char* src, int64_t cols, int64_t step) {
+  auto* d = reinterpret_cast<T*>(dst);
+  auto* s = reinterpret_cast<const T*>(src);
+  for (int64_t c = 0; c < cols; ++c) {
+    d[c] = s[c * step];
+  }
+}
+
+void run_job(const RowCopy& job) {
+  size_t row_bytes = static_cast<size_t>(job.cols * job.itemsize);
+  if (job.src == nullptr) {
+    std::memset(job.dst, 0, job.nbytes());
+    return;
+  }
+  if (job.src_col_stride == 1 &&
+      (job.src_row_stride == job.cols || job.rows == 1)) {
+    std::memcpy(job.dst, job.src, job.nbytes());
+    return;
+  }
+  for (int64_t r = 0; r < job.rows; ++r) {
+    char* dst = job.dst + r * row_bytes;
+    const char* src = job.src + r * job.src_row_stride * job.itemsize;
+    if (job.src_col_stride == 1) {
+      std::memcpy(dst, src, row_bytes);
+    } else if (job.itemsize == 2) {
+      copy_strided_row<uint16_t>(dst, src, job.cols, job.src_col_stride);
+    } else {
+      copy_strided_row<uint32_t>(dst, src, job.cols, job.src_col_stride);
+    }
+  }
+}
+
+// Appends job, cut by rows into pieces of at most kMaxJobBytes.
+void add_job(std::vector<RowCopy>& jobs, RowCopy job) {
+  if (job.rows == 0 || job.cols == 0) {
+    return;
+  }
+  size_t row_bytes = static_cast<size_t>(job.cols * job.itemsize);
+  int64_t rows_per_job =
+      std::max<int64_t>(1, static_cast<int64_t>(kMaxJobBytes / row_bytes));
+  for (int64_t r = 0; r < job.rows; r += rows_per_job) {
+    RowCopy piece = job;
+    piece.rows = std::min(rows_per_job, job.rows - r);
+    piece.dst = job.dst + r * row_bytes;
+    if (job.src != nullptr) {
+      piece.src = job.src + r * job.src_row_stride * job.itemsize;
+    }
+    jobs.push_back(piece);
+  }
+}
+
+// Runs every job (in any order, so jobs must not overlap) on up to
+// kMaxCopyThreads threads, the calling one included.
+void run_jobs(const std::vector<RowCopy>& jobs) {
+  size_t total = 0;
+  for (const auto& job : jobs) {
+    total += job.nbytes();
+  }
+  int num_threads = static_cast<int>(std::min<size_t>(
+      {static_cast<size_t>(kMaxCopyThreads),
+       std::max<size_t>(1, std::thread::hardware_concurrency()),
+       std::max<size_t>(1, total / kMinBytesPerThread),
+       jobs.size()}));
+  if (num_threads <= 1) {
+    for (const auto& job : jobs) {
+      run_job(job);
+    }
+    return;
+  }
+  std::atomic<size_t> next{0};
+  auto work = [&jobs, &next] {
+    for (size_t i = next++; i < jobs.size(); i = next++) {
+      run_job(jobs[i]);
+    }
+  };
+  std::vector<std::thread> helpers;
+  helpers.reserve(num_threads - 1);
+  for (int t = 1; t < num_threads; ++t) {
+    try {
+      helpers.emplace_back(work);
+    } catch (const std::system_error&) {
+      break; // No thread to spare: the calling thread does the rest.
+    }
+  }
+  work();
+  for (auto& helper : helpers) {
+    helper.join();
+  }
+}
+
+// Validation ---------------------------------------------------------------
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream msg;
+  msg << "(";
+  for (int i = 0; i < static_cast<int>(a.ndim()); ++i) {
+    msg << (i ? ", " : "") << a.shape(i);
+  }
+  msg << (a.ndim() == 1 ? ",)" : ")");
+  return msg.str();
+}
+
+[[noreturn]] void fail(const char* op, const std::string& what) {
+  throw std::invalid_argument(std::string("[kvpool::") + op + "] " + what);
+}
+
+void check_slab(const char* op, const std::string& name, const mx::array& a) {
+  if (a.ndim() != 4) {
+    fail(
+        op,
+        name +
+            " must be 4-D [num_blocks, n_kv_heads, block_tokens, head_dim]; "
+            "got shape " +
+            shape_str(a) + ".");
+  }
+  auto dt = a.dtype();
+  if (dt != mx::float32 && dt != mx::float16 && dt != mx::bfloat16) {
+    std::ostringstream msg;
+    msg << name << " must be float32, float16 or bfloat16; got " << dt
+        << " with shape " << shape_str(a) << ".";
+    fail(op, msg.str());
+  }
+}
+
+// Checks that block_table covers [start, stop) and that the entries it reads
+// name blocks of the slab. Entries outside that range are not read (they may
+// be placeholders, e.g. for blocks a sliding window dropped).
+void check_positions(
+    const char* op,
+    const std::vector<int32_t>& block_table,
+    int64_t start,
+    int64_t stop,
+    int num_blocks,
+    int block_tokens) {
+  if (start < 0 || stop < start) {
+    std::ostringstream msg;
+    msg << "need 0 <= start <= stop; got start " << start << ", stop " << stop
+        << ".";
+    fail(op, msg.str());
+  }
+  if (stop == start) {
+    return;
+  }
+  int64_t blocks_needed = (stop + block_tokens - 1) / block_tokens;
+  if (static_cast<int64_t>(block_table.size()) < blocks_needed) {
+    std::ostringstream msg;
+    msg << "positions [" << start << ", " << stop << ") need "
+        << blocks_needed << " block table entries of " << block_tokens
+        << " tokens; got " << block_table.size() << ".";
+    fail(op, msg.str());
+  }
+  for (int64_t i = start / block_tokens; i < blocks_needed; ++i) {
+    if (block_table[i] < 0 || block_table[i] >= num_blocks) {
+      std::ostringstream msg;
+      msg << "block_table[" << i << "] = " << block_table[i]
+          << " is out of range for a slab of " << num_blocks << " blocks.";
+      fail(op, msg.str());
+    }
+  }
+}
+
+// The block table entries that [start, stop) reads, and start rebased to the
+// first of them.
+std::pair<std::vector<int32_t>, int64_t> used_blocks(
+    const std::vector<int32_t>& block_table,
+    int64_t start,
+    int64_t stop,
+    int block_tokens) {
+  if (stop == start) {
+    return {{}, 0};
+  }
+  int64_t first = start / block_tokens;
+  int64_t last = (stop - 1) / block_tokens;
+  return {
+      std::vector<int32_t>(
+          block_table.begin() + first, block_table.begin() + last + 1),
+      first * block_tokens};
+}
+
+mx::Stream cpu_stream(const char* op, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  if (stream.device != mx::Device::cpu) {
+    fail(op, "only a CPU stream is supported (no GPU kernel yet).");
+  }
+  return stream;
+}
+
+// Scatter statistics -------------------------------------------------------
+
+std::atomic<int64_t> num_in_place{0};
+std::atomic<int64_t> num_copied{0};
+std::atomic<bool> strict_in_place{false};
+
+// Primitives ---------------------------------------------------------------
+
+// Outputs: one [1, heads, capacity, head_dim] array per input slab.
+// block_ids_ are the block table entries the copy reads; start_/stop_ are
+// positions relative to the first of them.
+class Gather : public mx::Primitive {
+ public:
+  Gather(
+      mx::Stream stream,
+      std::vector<int32_t> block_ids,
+      int64_t start,
+      int64_t stop,
+      int64_t capacity)
+      : mx::Primitive(stream),
+        block_ids_(std::move(block_ids)),
+        start_(start),
+        stop_(stop),
+        capacity_(capacity) {}
+
+  void eval_cpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&)
+      override {
+    throw std::runtime_error("[kvpool::Gather] no GPU kernel; use a CPU stream.");
+  }
+
+  const char* name() const override {
+    return "KvpoolGather";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Gather&>(other);
+    return block_ids_ == o.block_ids_ && start_ == o.start_ &&
+        stop_ == o.stop_ && capacity_ == o.capacity_;
+  }
+  std::vector<mx::Shape> output_shapes(
+      const std::vector<mx::array>& inputs) override {
+    std::vector<mx::Shape> shapes;
+    for (const auto& slab : inputs) {
+      shapes.push_back(
+          {1, slab.shape(1), static_cast<int>(capacity_), slab.shape(3)});
+    }
+    return shapes;
+  }
+
+ private:
+  std::vector<int32_t> block_ids_;
+  int64_t start_;
+  int64_t stop_;
+  int64_t capacity_;
+};
+
+void Gather::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  std::vector<RowCopy> jobs;
+  int64_t length = stop_ - start_;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const auto& slab = inputs[i];
+    auto& out = outputs[i];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    encoder.set_input_array(slab);
+    encoder.set_output_array(out);
+
+    int64_t heads = slab.shape(1);
+    int64_t block_tokens = slab.shape(2);
+    int64_t head_dim = slab.shape(3);
+    int64_t itemsize = slab.itemsize();
+    const auto& st = slab.strides();
+    const char* base = slab.data<char>();
+    char* dst = out.data<char>();
+    for (int64_t h = 0; h < heads; ++h) {
+      char* head_dst = dst + h * capacity_ * head_dim * itemsize;
+      for (int64_t pos = start_; pos < stop_;) {
+        int64_t block = block_ids_[pos / block_tokens];
+        int64_t slot = pos % block_tokens;
+        int64_t run = std::min(block_tokens - slot, stop_ - pos);
+        const char* src =
+            base + (block * st[0] + h * st[1] + slot * st[2]) * itemsize;
+        char* row_dst = head_dst + (pos - start_) * head_dim * itemsize;
+        add_job(jobs, {row_dst, src, run, head_dim, st[2], st[3], itemsize});
+        pos += run;
+      }
+      if (capacity_ > length) {
+        add_job(
+            jobs,
+            {head_dst + length * head_dim * itemsize,
+             nullptr,
+             capacity_ - length,
+             head_dim,
+             0,
+             0,
+             itemsize});
+      }
+    }
+  }
+  // Buffers stay alive until the task ran: MLX holds the inputs' data until
+  // the stream has finished this node's tasks.
+  encoder.dispatch([jobs = std::move(jobs)] { run_jobs(jobs); });
+}
+
+// Output: the slab with positions [start_, start_ + src.shape(2)) rewritten.
+class Scatter : public mx::UnaryPrimitive {
+ public:
+  Scatter(mx::Stream stream, std::vector<int32_t> block_ids, int64_t start)
+      : mx::UnaryPrimitive(stream),
+        block_ids_(std::move(block_ids)),
+        start_(start) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
+      override;
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(
+        "[kvpool::Scatter] no GPU kernel; use a CPU stream.");
+  }
+
+  const char* name() const override {
+    return "KvpoolScatter";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const Scatter&>(other);
+    return block_ids_ == o.block_ids_ && start_ == o.start_;
+  }
+  std::vector<mx::Shape> output_shapes(
+      const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  std::vector<int32_t> block_ids_;
+  int64_t start_;
+};
+
+void Scatter::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& slab = inputs[0];
+  const auto& src = inputs[1];
+  int64_t num_blocks = slab.shape(0);
+  int64_t heads = slab.shape(1);
+  int64_t block_tokens = slab.shape(2);
+  int64_t head_dim = slab.shape(3);
+  int64_t itemsize = slab.itemsize();
+
+  // Decided here, on the thread running mx.eval, so that strict mode throws
+  // to the caller before any work is queued.
+  std::vector<RowCopy> copy_jobs;
+  if (slab.is_donatable() && slab.flags().row_contiguous) {
+    out.copy_shared_buffer(slab);
+    num_in_place++;
+  } else {
+    if (strict_in_place) {
+      std::ostringstream msg;
+      msg << "[kvpool::scatter] strict in-place mode: the slab of shape "
+          << shape_str(slab) << " (" << slab.nbytes()
+          << " bytes) is not donatable, so the scatter would copy it. "
+          << "Something else still references it (another Python name, a "
+          << "view, an unevaluated gather, or another op in the same eval): "
+          << "keep one reference and rebind, slab = scatter(slab, ...).";
+      throw std::runtime_error(msg.str());
+    }
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    num_copied++;
+    const auto& st = slab.strides();
+    const char* base = slab.data<char>();
+    char* dst = out.data<char>();
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      for (int64_t h = 0; h < heads; ++h) {
+        add_job(
+            copy_jobs,
+            {dst + ((b * heads + h) * block_tokens) * head_dim * itemsize,
+             base + (b * st[0] + h * st[1]) * itemsize,
+             block_tokens,
+             head_dim,
+             st[2],
+             st[3],
+             itemsize});
+      }
+    }
+  }
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(slab);
+  encoder.set_input_array(src);
+  encoder.set_output_array(out);
+
+  std::vector<RowCopy> write_jobs;
+  int64_t stop = start_ + src.shape(2);
+  const auto& ss = src.strides();
+  const char* src_base = src.data<char>();
+  char* dst = out.data<char>();
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t pos = start_; pos < stop;) {
+      int64_t block = block_ids_[pos / block_tokens];
+      int64_t slot = pos % block_tokens;
+      int64_t run = std::min(block_tokens - slot, stop - pos);
+      char* row_dst = dst +
+          ((block * heads + h) * block_tokens + slot) * head_dim * itemsize;
+      const char* row_src =
+          src_base + (h * ss[1] + (pos - start_) * ss[2]) * itemsize;
+      add_job(
+          write_jobs,
+          {row_dst, row_src, run, head_dim, ss[2], ss[3], itemsize});
+      pos += run;
+    }
+  }
+  // The slab copy must land before the rows overwrite parts of it.
+  encoder.dispatch(
+      [copy_jobs = std::move(copy_jobs), write_jobs = std::move(write_jobs)] {
+        run_jobs(copy_jobs);
+        run_jobs(write_jobs);
+      });
+}
+
+} // namespace
+
+// Ops ----------------------------------------------------------------------
+
+std::vector<mx::array> gather(
+    const std::vector<mx::array>& slabs,
+    const std::vector<int32_t>& block_table,
+    int64_t start,
+    int64_t stop,
+    int64_t capacity,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "gather";
+  if (slabs.empty()) {
+    fail(op, "need at least one slab; got 0.");
+  }
+  for (size_t i = 0; i < slabs.size(); ++i) {
+    check_slab(op, "slab " + std::to_string(i), slabs[i]);
+  }
+  int num_blocks = slabs[0].shape(0);
+  int block_tokens = slabs[0].shape(2);
+  for (size_t i = 1; i < slabs.size(); ++i) {
+    if (slabs[i].shape(0) != num_blocks ||
+        slabs[i].shape(2) != block_tokens) {
+      std::ostringstream msg;
+      msg << "every slab needs the same num_blocks and block_tokens as slab "
+          << "0 " << shape_str(slabs[0]) << "; slab " << i << " got shape "
+          << shape_str(slabs[i]) << ".";
+      fail(op, msg.str());
+    }
+  }
+  check_positions(op, block_table, start, stop, num_blocks, block_tokens);
+  if (capacity < stop - start ||
+      capacity > std::numeric_limits<int32_t>::max()) {
+    std::ostringstream msg;
+    msg << "capacity must hold stop - start = " << stop - start
+        << " positions (and fit int32); got " << capacity << ".";
+    fail(op, msg.str());
+  }
+  auto stream = cpu_stream(op, s);
+
+  auto [block_ids, base] = used_blocks(block_table, start, stop, block_tokens);
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  for (const auto& slab : slabs) {
+    shapes.push_back(
+        {1, slab.shape(1), static_cast<int>(capacity), slab.shape(3)});
+    dtypes.push_back(slab.dtype());
+  }
+  return mx::array::make_arrays(
+      std::move(shapes),
+      dtypes,
+      std::make_shared<Gather>(
+          stream, std::move(block_ids), start - base, stop - base, capacity),
+      slabs);
+}
+
+mx::array scatter(
+    const mx::array& slab,
+    const mx::array& src,
+    const std::vector<int32_t>& block_table,
+    int64_t start,
+    mx::StreamOrDevice s) {
+  constexpr const char* op = "scatter";
+  check_slab(op, "slab", slab);
+  if (src.ndim() != 4 || src.shape(0) != 1 || src.shape(1) != slab.shape(1) ||
+      src.shape(3) != slab.shape(3)) {
+    std::ostringstream msg;
+    msg << "src must be [1, " << slab.shape(1) << ", T, " << slab.shape(3)
+        << "] to match the slab " << shape_str(slab) << "; got shape "
+        << shape_str(src) << ".";
+    fail(op, msg.str());
+  }
+  if (src.dtype() != slab.dtype()) {
+    std::ostringstream msg;
+    msg << "src dtype " << src.dtype() << " differs from the slab's "
+        << slab.dtype() << ".";
+    fail(op, msg.str());
+  }
+  int block_tokens = slab.shape(2);
+  int64_t stop = start + src.shape(2);
+  check_positions(op, block_table, start, stop, slab.shape(0), block_tokens);
+  auto stream = cpu_stream(op, s);
+  if (stop == start) {
+    return slab;
+  }
+  auto [block_ids, base] = used_blocks(block_table, start, stop, block_tokens);
+  // Two table entries naming one block would race to write the same slot.
+  auto sorted_ids = block_ids;
+  std::sort(sorted_ids.begin(), sorted_ids.end());
+  if (auto dup = std::adjacent_find(sorted_ids.begin(), sorted_ids.end());
+      dup != sorted_ids.end()) {
+    std::ostringstream msg;
+    msg << "block " << *dup << " appears twice in the block table entries "
+        << "that positions [" << start << ", " << stop << ") write.";
+    fail(op, msg.str());
+  }
+  return mx::array(
+      slab.shape(),
+      slab.dtype(),
+      std::make_shared<Scatter>(stream, std::move(block_ids), start - base),
+      {slab, src});
+}
+
+ScatterStats scatter_stats() {
+  return {num_in_place.load(), num_copied.load()};
+}
+
+void reset_scatter_stats() {
+  num_in_place = 0;
+  num_copied = 0;
+}
+
+void set_strict_in_place(bool strict) {
+  strict_in_place = strict;
+}
+
+} // namespace kvpool

@@ -1,0 +1,51 @@
+"""kvpool: per-agent KV caches in a shared block pool, batched generation on MLX.
+
+Importing kvpool loads its bookkeeping extension (``kvpool._blocks``) but not
+MLX; the MLX parts (``kvpool.slabs``, ``kvpool.kernels``) load on first use.
+"""
+
+from __future__ import annotations
+
+from kvpool import _blocks
+from kvpool.blocks import AgentBlocks, CompletedGeneration, KVBlock, TokenEvent
+from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
+from kvpool.errors import (
+    CacheCorruptionError,
+    GenerationError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+    KvpoolError,
+    ModelNotFoundError,
+    PoolExhaustedError,
+    UnsupportedModelError,
+)
+from kvpool.pool import BlockPool
+from kvpool.sampling import SamplingParams
+from kvpool.spec import BLOCK_TOKENS, AttentionKind, LayerSpec, ModelCacheSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCK_TOKENS",
+    "AgentBlocks",
+    "AttentionKind",
+    "BlockPool",
+    "BlockPoolBatchEngine",
+    "CacheCorruptionError",
+    "CompletedGeneration",
+    "GenerationError",
+    "IncompatibleCacheError",
+    "InvalidRequestError",
+    "KVBlock",
+    "KvpoolError",
+    "LayerSpec",
+    "ModelCacheSpec",
+    "ModelNotFoundError",
+    "PoolExhaustedError",
+    "RequestTooLargeError",
+    "SamplingParams",
+    "TokenEvent",
+    "UnsupportedModelError",
+    "__version__",
+    "_blocks",
+]

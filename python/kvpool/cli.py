@@ -1,0 +1,392 @@
+"""The ``kvpool`` command: ``kvpool demo`` and ``kvpool info``.
+
+Exit codes: 0 done; 1 a generation failed; 2 bad input (an option value, a model that cannot
+be loaded, a pool too small), reported as one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn
+
+from kvpool.demo import CACHED, REPREFILL, DemoConfig, DemoResult, Progress, RunResult, run_demo
+from kvpool.errors import GenerationError, KvpoolError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_DEFAULTS = DemoConfig()
+
+
+class UsageError(Exception):
+    """A command line argparse refused; the message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of printing the usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="kvpool",
+        description="Per-agent KV caches in a shared block pool, batched generation on MLX.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    demo = commands.add_parser(
+        "demo",
+        help="run a multi-agent, multi-turn workload with and without cache reuse",
+        description=(
+            "Run AGENTS agents for TURNS turns through the block-pool engine twice: reusing "
+            "each agent's cache turn after turn, then re-prefilling every turn from scratch "
+            "with the same prompts. Prints a per-turn table and a summary; checks that both "
+            "runs generate the same tokens (greedy decoding)."
+        ),
+    )
+    demo.add_argument(
+        "--model",
+        default=_DEFAULTS.model,
+        metavar="PATH_OR_RECIPE",
+        help="a model directory or a built-in recipe (default: %(default)s, random weights)",
+    )
+    demo.add_argument(
+        "--agents",
+        type=_int_at_least(1),
+        default=_DEFAULTS.num_agents,
+        metavar="N",
+        help="number of agents (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--turns",
+        type=_int_at_least(1),
+        default=_DEFAULTS.num_turns,
+        metavar="T",
+        help="turns per agent (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--max-tokens",
+        type=_int_at_least(1),
+        default=_DEFAULTS.max_tokens,
+        metavar="M",
+        help="tokens generated per turn, at most (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--pool-mb",
+        type=_positive_float,
+        default=None,
+        metavar="MB",
+        help="K/V pool size in MiB (default: the workload's worst case)",
+    )
+    demo.add_argument(
+        "--seed",
+        type=_int_at_least(0),
+        default=_DEFAULTS.seed,
+        metavar="S",
+        help="picks the agents' text (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="print the result as JSON on stdout, nothing else"
+    )
+    demo.set_defaults(handler=_cmd_demo)
+
+    info = commands.add_parser(
+        "info",
+        help="versions, model cache directory and a model's cache geometry",
+        description="Print kvpool's and MLX's versions and a model's cache geometry.",
+    )
+    info.add_argument(
+        "--model",
+        default=_DEFAULTS.model,
+        metavar="PATH_OR_RECIPE",
+        help="model to describe (default: %(default)s; built on first use)",
+    )
+    info.add_argument("--json", action="store_true", help="print JSON on stdout")
+    info.set_defaults(handler=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``kvpool`` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except GenerationError as exc:
+        _error(f"kvpool {args.command}: generation failed: {exc}")
+        return EXIT_FAILED
+    except KvpoolError as exc:
+        _error(f"kvpool {args.command}: error: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error(f"kvpool {args.command}: interrupted")
+        return 130
+
+
+def _error(message: str) -> None:
+    print(" ".join(message.split()), file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    config = DemoConfig(
+        model=args.model,
+        num_agents=args.agents,
+        num_turns=args.turns,
+        max_tokens=args.max_tokens,
+        pool_mb=args.pool_mb,
+        seed=args.seed,
+    )
+    progress = ProgressLine(sys.stderr)
+    progress.note(f"loading {config.model} ...")
+    try:
+        result = run_demo(config, progress)
+    finally:
+        progress.close()
+    if args.json:
+        print(result.to_json())
+    else:
+        print(format_result(result))
+    return EXIT_OK
+
+
+class ProgressLine:
+    """One status line on ``stream``, rewritten in place on a terminal.
+
+    Elsewhere (a pipe, a log file) it writes a line only when a turn finishes, so logs stay
+    short and an error before the first turn is the only line on stderr.
+    """
+
+    def __init__(self, stream: IO[str], min_interval_s: float = 0.1) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.min_interval_s = min_interval_s
+        self._last = 0.0
+        self._width = 0
+
+    def note(self, text: str) -> None:
+        """A transient status (terminal only)."""
+        if self.live:
+            self._show(text, final=False)
+
+    def __call__(self, p: Progress) -> None:
+        finished = p.num_done == p.num_agents
+        now = time.monotonic()
+        if not finished and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        text = (
+            f"[{p.run}] turn {p.turn}/{p.num_turns}: {p.num_done}/{p.num_agents} agents done, "
+            f"{p.num_generated} tokens generated"
+        )
+        if self.live:
+            self._show(text, final=False)
+        elif finished:
+            self._show(text, final=True)
+
+    def close(self) -> None:
+        if self.live and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+    def _show(self, text: str, *, final: bool) -> None:
+        if self.live:
+            pad = " " * max(0, self._width - len(text))
+            self.stream.write(f"\r{text}{pad}")
+            self._width = len(text)
+        elif final:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _mib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.2f} MiB"
+
+
+def format_table(cached: RunResult, reprefill: RunResult, identical: set[tuple[int, str]]) -> str:
+    """Per turn and agent: the cached run's numbers, then the re-prefill run's."""
+    head = (
+        f"{'turn':>4}  {'agent':<10} {'prompt':>6}  "
+        f"{'cached':>6} {'prefill':>7} {'TTFT ms':>8} {'tok/s':>6}  | "
+        f"{'prefill':>7} {'TTFT ms':>8} {'tok/s':>6}  {'same':>4}"
+    )
+    group = f"{'':24}{'--- ' + CACHED + ' ---':^31}| {'--- ' + REPREFILL + ' ---':^24}"
+    lines = [group, head, "-" * len(head)]
+    previous_turn = None
+    for a in cached.records:
+        b = reprefill.record(a.turn, a.agent_id)
+        if previous_turn is not None and a.turn != previous_turn:
+            lines.append("")
+        previous_turn = a.turn
+        lines.append(
+            f"{a.turn:>4}  {a.agent_id:<10} {a.prompt_tokens:>6}  "
+            f"{a.cached_tokens:>6} {a.prefilled_tokens:>7} {_ms(a.ttft_ms):>8} "
+            f"{_rate(a.decode_tokens_per_s):>6}  | "
+            f"{b.prefilled_tokens:>7} {_ms(b.ttft_ms):>8} {_rate(b.decode_tokens_per_s):>6}  "
+            f"{'yes' if (a.turn, a.agent_id) in identical else 'NO':>4}"
+        )
+    return "\n".join(lines)
+
+
+def format_result(result: DemoResult) -> str:
+    """The human-readable report: the table, then the summary."""
+    config, model, pool = result.config, result.model, result.pool
+    cached, reprefill = result.cached, result.reprefill
+    different = {(m.turn, m.agent_id) for m in result.mismatches}
+    identical = {(r.turn, r.agent_id) for r in cached.records} - different
+    lines = [format_table(cached, reprefill, identical), "", "summary"]
+
+    def row(label: str, a: str, b: str, speedup: str = "") -> str:
+        return f"  {label:<20} {a:>12} {b:>12} {speedup:>9}"
+
+    total_a, total_b = f"{cached.total_s:.2f} s", f"{reprefill.total_s:.2f} s"
+    ttft_a, ttft_b = f"{_ms(cached.mean_ttft_ms)} ms", f"{_ms(reprefill.mean_ttft_ms)} ms"
+    lines += [
+        row("", CACHED, REPREFILL, "speedup"),
+        row("total time", total_a, total_b, _speedup(result.speedup_total)),
+        row("mean TTFT", ttft_a, ttft_b, _speedup(result.speedup_ttft)),
+        row("prefilled tokens", f"{cached.prefilled_tokens:,}", f"{reprefill.prefilled_tokens:,}"),
+        row("cached tokens", f"{cached.cached_tokens:,}", f"{reprefill.cached_tokens:,}"),
+        row("generated tokens", f"{cached.generated_tokens:,}", f"{reprefill.generated_tokens:,}"),
+    ]
+    verdict = "yes" if result.outputs_identical else "NO"
+    lines.append(
+        f"  outputs identical: {verdict} ({result.num_compared - len(result.mismatches)}/"
+        f"{result.num_compared} generations equal, {len(result.mismatches)} mismatches)"
+    )
+    for m in result.mismatches:
+        lines.append(
+            f"    turn {m.turn} {m.agent_id}: first difference at generated token "
+            f"{m.first_difference} ({m.cached_tokens} vs {m.reprefill_tokens} tokens)"
+        )
+    lines += [
+        f"  workload             {config.num_agents} agents x {config.num_turns} turns, "
+        f"up to {config.max_tokens} new tokens per turn, greedy, seed {config.seed}; "
+        f"prompts {_prompt_range(cached)} tokens",
+        f"  pool                 {pool.num_blocks} blocks x {_mib(pool.bytes_per_block)} = "
+        f"{_mib(pool.bytes_total)}; after the cached run {pool.num_used} used "
+        f"({_mib(pool.bytes_used)}), {pool.num_free} free; peak {pool.peak_used} used",
+        f"  model                {model.name}: {model.model_type}, {model.num_layers} layers, "
+        f"hidden {model.hidden_size}, {model.num_attention_heads} heads, "
+        f"{model.num_kv_heads} KV heads x {model.head_dim}, vocab {model.vocab_size}, "
+        f"{model.num_params / 1e6:.1f}M params",
+        f"  cache                {model.cache_spec}",
+    ]
+    if model.random_weights:
+        lines += [
+            "  note                 this model has RANDOM weights: its text is not meaningful "
+            "(the geometry and the timings are real)",
+            f"  sample text          {_clip(result.sample_text, 60)}",
+        ]
+    return "\n".join(lines)
+
+
+def _prompt_range(run: RunResult) -> str:
+    lengths = [r.prompt_tokens for r in run.records]
+    return f"{min(lengths)}-{max(lengths)}"
+
+
+def _clip(text: str, limit: int) -> str:
+    shown = ascii(text[:limit])
+    return shown + (" ..." if len(text) > limit else "")
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import kvpool
+    from kvpool.demo import resolve_and_load
+    from kvpool.models import RECIPES, model_cache_dir
+    from kvpool.spec import ModelCacheSpec
+
+    name = args.model
+    path, model, _ = resolve_and_load(name)
+    spec = ModelCacheSpec.from_model(model)
+    data: dict[str, Any] = {
+        "kvpool": kvpool.__version__,
+        "mlx": _version("mlx"),
+        "mlx_lm": _version("mlx-lm"),
+        "model_cache_dir": str(model_cache_dir()),
+        "recipes": sorted(RECIPES),
+        "model": name,
+        "model_path": str(path),
+        "cache_spec": spec.describe(),
+        "bytes_per_block": spec.bytes_per_block,
+        "block_tokens": spec.block_tokens,
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        for key, value in data.items():
+            shown = ", ".join(value) if isinstance(value, list) else value
+            print(f"{key:<16} {shown}")
+    return EXIT_OK
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""BlockPoolBatchEngine: batched generation for many agents over one block pool.
+
+An agent's turn: ``submit`` the agent's whole context (with the ``blocks`` of
+its previous :class:`CompletedGeneration` as ``cache``); the engine reuses the
+longest common token prefix, gathers those blocks into per-layer caches,
+inserts only the remaining tokens into mlx-lm's ``BatchGenerator``, and, when
+the generation finishes, scatters the final cache back into blocks.
+
+Threading: one thread drives the engine (``step``, ``cancel``, ``drain``,
+``close``): MLX is not thread-safe. ``submit`` may be called from any thread
+at any time; it only does bookkeeping and queues the request, which the next
+``step`` starts (continuous batching: it joins the running batch).
+
+Blocks of one request (all-or-nothing, taken in ``submit``):
+  * its *lease*: the full prefix blocks it shares with the cache it reuses,
+    plus fresh blocks for ``len(prompt) + max_tokens`` positions, so the final
+    scatter can never run out of blocks; unused ones are freed at the end;
+  * its *pin*: references on every cache block the gather reads, dropped once
+    the gather is done, so nothing can recycle them before it.
+On success the lease becomes the agent's new :class:`AgentBlocks` and the old
+cache is released; on failure or cancel the lease and pin are released and
+the old cache stays valid.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
+from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError, PoolExhaustedError
+from kvpool.pool import BlockPool
+from kvpool.sampling import GREEDY, SamplingParams, make_sampler, make_stop_sequences
+from kvpool.spec import ModelCacheSpec
+from kvpool.validation import validate_agent_id, validate_count, validate_token_ids
+
+BatchGenFactory = Callable[..., Any]
+TokenCallback = Callable[[TokenEvent], None]
+
+
+class RequestTooLargeError(PoolExhaustedError, InvalidRequestError):
+    """The request needs more blocks than the whole pool has: it can never fit."""
+
+
+def _default_batch_gen_factory(model: Any, **kwargs: Any) -> Any:
+    from mlx_lm.generate import BatchGenerator
+
+    return BatchGenerator(model, **kwargs)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class RequestState(enum.Enum):
+    QUEUED = "queued"  # validated, blocks reserved, waiting for step()
+    RUNNING = "running"  # inserted into the batch generator
+
+
+@dataclass(slots=True)
+class _Request:
+    """One submitted request; owned by the engine until it finishes."""
+
+    uid: int
+    agent_id: str
+    prompt: tuple[int, ...]
+    cache: AgentBlocks | None
+    reused: int  # prompt tokens taken from cache: prompt[:reused] == cache.token_ids[:reused]
+    num_shared: int  # full cache blocks the lease shares (positions < num_shared * block_tokens)
+    lease: int
+    pin: int
+    max_tokens: int
+    sampling: SamplingParams
+    on_token: TokenCallback | None
+    t_submit: float
+    state: RequestState = RequestState.QUEUED
+    gen_uid: int | None = None
+    generated: list[int] = field(default_factory=list)
+    streamed_text: str = ""
+    t_first_token: float | None = None
+
+
+class BlockPoolBatchEngine:
+    """Batched generation for many agents with their KV caches in ``pool``.
+
+    ``batch_gen_factory(model, **kwargs)`` builds the batch generator (mlx-lm's
+    ``BatchGenerator`` by default; ``kvpool.testing.FakeBatchGenerator`` in
+    tests). It is the only seam for tests.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        pool: BlockPool,
+        spec: ModelCacheSpec,
+        batch_gen_factory: BatchGenFactory | None = None,
+        *,
+        max_batch_size: int = 32,
+        prefill_batch_size: int = 8,
+        prefill_step_size: int = 2048,
+    ) -> None:
+        if model is None:
+            raise InvalidRequestError("model is required")
+        if tokenizer is None:
+            raise InvalidRequestError("tokenizer is required")
+        if pool.spec != spec:
+            raise InvalidRequestError(
+                f"the pool was built for another spec: {pool.spec.describe()} vs {spec.describe()}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.spec = spec
+        self._factory = batch_gen_factory or _default_batch_gen_factory
+        self._gen_kwargs = {
+            "completion_batch_size": validate_count("max_batch_size", max_batch_size),
+            "prefill_batch_size": validate_count("prefill_batch_size", prefill_batch_size),
+            "prefill_step_size": validate_count("prefill_step_size", prefill_step_size),
+        }
+        self._gen: Any = None
+        self._lock = threading.Lock()
+        self._uids = itertools.count()
+        self._queue: list[_Request] = []
+        self._running: dict[int, _Request] = {}  # generator uid -> request
+        self._agent_to_uid: dict[str, int] = {}  # agents with a request in flight
+        self._eos = frozenset(int(t) for t in tokenizer.eos_token_ids)
+
+    # -- public API -----------------------------------------------------------
+
+    def submit(
+        self,
+        agent_id: str,
+        prompt: str | Sequence[int],
+        cache: AgentBlocks | None = None,
+        max_tokens: int = 256,
+        *,
+        sampling: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> int:
+        """Queue one turn of ``agent_id``; returns the request's uid.
+
+        ``prompt`` is the agent's whole context, as text or token ids.
+        ``cache`` is the ``blocks`` of the agent's previous completion: the
+        longest common token prefix is reused (a full hit re-feeds the last
+        token). ``on_token`` receives each generated token as it arrives, on
+        the thread that calls ``step``.
+
+        Raises InvalidRequestError for bad input, RequestTooLargeError if the
+        turn can never fit the pool, PoolExhaustedError if too few blocks are
+        free now. Nothing is allocated when it raises.
+        """
+        validate_agent_id(agent_id)
+        validate_count("max_tokens", max_tokens)
+        tokens = tuple(self._tokenize(prompt))
+        sampling = sampling or GREEDY
+        if cache is not None and not isinstance(cache, AgentBlocks):
+            raise InvalidRequestError(f"cache must be AgentBlocks or None, got {type(cache)}")
+        with self._lock:
+            if agent_id in self._agent_to_uid:
+                raise InvalidRequestError(
+                    f"agent {agent_id!r} already has a request in flight "
+                    f"(uid {self._agent_to_uid[agent_id]})"
+                )
+            if cache is not None:
+                self.pool.check_live(cache)
+            reused = self._reusable_prefix(tokens, cache)
+            request = self._reserve(agent_id, tokens, cache, reused, max_tokens)
+            request.sampling, request.on_token = sampling, on_token
+            self._queue.append(request)
+            self._agent_to_uid[agent_id] = request.uid
+        return request.uid
+
+    def step(self) -> Iterator[CompletedGeneration]:
+        """Start queued requests, run one decode step, finish what is done.
+
+        Returns the requests that ended in this step (successes and failures:
+        ``finish_reason == "error"`` with ``error`` set). Runs eagerly: the
+        work is done before this returns.
+        """
+        with self._lock:
+            queued, self._queue = self._queue, []
+        done = [c for r in queued if (c := self._start(r)) is not None]
+        if self._running:
+            done.extend(self._decode())
+        return iter(done)
+
+    def drain(self) -> list[CompletedGeneration]:
+        """Step until no request is queued or running; returns every ending."""
+        done: list[CompletedGeneration] = []
+        while self.has_work:
+            done.extend(self.step())
+        return done
+
+    def cancel(self, uid: int) -> bool:
+        """Drop a queued or running request; its agent's old cache stays valid.
+
+        Returns False if no such request is in flight.
+        """
+        with self._lock:
+            request = next((r for r in self._queue if r.uid == uid), None)
+            if request is not None:
+                self._queue.remove(request)
+        if request is None:
+            request = next((r for r in self._running.values() if r.uid == uid), None)
+            if request is None:
+                return False
+            assert request.gen_uid is not None
+            self._gen.remove([request.gen_uid])
+        self._drop(request)
+        return True
+
+    def close(self) -> None:
+        """Cancel everything in flight and close the batch generator."""
+        with self._lock:
+            uids = [r.uid for r in self._queue]
+        uids += [r.uid for r in self._running.values()]
+        for uid in uids:
+            self.cancel(uid)
+        self._discard_generator()
+
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._queue or self._running)
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._queue) + len(self._running)
+
+    # -- submit helpers (called under the lock) -------------------------------
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            return [int(t) for t in self.tokenizer.encode(prompt)]
+        if not isinstance(prompt, Sequence):
+            raise InvalidRequestError(f"prompt must be text or token ids, got {type(prompt)}")
+        return validate_token_ids(prompt, getattr(self.tokenizer, "vocab_size", None))
+
+    def _reusable_prefix(self, tokens: Sequence[int], cache: AgentBlocks | None) -> int:
+        """Prompt tokens whose K/V ``cache`` can supply (0 for none).
+
+        At least one token must remain to be fed, so a full hit reuses all but
+        the last token. Sliding-window layers need the ``min(p, window)``
+        positions before ``p``; if the cache no longer holds them, nothing is
+        reused.
+        """
+        if cache is None:
+            return 0
+        p = common_prefix_len(tokens, cache.token_ids)
+        if p == len(tokens):
+            p -= 1
+        window = self.spec.max_window
+        if window is not None and p - min(p, window) < cache.sliding_valid_from:
+            return 0
+        return p
+
+    def _reserve(
+        self,
+        agent_id: str,
+        tokens: tuple[int, ...],
+        cache: AgentBlocks | None,
+        reused: int,
+        max_tokens: int,
+    ) -> _Request:
+        size = self.spec.block_tokens
+        num_shared = reused // size
+        shared = cache.block_ids[:num_shared] if cache is not None else ()
+        read = cache.block_ids[: self.spec.blocks_for(reused)] if cache is not None else ()
+        total = self.spec.blocks_for(len(tokens) + max_tokens)
+        fresh = total - num_shared
+        if total > self.pool.num_blocks:
+            raise RequestTooLargeError(
+                f"{len(tokens)} prompt tokens + {max_tokens} max_tokens need {total} blocks of "
+                f"{size} tokens; the pool has {self.pool.num_blocks}",
+                needed=total,
+                free=self.pool.num_free,
+                capacity=self.pool.num_blocks,
+            )
+        if fresh > self.pool.num_free:
+            raise PoolExhaustedError(
+                f"agent {agent_id!r} needs {fresh} blocks ({num_shared} more shared), "
+                f"{self.pool.num_free} free (pool of {self.pool.num_blocks})",
+                needed=fresh,
+                free=self.pool.num_free,
+                capacity=self.pool.num_blocks,
+            )
+        lease, pin = self.pool.new_lease(), self.pool.new_lease()
+        try:
+            self.pool.share(lease, shared)
+            self.pool.allocate(lease, fresh)
+            self.pool.share(pin, read)
+        except BaseException:
+            self.pool.release_lease(lease)
+            self.pool.release_lease(pin)
+            raise
+        return _Request(
+            uid=next(self._uids),
+            agent_id=agent_id,
+            prompt=tokens,
+            cache=cache,
+            reused=reused,
+            num_shared=num_shared,
+            lease=lease,
+            pin=pin,
+            max_tokens=max_tokens,
+            sampling=GREEDY,
+            on_token=None,
+            t_submit=time.perf_counter(),
+        )
+
+    # -- step helpers (driving thread) ----------------------------------------
+
+    def _generator(self) -> Any:
+        if self._gen is None:
+            self._gen = self._factory(
+                self.model, stop_tokens=[[t] for t in sorted(self._eos)], **self._gen_kwargs
+            )
+        return self._gen
+
+    def _discard_generator(self) -> None:
+        gen, self._gen = self._gen, None
+        close = getattr(gen, "close", None)
+        if close is not None:
+            close()
+
+    def _start(self, request: _Request) -> CompletedGeneration | None:
+        """Gather the reused prefix and insert the rest; None on success."""
+        try:
+            caches = None
+            if request.reused:
+                assert request.cache is not None
+                caches = self.pool.storage.load(request.cache.block_ids, request.reused)
+            with self._lock:
+                self.pool.release_lease(request.pin)
+            kwargs: dict[str, Any] = {}
+            if not request.sampling.is_greedy:
+                kwargs["samplers"] = [make_sampler(request.sampling)]
+            if request.sampling.stop_token_ids:
+                stops = self._eos | set(request.sampling.stop_token_ids)
+                kwargs["stop_sequences"] = [make_stop_sequences(stops)]
+            (gen_uid,) = self._generator().insert(
+                [list(request.prompt[request.reused :])],
+                max_tokens=[request.max_tokens],
+                caches=[caches],
+                all_tokens=[list(request.prompt[: request.reused])],
+                **kwargs,
+            )
+        except Exception as exc:  # the request fails; the engine goes on
+            return self._fail(request, exc, "could not start")
+        request.gen_uid, request.state = int(gen_uid), RequestState.RUNNING
+        self._running[request.gen_uid] = request
+        return None
+
+    def _decode(self) -> list[CompletedGeneration]:
+        try:
+            _, responses = self._gen.next()
+        except Exception as exc:
+            # The batch's state is unknown: every running request fails and a
+            # fresh generator serves the next ones.
+            failed = list(self._running.values())
+            self._running.clear()
+            self._discard_generator()
+            return [self._fail(r, exc, "the batch step failed") for r in failed]
+        done: list[CompletedGeneration] = []
+        for response in responses:
+            request = self._running.get(int(response.uid))
+            if request is None:
+                continue
+            self._on_token(request, int(response.token))
+            if response.finish_reason is not None:
+                del self._running[int(response.uid)]
+                done.append(self._finish(request, response))
+        return done
+
+    def _on_token(self, request: _Request, token: int) -> None:
+        if request.t_first_token is None:
+            request.t_first_token = time.perf_counter()
+        request.generated.append(token)
+        if request.on_token is None:
+            return
+        text = self.tokenizer.decode(request.generated)
+        piece = ""
+        if not text.endswith("\ufffd"):  # hold back an incomplete character
+            piece, request.streamed_text = text[len(request.streamed_text) :], text
+        event = TokenEvent(request.uid, request.agent_id, token, piece, len(request.generated) - 1)
+        request.on_token(event)
+
+    def _finish(self, request: _Request, response: Any) -> CompletedGeneration:
+        """Scatter the final cache into the request's lease and release the old cache."""
+        try:
+            caches = response.prompt_cache
+            all_tokens = tuple(int(t) for t in response.all_tokens)
+            length = int(caches[0].offset)
+            if length != len(all_tokens):
+                raise GenerationError(
+                    f"final cache holds {length} positions but {len(all_tokens)} tokens"
+                )
+            size = self.spec.block_tokens
+            with self._lock:
+                table = self.pool.table(request.lease)
+                keep = self.spec.blocks_for(length)
+                self.pool.free(request.lease, table[keep:])
+                table = table[:keep]
+            shared_end = request.num_shared * size
+            valid = self.pool.storage.store(caches, table, shared_end)
+            if valid < shared_end and request.cache is not None:
+                valid = max(valid, request.cache.sliding_valid_from)
+            blocks = AgentBlocks(
+                request.agent_id, tuple(table), all_tokens, size, request.lease, valid
+            )
+        except Exception as exc:
+            return self._fail(request, exc, "could not store the final cache")
+        with self._lock:
+            old = request.cache
+            if old is not None and old.agent_id == request.agent_id and self.pool.is_live(old):
+                self.pool.release(old)
+            del self._agent_to_uid[request.agent_id]
+        generated = tuple(request.generated)
+        text_ids = generated[:-1] if response.finish_reason == "stop" else generated
+        now = time.perf_counter()
+        return CompletedGeneration(
+            uid=request.uid,
+            agent_id=request.agent_id,
+            text=self.tokenizer.decode(list(text_ids)),
+            token_ids=generated,
+            blocks=blocks,
+            finish_reason=str(response.finish_reason),
+            prompt_tokens=len(request.prompt),
+            cached_tokens=request.reused,
+            ttft_s=None
+            if request.t_first_token is None
+            else request.t_first_token - request.t_submit,
+            elapsed_s=now - request.t_submit,
+        )
+
+    def _drop(self, request: _Request) -> None:
+        """Release what the request holds; its agent may submit again."""
+        with self._lock:
+            self.pool.release_lease(request.lease)
+            self.pool.release_lease(request.pin)
+            if self._agent_to_uid.get(request.agent_id) == request.uid:
+                del self._agent_to_uid[request.agent_id]
+        if request.gen_uid is not None:
+            self._running.pop(request.gen_uid, None)
+
+    def _fail(self, request: _Request, exc: BaseException, what: str) -> CompletedGeneration:
+        self._drop(request)
+        error = exc if isinstance(exc, KvpoolError) else GenerationError(f"{what}: {exc!r}")
+        if error is not exc:
+            error.__cause__ = exc
+        return CompletedGeneration(
+            uid=request.uid,
+            agent_id=request.agent_id,
+            text="",
+            token_ids=tuple(request.generated),
+            blocks=request.cache,
+            finish_reason="error",
+            prompt_tokens=len(request.prompt),
+            cached_tokens=request.reused,
+            elapsed_s=time.perf_counter() - request.t_submit,
+            error=error,
+        )

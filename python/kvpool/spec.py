@@ -1,0 +1,181 @@
+"""ModelCacheSpec: the shape of one model's KV cache, as the pool stores it.
+
+No MLX import at module level: specs are plain data, built by hand in unit
+tests and by :meth:`ModelCacheSpec.from_model` from a loaded mlx-lm model.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from kvpool.errors import InvalidRequestError, UnsupportedModelError
+
+BLOCK_TOKENS = 256
+"""Tokens per block, the pool's unit of allocation."""
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class AttentionKind(enum.Enum):
+    """How a layer attends: to every earlier token, or to a sliding window."""
+
+    GLOBAL = "global"
+    SLIDING = "sliding"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerSpec:
+    """One layer's cache geometry.
+
+    ``window`` is the number of tokens a sliding layer's cache keeps
+    (mlx-lm's ``RotatingKVCache.max_size``); it is None for global layers.
+    """
+
+    kind: AttentionKind
+    n_kv_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.n_kv_heads, self.k_head_dim, self.v_head_dim) < 1:
+            raise InvalidRequestError(f"layer dimensions must be >= 1, got {self}")
+        if (self.kind is AttentionKind.SLIDING) != (self.window is not None):
+            raise InvalidRequestError(f"a window is required for sliding layers only, got {self}")
+        if self.window is not None and self.window < 1:
+            raise InvalidRequestError(f"window must be >= 1, got {self.window}")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerGroup:
+    """Layers that share one attention kind and window (indices ascending)."""
+
+    kind: AttentionKind
+    window: int | None
+    layers: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCacheSpec:
+    """Every layer's cache geometry, the storage dtype and the block size.
+
+    A block holds ``block_tokens`` consecutive positions of *every* layer: one
+    block id names the same slot in each layer's K and V slab, so
+    ``bytes_per_block`` sums over all layers.
+    """
+
+    layers: tuple[LayerSpec, ...]
+    dtype: str = "float16"
+    block_tokens: int = BLOCK_TOKENS
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise InvalidRequestError("a ModelCacheSpec needs at least one layer")
+        if self.dtype not in DTYPE_BYTES:
+            raise InvalidRequestError(
+                f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}"
+            )
+        if self.block_tokens < 1:
+            raise InvalidRequestError(f"block_tokens must be >= 1, got {self.block_tokens}")
+
+    @classmethod
+    def uniform(
+        cls,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: str = "float16",
+        block_tokens: int = BLOCK_TOKENS,
+    ) -> ModelCacheSpec:
+        """A spec of ``n_layers`` identical global-attention layers."""
+        if n_layers < 1:
+            raise InvalidRequestError(f"n_layers must be >= 1, got {n_layers}")
+        layer = LayerSpec(AttentionKind.GLOBAL, n_kv_heads, head_dim, head_dim)
+        return cls((layer,) * n_layers, dtype, block_tokens)
+
+    @classmethod
+    def from_model(cls, model: Any, *, block_tokens: int = BLOCK_TOKENS) -> ModelCacheSpec:
+        """Read the geometry from a loaded mlx-lm model.
+
+        Runs one token through a fresh cache and reads the K/V shapes back, so
+        any architecture whose caches are ``KVCache`` or ``RotatingKVCache``
+        (keep 0) works; anything else raises :class:`UnsupportedModelError`.
+        """
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+        caches = make_prompt_cache(model)
+        model(mx.array([[0]]), cache=caches)
+        layers = []
+        dtypes = set()
+        for i, cache in enumerate(caches):
+            if type(cache) is KVCache:
+                kind, window = AttentionKind.GLOBAL, None
+            elif type(cache) is RotatingKVCache:
+                if cache.keep != 0:
+                    raise UnsupportedModelError(
+                        f"layer {i}: RotatingKVCache with keep={cache.keep} is not supported"
+                    )
+                kind, window = AttentionKind.SLIDING, int(cache.max_size)
+            else:
+                raise UnsupportedModelError(
+                    f"layer {i}: cache type {type(cache).__name__} cannot be held in blocks "
+                    "(supported: KVCache, RotatingKVCache)"
+                )
+            keys, values = cache.keys, cache.values
+            mx.eval(keys, values)
+            layers.append(
+                LayerSpec(
+                    kind, int(keys.shape[1]), int(keys.shape[3]), int(values.shape[3]), window
+                )
+            )
+            dtypes.add(str(keys.dtype).removeprefix("mlx.core."))
+        if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_BYTES:
+            raise UnsupportedModelError(f"cache dtypes {sorted(dtypes)} are not supported")
+        return cls(tuple(layers), dtypes.pop(), block_tokens)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of K and V that one block holds over all layers."""
+        per_token = sum(
+            layer.n_kv_heads * (layer.k_head_dim + layer.v_head_dim) for layer in self.layers
+        )
+        return per_token * self.block_tokens * self.itemsize
+
+    @property
+    def groups(self) -> tuple[LayerGroup, ...]:
+        """Layers grouped by (kind, window), in order of first appearance."""
+        order: dict[tuple[AttentionKind, int | None], list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            order.setdefault((layer.kind, layer.window), []).append(i)
+        return tuple(LayerGroup(kind, window, tuple(ids)) for (kind, window), ids in order.items())
+
+    @property
+    def max_window(self) -> int | None:
+        """The widest sliding window, or None when every layer is global."""
+        windows = [layer.window for layer in self.layers if layer.window is not None]
+        return max(windows) if windows else None
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold ``num_tokens`` positions."""
+        return -(-num_tokens // self.block_tokens)
+
+    def describe(self) -> str:
+        kinds = Counter(layer.kind.value for layer in self.layers)
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        return (
+            f"{self.n_layers} layers ({parts}), {self.dtype}, {self.block_tokens} tokens/block, "
+            f"{self.bytes_per_block / 2**20:.2f} MiB/block"
+        )

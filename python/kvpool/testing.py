@@ -1,0 +1,346 @@
+"""Test doubles that run the engine without MLX: a fake model, tokenizer,
+storage and ``BatchGenerator``.
+
+The fake "K/V" of a position is the token id at that position, so a fake
+cache is a list of token ids and a wrong gather changes what the fake model
+generates, exactly as wrong K/V would change a real model's output.
+
+``FakeBatchGenerator`` follows mlx-lm 0.32's ``BatchGenerator`` protocol:
+``insert(prompts, max_tokens=, caches=, all_tokens=, samplers=,
+logits_processors=, stop_sequences=)`` returns uids; ``next()`` returns
+``(prompt_responses, generation_responses)``; one prompt chunk is prefilled
+per call; the first token of a sequence arrives on the call after its prompt
+is done; a finishing response carries ``prompt_cache`` (every layer at offset
+``len(all_tokens)``) and ``all_tokens``; it appends to the ``all_tokens`` lists
+it is given, in place. A contract test checks it against the real one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvpool.spec import AttentionKind, ModelCacheSpec
+
+
+@dataclass(slots=True)
+class FakeCache:
+    """Token ids at positions ``[offset - len(tokens), offset)`` of one layer.
+
+    ``window`` (sliding layers) caps how many positions are kept.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    offset: int = 0
+    window: int | None = None
+
+    def append(self, new: Sequence[int]) -> None:
+        self.tokens.extend(new)
+        self.offset += len(new)
+        if self.window is not None and len(self.tokens) > self.window:
+            del self.tokens[: len(self.tokens) - self.window]
+
+    def copy(self) -> FakeCache:
+        return FakeCache(list(self.tokens), self.offset, self.window)
+
+
+@dataclass(slots=True)
+class FakeModel:
+    """A deterministic "language model" over token ids.
+
+    The next token is a hash of what every layer's cache shows (all positions
+    for global layers, the last ``window`` for sliding ones).
+    """
+
+    spec: ModelCacheSpec
+    vocab_size: int = 1000
+
+    def make_cache(self) -> list[FakeCache]:
+        return [FakeCache(window=layer.window) for layer in self.spec.layers]
+
+    def next_token(self, caches: Sequence[FakeCache]) -> int:
+        h = 0
+        for i, cache in enumerate(caches):
+            data = f"{i}:{cache.offset}:{','.join(map(str, cache.tokens))}".encode()
+            h = zlib.crc32(data, h)
+        return h % self.vocab_size
+
+
+class FakeTokenizer:
+    """Characters <-> token ids (``ord(c) % vocab_size``); EOS is id 0."""
+
+    def __init__(self, vocab_size: int = 1000) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_ids = {0}
+
+    def encode(self, text: str) -> list[int]:
+        return [max(1, ord(c) % self.vocab_size) for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(chr(32 + t % 95) for t in ids)
+
+
+class FakeStorage:
+    """A :class:`kvpool.storage.KVStorage` that stores token ids per slot.
+
+    Reading a slot that was never written raises AssertionError, so tests
+    catch gathers of positions the blocks do not hold.
+    """
+
+    def __init__(self, spec: ModelCacheSpec, num_blocks: int) -> None:
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.slots: list[dict[int, int]] = [{} for _ in spec.layers]  # position slot -> token
+        self.num_loads = 0
+        self.num_stores = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.spec.bytes_per_block
+
+    def _slot(self, table: Sequence[int], position: int) -> int:
+        size = self.spec.block_tokens
+        return table[position // size] * size + position % size
+
+    def load(self, block_table: Sequence[int], num_tokens: int) -> list[Any]:
+        self.num_loads += 1
+        caches: list[Any] = []
+        for i, layer in enumerate(self.spec.layers):
+            held = num_tokens if layer.window is None else min(num_tokens, layer.window)
+            tokens = []
+            for p in range(num_tokens - held, num_tokens):
+                slot = self._slot(block_table, p)
+                assert slot in self.slots[i], f"layer {i} position {p} was never written"
+                tokens.append(self.slots[i][slot])
+            caches.append(FakeCache(tokens, num_tokens, layer.window))
+        return caches
+
+    def store(self, caches: Sequence[Any], block_table: Sequence[int], start: int) -> int:
+        self.num_stores += 1
+        valid_from = 0
+        for i, cache in enumerate(caches):
+            base = cache.offset - len(cache.tokens)
+            if self.spec.layers[i].kind is AttentionKind.SLIDING:
+                valid_from = max(valid_from, base)
+            for p in range(max(start, base), cache.offset):
+                self.slots[i][self._slot(block_table, p)] = cache.tokens[p - base]
+        return valid_from
+
+
+@dataclass(slots=True)
+class PromptResponse:
+    uid: int
+    progress: tuple[int, int]
+    end_of_segment: bool
+    end_of_prompt: bool
+
+
+@dataclass(slots=True)
+class GenerationResponse:
+    uid: int
+    token: int
+    logprobs: Any
+    finish_reason: str | None
+    prompt_cache: list[Any] | None
+    all_tokens: list[int] | None
+
+
+@dataclass(slots=True)
+class _Sequence:
+    uid: int
+    pending: list[int]  # prompt tokens before the last, not yet prefilled
+    last: int  # the prompt's last token, fed when the sequence starts generating
+    total: int
+    max_tokens: int
+    caches: list[FakeCache]
+    tokens: list[int]  # the caller's all_tokens list, appended in place
+    stops: set[int]
+    num_generated: int = 0
+    next_token: int | None = None  # computed when the last prompt token is fed
+
+
+class FakeBatchGenerator:
+    """A pure-Python stand-in for ``mlx_lm.generate.BatchGenerator``.
+
+    Greedy only: ``samplers`` are accepted and ignored; ``stop_sequences``
+    must be None (the default stop tokens apply).
+    """
+
+    def __init__(
+        self,
+        model: FakeModel,
+        *,
+        max_tokens: int = 128,
+        stop_tokens: Sequence[Sequence[int]] | None = None,
+        completion_batch_size: int = 32,
+        prefill_batch_size: int = 8,
+        prefill_step_size: int = 2048,
+        **_: Any,
+    ) -> None:
+        self.model = model
+        self.max_tokens = max_tokens
+        self.stop_tokens = {seq[0] for seq in stop_tokens or () if len(seq) == 1}
+        self.completion_batch_size = max(completion_batch_size, prefill_batch_size)
+        self.prefill_batch_size = prefill_batch_size
+        self.prefill_step_size = prefill_step_size
+        self._uid_count = 0
+        self._unprocessed: deque[_Sequence] = deque()
+        self._prompt: list[_Sequence] = []
+        self._generating: list[_Sequence] = []
+        self.num_next_calls = 0
+        self.fail_next: Exception | None = None  # raised by the next next() call
+        self.fail_insert: Exception | None = None  # raised by the next insert() call
+
+    def insert(
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int] | None = None,
+        caches: list[Any] | None = None,
+        all_tokens: list[list[int]] | None = None,
+        samplers: list[Any] | None = None,
+        logits_processors: list[Any] | None = None,
+        stop_sequences: list[Any] | None = None,
+    ) -> list[int]:
+        if self.fail_insert is not None:
+            exc, self.fail_insert = self.fail_insert, None
+            raise exc
+        n = len(prompts)
+        max_tokens = max_tokens or [self.max_tokens] * n
+        all_tokens = all_tokens or [[] for _ in prompts]
+        caches = caches or [None] * n
+        for name, value in (
+            ("max_tokens", max_tokens),
+            ("caches", caches),
+            ("all_tokens", all_tokens),
+        ):
+            if len(value) != n:
+                raise ValueError(
+                    f"Option {name} must have one entry per segment: "
+                    f"expected {n}, got {len(value)}."
+                )
+        if stop_sequences is not None:
+            raise NotImplementedError("FakeBatchGenerator supports only the default stop tokens")
+        uids = list(range(self._uid_count, self._uid_count + n))
+        pending = []
+        for uid, prompt, m, cache, tokens in zip(
+            uids, prompts, max_tokens, caches, all_tokens, strict=True
+        ):
+            if not prompt:
+                raise ValueError(f"Sequence {uid} has an empty prompt.")
+            if m <= 0:
+                raise ValueError(f"Sequence {uid}'s max_tokens must be > 0.")
+            layer_caches = (
+                [c.copy() for c in cache] if cache is not None else self.model.make_cache()
+            )
+            pending.append(
+                _Sequence(
+                    uid,
+                    list(prompt[:-1]),
+                    prompt[-1],
+                    len(prompt),
+                    m,
+                    layer_caches,
+                    tokens,
+                    self.stop_tokens,
+                )
+            )
+        self._unprocessed.extend(pending)
+        self._uid_count += n
+        return uids
+
+    def next(self) -> tuple[list[PromptResponse], list[GenerationResponse]]:
+        self.num_next_calls += 1
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        generation = [self._generate(seq) for seq in self._generating]
+        self._generating = [
+            s for s, r in zip(self._generating, generation, strict=True) if r.finish_reason is None
+        ]
+        prompt_responses: list[PromptResponse] = []
+        if len(self._generating) >= self.completion_batch_size:
+            return prompt_responses, generation
+        room = min(
+            self.prefill_batch_size - len(self._prompt),
+            self.completion_batch_size - len(self._generating),
+        )
+        while room > 0 and self._unprocessed:
+            self._prompt.append(self._unprocessed.popleft())
+            room -= 1
+        # Sequences with only their last token left start generating (as in
+        # mlx-lm, that token is fed on its own); the others prefill a chunk.
+        still: list[_Sequence] = []
+        for seq in self._prompt:
+            if seq.pending:
+                still.append(seq)
+                continue
+            self._feed(seq, [seq.last])
+            seq.next_token = self.model.next_token(seq.caches)
+            self._generating.append(seq)
+            prompt_responses.append(PromptResponse(seq.uid, (seq.total, seq.total), True, True))
+        for seq in still:
+            chunk = seq.pending[: self.prefill_step_size]
+            del seq.pending[: len(chunk)]
+            self._feed(seq, chunk)
+            done = seq.total - len(seq.pending) - 1
+            prompt_responses.append(
+                PromptResponse(seq.uid, (done, seq.total), not seq.pending, False)
+            )
+        self._prompt = still
+        return prompt_responses, generation
+
+    def _feed(self, seq: _Sequence, tokens: Sequence[int]) -> None:
+        for cache in seq.caches:
+            cache.append(tokens)
+        seq.tokens.extend(tokens)
+
+    def _generate(self, seq: _Sequence) -> GenerationResponse:
+        token = seq.next_token
+        assert token is not None
+        self._feed(seq, [token])
+        seq.num_generated += 1
+        seq.next_token = self.model.next_token(seq.caches)
+        finish = None
+        if seq.num_generated >= seq.max_tokens:
+            finish = "length"
+        if token in seq.stops:
+            finish = "stop"
+        if finish is None:
+            return GenerationResponse(seq.uid, token, None, None, None, None)
+        caches = [c.copy() for c in seq.caches]
+        return GenerationResponse(seq.uid, token, None, finish, caches, seq.tokens)
+
+    def extract_cache(self, uids: Sequence[int]) -> dict[int, tuple[list[Any], list[int]]]:
+        wanted = set(uids)
+        everyone = [*self._unprocessed, *self._prompt, *self._generating]
+        return {
+            s.uid: ([c.copy() for c in s.caches], s.tokens) for s in everyone if s.uid in wanted
+        }
+
+    def remove(self, uids: Sequence[int], return_prompt_caches: bool = False) -> dict[int, Any]:
+        caches = self.extract_cache(uids) if return_prompt_caches else {}
+        wanted = set(uids)
+        self._unprocessed = deque(s for s in self._unprocessed if s.uid not in wanted)
+        self._prompt = [s for s in self._prompt if s.uid not in wanted]
+        self._generating = [s for s in self._generating if s.uid not in wanted]
+        return caches
+
+    def close(self) -> None:
+        """Nothing to release; present because the real one has it."""
+
+    @property
+    def num_active(self) -> int:
+        return len(self._unprocessed) + len(self._prompt) + len(self._generating)
+
+
+def fake_engine_parts(
+    spec: ModelCacheSpec, num_blocks: int, vocab_size: int = 1000
+) -> tuple[FakeModel, FakeTokenizer, Any]:
+    """A fake model, tokenizer and a BlockPool over FakeStorage for ``spec``."""
+    from kvpool.pool import BlockPool
+
+    pool = BlockPool(spec, num_blocks=num_blocks, storage=FakeStorage)
+    return FakeModel(spec, vocab_size), FakeTokenizer(vocab_size), pool

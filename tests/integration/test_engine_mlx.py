@@ -1,0 +1,208 @@
+"""BlockPoolBatchEngine on real mlx-lm: cached turns equal fresh, uncached runs."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvpool import (
+    AgentBlocks,
+    BlockPool,
+    BlockPoolBatchEngine,
+    CompletedGeneration,
+    ModelCacheSpec,
+    PoolExhaustedError,
+    kernels,
+)
+
+LoadedModel = tuple[Any, Any, Path]
+Reference = Callable[..., list[list[int]]]
+
+
+def words(rng: random.Random, tokenizer: Any, n_tokens: int) -> list[int]:
+    """About ``n_tokens`` token ids of random English-ish text."""
+    vocab = [
+        "the",
+        "agent",
+        "cache",
+        "block",
+        "pool",
+        "reads",
+        "writes",
+        "token",
+        "model",
+        "quickly",
+        "again",
+        "while",
+        "every",
+        "turn",
+        "context",
+        "grows",
+        "memory",
+    ]
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids.extend(tokenizer.encode(" " + " ".join(rng.choices(vocab, k=8)) + "."))
+    return ids[:n_tokens]
+
+
+def make_engine(loaded: LoadedModel, num_blocks: int) -> tuple[BlockPoolBatchEngine, BlockPool]:
+    model, tokenizer, _ = loaded
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, num_blocks=num_blocks)
+    return BlockPoolBatchEngine(model, tokenizer, pool, spec), pool
+
+
+def fresh(
+    reference: Reference, loaded: LoadedModel, prompt: list[int], max_tokens: int
+) -> list[int]:
+    model, tokenizer, _ = loaded
+    (out,) = reference(model, [prompt], max_tokens, stop_tokens=sorted(tokenizer.eos_token_ids))
+    return out
+
+
+def run_turns(
+    loaded: LoadedModel,
+    reference: Reference,
+    first_lengths: dict[str, int],
+    added_lengths: list[int],
+    max_tokens: int,
+    num_blocks: int = 64,
+) -> list[dict[str, CompletedGeneration]]:
+    """Agents take turns, batched together; every turn is checked against a fresh run."""
+    _, tokenizer, _ = loaded
+    engine, pool = make_engine(loaded, num_blocks)
+    rng = random.Random(7)
+    contexts = {a: words(rng, tokenizer, n) for a, n in first_lengths.items()}
+    caches: dict[str, AgentBlocks | None] = dict.fromkeys(first_lengths)
+    turns: list[dict[str, CompletedGeneration]] = []
+    for turn, added in enumerate(added_lengths):
+        for agent, context in contexts.items():
+            engine.submit(agent, context, caches[agent], max_tokens)
+        done = {c.agent_id: c for c in engine.drain()}
+        assert sorted(done) == sorted(contexts)
+        for agent, c in done.items():
+            assert c.error is None, c.error
+            expected = fresh(reference, loaded, contexts[agent], max_tokens)
+            assert list(c.token_ids) == expected, f"turn {turn} agent {agent}"
+            assert c.prompt_tokens == len(contexts[agent])
+            if turn:
+                assert c.cached_tokens > 0
+            caches[agent] = c.blocks
+            contexts[agent] = [*contexts[agent], *c.token_ids, *words(rng, tokenizer, added + turn)]
+        turns.append(done)
+        pool.check_invariants()
+    return turns
+
+
+def test_greedy_turns_equal_fresh_runs(
+    tiny_model: LoadedModel, reference_generate: Reference
+) -> None:
+    # contexts start at 300 / 530 / 140 tokens and grow past 1000: several
+    # 256-token blocks, offsets that are not multiples of 256.
+    turns = run_turns(
+        tiny_model, reference_generate, {"a": 300, "b": 530, "c": 140}, [3, 150, 300, 45], 12
+    )
+    last = turns[-1]
+    assert max(c.prompt_tokens for c in last.values()) > 1000
+    assert any(c.cached_tokens % 256 for c in last.values())
+    # from turn 2 on, the whole previous context (prompt + completion) came from the cache
+    for prev, cur in itertools.pairwise(turns):
+        for agent, c in cur.items():
+            assert prev[agent].blocks is not None
+            assert c.cached_tokens == prev[agent].blocks.total_tokens
+
+
+def test_negative_control_a_corrupted_block_changes_the_output(
+    tiny_model: LoadedModel, reference_generate: Reference
+) -> None:
+    """The equality test can fail: zeroing one cached block breaks it."""
+    import mlx.core as mx
+
+    _, tokenizer, _ = tiny_model
+    engine, pool = make_engine(tiny_model, 32)
+    rng = random.Random(3)
+    context = words(rng, tokenizer, 600)
+    engine.submit("a", context, max_tokens=8)
+    (first,) = engine.drain()
+    assert first.blocks is not None
+    storage = pool.storage
+    victim = first.blocks.block_ids[1]
+    for layer in range(len(storage.k)):  # type: ignore[attr-defined]
+        storage.k[layer][victim] = mx.zeros_like(storage.k[layer][victim])  # type: ignore[attr-defined]
+    nxt = [*first.blocks.token_ids, *words(rng, tokenizer, 20)]
+    engine.submit("a", nxt, first.blocks, max_tokens=8)
+    (second,) = engine.drain()
+    assert list(second.token_ids) != fresh(reference_generate, tiny_model, nxt, 8)
+
+
+def test_sliding_window_model_resumes(
+    tiny_swa_model: LoadedModel, reference_generate: Reference
+) -> None:
+    spec = ModelCacheSpec.from_model(tiny_swa_model[0])
+    assert spec.max_window is not None and spec.max_window < 256
+    turns = run_turns(tiny_swa_model, reference_generate, {"a": 200, "b": 330}, [3, 70, 150], 10)
+    assert all(c.cached_tokens > 0 for c in turns[-1].values())
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_pool_is_stable_over_many_generations(tiny_model: LoadedModel) -> None:
+    _, tokenizer, _ = tiny_model
+    engine, pool = make_engine(tiny_model, 48)
+    start_free = pool.num_free
+    rng = random.Random(11)
+    kernels.reset_scatter_stats()
+    rss: list[int] = []
+    cache: AgentBlocks | None = None
+    context = words(rng, tokenizer, 200)
+    for _ in range(20):
+        engine.submit("a", context, cache, max_tokens=6)
+        (done,) = engine.drain()
+        assert done.error is None
+        cache = done.blocks
+        assert cache is not None
+        context = [*context, *done.token_ids, *words(rng, tokenizer, 30)]
+        if len(context) > 1500:  # start over so the context stays bounded
+            pool.release(cache)
+            cache, context = None, words(rng, tokenizer, 200)
+        gc.collect()
+        rss.append(rss_bytes())
+    if cache is not None:
+        pool.release(cache)
+    assert pool.num_free == start_free and pool.num_leases == 0
+    stats = kernels.scatter_stats()
+    assert stats["num_copied"] == 0 and stats["num_in_place"] > 0
+    warm = rss[4]
+    growth = (max(rss[5:]) - warm) / warm
+    print(
+        f"RSS after warm-up {warm / 2**20:.1f} MiB, max later {max(rss[5:]) / 2**20:.1f} MiB "
+        f"({growth:+.2%})"
+    )
+    assert growth < 0.05
+
+
+def test_exhaustion_with_real_model(tiny_model: LoadedModel) -> None:
+    _, tokenizer, _ = tiny_model
+    engine, pool = make_engine(tiny_model, 4)
+    rng = random.Random(5)
+    engine.submit("a", words(rng, tokenizer, 500), max_tokens=4)  # 2 blocks
+    (a,) = engine.drain()
+    assert a.blocks is not None and pool.num_used == 2
+    with pytest.raises(PoolExhaustedError):
+        engine.submit("b", words(rng, tokenizer, 700), max_tokens=4)  # needs 3
+    assert pool.num_used == 2
+    pool.release(a.blocks)
+    engine.submit("b", words(rng, tokenizer, 700), max_tokens=4)
+    (b,) = engine.drain()
+    assert b.error is None and b.token_count == 4
+    assert pool.num_used == 3

@@ -1,0 +1,114 @@
+"""The fake BatchGenerator follows the real one: same scenario, same protocol trace.
+
+Token values differ (the fake model is a hash); everything the engine relies on
+must not: uids, when prompt and generation responses arrive, finish reasons,
+the final cache's offsets and ``all_tokens`` (appended in place), remove().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvpool import ModelCacheSpec
+from kvpool.testing import FakeBatchGenerator, FakeCache, FakeModel
+
+LoadedModel = tuple[Any, Any, Path]
+Trace = list[tuple[object, ...]]
+
+
+def real_parts(
+    loaded: LoadedModel,
+) -> tuple[Any, Callable[..., Any], Callable[[list[int]], list[Any]]]:
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = loaded[0]
+
+    def cache_for(tokens: list[int]) -> list[Any]:
+        cache = make_prompt_cache(model)
+        model(mx.array([tokens]), cache=cache)
+        mx.eval([c.state for c in cache])
+        return cache
+
+    return model, BatchGenerator, cache_for
+
+
+def fake_parts(
+    loaded: LoadedModel,
+) -> tuple[Any, Callable[..., Any], Callable[[list[int]], list[Any]]]:
+    spec = ModelCacheSpec.from_model(loaded[0])
+    model = FakeModel(spec, vocab_size=512)
+
+    def cache_for(tokens: list[int]) -> list[Any]:
+        return [FakeCache(list(tokens), len(tokens), layer.window) for layer in spec.layers]
+
+    return model, FakeBatchGenerator, cache_for
+
+
+def scenario(
+    model: Any, factory: Callable[..., Any], cache_for: Callable[[list[int]], list[Any]]
+) -> Trace:
+    gen = factory(
+        model, stop_tokens=None, prefill_step_size=8, prefill_batch_size=2, completion_batch_size=4
+    )
+    trace: Trace = []
+    history = [5, 6, 7, 8, 9, 10]
+    passed = [list(history), [], []]
+    uids = gen.insert(
+        [[11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], [40]],
+        max_tokens=[3, 2, 4],
+        caches=[cache_for(history), None, None],
+        all_tokens=passed,
+    )
+    trace.append(("insert", tuple(uids)))
+    for name, bad in (("empty", [[]]), ("max_tokens", [[1]])):
+        with pytest.raises(ValueError):
+            gen.insert(bad, max_tokens=[0] if name == "max_tokens" else [2])
+    for call in range(12):
+        if call == 2:
+            trace.append(("insert", tuple(gen.insert([[50, 51]], max_tokens=[5]))))
+        if call == 4:
+            gen.remove([uids[2]])
+            trace.append(("remove", uids[2]))
+        prompt_responses, generation_responses = gen.next()
+        trace.append(
+            (
+                "prompt",
+                call,
+                tuple(
+                    (r.uid, tuple(r.progress), r.end_of_segment, r.end_of_prompt)
+                    for r in prompt_responses
+                ),
+            )
+        )
+        for r in generation_responses:
+            entry: tuple[object, ...] = ("gen", call, r.uid, r.finish_reason)
+            if r.finish_reason is not None:
+                offsets = {int(c.offset) for c in r.prompt_cache}
+                in_place = any(r.all_tokens is p for p in passed)
+                entry += (
+                    len(r.prompt_cache),
+                    tuple(offsets),
+                    len(r.all_tokens),
+                    in_place,
+                    tuple(r.all_tokens[: len(history) + 3]) if r.uid == uids[0] else (),
+                )
+            trace.append(entry)
+    trace.append(("empty", gen.next()))
+    return trace
+
+
+def test_fake_generator_follows_the_real_protocol(tiny_model: LoadedModel) -> None:
+    real = scenario(*real_parts(tiny_model))
+    fake = scenario(*fake_parts(tiny_model))
+    assert fake == real
+    finished = [e for e in real if e[0] == "gen" and e[3] is not None]
+    assert {e[2] for e in finished} == {0, 1, 3}  # uid 2 was removed
+    first = next(e for e in finished if e[2] == 0)
+    # history 6 + prompt 3 + generated 3: the cache and all_tokens agree
+    assert first[5] == (12,) and first[6] == 12 and first[7] is True

@@ -1,0 +1,381 @@
+"""BlockPoolBatchEngine on the fake generator: reuse, allocation, rollback."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from kvpool import (
+    AgentBlocks,
+    AttentionKind,
+    BlockPool,
+    BlockPoolBatchEngine,
+    CompletedGeneration,
+    GenerationError,
+    InvalidRequestError,
+    LayerSpec,
+    ModelCacheSpec,
+    PoolExhaustedError,
+    RequestTooLargeError,
+    TokenEvent,
+)
+from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
+
+B = 4  # tokens per block, small so short prompts cross blocks
+SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
+
+
+class Harness:
+    """An engine over fakes, plus the generator instances it created."""
+
+    def __init__(self, spec: ModelCacheSpec = SPEC, num_blocks: int = 64, **kwargs: object) -> None:
+        self.model = FakeModel(spec, vocab_size=1000)
+        self.tokenizer = FakeTokenizer(1000)
+        self.pool = BlockPool(spec, num_blocks=num_blocks, storage=FakeStorage)
+        self.gens: list[FakeBatchGenerator] = []
+
+        def factory(model: FakeModel, **kw: object) -> FakeBatchGenerator:
+            gen = FakeBatchGenerator(model, **kw)  # type: ignore[arg-type]
+            self.gens.append(gen)
+            return gen
+
+        self.engine = BlockPoolBatchEngine(
+            self.model, self.tokenizer, self.pool, spec, batch_gen_factory=factory, **kwargs
+        )
+
+    @property
+    def storage(self) -> FakeStorage:
+        assert isinstance(self.pool.storage, FakeStorage)
+        return self.pool.storage
+
+    def run(
+        self,
+        agent_id: str,
+        prompt: Sequence[int],
+        cache: AgentBlocks | None = None,
+        max_tokens: int = 5,
+    ) -> CompletedGeneration:
+        uid = self.engine.submit(agent_id, list(prompt), cache, max_tokens)
+        (done,) = self.engine.drain()
+        assert done.uid == uid
+        assert done.error is None, done.error
+        return done
+
+
+def reference(model: FakeModel, prompt: Sequence[int], max_tokens: int) -> list[int]:
+    """What the fake model generates for ``prompt`` from an empty cache."""
+    gen = FakeBatchGenerator(model, stop_tokens=[[0]])
+    (uid,) = gen.insert([list(prompt)], max_tokens=[max_tokens])
+    out: list[int] = []
+    while True:
+        _, responses = gen.next()
+        for r in responses:
+            assert r.uid == uid
+            out.append(r.token)
+            if r.finish_reason is not None:
+                return out
+
+
+def prompt_of(n: int, seed: int = 1) -> list[int]:
+    return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
+
+
+def test_first_turn_matches_reference_and_frees_unused_blocks() -> None:
+    h = Harness(num_blocks=16)
+    prompt = prompt_of(10)
+    uid = h.engine.submit("a", prompt, max_tokens=5)
+    # reserved for 10 + 5 tokens: ceil(15 / 4) = 4 blocks
+    assert h.pool.num_used == 4
+    (done,) = h.engine.drain()
+    assert done.uid == uid
+    assert list(done.token_ids) == reference(h.model, prompt, 5)
+    assert (done.prompt_tokens, done.cached_tokens, done.finish_reason) == (10, 0, "length")
+    blocks = done.blocks
+    assert blocks is not None
+    # final cache: 10 prompt + 5 generated = 15 positions in 4 blocks, first allocated first
+    assert blocks.token_ids == (*prompt, *done.token_ids)
+    assert blocks.block_ids == (0, 1, 2, 3)
+    assert h.pool.num_used == 4
+    assert done.ttft_s is not None and done.ttft_s >= 0
+    h.pool.check_invariants()
+
+
+def test_multi_turn_reuses_cache_and_matches_reference() -> None:
+    h = Harness(num_blocks=32)
+    context = prompt_of(9)
+    cache = None
+    for turn in range(4):
+        done = h.run("a", context, cache, max_tokens=6)
+        assert list(done.token_ids) == reference(h.model, context, 6), f"turn {turn}"
+        if turn:
+            assert cache is not None
+            assert done.cached_tokens == cache.total_tokens  # the whole old cache
+            assert not h.pool.is_live(cache)  # released once superseded
+        cache = done.blocks
+        assert cache is not None and h.pool.is_live(cache)
+        context = [*context, *done.token_ids, *prompt_of(3 + turn, seed=turn + 5)]
+        # only the agent's current cache holds blocks between turns
+        assert h.pool.num_used == SPEC.blocks_for(cache.total_tokens)
+        h.pool.check_invariants()
+
+
+def test_full_blocks_of_the_prefix_are_shared_not_rewritten() -> None:
+    h = Harness(num_blocks=32)
+    first = h.run("a", prompt_of(10), max_tokens=2)  # 12 tokens: 3 full blocks
+    assert first.blocks is not None
+    old_ids = first.blocks.block_ids
+    second = h.run("a", [*first.blocks.token_ids, 7, 8, 9], first.blocks, max_tokens=2)
+    assert second.blocks is not None
+    assert second.cached_tokens == 12
+    # positions 0..11 fill 3 full blocks: shared; the new tail gets fresh blocks
+    assert second.blocks.block_ids[:3] == old_ids[:3]
+    assert set(second.blocks.block_ids[3:]).isdisjoint(old_ids)
+
+
+def test_full_hit_refeeds_the_last_token() -> None:
+    h = Harness()
+    first = h.run("a", prompt_of(8), max_tokens=3)
+    assert first.blocks is not None
+    tokens = list(first.blocks.token_ids)
+    again = h.run("a", tokens, first.blocks, max_tokens=3)
+    assert again.cached_tokens == len(tokens) - 1
+    assert list(again.token_ids) == reference(h.model, tokens, 3)
+
+
+def test_divergence_keeps_only_the_shared_prefix() -> None:
+    h = Harness()
+    first = h.run("a", prompt_of(13), max_tokens=2)
+    assert first.blocks is not None
+    changed = [*prompt_of(13)[:6], 999, *prompt_of(5, seed=3)]
+    second = h.run("a", changed, first.blocks, max_tokens=4)
+    assert second.cached_tokens == 6
+    assert list(second.token_ids) == reference(h.model, changed, 4)
+
+
+def test_cache_of_another_agent_is_forked_not_released() -> None:
+    h = Harness()
+    system = h.run("sys", prompt_of(9), max_tokens=1)
+    assert system.blocks is not None
+    fork = h.run("b", [*system.blocks.token_ids, 5, 6], system.blocks, max_tokens=3)
+    assert fork.cached_tokens == 10
+    assert h.pool.is_live(system.blocks)  # still the system agent's cache
+    assert list(fork.token_ids) == reference(h.model, [*system.blocks.token_ids, 5, 6], 3)
+
+
+def test_agents_batched_with_different_lengths_and_late_joiners() -> None:
+    h = Harness(num_blocks=64)
+    prompts = {"a": prompt_of(3, 1), "b": prompt_of(17, 2), "c": prompt_of(9, 3)}
+    uids = {
+        aid: h.engine.submit(aid, p, max_tokens=4 + i) for i, (aid, p) in enumerate(prompts.items())
+    }
+    done: dict[str, CompletedGeneration] = {}
+    for c in h.engine.step():
+        done[c.agent_id] = c
+    late = prompt_of(6, 4)
+    h.engine.submit("d", late, max_tokens=3)  # joins the running batch
+    for c in h.engine.drain():
+        done[c.agent_id] = c
+    assert len(h.gens) == 1  # one generator served everyone
+    for i, (aid, p) in enumerate(prompts.items()):
+        assert done[aid].uid == uids[aid]
+        assert list(done[aid].token_ids) == reference(h.model, p, 4 + i)
+    assert list(done["d"].token_ids) == reference(h.model, late, 3)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        (("", [1]), {}, "agent_id"),
+        (("../x", [1]), {}, "agent_id"),
+        (("a", []), {}, "empty"),
+        (("a", ""), {}, "empty"),
+        (("a", [1]), {"max_tokens": 0}, "max_tokens"),
+        (("a", [1, 5000]), {}, "outside"),
+        (("a", 42), {}, "prompt must be"),
+        (("a", [1]), {"cache": "nope"}, "cache must be"),
+    ],
+)
+def test_invalid_requests_allocate_nothing(
+    args: tuple[object, ...], kwargs: dict[str, object], match: str
+) -> None:
+    h = Harness()
+    with pytest.raises(InvalidRequestError, match=match):
+        h.engine.submit(*args, **kwargs)  # type: ignore[arg-type]
+    assert h.pool.num_used == 0 and not h.engine.has_work
+
+
+def test_stale_cache_and_agent_in_flight_are_refused() -> None:
+    h = Harness()
+    first = h.run("a", prompt_of(5), max_tokens=2)
+    assert first.blocks is not None
+    h.run("a", [*first.blocks.token_ids, 3], first.blocks, max_tokens=2)
+    used = h.pool.num_used
+    with pytest.raises(InvalidRequestError, match="no longer in this pool"):
+        h.engine.submit("a", prompt_of(5), first.blocks)
+    h.engine.submit("b", prompt_of(5), max_tokens=2)
+    with pytest.raises(InvalidRequestError, match="already has a request in flight"):
+        h.engine.submit("b", prompt_of(5), max_tokens=2)
+    assert h.pool.num_used == used + SPEC.blocks_for(5 + 2)
+
+
+def test_exhaustion_raises_leaks_nothing_and_next_request_succeeds() -> None:
+    h = Harness(num_blocks=6)
+    a = h.run("a", prompt_of(9), max_tokens=3)  # 12 tokens: 3 blocks held
+    assert h.pool.num_used == 3
+    with pytest.raises(PoolExhaustedError, match="needs 4 blocks") as info:
+        h.engine.submit("b", prompt_of(12), max_tokens=4)
+    assert not isinstance(info.value, RequestTooLargeError)
+    assert h.pool.num_used == 3 and not h.engine.has_work
+    with pytest.raises(RequestTooLargeError, match="the pool has 6"):
+        h.engine.submit("b", prompt_of(30), max_tokens=1)
+    assert a.blocks is not None
+    h.pool.release(a.blocks)
+    b = h.run("b", prompt_of(12), max_tokens=4)
+    assert b.error is None and h.pool.num_used == 4
+    h.pool.check_invariants()
+
+
+def test_insert_failure_frees_the_request_and_engine_goes_on() -> None:
+    h = Harness()
+    first = h.run("a", prompt_of(7), max_tokens=2)
+    used = h.pool.num_used
+    assert first.blocks is not None
+    h.engine.submit("a", [*first.blocks.token_ids, 4], first.blocks, max_tokens=3)
+    h.gens[0].fail_insert = RuntimeError("insert exploded")
+    (failed,) = h.engine.step()
+    assert failed.finish_reason == "error"
+    assert isinstance(failed.error, GenerationError)
+    assert "insert exploded" in str(failed.error)
+    assert failed.blocks is first.blocks and h.pool.is_live(first.blocks)
+    assert h.pool.num_used == used and not h.engine.has_work
+    again = h.run("a", [*first.blocks.token_ids, 4], first.blocks, max_tokens=3)
+    assert again.cached_tokens == first.blocks.total_tokens
+
+
+def test_model_failure_fails_running_requests_and_recovers() -> None:
+    h = Harness()
+    h.engine.submit("a", prompt_of(5), max_tokens=4)
+    h.engine.submit("b", prompt_of(6), max_tokens=4)
+    list(h.engine.step())
+    h.gens[0].fail_next = RuntimeError("model raised")
+    failed = list(h.engine.step())
+    assert sorted(c.agent_id for c in failed) == ["a", "b"]
+    assert all(c.finish_reason == "error" and c.error is not None for c in failed)
+    assert h.pool.num_used == 0 and not h.engine.has_work
+    done = h.run("a", prompt_of(5), max_tokens=4)
+    assert len(h.gens) == 2  # a fresh generator
+    assert list(done.token_ids) == reference(h.model, prompt_of(5), 4)
+
+
+def test_streaming_delivers_every_token_in_order() -> None:
+    h = Harness()
+    events: list[TokenEvent] = []
+    h.engine.submit("a", prompt_of(6), max_tokens=5, on_token=events.append)
+    (done,) = h.engine.drain()
+    assert [e.token for e in events] == list(done.token_ids)
+    assert [e.index for e in events] == list(range(5))
+    assert "".join(e.text for e in events) == done.text
+    assert all(e.uid == done.uid and e.agent_id == "a" for e in events)
+
+
+def test_cancel_queued_and_running() -> None:
+    h = Harness()
+    queued = h.engine.submit("a", prompt_of(5), max_tokens=10)
+    assert h.engine.cancel(queued) and h.pool.num_used == 0
+    running = h.engine.submit("b", prompt_of(5), max_tokens=50)
+    list(h.engine.step())
+    assert h.engine.cancel(running)
+    assert not h.engine.cancel(running)
+    assert h.pool.num_used == 0 and not h.engine.has_work
+    assert h.gens[0].num_active == 0
+    h.run("b", prompt_of(5))  # the agent may submit again
+
+
+def test_submit_from_other_threads_while_stepping() -> None:
+    h = Harness(num_blocks=256)
+    prompts = {f"agent{i}": prompt_of(5 + i, i) for i in range(12)}
+    done: list[CompletedGeneration] = []
+    start = threading.Barrier(len(prompts) + 1)
+
+    def agent(aid: str) -> None:
+        start.wait()
+        h.engine.submit(aid, prompts[aid], max_tokens=3)
+
+    threads = [threading.Thread(target=agent, args=(aid,)) for aid in prompts]
+    for t in threads:
+        t.start()
+    start.wait()
+    while any(t.is_alive() for t in threads) or h.engine.has_work:
+        done.extend(h.engine.step())
+    for t in threads:
+        t.join()
+    assert sorted(c.agent_id for c in done) == sorted(prompts)
+    for c in done:
+        assert list(c.token_ids) == reference(h.model, prompts[c.agent_id], 3)
+
+
+def test_pool_returns_to_baseline_after_many_generations() -> None:
+    h = Harness(num_blocks=64)
+    caches: dict[str, AgentBlocks | None] = {"a": None, "b": None}
+    contexts = {"a": prompt_of(5, 1), "b": prompt_of(11, 2)}
+    for _ in range(10):
+        for aid in caches:
+            h.engine.submit(aid, contexts[aid], caches[aid], max_tokens=3)
+        for c in h.engine.drain():
+            caches[c.agent_id] = c.blocks
+            contexts[c.agent_id] = [*contexts[c.agent_id], *c.token_ids, 9]
+    held = sum(SPEC.blocks_for(b.total_tokens) for b in caches.values() if b is not None)
+    assert h.pool.num_used == held
+    for b in caches.values():
+        assert b is not None
+        h.pool.release(b)
+    assert h.pool.num_used == 0 and h.pool.num_leases == 0
+    h.pool.check_invariants()
+
+
+SLIDING = ModelCacheSpec(
+    (
+        LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+    ),
+    "float32",
+    B,
+)
+
+
+def test_sliding_window_layers_resume_from_blocks() -> None:
+    h = Harness(SLIDING, num_blocks=64)
+    context = prompt_of(11)
+    cache = None
+    for turn in range(4):
+        done = h.run("a", context, cache, max_tokens=4)
+        assert list(done.token_ids) == reference(h.model, context, 4), f"turn {turn}"
+        if turn:
+            assert done.cached_tokens > 0
+        cache = done.blocks
+        assert cache is not None
+        # the sliding layer holds its last 6 positions
+        assert cache.sliding_valid_from == cache.total_tokens - 6
+        context = [*context, *done.token_ids, *prompt_of(2 + turn, turn)]
+
+
+def test_sliding_window_full_hit_falls_back_to_prefill() -> None:
+    h = Harness(SLIDING)
+    first = h.run("a", prompt_of(12), max_tokens=2)
+    assert first.blocks is not None
+    tokens = list(first.blocks.token_ids)
+    # re-feeding the last token would need a position the window dropped
+    again = h.run("a", tokens, first.blocks, max_tokens=3)
+    assert again.cached_tokens == 0
+    assert list(again.token_ids) == reference(h.model, tokens, 3)
+
+
+def test_engine_rejects_a_pool_of_another_spec() -> None:
+    other = ModelCacheSpec.uniform(3, 2, 8, block_tokens=B)
+    pool = BlockPool(other, num_blocks=4, storage=FakeStorage)
+    with pytest.raises(InvalidRequestError, match="another spec"):
+        BlockPoolBatchEngine(
+            FakeModel(SPEC), FakeTokenizer(), pool, SPEC, batch_gen_factory=FakeBatchGenerator
+        )
