@@ -26,8 +26,8 @@ namespace {
 
 // Copy plan ----------------------------------------------------------------
 
-// Memory bandwidth saturates early: DESIGN.md measured 2 threads ~1.4x faster
-// than one memcpy on this CPU; more rarely pays for itself on a copy kernel.
+// Memory bandwidth saturates early: on the 2-core dev CPU two threads beat one
+// memcpy (DESIGN.md), and a copy kernel rarely gains from more.
 constexpr int kMaxCopyThreads = 2;
 // Below this many bytes per thread, starting a thread costs more than it buys.
 constexpr size_t kMinBytesPerThread = size_t{1} << 20;
@@ -116,18 +116,16 @@ void run_jobs(const std::vector<RowCopy>& jobs) {
        std::max<size_t>(1, std::thread::hardware_concurrency()),
        std::max<size_t>(1, total / kMinBytesPerThread),
        jobs.size()}));
-  if (num_threads <= 1) {
-    for (const auto& job : jobs) {
-      run_job(job);
-    }
-    return;
-  }
   std::atomic<size_t> next{0};
   auto work = [&jobs, &next] {
     for (size_t i = next++; i < jobs.size(); i = next++) {
       run_job(jobs[i]);
     }
   };
+  if (num_threads <= 1) {
+    work();
+    return;
+  }
   std::vector<std::thread> helpers;
   helpers.reserve(num_threads - 1);
   for (int t = 1; t < num_threads; ++t) {
@@ -270,16 +268,17 @@ class Gather : public mx::Primitive {
       std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&)
       override {
-    throw std::runtime_error("[kvpool::Gather] no GPU kernel; use a CPU stream.");
+    throw std::runtime_error(
+        "[kvpool::Gather] no GPU kernel; use a CPU stream.");
   }
 
   const char* name() const override {
     return "KvpoolGather";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const Gather&>(other);
-    return block_ids_ == o.block_ids_ && start_ == o.start_ &&
-        stop_ == o.stop_ && capacity_ == o.capacity_;
+    auto* o = dynamic_cast<const Gather*>(&other);
+    return o && block_ids_ == o->block_ids_ && start_ == o->start_ &&
+        stop_ == o->stop_ && capacity_ == o->capacity_;
   }
   std::vector<mx::Shape> output_shapes(
       const std::vector<mx::array>& inputs) override {
@@ -367,8 +366,8 @@ class Scatter : public mx::UnaryPrimitive {
     return "KvpoolScatter";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto& o = static_cast<const Scatter&>(other);
-    return block_ids_ == o.block_ids_ && start_ == o.start_;
+    auto* o = dynamic_cast<const Scatter*>(&other);
+    return o && block_ids_ == o->block_ids_ && start_ == o->start_;
   }
   std::vector<mx::Shape> output_shapes(
       const std::vector<mx::array>& inputs) override {

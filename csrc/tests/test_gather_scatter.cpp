@@ -197,13 +197,15 @@ void test_strided_inputs() {
   CHECK(values(slab) == ref.v);
 
   // src with a non-unit last stride: transpose of [1, 2, 3, 7].
-  auto src_t = mx::transpose(pattern({1, 2, 3, 7}, mx::float16, 8), {0, 1, 3, 2});
+  auto src_t =
+      mx::transpose(pattern({1, 2, 3, 7}, mx::float16, 8), {0, 1, 3, 2});
   host_scatter(ref, values(src_t), 7, table, 1);
   slab = kvpool::scatter(slab, src_t, table, 1);
   CHECK(values(slab) == ref.v);
 
   // A slab that is a transposed view: gather reads it through its strides.
-  auto slab_t = mx::transpose(pattern({4, 2, 3, 4}, mx::float32, 9), {0, 1, 3, 2});
+  auto slab_t =
+      mx::transpose(pattern({4, 2, 3, 4}, mx::float32, 9), {0, 1, 3, 2});
   slab_t.eval();
   HostSlab ref_t = host_of(slab_t);
   auto outs = kvpool::gather({slab_t}, {3, 1}, 1, 7, 8);
@@ -219,16 +221,17 @@ void test_strided_inputs() {
 }
 
 void test_large_threaded() {
-  // Several MiB so the copy is split over threads.
-  auto slab = pattern({16, 8, 64, 64}, mx::float16, 11);
+  // About 5 MiB per gather and 1 MiB per scatter: split over threads.
+  auto slab = pattern({16, 8, 64, 128}, mx::float16, 11);
   std::vector<int32_t> table = {9, 3, 15, 0, 7, 12, 1, 4, 8, 2};
   HostSlab ref = host_of(slab);
-  auto outs = kvpool::gather({slab, slab}, table, 5, 600, 700);
+  auto outs = kvpool::gather({slab, slab, slab, slab}, table, 5, 600, 700);
   auto expect = host_gather(ref, table, 5, 600, 700);
-  CHECK(values(outs[0]) == expect);
-  CHECK(values(outs[1]) == expect);
+  for (const auto& out : outs) {
+    CHECK(values(out) == expect);
+  }
 
-  auto src = pattern({1, 8, 595, 64}, mx::float16, 12);
+  auto src = pattern({1, 8, 595, 128}, mx::float16, 12);
   host_scatter(ref, values(src), 595, table, 5);
   slab = kvpool::scatter(slab, src, table, 5);
   CHECK(values(slab) == ref.v);
@@ -313,7 +316,9 @@ void test_errors() {
       "got shape (4, 2, 4)");
   check_throws<IA>(
       "int dtype",
-      [&] { kvpool::gather({mx::zeros({4, 2, 4, 3}, mx::int32)}, {0}, 0, 1, 1); },
+      [&] {
+        kvpool::gather({mx::zeros({4, 2, 4, 3}, mx::int32)}, {0}, 0, 1, 1);
+      },
       "float32, float16 or bfloat16; got int32");
   check_throws<IA>(
       "num_blocks differ",
@@ -355,7 +360,9 @@ void test_errors() {
       "got shape (2, 2, 3, 3)");
   check_throws<IA>(
       "scatter dtype",
-      [&] { kvpool::scatter(slab, mx::zeros({1, 2, 3, 3}, mx::float16), {0}, 0); },
+      [&] {
+        kvpool::scatter(slab, mx::zeros({1, 2, 3, 3}, mx::float16), {0}, 0);
+      },
       "src dtype float16 differs from the slab's float32");
   check_throws<IA>(
       "scatter id", [&] { kvpool::scatter(slab, src, {7}, 0); },

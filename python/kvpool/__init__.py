@@ -7,6 +7,7 @@ MLX; the MLX parts (``kvpool.slabs``, ``kvpool.kernels``) load on first use.
 from __future__ import annotations
 
 from kvpool import _blocks
+from kvpool.blas import maybe_enable_from_env
 from kvpool.blocks import AgentBlocks, CompletedGeneration, KVBlock, TokenEvent
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import (
@@ -22,6 +23,8 @@ from kvpool.errors import (
 from kvpool.pool import BlockPool
 from kvpool.sampling import SamplingParams
 from kvpool.spec import BLOCK_TOKENS, AttentionKind, LayerSpec, ModelCacheSpec
+
+maybe_enable_from_env()  # KVPOOL_FAST_BLAS=1: OpenBLAS for MLX, before MLX loads
 
 __version__ = "0.1.0"
 

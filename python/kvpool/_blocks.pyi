@@ -2,7 +2,6 @@
 
 from collections.abc import Sequence
 
-
 class PoolExhausted(RuntimeError):
     pass
 
@@ -12,19 +11,14 @@ class BlockAllocator:
     """
 
     def __init__(self, num_blocks: int) -> None: ...
-
     @property
     def num_blocks(self) -> int: ...
-
     @property
     def num_free(self) -> int: ...
-
     @property
     def num_used(self) -> int: ...
-
     @property
     def num_owners(self) -> int: ...
-
     def ref_cnt(self, block_id: int) -> int:
         """Reference count of one block (0 = free)."""
 
@@ -44,6 +38,5 @@ class BlockAllocator:
         """Owner's block table in allocation order."""
 
     def has_owner(self, owner: int) -> bool: ...
-
     def check_invariants(self) -> None:
         """Raise if an internal invariant fails (a bug)."""

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
+from kvpool.blas import use_fast_cpu_blas
 from kvpool.demo import CACHED, REPREFILL, DemoConfig, DemoResult, Progress, RunResult, run_demo
 from kvpool.errors import GenerationError, KvpoolError
 
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvpool",
         description="Per-agent KV caches in a shared block pool, batched generation on MLX.",
     )
+    parser.add_argument(
+        "--no-fast-blas",
+        action="store_true",
+        help="keep MLX's bundled reference BLAS (Linux; by default float32 matmuls run in "
+        "OpenBLAS, see BLAS.md)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
@@ -71,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run a multi-agent, multi-turn workload with and without cache reuse",
         description=(
-            "Run AGENTS agents for TURNS turns through the block-pool engine twice: reusing "
+            "Run N agents for T turns through the block-pool engine twice: reusing "
             "each agent's cache turn after turn, then re-prefilling every turn from scratch "
             "with the same prompts. Prints a per-turn table and a summary; checks that both "
             "runs generate the same tokens (greedy decoding)."
@@ -149,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else EXIT_OK
+    if sys.platform == "linux" and not args.no_fast_blas:
+        use_fast_cpu_blas()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ __all__ = [
     "RunResult",
     "TurnRecord",
     "blocks_needed",
+    "compare_outputs",
     "resolve_and_load",
     "run_demo",
 ]
@@ -61,6 +63,8 @@ REPREFILL = "re-prefill"
 MIB = 1 << 20
 
 ProgressCallback = Callable[["Progress"], None]
+Outputs = dict[tuple[int, str], tuple[int, ...]]  # (turn, agent_id) -> generated tokens
+Prompts = list[dict[str, tuple[int, ...]]]  # per turn: agent_id -> prompt
 
 
 # --------------------------------------------------------------------------- records
@@ -359,7 +363,7 @@ def run_demo(config: DemoConfig, progress: ProgressCallback | None = None) -> De
     finally:
         engine.close()
 
-    mismatches = tuple(_compare(outputs, baseline_outputs))
+    mismatches = tuple(compare_outputs(outputs, baseline_outputs))
     last = cached.record(config.num_turns, scripts[0].agent_id)
     sample = outputs[(last.turn, last.agent_id)]
     return DemoResult(
@@ -407,24 +411,38 @@ def resolve_and_load(name: str) -> tuple[Path, Any, Any]:
 
 
 def _pool_blocks(config: DemoConfig, spec: ModelCacheSpec, one_agent: int, all_agents: int) -> int:
+    """The pool's size in blocks: the workload's worst case, or ``pool_mb`` if it holds that."""
     if config.pool_mb is None:
         return all_agents
     num_blocks = int(config.pool_mb * MIB) // spec.bytes_per_block
-    if num_blocks >= all_agents:
-        return num_blocks
-    block_mib = spec.bytes_per_block / MIB
     enough_mb = math.ceil(all_agents * spec.bytes_per_block / MIB)
-    who = "one agent" if num_blocks < one_agent else f"{config.num_agents} agents at once"
-    need = one_agent if num_blocks < one_agent else all_agents
-    blocks = "block" if num_blocks == 1 else "blocks"
-    raise PoolExhaustedError(
-        f"a pool of {config.pool_mb:g} MiB holds {num_blocks} {blocks} of {block_mib:.2f} MiB; "
-        f"{who} need{'s' if need == one_agent else ''} up to {need} blocks: "
-        f"use --pool-mb {enough_mb} or more",
-        needed=need,
-        free=num_blocks,
-        capacity=num_blocks,
-    )
+    if num_blocks < all_agents:
+        if num_blocks < one_agent:
+            who, need = "one agent needs", one_agent
+        else:
+            who, need = f"{config.num_agents} agents at once need", all_agents
+        raise PoolExhaustedError(
+            f"a pool of {config.pool_mb:g} MiB holds {num_blocks} "
+            f"block{'' if num_blocks == 1 else 's'} of {spec.bytes_per_block / MIB:.2f} MiB; "
+            f"{who} up to {need} blocks: give the pool {enough_mb} MiB or more (--pool-mb)",
+            needed=need,
+            free=num_blocks,
+            capacity=num_blocks,
+        )
+    memory = _physical_memory()
+    if memory is not None and num_blocks * spec.bytes_per_block > memory:
+        raise InvalidRequestError(
+            f"a pool of {config.pool_mb:g} MiB is more than this machine's memory "
+            f"({memory // MIB} MiB); the workload needs {enough_mb} MiB"
+        )
+    return num_blocks
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _model_info(name: str, path: Path, model: Any, spec: ModelCacheSpec) -> ModelInfo:
@@ -537,12 +555,6 @@ def _record(turn: int, completion: CompletedGeneration) -> TurnRecord:
     )
 
 
-# (turn, agent_id) -> tokens
-Outputs = dict[tuple[int, str], tuple[int, ...]]
-# one dict per turn: agent_id -> prompt
-Prompts = list[dict[str, tuple[int, ...]]]
-
-
 def _run_cached(
     engine: BlockPoolBatchEngine,
     scripts: Sequence[AgentScript],
@@ -601,7 +613,8 @@ def _run_reprefill(
     return RunResult.from_records(REPREFILL, total, records), outputs
 
 
-def _compare(cached: Outputs, reprefill: Outputs) -> list[GenerationMismatch]:
+def compare_outputs(cached: Outputs, reprefill: Outputs) -> list[GenerationMismatch]:
+    """The generations of ``cached`` that differ from ``reprefill``'s (same keys)."""
     mismatches = []
     for key, a in cached.items():
         b = reprefill[key]

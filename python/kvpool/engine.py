@@ -282,11 +282,17 @@ class BlockPoolBatchEngine:
         read = cache.block_ids[: self.spec.blocks_for(reused)] if cache is not None else ()
         total = self.spec.blocks_for(len(tokens) + max_tokens)
         fresh = total - num_shared
-        if total > self.pool.num_blocks:
+        # The agent's old cache stays held until this turn replaces it.
+        held_until_done = 0
+        if cache is not None and cache.agent_id == agent_id:
+            held_until_done = len(cache.block_ids) - num_shared
+        if fresh + held_until_done > self.pool.num_blocks:
             raise RequestTooLargeError(
                 f"{len(tokens)} prompt tokens + {max_tokens} max_tokens need {total} blocks of "
-                f"{size} tokens; the pool has {self.pool.num_blocks}",
-                needed=total,
+                f"{size} tokens ({num_shared} shared with the agent's cache, whose other "
+                f"{held_until_done} stay held until the turn ends); "
+                f"the pool has {self.pool.num_blocks}",
+                needed=fresh + held_until_done,
                 free=self.pool.num_free,
                 capacity=self.pool.num_blocks,
             )

@@ -326,8 +326,9 @@ def build_model(recipe: ModelRecipe | str, path: Path) -> Path:
 def load_model(path_or_name: str | Path) -> tuple[Module, TokenizerWrapper]:
     """Load a model with ``mlx_lm.load``: a recipe name (built on first use) or a directory.
 
-    Raises :class:`~kvpool.errors.ModelNotFoundError` if the directory does not exist or has
-    no ``config.json`` or no ``model*.safetensors``; the hub is never consulted.
+    Raises :class:`~kvpool.errors.ModelNotFoundError` if the directory does not exist, has
+    no ``config.json`` or no ``model*.safetensors``, or mlx-lm fails to load it; the hub is
+    never consulted.
     """
     if isinstance(path_or_name, str) and path_or_name in RECIPES:
         path = ensure_model(path_or_name)
@@ -347,7 +348,12 @@ def load_model(path_or_name: str | Path) -> tuple[Module, TokenizerWrapper]:
 
     import mlx_lm
 
-    model, tokenizer = mlx_lm.load(str(path))[:2]
+    try:
+        model, tokenizer = mlx_lm.load(str(path))[:2]
+    except Exception as exc:  # mlx-lm raises many kinds for a broken directory
+        raise ModelNotFoundError(
+            f"model directory {str(path)!r} could not be loaded by mlx_lm: {exc}"
+        ) from exc
     return model, tokenizer
 
 

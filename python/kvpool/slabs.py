@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from kvpool import kernels
 from kvpool.spec import AttentionKind, ModelCacheSpec
+from kvpool.storage import HostArray, LayerKV, host_dtype
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -94,3 +96,48 @@ class SlabStorage:
             self.v[i] = kernels.scatter(self.v[i], cache.values[:, :, rows, :], table, first)
         mx.eval(self.k, self.v)
         return valid_from
+
+    def read_layers(
+        self, block_table: Sequence[int], layers: Sequence[int], start: int, stop: int
+    ) -> list[LayerKV]:
+        if not layers:
+            return []
+        n = stop - start
+        if n <= 0:
+            return [LayerKV(i, start, *self._empty_host(i)) for i in layers]
+        slabs = [s for i in layers for s in (self.k[i], self.v[i])]
+        out = kernels.gather(slabs, list(block_table), start, stop, n)
+        if self.spec.dtype == "bfloat16":  # numpy has no bfloat16: hand out its bits
+            out = [a.view(mx.uint16) for a in out]
+        mx.eval(out)
+        # np.asarray shares the gathered buffers (no copy); [0] drops the batch axis.
+        host = [np.asarray(a)[0] for a in out]
+        return [LayerKV(i, start, host[2 * j], host[2 * j + 1]) for j, i in enumerate(layers)]
+
+    def write_layers(self, block_table: Sequence[int], kvs: Sequence[LayerKV]) -> None:
+        table = list(block_table)
+        for kv in kvs:
+            if kv.num_tokens == 0:
+                continue
+            i = kv.layer
+            keys, values = self._to_device(kv.keys), self._to_device(kv.values)
+            # Rebind so the slab keeps one reference and the scatter writes in place.
+            self.k[i] = kernels.scatter(self.k[i], keys, table, kv.start)
+            self.v[i] = kernels.scatter(self.v[i], values, table, kv.start)
+            del keys, values
+            mx.eval(self.k[i], self.v[i])
+
+    def _to_device(self, host: HostArray) -> mx.array:
+        """``[H, T, D]`` host array -> ``[1, H, T, D]`` array of the slab dtype (a copy)."""
+        array = mx.array(host)[None]
+        if self.spec.dtype == "bfloat16":
+            array = array.view(mx.bfloat16)
+        return array
+
+    def _empty_host(self, layer: int) -> tuple[HostArray, HostArray]:
+        spec = self.spec.layers[layer]
+        dtype = host_dtype(self.spec.dtype)
+        return (
+            np.empty((spec.n_kv_heads, 0, spec.k_head_dim), dtype),
+            np.empty((spec.n_kv_heads, 0, spec.v_head_dim), dtype),
+        )

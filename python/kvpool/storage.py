@@ -5,14 +5,58 @@ the bytes of every block for every layer and converts between blocks and the
 per-layer caches a batch generator consumes. :class:`kvpool.slabs.SlabStorage`
 is the real one (MLX slabs); :class:`kvpool.testing.FakeStorage` records token
 ids instead of K/V so unit tests run without MLX.
+
+``read_layers`` / ``write_layers`` move K/V between blocks and host (numpy)
+arrays, bit for bit, for persistence (:mod:`kvpool.persist`): layer by layer,
+so saving or loading an agent never needs a second copy of it in memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from kvpool.spec import ModelCacheSpec
+
+HostArray = npt.NDArray[Any]
+
+_HOST_DTYPES: dict[str, type[np.generic]] = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.uint16,  # numpy has no bfloat16: its bits, unchanged
+}
+
+
+def host_dtype(dtype: str) -> np.dtype[Any]:
+    """The numpy dtype that holds one element of a ``dtype`` cache, bit for bit.
+
+    ``float32`` and ``float16`` map to themselves; ``bfloat16`` maps to
+    ``uint16`` (the same 16 bits). Host arrays never convert values.
+    """
+    return np.dtype(_HOST_DTYPES[dtype])
+
+
+@dataclass(frozen=True, slots=True)
+class LayerKV:
+    """One layer's K and V for positions ``[start, start + num_tokens)``, on the host.
+
+    ``keys`` is ``[n_kv_heads, num_tokens, k_head_dim]`` and ``values``
+    ``[n_kv_heads, num_tokens, v_head_dim]``, C-contiguous, in
+    :func:`host_dtype` of the spec's dtype: row ``t`` holds position ``start + t``.
+    """
+
+    layer: int
+    start: int
+    keys: HostArray
+    values: HostArray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keys.shape[1])
 
 
 class KVStorage(Protocol):
@@ -43,5 +87,24 @@ class KVStorage(Protocol):
         offset). Sliding layers write only the positions they still hold.
         Returns the first position every sliding layer holds (0 without
         sliding layers) so the caller can record what the blocks now hold.
+        """
+        ...
+
+    def read_layers(
+        self, block_table: Sequence[int], layers: Sequence[int], start: int, stop: int
+    ) -> list[LayerKV]:
+        """Positions ``[start, stop)`` of each of ``layers``, copied to the host.
+
+        The caller asks only for positions the blocks hold (every position of
+        a global layer, ``>= sliding_valid_from`` of a sliding one). The
+        arrays stay valid after the blocks are rewritten or freed.
+        """
+        ...
+
+    def write_layers(self, block_table: Sequence[int], kvs: Sequence[LayerKV]) -> None:
+        """Write each :class:`LayerKV` into its layer at its positions, through the table.
+
+        The inverse of :meth:`read_layers`: only those positions of those
+        layers change. The caller owns the blocks (no one else reads them).
         """
         ...

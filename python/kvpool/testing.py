@@ -23,7 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kvpool.spec import AttentionKind, ModelCacheSpec
+from kvpool.storage import HostArray, LayerKV, host_dtype
 
 
 @dataclass(slots=True)
@@ -88,6 +91,11 @@ class FakeStorage:
 
     Reading a slot that was never written raises AssertionError, so tests
     catch gathers of positions the blocks do not hold.
+
+    As host arrays (``read_layers``/``write_layers``) position ``p`` of a
+    layer is every element of row ``p`` set to the bits of its token id (keys)
+    or of the id's bitwise complement (values), in the spec's host dtype; so a
+    saved and restored fake cache is byte for byte what persistence wrote.
     """
 
     def __init__(self, spec: ModelCacheSpec, num_blocks: int) -> None:
@@ -128,6 +136,47 @@ class FakeStorage:
             for p in range(max(start, base), cache.offset):
                 self.slots[i][self._slot(block_table, p)] = cache.tokens[p - base]
         return valid_from
+
+    def read_layers(
+        self, block_table: Sequence[int], layers: Sequence[int], start: int, stop: int
+    ) -> list[LayerKV]:
+        out = []
+        for i in layers:
+            tokens = []
+            for p in range(start, stop):
+                slot = self._slot(block_table, p)
+                assert slot in self.slots[i], f"layer {i} position {p} was never written"
+                tokens.append(self.slots[i][slot])
+            out.append(LayerKV(i, start, *self._encode(i, tokens)))
+        return out
+
+    def write_layers(self, block_table: Sequence[int], kvs: Sequence[LayerKV]) -> None:
+        for kv in kvs:
+            tokens = self._decode(kv)
+            for t, token in enumerate(tokens):
+                self.slots[kv.layer][self._slot(block_table, kv.start + t)] = token
+
+    def _bits(self) -> np.dtype[Any]:
+        return np.dtype(f"<u{host_dtype(self.spec.dtype).itemsize}")
+
+    def _encode(self, layer: int, tokens: Sequence[int]) -> tuple[HostArray, HostArray]:
+        spec, bits = self.spec.layers[layer], self._bits()
+        ids = np.asarray(tokens, dtype=bits)[None, :, None]
+        heads, n = spec.n_kv_heads, len(tokens)
+        keys = np.broadcast_to(ids, (heads, n, spec.k_head_dim))
+        values = np.broadcast_to(~ids, (heads, n, spec.v_head_dim))
+        dtype = host_dtype(self.spec.dtype)
+        return np.ascontiguousarray(keys).view(dtype), np.ascontiguousarray(values).view(dtype)
+
+    def _decode(self, kv: LayerKV) -> list[int]:
+        spec, bits = self.spec.layers[kv.layer], self._bits()
+        keys, values = kv.keys.view(bits), kv.values.view(bits)
+        assert keys.shape == (spec.n_kv_heads, kv.num_tokens, spec.k_head_dim), keys.shape
+        assert values.shape == (spec.n_kv_heads, kv.num_tokens, spec.v_head_dim), values.shape
+        ids = keys[0, :, 0]
+        assert (keys == ids[None, :, None]).all(), f"layer {kv.layer}: keys are not fake K/V"
+        assert (values == ~ids[None, :, None]).all(), f"layer {kv.layer}: values do not match"
+        return [int(t) for t in ids]
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ def data_ptr(a: mx.array) -> int:
     ``np.asarray(a)`` is also a zero-copy view on mlx 0.32.4, but it rejects
     bfloat16; ctypes reads the buffer protocol for every dtype.
     """
-    view = ctypes.c_char.from_buffer(a)
+    view = ctypes.c_char.from_buffer(a)  # type: ignore[arg-type]  # mx.array is a buffer
     ptr = ctypes.addressof(view)
     del view
     return ptr
@@ -205,6 +205,25 @@ def test_scatter_copies_while_an_unevaluated_gather_reads_the_slab() -> None:
     assert _kernels.scatter_stats() == {"num_in_place": 0, "num_copied": 1}
 
 
+def test_scatter_after_async_gather_never_changes_what_the_gather_read() -> None:
+    # 16 MiB per copy, so the gather may still run when the scatter evaluates.
+    table = list(range(64))
+    ones = mx.ones((1, 8, 64 * 16, 128), mx.float16)
+    zeros = mx.zeros((1, 8, 64 * 16, 128), mx.float16)
+    slab = mx.zeros((64, 8, 16, 128), dtype=mx.float16)
+    mx.eval(slab, ones, zeros)
+    for _ in range(10):
+        (pending,) = _kernels.gather([slab], table, 0, 64 * 16, 64 * 16)
+        mx.async_eval(pending)
+        slab = _kernels.scatter(slab, ones, table, 0)
+        mx.eval(slab)
+        assert float(pending.astype(mx.float32).sum()) == 0.0
+        assert float(slab.astype(mx.float32).sum()) == ones.size
+        slab = _kernels.scatter(slab, zeros, table, 0)
+    stats = _kernels.scatter_stats()
+    assert stats["num_in_place"] + stats["num_copied"] == 19  # The last one is pending.
+
+
 def test_strict_mode_raises_at_eval_and_mlx_stays_healthy() -> None:
     slab = mx.zeros((6, 2, 4, 3))
     mx.eval(slab)
@@ -305,3 +324,21 @@ def test_import_with_or_without_mlx_first(mlx_first: bool) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "6.0"
+
+
+def test_compiled_function_keeps_distinct_gathers_apart() -> None:
+    slab = mx.arange(2 * 1 * 4 * 2, dtype=mx.float32).reshape(2, 1, 4, 2)
+
+    def fn(s: mx.array) -> mx.array:
+        (a,) = _kernels.gather([s], [1, 0], 1, 6, 6)
+        (b,) = _kernels.gather([s], [1, 0], 1, 6, 6)  # Equivalent to a: may merge.
+        (c,) = _kernels.gather([s], [0, 1], 1, 6, 6)  # Must not merge with a.
+        return a + b - c
+
+    expect = to_np(fn(slab))
+    np.testing.assert_array_equal(to_np(mx.compile(fn)(slab)), expect)
+    np.testing.assert_array_equal(
+        expect[0, 0, :5],
+        2 * ref_gather(to_np(slab), [1, 0], 1, 6, 5)[0, 0]
+        - ref_gather(to_np(slab), [0, 1], 1, 6, 5)[0, 0],
+    )

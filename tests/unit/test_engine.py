@@ -379,3 +379,16 @@ def test_engine_rejects_a_pool_of_another_spec() -> None:
         BlockPoolBatchEngine(
             FakeModel(SPEC), FakeTokenizer(), pool, SPEC, batch_gen_factory=FakeBatchGenerator
         )
+
+
+def test_a_turn_that_cannot_fit_beside_the_agents_own_cache_is_too_large() -> None:
+    h = Harness(num_blocks=5)
+    first = h.run("a", prompt_of(7), max_tokens=3)  # 10 tokens: 3 blocks held
+    assert first.blocks is not None
+    diverged = [*prompt_of(2), *prompt_of(12, seed=9)]  # reuses 2 tokens, shares no block
+    # 14 + 6 tokens need 5 fresh blocks while the old 3 stay held: never fits
+    with pytest.raises(RequestTooLargeError, match="stay held"):
+        h.engine.submit("a", diverged, first.blocks, max_tokens=6)
+    assert h.pool.num_used == 3
+    h.pool.release(first.blocks)
+    assert h.run("a", diverged, max_tokens=6).error is None

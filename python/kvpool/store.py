@@ -1,0 +1,511 @@
+"""AgentCacheStore: every agent's cache, hot (blocks in the pool) or cold (a file on disk).
+
+The store sits between the user and a :class:`~kvpool.engine.BlockPoolBatchEngine`. It
+keeps each agent's latest cache and hands it to the engine when the agent comes back. When
+the pool cannot fit a request, it writes the least recently used idle agents to disk
+(:mod:`kvpool.persist`) and frees their blocks, then retries; a later request of an evicted
+agent loads its file back into the pool. A new store over the same directory picks up every
+cache a previous process left there.
+
+    store = AgentCacheStore(engine, "caches/", fingerprint=model_fingerprint(model))
+    store.submit("planner", context, max_tokens=64)   # cache from pool or disk, if any
+    for done in store.drain():                        # or store.step() in your loop
+        ...                                           # done.blocks is kept for next time
+    store.close()                                     # idle caches to disk, blocks freed
+
+Where an agent's cache lives::
+
+    (none) --submit/get: miss--> checked out --put--> HOT --evict--> COLD
+                                     ^                 |              |
+                                     +--- get: hit ----+---- get: load+
+
+* HOT: its blocks are in the pool (a file may also hold an older or the same turn).
+* COLD: only its file holds it.
+* checked out: between ``get`` (or ``submit``) and ``put`` (or ``step`` delivering the
+  completion): a request is using the cache, so it is never evicted.
+
+Eviction order is least recently used first (``get``/``put`` count as use). Budgets: the pool
+itself bounds hot bytes (plus ``max_pool_bytes``, a lower bound for idle caches if given);
+``max_disk_bytes`` bounds the directory: past it, the least recently used files are deleted
+and those agents start over (counted in ``num_dropped``).
+
+A file that fails its checks is deleted and an incompatible one (another model) is left
+alone; either way the agent starts with no cache (a miss) and a warning is logged.
+
+Not thread-safe: call every method from the thread that drives the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvpool.blocks import AgentBlocks, CompletedGeneration
+from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
+from kvpool.errors import (
+    CacheCorruptionError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+    PoolExhaustedError,
+)
+from kvpool.persist import (
+    agent_id_of,
+    cache_path,
+    load_cache,
+    remove_stale_temp_files,
+    save_cache,
+)
+from kvpool.validation import validate_agent_id
+
+__all__ = ["AgentCacheStore", "StoreStats", "Tier"]
+
+logger = logging.getLogger(__name__)
+
+
+class Tier(enum.Enum):
+    """Where an agent's cache is."""
+
+    HOT = "hot"  # blocks in the pool
+    COLD = "cold"  # a file on disk only
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """A snapshot of the store's counters (since it was created)."""
+
+    num_hot_hits: int  # get/submit found the cache in the pool
+    num_cold_hits: int  # ... loaded it from disk
+    num_misses: int  # ... found none (or an unusable file)
+    num_evictions: int  # hot caches moved to disk, blocks freed
+    num_saves: int  # files written (evictions, flush)
+    num_dropped: int  # caches deleted to keep the directory under max_disk_bytes
+    num_load_errors: int  # corrupt or incompatible files met by get (counted as misses)
+    tokens_saved: int  # prompt tokens taken from a cache instead of prefilled
+    num_hot: int  # agents with blocks in the pool
+    num_cold: int  # agents on disk only
+    hot_bytes: int  # pool bytes their blocks hold
+    bytes_on_disk: int  # size of every cache file in the directory
+    bytes_written: int
+    bytes_read: int
+    save_s: float  # time spent saving and loading
+    load_s: float
+
+
+@dataclass(slots=True)
+class _Counters:
+    """The cumulative part of :class:`StoreStats`."""
+
+    num_hot_hits: int = 0
+    num_cold_hits: int = 0
+    num_misses: int = 0
+    num_evictions: int = 0
+    num_saves: int = 0
+    num_dropped: int = 0
+    num_load_errors: int = 0
+    tokens_saved: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    save_s: float = 0.0
+    load_s: float = 0.0
+
+
+@dataclass(slots=True)
+class _Agent:
+    """One agent the store knows.
+
+    Invariants: ``blocks`` is None or live in the pool; ``file_bytes > 0`` exactly when
+    ``path`` exists; ``file_current`` only with ``blocks``, and then the file holds exactly
+    ``blocks`` (evicting needs no write); a ``checked_out`` agent is never evicted.
+    ``loaded_unused`` keeps a load that a failed submit wasted counted as a cold hit when
+    the cache is finally used.
+    """
+
+    agent_id: str
+    path: Path
+    blocks: AgentBlocks | None = None
+    file_bytes: int = 0
+    file_current: bool = False
+    checked_out: bool = False
+    loaded_unused: bool = False  # loaded from disk, no request has used it yet
+
+    @property
+    def tier(self) -> Tier | None:
+        if self.blocks is not None:
+            return Tier.HOT
+        return Tier.COLD if self.file_bytes else None
+
+
+class AgentCacheStore:
+    """Agents' caches over ``engine``'s pool and the directory ``directory``.
+
+    ``fingerprint`` identifies the model (:func:`kvpool.persist.model_fingerprint`): files
+    written under another one are not loaded. ``max_pool_bytes``: the most pool bytes idle
+    caches may hold (default: no limit beyond the pool; eviction then happens only when a
+    request does not fit). ``max_disk_bytes``: the most bytes of cache files in the
+    directory (default: no limit).
+    """
+
+    def __init__(
+        self,
+        engine: BlockPoolBatchEngine,
+        directory: str | os.PathLike[str],
+        *,
+        fingerprint: str,
+        max_pool_bytes: int | None = None,
+        max_disk_bytes: int | None = None,
+    ) -> None:
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise InvalidRequestError(
+                f"fingerprint must be a non-empty string, got {fingerprint!r}"
+            )
+        for name, value in (("max_pool_bytes", max_pool_bytes), ("max_disk_bytes", max_disk_bytes)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise InvalidRequestError(f"{name} must be an int >= 0 or None, got {value!r}")
+        self.engine = engine
+        self.pool = engine.pool
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.max_pool_bytes = max_pool_bytes
+        self.max_disk_bytes = max_disk_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(self.directory)
+        # Least recently used first.
+        self._agents: OrderedDict[str, _Agent] = OrderedDict()
+        self._uid_to_agent: dict[int, str] = {}  # requests submitted through the store
+        self._n = _Counters()
+        self._scan()
+        self._enforce_disk_budget(keep=None)
+
+    # -- the request path -----------------------------------------------------
+
+    def submit(
+        self,
+        agent_id: str,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        **kwargs: Any,
+    ) -> int:
+        """Submit one turn of ``agent_id`` with its cache (from the pool or disk); returns the uid.
+
+        ``prompt`` is the agent's whole context, as for the engine's ``submit``; ``kwargs``
+        (``sampling``, ``on_token``) go to it. If the pool cannot fit the request, least
+        recently used idle agents are written to disk and freed, one at a time, until it
+        fits. Raises as the engine does: PoolExhaustedError when nothing idle is left to
+        evict (try again after ``step``), RequestTooLargeError when it can never fit. Hits
+        and misses count submitted requests only.
+        """
+        cache, source = self._checkout(agent_id)
+        try:
+            while True:
+                try:
+                    uid = self.engine.submit(agent_id, prompt, cache, max_tokens, **kwargs)
+                    break
+                except RequestTooLargeError:
+                    raise
+                except PoolExhaustedError:
+                    if not self._evict_lru():
+                        raise
+        except BaseException:
+            self.put_back(agent_id)
+            raise
+        self._uid_to_agent[uid] = agent_id
+        self._count_lookup(source)
+        return uid
+
+    def step(self) -> list[CompletedGeneration]:
+        """``engine.step()``; each completion of a request submitted here is ``put``."""
+        done = list(self.engine.step())
+        for completion in done:
+            if self._uid_to_agent.pop(completion.uid, None) is not None:
+                self.put(completion)
+        return done
+
+    def drain(self) -> list[CompletedGeneration]:
+        """Step until the engine has no work; returns every completion."""
+        done: list[CompletedGeneration] = []
+        while self.engine.has_work:
+            done.extend(self.step())
+        return done
+
+    def cancel(self, uid: int) -> bool:
+        """Cancel a request submitted here; its agent's cache stays as it was."""
+        agent_id = self._uid_to_agent.pop(uid, None)
+        cancelled = self.engine.cancel(uid)
+        if agent_id is not None:
+            self.put_back(agent_id)
+        return cancelled
+
+    # -- check out / check in -------------------------------------------------
+
+    def get(self, agent_id: str) -> AgentBlocks | None:
+        """Check out ``agent_id``'s cache: its AgentBlocks in the pool, or None (a miss).
+
+        A cold cache is loaded into the pool first (evicting idle agents if needed). Until
+        ``put`` (or ``put_back``), the agent is checked out and its cache is never evicted;
+        a second ``get`` raises InvalidRequestError. Pass the result as ``cache`` to the
+        engine's ``submit`` and the completion to :meth:`put`.
+        """
+        blocks, source = self._checkout(agent_id)
+        self._count_lookup(source)
+        return blocks
+
+    def _checkout(self, agent_id: str) -> tuple[AgentBlocks | None, Tier | None]:
+        """Check out the agent; returns its cache and where it came from (None: a miss)."""
+        validate_agent_id(agent_id)
+        entry = self._agents.get(agent_id)
+        if entry is None:
+            entry = self._agents[agent_id] = _Agent(agent_id, cache_path(self.directory, agent_id))
+        if entry.checked_out:
+            raise InvalidRequestError(
+                f"agent {agent_id!r} is checked out (a request in flight?): put() its completion "
+                "or put_back() first"
+            )
+        self._check_hot(entry)
+        if entry.blocks is None and entry.file_bytes and self._load(entry):
+            entry.loaded_unused = True
+        source = entry.tier if entry.blocks is not None else None
+        if entry.loaded_unused:
+            source = Tier.COLD
+        entry.checked_out = True
+        self._agents.move_to_end(agent_id)
+        return entry.blocks, source
+
+    def _count_lookup(self, source: Tier | None) -> None:
+        if source is Tier.HOT:
+            self._n.num_hot_hits += 1
+        elif source is Tier.COLD:
+            self._n.num_cold_hits += 1
+        else:
+            self._n.num_misses += 1
+
+    def put(self, completion: CompletedGeneration) -> None:
+        """Check in a completion: its ``blocks`` become the agent's cache.
+
+        A failed completion carries the cache the request was given (still valid), or None;
+        either way the agent's cache stays what it was. The agent is no longer checked out.
+        """
+        entry = self._agents.get(completion.agent_id)
+        if entry is None:
+            path = cache_path(self.directory, completion.agent_id)
+            entry = self._agents[completion.agent_id] = _Agent(completion.agent_id, path)
+        new = completion.blocks
+        if new is not None and new != entry.blocks and self.pool.is_live(new):
+            old = entry.blocks
+            if old is not None and self.pool.is_live(old):  # superseded, not by the engine
+                self.pool.release(old)
+            entry.blocks, entry.file_current = new, False
+        self._check_hot(entry)
+        if completion.error is None:
+            self._n.tokens_saved += completion.cached_tokens
+        entry.checked_out = entry.loaded_unused = False
+        self._agents.move_to_end(entry.agent_id)
+        self._enforce_pool_budget()
+
+    def put_back(self, agent_id: str) -> None:
+        """End a checkout without a completion (the request was never submitted)."""
+        entry = self._agents.get(agent_id)
+        if entry is not None:
+            entry.checked_out = False
+            self._check_hot(entry)
+
+    # -- moving caches --------------------------------------------------------
+
+    def evict(self, agent_id: str) -> bool:
+        """Write an idle hot agent to disk and free its blocks; False if it is not hot.
+
+        Raises InvalidRequestError if the agent is checked out.
+        """
+        entry = self._agents.get(validate_agent_id(agent_id))
+        if entry is None:
+            return False
+        if entry.checked_out:
+            raise InvalidRequestError(f"agent {agent_id!r} is checked out and cannot be evicted")
+        self._check_hot(entry)
+        if entry.blocks is None:
+            return False
+        self._evict(entry)
+        return True
+
+    def flush(self) -> int:
+        """Write every idle hot cache whose file is not current; returns how many."""
+        written = 0
+        for entry in list(self._agents.values()):
+            self._check_hot(entry)
+            if entry.blocks is not None and not entry.checked_out and not entry.file_current:
+                self._save(entry)
+                written += 1
+        return written
+
+    def close(self) -> None:
+        """Write every idle hot agent to disk and free its blocks (checked out ones stay)."""
+        for entry in list(self._agents.values()):
+            self._check_hot(entry)
+            if entry.blocks is not None and not entry.checked_out:
+                self._evict(entry)
+
+    def forget(self, agent_id: str) -> bool:
+        """Delete an agent's cache everywhere (pool and disk); False if there was none."""
+        entry = self._agents.get(validate_agent_id(agent_id))
+        if entry is None:
+            return False
+        if entry.checked_out:
+            raise InvalidRequestError(f"agent {agent_id!r} is checked out and cannot be forgotten")
+        self._check_hot(entry)
+        existed = entry.tier is not None
+        if entry.blocks is not None:
+            self.pool.release(entry.blocks)
+        self._delete_file(entry)
+        del self._agents[agent_id]
+        return existed
+
+    # -- inspection -----------------------------------------------------------
+
+    def tier(self, agent_id: str) -> Tier | None:
+        """Where ``agent_id``'s cache is now, or None if the store holds none."""
+        entry = self._agents.get(validate_agent_id(agent_id))
+        if entry is None:
+            return None
+        self._check_hot(entry)
+        return entry.tier
+
+    @property
+    def stats(self) -> StoreStats:
+        hot = [e for e in self._agents.values() if e.blocks is not None]
+        blocks = sum(len(e.blocks.block_ids) for e in hot if e.blocks is not None)
+        return StoreStats(
+            **dataclasses.asdict(self._n),
+            num_hot=len(hot),
+            num_cold=sum(1 for e in self._agents.values() if e.tier is Tier.COLD),
+            hot_bytes=blocks * self.pool.spec.bytes_per_block,
+            bytes_on_disk=self._bytes_on_disk(),
+        )
+
+    # -- internals ------------------------------------------------------------
+
+    def _scan(self) -> None:
+        """Register every cache file in the directory as a cold agent, oldest first."""
+        found = []
+        for path in self.directory.iterdir():
+            agent_id = agent_id_of(path)
+            if agent_id is None:
+                continue
+            st = path.stat()
+            found.append((st.st_mtime_ns, agent_id, path, st.st_size))
+        for _, agent_id, path, size in sorted(found):
+            self._agents[agent_id] = _Agent(agent_id, path, file_bytes=size)
+
+    def _check_hot(self, entry: _Agent) -> None:
+        """Forget blocks someone released behind the store's back."""
+        if entry.blocks is not None and not self.pool.is_live(entry.blocks):
+            entry.blocks, entry.file_current, entry.loaded_unused = None, False, False
+
+    def _load(self, entry: _Agent) -> bool:
+        """Load a cold agent into the pool, evicting idle ones for room; False on a bad file."""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                entry.blocks = load_cache(
+                    entry.path, self.pool, fingerprint=self.fingerprint, agent_id=entry.agent_id
+                )
+            except PoolExhaustedError:
+                if not self._evict_lru():
+                    raise
+                continue
+            except FileNotFoundError:
+                logger.warning("cache file %s disappeared", entry.path)
+                entry.file_bytes = 0
+                return False
+            except CacheCorruptionError as exc:
+                logger.warning("deleting a corrupt cache file: %s", exc)
+                self._n.num_load_errors += 1
+                self._delete_file(entry)
+                return False
+            except IncompatibleCacheError as exc:
+                # Another model's (or layout's) cache: not ours to delete; the next save
+                # of this agent replaces it.
+                logger.warning("ignoring an incompatible cache file: %s", exc)
+                self._n.num_load_errors += 1
+                return False
+            self._n.load_s += time.perf_counter() - t0
+            self._n.bytes_read += entry.file_bytes
+            entry.file_current = True
+            return True
+
+    def _save(self, entry: _Agent) -> None:
+        assert entry.blocks is not None, "saving an agent with no blocks: this indicates a bug"
+        t0 = time.perf_counter()
+        entry.file_bytes = save_cache(
+            entry.path, self.pool, entry.blocks, fingerprint=self.fingerprint
+        )
+        self._n.save_s += time.perf_counter() - t0
+        entry.file_current = True
+        self._n.num_saves += 1
+        self._n.bytes_written += entry.file_bytes
+        self._enforce_disk_budget(keep=entry)
+
+    def _evict(self, entry: _Agent) -> None:
+        assert entry.blocks is not None and not entry.checked_out, "this indicates a bug"
+        if not entry.file_current:
+            self._save(entry)
+        self.pool.release(entry.blocks)
+        entry.blocks, entry.file_current, entry.loaded_unused = None, False, False
+        self._n.num_evictions += 1
+        if not entry.file_bytes:  # the disk budget could not keep its file
+            self._n.num_dropped += 1
+            del self._agents[entry.agent_id]
+
+    def _evict_lru(self) -> bool:
+        """Evict the least recently used idle hot agent; False if there is none."""
+        for entry in list(self._agents.values()):
+            self._check_hot(entry)
+            if entry.blocks is not None and not entry.checked_out:
+                self._evict(entry)
+                return True
+        return False
+
+    def _enforce_pool_budget(self) -> None:
+        if self.max_pool_bytes is None:
+            return
+        per_block = self.pool.spec.bytes_per_block
+        idle = [e for e in self._agents.values() if e.blocks is not None and not e.checked_out]
+        held = sum(len(e.blocks.block_ids) for e in idle if e.blocks is not None) * per_block
+        for entry in idle:  # least recently used first
+            if held <= self.max_pool_bytes:
+                break
+            assert entry.blocks is not None
+            held -= len(entry.blocks.block_ids) * per_block
+            self._evict(entry)
+
+    def _bytes_on_disk(self) -> int:
+        return sum(e.file_bytes for e in self._agents.values())
+
+    def _enforce_disk_budget(self, keep: _Agent | None) -> None:
+        """Delete least recently used files (``keep``'s last) until the directory fits."""
+        if self.max_disk_bytes is None:
+            return
+        total = self._bytes_on_disk()
+        victims = [e for e in self._agents.values() if e.file_bytes and e is not keep]
+        if keep is not None and keep.file_bytes:
+            victims.append(keep)
+        for entry in victims:
+            if total <= self.max_disk_bytes:
+                break
+            total -= entry.file_bytes
+            self._delete_file(entry)
+            if entry.blocks is None and not entry.checked_out and entry is not keep:
+                self._n.num_dropped += 1
+                del self._agents[entry.agent_id]
+
+    def _delete_file(self, entry: _Agent) -> None:
+        entry.path.unlink(missing_ok=True)
+        entry.file_bytes, entry.file_current = 0, False
