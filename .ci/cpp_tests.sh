@@ -2,6 +2,8 @@
 # Builds and runs the C++ tests of the core (ctest), once per configuration:
 #   release    Release build, plus one run of the allocator microbenchmark
 #   sanitize   Debug build with ASan + UBSan (KVPOOL_SANITIZE=ON)
+#   kernels    the MLX kernel tests, Release and again under ASan + UBSan
+#              (needs MLX: $Python_EXECUTABLE, or python3, must import mlx)
 # Usage: .ci/cpp_tests.sh [config ...]   (default: all of them)
 # To add a configuration, write a config_<name> function and list it in
 # ALL_CONFIGS. Build dirs: build/cpp-<name>.
@@ -9,7 +11,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
-ALL_CONFIGS=(release sanitize)
+ALL_CONFIGS=(release sanitize kernels)
 
 # Flags every configuration shares: the core only, no Python, no MLX.
 CORE_FLAGS=(
@@ -41,6 +43,16 @@ config_sanitize() {
   export ASAN_OPTIONS="${ASAN_OPTIONS:-halt_on_error=1:abort_on_error=1}"
   export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"
   build_and_test sanitize -DCMAKE_BUILD_TYPE=Debug -DKVPOOL_SANITIZE=ON
+}
+
+config_kernels() {
+  local py="${Python_EXECUTABLE:-python3}"
+  local mlx_flags=(-DKVPOOL_BUILD_KERNELS=ON -DPython_EXECUTABLE="$py")
+  build_and_test kernels -DCMAKE_BUILD_TYPE=Release "${mlx_flags[@]}"
+  export ASAN_OPTIONS="${ASAN_OPTIONS:-halt_on_error=1:abort_on_error=1}"
+  export UBSAN_OPTIONS="${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}"
+  build_and_test kernels-sanitize -DCMAKE_BUILD_TYPE=Debug -DKVPOOL_SANITIZE=ON \
+    "${mlx_flags[@]}"
 }
 
 main() {

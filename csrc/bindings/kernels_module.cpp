@@ -1,5 +1,7 @@
 // nanobind bindings of the gather/scatter kernels on MLX arrays.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/map.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
@@ -27,10 +29,8 @@ NB_MODULE(_kernels, m) {
       "scatter_stats",
       [] {
         auto s = kvpool::scatter_stats();
-        nb::dict d;
-        d["num_in_place"] = s.num_in_place;
-        d["num_copied"] = s.num_copied;
-        return d;
+        return std::map<std::string, int64_t>{
+            {"num_in_place", s.num_in_place}, {"num_copied", s.num_copied}};
       },
       "Counts of scatters that wrote in place vs copied the slab.");
   m.def("reset_scatter_stats", &kvpool::reset_scatter_stats);

@@ -288,17 +288,8 @@ def read_cache_info(path: str | os.PathLike[str]) -> CacheInfo:
     or IncompatibleCacheError (a newer format version).
     """
     path = Path(path)
-    with _open_for_reading(path) as f:
+    with path.open("rb") as f:
         return _read_header(f, path)
-
-
-def _open_for_reading(path: Path) -> io.BufferedReader:
-    try:
-        return path.open("rb")
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CacheCorruptionError(f"{path}: cannot be opened: {exc}") from exc
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -523,7 +514,7 @@ def save_cache(
         "sliding_valid_from": str(blocks.sliding_valid_from),
         "spec": _spec_to_json(spec),
         "model_fingerprint": fingerprint,
-        "created_by": "kvpool",
+        "created_by": _created_by(),
         "tensor_sha256": _canonical(dict.fromkeys((t.name for t in tensors), _DIGEST_PLACEHOLDER)),
         "header_sha256": _DIGEST_PLACEHOLDER,
     }
@@ -546,6 +537,12 @@ def save_cache(
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, write)
     return 8 + header_len + tensors[-1].end
+
+
+def _created_by() -> str:
+    import kvpool
+
+    return f"kvpool {kvpool.__version__}"
 
 
 def _save_chunks(tensors: Sequence[_Tensor]) -> Iterator[tuple[list[int], int]]:
@@ -611,12 +608,12 @@ def load_cache(
 
     Raises CacheCorruptionError (the file fails a check), IncompatibleCacheError (another
     model or layout), PoolExhaustedError (too few free blocks), FileNotFoundError. The pool
-    is unchanged when it raises: the header is checked before any block is taken, and the
-    data is checked while it is written into blocks that only this call holds; they are
-    freed on any failure, so no caller ever sees unchecked K/V.
+    is unchanged when it raises: the header is checked before any block is taken; each
+    layer's sha256 is checked before it is written into the blocks this call took (nobody
+    else holds them), and they are freed on any failure.
     """
     path = Path(path)
-    with _open_for_reading(path) as f:
+    with path.open("rb") as f:
         info = _read_header(f, path)
         info.check_compatible(pool.spec, fingerprint)
         if agent_id is not None and info.agent_id != agent_id:
@@ -639,7 +636,7 @@ def load_cache(
 def verify_cache(path: str | os.PathLike[str]) -> CacheInfo:
     """Check a cache file completely (header and every tensor's sha256) without a pool."""
     path = Path(path)
-    with _open_for_reading(path) as f:
+    with path.open("rb") as f:
         info = _read_header(f, path)
         _read_data(f, info, lambda kvs: None)
     return info

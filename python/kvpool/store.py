@@ -13,26 +13,29 @@ cache a previous process left there.
         ...                                           # done.blocks is kept for next time
     store.close()                                     # idle caches to disk, blocks freed
 
-Where an agent's cache lives::
+Where an agent's cache lives (:class:`Tier`)::
 
-    (none) --submit/get: miss--> checked out --put--> HOT --evict--> COLD
-                                     ^                 |              |
-                                     +--- get: hit ----+---- get: load+
+    none --get (miss)--> checked out --put--> HOT --evict--> COLD --get (load)--> checked out
+                              ^                |
+                              +--get (hit)-----+
 
-* HOT: its blocks are in the pool (a file may also hold an older or the same turn).
+* HOT: its blocks are in the pool (a file may also hold this or an older turn of it).
 * COLD: only its file holds it.
-* checked out: between ``get`` (or ``submit``) and ``put`` (or ``step`` delivering the
+* checked out: from ``get`` (``submit`` calls it) to ``put`` (``step`` calls it with the
   completion): a request is using the cache, so it is never evicted.
 
-Eviction order is least recently used first (``get``/``put`` count as use). Budgets: the pool
-itself bounds hot bytes (plus ``max_pool_bytes``, a lower bound for idle caches if given);
-``max_disk_bytes`` bounds the directory: past it, the least recently used files are deleted
-and those agents start over (counted in ``num_dropped``).
+Eviction takes the least recently used idle agent first (``get`` and ``put`` count as use).
+Budgets: the pool bounds what is hot; ``max_pool_bytes``, if given, bounds what idle caches
+may hold of it (the rest stays free for new requests). ``max_disk_bytes`` bounds the
+directory: past it, the least recently used files are deleted and those agents start over
+(counted in ``num_dropped``).
 
 A file that fails its checks is deleted and an incompatible one (another model) is left
 alone; either way the agent starts with no cache (a miss) and a warning is logged.
 
-Not thread-safe: call every method from the thread that drives the engine.
+Not thread-safe: call every method from the thread that drives the engine, and submit
+every request of the engine through the store (the store takes and frees pool blocks outside
+the engine's lock).
 """
 
 from __future__ import annotations
@@ -46,10 +49,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kvpool.blocks import AgentBlocks, CompletedGeneration
-from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
+from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError, TokenCallback
 from kvpool.errors import (
     CacheCorruptionError,
     IncompatibleCacheError,
@@ -63,6 +65,7 @@ from kvpool.persist import (
     remove_stale_temp_files,
     save_cache,
 )
+from kvpool.sampling import SamplingParams
 from kvpool.validation import validate_agent_id
 
 __all__ = ["AgentCacheStore", "StoreStats", "Tier"]
@@ -193,22 +196,26 @@ class AgentCacheStore:
         agent_id: str,
         prompt: str | Sequence[int],
         max_tokens: int = 256,
-        **kwargs: Any,
+        *,
+        sampling: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
     ) -> int:
         """Submit one turn of ``agent_id`` with its cache (from the pool or disk); returns the uid.
 
-        ``prompt`` is the agent's whole context, as for the engine's ``submit``; ``kwargs``
-        (``sampling``, ``on_token``) go to it. If the pool cannot fit the request, least
-        recently used idle agents are written to disk and freed, one at a time, until it
-        fits. Raises as the engine does: PoolExhaustedError when nothing idle is left to
-        evict (try again after ``step``), RequestTooLargeError when it can never fit. Hits
-        and misses count submitted requests only.
+        ``prompt`` is the agent's whole context; ``max_tokens``, ``sampling`` and
+        ``on_token`` are the engine's ``submit`` arguments. If the pool cannot fit the
+        request, least recently used idle agents are written to disk and freed, one at a
+        time, until it fits. Raises as the engine does: PoolExhaustedError when nothing
+        idle is left to evict (try again after ``step``), RequestTooLargeError when it can
+        never fit. Hits and misses count submitted requests only.
         """
         cache, source = self._checkout(agent_id)
         try:
             while True:
                 try:
-                    uid = self.engine.submit(agent_id, prompt, cache, max_tokens, **kwargs)
+                    uid = self.engine.submit(
+                        agent_id, prompt, cache, max_tokens, sampling=sampling, on_token=on_token
+                    )
                     break
                 except RequestTooLargeError:
                     raise

@@ -190,10 +190,10 @@ def test_twelve_agents_through_a_pool_for_three(tmp_path: Path) -> None:
             assert have[a].token_ids == want[a].token_ids, f"turn {turn} agent {a}"
             assert have[a].cached_tokens == want[a].cached_tokens, f"turn {turn} agent {a}"
     stats = store.stats
-    print(stats)
-    assert stats.num_evictions > 0 and stats.num_cold_hits > 0
-    assert stats.num_misses == 12  # first turns only
-    assert stats.num_hot_hits + stats.num_cold_hits == 24
+    # Round robin over 12 agents with room for about 3: LRU evicts each agent before it
+    # comes back, so every later turn is a cold hit (first turns are misses).
+    assert (stats.num_hot_hits, stats.num_cold_hits, stats.num_misses) == (0, 24, 12)
+    assert stats.num_evictions >= 24 and stats.num_saves == stats.num_evictions
     assert stats.tokens_saved == unlimited.stats.tokens_saved
     store.pool.check_invariants()
     store.close()
