@@ -23,6 +23,7 @@ from kvpool.errors import (
 from kvpool.pool import BlockPool
 from kvpool.sampling import SamplingParams
 from kvpool.spec import BLOCK_TOKENS, AttentionKind, LayerSpec, ModelCacheSpec
+from kvpool.store import AgentCacheStore, StoreStats, Tier
 
 maybe_enable_from_env()  # KVPOOL_FAST_BLAS=1: OpenBLAS for MLX, before MLX loads
 
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCK_TOKENS",
     "AgentBlocks",
+    "AgentCacheStore",
     "AttentionKind",
     "BlockPool",
     "BlockPoolBatchEngine",
@@ -47,6 +49,8 @@ __all__ = [
     "PoolExhaustedError",
     "RequestTooLargeError",
     "SamplingParams",
+    "StoreStats",
+    "Tier",
     "TokenEvent",
     "UnsupportedModelError",
     "__version__",

@@ -43,6 +43,7 @@ import re
 import secrets
 import struct
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,6 +93,7 @@ _DIGEST_PLACEHOLDER = "0" * 64
 _MAX_HEADER_BYTES = 16 << 20
 _SAVE_CHUNK_BYTES = 64 << 20  # K/V gathered per read_layers call when saving
 _HASH_THREADS = 2
+_THREAD_HASH_BYTES = 1 << 20  # smaller tensors are hashed inline: a thread costs more
 _FINGERPRINT_SAMPLES = 1024  # elements sampled from each parameter
 # Temporary files: ".{final name}.tmp-{pid}-{8 hex}.safetensors" (the suffix keeps
 # mx.save_safetensors from appending one). Hidden names never collide with agent files.
@@ -460,15 +462,33 @@ def _sha256(array: HostArray) -> str:
     return hashlib.sha256(_bytes_of(array)).hexdigest()
 
 
+_executor: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, executor)
+_executor_lock = threading.Lock()
+
+
+def _hash_async(array: HostArray) -> Future[str]:
+    """sha256 of ``array``: on a shared thread pool (hashlib releases the GIL) if large."""
+    global _executor
+    if array.nbytes < _THREAD_HASH_BYTES:
+        done: Future[str] = Future()
+        done.set_result(_sha256(array))
+        return done
+    with _executor_lock:
+        if _executor is None or _executor[0] != os.getpid():  # none yet, or we were forked
+            pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="kvpool-hash")
+            _executor = (os.getpid(), pool)
+        executor = _executor[1]
+    return executor.submit(_sha256, array)
+
+
 class _Hasher:
-    """sha256 of tensors on background threads (hashlib releases the GIL), for saving.
+    """sha256 of tensors in the background, for saving.
 
     ``window`` bounds how many groups of tensors may wait to be hashed, which bounds the
     memory their arrays hold.
     """
 
-    def __init__(self, pool: ThreadPoolExecutor, window: int = 2) -> None:
-        self._pool = pool
+    def __init__(self, window: int = 2) -> None:
         self._window = window
         self._groups: deque[list[Future[str]]] = deque()
         self.name_to_digest: dict[str, Future[str]] = {}
@@ -476,7 +496,7 @@ class _Hasher:
     def add_group(self, named: Sequence[tuple[str, HostArray]]) -> None:
         group = []
         for name, array in named:
-            future = self._pool.submit(_sha256, array)
+            future = _hash_async(array)
             self.name_to_digest[name] = future
             group.append(future)
         self._groups.append(group)
@@ -569,26 +589,25 @@ def _write_data(
 ) -> dict[str, str]:
     by_name = {t.name: t for t in tensors}
     dtype = host_dtype(pool.spec.dtype)
-    with ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="kvpool-hash") as executor:
-        hasher = _Hasher(executor)
-        tokens = np.asarray(blocks.token_ids, dtype="<u4")
-        hasher.add_group([("token_ids", tokens)])
-        f.write(_bytes_of(tokens))
-        for layers, start in _save_chunks(tensors):
-            kvs = pool.storage.read_layers(blocks.block_ids, layers, start, blocks.total_tokens)
-            named = []
-            for kv in kvs:
-                for part, array in (("keys", kv.keys), ("values", kv.values)):
-                    expected = by_name[f"layers.{kv.layer}.{part}"]
-                    assert array.shape == expected.shape and array.dtype == dtype, (
-                        f"storage returned {array.shape} {array.dtype} for {expected}: "
-                        "this indicates a bug"
-                    )
-                    named.append((expected.name, array))
-                    f.write(_bytes_of(array))
-            hasher.add_group(named)
-            del kvs, named
-        return hasher.digests()
+    hasher = _Hasher()
+    tokens = np.asarray(blocks.token_ids, dtype="<u4")
+    hasher.add_group([("token_ids", tokens)])
+    f.write(_bytes_of(tokens))
+    for layers, start in _save_chunks(tensors):
+        kvs = pool.storage.read_layers(blocks.block_ids, layers, start, blocks.total_tokens)
+        named = []
+        for kv in kvs:
+            for part, array in (("keys", kv.keys), ("values", kv.values)):
+                expected = by_name[f"layers.{kv.layer}.{part}"]
+                assert array.shape == expected.shape and array.dtype == dtype, (
+                    f"storage returned {array.shape} {array.dtype} for {expected}: "
+                    "this indicates a bug"
+                )
+                named.append((expected.name, array))
+                f.write(_bytes_of(array))
+        hasher.add_group(named)
+        del kvs, named
+    return hasher.digests()
 
 
 # --------------------------------------------------------------------------- load
@@ -667,22 +686,21 @@ def _read_data(
             _check_digest(info, tensor, digest.result())
         sink([kv])
 
-    with ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="kvpool-hash") as executor:
-        for j, (keys_t, values_t) in enumerate(zip(layer_ts[::2], layer_ts[1::2], strict=True)):
-            assert keys_t.layer is not None
-            keys_buf, values_buf = ring[j % 2]
-            keys = _read_tensor(f, info, keys_t, keys_buf).view(dtype).reshape(keys_t.shape)
-            values = _read_tensor(f, info, values_t, values_buf).view(dtype)
-            values = values.reshape(values_t.shape)
-            checks = [
-                (keys_t, executor.submit(_sha256, keys)),
-                (values_t, executor.submit(_sha256, values)),
-            ]
-            if pending is not None:
-                settle(*pending)
-            pending = (LayerKV(keys_t.layer, keys_t.start, keys, values), checks)
+    for j, (keys_t, values_t) in enumerate(zip(layer_ts[::2], layer_ts[1::2], strict=True)):
+        assert keys_t.layer is not None
+        keys_buf, values_buf = ring[j % 2]
+        keys = _read_tensor(f, info, keys_t, keys_buf).view(dtype).reshape(keys_t.shape)
+        values = _read_tensor(f, info, values_t, values_buf).view(dtype)
+        values = values.reshape(values_t.shape)
+        checks = [
+            (keys_t, _hash_async(keys)),
+            (values_t, _hash_async(values)),
+        ]
         if pending is not None:
             settle(*pending)
+        pending = (LayerKV(keys_t.layer, keys_t.start, keys, values), checks)
+    if pending is not None:
+        settle(*pending)
     if f.read(1):
         raise CacheCorruptionError(f"{info.path}: the file grew while it was read")
     return tuple(int(t) for t in tokens.view("<u4"))

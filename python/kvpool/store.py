@@ -183,9 +183,9 @@ class AgentCacheStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(self.directory)
         # Least recently used first.
-        self._agents: OrderedDict[str, _Agent] = OrderedDict()
+        self._id_to_agent: OrderedDict[str, _Agent] = OrderedDict()
         self._uid_to_agent: dict[int, str] = {}  # requests submitted through the store
-        self._n = _Counters()
+        self._counters = _Counters()
         self._scan()
         self._enforce_disk_budget(keep=None)
 
@@ -269,9 +269,11 @@ class AgentCacheStore:
     def _checkout(self, agent_id: str) -> tuple[AgentBlocks | None, Tier | None]:
         """Check out the agent; returns its cache and where it came from (None: a miss)."""
         validate_agent_id(agent_id)
-        entry = self._agents.get(agent_id)
+        entry = self._id_to_agent.get(agent_id)
         if entry is None:
-            entry = self._agents[agent_id] = _Agent(agent_id, cache_path(self.directory, agent_id))
+            entry = self._id_to_agent[agent_id] = _Agent(
+                agent_id, cache_path(self.directory, agent_id)
+            )
         if entry.checked_out:
             raise InvalidRequestError(
                 f"agent {agent_id!r} is checked out (a request in flight?): put() its completion "
@@ -284,16 +286,16 @@ class AgentCacheStore:
         if entry.loaded_unused:
             source = Tier.COLD
         entry.checked_out = True
-        self._agents.move_to_end(agent_id)
+        self._id_to_agent.move_to_end(agent_id)
         return entry.blocks, source
 
     def _count_lookup(self, source: Tier | None) -> None:
         if source is Tier.HOT:
-            self._n.num_hot_hits += 1
+            self._counters.num_hot_hits += 1
         elif source is Tier.COLD:
-            self._n.num_cold_hits += 1
+            self._counters.num_cold_hits += 1
         else:
-            self._n.num_misses += 1
+            self._counters.num_misses += 1
 
     def put(self, completion: CompletedGeneration) -> None:
         """Check in a completion: its ``blocks`` become the agent's cache.
@@ -301,10 +303,10 @@ class AgentCacheStore:
         A failed completion carries the cache the request was given (still valid), or None;
         either way the agent's cache stays what it was. The agent is no longer checked out.
         """
-        entry = self._agents.get(completion.agent_id)
+        entry = self._id_to_agent.get(completion.agent_id)
         if entry is None:
             path = cache_path(self.directory, completion.agent_id)
-            entry = self._agents[completion.agent_id] = _Agent(completion.agent_id, path)
+            entry = self._id_to_agent[completion.agent_id] = _Agent(completion.agent_id, path)
         new = completion.blocks
         if new is not None and new != entry.blocks and self.pool.is_live(new):
             old = entry.blocks
@@ -313,14 +315,14 @@ class AgentCacheStore:
             entry.blocks, entry.file_current = new, False
         self._check_hot(entry)
         if completion.error is None:
-            self._n.tokens_saved += completion.cached_tokens
+            self._counters.tokens_saved += completion.cached_tokens
         entry.checked_out = entry.loaded_unused = False
-        self._agents.move_to_end(entry.agent_id)
+        self._id_to_agent.move_to_end(entry.agent_id)
         self._enforce_pool_budget()
 
     def put_back(self, agent_id: str) -> None:
         """End a checkout without a completion (the request was never submitted)."""
-        entry = self._agents.get(agent_id)
+        entry = self._id_to_agent.get(agent_id)
         if entry is not None:
             entry.checked_out = False
             self._check_hot(entry)
@@ -332,7 +334,7 @@ class AgentCacheStore:
 
         Raises InvalidRequestError if the agent is checked out.
         """
-        entry = self._agents.get(validate_agent_id(agent_id))
+        entry = self._id_to_agent.get(validate_agent_id(agent_id))
         if entry is None:
             return False
         if entry.checked_out:
@@ -346,7 +348,7 @@ class AgentCacheStore:
     def flush(self) -> int:
         """Write every idle hot cache whose file is not current; returns how many."""
         written = 0
-        for entry in list(self._agents.values()):
+        for entry in list(self._id_to_agent.values()):
             self._check_hot(entry)
             if entry.blocks is not None and not entry.checked_out and not entry.file_current:
                 self._save(entry)
@@ -355,14 +357,14 @@ class AgentCacheStore:
 
     def close(self) -> None:
         """Write every idle hot agent to disk and free its blocks (checked out ones stay)."""
-        for entry in list(self._agents.values()):
+        for entry in list(self._id_to_agent.values()):
             self._check_hot(entry)
             if entry.blocks is not None and not entry.checked_out:
                 self._evict(entry)
 
     def forget(self, agent_id: str) -> bool:
         """Delete an agent's cache everywhere (pool and disk); False if there was none."""
-        entry = self._agents.get(validate_agent_id(agent_id))
+        entry = self._id_to_agent.get(validate_agent_id(agent_id))
         if entry is None:
             return False
         if entry.checked_out:
@@ -372,14 +374,14 @@ class AgentCacheStore:
         if entry.blocks is not None:
             self.pool.release(entry.blocks)
         self._delete_file(entry)
-        del self._agents[agent_id]
+        del self._id_to_agent[agent_id]
         return existed
 
     # -- inspection -----------------------------------------------------------
 
     def tier(self, agent_id: str) -> Tier | None:
         """Where ``agent_id``'s cache is now, or None if the store holds none."""
-        entry = self._agents.get(validate_agent_id(agent_id))
+        entry = self._id_to_agent.get(validate_agent_id(agent_id))
         if entry is None:
             return None
         self._check_hot(entry)
@@ -387,12 +389,12 @@ class AgentCacheStore:
 
     @property
     def stats(self) -> StoreStats:
-        hot = [e for e in self._agents.values() if e.blocks is not None]
+        hot = [e for e in self._id_to_agent.values() if e.blocks is not None]
         blocks = sum(len(e.blocks.block_ids) for e in hot if e.blocks is not None)
         return StoreStats(
-            **dataclasses.asdict(self._n),
+            **dataclasses.asdict(self._counters),
             num_hot=len(hot),
-            num_cold=sum(1 for e in self._agents.values() if e.tier is Tier.COLD),
+            num_cold=sum(1 for e in self._id_to_agent.values() if e.tier is Tier.COLD),
             hot_bytes=blocks * self.pool.spec.bytes_per_block,
             bytes_on_disk=self._bytes_on_disk(),
         )
@@ -409,7 +411,7 @@ class AgentCacheStore:
             st = path.stat()
             found.append((st.st_mtime_ns, agent_id, path, st.st_size))
         for _, agent_id, path, size in sorted(found):
-            self._agents[agent_id] = _Agent(agent_id, path, file_bytes=size)
+            self._id_to_agent[agent_id] = _Agent(agent_id, path, file_bytes=size)
 
     def _check_hot(self, entry: _Agent) -> None:
         """Forget blocks someone released behind the store's back."""
@@ -424,7 +426,12 @@ class AgentCacheStore:
                 entry.blocks = load_cache(
                     entry.path, self.pool, fingerprint=self.fingerprint, agent_id=entry.agent_id
                 )
-            except PoolExhaustedError:
+            except PoolExhaustedError as exc:
+                if exc.needed > self.pool.num_blocks:  # can never fit: start over instead
+                    logger.warning(
+                        "cache of agent %r does not fit the pool: %s", entry.agent_id, exc
+                    )
+                    return False
                 if not self._evict_lru():
                     raise
                 continue
@@ -434,17 +441,17 @@ class AgentCacheStore:
                 return False
             except CacheCorruptionError as exc:
                 logger.warning("deleting a corrupt cache file: %s", exc)
-                self._n.num_load_errors += 1
+                self._counters.num_load_errors += 1
                 self._delete_file(entry)
                 return False
             except IncompatibleCacheError as exc:
                 # Another model's (or layout's) cache: not ours to delete; the next save
                 # of this agent replaces it.
                 logger.warning("ignoring an incompatible cache file: %s", exc)
-                self._n.num_load_errors += 1
+                self._counters.num_load_errors += 1
                 return False
-            self._n.load_s += time.perf_counter() - t0
-            self._n.bytes_read += entry.file_bytes
+            self._counters.load_s += time.perf_counter() - t0
+            self._counters.bytes_read += entry.file_bytes
             entry.file_current = True
             return True
 
@@ -454,10 +461,10 @@ class AgentCacheStore:
         entry.file_bytes = save_cache(
             entry.path, self.pool, entry.blocks, fingerprint=self.fingerprint
         )
-        self._n.save_s += time.perf_counter() - t0
+        self._counters.save_s += time.perf_counter() - t0
         entry.file_current = True
-        self._n.num_saves += 1
-        self._n.bytes_written += entry.file_bytes
+        self._counters.num_saves += 1
+        self._counters.bytes_written += entry.file_bytes
         self._enforce_disk_budget(keep=entry)
 
     def _evict(self, entry: _Agent) -> None:
@@ -466,14 +473,14 @@ class AgentCacheStore:
             self._save(entry)
         self.pool.release(entry.blocks)
         entry.blocks, entry.file_current, entry.loaded_unused = None, False, False
-        self._n.num_evictions += 1
+        self._counters.num_evictions += 1
         if not entry.file_bytes:  # the disk budget could not keep its file
-            self._n.num_dropped += 1
-            del self._agents[entry.agent_id]
+            self._counters.num_dropped += 1
+            del self._id_to_agent[entry.agent_id]
 
     def _evict_lru(self) -> bool:
         """Evict the least recently used idle hot agent; False if there is none."""
-        for entry in list(self._agents.values()):
+        for entry in list(self._id_to_agent.values()):
             self._check_hot(entry)
             if entry.blocks is not None and not entry.checked_out:
                 self._evict(entry)
@@ -484,7 +491,7 @@ class AgentCacheStore:
         if self.max_pool_bytes is None:
             return
         per_block = self.pool.spec.bytes_per_block
-        idle = [e for e in self._agents.values() if e.blocks is not None and not e.checked_out]
+        idle = [e for e in self._id_to_agent.values() if e.blocks is not None and not e.checked_out]
         held = sum(len(e.blocks.block_ids) for e in idle if e.blocks is not None) * per_block
         for entry in idle:  # least recently used first
             if held <= self.max_pool_bytes:
@@ -494,14 +501,14 @@ class AgentCacheStore:
             self._evict(entry)
 
     def _bytes_on_disk(self) -> int:
-        return sum(e.file_bytes for e in self._agents.values())
+        return sum(e.file_bytes for e in self._id_to_agent.values())
 
     def _enforce_disk_budget(self, keep: _Agent | None) -> None:
         """Delete least recently used files (``keep``'s last) until the directory fits."""
         if self.max_disk_bytes is None:
             return
         total = self._bytes_on_disk()
-        victims = [e for e in self._agents.values() if e.file_bytes and e is not keep]
+        victims = [e for e in self._id_to_agent.values() if e.file_bytes and e is not keep]
         if keep is not None and keep.file_bytes:
             victims.append(keep)
         for entry in victims:
@@ -510,8 +517,8 @@ class AgentCacheStore:
             total -= entry.file_bytes
             self._delete_file(entry)
             if entry.blocks is None and not entry.checked_out and entry is not keep:
-                self._n.num_dropped += 1
-                del self._agents[entry.agent_id]
+                self._counters.num_dropped += 1
+                del self._id_to_agent[entry.agent_id]
 
     def _delete_file(self, entry: _Agent) -> None:
         entry.path.unlink(missing_ok=True)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+from kvpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
 
 
 def reference_generate(
@@ -39,3 +43,40 @@ def reference_generate(
     finally:
         gen.close()
     return [uid_to_tokens[uid] for uid in uids]
+
+
+# (model, tokenizer, model directory), as the conftest fixtures return it
+LoadedModel = tuple[Any, Any, Path]
+Reference = Callable[..., list[list[int]]]
+
+_WORDS = [
+    "the", "agent", "cache", "block", "pool", "reads", "writes", "token", "model", "disk",
+    "quickly", "again", "while", "every", "turn", "context", "grows", "memory",
+]  # fmt: skip
+
+
+def words(rng: random.Random, tokenizer: Any, n_tokens: int) -> list[int]:
+    """Exactly ``n_tokens`` token ids of random English-ish text."""
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids.extend(tokenizer.encode(" " + " ".join(rng.choices(_WORDS, k=8)) + "."))
+    return ids[:n_tokens]
+
+
+def make_engine(
+    loaded: LoadedModel, num_blocks: int, block_tokens: int = 256
+) -> tuple[BlockPoolBatchEngine, BlockPool]:
+    """An engine over a fresh MLX pool of ``num_blocks`` blocks for ``loaded``'s model."""
+    model, tokenizer, _ = loaded
+    spec = ModelCacheSpec.from_model(model, block_tokens=block_tokens)
+    pool = BlockPool(spec, num_blocks=num_blocks)
+    return BlockPoolBatchEngine(model, tokenizer, pool, spec), pool
+
+
+def fresh(
+    reference: Reference, loaded: LoadedModel, prompt: list[int], max_tokens: int
+) -> list[int]:
+    """Greedy tokens of one prompt from a fresh BatchGenerator, stopping on EOS like the engine."""
+    model, tokenizer, _ = loaded
+    (out,) = reference(model, [prompt], max_tokens, stop_tokens=sorted(tokenizer.eos_token_ids))
+    return out

@@ -5,66 +5,18 @@ from __future__ import annotations
 import gc
 import itertools
 import random
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import LoadedModel, Reference, fresh, make_engine, words
 
 from kvpool import (
     AgentBlocks,
-    BlockPool,
-    BlockPoolBatchEngine,
     CompletedGeneration,
     ModelCacheSpec,
     PoolExhaustedError,
     kernels,
 )
-
-LoadedModel = tuple[Any, Any, Path]
-Reference = Callable[..., list[list[int]]]
-
-
-def words(rng: random.Random, tokenizer: Any, n_tokens: int) -> list[int]:
-    """About ``n_tokens`` token ids of random English-ish text."""
-    vocab = [
-        "the",
-        "agent",
-        "cache",
-        "block",
-        "pool",
-        "reads",
-        "writes",
-        "token",
-        "model",
-        "quickly",
-        "again",
-        "while",
-        "every",
-        "turn",
-        "context",
-        "grows",
-        "memory",
-    ]
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        ids.extend(tokenizer.encode(" " + " ".join(rng.choices(vocab, k=8)) + "."))
-    return ids[:n_tokens]
-
-
-def make_engine(loaded: LoadedModel, num_blocks: int) -> tuple[BlockPoolBatchEngine, BlockPool]:
-    model, tokenizer, _ = loaded
-    spec = ModelCacheSpec.from_model(model)
-    pool = BlockPool(spec, num_blocks=num_blocks)
-    return BlockPoolBatchEngine(model, tokenizer, pool, spec), pool
-
-
-def fresh(
-    reference: Reference, loaded: LoadedModel, prompt: list[int], max_tokens: int
-) -> list[int]:
-    model, tokenizer, _ = loaded
-    (out,) = reference(model, [prompt], max_tokens, stop_tokens=sorted(tokenizer.eos_token_ids))
-    return out
 
 
 def run_turns(
@@ -206,3 +158,40 @@ def test_exhaustion_with_real_model(tiny_model: LoadedModel) -> None:
     (b,) = engine.drain()
     assert b.error is None and b.token_count == 4
     assert pool.num_used == 3
+
+
+def test_sampling_params_on_real_model(
+    tiny_model: LoadedModel, reference_generate: Reference
+) -> None:
+    from kvpool import SamplingParams, TokenEvent
+
+    _, tokenizer, _ = tiny_model
+    engine, pool = make_engine(tiny_model, 32)
+    prompt = words(random.Random(9), tokenizer, 120)
+    greedy = fresh(reference_generate, tiny_model, prompt, 12)
+
+    def run(sampling: SamplingParams, **kw: Any) -> CompletedGeneration:
+        engine.submit("s", prompt, max_tokens=12, sampling=sampling, **kw)
+        (done,) = engine.drain()
+        assert done.error is None and done.blocks is not None
+        pool.release(done.blocks)
+        return done
+
+    # top-k 1 and a tiny top-p keep only the most likely token: greedy again
+    assert list(run(SamplingParams(temperature=1.0, top_k=1)).token_ids) == greedy
+    assert list(run(SamplingParams(temperature=0.7, top_p=1e-6)).token_ids) == greedy
+    # a hot temperature samples something else
+    hot = [run(SamplingParams(temperature=5.0)).token_ids for _ in range(3)]
+    assert any(list(h) != greedy for h in hot)
+    # an extra stop token ends the generation where greedy first emits it
+    stop_at = 5
+    stop = run(SamplingParams(stop_token_ids=(greedy[stop_at],)))
+    first = greedy.index(greedy[stop_at])
+    assert list(stop.token_ids) == greedy[: first + 1] and stop.finish_reason == "stop"
+    # streaming: every token arrives in order and the pieces spell the text
+    events: list[TokenEvent] = []
+    streamed = run(SamplingParams(), on_token=events.append)
+    assert [e.token for e in events] == greedy
+    assert "".join(e.text for e in events) == tokenizer.decode(greedy)
+    assert streamed.text == tokenizer.decode(greedy)
+    assert pool.num_used == 0

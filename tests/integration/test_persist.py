@@ -18,12 +18,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import LoadedModel, Reference, fresh, make_engine, words
 
 from kvpool import (
     AgentBlocks,
     AttentionKind,
     BlockPool,
-    BlockPoolBatchEngine,
     CacheCorruptionError,
     IncompatibleCacheError,
     InvalidRequestError,
@@ -45,31 +45,7 @@ from kvpool.persist import (
 )
 from kvpool.storage import LayerKV, host_dtype
 
-LoadedModel = tuple[Any, Any, Path]
-Reference = Callable[..., list[list[int]]]
 FP = "sha256:" + "0f" * 32
-
-
-def words(rng: random.Random, tokenizer: Any, n_tokens: int) -> list[int]:
-    """About ``n_tokens`` token ids of random English-ish text."""
-    vocab = ["the", "agent", "cache", "block", "pool", "reads", "token", "disk", "again", "turn"]
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        ids.extend(tokenizer.encode(" " + " ".join(rng.choices(vocab, k=8)) + "."))
-    return ids[:n_tokens]
-
-
-def make_engine(loaded: LoadedModel, num_blocks: int) -> tuple[BlockPoolBatchEngine, BlockPool]:
-    model, tokenizer, _ = loaded
-    spec = ModelCacheSpec.from_model(model)
-    pool = BlockPool(spec, num_blocks=num_blocks)
-    return BlockPoolBatchEngine(model, tokenizer, pool, spec), pool
-
-
-def fresh(reference: Reference, loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:
-    model, tokenizer, _ = loaded
-    (out,) = reference(model, [prompt], n, stop_tokens=sorted(tokenizer.eos_token_ids))
-    return out
 
 
 def first_turn(loaded: LoadedModel, n_tokens: int, seed: int = 3) -> tuple[Any, ...]:
@@ -415,12 +391,13 @@ def hook(owner, name, when):  # SIGKILL ourselves right before or after owner.na
         die()
     setattr(owner, name, wrapped)
 
-if kill_at == "in-place":  # negative control: no temp file, write over the final path
+if kill_at.startswith("in-place"):  # negative control: no temp file, write the final path
     def in_place(path, write):
         path.unlink(missing_ok=True)
         write(path)
     persist._atomic_write = in_place
-elif kill_at != "random":
+    kill_at = kill_at.partition("+")[2] or "random"
+if kill_at != "random":
     owner, name, when = kill_at.split(":")
     hook({"persist": persist, "os": persist.os}[owner], name, when)
 print("ready", flush=True)
@@ -536,18 +513,20 @@ def test_negative_control_saving_in_place_leaves_torn_files(tmp_path: Path) -> N
     pool = BlockPool(spec, num_blocks=2 * spec.blocks_for(1500), storage=FakeStorage)
     path = tmp_path / "a.safetensors"
     rng = random.Random(99)
-    broken = 0
-    for version in range(0, 100, 10):
-        lines = _run_child(path, version, "in-place", rng.uniform(0.05, 0.25))
-        if any(x.startswith("saved") for x in lines) and not path.exists():
-            broken += 1  # the old file is gone and the new one is not there
-            continue
+    plan = [
+        ("in-place+persist:_write_data:before", None),
+        ("in-place+persist:_write_data:after", None),
+    ]
+    plan += [("in-place", rng.uniform(0.05, 0.25)) for _ in range(6)]
+    broken = []
+    for version, (kill_at, delay) in enumerate(plan):
+        _run_child(path, 10 * version, kill_at, delay)
         try:
             pool.release(load_cache(path, pool, fingerprint="fp"))
         except (CacheCorruptionError, FileNotFoundError):
-            broken += 1
-    print(f"\nnegative control: {broken} of 10 kills left no loadable file")
-    assert broken >= 3
+            broken.append(kill_at)  # the old file is gone, the new one torn or missing
+    print(f"\nnegative control: {len(broken)} of {len(plan)} kills left no loadable file")
+    assert broken[:2] == [kill_at for kill_at, _ in plan[:2]]
 
 
 # --------------------------------------------------------------------------- mlx-lm format

@@ -7,11 +7,11 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import LoadedModel, Reference, words
 
 from kvpool import (
     BlockPool,
@@ -23,18 +23,6 @@ from kvpool import (
 )
 from kvpool.persist import cache_path, model_fingerprint
 from kvpool.store import AgentCacheStore, Tier
-
-LoadedModel = tuple[Any, Any, Path]
-Reference = Callable[..., list[list[int]]]
-
-
-def words(rng: random.Random, tokenizer: Any, n_tokens: int) -> list[int]:
-    """About ``n_tokens`` token ids of random English-ish text."""
-    vocab = ["the", "agent", "cache", "block", "pool", "reads", "token", "disk", "again", "turn"]
-    ids: list[int] = []
-    while len(ids) < n_tokens:
-        ids.extend(tokenizer.encode(" " + " ".join(rng.choices(vocab, k=8)) + "."))
-    return ids[:n_tokens]
 
 
 def make_store(

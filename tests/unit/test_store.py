@@ -254,6 +254,18 @@ def test_checkout_is_exclusive_until_put(tmp_path: Path) -> None:
     run(store, "a", prompt_of(4), max_tokens=2)
 
 
+def test_a_saved_cache_larger_than_the_pool_is_a_miss(tmp_path: Path) -> None:
+    big = make_store(tmp_path, num_blocks=64)
+    run(big, "a", prompt_of(30), max_tokens=2)  # 32 tokens: 8 blocks
+    big.close()
+    small = make_store(tmp_path, num_blocks=6)
+    run(small, "b", prompt_of(5), max_tokens=3)  # 2 blocks, idle
+    done = run(small, "a", prompt_of(10), max_tokens=2)  # its 8-block cache cannot load
+    assert done.cached_tokens == 0 and small.stats.num_misses == 2
+    assert small.tier("b") is Tier.HOT and small.stats.num_evictions == 0  # b was not evicted
+    assert cache_path(tmp_path, "a").exists()
+
+
 def test_request_too_large_evicts_nothing(tmp_path: Path) -> None:
     store = make_store(tmp_path, num_blocks=4)
     run(store, "a", prompt_of(5), max_tokens=1)
