@@ -229,6 +229,11 @@ class BlockPoolBatchEngine:
             self.cancel(uid)
         self._discard_generator()
 
+    def is_in_flight(self, agent_id: str) -> bool:
+        """True while ``agent_id`` has a request queued or running."""
+        with self._lock:
+            return agent_id in self._agent_to_uid
+
     @property
     def has_work(self) -> bool:
         with self._lock:
