@@ -135,6 +135,8 @@ class BlockPoolBatchEngine:
         self._running: dict[int, _Request] = {}  # generator uid -> request
         self._agent_to_uid: dict[str, int] = {}  # agents with a request in flight
         self._eos = frozenset(int(t) for t in tokenizer.eos_token_ids)
+        # Token ids a prompt may hold: the tokenizer's whole vocabulary, added tokens included.
+        self._vocab_size = len(tokenizer)
 
     # -- public API -----------------------------------------------------------
 
@@ -236,13 +238,15 @@ class BlockPoolBatchEngine:
 
     @property
     def has_work(self) -> bool:
+        """True while any request is queued or running."""
         with self._lock:
-            return bool(self._queue or self._running)
+            return bool(self._agent_to_uid)
 
     @property
     def num_in_flight(self) -> int:
+        """Requests queued or running (one per agent at most)."""
         with self._lock:
-            return len(self._queue) + len(self._running)
+            return len(self._agent_to_uid)
 
     # -- submit helpers (called under the lock) -------------------------------
 
@@ -253,7 +257,7 @@ class BlockPoolBatchEngine:
             return [int(t) for t in self.tokenizer.encode(prompt)]
         if not isinstance(prompt, Sequence):
             raise InvalidRequestError(f"prompt must be text or token ids, got {type(prompt)}")
-        return validate_token_ids(prompt, getattr(self.tokenizer, "vocab_size", None))
+        return validate_token_ids(prompt, self._vocab_size)
 
     def _reusable_prefix(self, tokens: Sequence[int], cache: AgentBlocks | None) -> int:
         """Prompt tokens whose K/V ``cache`` can supply (0 for none).

@@ -79,6 +79,9 @@ class FakeTokenizer:
         self.vocab_size = vocab_size
         self.eos_token_ids = {0}
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     def encode(self, text: str) -> list[int]:
         return [max(1, ord(c) % self.vocab_size) for c in text]
 

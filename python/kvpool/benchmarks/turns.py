@@ -1,0 +1,167 @@
+"""One turn of several agents, timed the same way through kvpool and through plain mlx-lm.
+
+The model benchmarks compare kvpool with what a user would run instead: mlx-lm's
+``BatchGenerator`` given every agent's whole context each turn (re-prefill). Both sides are
+timed by the same clock: ``t0`` just before the first request goes in, an agent's time to
+first token (TTFT) when its first generated token reaches the caller, the turn's total when
+every agent has finished. Prompts are token ids (no tokenizer cost on either side).
+
+Caches can also be made without a model (:func:`fill_agent_cache`): random K/V written
+straight into pool blocks. Resuming from them costs exactly what resuming a real cache costs
+(attention does the same arithmetic whatever the values), without paying a long prefill first
+just to produce a cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
+from kvpool.engine import BlockPoolBatchEngine
+from kvpool.errors import GenerationError
+from kvpool.pool import BlockPool
+from kvpool.storage import LayerKV, host_dtype
+
+# Byte-level token ids: valid for every recipe's tokenizer, never a special (stop) token.
+PROMPT_VOCAB = 256
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """One agent's turn: its whole context, the cache to resume from (kvpool only)."""
+
+    agent_id: str
+    prompt: tuple[int, ...]
+    max_tokens: int
+    cache: AgentBlocks | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    """A finished turn. ``ttft_s`` and ``tokens`` are keyed by agent id."""
+
+    total_s: float
+    ttft_s: dict[str, float]
+    tokens: dict[str, tuple[int, ...]]
+    completions: dict[str, CompletedGeneration]  # kvpool only: each agent's new cache
+
+    @property
+    def mean_ttft_s(self) -> float:
+        return sum(self.ttft_s.values()) / len(self.ttft_s)
+
+
+@functools.lru_cache(maxsize=4)
+def load_recipe(name: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a built-in recipe, built on first use, loaded once."""
+    from kvpool.models import load_model
+
+    return load_model(name)
+
+
+def random_tokens(rng: random.Random, n: int) -> tuple[int, ...]:
+    return tuple(rng.randrange(PROMPT_VOCAB) for _ in range(n))
+
+
+def plain_generator(model: Any, tokenizer: Any) -> Any:
+    """mlx-lm's ``BatchGenerator`` with the engine's defaults and stop tokens."""
+    from mlx_lm.generate import BatchGenerator
+
+    stops = [[int(t)] for t in sorted(tokenizer.eos_token_ids)]
+    return BatchGenerator(model, stop_tokens=stops)
+
+
+def run_kvpool_turn(
+    engine: BlockPoolBatchEngine, requests: Sequence[TurnRequest], t0: float | None = None
+) -> TurnResult:
+    """Submit every request, step until all finish. ``t0``: the clock's start, if earlier
+    than the first submit (for work done before it, such as loading a cache from disk)."""
+    first: dict[str, float] = {}
+
+    def on_token(event: TokenEvent) -> None:
+        first.setdefault(event.agent_id, time.perf_counter())
+
+    start = time.perf_counter() if t0 is None else t0
+    for r in requests:
+        engine.submit(r.agent_id, r.prompt, r.cache, r.max_tokens, on_token=on_token)
+    completions: dict[str, CompletedGeneration] = {}
+    while engine.has_work:
+        for done in engine.step():
+            if done.error is not None:
+                raise done.error
+            completions[done.agent_id] = done
+    total = time.perf_counter() - start
+    return TurnResult(
+        total_s=total,
+        ttft_s={a: t - start for a, t in first.items()},
+        tokens={a: c.token_ids for a, c in completions.items()},
+        completions=completions,
+    )
+
+
+def run_plain_turn(generator: Any, requests: Sequence[TurnRequest]) -> TurnResult:
+    """Insert every request's whole prompt into mlx-lm's ``BatchGenerator`` (no cache) and
+    call ``next()`` until all finish."""
+    start = time.perf_counter()
+    uids = generator.insert(
+        [list(r.prompt) for r in requests], max_tokens=[r.max_tokens for r in requests]
+    )
+    uid_to_agent = {int(u): r.agent_id for u, r in zip(uids, requests, strict=True)}
+    first: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {r.agent_id: [] for r in requests}
+    running = set(uid_to_agent)
+    while running:
+        _, responses = generator.next()
+        now = time.perf_counter()
+        for response in responses:
+            agent = uid_to_agent.get(int(response.uid))
+            if agent is None:
+                continue
+            first.setdefault(agent, now)
+            tokens[agent].append(int(response.token))
+            if response.finish_reason is not None:
+                running.discard(int(response.uid))
+    total = time.perf_counter() - start
+    if len(first) != len(requests):
+        raise GenerationError(f"{len(requests) - len(first)} sequences generated no token")
+    return TurnResult(
+        total_s=total,
+        ttft_s={a: t - start for a, t in first.items()},
+        tokens={a: tuple(t) for a, t in tokens.items()},
+        completions={},
+    )
+
+
+def fill_agent_cache(
+    pool: BlockPool, agent_id: str, tokens: Sequence[int], seed: int = 0
+) -> AgentBlocks:
+    """An agent cache of ``tokens`` made without a model: blocks taken from ``pool`` and
+    filled with random K/V (one random array per shape, reused across layers)."""
+    spec = pool.spec
+    lease = pool.new_lease()
+    table = pool.allocate(lease, spec.blocks_for(len(tokens)))
+    rng = np.random.default_rng(seed)
+    dtype = host_dtype(spec.dtype)
+    shape_to_array: dict[tuple[int, int, int], Any] = {}
+    kvs = []
+    for i, layer in enumerate(spec.layers):
+        arrays = []
+        for head_dim in (layer.k_head_dim, layer.v_head_dim):
+            shape = (layer.n_kv_heads, len(tokens), head_dim)
+            if shape not in shape_to_array:
+                shape_to_array[shape] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+            arrays.append(shape_to_array[shape])
+        kvs.append(LayerKV(i, 0, arrays[0], arrays[1]))
+    pool.storage.write_layers(table, kvs)
+    return AgentBlocks(agent_id, tuple(table), tuple(tokens), spec.block_tokens, lease)
+
+
+def cache_bytes(pool: BlockPool, num_tokens: int) -> int:
+    """Bytes of K and V that ``num_tokens`` positions take in every layer (no block padding)."""
+    return pool.spec.bytes_per_block * num_tokens // pool.spec.block_tokens
