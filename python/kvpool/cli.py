@@ -1,4 +1,4 @@
-"""The ``kvpool`` command: ``kvpool demo`` and ``kvpool info``.
+"""The ``kvpool`` command: ``kvpool demo``, ``kvpool info`` and ``kvpool bench``.
 
 Exit codes: 0 done; 1 a generation failed; 2 bad input (an option value, a model that cannot
 be loaded, a pool too small), reported as one line on stderr, never a traceback.
@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from kvpool.blas import use_fast_cpu_blas
@@ -143,6 +144,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print JSON on stdout")
     info.set_defaults(handler=_cmd_info)
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks against plain mlx-lm and other baselines (see BENCHMARKS.md)",
+        description=(
+            "Run benchmarks (all when no NAME is given) and print one JSON record per "
+            "benchmark on stdout, progress on stderr. Records, a markdown table and plots "
+            "(with matplotlib: pip install 'kvpool[bench]') go to --out."
+        ),
+    )
+    bench.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help="benchmarks to run: " + ", ".join(_bench_names()) + " (default: all)",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="a short smoke run of each (numbers not meaningful)"
+    )
+    bench.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write every record, as a JSON list"
+    )
+    bench.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="results folder (default: bench/results in a kvpool checkout, else "
+        "./kvpool-bench-results; --quick runs use its quick/ subfolder)",
+    )
+    bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
@@ -353,6 +385,40 @@ def _prompt_range(run: RunResult) -> str:
 def _clip(text: str, limit: int) -> str:
     shown = ascii(text[:limit])
     return shown + (" ..." if len(text) > limit else "")
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _bench_names() -> list[str]:
+    from kvpool.benchmarks.runner import REGISTRY
+
+    return list(REGISTRY)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kvpool.benchmarks.environment import default_out_dir
+    from kvpool.benchmarks.runner import REGISTRY, run_benchmarks
+
+    if args.list:
+        for bench in REGISTRY.values():
+            print(f"{bench.name:<16} {bench.summary}")
+        return EXIT_OK
+    unknown = [n for n in args.names if n not in REGISTRY]
+    if unknown:
+        _error(
+            f"kvpool bench: error: no benchmark named {', '.join(map(repr, unknown))} "
+            f"(benchmarks: {', '.join(REGISTRY)})"
+        )
+        return EXIT_USAGE
+    out_dir = args.out if args.out is not None else default_out_dir(args.quick)
+    if out_dir.exists() and not out_dir.is_dir():
+        _error(f"kvpool bench: error: --out {str(out_dir)!r} exists and is not a directory")
+        return EXIT_USAGE
+    records = run_benchmarks(
+        args.names or list(REGISTRY), quick=args.quick, out_dir=out_dir, json_path=args.json
+    )
+    return EXIT_FAILED if any(r["error"] for r in records) else EXIT_OK
 
 
 # --------------------------------------------------------------------------- info

@@ -53,6 +53,13 @@ def _default_batch_gen_factory(model: Any, **kwargs: Any) -> Any:
     return BatchGenerator(model, **kwargs)
 
 
+def model_vocab_size(model: Any) -> int | None:
+    """The model's vocabulary (``model.args.vocab_size``, as every mlx-lm text model
+    has), or None when the model does not say."""
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    return vocab if isinstance(vocab, int) and vocab > 0 else None
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
@@ -95,7 +102,8 @@ class BlockPoolBatchEngine:
 
     ``batch_gen_factory(model, **kwargs)`` builds the batch generator (mlx-lm's
     ``BatchGenerator`` by default; ``kvpool.testing.FakeBatchGenerator`` in
-    tests). It is the only seam for tests.
+    tests). It is the only seam for tests. ``vocab_size`` bounds prompt token
+    ids (default: :func:`model_vocab_size`).
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class BlockPoolBatchEngine:
         max_batch_size: int = 32,
         prefill_batch_size: int = 8,
         prefill_step_size: int = 2048,
+        vocab_size: int | None = None,
     ) -> None:
         if model is None:
             raise InvalidRequestError("model is required")
@@ -135,8 +144,9 @@ class BlockPoolBatchEngine:
         self._running: dict[int, _Request] = {}  # generator uid -> request
         self._agent_to_uid: dict[str, int] = {}  # agents with a request in flight
         self._eos = frozenset(int(t) for t in tokenizer.eos_token_ids)
-        # Token ids a prompt may hold: the tokenizer's whole vocabulary, added tokens included.
-        self._vocab_size = len(tokenizer)
+        # Prompt ids must index the model's embedding (which may be larger than the
+        # tokenizer: the model can generate ids the tokenizer has no text for).
+        self._vocab_size = model_vocab_size(model) if vocab_size is None else vocab_size
 
     # -- public API -----------------------------------------------------------
 

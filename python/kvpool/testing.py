@@ -21,6 +21,7 @@ import zlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,11 @@ class FakeModel:
     spec: ModelCacheSpec
     vocab_size: int = 1000
 
+    @property
+    def args(self) -> SimpleNamespace:
+        """Like an mlx-lm model's ``args``: only ``vocab_size``."""
+        return SimpleNamespace(vocab_size=self.vocab_size)
+
     def make_cache(self) -> list[FakeCache]:
         return [FakeCache(window=layer.window) for layer in self.spec.layers]
 
@@ -78,9 +84,6 @@ class FakeTokenizer:
     def __init__(self, vocab_size: int = 1000) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = {0}
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def encode(self, text: str) -> list[int]:
         return [max(1, ord(c) % self.vocab_size) for c in text]

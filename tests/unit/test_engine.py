@@ -393,3 +393,16 @@ def test_a_turn_that_cannot_fit_beside_the_agents_own_cache_is_too_large() -> No
     assert h.pool.num_used == 3
     h.pool.release(first.blocks)
     assert h.run("a", diverged, max_tokens=6).error is None
+
+
+def test_prompt_ids_are_bounded_by_the_models_vocabulary_not_the_tokenizers() -> None:
+    h = Harness()
+    h.tokenizer.vocab_size = 300  # the model (1000 ids) may generate ids the tokenizer lacks
+    assert h.run("a", [1, 999, 2], max_tokens=2).error is None
+    with pytest.raises(InvalidRequestError, match=r"token 1 is 1000, outside \[0, 1000\)"):
+        h.engine.submit("b", [1, 1000])
+    unbounded = BlockPoolBatchEngine(
+        object(), h.tokenizer, h.pool, SPEC, batch_gen_factory=FakeBatchGenerator
+    )
+    unbounded.submit("c", [10**6], max_tokens=1)  # a model that does not say: unchecked
+    assert unbounded.has_work

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -84,7 +83,3 @@ def default_out_dir(quick: bool) -> Path:
     root = source_tree()
     base = root / RESULTS_SUBDIR if root is not None else Path.cwd() / OUTSIDE_REPO_DIR
     return base / QUICK_SUBDIR if quick else base
-
-
-def python_executable() -> str:
-    return sys.executable

@@ -122,3 +122,9 @@ def round_floats(data: Any, digits: int = 3) -> Any:
     if isinstance(data, list | tuple):
         return [round_floats(v, digits) for v in data]
     return data
+
+
+def target(name: str, goal: str, value: float | str | None, met: bool | None) -> dict[str, Any]:
+    """One target of a benchmark as records and reports show it: ``met`` None = not judged
+    (the measurement is missing)."""
+    return {"name": name, "target": goal, "value": value, "met": met}

@@ -69,6 +69,13 @@ def random_tokens(rng: random.Random, n: int) -> tuple[int, ...]:
     return tuple(rng.randrange(PROMPT_VOCAB) for _ in range(n))
 
 
+def next_context(
+    prompt: Sequence[int], generated: Sequence[int], user: Sequence[int]
+) -> tuple[int, ...]:
+    """An agent's next context: its prompt, what it generated, the new user tokens."""
+    return (*prompt, *generated, *user)
+
+
 def plain_generator(model: Any, tokenizer: Any) -> Any:
     """mlx-lm's ``BatchGenerator`` with the engine's defaults and stop tokens."""
     from mlx_lm.generate import BatchGenerator
@@ -147,7 +154,6 @@ def fill_agent_cache(
     lease = pool.new_lease()
     table = pool.allocate(lease, spec.blocks_for(len(tokens)))
     rng = np.random.default_rng(seed)
-    dtype = host_dtype(spec.dtype)
     shape_to_array: dict[tuple[int, int, int], Any] = {}
     kvs = []
     for i, layer in enumerate(spec.layers):
@@ -155,11 +161,19 @@ def fill_agent_cache(
         for head_dim in (layer.k_head_dim, layer.v_head_dim):
             shape = (layer.n_kv_heads, len(tokens), head_dim)
             if shape not in shape_to_array:
-                shape_to_array[shape] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+                shape_to_array[shape] = _random_host(rng, shape, spec.dtype)
             arrays.append(shape_to_array[shape])
         kvs.append(LayerKV(i, 0, arrays[0], arrays[1]))
     pool.storage.write_layers(table, kvs)
     return AgentBlocks(agent_id, tuple(table), tuple(tokens), spec.block_tokens, lease)
+
+
+def _random_host(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> Any:
+    """Standard-normal values in the host layout of ``dtype`` (bfloat16: its upper 16 bits)."""
+    values = rng.standard_normal(shape, dtype=np.float32)
+    if dtype == "bfloat16":
+        return (values.view(np.uint32) >> 16).astype(np.uint16)
+    return values.astype(host_dtype(dtype))
 
 
 def cache_bytes(pool: BlockPool, num_tokens: int) -> int:

@@ -1,0 +1,209 @@
+"""Engine overhead: decode tokens/s of BlockPoolBatchEngine vs plain mlx-lm BatchGenerator.
+
+For each model and batch size (1, 4, 8), the same prompts (128 random tokens each) go into a
+``BlockPoolBatchEngine`` and into a plain ``BatchGenerator``, and the two are stepped in
+alternation (engine step, plain step, plain step, engine step, ...) until both finish, so
+each pair of steps sees the same machine load. Decode steps are the steady ones: every
+sequence generated one token, none finished, no prompt was being processed.
+
+Reported per batch size: each side's decode tokens/s (batch / median step time), the median
+of the per-pair ratios kvpool/plain, and the engine's own cost per step measured directly:
+``step()`` wall time minus the time spent inside its generator's ``next()`` (the engine's
+generator is wrapped through the ``batch_gen_factory`` seam), which no machine noise can
+blur. ``finish_ms`` is the engine's extra work in the step where the batch ends (scattering
+every sequence's cache into its blocks), a once-per-turn cost, not a decode cost.
+
+Target: kvpool decodes within 3% of plain mlx-lm (ratio >= 0.97).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kvpool.benchmarks.measure import (
+    GIB,
+    median,
+    mlx_cache_limit,
+    percentile,
+    ratio,
+    summary_ms,
+    target,
+)
+from kvpool.benchmarks.turns import load_recipe, plain_generator, random_tokens
+from kvpool.blocks import AgentBlocks
+from kvpool.engine import BlockPoolBatchEngine
+from kvpool.pool import BlockPool
+from kvpool.spec import ModelCacheSpec
+
+MODELS = ("smollm2-135m", "llama-8x128")
+QUICK_MODELS = ("smollm2-135m",)
+BATCH_SIZES = (1, 4, 8)
+PROMPT_TOKENS = 128
+DECODE_STEPS = 40
+QUICK_DECODE_STEPS = 6
+CACHE_LIMIT = 2 * GIB
+TARGET_RATIO = 0.97
+
+
+@dataclass(slots=True)
+class _Step:
+    wall_s: float
+    inner_s: float  # inside BatchGenerator.next()
+    num_generated: int
+    num_prompt: int  # prompt-processing responses (a prefill ran)
+    num_finished: int
+
+
+class _TimedGenerator:
+    """A ``BatchGenerator`` whose ``next()`` calls are timed and counted."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+        self.last: _Step = _Step(0.0, 0.0, 0, 0, 0)
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        return self.generator.insert(*args, **kwargs)
+
+    def remove(self, *args: Any, **kwargs: Any) -> Any:
+        return self.generator.remove(*args, **kwargs)
+
+    def close(self) -> None:
+        self.generator.close()
+
+    def next(self) -> tuple[Any, Any]:
+        t0 = time.perf_counter()
+        prompt_responses, responses = self.generator.next()
+        inner = time.perf_counter() - t0
+        finished = sum(1 for r in responses if r.finish_reason is not None)
+        self.last = _Step(0.0, inner, len(responses), len(prompt_responses), finished)
+        return prompt_responses, responses
+
+
+def _is_decode(step: _Step, batch: int) -> bool:
+    return step.num_generated == batch and step.num_prompt == 0 and step.num_finished == 0
+
+
+def _measure_batch(model: Any, tokenizer: Any, batch: int, steps: int) -> dict[str, Any]:
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, num_blocks=batch * spec.blocks_for(PROMPT_TOKENS + steps + 4))
+    timed: list[_TimedGenerator] = []
+
+    def factory(model: Any, **kwargs: Any) -> _TimedGenerator:
+        from mlx_lm.generate import BatchGenerator
+
+        timed.append(_TimedGenerator(BatchGenerator(model, **kwargs)))
+        return timed[-1]
+
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec, batch_gen_factory=factory)
+    plain = _TimedGenerator(plain_generator(model, tokenizer))
+    rng = random.Random(batch)
+    prompts = [random_tokens(rng, PROMPT_TOKENS) for _ in range(batch)]
+    max_tokens = steps + 2  # the first token comes with the prefill, the last one finishes
+    for i, prompt in enumerate(prompts):
+        engine.submit(f"agent-{i}", prompt, max_tokens=max_tokens)
+    plain.insert([list(p) for p in prompts], max_tokens=[max_tokens] * batch)
+
+    engine_steps: list[_Step] = []
+    plain_steps: list[_Step] = []
+    plain_left = batch
+    finished_blocks: list[AgentBlocks] = []
+
+    def step_engine() -> None:
+        t0 = time.perf_counter()
+        done = list(engine.step())
+        wall = time.perf_counter() - t0
+        inner = timed[-1].last
+        engine_steps.append(
+            _Step(wall, inner.inner_s, inner.num_generated, inner.num_prompt, len(done))
+        )
+        finished_blocks.extend(c.blocks for c in done if c.blocks is not None)
+        for c in done:
+            if c.error is not None:
+                raise c.error
+
+    def step_plain() -> None:
+        nonlocal plain_left
+        t0 = time.perf_counter()
+        plain.next()
+        wall = time.perf_counter() - t0
+        plain_steps.append(dataclasses.replace(plain.last, wall_s=wall))
+        plain_left -= plain.last.num_finished
+
+    try:
+        i = 0
+        while engine.has_work or plain_left > 0:
+            # ABBA order: neither side always runs right after the other.
+            order = (step_engine, step_plain) if i % 4 in (0, 3) else (step_plain, step_engine)
+            for fn in order:
+                if (fn is step_engine and engine.has_work) or (fn is step_plain and plain_left):
+                    fn()
+            i += 1
+    finally:
+        engine.close()
+        plain.close()
+    for blocks in finished_blocks:
+        pool.release(blocks)
+
+    eng = [s for s in engine_steps if _is_decode(s, batch)]
+    pla = [s for s in plain_steps if _is_decode(s, batch)]
+    pairs = list(zip(eng, pla, strict=False))
+    pair_ratios = [p.wall_s / e.wall_s for e, p in pairs]
+    engine_p50, plain_p50 = median([s.wall_s for s in eng]), median([s.wall_s for s in pla])
+    overhead = [s.wall_s - s.inner_s for s in eng]
+    finish = [s.wall_s - s.inner_s for s in engine_steps if s.num_finished]
+    return {
+        "batch": batch,
+        "decode_steps": len(pairs),
+        "kvpool_tok_s": round(batch / engine_p50, 2),
+        "plain_tok_s": round(batch / plain_p50, 2),
+        "kvpool_step": summary_ms([s.wall_s for s in eng]),
+        "plain_step": summary_ms([s.wall_s for s in pla]),
+        "ratio_of_medians": ratio(plain_p50, engine_p50, 4),
+        "paired_ratio_p50": round(median(pair_ratios), 4),
+        "paired_ratio_p5_p95": [
+            round(percentile(pair_ratios, 5), 4),
+            round(percentile(pair_ratios, 95), 4),
+        ],
+        "engine_overhead_us_p50": round(median(overhead) * 1e6, 1),
+        "engine_overhead_us_p95": round(percentile(overhead, 95) * 1e6, 1),
+        "engine_overhead_pct_of_step": round(100 * median(overhead) / engine_p50, 3),
+        "finish_ms": round(max(finish) * 1e3, 2) if finish else None,
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    models = QUICK_MODELS if quick else MODELS
+    steps = QUICK_DECODE_STEPS if quick else DECODE_STEPS
+    results = []
+    with mlx_cache_limit(CACHE_LIMIT):
+        for name in models:
+            model, tokenizer = load_recipe(name)
+            _measure_batch(model, tokenizer, 1, 2)  # warm-up: first calls, allocations
+            for batch in BATCH_SIZES:
+                results.append({"model": name, **_measure_batch(model, tokenizer, batch, steps)})
+    targets = [
+        target(
+            f"{r['model']} batch {r['batch']}: kvpool decode tok/s vs plain",
+            f">= {TARGET_RATIO:.2f}x (within 3%)",
+            r["paired_ratio_p50"],
+            r["paired_ratio_p50"] >= TARGET_RATIO,
+        )
+        for r in results
+    ]
+    return {
+        "bench": "engine_overhead",
+        "quick": quick,
+        "config": {
+            "models": list(models),
+            "batch_sizes": list(BATCH_SIZES),
+            "prompt_tokens": PROMPT_TOKENS,
+            "decode_steps": steps,
+            "cache_limit_bytes": CACHE_LIMIT,
+        },
+        "results": results,
+        "targets": targets,
+    }

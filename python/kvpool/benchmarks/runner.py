@@ -1,0 +1,204 @@
+"""The benchmark registry and the runner behind ``kvpool bench``.
+
+``REGISTRY`` maps a name to a :class:`Benchmark`, whose ``run(quick)`` returns a JSON-ready
+record; a benchmark's module is imported only when it runs (MLX must not load before the
+BLAS is chosen). :func:`run_benchmarks` runs some, adds to each record where and how it ran,
+prints it as one JSON line on stdout, writes ``<out>/<name>.json`` and then the report
+(``results.md`` and plots, :mod:`kvpool.benchmarks.report`) over every record in ``out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, cast
+
+from kvpool.benchmarks import environment
+from kvpool.benchmarks.measure import round_floats
+
+RunFn = Callable[[bool], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Benchmark:
+    """A registered benchmark: ``kvpool.benchmarks.<module>.run(quick) -> dict``."""
+
+    name: str
+    module: str
+    summary: str
+    uses_mlx: bool = True
+
+    def run(self, quick: bool) -> dict[str, Any]:
+        module = importlib.import_module(f"kvpool.benchmarks.{self.module}")
+        return cast(RunFn, module.run)(quick)
+
+
+REGISTRY: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "reconstruct",
+            "reconstruct",
+            "gather of pool blocks into contiguous caches vs memcpy and mx.concatenate",
+        ),
+        Benchmark(
+            "engine_overhead",
+            "engine_overhead",
+            "decode tokens/s, BlockPoolBatchEngine vs plain mlx-lm BatchGenerator",
+        ),
+        Benchmark(
+            "resume",
+            "resume",
+            "time to first token of a next turn: cache in the pool, on disk, re-prefilled",
+        ),
+        Benchmark(
+            "workload",
+            "workload",
+            "N agents x T turns end to end, kvpool vs plain mlx-lm re-prefill",
+        ),
+        Benchmark(
+            "memory",
+            "memory",
+            "pool bytes, RSS and MLX memory over 100 turns; extra memory of one resume",
+        ),
+        Benchmark(
+            "persist",
+            "persist",
+            "save and load of a 4K-token agent (32 layers x 8 KV heads x 128) vs raw file I/O",
+        ),
+        Benchmark(
+            "bookkeeping",
+            "bookkeeping",
+            "block allocator ns per block, from Python and from C++",
+            uses_mlx=False,
+        ),
+        Benchmark(
+            "blas",
+            "blas",
+            "MLX's bundled reference BLAS vs OpenBLAS (matmul, prefill, decode)",
+        ),
+    )
+}
+
+
+def _log(stream: IO[str], text: str) -> None:
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def run_one(bench: Benchmark, quick: bool) -> dict[str, Any]:
+    """Run ``bench`` and wrap its record: name, mode, timing, environment (BLAS included).
+
+    A benchmark that raises gives a record with ``error`` set instead.
+    """
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    t0 = time.perf_counter()
+    gc.collect()
+    try:
+        result = round_floats(bench.run(quick), 4)
+        error = None
+    except Exception as exc:  # one benchmark failing must not lose the others
+        result = {}
+        error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc(file=sys.stderr)
+    record: dict[str, Any] = {
+        "bench": bench.name,
+        "quick": quick,
+        "started": started,
+        "elapsed_s": round(time.perf_counter() - t0, 1),
+        "error": error,
+        **{k: v for k, v in result.items() if k not in ("bench", "quick")},
+        "environment": environment.describe(),
+    }
+    if bench.uses_mlx:
+        import mlx.core as mx
+
+        from kvpool.benchmarks.turns import load_recipe
+
+        load_recipe.cache_clear()  # the next benchmark starts without this one's model
+        gc.collect()
+        mx.clear_cache()
+    return record
+
+
+def run_benchmarks(
+    names: Sequence[str],
+    *,
+    quick: bool,
+    out_dir: Path,
+    json_path: Path | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the named benchmarks in registry order; returns their records.
+
+    Progress goes to ``stderr``, one JSON line per record to ``stdout``. Records are written
+    to ``out_dir/<name>.json`` as they finish; the report is rewritten at the end.
+    """
+    from kvpool.benchmarks import report
+
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    chosen = [REGISTRY[n] for n in REGISTRY if n in set(names)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    t0 = time.perf_counter()
+    for i, bench in enumerate(chosen, start=1):
+        mode = " --quick" if quick else ""
+        _log(stderr, f"[{i}/{len(chosen)}] {bench.name}{mode}: {bench.summary} ...")
+        record = run_one(bench, quick)
+        records.append(record)
+        (out_dir / f"{bench.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record), file=stdout, flush=True)
+        status = "FAILED: " + record["error"] if record["error"] else "done"
+        _log(stderr, f"[{i}/{len(chosen)}] {bench.name} {status} in {record['elapsed_s']:.1f} s")
+    total = time.perf_counter() - t0
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(records, indent=2) + "\n")
+    finished = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    run = {
+        "benchmarks": [b.name for b in chosen],
+        "quick": quick,
+        "total_s": round(total, 1),
+        "finished": finished,
+    }
+    (out_dir / report.RUN_NAME).write_text(json.dumps(run, indent=2) + "\n")
+    written = report.write_report(out_dir)
+    for note in written.notes:
+        _log(stderr, f"note: {note}")
+    _log(stderr, f"{len(chosen)} benchmark(s) in {total:.1f} s; report: {written.markdown}")
+    return records
+
+
+def script_main(name: str, argv: Sequence[str] | None = None) -> None:
+    """``python bench/bench_<name>.py [--quick] [--json FILE] [--no-fast-blas]``: run one
+    benchmark in this process and print its record (the thin scripts in ``bench/``)."""
+    bench = REGISTRY[name]
+    parser = argparse.ArgumentParser(description=f"kvpool benchmark {name}: {bench.summary}")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the record here")
+    parser.add_argument(
+        "--no-fast-blas", action="store_true", help="keep MLX's reference BLAS (Linux)"
+    )
+    args = parser.parse_args(argv)
+    if sys.platform == "linux" and not args.no_fast_blas:
+        from kvpool.blas import use_fast_cpu_blas
+
+        use_fast_cpu_blas()  # like the kvpool command: before MLX loads
+    record = run_one(bench, args.quick)
+    text = json.dumps(record, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    if record["error"]:
+        sys.exit(1)
