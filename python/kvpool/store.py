@@ -46,7 +46,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,6 +242,52 @@ class AgentCacheStore:
         done: list[CompletedGeneration] = []
         while self.engine.has_work:
             done.extend(self.step())
+        return done
+
+    def run_turns(
+        self,
+        prompts: Mapping[str, str | Sequence[int]],
+        max_tokens: int = 256,
+        *,
+        sampling: SamplingParams | None = None,
+    ) -> dict[str, CompletedGeneration]:
+        """One turn for each agent in ``prompts``; returns every ending by agent id.
+
+        Submits as many turns as the pool holds (evicting idle agents as ``submit``
+        does) and queues the others until running ones finish and free blocks. If a turn
+        cannot be submitted (bad input, RequestTooLargeError, or PoolExhaustedError with
+        nothing running), the turns this call still has running are cancelled, their
+        agents' caches stay as they were, and the error is raised. Failures inside the
+        engine come back as completions with ``error`` set. Requests submitted before the
+        call also advance; their completions are kept by the store but not returned here.
+        """
+        pending = list(prompts)
+        running: set[int] = set()
+        done: dict[str, CompletedGeneration] = {}
+        try:
+            while pending or running:
+                while pending:
+                    agent_id = pending[0]
+                    try:
+                        uid = self.submit(
+                            agent_id, prompts[agent_id], max_tokens, sampling=sampling
+                        )
+                    except RequestTooLargeError:
+                        raise
+                    except PoolExhaustedError:
+                        if not running:
+                            raise  # nothing of ours will free blocks: it cannot fit now
+                        break
+                    running.add(uid)
+                    pending.pop(0)
+                for completion in self.step():
+                    if completion.uid in running:
+                        running.discard(completion.uid)
+                        done[completion.agent_id] = completion
+        except BaseException:
+            for uid in running:
+                self.cancel(uid)
+            raise
         return done
 
     def cancel(self, uid: int) -> bool:

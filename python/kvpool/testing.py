@@ -391,6 +391,23 @@ class FakeBatchGenerator:
         return len(self._unprocessed) + len(self._prompt) + len(self._generating)
 
 
+def reference_tokens(
+    model: FakeModel, prompt: Sequence[int], max_tokens: int, stop_tokens: Sequence[int] = (0,)
+) -> list[int]:
+    """What ``model`` generates for ``prompt`` from an empty cache (FakeTokenizer's EOS
+    is 0): the expected output of any cached turn with the same prompt."""
+    gen = FakeBatchGenerator(model, stop_tokens=[[t] for t in stop_tokens])
+    (uid,) = gen.insert([list(prompt)], max_tokens=[max_tokens])
+    out: list[int] = []
+    while True:
+        _, responses = gen.next()
+        for r in responses:
+            assert r.uid == uid
+            out.append(r.token)
+            if r.finish_reason is not None:
+                return out
+
+
 def fake_engine_parts(
     spec: ModelCacheSpec, num_blocks: int, vocab_size: int = 1000
 ) -> tuple[FakeModel, FakeTokenizer, Any]:

@@ -18,7 +18,6 @@ from kvpool import (
     BlockPoolBatchEngine,
     CompletedGeneration,
     ModelCacheSpec,
-    PoolExhaustedError,
     kernels,
 )
 from kvpool.persist import cache_path, model_fingerprint
@@ -109,26 +108,6 @@ def test_a_second_process_resumes_from_disk(
     assert stats.tokens_saved == sum(len(ctx) for _, ctx in saved.values())
 
 
-def run_round(
-    store: AgentCacheStore, prompts: dict[str, list[int]], max_tokens: int
-) -> dict[str, CompletedGeneration]:
-    """Submit every agent's turn, as many at once as the pool allows; step to finish them."""
-    pending = list(prompts)
-    done: dict[str, CompletedGeneration] = {}
-    while pending or store.engine.has_work:
-        while pending:
-            try:
-                store.submit(pending[0], prompts[pending[0]], max_tokens)
-            except PoolExhaustedError:
-                assert store.engine.has_work, "exhausted with nothing running"
-                break
-            pending.pop(0)
-        for c in store.step():
-            assert c.error is None, c.error
-            done[c.agent_id] = c
-    return done
-
-
 def test_twelve_agents_through_a_pool_for_three(
     tiny_model: LoadedModel, reference_generate: Reference, tmp_path: Path
 ) -> None:
@@ -141,8 +120,9 @@ def test_twelve_agents_through_a_pool_for_three(
         prompts = {a: words(rng, tokenizer, 150 + 7 * i) for i, a in enumerate(agents)}
         out: list[dict[str, CompletedGeneration]] = []
         for _ in range(3):
-            done = run_round(store, prompts, max_tokens=6)
+            done = store.run_turns(prompts, max_tokens=6)
             assert sorted(done) == agents
+            assert all(c.error is None for c in done.values())
             for a in agents:
                 blocks = done[a].blocks
                 assert blocks is not None

@@ -21,7 +21,13 @@ from kvpool import (
     RequestTooLargeError,
     TokenEvent,
 )
-from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
+from kvpool.testing import (
+    FakeBatchGenerator,
+    FakeModel,
+    FakeStorage,
+    FakeTokenizer,
+    reference_tokens,
+)
 
 B = 4  # tokens per block, small so short prompts cross blocks
 SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
@@ -64,20 +70,6 @@ class Harness:
         return done
 
 
-def reference(model: FakeModel, prompt: Sequence[int], max_tokens: int) -> list[int]:
-    """What the fake model generates for ``prompt`` from an empty cache."""
-    gen = FakeBatchGenerator(model, stop_tokens=[[0]])
-    (uid,) = gen.insert([list(prompt)], max_tokens=[max_tokens])
-    out: list[int] = []
-    while True:
-        _, responses = gen.next()
-        for r in responses:
-            assert r.uid == uid
-            out.append(r.token)
-            if r.finish_reason is not None:
-                return out
-
-
 def prompt_of(n: int, seed: int = 1) -> list[int]:
     return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
 
@@ -90,7 +82,7 @@ def test_first_turn_matches_reference_and_frees_unused_blocks() -> None:
     assert h.pool.num_used == 4
     (done,) = h.engine.drain()
     assert done.uid == uid
-    assert list(done.token_ids) == reference(h.model, prompt, 5)
+    assert list(done.token_ids) == reference_tokens(h.model, prompt, 5)
     assert (done.prompt_tokens, done.cached_tokens, done.finish_reason) == (10, 0, "length")
     blocks = done.blocks
     assert blocks is not None
@@ -108,7 +100,7 @@ def test_multi_turn_reuses_cache_and_matches_reference() -> None:
     cache = None
     for turn in range(4):
         done = h.run("a", context, cache, max_tokens=6)
-        assert list(done.token_ids) == reference(h.model, context, 6), f"turn {turn}"
+        assert list(done.token_ids) == reference_tokens(h.model, context, 6), f"turn {turn}"
         if turn:
             assert cache is not None
             assert done.cached_tokens == cache.total_tokens  # the whole old cache
@@ -141,7 +133,7 @@ def test_full_hit_refeeds_the_last_token() -> None:
     tokens = list(first.blocks.token_ids)
     again = h.run("a", tokens, first.blocks, max_tokens=3)
     assert again.cached_tokens == len(tokens) - 1
-    assert list(again.token_ids) == reference(h.model, tokens, 3)
+    assert list(again.token_ids) == reference_tokens(h.model, tokens, 3)
 
 
 def test_divergence_keeps_only_the_shared_prefix() -> None:
@@ -151,7 +143,7 @@ def test_divergence_keeps_only_the_shared_prefix() -> None:
     changed = [*prompt_of(13)[:6], 999, *prompt_of(5, seed=3)]
     second = h.run("a", changed, first.blocks, max_tokens=4)
     assert second.cached_tokens == 6
-    assert list(second.token_ids) == reference(h.model, changed, 4)
+    assert list(second.token_ids) == reference_tokens(h.model, changed, 4)
 
 
 def test_cache_of_another_agent_is_forked_not_released() -> None:
@@ -161,7 +153,7 @@ def test_cache_of_another_agent_is_forked_not_released() -> None:
     fork = h.run("b", [*system.blocks.token_ids, 5, 6], system.blocks, max_tokens=3)
     assert fork.cached_tokens == 10
     assert h.pool.is_live(system.blocks)  # still the system agent's cache
-    assert list(fork.token_ids) == reference(h.model, [*system.blocks.token_ids, 5, 6], 3)
+    assert list(fork.token_ids) == reference_tokens(h.model, [*system.blocks.token_ids, 5, 6], 3)
 
 
 def test_agents_batched_with_different_lengths_and_late_joiners() -> None:
@@ -180,8 +172,8 @@ def test_agents_batched_with_different_lengths_and_late_joiners() -> None:
     assert len(h.gens) == 1  # one generator served everyone
     for i, (aid, p) in enumerate(prompts.items()):
         assert done[aid].uid == uids[aid]
-        assert list(done[aid].token_ids) == reference(h.model, p, 4 + i)
-    assert list(done["d"].token_ids) == reference(h.model, late, 3)
+        assert list(done[aid].token_ids) == reference_tokens(h.model, p, 4 + i)
+    assert list(done["d"].token_ids) == reference_tokens(h.model, late, 3)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +259,7 @@ def test_model_failure_fails_running_requests_and_recovers() -> None:
     assert h.pool.num_used == 0 and not h.engine.has_work
     done = h.run("a", prompt_of(5), max_tokens=4)
     assert len(h.gens) == 2  # a fresh generator
-    assert list(done.token_ids) == reference(h.model, prompt_of(5), 4)
+    assert list(done.token_ids) == reference_tokens(h.model, prompt_of(5), 4)
 
 
 def test_streaming_delivers_every_token_in_order() -> None:
@@ -314,7 +306,7 @@ def test_submit_from_other_threads_while_stepping() -> None:
         t.join()
     assert sorted(c.agent_id for c in done) == sorted(prompts)
     for c in done:
-        assert list(c.token_ids) == reference(h.model, prompts[c.agent_id], 3)
+        assert list(c.token_ids) == reference_tokens(h.model, prompts[c.agent_id], 3)
 
 
 def test_pool_returns_to_baseline_after_many_generations() -> None:
@@ -352,7 +344,7 @@ def test_sliding_window_layers_resume_from_blocks() -> None:
     cache = None
     for turn in range(4):
         done = h.run("a", context, cache, max_tokens=4)
-        assert list(done.token_ids) == reference(h.model, context, 4), f"turn {turn}"
+        assert list(done.token_ids) == reference_tokens(h.model, context, 4), f"turn {turn}"
         if turn:
             assert done.cached_tokens > 0
         cache = done.blocks
@@ -370,7 +362,7 @@ def test_sliding_window_full_hit_falls_back_to_prefill() -> None:
     # re-feeding the last token would need a position the window dropped
     again = h.run("a", tokens, first.blocks, max_tokens=3)
     assert again.cached_tokens == 0
-    assert list(again.token_ids) == reference(h.model, tokens, 3)
+    assert list(again.token_ids) == reference_tokens(h.model, tokens, 3)
 
 
 def test_engine_rejects_a_pool_of_another_spec() -> None:

@@ -23,7 +23,13 @@ from kvpool import (
 )
 from kvpool.persist import cache_path, read_cache_info
 from kvpool.store import AgentCacheStore, StoreStats, Tier
-from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
+from kvpool.testing import (
+    FakeBatchGenerator,
+    FakeModel,
+    FakeStorage,
+    FakeTokenizer,
+    reference_tokens,
+)
 
 B = 4  # tokens per block
 SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
@@ -53,19 +59,6 @@ def make_store(
     return AgentCacheStore(engine, directory, fingerprint=fingerprint, **kwargs)
 
 
-def reference(spec: ModelCacheSpec, prompt: Sequence[int], max_tokens: int) -> list[int]:
-    """What the fake model generates for ``prompt`` from an empty cache."""
-    gen = FakeBatchGenerator(FakeModel(spec), stop_tokens=[[0]])
-    gen.insert([list(prompt)], max_tokens=[max_tokens])
-    out: list[int] = []
-    while True:
-        _, responses = gen.next()
-        for r in responses:
-            out.append(r.token)
-            if r.finish_reason is not None:
-                return out
-
-
 def prompt_of(n: int, seed: int = 1) -> list[int]:
     return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
 
@@ -76,26 +69,6 @@ def run(
     uid = store.submit(agent, list(prompt), max_tokens)
     (done,) = store.drain()
     assert done.uid == uid and done.error is None, done.error
-    return done
-
-
-def run_round(
-    store: AgentCacheStore, prompts: dict[str, list[int]], max_tokens: int
-) -> dict[str, CompletedGeneration]:
-    """Submit every agent's turn, as many at once as the pool allows; step to finish them."""
-    pending = list(prompts)
-    done: dict[str, CompletedGeneration] = {}
-    while pending or store.engine.has_work:
-        while pending:
-            try:
-                store.submit(pending[0], prompts[pending[0]], max_tokens)
-            except PoolExhaustedError:
-                assert store.engine.has_work, "exhausted with nothing running"
-                break
-            pending.pop(0)
-        for c in store.step():
-            assert c.error is None, c.error
-            done[c.agent_id] = c
     return done
 
 
@@ -110,13 +83,13 @@ def test_miss_hot_hit_evict_cold_hit_equal_fresh_runs(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     context = prompt_of(9)
     first = run(store, "a", context)
-    assert list(first.token_ids) == reference(SPEC, context, 3)
+    assert list(first.token_ids) == reference_tokens(FakeModel(SPEC), context, 3)
     assert store.tier("a") is Tier.HOT and counters(store.stats) == (0, 0, 1, 0)
     assert first.blocks is not None
 
     context = [*first.blocks.token_ids, *prompt_of(3, seed=2)]
     second = run(store, "a", context)
-    assert list(second.token_ids) == reference(SPEC, context, 3)
+    assert list(second.token_ids) == reference_tokens(FakeModel(SPEC), context, 3)
     assert second.cached_tokens == first.blocks.total_tokens
     assert counters(store.stats) == (1, 0, 1, 0)
     assert not cache_path(tmp_path, "a").exists()  # nothing written yet
@@ -130,7 +103,7 @@ def test_miss_hot_hit_evict_cold_hit_equal_fresh_runs(tmp_path: Path) -> None:
 
     context = [*second.blocks.token_ids, *prompt_of(5, seed=3)]
     third = run(store, "a", context)
-    assert list(third.token_ids) == reference(SPEC, context, 3)
+    assert list(third.token_ids) == reference_tokens(FakeModel(SPEC), context, 3)
     assert third.cached_tokens == second.blocks.total_tokens  # nothing saved was prefilled again
     stats = store.stats
     assert counters(stats) == (1, 1, 1, 1)
@@ -154,7 +127,7 @@ def test_sliding_window_cache_survives_the_disk(tmp_path: Path) -> None:
     context = [*first.blocks.token_ids, *prompt_of(3, seed=4)]
     second = run(store, "a", context, max_tokens=4)
     assert second.cached_tokens == first.blocks.total_tokens
-    assert list(second.token_ids) == reference(SWA_SPEC, context, 4)
+    assert list(second.token_ids) == reference_tokens(FakeModel(SWA_SPEC), context, 4)
 
 
 def test_twelve_agents_through_a_pool_for_three(tmp_path: Path) -> None:
@@ -165,8 +138,9 @@ def test_twelve_agents_through_a_pool_for_three(tmp_path: Path) -> None:
         prompts = {a: prompt_of(9, seed=i) for i, a in enumerate(agents)}
         out: list[dict[str, CompletedGeneration]] = []
         for turn in range(3):
-            done = run_round(store, prompts, max_tokens=3)
+            done = store.run_turns(prompts, max_tokens=3)
             assert sorted(done) == agents
+            assert all(c.error is None for c in done.values())
             for i, a in enumerate(agents):
                 blocks = done[a].blocks
                 assert blocks is not None
@@ -292,7 +266,7 @@ def test_a_new_store_resumes_from_disk(tmp_path: Path) -> None:
         context = [*blocks.token_ids, *prompt_of(4, seed=10 + i)]
         done = run(second, a, context)
         assert done.cached_tokens == blocks.total_tokens
-        assert list(done.token_ids) == reference(SPEC, context, 3)
+        assert list(done.token_ids) == reference_tokens(FakeModel(SPEC), context, 3)
     assert counters(second.stats) == (0, 3, 0, 0)
 
 
@@ -326,7 +300,9 @@ def test_a_corrupt_file_is_a_miss_and_is_deleted(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     store = make_store(tmp_path)
     done = run(store, "a", prompt_of(10))
-    assert done.cached_tokens == 0 and list(done.token_ids) == reference(SPEC, prompt_of(10), 3)
+    assert done.cached_tokens == 0 and list(done.token_ids) == reference_tokens(
+        FakeModel(SPEC), prompt_of(10), 3
+    )
     assert (store.stats.num_misses, store.stats.num_load_errors) == (1, 1)
     assert not path.exists()
     assert done.blocks is not None  # the failed load took nothing: only a's new cache is held
@@ -418,3 +394,10 @@ def test_ids_differing_in_case_get_their_own_files(tmp_path: Path) -> None:
     store.close()
     assert len(list(tmp_path.iterdir())) == 2
     assert read_cache_info(cache_path(tmp_path, "Alice")).agent_id == "Alice"
+
+
+def test_run_turns_raises_when_a_turn_can_never_fit(tmp_path: Path) -> None:
+    store = make_store(tmp_path, num_blocks=4)
+    with pytest.raises(RequestTooLargeError):
+        store.run_turns({"a": prompt_of(9), "b": prompt_of(100)}, max_tokens=3)
+    assert store.engine.pool.num_used == 0 and not store.engine.has_work
