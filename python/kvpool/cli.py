@@ -367,6 +367,7 @@ def format_result(result: DemoResult) -> str:
         f"{model.num_kv_heads} KV heads x {model.head_dim}, vocab {model.vocab_size}, "
         f"{model.num_params / 1e6:.1f}M params",
         f"  cache                {model.cache_spec}",
+        f"  blas                 {result.blas}",
     ]
     if model.random_weights:
         lines += [

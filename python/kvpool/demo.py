@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from kvpool.blas import blas_info
 from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.errors import InvalidRequestError, KvpoolError, ModelNotFoundError, PoolExhaustedError
@@ -213,6 +214,7 @@ class DemoResult:
     speedup_total: float  # re-prefill total time / cached total time
     speedup_ttft: float | None  # re-prefill mean TTFT / cached mean TTFT
     sample_text: str  # the last completion of the first agent (cached run)
+    blas: str  # which BLAS MLX's float32 matmuls ran on (kvpool.blas.blas_info)
 
     @property
     def outputs_identical(self) -> bool:
@@ -390,6 +392,7 @@ def run_demo(config: DemoConfig, progress: ProgressCallback | None = None) -> De
             else None
         ),
         sample_text=tokenizer.decode(list(sample)),
+        blas=str(blas_info()["blas"]),
     )
 
 

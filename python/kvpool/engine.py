@@ -93,7 +93,7 @@ class _Request:
     state: RequestState = RequestState.QUEUED
     gen_uid: int | None = None
     generated: list[int] = field(default_factory=list)
-    streamed_text: str = ""
+    detokenizer: Any = None  # the tokenizer's streaming detokenizer, once on_token needs it
     t_first_token: float | None = None
 
 
@@ -405,23 +405,32 @@ class BlockPoolBatchEngine:
             request = self._running.get(int(response.uid))
             if request is None:
                 continue
-            self._on_token(request, int(response.token))
+            self._on_token(request, int(response.token), response.finish_reason)
             if response.finish_reason is not None:
                 del self._running[int(response.uid)]
                 done.append(self._finish(request, response))
         return done
 
-    def _on_token(self, request: _Request, token: int) -> None:
+    def _on_token(self, request: _Request, token: int, finish_reason: str | None) -> None:
         if request.t_first_token is None:
             request.t_first_token = time.perf_counter()
         request.generated.append(token)
         if request.on_token is None:
             return
-        text = self.tokenizer.decode(request.generated)
-        piece = ""
-        if not text.endswith("\ufffd"):  # hold back an incomplete character
-            piece, request.streamed_text = text[len(request.streamed_text) :], text
-        event = TokenEvent(request.uid, request.agent_id, token, piece, len(request.generated) - 1)
+        if request.detokenizer is None:
+            request.detokenizer = self.tokenizer.detokenizer  # a fresh streaming one
+        detokenizer = request.detokenizer
+        if finish_reason != "stop":  # a stop token is not part of the text
+            detokenizer.add_token(token)
+        if finish_reason is not None:
+            detokenizer.finalize()
+        event = TokenEvent(
+            request.uid,
+            request.agent_id,
+            token,
+            str(detokenizer.last_segment),
+            len(request.generated) - 1,
+        )
         request.on_token(event)
 
     def _finish(self, request: _Request, response: Any) -> CompletedGeneration:

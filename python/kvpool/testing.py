@@ -78,6 +78,34 @@ class FakeModel:
         return h % self.vocab_size
 
 
+class FakeDetokenizer:
+    """mlx-lm's streaming detokenizer protocol over :class:`FakeTokenizer`'s decode."""
+
+    def __init__(self, tokenizer: FakeTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.offset = 0
+
+    def reset(self) -> None:
+        self.tokens, self.offset = [], 0
+
+    def add_token(self, token: int) -> None:
+        self.tokens.append(token)
+
+    def finalize(self) -> None:
+        """Nothing is held back: every fake token is one whole character."""
+
+    @property
+    def text(self) -> str:
+        return self._tokenizer.decode(self.tokens)
+
+    @property
+    def last_segment(self) -> str:
+        text = self.text
+        segment, self.offset = text[self.offset :], len(text)
+        return segment
+
+
 class FakeTokenizer:
     """Characters <-> token ids (``ord(c) % vocab_size``); EOS is id 0."""
 
@@ -90,6 +118,11 @@ class FakeTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(chr(32 + t % 95) for t in ids)
+
+    @property
+    def detokenizer(self) -> FakeDetokenizer:
+        """A fresh streaming detokenizer, as mlx-lm's TokenizerWrapper gives."""
+        return FakeDetokenizer(self)
 
 
 class FakeStorage:

@@ -198,6 +198,7 @@ def test_console_script(cache_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["config"]["model"] == "demo"
+    assert data["blas"] == "reference (bundled with mlx)"  # --no-fast-blas
     assert data["outputs_identical"] is True
     assert [r["cached_tokens"] > 0 for r in data["cached"]["records"]] == [
         False,

@@ -185,9 +185,14 @@ def test_sampling_params_on_real_model(
     assert any(list(h) != greedy for h in hot)
     # an extra stop token ends the generation where greedy first emits it
     stop_at = 5
-    stop = run(SamplingParams(stop_token_ids=(greedy[stop_at],)))
+    stop_events: list[TokenEvent] = []
+    stop = run(SamplingParams(stop_token_ids=(greedy[stop_at],)), on_token=stop_events.append)
     first = greedy.index(greedy[stop_at])
     assert list(stop.token_ids) == greedy[: first + 1] and stop.finish_reason == "stop"
+    # the stop token is streamed as a token but is no part of the text (its event only
+    # flushes what the detokenizer held back)
+    assert [e.token for e in stop_events] == greedy[: first + 1]
+    assert "".join(e.text for e in stop_events) == stop.text == tokenizer.decode(greedy[:first])
     # streaming: every token arrives in order and the pieces spell the text
     events: list[TokenEvent] = []
     streamed = run(SamplingParams(), on_token=events.append)
