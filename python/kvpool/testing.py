@@ -440,12 +440,3 @@ def reference_tokens(
             if r.finish_reason is not None:
                 return out
 
-
-def fake_engine_parts(
-    spec: ModelCacheSpec, num_blocks: int, vocab_size: int = 1000
-) -> tuple[FakeModel, FakeTokenizer, Any]:
-    """A fake model, tokenizer and a BlockPool over FakeStorage for ``spec``."""
-    from kvpool.pool import BlockPool
-
-    pool = BlockPool(spec, num_blocks=num_blocks, storage=FakeStorage)
-    return FakeModel(spec, vocab_size), FakeTokenizer(vocab_size), pool

@@ -208,6 +208,7 @@ def test_stale_cache_and_agent_in_flight_are_refused() -> None:
         h.engine.submit("a", prompt_of(5), first.blocks)
     h.engine.submit("b", prompt_of(5), max_tokens=2)
     assert h.engine.is_in_flight("b") and not h.engine.is_in_flight("a")
+    assert h.engine.num_in_flight == 1
     with pytest.raises(InvalidRequestError, match="already has a request in flight"):
         h.engine.submit("b", prompt_of(5), max_tokens=2)
     assert h.pool.num_used == used + SPEC.blocks_for(5 + 2)
