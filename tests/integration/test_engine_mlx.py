@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import random
+import statistics
 from typing import Any
 
 import pytest
@@ -134,11 +135,13 @@ def test_pool_is_stable_over_many_generations(tiny_model: LoadedModel) -> None:
     assert pool.num_free == start_free and pool.num_leases == 0
     stats = kernels.scatter_stats()
     assert stats["num_copied"] == 0 and stats["num_in_place"] > 0
-    warm = rss[4]
-    growth = (max(rss[5:]) - warm) / warm
+    # Medians of five readings: a growing process shows it, one transient spike of
+    # MLX's buffer cache does not.
+    warm, last = statistics.median(rss[5:10]), statistics.median(rss[15:])
+    growth = (last - warm) / warm
     print(
-        f"RSS after warm-up {warm / 2**20:.1f} MiB, max later {max(rss[5:]) / 2**20:.1f} MiB "
-        f"({growth:+.2%})"
+        f"RSS median of generations 6-10 {warm / 2**20:.1f} MiB, of 16-20 "
+        f"{last / 2**20:.1f} MiB ({growth:+.2%}); max {max(rss) / 2**20:.1f} MiB"
     )
     assert growth < 0.05
 
