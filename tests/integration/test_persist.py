@@ -400,7 +400,12 @@ if kill_at.startswith("in-place"):  # negative control: no temp file, write the 
 if kill_at != "random":
     owner, name, when = kill_at.split(":")
     hook({"persist": persist, "os": persist.os}[owner], name, when)
-print("ready", flush=True)
+def say(line):
+    # one write per line: with PYTHONUNBUFFERED, print() writes its pieces separately and
+    # a kill between them would leave a torn line
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+say("ready")
 while True:
     tokens = tuple((version * 7919 + i) % 30000 + 1 for i in range(N))
     lease = pool.new_lease()
@@ -408,10 +413,10 @@ while True:
     pool.storage.write_layers(
         table, [LayerKV(i, 0, *pool.storage._encode(i, tokens)) for i in range(spec.n_layers)]
     )
-    print("start", version, flush=True)
+    say(f"start {version}")
     persist.save_cache(path, pool, AgentBlocks("a", tuple(table), tokens, 64, lease),
                        fingerprint="fp")
-    print("saved", version, flush=True)
+    say(f"saved {version}")
     pool.release_lease(lease)
     version += 1
 """
@@ -435,7 +440,8 @@ def _run_child(path: Path, version: int, kill_at: str, delay: float | None) -> l
         child.send_signal(signal.SIGKILL)
     child.wait(timeout=60)  # reaped: its pid is no longer alive for the temp-file cleanup
     assert child.returncode == -signal.SIGKILL
-    return child.stdout.read().split("\n")
+    # only complete lines: a kill can land in the middle of one
+    return child.stdout.read().split("\n")[:-1]
 
 
 def test_sigkill_during_saves_leaves_the_old_or_the_new_file(tmp_path: Path) -> None:
