@@ -80,3 +80,10 @@ def fresh(
     model, tokenizer, _ = loaded
     (out,) = reference(model, [prompt], max_tokens, stop_tokens=sorted(tokenizer.eos_token_ids))
     return out
+
+
+def assert_one_line_error(captured: Any, expected: str) -> None:
+    """A CLI refused bad input as it should: nothing on stdout, one line on stderr."""
+    assert captured.out == ""
+    assert expected in captured.err
+    assert captured.err.count("\n") == 1, captured.err

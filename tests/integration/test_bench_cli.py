@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import assert_one_line_error
 
 from kvpool.benchmarks.environment import default_out_dir, source_tree
 from kvpool.benchmarks.runner import REGISTRY
@@ -113,9 +114,7 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     assert main(["--no-fast-blas", *argv]) == 2
     captured = capsys.readouterr()
-    assert captured.out == ""
-    assert expected in captured.err
-    assert captured.err.count("\n") == 1, captured.err
+    assert_one_line_error(captured, expected)
 
 
 def test_out_must_be_a_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import assert_one_line_error
 
 from kvpool.cli import main
 from kvpool.demo import GenerationMismatch, compare_outputs
@@ -139,9 +140,7 @@ def test_bad_input_is_one_line_and_exit_2(
 ) -> None:
     assert main(["--no-fast-blas", *argv]) == 2
     captured = capsys.readouterr()
-    assert captured.out == ""
-    assert expected in captured.err
-    assert captured.err.count("\n") == 1, captured.err
+    assert_one_line_error(captured, expected)
     assert "Traceback" not in captured.err
 
 
