@@ -1,7 +1,8 @@
 """Tests of the compiled block-table core, ``kvpool._blocks`` (no MLX).
 
 Expected states are drawn in comments as
-    free: <free list, head first>   ref: <ref_cnt of block 0, 1, ...>
+    queue: <free queue, head first; C marks a cached block>
+    ref: <ref_cnt of block 0, 1, ...>
 """
 
 from __future__ import annotations
@@ -13,48 +14,54 @@ import pytest
 
 from kvpool import _blocks
 
-PROBE = -(2**63)  # owner id reserved for free_list() below
-
-
-def free_list(alloc: _blocks.BlockAllocator) -> list[int]:
-    """The free list, head first, read through the public API.
-
-    Takes every free block for a probe owner (allocation pops from the head)
-    and releases them again (release pushes at the tail, in table order), which
-    restores the list exactly.
-    """
-    assert not alloc.has_owner(PROBE)
-    ids = alloc.allocate(PROBE, alloc.num_free)
-    alloc.release(PROBE)
-    return ids
-
 
 def ref_cnts(alloc: _blocks.BlockAllocator) -> list[int]:
     return [alloc.ref_cnt(b) for b in range(alloc.num_blocks)]
 
 
+Content = tuple[int, tuple[int, ...], int | None]  # parent_key, tokens, key
+
+
+def content(alloc: _blocks.BlockAllocator, block_id: int) -> Content | None:
+    parent = alloc.parent_key_of(block_id)
+    if parent is None:
+        assert not alloc.has_content(block_id)
+        assert alloc.content_tokens(block_id) == []
+        assert alloc.key_of(block_id) is None
+        return None
+    return parent, tuple(alloc.content_tokens(block_id)), alloc.key_of(block_id)
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    free_list: tuple[int, ...]
+    free_queue: tuple[int, ...]
     ref_cnt: tuple[int, ...]
     tables: tuple[tuple[int, tuple[int, ...]], ...]
     num_owners: int
+    num_cached: int
+    num_evictions: int
+    content: tuple[Content | None, ...]
 
 
 def snapshot(alloc: _blocks.BlockAllocator, owners: range = range(16)) -> Snapshot:
     return Snapshot(
-        free_list=tuple(free_list(alloc)),
+        free_queue=tuple(alloc.free_queue()),
         ref_cnt=tuple(ref_cnts(alloc)),
         tables=tuple((o, tuple(alloc.table(o))) for o in owners if alloc.has_owner(o)),
         num_owners=alloc.num_owners,
+        num_cached=alloc.num_cached,
+        num_evictions=alloc.num_evictions,
+        content=tuple(content(alloc, b) for b in range(alloc.num_blocks)),
     )
 
 
 def test_fresh_pool() -> None:
     alloc = _blocks.BlockAllocator(5)
-    # free: 0 1 2 3 4   ref: 0 0 0 0 0
+    # queue: 0 1 2 3 4   ref: 0 0 0 0 0
     assert (alloc.num_blocks, alloc.num_free, alloc.num_used, alloc.num_owners) == (5, 5, 0, 0)
-    assert free_list(alloc) == [0, 1, 2, 3, 4]
+    assert (alloc.block_tokens, alloc.num_cached, alloc.num_evictions) == (256, 0, 0)
+    assert _blocks.BlockAllocator(3, block_tokens=16).block_tokens == 16
+    assert alloc.free_queue() == [0, 1, 2, 3, 4]
     assert ref_cnts(alloc) == [0, 0, 0, 0, 0]
     alloc.check_invariants()
 
@@ -63,6 +70,8 @@ def test_fresh_pool() -> None:
 def test_constructor_rejects_empty_pool(num_blocks: int) -> None:
     with pytest.raises(ValueError, match=rf"num_blocks must be > 0, got {num_blocks}"):
         _blocks.BlockAllocator(num_blocks)
+    with pytest.raises(ValueError, match=r"block_tokens must be > 0, got 0"):
+        _blocks.BlockAllocator(4, 0)
 
 
 def test_allocate_exact_ids_and_append() -> None:
@@ -70,8 +79,8 @@ def test_allocate_exact_ids_and_append() -> None:
     assert alloc.allocate(1, 3) == [0, 1, 2]
     assert alloc.allocate(owner=2, n=2) == [3, 4]
     assert alloc.allocate(1, 1) == [5]
-    # free: 6 7   tables: 1 -> [0 1 2 5], 2 -> [3 4]
-    assert free_list(alloc) == [6, 7]
+    # queue: 6 7   tables: 1 -> [0 1 2 5], 2 -> [3 4]
+    assert alloc.free_queue() == [6, 7]
     assert alloc.table(1) == [0, 1, 2, 5]
     assert alloc.table(2) == [3, 4]
     assert alloc.table(3) == []
@@ -99,15 +108,15 @@ def test_pool_exhausted_changes_nothing() -> None:
     alloc.check_invariants()
 
 
-def test_freed_blocks_go_to_the_tail() -> None:
+def test_freed_blocks_without_content_go_to_the_head() -> None:
     alloc = _blocks.BlockAllocator(6)
     assert alloc.allocate(1, 4) == [0, 1, 2, 3]
-    alloc.free(1, [2, 0])
-    # free: 4 5 2 0   ref: 0 1 0 1 0 0   table 1: [1 3]
-    assert free_list(alloc) == [4, 5, 2, 0]
+    alloc.free(1, [2, 0])  # pushed at the head one by one: 2, then 0
+    # queue: 0 2 4 5   ref: 0 1 0 1 0 0   table 1: [1 3]
+    assert alloc.free_queue() == [0, 2, 4, 5]
     assert ref_cnts(alloc) == [0, 1, 0, 1, 0, 0]
     assert alloc.table(1) == [1, 3]
-    assert alloc.allocate(2, 3) == [4, 5, 2]
+    assert alloc.allocate(2, 3) == [0, 2, 4]
     alloc.free(1, (1, 3))  # any sequence; the emptied owner is forgotten
     assert not alloc.has_owner(1)
     alloc.check_invariants()
@@ -121,12 +130,12 @@ def test_share_and_release_header_example() -> None:
     assert ref_cnts(alloc) == [1, 2, 0, 0]
     assert alloc.table(9) == [1]
     assert alloc.release(7) == 1  # block 1 is still held by 9
-    # ref: 0 1 0 0   free: 2 3 0
+    # ref: 0 1 0 0   queue: 0 2 3
     assert ref_cnts(alloc) == [0, 1, 0, 0]
-    assert free_list(alloc) == [2, 3, 0]
+    assert alloc.free_queue() == [0, 2, 3]
     assert alloc.release(9) == 1
-    # free: 2 3 0 1
-    assert free_list(alloc) == [2, 3, 0, 1]
+    # queue: 1 0 2 3
+    assert alloc.free_queue() == [1, 0, 2, 3]
     assert alloc.release(9) == 0  # unknown owner
     assert alloc.num_owners == 0
     alloc.check_invariants()
@@ -137,12 +146,12 @@ def test_free_of_shared_block_keeps_it_in_use() -> None:
     alloc.allocate(1, 2)  # [0 1]
     alloc.share(2, [0])
     alloc.free(1, [0])
-    # ref: 1 1 0   free: 2
+    # ref: 1 1 0   queue: 2
     assert ref_cnts(alloc) == [1, 1, 0]
-    assert free_list(alloc) == [2]
+    assert alloc.free_queue() == [2]
     alloc.free(2, [0])
-    # free: 2 0
-    assert free_list(alloc) == [2, 0]
+    # queue: 0 2
+    assert alloc.free_queue() == [0, 2]
     alloc.check_invariants()
 
 
@@ -158,11 +167,30 @@ MISTAKES: list[tuple[Call, type[Exception], str]] = [
     (lambda a: a.free(7, [1, 1]), ValueError, "block 1 appears more than once in block_ids"),
     (lambda a: a.free(7, [0, 1, 64]), IndexError, "block id 64 out of range"),
     (lambda a: a.share(9, [64]), IndexError, "[kvpool::share] block id 64 out of range [0, 64)"),
-    (lambda a: a.share(9, [5]), ValueError, "[kvpool::share] block 5 is free"),
+    (lambda a: a.share(9, [5]), ValueError, "[kvpool::share] block 5 is free; only held or cached"),
     (lambda a: a.share(9, [3, 3]), ValueError, "block 3 appears more than once"),
     (lambda a: a.share(7, [3, 1]), ValueError, "[kvpool::share] owner 7 already holds block 1"),
     (lambda a: a.allocate(7, -1), ValueError, "[kvpool::allocate] n must be >= 0, got -1"),
     (lambda a: a.ref_cnt(-1), IndexError, "[kvpool::ref_cnt] block id -1 out of range"),
+    (lambda a: a.publish(64, 0, [1]), IndexError, "[kvpool::publish] block id 64 out of range"),
+    (lambda a: a.publish(5, 0, [1]), ValueError, "[kvpool::publish] block 5 is not held"),
+    (lambda a: a.publish(0, 0, []), ValueError, "block 0: tokens must hold 1 to 256 ids, got 0"),
+    (lambda a: a.publish(0, 0, [1] * 257, 1), ValueError, "tokens must hold 1 to 256 ids, got 257"),
+    (
+        lambda a: a.publish(0, 0, [1, 2], 9),
+        ValueError,
+        "block 0: key given for a partial block (2 of 256 tokens)",
+    ),
+    (
+        lambda a: a.publish(0, 0, [1] * 256),
+        ValueError,
+        "block 0: key missing for a full block (256 tokens)",
+    ),
+    (lambda a: a.invalidate(-1), IndexError, "[kvpool::invalidate] block id -1 out of range"),
+    (lambda a: a.content_tokens(64), IndexError, "[kvpool::content_tokens] block id 64"),
+    (lambda a: a.key_of(64), IndexError, "[kvpool::key_of] block id 64"),
+    (lambda a: a.parent_key_of(64), IndexError, "[kvpool::parent_key_of] block id 64"),
+    (lambda a: a.has_content(64), IndexError, "[kvpool::has_content] block id 64"),
 ]
 
 
@@ -198,6 +226,11 @@ def test_real_double_free() -> None:
         lambda a: a.allocate(1, 2**31),  # n is int32
         lambda a: a.allocate(2**63, 1),  # owner is int64
         lambda a: a.free(1, [2**31]),  # block ids are int32
+        lambda a: a.publish(0, -1, [1]),  # keys are uint64
+        lambda a: a.publish(0, 2**64, [1]),
+        lambda a: a.lookup(2**64, [1]),
+        lambda a: a.best_child(-1, [1]),
+        lambda a: a.publish(0, 0, [2**31]),  # token ids are int32
     ],
 )
 def test_out_of_type_range_arguments_are_type_errors(call: Call) -> None:
@@ -206,3 +239,154 @@ def test_out_of_type_range_arguments_are_type_errors(call: Call) -> None:
         call(alloc)
     assert alloc.num_free == 4
     assert alloc.num_owners == 0
+
+
+# --- Prefix-cache bookkeeping -------------------------------------------------
+
+
+def test_publish_lookup_and_content() -> None:
+    alloc = _blocks.BlockAllocator(4, block_tokens=2)
+    assert alloc.allocate(1, 3) == [0, 1, 2]
+    assert alloc.publish(0, 7, [10, 11], 50) == 0  # full block: canonical for 50
+    assert alloc.publish(1, parent_key=50, tokens=[12]) == 1  # partial: no key
+    assert content(alloc, 0) == (7, (10, 11), 50)
+    assert content(alloc, 1) == (50, (12,), None)
+    assert content(alloc, 2) is None
+    assert alloc.lookup(50, [10, 11]) == 0
+    assert alloc.lookup(50, [10]) == -1  # tokens must match exactly
+    assert alloc.lookup(51, [10, 11]) == -1
+    # The whole uint64 range is a key.
+    top = 2**64 - 1
+    assert alloc.publish(2, top, [1, 2], key=top) == 2
+    assert alloc.lookup(top, [1, 2]) == 2
+    assert alloc.best_child(top, [1, 5]) == (2, 1)
+    # Publishing touches neither references nor the queue.
+    assert ref_cnts(alloc) == [1, 1, 1, 0]
+    assert alloc.free_queue() == [3]
+    alloc.check_invariants()
+
+
+def test_duplicate_and_colliding_keys() -> None:
+    alloc = _blocks.BlockAllocator(4, block_tokens=2)
+    alloc.allocate(1, 3)
+    assert alloc.publish(0, 7, [1, 2], 50) == 0
+    assert alloc.publish(1, 7, [1, 2], 50) == 0  # duplicate: 0 stays canonical
+    assert alloc.publish(2, 7, [3, 4], 50) == 0  # collision: same key, other tokens
+    assert alloc.key_of(2) == 50
+    assert alloc.lookup(50, [1, 2]) == 0
+    assert alloc.lookup(50, [3, 4]) == -1  # a collision never returns a block
+    assert alloc.best_child(7, [3, 4]) == (2, 2)
+    assert alloc.best_child(7, [1, 9]) == (0, 1)  # tie 0 / 1: lowest id
+    alloc.invalidate(0)  # duplicates are not promoted
+    assert alloc.lookup(50, [1, 2]) == -1
+    assert alloc.best_child(7, [1, 2]) == (1, 2)
+    alloc.check_invariants()
+
+
+def test_release_queues_cached_blocks_at_the_tail() -> None:
+    alloc = _blocks.BlockAllocator(6, block_tokens=2)
+    assert alloc.allocate(1, 4) == [0, 1, 2, 3]
+    alloc.publish(1, 0, [10, 11], 101)
+    alloc.publish(3, 101, [12])
+    assert alloc.release(1) == 4
+    # table order: 0 -> head, 1 -> tail, 2 -> head, 3 -> tail
+    # queue: 2 0 4 5 1C 3C
+    assert alloc.free_queue() == [2, 0, 4, 5, 1, 3]
+    assert (alloc.num_free, alloc.num_used, alloc.num_cached) == (6, 0, 2)
+    assert alloc.lookup(101, [10, 11]) == 1  # cached: still findable
+    # allocate takes FREE blocks first, then the least recently freed cached one.
+    assert alloc.allocate(2, 5) == [2, 0, 4, 5, 1]
+    # queue: 3C
+    assert alloc.free_queue() == [3]
+    assert (alloc.num_cached, alloc.num_evictions) == (1, 1)
+    assert content(alloc, 1) is None
+    assert alloc.lookup(101, [10, 11]) == -1  # the eviction dropped the index entry
+    assert alloc.best_child(101, [12, 0]) == (3, 1)
+    assert alloc.allocate(3, 1) == [3]
+    assert (alloc.num_cached, alloc.num_evictions) == (0, 2)
+    assert alloc.best_child(101, [12]) == (-1, 0)
+    alloc.check_invariants()
+
+
+def test_share_revives_a_cached_block_from_the_middle() -> None:
+    alloc = _blocks.BlockAllocator(5, block_tokens=1)
+    alloc.allocate(1, 5)
+    for b in range(5):
+        alloc.publish(b, 0, [b], 100 + b)
+    alloc.release(1)
+    # queue: 0C 1C 2C 3C 4C
+    assert alloc.free_queue() == [0, 1, 2, 3, 4]
+    alloc.share(2, [2])
+    # queue: 0C 1C 3C 4C   content kept
+    assert alloc.free_queue() == [0, 1, 3, 4]
+    assert (alloc.num_free, alloc.num_cached, alloc.ref_cnt(2)) == (4, 4, 1)
+    assert alloc.lookup(102, [2]) == 2
+    alloc.free(2, [2])
+    # queue: 0C 1C 3C 4C 2C   (most recently used at the tail)
+    assert alloc.free_queue() == [0, 1, 3, 4, 2]
+    alloc.share(3, [0, 2])
+    assert alloc.free_queue() == [1, 3, 4]
+    assert alloc.num_evictions == 0
+    alloc.check_invariants()
+
+
+def test_invalidate() -> None:
+    alloc = _blocks.BlockAllocator(5, block_tokens=2)
+    alloc.allocate(1, 4)
+    alloc.publish(0, 0, [1, 2], 10)
+    alloc.publish(1, 10, [3, 4], 11)
+    alloc.publish(2, 11, [5])
+    alloc.share(2, [1])
+    alloc.release(1)
+    # queue: 3 4 0C 2C   owner 2 holds 1
+    assert alloc.free_queue() == [3, 4, 0, 2]
+    alloc.invalidate(2)  # cached -> free, to the head
+    # queue: 2 3 4 0C
+    assert alloc.free_queue() == [2, 3, 4, 0]
+    assert (alloc.num_free, alloc.num_cached) == (4, 1)
+    alloc.invalidate(1)  # held: loses its content, stays held
+    assert (alloc.ref_cnt(1), alloc.has_content(1), alloc.lookup(11, [3, 4])) == (1, False, -1)
+    before = snapshot(alloc)
+    alloc.invalidate(1)  # no content: no-op
+    alloc.invalidate(3)
+    assert snapshot(alloc) == before
+    assert alloc.num_evictions == 0  # invalidation is not eviction
+    alloc.check_invariants()
+
+
+def test_best_child_token_granular() -> None:
+    alloc = _blocks.BlockAllocator(8, block_tokens=4)
+    alloc.allocate(1, 5)
+    alloc.publish(0, 5, [1, 2, 3, 4], 100)
+    alloc.publish(1, 5, [1, 2, 7, 7], 101)
+    alloc.publish(2, 5, [1, 2])  # partial
+    alloc.publish(3, 6, [1, 2, 3, 4], 102)  # another parent
+    alloc.release(1)  # held or cached makes no difference
+    assert alloc.best_child(5, [1, 2, 3, 4]) == (0, 4)
+    assert alloc.best_child(5, [1, 2, 3]) == (0, 3)
+    assert alloc.best_child(5, [1, 2, 7, 8]) == (1, 3)
+    assert alloc.best_child(5, [1, 2, 8]) == (0, 2)  # 0, 1, 2 tie: lowest id
+    assert alloc.best_child(5, [8]) == (-1, 0)
+    assert alloc.best_child(5, []) == (-1, 0)
+    assert alloc.best_child(4, [1]) == (-1, 0)
+    assert alloc.best_child(6, [1, 2, 3, 4]) == (3, 4)
+
+
+def test_publish_mistakes_change_nothing() -> None:
+    alloc = _blocks.BlockAllocator(8, block_tokens=4)
+    alloc.allocate(1, 2)
+    alloc.publish(0, 3, [1, 2, 3, 4], 9)
+    alloc.release(1)
+    alloc.allocate(2, 1)
+    before = snapshot(alloc)
+    with pytest.raises(ValueError, match=r"block 0 is not held \(ref_cnt 0, cached\)"):
+        alloc.publish(0, 0, [1])
+    alloc.share(3, [0])
+    before = snapshot(alloc)
+    with pytest.raises(
+        ValueError,
+        match=r"^\[kvpool::publish\] block 0 already has content \(4 tokens under parent_key 3\)",
+    ):
+        alloc.publish(0, 0, [1])
+    assert snapshot(alloc) == before
+    alloc.check_invariants()
