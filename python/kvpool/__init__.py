@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from kvpool import _blocks
 from kvpool.blas import maybe_enable_from_env
-from kvpool.blocks import AgentBlocks, CompletedGeneration, KVBlock, TokenEvent
+from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
+from kvpool.cache import CacheHandle, CacheUsage, GroupTable
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import (
     CacheCorruptionError,
@@ -37,11 +38,13 @@ __all__ = [
     "BlockPool",
     "BlockPoolBatchEngine",
     "CacheCorruptionError",
+    "CacheHandle",
+    "CacheUsage",
     "CompletedGeneration",
     "GenerationError",
+    "GroupTable",
     "IncompatibleCacheError",
     "InvalidRequestError",
-    "KVBlock",
     "KvpoolError",
     "LayerSpec",
     "ModelCacheSpec",

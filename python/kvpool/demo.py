@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from kvpool.blas import blas_info
-from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
+from kvpool.blocks import CompletedGeneration, TokenEvent
+from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.errors import InvalidRequestError, KvpoolError, ModelNotFoundError, PoolExhaustedError
 from kvpool.models import MANIFEST_NAME, RECIPES, ensure_model, load_model
@@ -361,9 +362,14 @@ def run_demo(config: DemoConfig, progress: ProgressCallback | None = None) -> De
         usage = pool.usage()
         for blocks in caches:
             pool.release(blocks)
-        reprefill, baseline_outputs = _run_reprefill(engine, prompts, config, progress)
     finally:
         engine.close()
+    # The baseline must not find the cached run's blocks: an engine that shares none.
+    baseline = BlockPoolBatchEngine(model, tokenizer, pool, spec, prefix_sharing=False)
+    try:
+        reprefill, baseline_outputs = _run_reprefill(baseline, prompts, config, progress)
+    finally:
+        baseline.close()
 
     mismatches = tuple(compare_outputs(outputs, baseline_outputs))
     last = cached.record(config.num_turns, scripts[0].agent_id)
@@ -377,9 +383,9 @@ def run_demo(config: DemoConfig, progress: ProgressCallback | None = None) -> De
             bytes_per_block=spec.bytes_per_block,
             num_blocks_needed=all_agents,
             peak_used=peak,
-            num_used=usage["num_used"],
-            num_free=usage["num_free"],
-            bytes_used=usage["bytes_used"],
+            num_used=usage.num_used,
+            num_free=usage.num_free,
+            bytes_used=usage.bytes_used,
         ),
         cached=cached,
         reprefill=reprefill,
@@ -498,7 +504,7 @@ class _Turn:
     def __call__(
         self,
         prompts: dict[str, tuple[int, ...]],
-        caches: dict[str, AgentBlocks],
+        caches: dict[str, CacheHandle],
         max_tokens: int,
     ) -> dict[str, CompletedGeneration]:
         on_token = self._count if self.progress is not None else None
@@ -563,10 +569,10 @@ def _run_cached(
     scripts: Sequence[AgentScript],
     config: DemoConfig,
     progress: ProgressCallback | None,
-) -> tuple[RunResult, Prompts, Outputs, int, list[AgentBlocks]]:
+) -> tuple[RunResult, Prompts, Outputs, int, list[CacheHandle]]:
     """The cached run; also returns its prompts, outputs, peak block use and final caches."""
     contexts = {s.agent_id: s.opening for s in scripts}
-    caches: dict[str, AgentBlocks] = {}
+    caches: dict[str, CacheHandle] = {}
     prompts: Prompts = []
     outputs: Outputs = {}
     records: list[TurnRecord] = []

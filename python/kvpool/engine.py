@@ -11,15 +11,14 @@ Threading: one thread drives the engine (``step``, ``cancel``, ``drain``,
 at any time; it only does bookkeeping and queues the request, which the next
 ``step`` starts (continuous batching: it joins the running batch).
 
-Blocks of one request (all-or-nothing, taken in ``submit``):
-  * its *lease*: the full prefix blocks it shares with the cache it reuses,
-    plus fresh blocks for ``len(prompt) + max_tokens`` positions, so the final
-    scatter can never run out of blocks; unused ones are freed at the end;
-  * its *pin*: references on every cache block the gather reads, dropped once
-    the gather is done, so nothing can recycle them before it.
-On success the lease becomes the agent's new :class:`AgentBlocks` and the old
-cache is released; on failure or cancel the lease and pin are released and
-the old cache stays valid.
+Blocks (the pool's :class:`~kvpool.cache.manager.KVCacheManager` owns them):
+``submit`` looks up the longest prefix of the prompt that *any* agent's blocks
+hold (or ``cache``, the agent's own handle) and reserves, all or nothing, the
+matched blocks plus fresh blocks for ``len(prompt) + max_tokens`` positions, so
+the final write can never run out. On success the reservation becomes the
+agent's new :class:`~kvpool.cache.tables.CacheHandle` (its full blocks are
+published for every other agent) and the agent's old handle is released; on
+failure or cancel it is rolled back and the old handle stays valid.
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
+from kvpool.blocks import CompletedGeneration, TokenEvent
+from kvpool.cache.manager import PoolFull, Reservation
+from kvpool.cache.tables import CacheHandle
 from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError, PoolExhaustedError
 from kvpool.pool import BlockPool
 from kvpool.sampling import GREEDY, SamplingParams, make_sampler, make_stop_sequences
@@ -60,15 +61,6 @@ def model_vocab_size(model: Any) -> int | None:
     return vocab if isinstance(vocab, int) and vocab > 0 else None
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class RequestState(enum.Enum):
     QUEUED = "queued"  # validated, blocks reserved, waiting for step()
     RUNNING = "running"  # inserted into the batch generator
@@ -81,11 +73,8 @@ class _Request:
     uid: int
     agent_id: str
     prompt: tuple[int, ...]
-    cache: AgentBlocks | None
-    reused: int  # prompt tokens taken from cache: prompt[:reused] == cache.token_ids[:reused]
-    num_shared: int  # full cache blocks the lease shares (positions < num_shared * block_tokens)
-    lease: int
-    pin: int
+    cache: CacheHandle | None  # the handle the caller passed (returned again on failure)
+    reservation: Reservation  # prompt[:reservation.match.num_tokens] comes from the pool
     max_tokens: int
     sampling: SamplingParams
     on_token: TokenCallback | None
@@ -96,6 +85,11 @@ class _Request:
     detokenizer: Any = None  # the tokenizer's streaming detokenizer, once on_token needs it
     t_first_token: float | None = None
 
+    @property
+    def reused(self) -> int:
+        """Prompt tokens taken from the pool."""
+        return self.reservation.match.num_tokens
+
 
 class BlockPoolBatchEngine:
     """Batched generation for many agents with their KV caches in ``pool``.
@@ -103,7 +97,8 @@ class BlockPoolBatchEngine:
     ``batch_gen_factory(model, **kwargs)`` builds the batch generator (mlx-lm's
     ``BatchGenerator`` by default; ``kvpool.testing.FakeBatchGenerator`` in
     tests). It is the only seam for tests. ``vocab_size`` bounds prompt token
-    ids (default: :func:`model_vocab_size`).
+    ids (default: :func:`model_vocab_size`). ``prefix_sharing=False`` reuses
+    only the ``cache`` a request passes, never other agents' blocks.
     """
 
     def __init__(
@@ -118,6 +113,7 @@ class BlockPoolBatchEngine:
         prefill_batch_size: int = 8,
         prefill_step_size: int = 2048,
         vocab_size: int | None = None,
+        prefix_sharing: bool = True,
     ) -> None:
         if model is None:
             raise InvalidRequestError("model is required")
@@ -137,6 +133,7 @@ class BlockPoolBatchEngine:
             "prefill_batch_size": validate_count("prefill_batch_size", prefill_batch_size),
             "prefill_step_size": validate_count("prefill_step_size", prefill_step_size),
         }
+        self.prefix_sharing = bool(prefix_sharing)
         self._gen: Any = None
         self._lock = threading.Lock()
         self._uids = itertools.count()
@@ -154,30 +151,34 @@ class BlockPoolBatchEngine:
         self,
         agent_id: str,
         prompt: str | Sequence[int],
-        cache: AgentBlocks | None = None,
+        cache: CacheHandle | None = None,
         max_tokens: int = 256,
         *,
         sampling: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
+        cache_salt: str = "",
     ) -> int:
         """Queue one turn of ``agent_id``; returns the request's uid.
 
-        ``prompt`` is the agent's whole context, as text or token ids.
-        ``cache`` is the ``blocks`` of the agent's previous completion: the
-        longest common token prefix is reused (a full hit re-feeds the last
-        token). ``on_token`` receives each generated token as it arrives, on
-        the thread that calls ``step``.
+        ``prompt`` is the agent's whole context, as text or token ids. The
+        longest prefix of it that the pool holds is reused, from any agent of
+        the same ``cache_salt`` (tenant) or from ``cache``: the ``blocks`` of
+        the agent's previous completion (or of another agent, to fork it),
+        which is released when this turn succeeds. A full hit re-feeds the last
+        token. ``on_token`` receives each generated token as it arrives, on the
+        thread that calls ``step``.
 
-        Raises InvalidRequestError for bad input, RequestTooLargeError if the
-        turn can never fit the pool, PoolExhaustedError if too few blocks are
-        free now. Nothing is allocated when it raises.
+        Raises InvalidRequestError for bad input (a ``cache`` that is not live
+        in this pool included), RequestTooLargeError if the turn can never fit
+        the pool, PoolExhaustedError if too few blocks are free now. Nothing is
+        allocated when it raises.
         """
         validate_agent_id(agent_id)
         validate_count("max_tokens", max_tokens)
+        if not isinstance(cache_salt, str):
+            raise InvalidRequestError(f"cache_salt must be a string, got {type(cache_salt)}")
         tokens = tuple(self._tokenize(prompt))
         sampling = sampling or GREEDY
-        if cache is not None and not isinstance(cache, AgentBlocks):
-            raise InvalidRequestError(f"cache must be AgentBlocks or None, got {type(cache)}")
         with self._lock:
             if agent_id in self._agent_to_uid:
                 raise InvalidRequestError(
@@ -186,9 +187,37 @@ class BlockPoolBatchEngine:
                 )
             if cache is not None:
                 self.pool.check_live(cache)
-            reused = self._reusable_prefix(tokens, cache)
-            request = self._reserve(agent_id, tokens, cache, reused, max_tokens)
-            request.sampling, request.on_token = sampling, on_token
+            replacing = cache if cache is not None and cache.agent_id == agent_id else None
+            match = self.pool.lookup(tokens, salt=cache_salt, own=cache, shared=self.prefix_sharing)
+            res = self.pool.reserve(
+                agent_id, tokens, max_tokens, match, salt=cache_salt, replacing=replacing
+            )
+            if isinstance(res, PoolFull) and match.num_tokens % self.spec.block_tokens:
+                # The partly matching block is pinned beside the fresh ones until the
+                # gather: without it the request may fit (it then prefills those tokens).
+                match = self.pool.lookup(
+                    tokens,
+                    salt=cache_salt,
+                    own=cache,
+                    shared=self.prefix_sharing,
+                    limit=match.num_tokens - match.num_tokens % self.spec.block_tokens,
+                )
+                res = self.pool.reserve(
+                    agent_id, tokens, max_tokens, match, salt=cache_salt, replacing=replacing
+                )
+            if isinstance(res, PoolFull):
+                raise self._pool_full_error(agent_id, tokens, max_tokens, res)
+            request = _Request(
+                uid=next(self._uids),
+                agent_id=agent_id,
+                prompt=tokens,
+                cache=cache,
+                reservation=res,
+                max_tokens=max_tokens,
+                sampling=sampling,
+                on_token=on_token,
+                t_submit=time.perf_counter(),
+            )
             self._queue.append(request)
             self._agent_to_uid[agent_id] = request.uid
         return request.uid
@@ -269,82 +298,25 @@ class BlockPoolBatchEngine:
             raise InvalidRequestError(f"prompt must be text or token ids, got {type(prompt)}")
         return validate_token_ids(prompt, self._vocab_size)
 
-    def _reusable_prefix(self, tokens: Sequence[int], cache: AgentBlocks | None) -> int:
-        """Prompt tokens whose K/V ``cache`` can supply (0 for none).
-
-        At least one token must remain to be fed, so a full hit reuses all but
-        the last token. Sliding-window layers need the ``min(p, window)``
-        positions before ``p``; if the cache no longer holds them, nothing is
-        reused.
-        """
-        if cache is None:
-            return 0
-        p = common_prefix_len(tokens, cache.token_ids)
-        if p == len(tokens):
-            p -= 1
-        window = self.spec.max_window
-        if window is not None and p - min(p, window) < cache.sliding_valid_from:
-            return 0
-        return p
-
-    def _reserve(
-        self,
-        agent_id: str,
-        tokens: tuple[int, ...],
-        cache: AgentBlocks | None,
-        reused: int,
-        max_tokens: int,
-    ) -> _Request:
-        size = self.spec.block_tokens
-        num_shared = reused // size
-        shared = cache.block_ids[:num_shared] if cache is not None else ()
-        read = cache.block_ids[: self.spec.blocks_for(reused)] if cache is not None else ()
-        total = self.spec.blocks_for(len(tokens) + max_tokens)
-        fresh = total - num_shared
-        # The agent's old cache stays held until this turn replaces it.
-        held_until_done = 0
-        if cache is not None and cache.agent_id == agent_id:
-            held_until_done = len(cache.block_ids) - num_shared
-        if fresh + held_until_done > self.pool.num_blocks:
-            raise RequestTooLargeError(
-                f"{len(tokens)} prompt tokens + {max_tokens} max_tokens need {total} blocks of "
-                f"{size} tokens ({num_shared} shared with the agent's cache, whose other "
-                f"{held_until_done} stay held until the turn ends); "
-                f"the pool has {self.pool.num_blocks}",
-                needed=fresh + held_until_done,
-                free=self.pool.num_free,
-                capacity=self.pool.num_blocks,
+    def _pool_full_error(
+        self, agent_id: str, tokens: Sequence[int], max_tokens: int, full: PoolFull
+    ) -> PoolExhaustedError:
+        where = f" of layer group {full.group}" if len(self.spec.groups) > 1 else ""
+        if full.never_fits:
+            return RequestTooLargeError(
+                f"{len(tokens)} prompt tokens + {max_tokens} max_tokens need {full.needed} "
+                f"blocks{where} of {self.spec.block_tokens} tokens (with what the agent's "
+                f"current cache holds until the turn ends); the pool has {full.capacity}",
+                needed=full.needed,
+                free=full.free,
+                capacity=full.capacity,
             )
-        if fresh > self.pool.num_free:
-            raise PoolExhaustedError(
-                f"agent {agent_id!r} needs {fresh} blocks ({num_shared} more shared), "
-                f"{self.pool.num_free} free (pool of {self.pool.num_blocks})",
-                needed=fresh,
-                free=self.pool.num_free,
-                capacity=self.pool.num_blocks,
-            )
-        lease, pin = self.pool.new_lease(), self.pool.new_lease()
-        try:
-            self.pool.share(lease, shared)
-            self.pool.allocate(lease, fresh)
-            self.pool.share(pin, read)
-        except BaseException:
-            self.pool.release_lease(lease)
-            self.pool.release_lease(pin)
-            raise
-        return _Request(
-            uid=next(self._uids),
-            agent_id=agent_id,
-            prompt=tokens,
-            cache=cache,
-            reused=reused,
-            num_shared=num_shared,
-            lease=lease,
-            pin=pin,
-            max_tokens=max_tokens,
-            sampling=GREEDY,
-            on_token=None,
-            t_submit=time.perf_counter(),
+        return PoolExhaustedError(
+            f"agent {agent_id!r} needs {full.needed} blocks{where}, {full.free} free "
+            f"(pool of {full.capacity})",
+            needed=full.needed,
+            free=full.free,
+            capacity=full.capacity,
         )
 
     # -- step helpers (driving thread) ----------------------------------------
@@ -365,12 +337,9 @@ class BlockPoolBatchEngine:
     def _start(self, request: _Request) -> CompletedGeneration | None:
         """Gather the reused prefix and insert the rest; None on success."""
         try:
-            caches = None
-            if request.reused:
-                assert request.cache is not None
-                caches = self.pool.storage.load(request.cache.block_ids, request.reused)
+            caches = self.pool.gather(request.reservation)
             with self._lock:
-                self.pool.release_lease(request.pin)
+                self.pool.unpin(request.reservation)
             kwargs: dict[str, Any] = {}
             if not request.sampling.is_greedy:
                 kwargs["samplers"] = [make_sampler(request.sampling)]
@@ -434,7 +403,7 @@ class BlockPoolBatchEngine:
         request.on_token(event)
 
     def _finish(self, request: _Request, response: Any) -> CompletedGeneration:
-        """Scatter the final cache into the request's lease and release the old cache."""
+        """Write the final cache into the request's blocks; it becomes the agent's handle."""
         try:
             caches = response.prompt_cache
             all_tokens = tuple(int(t) for t in response.all_tokens)
@@ -443,25 +412,13 @@ class BlockPoolBatchEngine:
                 raise GenerationError(
                     f"final cache holds {length} positions but {len(all_tokens)} tokens"
                 )
-            size = self.spec.block_tokens
+            res = request.reservation
+            tables, written_from = self.pool.write_final(res, caches, length)
             with self._lock:
-                table = self.pool.table(request.lease)
-                keep = self.spec.blocks_for(length)
-                self.pool.free(request.lease, table[keep:])
-                table = table[:keep]
-            shared_end = request.num_shared * size
-            valid = self.pool.storage.store(caches, table, shared_end)
-            if valid < shared_end and request.cache is not None:
-                valid = max(valid, request.cache.sliding_valid_from)
-            blocks = AgentBlocks(
-                request.agent_id, tuple(table), all_tokens, size, request.lease, valid
-            )
+                blocks = self.pool.commit(res, all_tokens, tables, written_from)
         except Exception as exc:
             return self._fail(request, exc, "could not store the final cache")
         with self._lock:
-            old = request.cache
-            if old is not None and old.agent_id == request.agent_id and self.pool.is_live(old):
-                self.pool.release(old)
             del self._agent_to_uid[request.agent_id]
         generated = tuple(request.generated)
         text_ids = generated[:-1] if response.finish_reason == "stop" else generated
@@ -484,8 +441,7 @@ class BlockPoolBatchEngine:
     def _drop(self, request: _Request) -> None:
         """Release what the request holds; its agent may submit again."""
         with self._lock:
-            self.pool.release_lease(request.lease)
-            self.pool.release_lease(request.pin)
+            self.pool.rollback(request.reservation)
             if self._agent_to_uid.get(request.agent_id) == request.uid:
                 del self._agent_to_uid[request.agent_id]
         if request.gen_uid is not None:

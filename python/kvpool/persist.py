@@ -53,12 +53,14 @@ from typing import Any, cast
 
 import numpy as np
 
-from kvpool.blocks import AgentBlocks
+from kvpool.cache.manager import PoolFull, Reservation
+from kvpool.cache.tables import CacheHandle
 from kvpool.errors import (
     CacheCorruptionError,
     IncompatibleCacheError,
     InvalidRequestError,
     KvpoolError,
+    PoolExhaustedError,
 )
 from kvpool.pool import BlockPool
 from kvpool.spec import AttentionKind, LayerSpec, ModelCacheSpec
@@ -511,8 +513,16 @@ class _Hasher:
 # --------------------------------------------------------------------------- save
 
 
+def sliding_valid_from(pool: BlockPool, handle: CacheHandle) -> int:
+    """First position every sliding layer of ``handle`` holds (0 without sliding layers)."""
+    return max(
+        (t.valid_from for g, t in zip(pool.spec.groups, handle.tables, strict=True) if g.window),
+        default=0,
+    )
+
+
 def save_cache(
-    path: str | os.PathLike[str], pool: BlockPool, blocks: AgentBlocks, *, fingerprint: str
+    path: str | os.PathLike[str], pool: BlockPool, blocks: CacheHandle, *, fingerprint: str
 ) -> int:
     """Write ``blocks`` (live in ``pool``) to ``path`` atomically; returns the file's size.
 
@@ -525,13 +535,14 @@ def save_cache(
     if blocks.total_tokens == 0:
         raise InvalidRequestError(f"the cache of agent {blocks.agent_id!r} holds no tokens")
     spec = pool.spec
-    tensors = _plan(spec, blocks.total_tokens, blocks.sliding_valid_from)
+    valid_from = sliding_valid_from(pool, blocks)
+    tensors = _plan(spec, blocks.total_tokens, valid_from)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "agent_id": blocks.agent_id,
         "num_tokens": str(blocks.total_tokens),
-        "sliding_valid_from": str(blocks.sliding_valid_from),
+        "sliding_valid_from": str(valid_from),
         "spec": _spec_to_json(spec),
         "model_fingerprint": fingerprint,
         "created_by": _created_by(),
@@ -585,7 +596,7 @@ def _save_chunks(tensors: Sequence[_Tensor]) -> Iterator[tuple[list[int], int]]:
 
 
 def _write_data(
-    f: io.BufferedWriter, pool: BlockPool, blocks: AgentBlocks, tensors: Sequence[_Tensor]
+    f: io.BufferedWriter, pool: BlockPool, blocks: CacheHandle, tensors: Sequence[_Tensor]
 ) -> dict[str, str]:
     by_name = {t.name: t for t in tensors}
     dtype = host_dtype(pool.spec.dtype)
@@ -594,7 +605,7 @@ def _write_data(
     hasher.add_group([("token_ids", tokens)])
     f.write(_bytes_of(tokens))
     for layers, start in _save_chunks(tensors):
-        kvs = pool.storage.read_layers(blocks.block_ids, layers, start, blocks.total_tokens)
+        kvs = pool.read_layers(blocks, layers, start, blocks.total_tokens)
         named = []
         for kv in kvs:
             for part, array in (("keys", kv.keys), ("values", kv.values)):
@@ -619,19 +630,41 @@ def load_cache(
     *,
     fingerprint: str,
     agent_id: str | None = None,
-) -> AgentBlocks:
-    """Load a saved cache into fresh blocks of ``pool``; returns the agent's AgentBlocks.
+    cache_salt: str = "",
+) -> CacheHandle:
+    """Load a saved cache into ``pool``; returns the agent's handle.
 
-    Pass the result as ``cache`` to the engine's ``submit``; its lease is the pool's
-    (``pool.release(blocks)`` frees it). ``agent_id``, if given, must be the file's.
+    Pass the result as ``cache`` to the engine's ``submit`` (``pool.release(handle)``
+    frees it). Blocks the pool already holds for a prefix of the file's tokens (under
+    ``cache_salt``) are shared instead of written again. ``agent_id``, if given, must be
+    the file's.
 
     Raises CacheCorruptionError (the file fails a check), IncompatibleCacheError (another
     model or layout), PoolExhaustedError (too few free blocks), FileNotFoundError. The pool
     is unchanged when it raises: the header is checked before any block is taken; each
     layer's sha256 is checked before it is written into the blocks this call took (nobody
-    else holds them), and they are freed on any failure.
+    else reads them before the commit), and they are given back on any failure.
     """
     path = Path(path)
+    reservation: list[tuple[Reservation, tuple[tuple[int, ...], ...]]] = []
+
+    def reserve(tokens: tuple[int, ...]) -> None:
+        got = pool.reserve_exact(info.agent_id, tokens, salt=cache_salt)
+        if isinstance(got, PoolFull):
+            raise PoolExhaustedError(
+                f"{path}: loading {len(tokens)} tokens needs {got.needed} blocks, "
+                f"{got.free} free (pool of {got.capacity})",
+                needed=got.needed,
+                free=got.free,
+                capacity=got.capacity,
+            )
+        reservation.append(got)
+
+    def sink(kvs: list[LayerKV]) -> None:
+        res, tables = reservation[0]
+        size = pool.spec.block_tokens
+        pool.write_layers(tables, kvs, (res.match.num_tokens // size) * size)
+
     with path.open("rb") as f:
         info = _read_header(f, path)
         info.check_compatible(pool.spec, fingerprint)
@@ -639,17 +672,15 @@ def load_cache(
             raise CacheCorruptionError(
                 f"{path}: holds the cache of agent {info.agent_id!r}, not {agent_id!r}"
             )
-        lease = pool.new_lease()
         try:
-            table = pool.allocate(lease, info.num_blocks)
-            tokens = _read_data(f, info, lambda kvs: pool.storage.write_layers(table, kvs))
+            _read_data(f, info, sink, on_tokens=reserve)
         except BaseException:
-            pool.release_lease(lease)
+            if reservation:
+                pool.rollback(reservation[0][0])
             raise
-    return AgentBlocks(
-        info.agent_id, tuple(table), tokens, info.spec.block_tokens, lease,
-        info.sliding_valid_from,
-    )  # fmt: skip
+    res, tables = reservation[0]
+    valid_from = [info.sliding_valid_from if g.window else 0 for g in pool.spec.groups]
+    return pool.commit_exact(res, tables, valid_from)
 
 
 def verify_cache(path: str | os.PathLike[str]) -> CacheInfo:
@@ -662,9 +693,14 @@ def verify_cache(path: str | os.PathLike[str]) -> CacheInfo:
 
 
 def _read_data(
-    f: io.BufferedReader, info: CacheInfo, sink: Callable[[list[LayerKV]], None]
+    f: io.BufferedReader,
+    info: CacheInfo,
+    sink: Callable[[list[LayerKV]], None],
+    on_tokens: Callable[[tuple[int, ...]], None] | None = None,
 ) -> tuple[int, ...]:
     """Read every tensor, check its sha256, hand each checked layer to ``sink``.
+
+    ``on_tokens`` receives the checked token ids before any layer is read.
 
     No byte reaches ``sink`` before its tensor's sha256 matched: layer ``j`` is hashed (keys
     and values on two threads) while layer ``j - 1``, already checked, goes to ``sink``.
@@ -675,6 +711,9 @@ def _read_data(
     tokens_t, *layer_ts = info.tensors
     tokens = _read_tensor(f, info, tokens_t, np.empty(tokens_t.end - tokens_t.begin, np.uint8))
     _check_digest(info, tokens_t, _sha256(tokens))
+    token_ids = tuple(int(t) for t in tokens.view("<u4"))
+    if on_tokens is not None:
+        on_tokens(token_ids)
     largest = max(t.end - t.begin for t in layer_ts)
     # Layer j is read into ring[j % 2]; layer j - 2, its last user, went to sink before.
     ring = [(np.empty(largest, np.uint8), np.empty(largest, np.uint8)) for _ in range(2)]
@@ -703,7 +742,7 @@ def _read_data(
         settle(*pending)
     if f.read(1):
         raise CacheCorruptionError(f"{info.path}: the file grew while it was read")
-    return tuple(int(t) for t in tokens.view("<u4"))
+    return token_ids
 
 
 def _check_digest(info: CacheInfo, tensor: _Tensor, digest: str) -> None:
@@ -771,7 +810,7 @@ def model_fingerprint(model: Any) -> str:
 def export_prompt_cache(
     path: str | os.PathLike[str],
     pool: BlockPool,
-    blocks: AgentBlocks,
+    blocks: CacheHandle,
     *,
     fingerprint: str | None = None,
 ) -> None:
@@ -790,23 +829,23 @@ def export_prompt_cache(
     validate_agent_id(blocks.agent_id)
     pool.check_live(blocks)
     spec, n = pool.spec, blocks.total_tokens
+    group_of_layer = spec.group_of_layer()
     caches: list[Any] = []
     for i, layer in enumerate(spec.layers):
         start = 0 if layer.window is None else n - min(n, layer.window)
-        if start < _layer_start(layer, blocks.sliding_valid_from):
+        held_from = blocks.tables[group_of_layer[i]].valid_from
+        if start < held_from:
             raise InvalidRequestError(
                 f"the cache of agent {blocks.agent_id!r} no longer holds layer {i}'s window "
-                f"(positions from {start}; it holds from {blocks.sliding_valid_from})"
+                f"(positions from {start}; it holds from {held_from})"
             )
-        (kv,) = pool.storage.read_layers(blocks.block_ids, [i], start, n)
+        (kv,) = pool.read_layers(blocks, [i], start, n)
         keys, values = (_host_to_mx(a, spec.dtype)[None] for a in (kv.keys, kv.values))
+        cache: Any
         if layer.window is None:
-            cache: Any = KVCache()
-            cache.keys, cache.values, cache.offset = keys, values, n
+            cache = KVCache.from_state((keys, values, n))
         else:
-            cache = RotatingKVCache(max_size=layer.window, keep=0)
-            cache.keys, cache.values, cache.offset = keys, values, n
-            cache._idx = n - start
+            cache = RotatingKVCache.from_state((keys, values, n, 0, layer.window, n - start))
         caches.append(cache)
     mx.eval([a for c in caches for a in (c.keys, c.values)])
     metadata = {
@@ -827,7 +866,7 @@ def import_prompt_cache(
     agent_id: str | None = None,
     token_ids: Sequence[int] | None = None,
     fingerprint: str | None = None,
-) -> AgentBlocks:
+) -> CacheHandle:
     """Load an mlx-lm prompt cache file into fresh blocks of ``pool``.
 
     Files from :func:`export_prompt_cache` carry their agent id and token ids; for any other
@@ -905,14 +944,7 @@ def import_prompt_cache(
         kvs.append(LayerKV(i, n - held, _mx_to_host(keys[0]), _mx_to_host(values[0])))
     # Global layers start at 0; the blocks hold sliding positions from the latest start.
     valid_from = max((kv.start for kv in kvs if spec.layers[kv.layer].window), default=0)
-    lease = pool.new_lease()
-    try:
-        table = pool.allocate(lease, spec.blocks_for(n))
-        pool.storage.write_layers(table, kvs)
-    except BaseException:
-        pool.release_lease(lease)
-        raise
-    return AgentBlocks(agent_id, tuple(table), tokens, spec.block_tokens, lease, valid_from)
+    return pool.write_cache(agent_id, tokens, kvs, valid_from=valid_from)
 
 
 def _mx_dtype(dtype: str) -> Any:

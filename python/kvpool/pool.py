@@ -1,42 +1,82 @@
-"""BlockPool: a fixed number of KV blocks, their owners and their bytes.
+"""BlockPool: the pool's bookkeeping (a KVCacheManager) and its bytes (a KVStorage).
 
-Bookkeeping (free list, reference counts, block tables) is the C++ core
-``kvpool._blocks.BlockAllocator``; the bytes live in a :class:`KVStorage`
-(MLX slabs by default). No MLX import at module level.
+The :class:`~kvpool.cache.manager.KVCacheManager` is the only owner of blocks;
+the :class:`~kvpool.storage.KVStorage` (MLX slabs by default) holds their K/V.
+The pool puts the two together for its users: the engine, the store and
+persistence call the pool and never touch allocators, leases or slabs.
 
-Owners: every holder of blocks is an integer *lease* (an agent's cache, a
-request's reservation, a pin held while a gather reads blocks). A block is
-free exactly when no lease holds it.
+Each layer group (:attr:`ModelCacheSpec.groups`) has its own blocks. Sized by a
+byte budget, a model with one group gets ``max_bytes // bytes_per_block``
+blocks; with sliding-window groups, the budget is split so that every group
+runs out at the same number of agents of ``reference_tokens`` tokens each (a
+sliding group needs only ``ceil(W / B) + 1`` blocks per agent).
 
 Not thread-safe by itself: the engine serialises access under its lock.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from kvpool import _blocks
-from kvpool.blocks import AgentBlocks
+from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch, Reservation
+from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolExhaustedError
 from kvpool.spec import ModelCacheSpec
-from kvpool.storage import KVStorage
+from kvpool.storage import KVStorage, LayerKV
 
-StorageFactory = Callable[[ModelCacheSpec, int], KVStorage]
+StorageFactory = Callable[[ModelCacheSpec, tuple[int, ...]], KVStorage]
+
+DEFAULT_REFERENCE_TOKENS = 8192
+"""Context length the budget split between layer groups is tuned for."""
 
 
-def _default_storage(spec: ModelCacheSpec, num_blocks: int) -> KVStorage:
+def _default_storage(spec: ModelCacheSpec, blocks_per_group: tuple[int, ...]) -> KVStorage:
     from kvpool.slabs import SlabStorage
 
-    return SlabStorage(spec, num_blocks)
+    return SlabStorage(spec, blocks_per_group)
+
+
+def split_budget(
+    spec: ModelCacheSpec, max_bytes: int, reference_tokens: int = DEFAULT_REFERENCE_TOKENS
+) -> tuple[int, ...]:
+    """Blocks per group for a budget of ``max_bytes`` (see the module docstring).
+
+    Every group gets at least one block; raises InvalidRequestError when the
+    budget cannot hold one block of every group.
+    """
+    groups = spec.groups
+    per_block = [spec.group_bytes_per_block(g) for g in range(len(groups))]
+    if max_bytes < sum(per_block):
+        raise InvalidRequestError(
+            f"a budget of {max_bytes} bytes holds no block of every layer group "
+            f"({sum(per_block)} bytes for one block each: {spec.describe()})"
+        )
+    if len(groups) == 1:
+        return (max_bytes // per_block[0],)
+    size = spec.block_tokens
+    per_agent = []
+    for group in groups:
+        blocks = -(-reference_tokens // size)
+        if group.window is not None:
+            blocks = min(blocks, -(-group.window // size) + 1)
+        per_agent.append(blocks)
+    agent_bytes = sum(n * b for n, b in zip(per_agent, per_block, strict=True))
+    agents = max_bytes / agent_bytes
+    counts = [max(1, int(agents * n)) for n in per_agent]
+    while sum(c * b for c, b in zip(counts, per_block, strict=True)) > max_bytes:
+        g = max(range(len(counts)), key=lambda i: counts[i] * per_block[i])
+        counts[g] -= 1
+    return tuple(counts)
 
 
 class BlockPool:
-    """``num_blocks`` blocks of ``spec.block_tokens`` positions for every layer.
+    """Blocks of ``spec.block_tokens`` positions for every layer group of ``spec``.
 
-    Size it with exactly one of ``num_blocks`` or ``max_bytes`` (the byte
-    budget of K and V over all layers; it holds ``max_bytes //
-    spec.bytes_per_block`` blocks). The storage is allocated up front.
+    Size it with exactly one of ``num_blocks`` (that many blocks in every group)
+    or ``max_bytes`` (a budget of K and V bytes over all groups, see
+    :func:`split_budget`). The storage is allocated up front. ``key_salt`` (e.g.
+    the model fingerprint) goes into every prefix key.
     """
 
     def __init__(
@@ -46,124 +86,239 @@ class BlockPool:
         num_blocks: int | None = None,
         max_bytes: int | None = None,
         storage: StorageFactory = _default_storage,
+        reference_tokens: int = DEFAULT_REFERENCE_TOKENS,
+        key_salt: str = "",
     ) -> None:
         if (num_blocks is None) == (max_bytes is None):
             raise InvalidRequestError("give exactly one of num_blocks or max_bytes")
         if max_bytes is not None:
-            if max_bytes < spec.bytes_per_block:
-                raise InvalidRequestError(
-                    f"a budget of {max_bytes} bytes holds no block "
-                    f"({spec.bytes_per_block} bytes per block: {spec.describe()})"
-                )
-            num_blocks = max_bytes // spec.bytes_per_block
-        assert num_blocks is not None
-        if num_blocks < 1:
-            raise InvalidRequestError(f"num_blocks must be >= 1, got {num_blocks}")
+            if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+                raise InvalidRequestError(f"max_bytes must be an int, got {max_bytes!r}")
+            blocks_per_group = split_budget(spec, max_bytes, reference_tokens)
+        else:
+            if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+                raise InvalidRequestError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+            blocks_per_group = (num_blocks,) * len(spec.groups)
         self.spec = spec
-        self._allocator = _blocks.BlockAllocator(num_blocks)
-        self._lease_ids = itertools.count(1)
-        self.storage = storage(spec, num_blocks)
+        self.blocks_per_group = blocks_per_group
+        self.manager = KVCacheManager(spec, blocks_per_group, key_salt=key_salt)
+        self._storage = storage(spec, blocks_per_group)
+        self._group_of_layer = spec.group_of_layer()
+
+    @property
+    def storage(self) -> KVStorage:
+        """The K/V bytes (for inspection and tests; the pool is their only writer)."""
+        return self._storage
 
     # -- capacity -------------------------------------------------------------
 
     @property
     def num_blocks(self) -> int:
-        return int(self._allocator.num_blocks)
+        """Blocks over all groups."""
+        return sum(self.blocks_per_group)
 
     @property
     def num_free(self) -> int:
-        return int(self._allocator.num_free)
+        """Allocatable blocks over all groups (cached-free ones included)."""
+        return self.usage().num_free
 
     @property
     def num_used(self) -> int:
-        return int(self._allocator.num_used)
+        return self.usage().num_used
 
     @property
-    def num_leases(self) -> int:
-        return int(self._allocator.num_owners)
+    def num_cached(self) -> int:
+        return self.usage().num_cached
 
     @property
     def bytes_total(self) -> int:
-        return self.num_blocks * self.spec.bytes_per_block
+        return self.usage().bytes_total
 
     @property
     def bytes_used(self) -> int:
-        return self.num_used * self.spec.bytes_per_block
+        return self.usage().bytes_used
 
-    def usage(self) -> dict[str, int]:
-        """Blocks and bytes, total/used/free, as plain numbers."""
-        return {
-            "num_blocks": self.num_blocks,
-            "num_used": self.num_used,
-            "num_free": self.num_free,
-            "bytes_total": self.bytes_total,
-            "bytes_used": self.bytes_used,
-            "bytes_per_block": self.spec.bytes_per_block,
-        }
+    def usage(self) -> CacheUsage:
+        """Blocks and bytes per group, and the prefix cache's counters."""
+        return self.manager.usage()
 
-    # -- leases ---------------------------------------------------------------
-
-    def new_lease(self) -> int:
-        """A fresh owner id holding nothing."""
-        return next(self._lease_ids)
-
-    def allocate(self, lease: int, n: int) -> list[int]:
-        """Give ``lease`` ``n`` free blocks, all or nothing."""
-        if n > self.num_free:
-            raise PoolExhaustedError(
-                f"need {n} blocks, {self.num_free} free (pool of {self.num_blocks})",
-                needed=n,
-                free=self.num_free,
-                capacity=self.num_blocks,
-            )
-        return [int(b) for b in self._allocator.allocate(lease, n)]
-
-    def share(self, lease: int, block_ids: Sequence[int]) -> None:
-        """Add ``lease``'s reference to blocks another lease holds."""
-        if block_ids:
-            self._allocator.share(lease, list(block_ids))
-
-    def free(self, lease: int, block_ids: Sequence[int]) -> None:
-        """Drop ``lease``'s reference on these blocks."""
-        if block_ids:
-            self._allocator.free(lease, list(block_ids))
-
-    def release_lease(self, lease: int) -> int:
-        """Drop every block ``lease`` holds; returns how many became free."""
-        return int(self._allocator.release(lease))
-
-    def holds(self, lease: int) -> bool:
-        return bool(self._allocator.has_owner(lease))
-
-    def table(self, lease: int) -> list[int]:
-        return [int(b) for b in self._allocator.table(lease)]
-
-    def ref_cnt(self, block_id: int) -> int:
-        return int(self._allocator.ref_cnt(block_id))
+    def handle_bytes(self, handle: CacheHandle) -> int:
+        """Bytes of the blocks ``handle`` holds (shared ones counted in full)."""
+        return sum(
+            len(t.held) * self.spec.group_bytes_per_block(g) for g, t in enumerate(handle.tables)
+        )
 
     def check_invariants(self) -> None:
-        self._allocator.check_invariants()
+        self.manager.check_invariants()
 
-    # -- agent caches ---------------------------------------------------------
+    # -- handles --------------------------------------------------------------
 
-    def is_live(self, blocks: AgentBlocks) -> bool:
-        """True while ``blocks`` still names blocks this pool holds for it."""
-        if blocks.block_tokens != self.spec.block_tokens:
-            return False
-        if not blocks.block_ids:
-            return True
-        return self.holds(blocks.lease) and self.table(blocks.lease) == list(blocks.block_ids)
+    def is_live(self, handle: CacheHandle) -> bool:
+        """True while ``handle`` is live in this pool."""
+        return self.manager.is_live(handle)
 
-    def check_live(self, blocks: AgentBlocks) -> None:
-        """Raise InvalidRequestError unless ``blocks`` is live in this pool."""
-        if not self.is_live(blocks):
-            raise InvalidRequestError(
-                f"the cache of agent {blocks.agent_id!r} ({blocks.total_tokens} tokens) is no "
-                "longer in this pool: it was released, superseded by a later generation, or "
-                "belongs to another pool"
+    def check_live(self, handle: object) -> CacheHandle:
+        """Return ``handle`` if it is live here, else raise InvalidRequestError."""
+        return self.manager.check_live(handle)
+
+    def release(self, handle: CacheHandle) -> int:
+        """Return an agent's cache to the pool (its published blocks stay cached)."""
+        return self.manager.release(handle)
+
+    # -- requests -------------------------------------------------------------
+
+    def lookup(
+        self,
+        tokens: Sequence[int],
+        *,
+        salt: str = "",
+        own: CacheHandle | None = None,
+        limit: int | None = None,
+        shared: bool = True,
+    ) -> PrefixMatch:
+        return self.manager.lookup(tokens, salt=salt, own=own, limit=limit, shared=shared)
+
+    def reserve(
+        self,
+        agent_id: str,
+        tokens: Sequence[int],
+        max_tokens: int,
+        match: PrefixMatch,
+        *,
+        salt: str = "",
+        replacing: CacheHandle | None = None,
+    ) -> Reservation | PoolFull:
+        return self.manager.reserve(
+            agent_id, tokens, max_tokens, match, salt=salt, replacing=replacing
+        )
+
+    def rollback(self, res: Reservation) -> None:
+        self.manager.rollback(res)
+
+    def gather(self, res: Reservation) -> list[Any] | None:
+        """The matched prefix as per-layer caches (None for no match).
+
+        Reads only blocks ``res`` holds or pins, so it needs no lock; call
+        :meth:`unpin` afterwards.
+        """
+        p = res.match.num_tokens
+        return self._storage.load(res.match.read_tables, p) if p else None
+
+    def unpin(self, res: Reservation) -> None:
+        """The gather is done: the partially read blocks may go."""
+        self.manager.release_pin(res)
+
+    def write_final(
+        self, res: Reservation, caches: Sequence[Any], length: int
+    ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        """Write a finished sequence's caches (``length`` positions) into ``res``'s
+        blocks; returns (tables, written_from) for :meth:`commit`. Touches only
+        blocks ``res`` holds (no lock needed); changes no bookkeeping."""
+        tables = self.manager.place(res, length)
+        start = (res.match.num_tokens // self.spec.block_tokens) * self.spec.block_tokens
+        return tables, self._storage.store(caches, tables, start)
+
+    def commit(
+        self,
+        res: Reservation,
+        token_ids: Sequence[int],
+        tables: Sequence[Sequence[int]],
+        written_from: Sequence[int],
+    ) -> CacheHandle:
+        """The written reservation becomes the handle of ``token_ids``."""
+        return self.manager.commit(res, token_ids, tables, written_from)
+
+    # -- persistence ----------------------------------------------------------
+
+    def read_layers(
+        self, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
+    ) -> list[LayerKV]:
+        """Positions ``[start, stop)`` of ``layers`` of a live handle, on the host."""
+        self.check_live(handle)
+        tables = tuple(t.block_ids for t in handle.tables)
+        return self._storage.read_layers(tables, layers, start, stop)
+
+    def reserve_exact(
+        self,
+        agent_id: str,
+        tokens: Sequence[int],
+        *,
+        salt: str = "",
+    ) -> tuple[Reservation, tuple[tuple[int, ...], ...]] | PoolFull:
+        """Blocks for a cache of exactly ``tokens`` that will be written from the host.
+
+        Blocks already in the pool for a prefix of ``tokens`` are shared, not
+        written again: the caller writes positions ``>= num_shared_tokens(res)``
+        only, through the returned tables.
+        """
+        match = self.manager.lookup(tokens, salt=salt, limit=len(tokens))
+        # Only whole shared blocks avoid a write; a partial read buys nothing here.
+        size = self.spec.block_tokens
+        match = self.manager.lookup(tokens, salt=salt, limit=(match.num_tokens // size) * size)
+        res = self.manager.reserve(agent_id, tokens, 0, match, salt=salt)
+        if isinstance(res, PoolFull):
+            return res
+        self.manager.release_pin(res)
+        return res, self.manager.place(res, len(tokens))
+
+    def write_layers(
+        self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV], written_from: int
+    ) -> None:
+        """Write host K/V through ``tables`` at positions ``>= written_from`` only."""
+        size = self.spec.block_tokens
+        out = []
+        for kv in kvs:
+            table = tables[self._group_of_layer[kv.layer]]
+            lo = max(written_from, kv.start)
+            while lo < kv.start + kv.num_tokens and table[lo // size] < 0:
+                lo = (lo // size + 1) * size
+            skip = lo - kv.start
+            if skip >= kv.num_tokens:
+                continue
+            out.append(LayerKV(kv.layer, lo, kv.keys[:, skip:], kv.values[:, skip:]))
+        self._storage.write_layers(tables, out)
+
+    def commit_exact(
+        self,
+        res: Reservation,
+        tables: tuple[tuple[int, ...], ...],
+        valid_from: Sequence[int],
+    ) -> CacheHandle:
+        """Commit a :meth:`reserve_exact` reservation whose group ``g`` holds
+        positions ``>= valid_from[g]`` (0 for full-attention groups)."""
+        size = self.spec.block_tokens
+        shared_end = (res.match.num_tokens // size) * size
+        written = [max(v, shared_end) for v in valid_from]
+        return self.manager.commit(res, res.tokens, tables, written)
+
+    def write_cache(
+        self,
+        agent_id: str,
+        tokens: Sequence[int],
+        kvs: Sequence[LayerKV],
+        *,
+        valid_from: int = 0,
+        salt: str = "",
+    ) -> CacheHandle:
+        """A handle of ``tokens`` whose K/V comes from the host (``kvs``: every layer,
+        sliding ones from ``valid_from``); blocks the pool holds for a prefix are
+        shared instead. Raises PoolExhaustedError (nothing taken) if it does not fit."""
+        got = self.reserve_exact(agent_id, tokens, salt=salt)
+        if isinstance(got, PoolFull):
+            raise PoolExhaustedError(
+                f"a cache of {len(tokens)} tokens needs {got.needed} blocks, {got.free} free "
+                f"(pool of {got.capacity})",
+                needed=got.needed,
+                free=got.free,
+                capacity=got.capacity,
             )
-
-    def release(self, blocks: AgentBlocks) -> int:
-        """Return an agent's cache to the pool; the record becomes stale."""
-        self.check_live(blocks)
-        return self.release_lease(blocks.lease)
+        res, tables = got
+        try:
+            size = self.spec.block_tokens
+            self.write_layers(tables, kvs, (res.match.num_tokens // size) * size)
+        except BaseException:
+            self.rollback(res)
+            raise
+        return self.commit_exact(
+            res, tables, [valid_from if g.window else 0 for g in self.spec.groups]
+        )

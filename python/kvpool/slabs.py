@@ -18,8 +18,8 @@ import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from kvpool import kernels
-from kvpool.spec import AttentionKind, ModelCacheSpec
-from kvpool.storage import HostArray, LayerKV, host_dtype
+from kvpool.spec import ModelCacheSpec
+from kvpool.storage import HostArray, LayerKV, first_writable, host_dtype
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -31,95 +31,98 @@ def headroom_capacity(num_tokens: int, step: int = KVCache.step) -> int:
 
 
 class SlabStorage:
-    """MLX slabs for ``num_blocks`` blocks of every layer of ``spec``."""
+    """MLX slabs for ``blocks_per_group[g]`` blocks of every layer of group ``g`` of ``spec``."""
 
-    def __init__(self, spec: ModelCacheSpec, num_blocks: int) -> None:
+    def __init__(self, spec: ModelCacheSpec, blocks_per_group: Sequence[int]) -> None:
         self.spec = spec
-        self.num_blocks = num_blocks
+        self.blocks_per_group = tuple(blocks_per_group)
         dtype = _MX_DTYPES[spec.dtype]
+        self._group_of_layer = spec.group_of_layer()
+        self._groups = spec.groups
         self.k: list[mx.array] = []
         self.v: list[mx.array] = []
-        for layer in spec.layers:
+        for i, layer in enumerate(spec.layers):
+            num_blocks = self.blocks_per_group[self._group_of_layer[i]]
             shape = (num_blocks, layer.n_kv_heads, spec.block_tokens)
             self.k.append(mx.zeros((*shape, layer.k_head_dim), dtype=dtype))
             self.v.append(mx.zeros((*shape, layer.v_head_dim), dtype=dtype))
         mx.eval(self.k, self.v)
-        self._global = [i for i, s in enumerate(spec.layers) if s.kind is AttentionKind.GLOBAL]
-        self._sliding = [i for i, s in enumerate(spec.layers) if s.kind is AttentionKind.SLIDING]
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
 
-    def load(self, block_table: Sequence[int], num_tokens: int) -> list[Any]:
-        table = list(block_table)
+    def load(self, tables: Sequence[Sequence[int]], num_tokens: int) -> list[Any]:
         caches: list[Any] = [None] * self.spec.n_layers
-        if self._global:
-            cap = headroom_capacity(num_tokens)
-            slabs = [s for i in self._global for s in (self.k[i], self.v[i])]
-            out = kernels.gather(slabs, table, 0, num_tokens, cap)
-            for j, i in enumerate(self._global):
-                cache = KVCache()
-                cache.keys, cache.values, cache.offset = out[2 * j], out[2 * j + 1], num_tokens
-                caches[i] = cache
-        for i in self._sliding:
-            window = self.spec.layers[i].window
-            assert window is not None
-            held = min(num_tokens, window)
-            keys, values = kernels.gather(
-                [self.k[i], self.v[i]], table, num_tokens - held, num_tokens, held
-            )
-            cache = RotatingKVCache(max_size=window, keep=0)
-            cache.keys, cache.values = keys, values
-            cache.offset, cache._idx = num_tokens, held
-            caches[i] = cache
+        for g, group in enumerate(self._groups):
+            table = list(tables[g])
+            slabs = [s for i in group.layers for s in (self.k[i], self.v[i])]
+            if group.window is None:
+                out = kernels.gather(slabs, table, 0, num_tokens, headroom_capacity(num_tokens))
+                for j, i in enumerate(group.layers):
+                    caches[i] = KVCache.from_state((out[2 * j], out[2 * j + 1], num_tokens))
+                continue
+            held = min(num_tokens, group.window - 1)
+            out = kernels.gather(slabs, table, num_tokens - held, num_tokens, held)
+            for j, i in enumerate(group.layers):
+                state = (out[2 * j], out[2 * j + 1], num_tokens, 0, group.window, held)
+                caches[i] = RotatingKVCache.from_state(state)
         mx.eval([a for c in caches for a in (c.keys, c.values)])
         return caches
 
-    def store(self, caches: Sequence[Any], block_table: Sequence[int], start: int) -> int:
-        table = list(block_table)
-        valid_from = 0
+    def store(
+        self, caches: Sequence[Any], tables: Sequence[Sequence[int]], start: int
+    ) -> tuple[int, ...]:
+        written_from = [start] * len(self._groups)
         for i, cache in enumerate(caches):
+            g = self._group_of_layer[i]
+            table = list(tables[g])
             offset = int(cache.offset)
             # Global caches hold positions [0, offset) at rows 0..offset-1
             # (rows past offset are headroom); extracted sliding caches hold
             # the last rows in temporal order: positions [offset - held, offset).
             base = 0
-            if self.spec.layers[i].kind is AttentionKind.SLIDING:
+            if self._groups[g].window is not None:
                 base = offset - min(int(cache.keys.shape[2]), offset)
-                valid_from = max(valid_from, base)
-            first = max(start, base)
+            first = first_writable(table, max(start, base), self.spec.block_tokens)
+            written_from[g] = max(written_from[g], first)
             if first >= offset:
                 continue
             rows = slice(first - base, offset - base)
             self.k[i] = kernels.scatter(self.k[i], cache.keys[:, :, rows, :], table, first)
             self.v[i] = kernels.scatter(self.v[i], cache.values[:, :, rows, :], table, first)
         mx.eval(self.k, self.v)
-        return valid_from
+        return tuple(written_from)
 
     def read_layers(
-        self, block_table: Sequence[int], layers: Sequence[int], start: int, stop: int
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
     ) -> list[LayerKV]:
         if not layers:
             return []
         n = stop - start
         if n <= 0:
             return [LayerKV(i, start, *self._empty_host(i)) for i in layers]
-        slabs = [s for i in layers for s in (self.k[i], self.v[i])]
-        out = kernels.gather(slabs, list(block_table), start, stop, n)
+        out: list[tuple[int, mx.array, mx.array]] = []
+        for g in sorted({self._group_of_layer[i] for i in layers}):
+            mine = [i for i in layers if self._group_of_layer[i] == g]
+            slabs = [s for i in mine for s in (self.k[i], self.v[i])]
+            got = kernels.gather(slabs, list(tables[g]), start, stop, n)
+            out.extend((i, got[2 * j], got[2 * j + 1]) for j, i in enumerate(mine))
+        by_layer = {i: (key, value) for i, key, value in out}
+        arrays = [a for i in layers for a in by_layer[i]]
         if self.spec.dtype == "bfloat16":  # numpy has no bfloat16: hand out its bits
-            out = [a.view(mx.uint16) for a in out]
-        mx.eval(out)
+            arrays = [a.view(mx.uint16) for a in arrays]
+        mx.eval(arrays)
         # np.asarray shares the gathered buffers (no copy); [0] drops the batch axis.
-        host = [np.asarray(a)[0] for a in out]
+        host = [np.asarray(a)[0] for a in arrays]
         return [LayerKV(i, start, host[2 * j], host[2 * j + 1]) for j, i in enumerate(layers)]
 
-    def write_layers(self, block_table: Sequence[int], kvs: Sequence[LayerKV]) -> None:
-        table = list(block_table)
+    def write_layers(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV]) -> None:
         for kv in kvs:
             if kv.num_tokens == 0:
                 continue
             i = kv.layer
+            table = list(tables[self._group_of_layer[i]])
             keys, values = self._to_device(kv.keys), self._to_device(kv.values)
             # Rebind so the slab keeps one reference and the scatter writes in place.
             self.k[i] = kernels.scatter(self.k[i], keys, table, kv.start)

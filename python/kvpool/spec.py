@@ -62,9 +62,11 @@ class LayerGroup:
 class ModelCacheSpec:
     """Every layer's cache geometry, the storage dtype and the block size.
 
-    A block holds ``block_tokens`` consecutive positions of *every* layer: one
-    block id names the same slot in each layer's K and V slab, so
-    ``bytes_per_block`` sums over all layers.
+    Layers are grouped by attention kind and window (:attr:`groups`); each group
+    has its own blocks and block tables, and a block of group ``g`` holds
+    ``block_tokens`` consecutive positions of every layer of ``g``
+    (:meth:`group_bytes_per_block`). ``bytes_per_block`` sums over all layers:
+    the bytes of one block in every group.
     """
 
     layers: tuple[LayerSpec, ...]
@@ -161,6 +163,20 @@ class ModelCacheSpec:
         for i, layer in enumerate(self.layers):
             order.setdefault((layer.kind, layer.window), []).append(i)
         return tuple(LayerGroup(kind, window, tuple(ids)) for (kind, window), ids in order.items())
+
+    def group_bytes_per_block(self, group: int) -> int:
+        """Bytes of K and V one block of layer group ``group`` holds (its layers only)."""
+        layers = [self.layers[i] for i in self.groups[group].layers]
+        per_token = sum(s.n_kv_heads * (s.k_head_dim + s.v_head_dim) for s in layers)
+        return per_token * self.block_tokens * self.itemsize
+
+    def group_of_layer(self) -> tuple[int, ...]:
+        """For each layer, the index of its group in :attr:`groups`."""
+        out = [0] * self.n_layers
+        for g, group in enumerate(self.groups):
+            for i in group.layers:
+                out[i] = g
+        return tuple(out)
 
     @property
     def max_window(self) -> int | None:

@@ -60,51 +60,70 @@ class LayerKV:
 
 
 class KVStorage(Protocol):
-    """K/V bytes for ``num_blocks`` blocks of every layer of ``spec``."""
+    """K/V bytes for ``blocks_per_group[g]`` blocks of every layer of group ``g`` of ``spec``.
+
+    Every method takes ``tables``: one block table per layer group
+    (:attr:`ModelCacheSpec.groups`), position ``p`` of a layer of group ``g`` in
+    block ``tables[g][p // block_tokens]``. Entries the call does not touch may
+    be :data:`~kvpool.cache.tables.NULL_BLOCK` (``-1``).
+    """
 
     spec: ModelCacheSpec
-    num_blocks: int
+    blocks_per_group: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
         """Bytes this storage holds (all blocks, all layers, K and V)."""
         ...
 
-    def load(self, block_table: Sequence[int], num_tokens: int) -> list[Any]:
-        """Per-layer caches holding positions ``[0, num_tokens)`` of the table.
+    def load(self, tables: Sequence[Sequence[int]], num_tokens: int) -> list[Any]:
+        """Per-layer caches for positions ``[0, num_tokens)``.
 
         Global layers get every position; a sliding layer with window ``W``
-        gets the last ``min(num_tokens, W)`` positions (the caller checked the
-        blocks hold them). Returned caches are evaluated: the blocks may be
-        rewritten as soon as this returns.
+        gets the last ``min(num_tokens, W - 1)`` positions, all that computing
+        position ``num_tokens`` needs (the caller checked the blocks hold them).
+        Returned caches are evaluated: the blocks may be rewritten as soon as
+        this returns.
         """
         ...
 
-    def store(self, caches: Sequence[Any], block_table: Sequence[int], start: int) -> int:
-        """Write positions ``[start, offset)`` of each layer's cache into the table.
+    def store(
+        self, caches: Sequence[Any], tables: Sequence[Sequence[int]], start: int
+    ) -> tuple[int, ...]:
+        """Write positions ``>= start`` of each layer's cache through ``tables``.
 
         ``caches`` are a finished sequence's per-layer caches (all at the same
-        offset). Sliding layers write only the positions they still hold.
-        Returns the first position every sliding layer holds (0 without
-        sliding layers) so the caller can record what the blocks now hold.
+        offset). A layer writes only the positions it holds, and only from the
+        first table entry (at or after ``start``) past which no entry is NULL.
+        Returns, per group, the first position every layer of it wrote.
         """
         ...
 
     def read_layers(
-        self, block_table: Sequence[int], layers: Sequence[int], start: int, stop: int
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
     ) -> list[LayerKV]:
         """Positions ``[start, stop)`` of each of ``layers``, copied to the host.
 
-        The caller asks only for positions the blocks hold (every position of
-        a global layer, ``>= sliding_valid_from`` of a sliding one). The
-        arrays stay valid after the blocks are rewritten or freed.
+        The caller asks only for positions the blocks hold. The arrays stay
+        valid after the blocks are rewritten or freed.
         """
         ...
 
-    def write_layers(self, block_table: Sequence[int], kvs: Sequence[LayerKV]) -> None:
-        """Write each :class:`LayerKV` into its layer at its positions, through the table.
+    def write_layers(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV]) -> None:
+        """Write each :class:`LayerKV` into its layer at its positions, through the tables.
 
         The inverse of :meth:`read_layers`: only those positions of those
         layers change. The caller owns the blocks (no one else reads them).
         """
         ...
+
+
+def first_writable(table: Sequence[int], start: int, block_tokens: int) -> int:
+    """The first position ``>= start`` from which every entry of ``table`` is a block.
+
+    ``len(table) * block_tokens`` when there is none.
+    """
+    j = len(table)
+    while j > start // block_tokens and table[j - 1] >= 0:
+        j -= 1
+    return max(start, j * block_tokens)

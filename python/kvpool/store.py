@@ -50,7 +50,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpool.blocks import AgentBlocks, CompletedGeneration
+from kvpool.blocks import CompletedGeneration
+from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError, TokenCallback
 from kvpool.errors import (
     CacheCorruptionError,
@@ -133,7 +134,7 @@ class _Agent:
 
     agent_id: str
     path: Path
-    blocks: AgentBlocks | None = None
+    blocks: CacheHandle | None = None
     file_bytes: int = 0
     file_current: bool = False
     checked_out: bool = False
@@ -199,22 +200,33 @@ class AgentCacheStore:
         *,
         sampling: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
+        cache_salt: str = "",
     ) -> int:
         """Submit one turn of ``agent_id`` with its cache (from the pool or disk); returns the uid.
 
-        ``prompt`` is the agent's whole context; ``max_tokens``, ``sampling`` and
-        ``on_token`` are the engine's ``submit`` arguments. If the pool cannot fit the
+        ``prompt`` is the agent's whole context; ``max_tokens``, ``sampling``,
+        ``on_token`` and ``cache_salt`` are the engine's ``submit`` arguments (an agent's
+        cache computed under another salt is not used: the turn starts from the prefixes
+        its own tenant shares). If the pool cannot fit the
         request, least recently used idle agents are written to disk and freed, one at a
         time, until it fits. Raises as the engine does: PoolExhaustedError when nothing
         idle is left to evict (try again after ``step``), RequestTooLargeError when it can
         never fit. Hits and misses count submitted requests only.
         """
         cache, source = self._checkout(agent_id)
+        if cache is not None and cache.salt != cache_salt:
+            cache, source = None, None
         try:
             while True:
                 try:
                     uid = self.engine.submit(
-                        agent_id, prompt, cache, max_tokens, sampling=sampling, on_token=on_token
+                        agent_id,
+                        prompt,
+                        cache,
+                        max_tokens,
+                        sampling=sampling,
+                        on_token=on_token,
+                        cache_salt=cache_salt,
                     )
                     break
                 except RequestTooLargeError:
@@ -300,8 +312,8 @@ class AgentCacheStore:
 
     # -- check out / check in -------------------------------------------------
 
-    def get(self, agent_id: str) -> AgentBlocks | None:
-        """Check out ``agent_id``'s cache: its AgentBlocks in the pool, or None (a miss).
+    def get(self, agent_id: str) -> CacheHandle | None:
+        """Check out ``agent_id``'s cache: its handle in the pool, or None (a miss).
 
         A cold cache is loaded into the pool first (evicting idle agents if needed). Until
         ``put`` (or ``put_back``), the agent is checked out and its cache is never evicted;
@@ -312,7 +324,7 @@ class AgentCacheStore:
         self._count_lookup(source)
         return blocks
 
-    def _checkout(self, agent_id: str) -> tuple[AgentBlocks | None, Tier | None]:
+    def _checkout(self, agent_id: str) -> tuple[CacheHandle | None, Tier | None]:
         """Check out the agent; returns its cache and where it came from (None: a miss)."""
         validate_agent_id(agent_id)
         entry = self._id_to_agent.get(agent_id)
@@ -435,13 +447,12 @@ class AgentCacheStore:
 
     @property
     def stats(self) -> StoreStats:
-        hot = [e for e in self._id_to_agent.values() if e.blocks is not None]
-        blocks = sum(len(e.blocks.block_ids) for e in hot if e.blocks is not None)
+        hot = [e.blocks for e in self._id_to_agent.values() if e.blocks is not None]
         return StoreStats(
             **dataclasses.asdict(self._counters),
             num_hot=len(hot),
             num_cold=sum(1 for e in self._id_to_agent.values() if e.tier is Tier.COLD),
-            hot_bytes=blocks * self.pool.spec.bytes_per_block,
+            hot_bytes=sum(self.pool.handle_bytes(h) for h in hot),
             bytes_on_disk=self._bytes_on_disk(),
         )
 
@@ -473,7 +484,7 @@ class AgentCacheStore:
                     entry.path, self.pool, fingerprint=self.fingerprint, agent_id=entry.agent_id
                 )
             except PoolExhaustedError as exc:
-                if exc.needed > self.pool.num_blocks:  # can never fit: start over instead
+                if exc.needed > exc.capacity:  # can never fit: start over instead
                     logger.warning(
                         "cache of agent %r does not fit the pool: %s", entry.agent_id, exc
                     )
@@ -536,14 +547,13 @@ class AgentCacheStore:
     def _enforce_pool_budget(self) -> None:
         if self.max_pool_bytes is None:
             return
-        per_block = self.pool.spec.bytes_per_block
         idle = [e for e in self._id_to_agent.values() if e.blocks is not None and not e.checked_out]
-        held = sum(len(e.blocks.block_ids) for e in idle if e.blocks is not None) * per_block
+        held = sum(self.pool.handle_bytes(e.blocks) for e in idle if e.blocks is not None)
         for entry in idle:  # least recently used first
             if held <= self.max_pool_bytes:
                 break
             assert entry.blocks is not None
-            held -= len(entry.blocks.block_ids) * per_block
+            held -= self.pool.handle_bytes(entry.blocks)
             self._evict(entry)
 
     def _bytes_on_disk(self) -> int:

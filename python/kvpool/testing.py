@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.spec import AttentionKind, ModelCacheSpec
-from kvpool.storage import HostArray, LayerKV, host_dtype
+from kvpool.spec import ModelCacheSpec
+from kvpool.storage import HostArray, LayerKV, first_writable, host_dtype
 
 
 @dataclass(slots=True)
@@ -137,63 +137,74 @@ class FakeStorage:
     saved and restored fake cache is byte for byte what persistence wrote.
     """
 
-    def __init__(self, spec: ModelCacheSpec, num_blocks: int) -> None:
+    def __init__(self, spec: ModelCacheSpec, blocks_per_group: Sequence[int]) -> None:
         self.spec = spec
-        self.num_blocks = num_blocks
+        self.blocks_per_group = tuple(blocks_per_group)
         self.slots: list[dict[int, int]] = [{} for _ in spec.layers]  # position slot -> token
+        self._group_of_layer = spec.group_of_layer()
         self.num_loads = 0
         self.num_stores = 0
 
     @property
     def nbytes(self) -> int:
-        return self.num_blocks * self.spec.bytes_per_block
+        return sum(
+            n * self.spec.group_bytes_per_block(g) for g, n in enumerate(self.blocks_per_group)
+        )
 
-    def _slot(self, table: Sequence[int], position: int) -> int:
+    def _slot(self, tables: Sequence[Sequence[int]], layer: int, position: int) -> int:
         size = self.spec.block_tokens
-        return table[position // size] * size + position % size
+        block = tables[self._group_of_layer[layer]][position // size]
+        assert 0 <= block < self.blocks_per_group[self._group_of_layer[layer]], (
+            f"layer {layer} position {position}: block {block} is not a block of its group"
+        )
+        return block * size + position % size
 
-    def load(self, block_table: Sequence[int], num_tokens: int) -> list[Any]:
+    def load(self, tables: Sequence[Sequence[int]], num_tokens: int) -> list[Any]:
         self.num_loads += 1
         caches: list[Any] = []
         for i, layer in enumerate(self.spec.layers):
-            held = num_tokens if layer.window is None else min(num_tokens, layer.window)
+            held = num_tokens if layer.window is None else min(num_tokens, layer.window - 1)
             tokens = []
             for p in range(num_tokens - held, num_tokens):
-                slot = self._slot(block_table, p)
+                slot = self._slot(tables, i, p)
                 assert slot in self.slots[i], f"layer {i} position {p} was never written"
                 tokens.append(self.slots[i][slot])
             caches.append(FakeCache(tokens, num_tokens, layer.window))
         return caches
 
-    def store(self, caches: Sequence[Any], block_table: Sequence[int], start: int) -> int:
+    def store(
+        self, caches: Sequence[Any], tables: Sequence[Sequence[int]], start: int
+    ) -> tuple[int, ...]:
         self.num_stores += 1
-        valid_from = 0
+        size = self.spec.block_tokens
+        written_from = [start] * len(self.blocks_per_group)
         for i, cache in enumerate(caches):
+            g = self._group_of_layer[i]
             base = cache.offset - len(cache.tokens)
-            if self.spec.layers[i].kind is AttentionKind.SLIDING:
-                valid_from = max(valid_from, base)
-            for p in range(max(start, base), cache.offset):
-                self.slots[i][self._slot(block_table, p)] = cache.tokens[p - base]
-        return valid_from
+            first = first_writable(tables[g], max(start, base), size)
+            written_from[g] = max(written_from[g], first)
+            for p in range(first, cache.offset):
+                self.slots[i][self._slot(tables, i, p)] = cache.tokens[p - base]
+        return tuple(written_from)
 
     def read_layers(
-        self, block_table: Sequence[int], layers: Sequence[int], start: int, stop: int
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
     ) -> list[LayerKV]:
         out = []
         for i in layers:
             tokens = []
             for p in range(start, stop):
-                slot = self._slot(block_table, p)
+                slot = self._slot(tables, i, p)
                 assert slot in self.slots[i], f"layer {i} position {p} was never written"
                 tokens.append(self.slots[i][slot])
             out.append(LayerKV(i, start, *self._encode(i, tokens)))
         return out
 
-    def write_layers(self, block_table: Sequence[int], kvs: Sequence[LayerKV]) -> None:
+    def write_layers(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV]) -> None:
         for kv in kvs:
             tokens = self._decode(kv)
             for t, token in enumerate(tokens):
-                self.slots[kv.layer][self._slot(block_table, kv.start + t)] = token
+                self.slots[kv.layer][self._slot(tables, kv.layer, kv.start + t)] = token
 
     def _bits(self) -> np.dtype[Any]:
         return np.dtype(f"<u{host_dtype(self.spec.dtype).itemsize}")
@@ -439,4 +450,3 @@ def reference_tokens(
             out.append(r.token)
             if r.finish_reason is not None:
                 return out
-

@@ -2,27 +2,33 @@ from __future__ import annotations
 
 import pytest
 
-from kvpool import AgentBlocks, CompletedGeneration, InvalidRequestError, KVBlock
+from kvpool import CacheHandle, CompletedGeneration, GroupTable, InvalidRequestError
+from kvpool.cache import NULL_BLOCK
 from kvpool.validation import validate_agent_id, validate_count, validate_token_ids
 
 
-def test_agent_blocks_table_and_token_counts() -> None:
+def test_cache_handle_tables_and_token_counts() -> None:
     # block_tokens 4, 10 tokens:  t0..t3 | t4..t7 | t8 t9   -> blocks [12, 3, 40]
-    blocks = AgentBlocks("a", (12, 3, 40), tuple(range(10)), 4, lease=1)
-    assert blocks.total_tokens == 10
-    assert blocks.blocks == (KVBlock(12, 4), KVBlock(3, 4), KVBlock(40, 2))
-    assert sum(b.token_count for b in blocks.blocks) == blocks.total_tokens
+    handle = CacheHandle("a", tuple(range(10)), (GroupTable((12, 3, 40)),), 4, "", 1)
+    assert handle.total_tokens == 10 and handle.block_ids == (12, 3, 40)
+    assert handle.num_blocks == 3
+    sliding = GroupTable((NULL_BLOCK, 3, 40), valid_from=5)
+    assert sliding.held == (3, 40)
+    assert CacheHandle("a", tuple(range(10)), (sliding,), 4, "", 1).num_blocks == 2
 
 
-@pytest.mark.parametrize("block_ids", [(1, 2), (1, 2, 3, 4), (1, 1, 2)])
-def test_agent_blocks_invariants(block_ids: tuple[int, ...]) -> None:
-    with pytest.raises(InvalidRequestError):
-        AgentBlocks("a", block_ids, tuple(range(10)), 4, lease=1)
+@pytest.mark.parametrize("block_ids", [(1, 2), (1, 2, 3, 4)])
+def test_cache_handle_invariants(block_ids: tuple[int, ...]) -> None:
+    with pytest.raises(InvalidRequestError, match="need 3 blocks"):
+        CacheHandle("a", tuple(range(10)), (GroupTable(block_ids),), 4, "", 1)
 
 
-def test_sliding_valid_from_bounds() -> None:
-    with pytest.raises(InvalidRequestError, match="sliding_valid_from"):
-        AgentBlocks("a", (1,), (1, 2), 4, lease=1, sliding_valid_from=3)
+def test_cache_handles_compare_by_identity() -> None:
+    def make() -> CacheHandle:
+        return CacheHandle("a", (1,), (GroupTable((0,)),), 4, "", 1)
+
+    a = make()
+    assert a == a and a != make()
 
 
 def test_completed_generation_rates() -> None:

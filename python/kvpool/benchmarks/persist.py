@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvpool import BlockPool, ModelCacheSpec, kernels, persist
-from kvpool.blocks import AgentBlocks
+from kvpool.cache.tables import CacheHandle
 from kvpool.storage import LayerKV, host_dtype
 
 KV_HEADS = 8
@@ -45,22 +45,24 @@ DTYPE = "float16"
 FINGERPRINT = "sha256:" + "ab" * 32  # any constant: no model here
 
 
-def _fill(pool: BlockPool, blocks: AgentBlocks, seed: int) -> None:
-    """Random K/V for every position of ``blocks``, written through write_layers."""
+def _fill(pool: BlockPool, agent_id: str, tokens: tuple[int, ...], seed: int) -> CacheHandle:
+    """A handle of ``tokens`` with random K/V at every position."""
     rng = np.random.default_rng(seed)
-    n = blocks.total_tokens
+    n = len(tokens)
+    kvs = []
     for i, layer in enumerate(pool.spec.layers):
         shape = (layer.n_kv_heads, n, layer.k_head_dim)
         keys = rng.standard_normal(shape, dtype=np.float32).astype(host_dtype(DTYPE))
         values = rng.standard_normal(shape, dtype=np.float32).astype(host_dtype(DTYPE))
-        pool.storage.write_layers(blocks.block_ids, [LayerKV(i, 0, keys, values)])
+        kvs.append(LayerKV(i, 0, keys, values))
+    return pool.write_cache(agent_id, tokens, kvs)
 
 
-def _same(pool: BlockPool, a: AgentBlocks, b: AgentBlocks) -> bool:
+def _same(pool: BlockPool, a: CacheHandle, other: BlockPool, b: CacheHandle) -> bool:
     layers = list(range(pool.spec.n_layers))
     for i in layers:
-        (x,) = pool.storage.read_layers(a.block_ids, [i], 0, a.total_tokens)
-        (y,) = pool.storage.read_layers(b.block_ids, [i], 0, b.total_tokens)
+        (x,) = pool.read_layers(a, [i], 0, a.total_tokens)
+        (y,) = other.read_layers(b, [i], 0, b.total_tokens)
         if x.keys.tobytes() != y.keys.tobytes() or x.values.tobytes() != y.values.tobytes():
             return False
     return True
@@ -103,13 +105,10 @@ def run(quick: bool, directory: Path | None = None) -> dict[str, Any]:
     spec = ModelCacheSpec.uniform(n_layers, KV_HEADS, HEAD_DIM, dtype=DTYPE)
     agent_blocks = spec.blocks_for(num_tokens)
     mx.set_cache_limit(4 << 30)
-    pool = BlockPool(spec, num_blocks=2 * agent_blocks)
-    lease = pool.new_lease()
-    table = pool.allocate(lease, agent_blocks)
+    pool = BlockPool(spec, num_blocks=agent_blocks)
     rng = np.random.default_rng(0)
     tokens = tuple(int(t) for t in rng.integers(0, 32000, num_tokens))
-    blocks = AgentBlocks("bench-agent", tuple(table), tokens, spec.block_tokens, lease)
-    _fill(pool, blocks, seed=1)
+    blocks = _fill(pool, "bench-agent", tokens, seed=1)
     kv_bytes = num_tokens * spec.bytes_per_block // spec.block_tokens
 
     own_dir = directory is None
@@ -131,15 +130,20 @@ def run(quick: bool, directory: Path | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             file_bytes = persist.save_cache(path, pool, blocks, fingerprint=FINGERPRINT)
             save_s.append(time.perf_counter() - t0)
+            # Each load goes into a pool of its own: in the saving pool the blocks are
+            # still there, and loading would share them instead of reading the file.
+            target = BlockPool(spec, num_blocks=agent_blocks)
             t0 = time.perf_counter()
-            loaded = persist.load_cache(path, pool, fingerprint=FINGERPRINT)
+            loaded = persist.load_cache(path, target, fingerprint=FINGERPRINT)
             load_s.append(time.perf_counter() - t0)
-            equal = equal and loaded.token_ids == tokens and _same(pool, blocks, loaded)
-            pool.release(loaded)
+            equal = equal and loaded.token_ids == tokens and _same(pool, blocks, target, loaded)
+            del loaded, target
             if _drop_page_cache(path):
+                target = BlockPool(spec, num_blocks=agent_blocks)
                 t0 = time.perf_counter()
-                pool.release(persist.load_cache(path, pool, fingerprint=FINGERPRINT))
+                persist.load_cache(path, target, fingerprint=FINGERPRINT)
                 cold_s.append(time.perf_counter() - t0)
+                del target
             t0 = time.perf_counter()
             _raw_write(raw_path, raw)
             raw_write_s.append(time.perf_counter() - t0)

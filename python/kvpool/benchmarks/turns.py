@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
+from kvpool.blocks import CompletedGeneration, TokenEvent
+from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.errors import GenerationError
 from kvpool.pool import BlockPool
@@ -40,7 +41,7 @@ class TurnRequest:
     agent_id: str
     prompt: tuple[int, ...]
     max_tokens: int
-    cache: AgentBlocks | None = None
+    cache: CacheHandle | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +148,10 @@ def run_plain_turn(generator: Any, requests: Sequence[TurnRequest]) -> TurnResul
 
 def fill_agent_cache(
     pool: BlockPool, agent_id: str, tokens: Sequence[int], seed: int = 0
-) -> AgentBlocks:
+) -> CacheHandle:
     """An agent cache of ``tokens`` made without a model: blocks taken from ``pool`` and
     filled with random K/V (one random array per shape, reused across layers)."""
     spec = pool.spec
-    lease = pool.new_lease()
-    table = pool.allocate(lease, spec.blocks_for(len(tokens)))
     rng = np.random.default_rng(seed)
     shape_to_array: dict[tuple[int, int, int], Any] = {}
     kvs = []
@@ -164,8 +163,7 @@ def fill_agent_cache(
                 shape_to_array[shape] = _random_host(rng, shape, spec.dtype)
             arrays.append(shape_to_array[shape])
         kvs.append(LayerKV(i, 0, arrays[0], arrays[1]))
-    pool.storage.write_layers(table, kvs)
-    return AgentBlocks(agent_id, tuple(table), tuple(tokens), spec.block_tokens, lease)
+    return pool.write_cache(agent_id, tokens, kvs)
 
 
 def _random_host(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> Any:

@@ -1,0 +1,711 @@
+"""KVCacheManager: the only owner of blocks (bookkeeping only, no MLX).
+
+One C++ :class:`kvpool._blocks.BlockAllocator` per layer group holds that
+group's blocks, reference counts, the LRU queue of free and cached-free blocks
+and the prefix-key index. Everything else (engine, store, persistence) asks the
+manager and holds only :class:`~kvpool.cache.tables.CacheHandle` and
+:class:`Reservation` records it hands out.
+
+A request's life, all-or-nothing at every step::
+
+    match = lookup(tokens, salt, own)        # longest prefix any agent's blocks supply
+    res = reserve(agent, tokens, n, match)   # Reservation, or PoolFull (nothing changed)
+    ...gather match.read, release_pin(res)   # partial blocks stay pinned until read
+    tables = place(res, length)              # where the final cache is written
+    ...write the final cache into tables
+    handle = commit(res, tokens, tables, written_from)   # or rollback(res)
+
+Reuse: a block wholly inside the matched prefix is *shared* (its reference
+count goes up, zero copy); the block holding the first unmatched token is only
+*read* up to that token (token-granular reuse) and the request writes its own
+copy. A finished sequence's fully written blocks are *published* under chained
+keys (:mod:`kvpool.cache.prefix`); when the last holder lets go they stay
+*cached* (free but findable) until an allocation evicts them, least recently
+freed first. Tokens are compared before any block is handed out, so a key
+collision can never give one sequence another's K/V, and a different salt
+(tenant) never matches at all.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvpool import _blocks
+from kvpool.cache.groups import GroupPolicy
+from kvpool.cache.prefix import block_keys, root_key
+from kvpool.cache.tables import NULL_BLOCK, CacheHandle, GroupTable
+from kvpool.errors import InvalidRequestError
+from kvpool.spec import ModelCacheSpec
+
+__all__ = [
+    "CacheUsage",
+    "GroupMatch",
+    "GroupUsage",
+    "KVCacheManager",
+    "PoolFull",
+    "PrefixMatch",
+    "Reservation",
+]
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMatch:
+    """What one group supplies for a matched prefix of ``p`` tokens.
+
+    ``shared``: (index, block id) of whole blocks taken by reference, indices
+    ``[lo // B, p // B)``. ``pinned``: the block read only up to ``p`` (at
+    index ``p // B``), if ``p`` is not a block boundary. ``read``: the table
+    the gather reads, ``ceil(p / B)`` entries, NULL where the group needs
+    nothing. ``valid_from``: first position the shared blocks hold.
+    """
+
+    shared: tuple[tuple[int, int], ...]
+    pinned: tuple[int, ...]
+    read: tuple[int, ...]
+    valid_from: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    """The longest prompt prefix every group can supply: ``prompt[:num_tokens]``."""
+
+    num_tokens: int
+    groups: tuple[GroupMatch, ...]
+
+    @property
+    def read_tables(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(g.read for g in self.groups)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolFull:
+    """Why a reservation could not be made (nothing was taken).
+
+    ``never_fits``: the request needs more than the whole group holds.
+    """
+
+    group: int
+    needed: int
+    free: int
+    capacity: int
+    never_fits: bool
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Blocks held for one request between ``reserve`` and ``commit``/``rollback``.
+
+    ``lease`` owns the shared and fresh blocks in every group, ``pin`` the
+    partially read ones until :meth:`KVCacheManager.release_pin`. ``fresh[g]``
+    are group ``g``'s blocks not yet placed at a position.
+    """
+
+    agent_id: str
+    tokens: tuple[int, ...]
+    max_tokens: int
+    salt: str
+    match: PrefixMatch
+    lease: int
+    pin: int
+    fresh: list[list[int]]
+    replacing: CacheHandle | None
+    open: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GroupUsage:
+    num_blocks: int
+    num_used: int  # held by a handle or a request
+    num_free: int  # allocatable: never used, invalidated, or cached
+    num_cached: int  # free but still findable by prefix
+    num_evictions: int  # cached blocks whose content was dropped to allocate them
+    bytes_per_block: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    """A snapshot of the pool's blocks and the prefix cache's counters."""
+
+    groups: tuple[GroupUsage, ...]
+    num_handles: int
+    num_queries: int  # lookups that led to a reservation
+    query_tokens: int  # prompt tokens those lookups covered
+    hit_tokens: int  # ... of which came from the pool
+
+    @property
+    def hit_rate(self) -> float:
+        """Prefix-cache hit rate as vLLM defines it: hit tokens / queried tokens."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(g.num_blocks for g in self.groups)
+
+    @property
+    def num_used(self) -> int:
+        return sum(g.num_used for g in self.groups)
+
+    @property
+    def num_free(self) -> int:
+        return sum(g.num_free for g in self.groups)
+
+    @property
+    def num_cached(self) -> int:
+        return sum(g.num_cached for g in self.groups)
+
+    @property
+    def num_evictions(self) -> int:
+        return sum(g.num_evictions for g in self.groups)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(g.num_blocks * g.bytes_per_block for g in self.groups)
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(g.num_used * g.bytes_per_block for g in self.groups)
+
+
+@dataclass(slots=True)
+class _Counters:
+    num_queries: int = 0
+    query_tokens: int = 0
+    hit_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """One lookup's inputs, shared by the per-group planners."""
+
+    tokens: Sequence[int]
+    keys: list[int]
+    root: int
+    own: CacheHandle | None
+    own_common: int  # common prefix of own.token_ids and tokens
+    shared: bool  # search every agent's published blocks, not only own's
+    counters: _Counters = field(default_factory=_Counters)
+
+
+class KVCacheManager:
+    """Blocks of every layer group of ``spec``: ``blocks_per_group[g]`` for group ``g``.
+
+    ``key_salt`` (e.g. the model fingerprint) goes into every prefix key, so
+    keys from two models never meet. Not thread-safe: the caller serialises
+    (the engine holds its lock around every call).
+    """
+
+    def __init__(
+        self, spec: ModelCacheSpec, blocks_per_group: Sequence[int], *, key_salt: str = ""
+    ) -> None:
+        groups = spec.groups
+        if len(blocks_per_group) != len(groups):
+            raise InvalidRequestError(
+                f"{len(groups)} layer groups need {len(groups)} block counts, "
+                f"got {len(blocks_per_group)}"
+            )
+        for g, n in enumerate(blocks_per_group):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise InvalidRequestError(f"group {g} needs >= 1 block, got {n!r}")
+        self.spec = spec
+        self.block_tokens = spec.block_tokens
+        self.policies = tuple(GroupPolicy(g.kind, g.window, spec.block_tokens) for g in groups)
+        self._allocators = [_blocks.BlockAllocator(n, spec.block_tokens) for n in blocks_per_group]
+        self._bytes_per_block = tuple(spec.group_bytes_per_block(g) for g in range(len(groups)))
+        self._key_salt = key_salt
+        self._owner_ids = itertools.count(1)
+        self._handles: dict[int, CacheHandle] = {}  # handle id (its lease) -> the live handle
+        self._counters = _Counters()
+
+    # -- handles --------------------------------------------------------------
+
+    def is_live(self, handle: CacheHandle) -> bool:
+        """True while ``handle`` is a live handle of *this* manager."""
+        return self._handles.get(handle.handle_id) is handle
+
+    def check_live(self, handle: object) -> CacheHandle:
+        """Return ``handle`` if it is live here, else raise InvalidRequestError."""
+        if not isinstance(handle, CacheHandle):
+            raise InvalidRequestError(f"cache must be a CacheHandle or None, got {type(handle)}")
+        if not self.is_live(handle):
+            raise InvalidRequestError(
+                f"the cache of agent {handle.agent_id!r} ({handle.total_tokens} tokens) is not "
+                "live in this pool: it was released, superseded by a later generation, or "
+                "belongs to another pool"
+            )
+        return handle
+
+    def release(self, handle: CacheHandle) -> int:
+        """Drop a live handle's blocks; returns how many reached reference count 0."""
+        self.check_live(handle)
+        del self._handles[handle.handle_id]
+        return sum(
+            self._free_last_first(alloc, handle.handle_id, table.block_ids)
+            for alloc, table in zip(self._allocators, handle.tables, strict=True)
+        )
+
+    @staticmethod
+    def _free_last_first(alloc: _blocks.BlockAllocator, owner: int, table: Sequence[int]) -> int:
+        """Drop ``owner``'s blocks, the last position first: the cached-free queue then
+        evicts a chain's tail before its head (which more prompts share). Returns how
+        many reached reference count 0."""
+        held = [b for b in reversed(table) if b != NULL_BLOCK]
+        alloc.free(owner, held)
+        alloc.release(owner)
+        return sum(1 for b in held if alloc.ref_cnt(b) == 0)
+
+    @property
+    def handles(self) -> list[CacheHandle]:
+        return list(self._handles.values())
+
+    # -- lookup ---------------------------------------------------------------
+
+    def root(self, salt: str) -> int:
+        """The prefix-key root of tenant ``salt``."""
+        return root_key(f"{self._key_salt}\x00{salt}")
+
+    def lookup(
+        self,
+        tokens: Sequence[int],
+        *,
+        salt: str = "",
+        own: CacheHandle | None = None,
+        limit: int | None = None,
+        shared: bool = True,
+    ) -> PrefixMatch:
+        """The longest prefix of ``tokens`` (at most ``limit``, default ``len - 1``:
+        one token must remain to be fed) that every group can supply, from any
+        live or cached block of tenant ``salt`` (unless ``shared`` is False) or
+        from ``own`` (a live handle of the same tenant). Changes nothing."""
+        n = len(tokens)
+        limit = n - 1 if limit is None else min(limit, n)
+        if own is not None:
+            self.check_live(own)
+            if own.salt != salt:
+                raise InvalidRequestError(
+                    f"the cache of agent {own.agent_id!r} was computed under another cache_salt"
+                )
+        root = self.root(salt)
+        ctx = _Lookup(
+            tokens,
+            block_keys(tokens, self.block_tokens, root),
+            root,
+            own,
+            common_prefix_len(own.token_ids, tokens) if own is not None else 0,
+            shared,
+        )
+        p = min(self._reach(ctx), max(limit, 0))
+        size = self.block_tokens
+        candidates = [p, *(j * size for j in range(p // size, -1, -1) if j * size < p)]
+        for candidate in candidates:
+            plans = [self._plan(g, candidate, ctx) for g in range(len(self.policies))]
+            if all(plan is not None for plan in plans):
+                return PrefixMatch(candidate, tuple(plan for plan in plans if plan is not None))
+        raise AssertionError("a match of 0 tokens always exists: this indicates a bug")
+
+    def _reach(self, ctx: _Lookup) -> int:
+        """Tokens the full-attention groups can supply (the whole prompt if none)."""
+        reach = len(ctx.tokens)
+        for g, policy in enumerate(self.policies):
+            if policy.window is None:
+                reach = min(reach, self._group_reach(g, ctx))
+        return reach
+
+    def _group_reach(self, g: int, ctx: _Lookup) -> int:
+        size, n = self.block_tokens, len(ctx.tokens)
+        j = 0
+        while (j + 1) * size <= n and self._whole(g, j, j * size, ctx) != NULL_BLOCK:
+            j += 1
+        return j * size + self._partial_len(g, j, ctx)
+
+    def _whole(self, g: int, j: int, needed_from: int, ctx: _Lookup) -> int:
+        """A block holding all of prompt block ``j`` (positions >= needed_from valid), or NULL."""
+        size = self.block_tokens
+        end = (j + 1) * size
+        own_block = self._own_block(g, j, needed_from, end, ctx)
+        if own_block != NULL_BLOCK:
+            return own_block
+        if j >= len(ctx.keys) or not ctx.shared:
+            return NULL_BLOCK
+        return int(self._allocators[g].lookup(ctx.keys[j], list(ctx.tokens[j * size : end])))
+
+    def _own_block(self, g: int, j: int, needed_from: int, end: int, ctx: _Lookup) -> int:
+        own = ctx.own
+        if own is None or ctx.own_common < end:
+            return NULL_BLOCK
+        table = own.tables[g]
+        if j >= len(table.block_ids) or table.valid_from > needed_from:
+            return NULL_BLOCK
+        return table.block_ids[j]
+
+    def _partial_len(self, g: int, j: int, ctx: _Lookup) -> int:
+        """Tokens of prompt block ``j`` that some block holds (0 if none)."""
+        return self._partial(g, j, j * self.block_tokens, ctx)[1]
+
+    def _partial(self, g: int, j: int, needed_from: int, ctx: _Lookup) -> tuple[int, int]:
+        """(block, tokens) of the block that shares the most leading tokens with
+        prompt block ``j``, with positions >= needed_from valid."""
+        size, n = self.block_tokens, len(ctx.tokens)
+        start, stop = j * size, min((j + 1) * size, n)
+        if start >= n:
+            return NULL_BLOCK, 0
+        best, best_len = NULL_BLOCK, 0
+        own = ctx.own
+        if own is not None and ctx.own_common > start:
+            table = own.tables[g]
+            if (
+                j < len(table.block_ids)
+                and table.block_ids[j] != NULL_BLOCK
+                and table.valid_from <= needed_from
+            ):
+                best, best_len = table.block_ids[j], min(ctx.own_common, stop) - start
+        if not ctx.shared:
+            return best, best_len
+        parent = ctx.keys[j - 1] if j > 0 else ctx.root
+        child, common = self._allocators[g].best_child(parent, list(ctx.tokens[start:stop]))
+        if common > best_len:
+            best, best_len = int(child), int(common)
+        return best, best_len
+
+    def _plan(self, g: int, p: int, ctx: _Lookup) -> GroupMatch | None:
+        """Group ``g``'s part of a match of ``p`` tokens, or None if it cannot supply it."""
+        size = self.block_tokens
+        lo = self.policies[g].needed_from(p)
+        read = [NULL_BLOCK] * (-(-p // size))
+        shared: list[tuple[int, int]] = []
+        for j in range(lo // size, p // size):
+            block = self._whole(g, j, max(lo, j * size), ctx)
+            if block == NULL_BLOCK:
+                return None
+            shared.append((j, block))
+            read[j] = block
+        pinned: tuple[int, ...] = ()
+        if p % size:
+            j = p // size
+            block, length = self._partial(g, j, max(lo, j * size), ctx)
+            if length < p - j * size:
+                return None
+            read[j], pinned = block, (block,)
+        valid_from = (p // size) * size
+        if shared:
+            j0, first = shared[0]
+            valid_from = j0 * size
+            own = ctx.own
+            if own is not None and own.tables[g].block_ids[j0 : j0 + 1] == (first,):
+                valid_from = max(valid_from, own.tables[g].valid_from)
+        return GroupMatch(tuple(shared), pinned, tuple(read), valid_from)
+
+    # -- reservations ---------------------------------------------------------
+
+    def reserve(
+        self,
+        agent_id: str,
+        tokens: Sequence[int],
+        max_tokens: int,
+        match: PrefixMatch,
+        *,
+        salt: str = "",
+        replacing: CacheHandle | None = None,
+    ) -> Reservation | PoolFull:
+        """Hold what the request needs: the match's blocks and fresh blocks for
+        ``len(tokens) + max_tokens`` positions, so its final write cannot run out.
+
+        ``replacing`` (the agent's live handle, released at commit) stays held
+        until then, which counts against what fits. Returns PoolFull and
+        changes nothing when a group has too few free blocks.
+        """
+        total = len(tokens) + max_tokens
+        fresh_counts: list[int] = []
+        for g, (alloc, gm) in enumerate(zip(self._allocators, match.groups, strict=True)):
+            fresh = self._fresh_needed(g, total, match.num_tokens)
+            taken = {b for _, b in gm.shared} | set(gm.pinned)
+            revived = sum(1 for b in taken if alloc.ref_cnt(b) == 0)
+            kept = 0
+            if replacing is not None:
+                kept = len(set(replacing.tables[g].held) - taken)
+            capacity = int(alloc.num_blocks)
+            if fresh + len(taken) + kept > capacity:
+                return PoolFull(g, fresh + len(taken) + kept, int(alloc.num_free), capacity, True)
+            if fresh > int(alloc.num_free) - revived:
+                return PoolFull(g, fresh, int(alloc.num_free) - revived, capacity, False)
+            fresh_counts.append(fresh)
+        lease, pin = next(self._owner_ids), next(self._owner_ids)
+        fresh_ids: list[list[int]] = []
+        try:
+            for alloc, gm, n in zip(self._allocators, match.groups, fresh_counts, strict=True):
+                alloc.share(lease, [b for _, b in gm.shared])
+                alloc.share(pin, list(gm.pinned))
+                fresh_ids.append([int(b) for b in alloc.allocate(lease, n)])
+        except BaseException:
+            for alloc in self._allocators:
+                alloc.release(lease)
+                alloc.release(pin)
+            raise
+        self._counters.num_queries += 1
+        self._counters.query_tokens += len(tokens)
+        self._counters.hit_tokens += match.num_tokens
+        return Reservation(
+            agent_id, tuple(tokens), max_tokens, salt, match, lease, pin, fresh_ids, replacing
+        )
+
+    def _fresh_needed(self, g: int, total: int, matched: int) -> int:
+        """Fresh blocks group ``g`` needs for a final cache of up to ``total`` positions
+        written from the end of the matched prefix's whole blocks."""
+        size = self.block_tokens
+        return min(-(-total // size) - matched // size, self.policies[g].max_fresh_blocks(total))
+
+    def rebase(self, res: Reservation, match: PrefixMatch) -> bool:
+        """Swap ``res``'s match for ``match`` (found after ``res`` was made, before its
+        gather: blocks were published meanwhile), keeping every other block it holds
+        consistent. All or nothing: False, and nothing changed, if it does not fit."""
+        total = len(res.tokens) + res.max_tokens
+        plans = []
+        for g, (alloc, old, new) in enumerate(
+            zip(self._allocators, res.match.groups, match.groups, strict=True)
+        ):
+            old_shared = {b for _, b in old.shared}
+            new_shared = {b for _, b in new.shared}
+            to_share = sorted(new_shared - old_shared)
+            surplus = len(res.fresh[g]) - self._fresh_needed(g, total, match.num_tokens)
+            revived = sum(1 for b in {*to_share, *new.pinned} if alloc.ref_cnt(b) == 0)
+            if revived + max(0, -surplus) > int(alloc.num_free) + max(0, surplus):
+                return False
+            plans.append((to_share, sorted(old_shared - new_shared), surplus))
+        for alloc in self._allocators:
+            alloc.release(res.pin)
+        for g, (alloc, (to_share, to_drop, surplus)) in enumerate(
+            zip(self._allocators, plans, strict=True)
+        ):
+            alloc.share(res.lease, to_share)
+            alloc.share(res.pin, list(match.groups[g].pinned))
+            if surplus > 0:
+                alloc.free(res.lease, res.fresh[g][-surplus:])
+                del res.fresh[g][-surplus:]
+            alloc.free(res.lease, to_drop)
+            if surplus < 0:
+                res.fresh[g].extend(int(b) for b in alloc.allocate(res.lease, -surplus))
+        res.match = match
+        return True
+
+    def place_prefix(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...] | None:
+        """Tables to write a running request's first ``length`` positions through
+        (``length`` a block boundary past its match), so that :meth:`commit_prefix`
+        can publish them before the request ends. Full groups use the request's own
+        fresh blocks; a sliding group takes extra blocks for the positions its window
+        holds at ``length`` (the final write still needs its own). None, and nothing
+        changed, if a sliding group has too few free blocks."""
+        size = self.block_tokens
+        first = res.match.num_tokens // size
+        end = length // size
+        if length % size or end <= first:
+            raise InvalidRequestError(
+                f"a prefix of {length} positions is no block boundary past the match "
+                f"({res.match.num_tokens} tokens, blocks of {size})"
+            )
+        starts = [max(first, p.needed_from(length) // size) for p in self.policies]
+        for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
+            if policy.window is not None and end - starts[g] > int(alloc.num_free):
+                return None
+        tables = []
+        for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
+            table = [NULL_BLOCK] * end
+            for j, block in res.match.groups[g].shared:
+                table[j] = block
+            if policy.window is None:
+                blocks, res.fresh[g] = res.fresh[g][: end - first], res.fresh[g][end - first :]
+            else:
+                blocks = [int(b) for b in alloc.allocate(res.lease, end - starts[g])]
+            for j, block in zip(range(starts[g], end), blocks, strict=True):
+                table[j] = block
+            tables.append(tuple(table))
+        return tuple(tables)
+
+    def commit_prefix(
+        self,
+        res: Reservation,
+        tables: Sequence[Sequence[int]],
+        written_from: Sequence[int],
+    ) -> None:
+        """Publish the prefix written through ``tables`` (from :meth:`place_prefix`) and
+        make it the request's match: the blocks stay the request's, others can share
+        them now, and its final write starts after them."""
+        size = self.block_tokens
+        length = len(tables[0]) * size
+        tokens = res.tokens[:length]
+        keys = block_keys(tokens, size, self.root(res.salt))
+        old_end = (res.match.num_tokens // size) * size
+        groups = []
+        for g, (alloc, old) in enumerate(zip(self._allocators, res.match.groups, strict=True)):
+            table = list(tables[g])
+            valid = old.valid_from if written_from[g] <= old_end else written_from[g]
+            shared = list(old.shared)
+            for j in range(old_end // size, len(table)):
+                block = table[j]
+                if block == NULL_BLOCK:
+                    continue
+                if j * size < valid:  # partly written: not shareable, not needed later
+                    alloc.free(res.lease, [block])
+                    continue
+                parent = keys[j - 1] if j > 0 else self.root(res.salt)
+                alloc.publish(block, parent, list(tokens[j * size : (j + 1) * size]), keys[j])
+                shared.append((j, block))
+            groups.append(GroupMatch(tuple(shared), (), (), valid))
+        res.match = PrefixMatch(length, tuple(groups))
+
+    def release_pin(self, res: Reservation) -> None:
+        """The gather has read the partial blocks: let them go."""
+        for alloc in self._allocators:
+            alloc.release(res.pin)
+
+    def rollback(self, res: Reservation) -> None:
+        """Give back everything ``res`` holds; the agent's old handle stays live."""
+        if not res.open:
+            return
+        res.open = False
+        for alloc in self._allocators:
+            alloc.release(res.lease)
+            alloc.release(res.pin)
+
+    def place(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...]:
+        """Per group, the table a final cache of ``length`` positions is written
+        through: shared blocks where the match put them, fresh blocks at every
+        later position the group keeps, NULL elsewhere. Writes go to positions
+        ``>= match.num_tokens // B * B`` only (shared blocks are read-only)."""
+        size = self.block_tokens
+        num_entries = -(-length // size)
+        first_fresh = res.match.num_tokens // size
+        tables = []
+        for g, policy in enumerate(self.policies):
+            keep = policy.keep_from(length) // size
+            table = [NULL_BLOCK] * num_entries
+            for j, block in res.match.groups[g].shared:
+                if j >= keep:
+                    table[j] = block
+            positions = range(max(first_fresh, keep), num_entries)
+            fresh = res.fresh[g]
+            if len(positions) > len(fresh):
+                raise InvalidRequestError(
+                    f"a final cache of {length} positions needs {len(positions)} fresh blocks "
+                    f"in group {g}, the request reserved {len(fresh)}"
+                )
+            for j, block in zip(positions, fresh, strict=False):
+                table[j] = block
+            tables.append(tuple(table))
+        return tuple(tables)
+
+    def commit(
+        self,
+        res: Reservation,
+        token_ids: Sequence[int],
+        tables: Sequence[Sequence[int]],
+        written_from: Sequence[int],
+    ) -> CacheHandle:
+        """Turn ``res`` into the handle of ``token_ids``, whose K/V was written
+        through ``tables`` (from :meth:`place`) at positions ``>= written_from[g]``.
+
+        Frees the fresh blocks not placed and the shared ones that fell out of a
+        window, publishes every fully written block under its prefix key (a block
+        whose key another block already holds is swapped for that one), and
+        releases ``res.replacing`` if it is still live.
+        """
+        if not res.open:
+            raise InvalidRequestError("this reservation was already committed or rolled back")
+        size = self.block_tokens
+        length = len(token_ids)
+        keys = block_keys(token_ids, size, self.root(res.salt))
+        shared_end = (res.match.num_tokens // size) * size
+        final: list[GroupTable] = []
+        for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
+            table = list(tables[g])
+            gm = res.match.groups[g]
+            valid = gm.valid_from if written_from[g] <= shared_end else written_from[g]
+            valid = max(valid, policy.keep_from(length))
+            for j in range(min(valid // size, len(table))):  # out of the window, or unwritten
+                table[j] = NULL_BLOCK
+            placed = {b for b in table if b != NULL_BLOCK}
+            held = {b for _, b in gm.shared} | set(res.fresh[g])
+            alloc.free(res.lease, sorted(held - placed))
+            for j in range(shared_end // size, len(table)):
+                block = table[j]
+                start, stop = j * size, min((j + 1) * size, length)
+                if block == NULL_BLOCK or start < valid:
+                    continue
+                key = keys[j] if stop - start == size else None
+                parent = keys[j - 1] if j > 0 else self.root(res.salt)
+                canonical = int(alloc.publish(block, parent, list(token_ids[start:stop]), key))
+                if canonical != block:  # computed twice: keep one copy
+                    alloc.share(res.lease, [canonical])
+                    alloc.invalidate(block)
+                    alloc.free(res.lease, [block])
+                    table[j] = canonical
+            final.append(GroupTable(tuple(table), min(valid, length)))
+        for alloc in self._allocators:
+            alloc.release(res.pin)
+        res.open = False
+        handle = CacheHandle(
+            res.agent_id, tuple(token_ids), tuple(final), size, res.salt, res.lease
+        )
+        self._handles[res.lease] = handle
+        old = res.replacing
+        if old is not None and self.is_live(old):
+            self.release(old)
+        return handle
+
+    # -- capacity -------------------------------------------------------------
+
+    def allocator(self, group: int = 0) -> _blocks.BlockAllocator:
+        """Group ``group``'s allocator, for inspection and tests: mutating it directly
+        breaks the manager's records."""
+        return self._allocators[group]
+
+    def num_blocks(self, group: int = 0) -> int:
+        return int(self._allocators[group].num_blocks)
+
+    def num_free(self, group: int = 0) -> int:
+        return int(self._allocators[group].num_free)
+
+    def ref_cnt(self, block_id: int, group: int = 0) -> int:
+        return int(self._allocators[group].ref_cnt(block_id))
+
+    def usage(self) -> CacheUsage:
+        groups = tuple(
+            GroupUsage(
+                int(a.num_blocks),
+                int(a.num_used),
+                int(a.num_free),
+                int(a.num_cached),
+                int(a.num_evictions),
+                bpb,
+            )
+            for a, bpb in zip(self._allocators, self._bytes_per_block, strict=True)
+        )
+        c = self._counters
+        return CacheUsage(groups, len(self._handles), c.num_queries, c.query_tokens, c.hit_tokens)
+
+    def num_shared_blocks(self) -> int:
+        """Blocks held by more than one holder (O(num_blocks): for reports, not hot paths)."""
+        return sum(
+            1 for a in self._allocators for b in range(int(a.num_blocks)) if a.ref_cnt(b) > 1
+        )
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the manager's records and the allocators disagree."""
+        for a in self._allocators:
+            a.check_invariants()
+        for handle_id, handle in self._handles.items():
+            for g, (a, table) in enumerate(zip(self._allocators, handle.tables, strict=True)):
+                held = sorted(int(b) for b in a.table(handle_id))
+                assert held == sorted(table.held), (
+                    f"handle {handle_id} group {g}: allocator holds {held}, table {table.held}: "
+                    "this indicates a bug"
+                )

@@ -1,0 +1,314 @@
+"""KVCacheManager: sharing, token-granular reuse, cached-free blocks, windows, isolation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import pytest
+
+from kvpool import AttentionKind, InvalidRequestError, LayerSpec, ModelCacheSpec
+from kvpool.cache import NULL_BLOCK, CacheHandle, KVCacheManager, PoolFull, Reservation
+from kvpool.cache.prefix import block_keys
+
+B = 4
+SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
+# Two layer groups: full attention and a sliding window of 6 (not a multiple of B).
+HYBRID = ModelCacheSpec(
+    (
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+        LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
+        LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
+    ),
+    "float32",
+    B,
+)
+
+
+def written_from(manager: KVCacheManager, res: Reservation, length: int) -> list[int]:
+    """What a storage writes for a finished sequence: positions from the shared end,
+    and a sliding layer only its last W (it holds no more)."""
+    start = (res.match.num_tokens // B) * B
+    out = []
+    for policy in manager.policies:
+        out.append(start if policy.window is None else max(start, length - policy.window))
+    return out
+
+
+def turn(
+    manager: KVCacheManager,
+    agent: str,
+    tokens: Sequence[int],
+    generated: Sequence[int] = (),
+    *,
+    own: CacheHandle | None = None,
+    salt: str = "",
+) -> tuple[CacheHandle, int]:
+    """One request start to end; returns the new handle and the tokens reused."""
+    match = manager.lookup(tokens, salt=salt, own=own)
+    res = manager.reserve(
+        agent, tokens, max(1, len(generated)), match, salt=salt,
+        replacing=own if own is not None and own.agent_id == agent else None,
+    )  # fmt: skip
+    assert isinstance(res, Reservation), res
+    manager.release_pin(res)
+    final = [*tokens, *generated]
+    tables = manager.place(res, len(final))
+    handle = manager.commit(res, final, tables, written_from(manager, res, len(final)))
+    manager.check_invariants()
+    return handle, match.num_tokens
+
+
+def test_two_agents_share_a_system_prompt_by_reference() -> None:
+    m = KVCacheManager(SPEC, [16])
+    system = list(range(100, 108))  # two full blocks
+    a, reused = turn(m, "a", [*system, 1, 2], [3])
+    assert reused == 0
+    # a: s0..s3 | s4..s7 | 1 2 3      -> blocks [0, 1, 2]
+    assert a.tables[0].block_ids == (0, 1, 2)
+    b, reused = turn(m, "b", [*system, 9], [8])
+    assert reused == 8  # both system blocks, from agent a
+    # b: s0..s3 | s4..s7 | 9 8        -> blocks [0, 1, 3]: 0 and 1 shared
+    assert b.tables[0].block_ids == (0, 1, 3)
+    assert [m.ref_cnt(i) for i in range(4)] == [2, 2, 1, 1]
+
+
+def test_partial_block_is_reused_up_to_the_first_differing_token() -> None:
+    m = KVCacheManager(SPEC, [16])
+    first, _ = turn(m, "a", list(range(1, 12)), [50])  # 12 tokens: 3 full blocks
+    # Shares 6 tokens (1.5 blocks) with a: 4 by reference, 2 read from a's block 1.
+    prompt = [1, 2, 3, 4, 5, 6, 99, 98, 97]
+    match = m.lookup(prompt)
+    assert match.num_tokens == 6
+    assert match.groups[0].shared == ((0, first.tables[0].block_ids[0]),)
+    assert match.groups[0].pinned == (first.tables[0].block_ids[1],)
+
+
+def test_full_hit_reuses_all_but_the_last_token() -> None:
+    m = KVCacheManager(SPEC, [16])
+    a, _ = turn(m, "a", [1, 2, 3, 4, 5], [6, 7, 8])  # 8 tokens
+    assert m.lookup(list(a.token_ids), own=a).num_tokens == 7
+
+
+def test_released_blocks_stay_cached_until_evicted_lru() -> None:
+    m = KVCacheManager(SPEC, [4])
+    a, _ = turn(m, "a", [1, 2, 3, 4, 5], [6, 7])  # blocks 0, 1 (7 tokens)
+    m.release(a)
+    usage = m.usage().groups[0]
+    assert (usage.num_used, usage.num_free, usage.num_cached) == (0, 4, 2)
+    # Found again although nobody holds it.
+    assert m.lookup([1, 2, 3, 4, 5, 6, 7, 9]).num_tokens == 7
+    # A handle's blocks are freed last position first, so the queue is
+    #   free queue: 2 3 1 0      (head: never used; then cached, least recent first)
+    # and allocating 3 takes 2, 3 and evicts 1, the tail of a's chain: its head stays.
+    b, reused = turn(m, "b", [40, 41, 42, 43, 44, 45, 46, 47, 48], [49])
+    assert reused == 0
+    assert b.tables[0].block_ids == (2, 3, 1)
+    assert m.usage().groups[0].num_evictions == 1
+    assert m.lookup([1, 2, 3, 4, 5, 6, 7, 9]).num_tokens == 4  # block 0 is still cached
+    m.release(b)
+    m.check_invariants()
+
+
+def test_cache_salt_isolates_tenants() -> None:
+    m = KVCacheManager(SPEC, [16])
+    prompt = list(range(1, 14))
+    turn(m, "a", prompt, [1], salt="tenant-a")
+    assert m.lookup(prompt, salt="tenant-b").num_tokens == 0
+    assert m.lookup(prompt, salt="tenant-a").num_tokens == 12
+    assert m.lookup(prompt).num_tokens == 0
+
+
+def test_handles_of_another_manager_or_released_are_refused() -> None:
+    m1, m2 = KVCacheManager(SPEC, [8]), KVCacheManager(SPEC, [8])
+    x, _ = turn(m1, "x", [1, 2, 3, 4, 5], [6])
+    y, _ = turn(m2, "y", [7, 8, 9, 10, 11], [12])
+    assert x.handle_id == y.handle_id and x.tables == y.tables  # same ids in both
+    with pytest.raises(InvalidRequestError, match="not live in this pool"):
+        m2.lookup([1, 2, 3], own=x)
+    with pytest.raises(InvalidRequestError, match="not live"):
+        m2.release(x)
+    assert m2.is_live(y)
+    m1.release(x)
+    with pytest.raises(InvalidRequestError, match="not live"):
+        m1.release(x)
+    with pytest.raises(InvalidRequestError, match="another cache_salt"):
+        m2.lookup([1], own=y, salt="other")
+
+
+def test_pool_full_is_a_result_and_changes_nothing() -> None:
+    m = KVCacheManager(SPEC, [4])
+    a, _ = turn(m, "a", list(range(1, 10)), [1])  # 10 tokens: 3 blocks
+    before = m.usage()
+    match = m.lookup(list(range(50, 60)))
+    full = m.reserve("b", list(range(50, 60)), 2, match)
+    assert full == PoolFull(0, 3, 1, 4, False)
+    never = m.reserve("b", list(range(50, 60)), 100, match)
+    assert isinstance(never, PoolFull) and never.never_fits
+    assert m.usage() == before
+    m.release(a)
+
+
+def test_two_copies_of_one_block_are_deduplicated_at_commit() -> None:
+    m = KVCacheManager(SPEC, [16])
+    prompt = list(range(1, 10))
+    # Both reserve before either commits: both compute the same blocks.
+    r1 = m.reserve("a", prompt, 1, m.lookup(prompt))
+    r2 = m.reserve("b", prompt, 1, m.lookup(prompt))
+    assert isinstance(r1, Reservation) and isinstance(r2, Reservation)
+    handles = []
+    for res, agent in ((r1, "a"), (r2, "b")):
+        final = [*prompt, 0]
+        tables = m.place(res, len(final))
+        handles.append(m.commit(res, final, tables, written_from(m, res, len(final))))
+        del agent
+    a, b = handles
+    assert a.tables[0].block_ids[:2] == b.tables[0].block_ids[:2]  # full blocks: one copy
+    assert a.tables[0].block_ids[2] != b.tables[0].block_ids[2]  # partial: private
+    m.check_invariants()
+
+
+def test_sliding_group_keeps_only_its_window() -> None:
+    m = KVCacheManager(HYBRID, [16, 16])
+    prompt = list(range(1, 12))
+    a, _ = turn(m, "a", prompt, [12, 13, 14])  # 14 tokens
+    full, sliding = a.tables
+    assert len(full.held) == 4
+    # window 6: keeps positions >= 14 - 6 = 8, i.e. the blocks of 8..11 and 12..13
+    assert sliding.block_ids[:2] == (NULL_BLOCK, NULL_BLOCK) and len(sliding.held) == 2
+    assert sliding.valid_from == 8
+    # Resuming with a full hit needs positions [13 - 6 + 1, 13) = [8, 13): held.
+    again = m.lookup(list(a.token_ids), own=a)
+    assert again.num_tokens == 13
+    # The next turn of the agent extends it; the reuse is the whole cache.
+    b, reused = turn(m, "a", [*a.token_ids, 20, 21], [22], own=a)
+    assert reused == 14 and not m.is_live(a)
+    assert len(b.tables[1].held) <= -(-6 // B) + 1
+    m.release(b)
+    m.check_invariants()
+
+
+def test_sliding_group_supplies_only_what_it_still_holds() -> None:
+    m = KVCacheManager(HYBRID, [32, 32])
+    system = list(range(100, 112))  # 12 tokens: 3 full blocks
+    turn(m, "a", [*system, 1], [2])  # the sliding layers hold positions 8..13 at the end
+    # A new agent at p = 12 needs [12 - 6 + 1, 12) = [7, 12) from the sliding group:
+    # position 7 was out of a's window when it finished, so no block holds it, and
+    # every shorter block boundary needs positions a's sliding layers never kept.
+    assert m.lookup([*system, 5, 6]).num_tokens == 0
+    # The full-attention group alone would have given 12: the hybrid match is the
+    # longest prefix *every* group can supply.
+    assert m.lookup([*system, 5, 6]).groups[0].read == ()
+
+
+def test_sliding_group_shares_blocks_inside_the_window() -> None:
+    wide = ModelCacheSpec(
+        (LayerSpec(AttentionKind.GLOBAL, 2, 8, 8), LayerSpec(AttentionKind.SLIDING, 2, 8, 8, 9)),
+        "float32",
+        B,
+    )
+    m = KVCacheManager(wide, [32, 32])
+    a, _ = turn(m, "a", [1, 2, 3, 4, 5, 6, 7, 8], [9])  # 9 tokens <= window: all kept
+    match = m.lookup([1, 2, 3, 4, 5, 6, 7, 8, 20, 21])
+    assert match.num_tokens == 8
+    assert match.groups[1].shared == tuple(enumerate(a.tables[1].block_ids[:2]))
+
+
+# -- model-based property test ------------------------------------------------
+
+
+def _block_tokens(m: KVCacheManager, g: int, block: int) -> list[int]:
+    return [int(t) for t in m.allocator(g).content_tokens(block)]
+
+
+def test_random_operations_keep_every_invariant() -> None:
+    rng = random.Random(1234)
+    m = KVCacheManager(HYBRID, [24, 12], key_salt="model")
+    vocab = 5  # tiny vocabulary: prompts collide and share often
+    live: list[CacheHandle] = []
+    open_res: list[tuple[Reservation, list[int], int]] = []
+    num_ops = 10_000
+    for _ in range(num_ops):
+        op = rng.random()
+        if op < 0.35 or not (live or open_res):  # a new request
+            base = list(rng.choice(live).token_ids) if live and rng.random() < 0.6 else []
+            cut = rng.randint(0, len(base))
+            prompt = base[:cut] + [rng.randrange(vocab) for _ in range(rng.randint(1, 9))]
+            own = rng.choice(live) if live and rng.random() < 0.5 else None
+            salt = rng.choice(["", "", "t2"])
+            if own is not None and own.salt != salt:
+                own = None
+            match = m.lookup(prompt, salt=salt, own=own)
+            _check_match(m, prompt, match)
+            max_tokens = rng.randint(1, 6)
+            res = m.reserve(
+                f"a{rng.randrange(6)}", prompt, max_tokens, match, salt=salt,
+                replacing=own if own is not None and rng.random() < 0.5 else None,
+            )  # fmt: skip
+            if isinstance(res, Reservation):
+                if rng.random() < 0.5:
+                    m.release_pin(res)
+                open_res.append((res, prompt, max_tokens))
+        elif op < 0.65 and open_res:  # a request ends: commit (or fail)
+            res, prompt, max_tokens = open_res.pop(rng.randrange(len(open_res)))
+            if rng.random() < 0.15:
+                m.rollback(res)
+            else:
+                gen = [rng.randrange(vocab) for _ in range(rng.randint(0, max_tokens))]
+                final = [*prompt, *gen]
+                tables = m.place(res, len(final))
+                replaced = res.replacing
+                handle = m.commit(res, final, tables, written_from(m, res, len(final)))
+                live.append(handle)
+                if replaced is not None and replaced in live:
+                    live.remove(replaced)
+        elif live:  # a handle is released
+            m.release(live.pop(rng.randrange(len(live))))
+        m.check_invariants()
+        _check_published(m, live)
+    for res, _, _ in open_res:
+        m.rollback(res)
+    for handle in live:
+        m.release(handle)
+    m.check_invariants()
+    usage = m.usage()
+    assert usage.num_used == 0 and usage.num_handles == 0  # nothing leaked
+    assert usage.num_queries > 1000 and usage.hit_tokens > 0  # the test did share
+
+
+def _check_match(m: KVCacheManager, prompt: list[int], match: object) -> None:
+    """Every block a match hands out holds exactly the prompt's tokens there."""
+    from kvpool.cache import PrefixMatch
+
+    assert isinstance(match, PrefixMatch)
+    p = match.num_tokens
+    assert 0 <= p < len(prompt)
+    for g, gm in enumerate(match.groups):
+        for j, block in gm.shared:
+            assert _block_tokens(m, g, block) == prompt[j * B : (j + 1) * B] or (
+                _held_by_own_only(m, g, block)
+            )
+        for block in gm.pinned:
+            got = _block_tokens(m, g, block)
+            j = p // B
+            assert got[: p - j * B] == prompt[j * B : p] or _held_by_own_only(m, g, block)
+
+
+def _held_by_own_only(m: KVCacheManager, g: int, block: int) -> bool:
+    """An unpublished block of a live handle (a sliding group's partly written block)."""
+    return not m.allocator(g).has_content(block) and m.ref_cnt(block, g) > 0
+
+
+def _check_published(m: KVCacheManager, live: list[CacheHandle]) -> None:
+    """The key index finds each live handle's published blocks under their own tokens."""
+    for handle in live:
+        keys = block_keys(handle.token_ids, B, m.root(handle.salt))
+        for g, table in enumerate(handle.tables):
+            for j, block in enumerate(table.block_ids):
+                if block == NULL_BLOCK or j >= len(keys):
+                    continue
+                alloc = m.allocator(g)
+                if alloc.has_content(block):
+                    assert _block_tokens(m, g, block) == list(handle.token_ids[j * B : (j + 1) * B])
+                    found = alloc.lookup(keys[j], list(handle.token_ids[j * B : (j + 1) * B]))
+                    assert found != -1
