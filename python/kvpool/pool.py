@@ -131,6 +131,11 @@ class BlockPool:
         return self.usage().num_cached
 
     @property
+    def num_handles(self) -> int:
+        """Live handles (agents' caches) in the pool."""
+        return self.usage().num_handles
+
+    @property
     def bytes_total(self) -> int:
         return self.usage().bytes_total
 

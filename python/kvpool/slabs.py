@@ -30,6 +30,12 @@ def headroom_capacity(num_tokens: int, step: int = KVCache.step) -> int:
     return (num_tokens // step + 1) * step
 
 
+def _pad_front(array: mx.array) -> mx.array:
+    """``[1, H, T, D]`` -> ``[1, H, T + 1, D]`` with a zero row in front."""
+    zero = mx.zeros((*array.shape[:2], 1, array.shape[3]), dtype=array.dtype)
+    return mx.concatenate([zero, array], axis=2)
+
+
 class SlabStorage:
     """MLX slabs for ``blocks_per_group[g]`` blocks of every layer of group ``g`` of ``spec``."""
 
@@ -64,8 +70,14 @@ class SlabStorage:
                 continue
             held = min(num_tokens, group.window - 1)
             out = kernels.gather(slabs, table, num_tokens - held, num_tokens, held)
+            if num_tokens >= group.window:
+                # mlx-lm's RotatingKVCache is full (window rows) once offset >= window.
+                # Row 0 stands for position num_tokens - window, which no later query
+                # attends: the next token overwrites it (or the next prefill trims it).
+                out = [_pad_front(a) for a in out]
             for j, i in enumerate(group.layers):
-                state = (out[2 * j], out[2 * j + 1], num_tokens, 0, group.window, held)
+                rows = int(out[2 * j].shape[2])
+                state = (out[2 * j], out[2 * j + 1], num_tokens, 0, group.window, rows)
                 caches[i] = RotatingKVCache.from_state(state)
         mx.eval([a for c in caches for a in (c.keys, c.values)])
         return caches

@@ -81,7 +81,9 @@ class KVStorage(Protocol):
 
         Global layers get every position; a sliding layer with window ``W``
         gets the last ``min(num_tokens, W - 1)`` positions, all that computing
-        position ``num_tokens`` needs (the caller checked the blocks hold them).
+        position ``num_tokens`` needs (the caller checked the blocks hold them);
+        a cache may pad that to the ``W`` rows its format wants with a row no
+        query attends.
         Returned caches are evaluated: the blocks may be rewritten as soon as
         this returns.
         """

@@ -132,7 +132,7 @@ def test_pool_is_stable_over_many_generations(tiny_model: LoadedModel) -> None:
         rss.append(rss_bytes())
     if cache is not None:
         pool.release(cache)
-    assert pool.num_free == start_free and pool.num_leases == 0
+    assert pool.num_free == start_free and pool.num_handles == 0
     stats = kernels.scatter_stats()
     assert stats["num_copied"] == 0 and stats["num_in_place"] > 0
     # Medians of five readings: a growing process shows it, one transient spike of

@@ -21,10 +21,10 @@ import pytest
 from helpers import LoadedModel, Reference, fresh, make_engine, words
 
 from kvpool import (
-    AgentBlocks,
     AttentionKind,
     BlockPool,
     CacheCorruptionError,
+    CacheHandle,
     IncompatibleCacheError,
     InvalidRequestError,
     LayerSpec,
@@ -41,6 +41,7 @@ from kvpool.persist import (
     load_cache,
     model_fingerprint,
     save_cache,
+    sliding_valid_from,
     verify_cache,
 )
 from kvpool.storage import LayerKV, host_dtype
@@ -67,14 +68,19 @@ MIXED = (
 
 
 def random_agent(
-    dtype: str = "float16", num_tokens: int = 21, valid_from: int = 9, seed: int = 0
-) -> tuple[BlockPool, AgentBlocks, list[LayerKV]]:
-    """A pool with one agent of random bits (NaN patterns included) in every position held."""
+    dtype: str = "float16",
+    num_tokens: int = 21,
+    valid_from: int = 9,
+    seed: int = 0,
+    agent_id: str = "a",
+) -> tuple[BlockPool, CacheHandle, list[LayerKV]]:
+    """A pool with one agent of random bits (NaN patterns included) in every position held.
+
+    The sliding layer (window 6) keeps only positions >= 21 - 6 = 15 of the 9.. given.
+    """
     spec = ModelCacheSpec(MIXED, dtype, block_tokens=4)
     pool = BlockPool(spec, num_blocks=24)
     rng = np.random.default_rng(seed)
-    lease = pool.new_lease()
-    table = pool.allocate(lease, spec.blocks_for(num_tokens))
     kvs = []
     bits = np.dtype(f"<u{spec.itemsize}")
     for i, layer in enumerate(spec.layers):
@@ -83,23 +89,27 @@ def random_agent(
         k = rng.integers(0, np.iinfo(bits).max, (layer.n_kv_heads, n, layer.k_head_dim), bits)
         v = rng.integers(0, np.iinfo(bits).max, (layer.n_kv_heads, n, layer.v_head_dim), bits)
         kvs.append(LayerKV(i, start, k.view(host_dtype(dtype)), v.view(host_dtype(dtype))))
-    pool.storage.write_layers(table, kvs)
     tokens = tuple(int(t) for t in rng.integers(0, 50_000, num_tokens))
-    return pool, AgentBlocks("a", tuple(table), tokens, 4, lease, valid_from), kvs
+    handle = pool.write_cache(agent_id, tokens, kvs, valid_from=valid_from)
+    kept = []
+    for kv in kvs:
+        skip = max(0, sliding_valid_from(pool, handle) - kv.start) if kv.start else 0
+        kept.append(LayerKV(kv.layer, kv.start + skip, kv.keys[:, skip:], kv.values[:, skip:]))
+    return pool, handle, kept
 
 
-def held_bits(pool: BlockPool, blocks: AgentBlocks) -> list[bytes]:
+def held_bits(pool: BlockPool, blocks: CacheHandle) -> list[bytes]:
     """The bytes of every position the blocks hold, layer by layer (keys, values)."""
     out = []
     for i, layer in enumerate(pool.spec.layers):
-        start = blocks.sliding_valid_from if layer.window else 0
-        (kv,) = pool.storage.read_layers(blocks.block_ids, [i], start, blocks.total_tokens)
+        start = sliding_valid_from(pool, blocks) if layer.window else 0
+        (kv,) = pool.read_layers(blocks, [i], start, blocks.total_tokens)
         out += [kv.keys.tobytes(), kv.values.tobytes()]
     return out
 
 
 def pool_state(pool: BlockPool) -> tuple[int, int]:
-    return pool.num_free, pool.num_leases
+    return pool.num_free, pool.num_handles
 
 
 # --------------------------------------------------------------------------- round trips
@@ -117,12 +127,14 @@ def test_a_loaded_cache_resumes_exactly_and_nothing_is_prefilled_again(
     assert nbytes == path.stat().st_size
     pool.release(first.blocks)
     assert pool.num_used == 0
+    # A fresh engine and pool: in the old pool the load would find the blocks still cached.
+    engine, pool = make_engine(loaded, 32)
     kernels.reset_scatter_stats()
 
     blocks = load_cache(path, pool, fingerprint=fp, agent_id="a")
     assert blocks.token_ids == first.blocks.token_ids
-    assert blocks.sliding_valid_from == first.blocks.sliding_valid_from
-    assert pool.is_live(blocks) and pool.num_used == len(blocks.block_ids)
+    assert [t.valid_from for t in blocks.tables] == [t.valid_from for t in first.blocks.tables]
+    assert pool.is_live(blocks) and pool.num_used == blocks.num_blocks
     stats = kernels.scatter_stats()
     assert stats["num_copied"] == 0 and stats["num_in_place"] > 0
 
@@ -142,20 +154,25 @@ def test_round_trip_is_bit_exact_and_a_standard_safetensors_file(
     pool, blocks, kvs = random_agent(dtype)
     path = tmp_path / "a.safetensors"
     save_cache(path, pool, blocks, fingerprint=FP)
-    restored = load_cache(path, pool, fingerprint=FP)
-    assert set(restored.block_ids).isdisjoint(blocks.block_ids)
-    assert restored.token_ids == blocks.token_ids and restored.sliding_valid_from == 9
-    assert held_bits(pool, restored) == held_bits(pool, blocks)
+    # Into the same pool, the load shares the blocks it already holds.
+    shared = load_cache(path, pool, fingerprint=FP)
+    assert shared.tables[0].block_ids[:5] == blocks.tables[0].block_ids[:5]
+    # Into another pool, every byte comes from the file.
+    other = BlockPool(pool.spec, num_blocks=24)
+    restored = load_cache(path, other, fingerprint=FP)
+    assert restored.token_ids == blocks.token_ids
+    assert sliding_valid_from(other, restored) == 15
+    assert held_bits(other, restored) == held_bits(pool, blocks) == held_bits(pool, shared)
     assert held_bits(pool, blocks) == [a.tobytes() for kv in kvs for a in (kv.keys, kv.values)]
     # any safetensors reader sees the layout the format documents
     arrays, metadata = mx.load(str(path), return_metadata=True)
     assert arrays["token_ids"].dtype == mx.uint32
     assert arrays["token_ids"].tolist() == list(blocks.token_ids)
-    assert tuple(arrays["layers.1.values"].shape) == (2, 21 - 9, 8)
+    assert tuple(arrays["layers.1.values"].shape) == (2, 21 - 15, 8)
     assert str(arrays["layers.0.keys"].dtype) == f"mlx.core.{dtype}"
     assert (metadata["format"], metadata["format_version"]) == ("kvpool-agent-cache", "1")
     info = verify_cache(path)
-    assert (info.num_tokens, info.sliding_valid_from, info.spec) == (21, 9, pool.spec)
+    assert (info.num_tokens, info.sliding_valid_from, info.spec) == (21, 15, pool.spec)
 
 
 # --------------------------------------------------------------------------- corruption
@@ -358,8 +375,11 @@ def test_file_names_encode_the_agent_and_a_file_must_hold_its_agent(tmp_path: Pa
     assert path.parent == tmp_path and agent_id_of(path) == "planner-1"
     assert agent_id_of(path.with_name("planner-2" + path.name[len("planner-1") :])) is None
     assert agent_id_of(tmp_path / "notes.txt") is None
-    pool, blocks, _ = random_agent()
-    save_cache(path, pool, dataclasses.replace(blocks, agent_id="planner-1"), fingerprint=FP)
+    pool, blocks, _ = random_agent(agent_id="planner-1")
+    save_cache(path, pool, blocks, fingerprint=FP)
+    # A handle is unforgeable: a copy under another name is not live in the pool.
+    with pytest.raises(InvalidRequestError, match="not live"):
+        save_cache(path, pool, dataclasses.replace(blocks, agent_id="planner-3"), fingerprint=FP)
     other = cache_path(tmp_path, "planner-2")
     os.rename(path, other)  # a file under another agent's name
     with pytest.raises(CacheCorruptionError, match="not 'planner-2'"):
@@ -370,7 +390,7 @@ def test_file_names_encode_the_agent_and_a_file_must_hold_its_agent(tmp_path: Pa
 
 _CHILD = r"""
 import os, signal, sys
-from kvpool import AgentBlocks, BlockPool, ModelCacheSpec, persist
+from kvpool import BlockPool, ModelCacheSpec, persist
 from kvpool.storage import LayerKV
 from kvpool.testing import FakeStorage
 
@@ -408,16 +428,13 @@ def say(line):
 say("ready")
 while True:
     tokens = tuple((version * 7919 + i) % 30000 + 1 for i in range(N))
-    lease = pool.new_lease()
-    table = pool.allocate(lease, spec.blocks_for(N))
-    pool.storage.write_layers(
-        table, [LayerKV(i, 0, *pool.storage._encode(i, tokens)) for i in range(spec.n_layers)]
+    handle = pool.write_cache(
+        "a", tokens, [LayerKV(i, 0, *pool.storage._encode(i, tokens)) for i in range(spec.n_layers)]
     )
     say(f"start {version}")
-    persist.save_cache(path, pool, AgentBlocks("a", tuple(table), tokens, 64, lease),
-                       fingerprint="fp")
+    persist.save_cache(path, pool, handle, fingerprint="fp")
     say(f"saved {version}")
-    pool.release_lease(lease)
+    pool.release(handle)
     version += 1
 """
 
@@ -489,7 +506,7 @@ def test_sigkill_during_saves_leaves_the_old_or_the_new_file(tmp_path: Path) -> 
             matches = [v for v in candidates if blocks.token_ids == _expected_tokens(v)]
             assert len(matches) == 1, f"{kill_at}: the file is none of versions {candidates}"
             got = matches[0]
-            for kv in pool.storage.read_layers(blocks.block_ids, range(4), 0, 1500):
+            for kv in pool.read_layers(blocks, range(4), 0, 1500):
                 # every layer's K/V is of the same version as the token ids
                 assert tuple(int(t) for t in kv.keys.view("<u2")[0, :, 0]) == blocks.token_ids
             outcome["new" if got == in_progress else "old"] += 1
@@ -500,13 +517,13 @@ def test_sigkill_during_saves_leaves_the_old_or_the_new_file(tmp_path: Path) -> 
     assert outcome["old"] + outcome["new"] + outcome["absent"] == len(plan)
     assert outcome["new"] >= 2 and outcome["old"] >= 10 and outcome["kills_mid_save"] >= 20
     # the next save removes the dead writers' temporary files
-    lease = pool.new_lease()
-    table = pool.allocate(lease, spec.blocks_for(1500))
     tokens = _expected_tokens(version)
     storage = pool.storage
     assert isinstance(storage, FakeStorage)
-    storage.write_layers(table, [LayerKV(i, 0, *storage._encode(i, tokens)) for i in range(4)])
-    save_cache(path, pool, AgentBlocks("a", tuple(table), tokens, 64, lease), fingerprint="fp")
+    handle = pool.write_cache(
+        "a", tokens, [LayerKV(i, 0, *storage._encode(i, tokens)) for i in range(4)]
+    )
+    save_cache(path, pool, handle, fingerprint="fp")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
     print(f"\ncrash test: {len(plan)} kills, {outcome}, up to {max_temps} stray temp files")
 
@@ -615,7 +632,7 @@ def test_import_of_a_cache_mlx_lm_built_itself(tiny_swa_model: LoadedModel, tmp_
     with pytest.raises(InvalidRequestError, match="token"):
         import_prompt_cache(path, pool, agent_id="p")
     blocks = import_prompt_cache(path, pool, agent_id="p", token_ids=prompt)
-    assert blocks.total_tokens == 200 and blocks.sliding_valid_from > 0
+    assert blocks.total_tokens == 200 and sliding_valid_from(pool, blocks) > 0
     rest = words(rng, tokenizer, 20)
     engine.submit("p", [*prompt, *rest], blocks, max_tokens=8)
     (done,) = engine.drain()

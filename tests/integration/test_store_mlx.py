@@ -159,5 +159,5 @@ def test_twelve_agents_through_a_pool_for_three(
     assert kernels.scatter_stats()["num_copied"] == 0  # loads wrote the slabs in place
     store.pool.check_invariants()
     store.close()
-    assert store.pool.num_free == start_free and store.pool.num_leases == 0
+    assert store.pool.num_free == start_free and store.pool.num_handles == 0
     print(f"\npressure: {stats}")

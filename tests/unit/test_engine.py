@@ -325,7 +325,7 @@ def test_pool_returns_to_baseline_after_many_generations() -> None:
     for b in caches.values():
         assert b is not None
         h.pool.release(b)
-    assert h.pool.num_used == 0 and h.pool.usage().num_handles == 0
+    assert h.pool.num_used == 0 and h.pool.num_handles == 0
     h.pool.check_invariants()
 
 

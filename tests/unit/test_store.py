@@ -97,7 +97,7 @@ def test_miss_hot_hit_evict_cold_hit_equal_fresh_runs(tmp_path: Path) -> None:
     assert second.blocks is not None
     assert store.evict("a")
     assert store.tier("a") is Tier.COLD
-    assert store.pool.num_used == 0 and store.pool.usage().num_handles == 0
+    assert store.pool.num_used == 0 and store.pool.num_handles == 0
     info = read_cache_info(cache_path(tmp_path, "a"))
     assert (info.agent_id, info.num_tokens, info.fingerprint) == ("a", 18, FP)  # 9+3+3+3
 
@@ -174,7 +174,7 @@ def test_twelve_agents_through_a_pool_for_three(tmp_path: Path) -> None:
     assert stats.tokens_saved == unlimited.stats.tokens_saved
     store.pool.check_invariants()
     store.close()
-    assert store.pool.num_free == start_free and store.pool.usage().num_handles == 0
+    assert store.pool.num_free == start_free and store.pool.num_handles == 0
     assert store.stats.num_hot == 0 and store.stats.num_cold == 12
     assert sorted(p.name for p in (tmp_path / "tight").iterdir()) == sorted(
         cache_path(tmp_path, a).name for a in agents
@@ -309,7 +309,7 @@ def test_a_corrupt_file_is_a_miss_and_is_deleted(tmp_path: Path) -> None:
     assert (store.stats.num_misses, store.stats.num_load_errors) == (1, 1)
     assert not path.exists()
     assert done.blocks is not None  # the failed load took nothing: only a's new cache is held
-    assert store.pool.num_used == len(done.blocks.block_ids) and store.pool.usage().num_handles == 1
+    assert store.pool.num_used == len(done.blocks.block_ids) and store.pool.num_handles == 1
 
 
 def test_stale_temp_files_are_removed_live_ones_kept(tmp_path: Path) -> None:
