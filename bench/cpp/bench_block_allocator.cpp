@@ -12,6 +12,18 @@
 //   release         release(...) of the last references
 // Even repetitions drop the shared references with free() and the last ones
 // with release(); odd repetitions the other way round.
+//
+// "prefix" (ns per block, median over repetitions), the prefix-cache
+// bookkeeping with full blocks of 256 tokens: one owner takes the whole pool,
+// publishes every block as one chain (each block's parent is the previous
+// block's key), looks every block up by key and tokens (all hits), asks
+// best_child for every block's tokens under its parent, and releases all of
+// them (every block becomes cached). The next repetition's allocate evicts
+// them all again:
+//   publish         publish(block, parent_key, tokens, key)
+//   lookup          lookup(key, tokens), a hit (compares 256 tokens)
+//   best_child      best_child(parent_key, tokens), one child per parent
+//   allocate_evict  allocate(owner, num_blocks) of cached blocks
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -51,6 +63,78 @@ struct Result {
 };
 
 volatile int64_t sink = 0; // keeps results observable
+
+constexpr int32_t kBlockTokens = 256;
+constexpr int kNumPrefixReps = 11;
+
+// splitmix64: distinct, well-mixed keys.
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+struct PrefixResult {
+  int32_t num_blocks;
+  std::vector<double> publish, lookup, best_child, allocate_evict;
+};
+
+PrefixResult run_prefix(int32_t num_blocks) {
+  PrefixResult r{num_blocks, {}, {}, {}, {}};
+  BlockAllocator a(num_blocks, kBlockTokens);
+  std::vector<std::vector<int32_t>> tokens(num_blocks);
+  for (int32_t b = 0; b < num_blocks; ++b) {
+    for (int32_t i = 0; i < kBlockTokens; ++i) {
+      tokens[b].push_back(b * kBlockTokens + i);
+    }
+  }
+  std::vector<uint64_t> keys(num_blocks + 1);
+  for (int rep = 0; rep < kNumPrefixReps; ++rep) {
+    std::vector<int32_t> ids;
+    {
+      Timer t;
+      ids = a.allocate(0, num_blocks);
+      if (rep > 0) { // the first repetition takes never-used blocks
+        r.allocate_evict.push_back(t.ns_per(num_blocks));
+      }
+    }
+    keys[0] = 0; // root parent
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      keys[i + 1] = mix(uint64_t(rep) * uint64_t(num_blocks) + uint64_t(i));
+    }
+    {
+      Timer t;
+      for (int32_t i = 0; i < num_blocks; ++i) {
+        sink = sink + a.publish(ids[i], keys[i], tokens[i], keys[i + 1]);
+      }
+      r.publish.push_back(t.ns_per(num_blocks));
+    }
+    {
+      Timer t;
+      for (int32_t i = 0; i < num_blocks; ++i) {
+        sink = sink + a.lookup(keys[i + 1], tokens[i]);
+      }
+      r.lookup.push_back(t.ns_per(num_blocks));
+    }
+    {
+      Timer t;
+      for (int32_t i = 0; i < num_blocks; ++i) {
+        sink = sink + a.best_child(keys[i], tokens[i]).second;
+      }
+      r.best_child.push_back(t.ns_per(num_blocks));
+    }
+    if (a.lookup(keys[num_blocks], tokens[num_blocks - 1]) != ids.back() ||
+        a.release(0) != num_blocks || a.num_cached() != num_blocks) {
+      throw std::logic_error("prefix bench: publish or lookup failed");
+    }
+  }
+  if (a.num_evictions() != int64_t{num_blocks} * (kNumPrefixReps - 1)) {
+    throw std::logic_error("prefix bench: allocate did not evict every block");
+  }
+  a.check_invariants();
+  return r;
+}
 
 // Drops one reference per block of owners [first, first + num_owners).
 void drop_all(
@@ -145,7 +229,27 @@ int main() {
       first = false;
     }
   }
-  out += "\n]}\n";
+  out += "\n], \"prefix\": {\"block_tokens\": " + std::to_string(kBlockTokens) +
+      ", \"reps\": " + std::to_string(kNumPrefixReps) + ", \"results\": [";
+  first = true;
+  for (int32_t num_blocks : pool_sizes) {
+    PrefixResult r = run_prefix(num_blocks);
+    char buf[512];
+    std::snprintf(
+        buf,
+        sizeof(buf),
+        "%s\n  {\"num_blocks\": %d, \"publish\": %.2f, \"lookup\": %.2f, "
+        "\"best_child\": %.2f, \"allocate_evict\": %.2f}",
+        first ? "" : ",",
+        r.num_blocks,
+        median(r.publish),
+        median(r.lookup),
+        median(r.best_child),
+        median(r.allocate_evict));
+    out += buf;
+    first = false;
+  }
+  out += "\n]}}\n";
   std::fputs(out.c_str(), stdout);
   return 0;
 }

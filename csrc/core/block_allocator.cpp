@@ -341,9 +341,8 @@ int32_t BlockAllocator::publish(
   return canonical;
 }
 
-int32_t BlockAllocator::lookup(
-    uint64_t key,
-    const std::vector<int32_t>& tokens) const {
+int32_t BlockAllocator::lookup(uint64_t key, const std::vector<int32_t>& tokens)
+    const {
   auto it = key_to_block_.find(key);
   if (it == key_to_block_.end() || tokens_[it->second] != tokens) {
     return -1;
@@ -366,8 +365,8 @@ std::pair<int32_t, int32_t> BlockAllocator::best_child(
         std::mismatch(stored.begin(), stored.begin() + len, tokens.begin())
             .first -
         stored.begin());
-    if (common > best.second || (common > 0 && common == best.second &&
-                                 b < best.first)) {
+    if (common > best.second ||
+        (common > 0 && common == best.second && b < best.first)) {
       best = {b, common};
     }
   }
@@ -535,7 +534,8 @@ void BlockAllocator::check_invariants() const {
       fail("block " + str(b) + " has no content but a key or parent_key");
     }
     if (len > 0 &&
-        (has_key_[b] != 0) != (len == static_cast<std::size_t>(block_tokens_))) {
+        (has_key_[b] != 0) !=
+            (len == static_cast<std::size_t>(block_tokens_))) {
       fail(
           "block " + str(b) + " with " + str(len) + " tokens has_key " +
           str(int{has_key_[b]}));
@@ -583,9 +583,9 @@ void BlockAllocator::check_invariants() const {
       if (tokens_[b].empty() || parent_key_[b] != parent) {
         fail(
             "parent_key " + str(parent) + " lists block " + str(b) +
-            (tokens_[b].empty() ? " without content"
-                                : " whose parent_key is " +
-                     str(parent_key_[b])));
+            (tokens_[b].empty()
+                 ? " without content"
+                 : " whose parent_key is " + str(parent_key_[b])));
       }
       if (listed[b]++) {
         fail("block " + str(b) + " is listed as a child more than once");

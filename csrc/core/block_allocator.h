@@ -145,6 +145,16 @@ class BlockAllocator {
   std::vector<int32_t> free_queue() const;
 
   // Throws std::logic_error("... this indicates a bug") if an invariant fails.
+  // Checks: the free queue's links agree and return to the sentinel; it holds
+  // num_free blocks, all with ref_cnt 0, FREE ones before CACHED ones, and
+  // num_cached of them have content; every block with ref_cnt 0 is queued and
+  // every other one is not (so each block is in exactly one state); ref_cnt
+  // equals the number of tables holding the block, no table is empty or holds
+  // a block twice; a block's content has 0..block_tokens tokens, a key
+  // exactly when full, zeroed fields without content; the key index maps each
+  // key to a block whose key equals it; every child list is non-empty, names
+  // only blocks with content under that parent, each once, and the lists
+  // together name every block with content; the scratch bitmap is clear.
   void check_invariants() const;
 
  private:

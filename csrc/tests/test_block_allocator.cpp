@@ -561,6 +561,22 @@ void test_range_checks() {
 // ---------------------------------------------------------------------------
 // Prefix-cache bookkeeping.
 
+void test_header_example() {
+  BlockAllocator a(4);
+  CHECK_EQ(a.allocate(7, 3), (Ids{0, 1, 2}));
+  // queue: 3
+  CHECK_EQ(a.publish(0, 5, iota(256, 1000), 11), 0);
+  CHECK_EQ(a.release(7), 3);
+  CHECK_OK(a);
+  // queue: 2 1 3 0C
+  CHECK_EQ(a.free_queue(), (Ids{2, 1, 3, 0}));
+  CHECK_EQ(a.lookup(11, iota(256, 1000)), 0);
+  CHECK_EQ(a.allocate(8, 4), (Ids{2, 1, 3, 0}));
+  CHECK_EQ(a.num_evictions(), int64_t{1});
+  CHECK_EQ(a.lookup(11, iota(256, 1000)), -1);
+  CHECK_OK(a);
+}
+
 void test_publish_and_content() {
   BlockAllocator a(4, 2); // 2 tokens per block
   CHECK_EQ(a.allocate(1, 3), (Ids{0, 1, 2}));
@@ -993,8 +1009,7 @@ struct Model {
   std::map<uint64_t, int32_t> key_to_block;
   int64_t num_evictions = 0;
 
-  Model(int32_t n, int32_t bt)
-      : block_tokens(bt), ref_cnt(n, 0), content(n) {
+  Model(int32_t n, int32_t bt) : block_tokens(bt), ref_cnt(n, 0), content(n) {
     for (int32_t b = 0; b < n; ++b) {
       queue.push_back(b);
     }
@@ -1016,8 +1031,7 @@ struct Model {
   }
   bool can_share(int64_t owner, const Ids& ids) const {
     for (int32_t b : ids) {
-      if (!in_range(b) || (ref_cnt[b] == 0 && !content[b]) ||
-          holds(owner, b)) {
+      if (!in_range(b) || (ref_cnt[b] == 0 && !content[b]) || holds(owner, b)) {
         return false;
       }
     }
@@ -1344,9 +1358,8 @@ bool stress(
         c.num_lookup_hits += got >= 0;
         c.num_collision_misses += got < 0 && it != m.key_to_block.end();
       } else if (kind <= 16) { // best_child
-        Ids with_content = blocks_where([&](int32_t b) {
-          return m.content[b].has_value();
-        });
+        Ids with_content =
+            blocks_where([&](int32_t b) { return m.content[b].has_value(); });
         int32_t b = with_content.empty() || uniform(0, 4) == 0
             ? -1
             : with_content[uniform(
@@ -1358,9 +1371,8 @@ bool stress(
         c.num_best_child_hits += got.first >= 0;
       } else { // invalidate (rarer: it undoes the cache)
         if (kind == 17) {
-          Ids pool = blocks_where([&](int32_t b) {
-            return m.content[b].has_value();
-          });
+          Ids pool =
+              blocks_where([&](int32_t b) { return m.content[b].has_value(); });
           int32_t b = pick_one(pool);
           expect = m.in_range(b) ? Expect::kOk : Expect::kMistake;
           c.num_invalidated += m.in_range(b) && m.content[b];
@@ -1507,6 +1519,7 @@ int main() {
   test_share_then_free_by_each_owner();
   test_share_errors();
   test_range_checks();
+  test_header_example();
   test_publish_and_content();
   test_publish_duplicate_and_collision();
   test_publish_errors();

@@ -7,6 +7,7 @@ Expected states are drawn in comments as
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -390,3 +391,149 @@ def test_publish_mistakes_change_nothing() -> None:
         alloc.publish(0, 0, [1])
     assert snapshot(alloc) == before
     alloc.check_invariants()
+
+
+class _Model:
+    """Plain-Python reference of the allocator's prefix bookkeeping (for the random test)."""
+
+    def __init__(self, num_blocks: int, block_tokens: int) -> None:
+        self.block_tokens = block_tokens
+        self.queue: list[int] = list(range(num_blocks))
+        self.ref_cnt = [0] * num_blocks
+        self.tables: dict[int, list[int]] = {}
+        self.content: list[Content | None] = [None] * num_blocks
+        self.key_to_block: dict[int, int] = {}
+        self.num_evictions = 0
+
+    def drop_content(self, b: int) -> None:
+        entry = self.content[b]
+        assert entry is not None
+        if entry[2] is not None and self.key_to_block.get(entry[2]) == b:
+            del self.key_to_block[entry[2]]
+        self.content[b] = None
+
+    def allocate(self, owner: int, n: int) -> list[int]:
+        taken, self.queue = self.queue[:n], self.queue[n:]
+        for b in taken:
+            if self.content[b] is not None:
+                self.drop_content(b)
+                self.num_evictions += 1
+            self.ref_cnt[b] = 1
+        self.tables.setdefault(owner, []).extend(taken)
+        return taken
+
+    def share(self, owner: int, ids: list[int]) -> None:
+        for b in ids:
+            if self.ref_cnt[b] == 0:
+                self.queue.remove(b)
+            self.ref_cnt[b] += 1
+        self.tables.setdefault(owner, []).extend(ids)
+
+    def release(self, owner: int) -> int:
+        num_freed = 0
+        for b in self.tables.pop(owner, []):
+            self.ref_cnt[b] -= 1
+            if self.ref_cnt[b] == 0:
+                num_freed += 1
+                if self.content[b] is None:
+                    self.queue.insert(0, b)
+                else:
+                    self.queue.append(b)
+        return num_freed
+
+    def publish(self, b: int, parent: int, tokens: list[int], key: int | None) -> int:
+        self.content[b] = (parent, tuple(tokens), key)
+        return b if key is None else self.key_to_block.setdefault(key, b)
+
+    def lookup(self, key: int, tokens: list[int]) -> int:
+        b = self.key_to_block.get(key, -1)
+        entry = self.content[b] if b >= 0 else None
+        return b if entry is not None and entry[1] == tuple(tokens) else -1
+
+    def best_child(self, parent: int, tokens: list[int]) -> tuple[int, int]:
+        best = (-1, 0)
+        for b, entry in enumerate(self.content):
+            if entry is None or entry[0] != parent:
+                continue
+            common = 0
+            for x, y in zip(entry[1], tokens, strict=False):
+                if x != y:
+                    break
+                common += 1
+            if common > best[1]:
+                best = (b, common)
+        return best
+
+    def invalidate(self, b: int) -> None:
+        if self.content[b] is not None:
+            self.drop_content(b)
+            if self.ref_cnt[b] == 0:
+                self.queue.remove(b)
+                self.queue.insert(0, b)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_ops_match_a_model(seed: int) -> None:
+    """Valid random ops through the binding, keys spread over the whole uint64 range."""
+    rng = random.Random(seed)
+    num_blocks, block_tokens = 12, 2
+    alloc = _blocks.BlockAllocator(num_blocks, block_tokens)
+    model = _Model(num_blocks, block_tokens)
+    keys = [rng.randrange(2**64) for _ in range(5)] + [0, 2**64 - 1]
+    num_hits = num_touches = 0
+    for _ in range(2000):
+        op = rng.randrange(6)
+        owner = rng.randrange(4)
+        if op == 0:
+            n = rng.randrange(min(4, len(model.queue)) + 1)
+            assert alloc.allocate(owner, n) == model.allocate(owner, n)
+        elif op == 1:
+            held = set(model.tables.get(owner, []))
+            pool = [
+                b
+                for b in range(num_blocks)
+                if b not in held and (model.ref_cnt[b] > 0 or model.content[b] is not None)
+            ]
+            ids = rng.sample(pool, min(len(pool), rng.randrange(3)))
+            num_touches += sum(model.ref_cnt[b] == 0 for b in ids)
+            alloc.share(owner, ids)
+            model.share(owner, ids)
+        elif op == 2:
+            assert alloc.release(owner) == model.release(owner)
+        elif op == 3:
+            pool = [b for b in range(num_blocks) if model.ref_cnt[b] and not model.content[b]]
+            if pool:
+                b = rng.choice(pool)
+                tokens = [rng.randrange(3) for _ in range(rng.randrange(1, block_tokens + 1))]
+                key = rng.choice(keys) if len(tokens) == block_tokens else None
+                parent = rng.choice(keys)
+                assert alloc.publish(b, parent, tokens, key) == model.publish(
+                    b, parent, tokens, key
+                )
+        elif op == 4:
+            key = rng.choice(keys)
+            tokens = [rng.randrange(3) for _ in range(block_tokens)]
+            got = alloc.lookup(key, tokens)
+            assert got == model.lookup(key, tokens)
+            num_hits += got >= 0
+            parent = rng.choice(keys)
+            assert alloc.best_child(parent, tokens[:1]) == model.best_child(parent, tokens[:1])
+        else:
+            b = rng.randrange(num_blocks)
+            alloc.invalidate(b)
+            model.invalidate(b)
+        assert alloc.free_queue() == model.queue
+        assert ref_cnts(alloc) == model.ref_cnt
+        assert [content(alloc, b) for b in range(num_blocks)] == model.content
+        assert alloc.num_evictions == model.num_evictions
+        for key, b in model.key_to_block.items():
+            entry = model.content[b]
+            assert entry is not None
+            assert alloc.lookup(key, list(entry[1])) == b
+        alloc.check_invariants()
+    assert num_hits > 0
+    assert num_touches > 0
+    assert model.num_evictions > 0
+    for owner in range(4):
+        alloc.release(owner)
+    assert (alloc.num_used, alloc.num_free, alloc.num_owners) == (0, num_blocks, 0)
