@@ -491,9 +491,11 @@ class _Turn:
         turn: int,
         num_turns: int,
         progress: ProgressCallback | None,
+        cache_salt: str = "",
     ) -> None:
         self.engine = engine
         self.run, self.turn, self.num_turns = run, turn, num_turns
+        self.cache_salt = cache_salt
         self.progress = progress
         self.num_generated = 0
         self.peak_used = 0
@@ -510,7 +512,12 @@ class _Turn:
         on_token = self._count if self.progress is not None else None
         for agent_id, prompt in prompts.items():
             self.engine.submit(
-                agent_id, prompt, caches.get(agent_id), max_tokens, on_token=on_token
+                agent_id,
+                prompt,
+                caches.get(agent_id),
+                max_tokens,
+                on_token=on_token,
+                cache_salt=self.cache_salt,
             )
         done: dict[str, CompletedGeneration] = {}
         while self.engine.has_work:
@@ -536,12 +543,16 @@ class _Turn:
 def _warm_up(
     engine: BlockPoolBatchEngine, script: AgentScript, progress: ProgressCallback | None
 ) -> None:
-    """Two short turns (the second from a cache) so neither timed run pays first-call costs."""
+    """Two short turns (the second from a cache) so neither timed run pays first-call costs.
+
+    Under a salt of its own: the timed runs must not find its blocks.
+    """
     prompt = script.opening[:32]
-    first = _Turn(engine, "warm-up", 1, 2, progress)({"warm-up": prompt}, {}, 2)["warm-up"]
+    salt = "kvpool-demo-warm-up"
+    first = _Turn(engine, "warm-up", 1, 2, progress, salt)({"warm-up": prompt}, {}, 2)["warm-up"]
     assert first.blocks is not None
     prompt = prompt + first.token_ids + script.opening[32:48]
-    second = _Turn(engine, "warm-up", 2, 2, progress)(
+    second = _Turn(engine, "warm-up", 2, 2, progress, salt)(
         {"warm-up": prompt}, {"warm-up": first.blocks}, 2
     )["warm-up"]
     assert second.blocks is not None
