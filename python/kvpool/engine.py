@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvpool.blocks import CompletedGeneration, TokenEvent
-from kvpool.cache.manager import PoolFull, Reservation
+from kvpool.cache.manager import PoolFull, Reservation, common_prefix_len
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError, PoolExhaustedError
 from kvpool.pool import BlockPool
@@ -74,6 +74,7 @@ class _Request:
     agent_id: str
     prompt: tuple[int, ...]
     cache: CacheHandle | None  # the handle the caller passed (returned again on failure)
+    cache_salt: str
     reservation: Reservation  # prompt[:reservation.match.num_tokens] comes from the pool
     max_tokens: int
     sampling: SamplingParams
@@ -84,10 +85,15 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     detokenizer: Any = None  # the tokenizer's streaming detokenizer, once on_token needs it
     t_first_token: float | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the pool, fixed when it starts
+    # A leader (prefix_end > 0) publishes prompt[:prefix_end] when its prefill gets
+    # there; its followers, queued with the same uncached prefix, wait for it.
+    prefix_end: int = 0
+    followers: list[_Request] = field(default_factory=list)
 
     @property
     def reused(self) -> int:
-        """Prompt tokens taken from the pool."""
+        """Prompt tokens the reservation's match takes from the pool (so far)."""
         return self.reservation.match.num_tokens
 
 
@@ -139,6 +145,7 @@ class BlockPoolBatchEngine:
         self._uids = itertools.count()
         self._queue: list[_Request] = []
         self._running: dict[int, _Request] = {}  # generator uid -> request
+        self._waiting: dict[int, _Request] = {}  # uid -> a follower waiting for its leader
         self._agent_to_uid: dict[str, int] = {}  # agents with a request in flight
         self._eos = frozenset(int(t) for t in tokenizer.eos_token_ids)
         # Prompt ids must index the model's embedding (which may be larger than the
@@ -212,6 +219,7 @@ class BlockPoolBatchEngine:
                 agent_id=agent_id,
                 prompt=tokens,
                 cache=cache,
+                cache_salt=cache_salt,
                 reservation=res,
                 max_tokens=max_tokens,
                 sampling=sampling,
@@ -231,7 +239,7 @@ class BlockPoolBatchEngine:
         """
         with self._lock:
             queued, self._queue = self._queue, []
-        done = [c for r in queued if (c := self._start(r)) is not None]
+        done = [c for r in self._plan_shared_prefills(queued) if (c := self._start(r)) is not None]
         if self._running:
             done.extend(self._decode())
         return iter(done)
@@ -253,6 +261,12 @@ class BlockPoolBatchEngine:
             if request is not None:
                 self._queue.remove(request)
         if request is None:
+            request = self._waiting.pop(uid, None)
+            if request is not None:
+                for leader in self._running.values():
+                    if request in leader.followers:
+                        leader.followers.remove(request)
+        if request is None:
             request = next((r for r in self._running.values() if r.uid == uid), None)
             if request is None:
                 return False
@@ -265,6 +279,7 @@ class BlockPoolBatchEngine:
         """Cancel everything in flight and close the batch generator."""
         with self._lock:
             uids = [r.uid for r in self._queue]
+        uids += list(self._waiting)
         uids += [r.uid for r in self._running.values()]
         for uid in uids:
             self.cancel(uid)
@@ -334,23 +349,62 @@ class BlockPoolBatchEngine:
         if close is not None:
             close()
 
+    def _plan_shared_prefills(self, queued: list[_Request]) -> list[_Request]:
+        """Requests to start now; the others wait for a leader to publish their prefix.
+
+        When several queued requests share an uncached prefix of at least one full
+        block, the first is a leader: it is prefilled to the end of the shared blocks
+        (``prefix_end``, the shortest its followers share), publishes them, and the
+        followers start from them (see :meth:`_publish_prefixes`).
+        """
+        if not self.prefix_sharing or len(queued) < 2:
+            return queued
+        size = self.spec.block_tokens
+        start_now: list[_Request] = []
+        taken: set[int] = set()
+        for i, leader in enumerate(queued):
+            if leader.uid in taken:
+                continue
+            start_now.append(leader)
+            least = (leader.reused // size + 1) * size
+            group = []
+            for other in queued[i + 1 :]:
+                if other.uid in taken or other.cache_salt != leader.cache_salt:
+                    continue
+                shared = common_prefix_len(leader.prompt, other.prompt)
+                end = min(shared, len(leader.prompt) - 1, len(other.prompt) - 1) // size * size
+                if end >= least and end > other.reused:
+                    group.append((other, end))
+            if group:
+                leader.prefix_end = min(end for _, end in group)
+                leader.followers = [other for other, _ in group]
+                for other, _ in group:
+                    taken.add(other.uid)
+                    self._waiting[other.uid] = other
+        return start_now
+
     def _start(self, request: _Request) -> CompletedGeneration | None:
         """Gather the reused prefix and insert the rest; None on success."""
         try:
             caches = self.pool.gather(request.reservation)
             with self._lock:
                 self.pool.unpin(request.reservation)
+            reused = request.cached_tokens = request.reused
             kwargs: dict[str, Any] = {}
             if not request.sampling.is_greedy:
                 kwargs["samplers"] = [make_sampler(request.sampling)]
             if request.sampling.stop_token_ids:
                 stops = self._eos | set(request.sampling.stop_token_ids)
                 kwargs["stop_sequences"] = [make_stop_sequences(stops)]
-            (gen_uid,) = self._generator().insert(
-                [list(request.prompt[request.reused :])],
+            end = request.prefix_end
+            segments = [list(request.prompt[reused:])]
+            if end:
+                segments = [list(request.prompt[reused:end]), list(request.prompt[end:])]
+            (gen_uid,) = self._generator().insert_segments(
+                [segments],
                 max_tokens=[request.max_tokens],
                 caches=[caches],
-                all_tokens=[list(request.prompt[: request.reused])],
+                all_tokens=[list(request.prompt[:reused])],
                 **kwargs,
             )
         except Exception as exc:  # the request fails; the engine goes on
@@ -359,9 +413,42 @@ class BlockPoolBatchEngine:
         self._running[request.gen_uid] = request
         return None
 
+    def _publish_prefixes(self, prompt_responses: Sequence[Any]) -> list[CompletedGeneration]:
+        """Leaders whose prefill reached ``prefix_end`` publish those blocks; their
+        followers then start from them. Returns the followers that failed to start."""
+        done: list[CompletedGeneration] = []
+        for response in prompt_responses:
+            request = self._running.get(int(response.uid))
+            if request is None or not (request.prefix_end and response.end_of_segment):
+                continue
+            end, request.prefix_end = request.prefix_end, 0
+            caches, _ = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
+            if int(caches[0].offset) == end:
+                with self._lock:
+                    self.pool.publish_prefix(request.reservation, caches, end)
+            done.extend(self._release_followers(request))
+        return done
+
+    def _release_followers(self, leader: _Request) -> list[CompletedGeneration]:
+        """Start a leader's followers from whatever the pool now holds."""
+        done = []
+        followers, leader.followers = leader.followers, []
+        for request in followers:
+            self._waiting.pop(request.uid, None)
+            with self._lock:
+                own = request.cache
+                if own is not None and not self.pool.is_live(own):
+                    own = None
+                match = self.pool.lookup(request.prompt, salt=request.cache_salt, own=own)
+                if match.num_tokens > request.reused:
+                    self.pool.rebase(request.reservation, match)
+            if (c := self._start(request)) is not None:
+                done.append(c)
+        return done
+
     def _decode(self) -> list[CompletedGeneration]:
         try:
-            _, responses = self._gen.next()
+            prompt_responses, responses = self._gen.next()
         except Exception as exc:
             # The batch's state is unknown: every running request fails and a
             # fresh generator serves the next ones.
@@ -369,7 +456,7 @@ class BlockPoolBatchEngine:
             self._running.clear()
             self._discard_generator()
             return [self._fail(r, exc, "the batch step failed") for r in failed]
-        done: list[CompletedGeneration] = []
+        done = self._publish_prefixes(prompt_responses)
         for response in responses:
             request = self._running.get(int(response.uid))
             if request is None:
@@ -431,7 +518,7 @@ class BlockPoolBatchEngine:
             blocks=blocks,
             finish_reason=str(response.finish_reason),
             prompt_tokens=len(request.prompt),
-            cached_tokens=request.reused,
+            cached_tokens=request.cached_tokens,
             ttft_s=None
             if request.t_first_token is None
             else request.t_first_token - request.t_submit,
@@ -444,6 +531,10 @@ class BlockPoolBatchEngine:
             self.pool.rollback(request.reservation)
             if self._agent_to_uid.get(request.agent_id) == request.uid:
                 del self._agent_to_uid[request.agent_id]
+            followers, request.followers = request.followers, []
+            for follower in followers:  # they start on their own in the next step
+                self._waiting.pop(follower.uid, None)
+            self._queue[:0] = followers
         if request.gen_uid is not None:
             self._running.pop(request.gen_uid, None)
 
@@ -460,7 +551,7 @@ class BlockPoolBatchEngine:
             blocks=request.cache,
             finish_reason="error",
             prompt_tokens=len(request.prompt),
-            cached_tokens=request.reused,
+            cached_tokens=request.cached_tokens,
             elapsed_s=time.perf_counter() - request.t_submit,
             error=error,
         )

@@ -233,6 +233,24 @@ class BlockPool:
         """The written reservation becomes the handle of ``token_ids``."""
         return self.manager.commit(res, token_ids, tables, written_from)
 
+    def publish_prefix(self, res: Reservation, caches: Sequence[Any], length: int) -> bool:
+        """Write and publish a running request's first ``length`` positions (a block
+        boundary) from its caches at that point, so requests waiting for the same
+        prefix share them. False, and nothing changed, if the pool cannot hold the
+        sliding groups' copies now. Not under a lock except for the bookkeeping, which
+        the caller serialises (the engine calls it from its driving thread)."""
+        tables = self.manager.place_prefix(res, length)
+        if tables is None:
+            return False
+        start = (res.match.num_tokens // self.spec.block_tokens) * self.spec.block_tokens
+        written_from = self._storage.store(caches, tables, start)
+        self.manager.commit_prefix(res, tables, written_from)
+        return True
+
+    def rebase(self, res: Reservation, match: PrefixMatch) -> bool:
+        """Give a queued request a longer match found after it was reserved."""
+        return self.manager.rebase(res, match)
+
     # -- persistence ----------------------------------------------------------
 
     def read_layers(

@@ -7,7 +7,8 @@ generates, exactly as wrong K/V would change a real model's output.
 
 ``FakeBatchGenerator`` follows mlx-lm 0.32's ``BatchGenerator`` protocol:
 ``insert(prompts, max_tokens=, caches=, all_tokens=, samplers=,
-logits_processors=, stop_sequences=)`` returns uids; ``next()`` returns
+logits_processors=, stop_sequences=)`` and ``insert_segments`` (prefill stops
+at segment ends, reported as ``end_of_segment``) return uids; ``next()`` returns
 ``(prompt_responses, generation_responses)``; one prompt chunk is prefilled
 per call; the first token of a sequence arrives on the call after its prompt
 is done; a finishing response carries ``prompt_cache`` (every layer at offset
@@ -250,7 +251,7 @@ class GenerationResponse:
 @dataclass(slots=True)
 class _Sequence:
     uid: int
-    pending: list[int]  # prompt tokens before the last, not yet prefilled
+    pending: list[list[int]]  # segments of the prompt before its last token, not yet prefilled
     last: int  # the prompt's last token, fed when the sequence starts generating
     total: int
     max_tokens: int
@@ -303,12 +304,34 @@ class FakeBatchGenerator:
         logits_processors: list[Any] | None = None,
         stop_sequences: list[Any] | None = None,
     ) -> list[int]:
+        return self.insert_segments(
+            [[p] for p in prompts],
+            max_tokens,
+            caches,
+            all_tokens,
+            samplers,
+            logits_processors,
+            stop_sequences,
+        )
+
+    def insert_segments(
+        self,
+        segments: list[list[list[int]]],
+        max_tokens: list[int] | None = None,
+        caches: list[Any] | None = None,
+        all_tokens: list[list[int]] | None = None,
+        samplers: list[Any] | None = None,
+        logits_processors: list[Any] | None = None,
+        stop_sequences: list[Any] | None = None,
+    ) -> list[int]:
+        """Each prompt as segments: prefill stops at every segment's end and reports
+        ``end_of_segment`` there (``extract_cache`` then holds the prompt up to it)."""
         if self.fail_insert is not None:
             exc, self.fail_insert = self.fail_insert, None
             raise exc
-        n = len(prompts)
+        n = len(segments)
         max_tokens = max_tokens or [self.max_tokens] * n
-        all_tokens = all_tokens or [[] for _ in prompts]
+        all_tokens = all_tokens or [[] for _ in segments]
         caches = caches or [None] * n
         for name, value in (
             ("max_tokens", max_tokens),
@@ -324,22 +347,25 @@ class FakeBatchGenerator:
             raise NotImplementedError("FakeBatchGenerator supports only the default stop tokens")
         uids = list(range(self._uid_count, self._uid_count + n))
         pending = []
-        for uid, prompt, m, cache, tokens in zip(
-            uids, prompts, max_tokens, caches, all_tokens, strict=True
+        for uid, parts, m, cache, tokens in zip(
+            uids, segments, max_tokens, caches, all_tokens, strict=True
         ):
-            if not prompt:
+            parts = [list(part) for part in parts if part]
+            if not parts:
                 raise ValueError(f"Sequence {uid} has an empty prompt.")
             if m <= 0:
                 raise ValueError(f"Sequence {uid}'s max_tokens must be > 0.")
+            last = parts[-1][-1]
+            parts[-1] = parts[-1][:-1]
             layer_caches = (
                 [c.copy() for c in cache] if cache is not None else self.model.make_cache()
             )
             pending.append(
                 _Sequence(
                     uid,
-                    list(prompt[:-1]),
-                    prompt[-1],
-                    len(prompt),
+                    [part for part in parts if part],
+                    last,
+                    sum(len(part) for part in parts) + 1,
                     m,
                     layer_caches,
                     tokens,
@@ -381,13 +407,14 @@ class FakeBatchGenerator:
             self._generating.append(seq)
             prompt_responses.append(PromptResponse(seq.uid, (seq.total, seq.total), True, True))
         for seq in still:
-            chunk = seq.pending[: self.prefill_step_size]
-            del seq.pending[: len(chunk)]
+            segment = seq.pending[0]
+            chunk = segment[: self.prefill_step_size]
+            del segment[: len(chunk)]
+            if not segment:
+                seq.pending.pop(0)
             self._feed(seq, chunk)
-            done = seq.total - len(seq.pending) - 1
-            prompt_responses.append(
-                PromptResponse(seq.uid, (done, seq.total), not seq.pending, False)
-            )
+            done = seq.total - sum(len(part) for part in seq.pending) - 1
+            prompt_responses.append(PromptResponse(seq.uid, (done, seq.total), not segment, False))
         self._prompt = still
         return prompt_responses, generation
 

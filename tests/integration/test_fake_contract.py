@@ -112,3 +112,33 @@ def test_fake_generator_follows_the_real_protocol(tiny_model: LoadedModel) -> No
     first = next(e for e in finished if e[2] == 0)
     # history 6 + prompt 3 + generated 3: the cache and all_tokens agree
     assert first[5] == (12,) and first[6] == 12 and first[7] is True
+
+
+def segments_scenario(
+    model: Any, factory: Callable[..., Any], cache_for: Callable[[list[int]], list[Any]]
+) -> Trace:
+    """insert_segments: where prefill stops, what end_of_segment says, and what
+    extract_cache holds there (the engine publishes a shared prefix at that point)."""
+    gen = factory(model, stop_tokens=None, prefill_step_size=4, prefill_batch_size=2)
+    trace: Trace = []
+    uids = gen.insert_segments([[[1, 2, 3, 4, 5, 6], [7, 8, 9]], [[20, 21, 22]]], max_tokens=[2, 2])
+    for call in range(8):
+        prompt_responses, generation_responses = gen.next()
+        for r in prompt_responses:
+            entry: tuple[object, ...] = ("prompt", call, r.uid, tuple(r.progress))
+            entry += (r.end_of_segment, r.end_of_prompt)
+            if r.end_of_segment and not r.end_of_prompt:
+                caches, tokens = gen.extract_cache([r.uid])[r.uid]
+                entry += (tuple({int(c.offset) for c in caches}), len(tokens))
+            trace.append(entry)
+        trace += [("gen", call, r.uid, r.finish_reason) for r in generation_responses]
+    del uids
+    return trace
+
+
+def test_fake_generator_follows_the_real_segments_protocol(tiny_model: LoadedModel) -> None:
+    real = segments_scenario(*real_parts(tiny_model))
+    fake = segments_scenario(*fake_parts(tiny_model))
+    assert fake == real
+    # The first segment (6 tokens) ends after chunks of 4 and 2; the cache holds it.
+    assert ("prompt", 1, 0, (6, 9), True, False, (6,), 6) in real

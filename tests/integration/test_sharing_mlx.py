@@ -201,3 +201,23 @@ def test_gemma_style_windows_free_blocks_and_resume_exactly(
     assert again.cached_tokens == blocks.total_tokens - 1
     assert list(again.token_ids) == fresh(reference_generate, gemma_w300, list(blocks.token_ids), 4)
     del model
+
+
+@pytest.mark.parametrize("model_name", ["tiny_model", "gemma_w300"])
+def test_agents_arriving_together_prefill_a_shared_prefix_once(
+    model_name: str, request: pytest.FixtureRequest, reference_generate: Reference
+) -> None:
+    loaded: LoadedModel = request.getfixturevalue(model_name)
+    _, tokenizer, _ = loaded
+    engine, pool = make_engine(loaded, 64)
+    rng = random.Random(21)
+    system = words(rng, tokenizer, 512)  # two full blocks, cached nowhere yet
+    prompts = {f"agent-{i}": [*system, *words(rng, tokenizer, 20 + 7 * i)] for i in range(4)}
+    done = run_turn(engine, {a: (p, None) for a, p in prompts.items()}, 5)
+    for agent, c in done.items():
+        assert list(c.token_ids) == fresh(reference_generate, loaded, prompts[agent], 5), agent
+    assert done["agent-0"].cached_tokens == 0
+    assert [done[f"agent-{i}"].cached_tokens for i in (1, 2, 3)] == [512] * 3
+    prefilled = sum(c.prefilled_tokens for c in done.values())
+    assert prefilled == 512 + sum(len(p) - 512 for p in prompts.values())
+    pool.check_invariants()
