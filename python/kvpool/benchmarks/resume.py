@@ -57,6 +57,7 @@ CACHE_LIMIT = 2 * GIB
 TARGET_CONTEXT = 2048
 TARGET_SPEEDUP = 10.0
 PENDING = "pending (persist module)"
+DISK_SALT = "resume-from-disk"
 
 
 def _persist() -> tuple[Any, str | None]:
@@ -99,7 +100,9 @@ class _Context:
         blocks = spec.blocks_for(context + NEW_TOKENS + 1)
         # the agent's cache + a cache loaded from disk + the lease of the turn being resumed
         self.pool = BlockPool(spec, num_blocks=3 * blocks + 1)
-        self.engine = BlockPoolBatchEngine(model, tokenizer, self.pool, spec)
+        # Every repetition sends the same prompt: with prefix sharing the second one would
+        # find the first one's blocks (a full hit) instead of prefilling the new tokens.
+        self.engine = BlockPoolBatchEngine(model, tokenizer, self.pool, spec, prefix_sharing=False)
         self.plain = plain
         self.persist, self.fingerprint = persist, fingerprint
         rng = random.Random(context)
@@ -132,10 +135,14 @@ class _Context:
     def from_disk(self) -> float:
         self.page_cache_dropped = _drop_page_cache(self.path)
         t0 = time.perf_counter()
-        loaded = self.persist.load_cache(self.path, self.pool, fingerprint=self.fingerprint)
+        # Under a salt of its own: else the load would share the agent's live blocks
+        # instead of writing what it reads.
+        loaded = self.persist.load_cache(
+            self.path, self.pool, fingerprint=self.fingerprint, cache_salt=DISK_SALT
+        )
         self.load_s.append(time.perf_counter() - t0)
         # Same agent id as the file's: finishing the turn releases the loaded cache.
-        request = TurnRequest(loaded.agent_id, self.prompt, 1, loaded)
+        request = TurnRequest(loaded.agent_id, self.prompt, 1, loaded, cache_salt=DISK_SALT)
         result = run_kvpool_turn(self.engine, [request], t0=t0)
         self._release(result.completions.values())
         return result.ttft_s[request.agent_id]

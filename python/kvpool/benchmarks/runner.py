@@ -66,6 +66,11 @@ REGISTRY: dict[str, Benchmark] = {
             "N agents x T turns end to end, kvpool vs plain mlx-lm re-prefill",
         ),
         Benchmark(
+            "prefix",
+            "prefix",
+            "agents sharing a system prompt: blocks held, new-agent TTFT, prefill once, windows",
+        ),
+        Benchmark(
             "memory",
             "memory",
             "pool bytes, RSS and MLX memory over 100 turns; extra memory of one resume",

@@ -42,6 +42,7 @@ class TurnRequest:
     prompt: tuple[int, ...]
     max_tokens: int
     cache: CacheHandle | None = None
+    cache_salt: str = ""  # kvpool only: the tenant the cache was computed under
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,9 @@ def run_kvpool_turn(
 
     start = time.perf_counter() if t0 is None else t0
     for r in requests:
-        engine.submit(r.agent_id, r.prompt, r.cache, r.max_tokens, on_token=on_token)
+        engine.submit(
+            r.agent_id, r.prompt, r.cache, r.max_tokens, on_token=on_token, cache_salt=r.cache_salt
+        )
     completions: dict[str, CompletedGeneration] = {}
     while engine.has_work:
         for done in engine.step():
