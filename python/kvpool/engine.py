@@ -7,9 +7,26 @@ inserts only the remaining tokens into mlx-lm's ``BatchGenerator``, and, when
 the generation finishes, scatters the final cache back into blocks.
 
 Threading: one thread drives the engine (``step``, ``cancel``, ``drain``,
-``close``): MLX is not thread-safe. ``submit`` may be called from any thread
-at any time; it only does bookkeeping and queues the request, which the next
-``step`` starts (continuous batching: it joins the running batch).
+``close``): MLX is not thread-safe. The first of those calls binds the engine
+to its thread; a call from another thread raises InvalidRequestError.
+``submit`` may be called from any thread at any time; it only does bookkeeping
+and queues the request, which the next ``step`` starts (continuous batching:
+it joins the running batch).
+
+Prompts: text (``str``, tokenized here) or token ids: a sequence of ints
+(``list``, ``tuple``, ``range``; numpy integers included) or a 1-D numpy
+integer array, every id in ``[0, vocab_size)``. ``bytes``, ``bytearray`` and
+``memoryview`` are refused: they could be text or ids (decode them, or pass
+``list(data)``).
+
+Callbacks: ``on_token`` runs on the driving thread inside ``step``. If it
+raises, only its own request ends (``finish_reason == "error"``, its blocks
+freed, its old cache still valid); the other requests of that step get their
+tokens and completions. It may ``cancel`` its own request (then no completion
+is reported for it), even on its last token. A KeyboardInterrupt (or other
+BaseException) inside ``step`` ends the request it hit and is re-raised once
+the step's other work is done; the completions of that step come back from
+the next ``step``.
 
 Blocks of one request (all-or-nothing, taken in ``submit``):
   * its *lease*: the full prefix blocks it shares with the cache it reuses,
@@ -31,6 +48,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
 from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError, PoolExhaustedError
@@ -147,6 +166,9 @@ class BlockPoolBatchEngine:
         # Prompt ids must index the model's embedding (which may be larger than the
         # tokenizer: the model can generate ids the tokenizer has no text for).
         self._vocab_size = model_vocab_size(model) if vocab_size is None else vocab_size
+        self._driver: int | None = None  # the thread that drives step/cancel/drain/close
+        self._in_step = False  # inside step(): a callback must not step again
+        self._carried: list[CompletedGeneration] = []  # endings a raising step could not return
 
     # -- public API -----------------------------------------------------------
 
@@ -168,14 +190,18 @@ class BlockPoolBatchEngine:
         token). ``on_token`` receives each generated token as it arrives, on
         the thread that calls ``step``.
 
-        Raises InvalidRequestError for bad input, RequestTooLargeError if the
+        Raises InvalidRequestError for bad input (``sampling`` must be a
+        SamplingParams whose ``top_k`` and stop ids fit the model's
+        vocabulary), RequestTooLargeError if the
         turn can never fit the pool, PoolExhaustedError if too few blocks are
         free now. Nothing is allocated when it raises.
         """
         validate_agent_id(agent_id)
-        validate_count("max_tokens", max_tokens)
+        max_tokens = validate_count("max_tokens", max_tokens)
         tokens = tuple(self._tokenize(prompt))
-        sampling = sampling or GREEDY
+        sampling = self._check_sampling(sampling)
+        if on_token is not None and not callable(on_token):
+            raise InvalidRequestError(f"on_token must be callable or None, got {on_token!r}")
         if cache is not None and not isinstance(cache, AgentBlocks):
             raise InvalidRequestError(f"cache must be AgentBlocks or None, got {type(cache)}")
         with self._lock:
@@ -198,27 +224,59 @@ class BlockPoolBatchEngine:
 
         Returns the requests that ended in this step (successes and failures:
         ``finish_reason == "error"`` with ``error`` set). Runs eagerly: the
-        work is done before this returns.
+        work is done before this returns. If a BaseException (KeyboardInterrupt)
+        escapes, no request is left half-done: the one it hit has ended, and
+        this step's endings are returned by the next ``step``.
         """
+        self._check_driver("step")
+        if self._in_step:
+            raise InvalidRequestError("step() or drain() called from inside a step (an on_token?)")
         with self._lock:
             queued, self._queue = self._queue, []
-        done = [c for r in queued if (c := self._start(r)) is not None]
-        if self._running:
-            done.extend(self._decode())
+        done, self._carried = self._carried, []
+        self._in_step = True
+        try:
+            for i, request in enumerate(queued):
+                try:
+                    completion = self._start(request)
+                except BaseException as exc:  # _start catches Exception: an interrupt
+                    with self._lock:
+                        self._queue[:0] = queued[i + 1 :]
+                    done.append(self._fail(request, exc, "interrupted while starting"))
+                    raise
+                if completion is not None:
+                    done.append(completion)
+            if self._running:
+                self._decode(done)
+        except BaseException:
+            self._carried = done
+            raise
+        finally:
+            self._in_step = False
         return iter(done)
 
     def drain(self) -> list[CompletedGeneration]:
         """Step until no request is queued or running; returns every ending."""
+        self._check_driver("drain")
         done: list[CompletedGeneration] = []
-        while self.has_work:
+        while self.has_work or self._carried:
+            with self._lock:
+                stuck = not self._queue and not self._running and bool(self._agent_to_uid)
+            assert not stuck, (
+                f"requests of {sorted(self._agent_to_uid)} are in flight but neither queued nor "
+                "running: this indicates a bug"
+            )
             done.extend(self.step())
         return done
 
     def cancel(self, uid: int) -> bool:
         """Drop a queued or running request; its agent's old cache stays valid.
 
-        Returns False if no such request is in flight.
+        Returns False if no such request is in flight. May be called from the
+        request's own ``on_token`` (also on its last token): no completion is
+        then reported for it.
         """
+        self._check_driver("cancel")
         with self._lock:
             request = next((r for r in self._queue if r.uid == uid), None)
             if request is not None:
@@ -228,12 +286,15 @@ class BlockPoolBatchEngine:
             if request is None:
                 return False
             assert request.gen_uid is not None
+            # A no-op for a sequence that finished in this step (the generator
+            # dropped it already).
             self._gen.remove([request.gen_uid])
         self._drop(request)
         return True
 
     def close(self) -> None:
         """Cancel everything in flight and close the batch generator."""
+        self._check_driver("close")
         with self._lock:
             uids = [r.uid for r in self._queue]
         uids += [r.uid for r in self._running.values()]
@@ -264,10 +325,56 @@ class BlockPoolBatchEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
-            return [int(t) for t in self.tokenizer.encode(prompt)]
+            return validate_token_ids(self.tokenizer.encode(prompt), self._vocab_size)
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise InvalidRequestError(
+                f"prompt is {type(prompt).__name__}: text or token ids? Decode it to str, or "
+                "pass the ids as a list"
+            )
+        if isinstance(prompt, np.ndarray):
+            if prompt.ndim != 1 or prompt.dtype.kind not in "iu":
+                raise InvalidRequestError(
+                    f"a numpy prompt must be a 1-D integer array, got shape {prompt.shape} "
+                    f"dtype {prompt.dtype}"
+                )
+            return validate_token_ids(prompt.tolist(), self._vocab_size)
         if not isinstance(prompt, Sequence):
             raise InvalidRequestError(f"prompt must be text or token ids, got {type(prompt)}")
         return validate_token_ids(prompt, self._vocab_size)
+
+    def _check_sampling(self, sampling: object) -> SamplingParams:
+        """``sampling`` (None: greedy) if it is a SamplingParams the model can sample with."""
+        if sampling is None:
+            return GREEDY
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(
+                f"sampling must be a SamplingParams or None, got {type(sampling).__name__} "
+                f"{sampling!r}"
+            )
+        vocab = self._vocab_size
+        if vocab is not None and not sampling.is_greedy and sampling.top_k >= vocab:
+            raise InvalidRequestError(
+                f"top_k {sampling.top_k} must be below the model's vocabulary of {vocab} "
+                "tokens (0 disables it)"
+            )
+        if vocab is not None and any(t >= vocab for t in sampling.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids {sampling.stop_token_ids} must be below the model's "
+                f"vocabulary of {vocab} tokens"
+            )
+        return sampling
+
+    def _check_driver(self, what: str) -> None:
+        """Bind the engine to the first thread that drives it; refuse any other."""
+        current = threading.get_ident()
+        with self._lock:
+            if self._driver is None:
+                self._driver = current
+        if current != self._driver:
+            raise InvalidRequestError(
+                f"{what}() called from thread {current}, but thread {self._driver} drives "
+                "this engine (MLX is not thread-safe: only submit() may come from other threads)"
+            )
 
     def _reusable_prefix(self, tokens: Sequence[int], cache: AgentBlocks | None) -> int:
         """Prompt tokens whose K/V ``cache`` can supply (0 for none).
@@ -390,26 +497,53 @@ class BlockPoolBatchEngine:
         self._running[request.gen_uid] = request
         return None
 
-    def _decode(self) -> list[CompletedGeneration]:
+    def _decode(self, done: list[CompletedGeneration]) -> None:
+        """One batch step; appends what ended to ``done`` (also when it raises).
+
+        A callback's failure ends only its own request. A BaseException
+        (KeyboardInterrupt) ends the request it hit; the rest of the step's
+        responses are still delivered, then it is re-raised.
+        """
         try:
             _, responses = self._gen.next()
-        except Exception as exc:
+        except BaseException as exc:
             # The batch's state is unknown: every running request fails and a
             # fresh generator serves the next ones.
             failed = list(self._running.values())
             self._running.clear()
             self._discard_generator()
-            return [self._fail(r, exc, "the batch step failed") for r in failed]
-        done: list[CompletedGeneration] = []
+            done.extend(self._fail(r, exc, "the batch step failed") for r in failed)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        interrupt: BaseException | None = None
         for response in responses:
-            request = self._running.get(int(response.uid))
+            gen_uid = int(response.uid)
+            request = self._running.get(gen_uid)
             if request is None:
+                continue  # cancelled (perhaps by a callback earlier in this step)
+            finished = response.finish_reason is not None
+            try:
+                self._on_token(request, int(response.token), response.finish_reason)
+            except BaseException as exc:
+                if self._running.get(gen_uid) is request:  # not cancelled by the callback
+                    if not finished:
+                        self._gen.remove([gen_uid])
+                    done.append(self._fail(request, exc, "on_token raised"))
+                if not isinstance(exc, Exception):
+                    interrupt = interrupt or exc
                 continue
-            self._on_token(request, int(response.token), response.finish_reason)
-            if response.finish_reason is not None:
-                del self._running[int(response.uid)]
-                done.append(self._finish(request, response))
-        return done
+            if self._running.get(gen_uid) is not request:
+                continue  # the callback cancelled its own request
+            if finished:
+                del self._running[gen_uid]
+                try:
+                    done.append(self._finish(request, response))
+                except BaseException as exc:  # _finish catches Exception: an interrupt
+                    done.append(self._fail(request, exc, "interrupted while finishing"))
+                    interrupt = interrupt or exc
+        if interrupt is not None:
+            raise interrupt
 
     def _on_token(self, request: _Request, token: int, finish_reason: str | None) -> None:
         if request.t_first_token is None:

@@ -14,15 +14,71 @@ Not thread-safe by itself: the engine serialises access under its lock.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from kvpool import _blocks
 from kvpool.blocks import AgentBlocks
-from kvpool.errors import InvalidRequestError, PoolExhaustedError
+from kvpool.errors import InvalidRequestError, PoolAllocationError, PoolExhaustedError
 from kvpool.spec import ModelCacheSpec
 from kvpool.storage import KVStorage
 
 StorageFactory = Callable[[ModelCacheSpec, int], KVStorage]
+
+
+MAX_NUM_BLOCKS = 2**31 - 1  # block ids are int32 in the C++ core
+BOOKKEEPING_BYTES_PER_BLOCK = 12  # the C++ core's ref count and two links, int32 each
+
+
+def physical_memory_bytes() -> int | None:
+    """The memory this machine gives the process, or None if it cannot tell.
+
+    Linux: ``MemTotal`` of ``/proc/meminfo``, bounded by the cgroup (v2) limit
+    ``/sys/fs/cgroup/memory.max`` when one is set; elsewhere the physical pages
+    (``os.sysconf``).
+    """
+    total: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        total = None
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = "max"
+    if limit.isdigit():
+        total = min(total, int(limit))
+    return total if total > 0 else None
+
+
+def check_pool_fits(spec: ModelCacheSpec, num_blocks: int) -> None:
+    """Raise InvalidRequestError unless ``num_blocks`` blocks of ``spec`` fit this machine.
+
+    The bound is the machine's memory (:func:`physical_memory_bytes`), checked
+    before anything is allocated: a pool past it could only swap, be killed
+    by the OOM killer or crash inside MLX.
+    """
+    if num_blocks > MAX_NUM_BLOCKS:
+        raise InvalidRequestError(
+            f"num_blocks {num_blocks} is more than the {MAX_NUM_BLOCKS} a pool can hold"
+        )
+    memory = physical_memory_bytes()
+    needed = num_blocks * (spec.bytes_per_block + BOOKKEEPING_BYTES_PER_BLOCK)
+    if memory is not None and needed > memory:
+        raise InvalidRequestError(
+            f"a pool of {num_blocks} blocks x {spec.bytes_per_block / 2**20:.2f} MiB needs "
+            f"{needed / 2**20:,.0f} MiB, more than this machine's memory "
+            f"({memory / 2**20:,.0f} MiB)"
+        )
 
 
 def _default_storage(spec: ModelCacheSpec, num_blocks: int) -> KVStorage:
@@ -36,7 +92,10 @@ class BlockPool:
 
     Size it with exactly one of ``num_blocks`` or ``max_bytes`` (the byte
     budget of K and V over all layers; it holds ``max_bytes //
-    spec.bytes_per_block`` blocks). The storage is allocated up front.
+    spec.bytes_per_block`` blocks). The storage is allocated up front, after
+    :func:`check_pool_fits` (InvalidRequestError for a pool larger than the
+    machine's memory); an allocation that fails anyway raises
+    PoolAllocationError.
     """
 
     def __init__(
@@ -49,6 +108,9 @@ class BlockPool:
     ) -> None:
         if (num_blocks is None) == (max_bytes is None):
             raise InvalidRequestError("give exactly one of num_blocks or max_bytes")
+        for name, value in (("num_blocks", num_blocks), ("max_bytes", max_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidRequestError(f"{name} must be an int, got {value!r}")
         if max_bytes is not None:
             if max_bytes < spec.bytes_per_block:
                 raise InvalidRequestError(
@@ -59,10 +121,17 @@ class BlockPool:
         assert num_blocks is not None
         if num_blocks < 1:
             raise InvalidRequestError(f"num_blocks must be >= 1, got {num_blocks}")
+        check_pool_fits(spec, num_blocks)
         self.spec = spec
-        self._allocator = _blocks.BlockAllocator(num_blocks)
-        self._lease_ids = itertools.count(1)
-        self.storage = storage(spec, num_blocks)
+        try:
+            self._allocator = _blocks.BlockAllocator(num_blocks)
+            self._lease_ids = itertools.count(1)
+            self.storage = storage(spec, num_blocks)
+        except (MemoryError, RuntimeError) as exc:  # MLX reports a failed malloc as RuntimeError
+            raise PoolAllocationError(
+                f"could not allocate a pool of {num_blocks} blocks x {spec.bytes_per_block} "
+                f"bytes: {exc}"
+            ) from exc
 
     # -- capacity -------------------------------------------------------------
 
