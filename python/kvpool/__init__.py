@@ -7,16 +7,18 @@ MLX; the MLX parts (``kvpool.slabs``, ``kvpool.kernels``) load on first use.
 from __future__ import annotations
 
 from kvpool import _blocks
-from kvpool.blas import maybe_enable_from_env
+from kvpool.blas import blas_info, maybe_enable_from_env, use_fast_cpu_blas
 from kvpool.blocks import AgentBlocks, CompletedGeneration, KVBlock, TokenEvent
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import (
     CacheCorruptionError,
+    CacheWriteError,
     GenerationError,
     IncompatibleCacheError,
     InvalidRequestError,
     KvpoolError,
     ModelNotFoundError,
+    PoolAllocationError,
     PoolExhaustedError,
     UnsupportedModelError,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "BlockPool",
     "BlockPoolBatchEngine",
     "CacheCorruptionError",
+    "CacheWriteError",
     "CompletedGeneration",
     "GenerationError",
     "IncompatibleCacheError",
@@ -46,6 +49,7 @@ __all__ = [
     "LayerSpec",
     "ModelCacheSpec",
     "ModelNotFoundError",
+    "PoolAllocationError",
     "PoolExhaustedError",
     "RequestTooLargeError",
     "SamplingParams",
@@ -55,4 +59,6 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "_blocks",
+    "blas_info",
+    "use_fast_cpu_blas",
 ]

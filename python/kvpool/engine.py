@@ -259,7 +259,7 @@ class BlockPoolBatchEngine:
         """Step until no request is queued or running; returns every ending."""
         self._check_driver("drain")
         done: list[CompletedGeneration] = []
-        while self.has_work or self._carried:
+        while self.has_work:
             with self._lock:
                 stuck = not self._queue and not self._running and bool(self._agent_to_uid)
             assert not stuck, (
@@ -309,9 +309,10 @@ class BlockPoolBatchEngine:
 
     @property
     def has_work(self) -> bool:
-        """True while any request is queued or running."""
+        """True while any request is queued or running, or a step that raised (an
+        interrupt) left endings for the next ``step`` to return."""
         with self._lock:
-            return bool(self._agent_to_uid)
+            return bool(self._agent_to_uid) or bool(self._carried)
 
     @property
     def num_in_flight(self) -> int:
