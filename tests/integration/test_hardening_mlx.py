@@ -136,7 +136,7 @@ def test_import_prompt_cache_refuses_a_fifo_and_deep_metadata(
 def test_the_store_refuses_a_second_thread_instead_of_crashing_mlx(
     tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
-    model, tokenizer, _ = tiny_model
+    model = tiny_model[0]
     engine, pool = make_engine(tiny_model, 16)
     store = AgentCacheStore(engine, tmp_path, fingerprint=model_fingerprint(model))
     prompt = contexts(tiny_model, {"a": 40})["a"]
