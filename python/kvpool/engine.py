@@ -540,9 +540,10 @@ class BlockPoolBatchEngine:
                 del self._running[gen_uid]
                 try:
                     done.append(self._finish(request, response))
-                except BaseException as exc:  # _finish catches Exception: an interrupt
-                    done.append(self._fail(request, exc, "interrupted while finishing"))
-                    interrupt = interrupt or exc
+                except BaseException as exc:  # an interrupt, or a failure past _finish's try
+                    done.append(self._fail(request, exc, "could not finish"))
+                    if not isinstance(exc, Exception):
+                        interrupt = interrupt or exc
         if interrupt is not None:
             raise interrupt
 

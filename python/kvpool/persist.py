@@ -521,7 +521,7 @@ def remove_stale_temp_files(
             continue
         if _pid_alive(int(match["pid"])):
             continue
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or not a file we could remove
             os.unlink(Path(directory) / name)
             removed += 1
     return removed

@@ -62,6 +62,7 @@ from kvpool.blocks import AgentBlocks, CompletedGeneration
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError, TokenCallback
 from kvpool.errors import (
     CacheCorruptionError,
+    CacheWriteError,
     IncompatibleCacheError,
     InvalidRequestError,
     PoolExhaustedError,
@@ -186,6 +187,10 @@ class AgentCacheStore:
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):
                 raise InvalidRequestError(f"{name} must be an int >= 0 or None, got {value!r}")
+        if not isinstance(engine, BlockPoolBatchEngine):
+            raise InvalidRequestError(
+                f"engine must be a BlockPoolBatchEngine, got {type(engine).__name__}"
+            )
         self.engine = engine
         self.pool = engine.pool
         self.directory = Path(directory)
@@ -204,7 +209,12 @@ class AgentCacheStore:
         self._id_to_agent: OrderedDict[str, _Agent] = OrderedDict()
         self._uid_to_agent: dict[int, str] = {}  # requests submitted through the store
         self._counters = _Counters()
-        self._scan()
+        try:
+            self._scan()
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cache directory {str(self.directory)!r} cannot be read: {exc.strerror or exc}"
+            ) from exc
         self._enforce_disk_budget(keep=None)
 
     # -- the request path -----------------------------------------------------
@@ -374,6 +384,10 @@ class AgentCacheStore:
         either way the agent's cache stays what it was. The agent is no longer checked out.
         """
         self._check_thread()
+        if not isinstance(completion, CompletedGeneration):
+            raise InvalidRequestError(
+                f"put() takes a CompletedGeneration, got {type(completion).__name__}"
+            )
         entry = self._id_to_agent.get(completion.agent_id)
         if entry is None:
             path = cache_path(self.directory, completion.agent_id)
@@ -389,7 +403,10 @@ class AgentCacheStore:
             self._counters.tokens_saved += completion.cached_tokens
         entry.checked_out = entry.loaded_unused = False
         self._id_to_agent.move_to_end(entry.agent_id)
-        self._enforce_pool_budget()
+        try:
+            self._enforce_pool_budget()
+        except CacheWriteError as exc:  # the check-in stands; the next put evicts again
+            logger.warning("could not evict idle caches to keep max_pool_bytes: %s", exc)
 
     def put_back(self, agent_id: str) -> None:
         """End a checkout without a completion (the request was never submitted)."""

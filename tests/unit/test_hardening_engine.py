@@ -177,6 +177,28 @@ def test_a_callback_may_cancel_another_request_of_the_same_step() -> None:
     assert done["a"].blocks is not None and h.pool.num_leases == 1
 
 
+def test_a_failure_after_the_final_scatter_ends_only_that_request() -> None:
+    """The text of a completion is decoded last; a tokenizer that cannot decode one agent's
+    tokens fails that agent alone (its blocks are freed), not the step."""
+    h = Harness()
+
+    class PickyTokenizer(FakeTokenizer):
+        def decode(self, ids: Sequence[int]) -> str:
+            if len(ids) == 3:
+                raise KeyError("no text for these ids")
+            return super().decode(ids)
+
+    h.engine.tokenizer = PickyTokenizer(VOCAB)
+    h.engine.submit("a", prompt_of(6), max_tokens=3)
+    h.engine.submit("b", prompt_of(6, 2), max_tokens=2)
+    h.engine.submit("c", prompt_of(6, 3), max_tokens=3)  # finishes in the same step as a
+    done = by_agent(h.steps())
+    assert done["a"].finish_reason == done["c"].finish_reason == "error"
+    assert done["b"].error is None and done["b"].blocks is not None
+    assert h.pool.num_used == len(done["b"].blocks.block_ids) and h.pool.num_leases == 1
+    h.pool.check_invariants()
+
+
 def test_a_callback_cannot_step_the_engine_again() -> None:
     h = Harness()
     h.engine.submit("a", prompt_of(6), max_tokens=3, on_token=lambda e: h.engine.drain() and None)

@@ -301,6 +301,13 @@ _FULL_DISK_CHILD = textwrap.dedent(
     out["tier"] = store.tier("a").value
     out["intact"] = hashlib.sha256(path.read_bytes()).hexdigest() == before
     out["files"] = sorted(p.name for p in directory.iterdir())
+    # a pool budget that cannot evict (the disk is full) does not lose the completion
+    budget = make_store(directory / "budget")
+    budget.max_pool_bytes = 0
+    b = run(budget, "b", prompt_of(200, seed=3))
+    out["budget"] = [budget.tier("b").value, budget.stats.num_evictions]
+    budget.submit("b", [*b.blocks.token_ids, 5], 2)  # b was checked in
+    out["budget_next"] = budget.drain()[0].cached_tokens == b.blocks.total_tokens
     print(json.dumps(out))
     """
 )
@@ -324,7 +331,8 @@ def test_a_full_disk_is_a_cache_write_error_naming_the_file(tmp_path: Path) -> N
         assert str(path) in message and "intact" in message
     assert out["save"][2] == 27  # EFBIG, kept on the error
     assert out["tier"] == "hot"  # the failed eviction freed nothing
-    assert out["intact"] and out["files"] == [path.name]  # old file kept, no temp file left
+    assert out["intact"] and out["files"] == [path.name]  # no temp file left
+    assert out["budget"] == ["hot", 0] and out["budget_next"]
 
 
 # --------------------------------------------------------------------------- item 7
