@@ -26,7 +26,9 @@ tokens and completions. It may ``cancel`` its own request (then no completion
 is reported for it), even on its last token. A KeyboardInterrupt (or other
 BaseException) inside ``step`` ends the request it hit and is re-raised once
 the step's other work is done; the completions of that step come back from
-the next ``step``.
+the next ``step``. A failure inside the batch step itself (the model, or a
+sampler) cannot be pinned on one request: every running request then fails.
+That is why sampling parameters are checked against the model at ``submit``.
 
 Blocks of one request (all-or-nothing, taken in ``submit``):
   * its *lease*: the full prefix blocks it shares with the cache it reuses,
