@@ -7,17 +7,19 @@ MLX; the MLX parts (``kvpool.slabs``, ``kvpool.kernels``) load on first use.
 from __future__ import annotations
 
 from kvpool import _blocks
-from kvpool.blas import maybe_enable_from_env
+from kvpool.blas import blas_info, maybe_enable_from_env, use_fast_cpu_blas
 from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
 from kvpool.cache import CacheHandle, CacheUsage, GroupTable
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import (
     CacheCorruptionError,
+    CacheWriteError,
     GenerationError,
     IncompatibleCacheError,
     InvalidRequestError,
     KvpoolError,
     ModelNotFoundError,
+    PoolAllocationError,
     PoolExhaustedError,
     UnsupportedModelError,
 )
@@ -40,6 +42,7 @@ __all__ = [
     "CacheCorruptionError",
     "CacheHandle",
     "CacheUsage",
+    "CacheWriteError",
     "CompletedGeneration",
     "GenerationError",
     "GroupTable",
@@ -49,6 +52,7 @@ __all__ = [
     "LayerSpec",
     "ModelCacheSpec",
     "ModelNotFoundError",
+    "PoolAllocationError",
     "PoolExhaustedError",
     "RequestTooLargeError",
     "SamplingParams",
@@ -58,4 +62,6 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "_blocks",
+    "blas_info",
+    "use_fast_cpu_blas",
 ]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.errors import InvalidRequestError, KvpoolError, ModelNotFoundError, PoolExhaustedError
 from kvpool.models import MANIFEST_NAME, RECIPES, ensure_model, load_model
-from kvpool.pool import BlockPool
+from kvpool.pool import BlockPool, physical_memory_bytes
 from kvpool.spec import ModelCacheSpec
 
 __all__ = [
@@ -352,6 +351,9 @@ def run_demo(config: DemoConfig, progress: ProgressCallback | None = None) -> De
     """
     path, model, tokenizer = resolve_and_load(config.model)
     spec = ModelCacheSpec.from_model(model)
+    if config.pool_mb is None:  # a lower bound first: tokenizing every agent's text takes time
+        at_least = config.num_agents * spec.blocks_for(config.num_turns * config.max_tokens + 1)
+        _check_fits_memory(config, spec, at_least)
     scripts = build_scripts(tokenizer, config.num_agents, config.num_turns, config.seed)
     one_agent, all_agents = blocks_needed(spec, scripts, config.max_tokens)
     pool = BlockPool(spec, num_blocks=_pool_blocks(config, spec, one_agent, all_agents))
@@ -422,6 +424,7 @@ def resolve_and_load(name: str) -> tuple[Path, Any, Any]:
 def _pool_blocks(config: DemoConfig, spec: ModelCacheSpec, one_agent: int, all_agents: int) -> int:
     """The pool's size in blocks: the workload's worst case, or ``pool_mb`` if it holds that."""
     if config.pool_mb is None:
+        _check_fits_memory(config, spec, all_agents)
         return all_agents
     num_blocks = int(config.pool_mb * MIB) // spec.bytes_per_block
     enough_mb = math.ceil(all_agents * spec.bytes_per_block / MIB)
@@ -447,11 +450,23 @@ def _pool_blocks(config: DemoConfig, spec: ModelCacheSpec, one_agent: int, all_a
     return num_blocks
 
 
+def _check_fits_memory(config: DemoConfig, spec: ModelCacheSpec, num_blocks: int) -> None:
+    """Raise InvalidRequestError if the workload's pool of ``num_blocks`` exceeds the memory."""
+    memory = _physical_memory()
+    needed = num_blocks * spec.bytes_per_block
+    if memory is None or needed <= memory:
+        return
+    turns = f"{config.num_turns} turn{'' if config.num_turns == 1 else 's'}"
+    raise InvalidRequestError(
+        f"{config.num_agents} agents x {turns} of up to {config.max_tokens} new tokens need a "
+        f"pool of {num_blocks:,} blocks of {spec.bytes_per_block / MIB:.2f} MiB "
+        f"({needed // MIB:,} MiB) or more, more than this machine's memory "
+        f"({memory // MIB:,} MiB): use fewer agents, turns or --max-tokens"
+    )
+
+
 def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
+    return physical_memory_bytes()
 
 
 def _model_info(name: str, path: Path, model: Any, spec: ModelCacheSpec) -> ModelInfo:

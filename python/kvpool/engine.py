@@ -7,9 +7,28 @@ inserts only the remaining tokens into mlx-lm's ``BatchGenerator``, and, when
 the generation finishes, scatters the final cache back into blocks.
 
 Threading: one thread drives the engine (``step``, ``cancel``, ``drain``,
-``close``): MLX is not thread-safe. ``submit`` may be called from any thread
-at any time; it only does bookkeeping and queues the request, which the next
-``step`` starts (continuous batching: it joins the running batch).
+``close``): MLX is not thread-safe. The first of those calls binds the engine
+to its thread; a call from another thread raises InvalidRequestError.
+``submit`` may be called from any thread at any time; it only does bookkeeping
+and queues the request, which the next ``step`` starts (continuous batching:
+it joins the running batch).
+
+Prompts: text (``str``, tokenized here) or token ids: a sequence of ints
+(``list``, ``tuple``, ``range``; numpy integers included) or a 1-D numpy
+integer array, every id in ``[0, vocab_size)``. ``bytes``, ``bytearray`` and
+``memoryview`` are refused: they could be text or ids (decode them, or pass
+``list(data)``).
+
+Callbacks: ``on_token`` runs on the driving thread inside ``step``. If it
+raises, only its own request ends (``finish_reason == "error"``, its blocks
+freed, its old cache still valid); the other requests of that step get their
+tokens and completions. It may ``cancel`` its own request (then no completion
+is reported for it), even on its last token. A KeyboardInterrupt (or other
+BaseException) inside ``step`` ends the request it hit and is re-raised once
+the step's other work is done; the completions of that step come back from
+the next ``step``. A failure inside the batch step itself (the model, or a
+sampler) cannot be pinned on one request: every running request then fails.
+That is why sampling parameters are checked against the model at ``submit``.
 
 Blocks (the pool's :class:`~kvpool.cache.manager.KVCacheManager` owns them):
 ``submit`` looks up the longest prefix of the prompt that *any* agent's blocks
@@ -30,6 +49,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from kvpool.blocks import CompletedGeneration, TokenEvent
 from kvpool.cache.manager import PoolFull, Reservation, common_prefix_len
@@ -151,6 +172,9 @@ class BlockPoolBatchEngine:
         # Prompt ids must index the model's embedding (which may be larger than the
         # tokenizer: the model can generate ids the tokenizer has no text for).
         self._vocab_size = model_vocab_size(model) if vocab_size is None else vocab_size
+        self._driver: int | None = None  # the thread that drives step/cancel/drain/close
+        self._in_step = False  # inside step(): a callback must not step again
+        self._carried: list[CompletedGeneration] = []  # endings a raising step could not return
 
     # -- public API -----------------------------------------------------------
 
@@ -176,16 +200,19 @@ class BlockPoolBatchEngine:
         thread that calls ``step``.
 
         Raises InvalidRequestError for bad input (a ``cache`` that is not live
-        in this pool included), RequestTooLargeError if the turn can never fit
-        the pool, PoolExhaustedError if too few blocks are free now. Nothing is
-        allocated when it raises.
+        in this pool included; ``sampling`` must be a SamplingParams whose
+        ``top_k`` and stop ids fit the model's vocabulary), RequestTooLargeError
+        if the turn can never fit the pool, PoolExhaustedError if too few blocks
+        are free now. Nothing is allocated when it raises.
         """
         validate_agent_id(agent_id)
-        validate_count("max_tokens", max_tokens)
+        max_tokens = validate_count("max_tokens", max_tokens)
         if not isinstance(cache_salt, str):
             raise InvalidRequestError(f"cache_salt must be a string, got {type(cache_salt)}")
         tokens = tuple(self._tokenize(prompt))
-        sampling = sampling or GREEDY
+        sampling = self._check_sampling(sampling)
+        if on_token is not None and not callable(on_token):
+            raise InvalidRequestError(f"on_token must be callable or None, got {on_token!r}")
         with self._lock:
             if agent_id in self._agent_to_uid:
                 raise InvalidRequestError(
@@ -235,27 +262,60 @@ class BlockPoolBatchEngine:
 
         Returns the requests that ended in this step (successes and failures:
         ``finish_reason == "error"`` with ``error`` set). Runs eagerly: the
-        work is done before this returns.
+        work is done before this returns. If a BaseException (KeyboardInterrupt)
+        escapes, no request is left half-done: the one it hit has ended, and
+        this step's endings are returned by the next ``step``.
         """
+        self._check_driver("step")
+        if self._in_step:
+            raise InvalidRequestError("step() or drain() called from inside a step (an on_token?)")
         with self._lock:
             queued, self._queue = self._queue, []
-        done = [c for r in self._plan_shared_prefills(queued) if (c := self._start(r)) is not None]
-        if self._running:
-            done.extend(self._decode())
+        queued = self._plan_shared_prefills(queued)
+        done, self._carried = self._carried, []
+        self._in_step = True
+        try:
+            for i, request in enumerate(queued):
+                try:
+                    completion = self._start(request)
+                except BaseException as exc:  # _start catches Exception: an interrupt
+                    with self._lock:
+                        self._queue[:0] = queued[i + 1 :]
+                    done.append(self._fail(request, exc, "interrupted while starting"))
+                    raise
+                if completion is not None:
+                    done.append(completion)
+            if self._running:
+                self._decode(done)
+        except BaseException:
+            self._carried = done
+            raise
+        finally:
+            self._in_step = False
         return iter(done)
 
     def drain(self) -> list[CompletedGeneration]:
         """Step until no request is queued or running; returns every ending."""
+        self._check_driver("drain")
         done: list[CompletedGeneration] = []
         while self.has_work:
+            with self._lock:
+                stuck = not self._queue and not self._running and bool(self._agent_to_uid)
+            assert not stuck, (
+                f"requests of {sorted(self._agent_to_uid)} are in flight but neither queued nor "
+                "running: this indicates a bug"
+            )
             done.extend(self.step())
         return done
 
     def cancel(self, uid: int) -> bool:
         """Drop a queued or running request; its agent's old cache stays valid.
 
-        Returns False if no such request is in flight.
+        Returns False if no such request is in flight. May be called from the
+        request's own ``on_token`` (also on its last token): no completion is
+        then reported for it.
         """
+        self._check_driver("cancel")
         with self._lock:
             request = next((r for r in self._queue if r.uid == uid), None)
             if request is not None:
@@ -271,12 +331,15 @@ class BlockPoolBatchEngine:
             if request is None:
                 return False
             assert request.gen_uid is not None
+            # A no-op for a sequence that finished in this step (the generator
+            # dropped it already).
             self._gen.remove([request.gen_uid])
         self._drop(request)
         return True
 
     def close(self) -> None:
         """Cancel everything in flight and close the batch generator."""
+        self._check_driver("close")
         with self._lock:
             uids = [r.uid for r in self._queue]
         uids += list(self._waiting)
@@ -292,9 +355,10 @@ class BlockPoolBatchEngine:
 
     @property
     def has_work(self) -> bool:
-        """True while any request is queued or running."""
+        """True while any request is queued or running, or a step that raised (an
+        interrupt) left endings for the next ``step`` to return."""
         with self._lock:
-            return bool(self._agent_to_uid)
+            return bool(self._agent_to_uid) or bool(self._carried)
 
     @property
     def num_in_flight(self) -> int:
@@ -308,10 +372,56 @@ class BlockPoolBatchEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
-            return [int(t) for t in self.tokenizer.encode(prompt)]
+            return validate_token_ids(self.tokenizer.encode(prompt), self._vocab_size)
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise InvalidRequestError(
+                f"prompt is {type(prompt).__name__}: text or token ids? Decode it to str, or "
+                "pass the ids as a list"
+            )
+        if isinstance(prompt, np.ndarray):
+            if prompt.ndim != 1 or prompt.dtype.kind not in "iu":
+                raise InvalidRequestError(
+                    f"a numpy prompt must be a 1-D integer array, got shape {prompt.shape} "
+                    f"dtype {prompt.dtype}"
+                )
+            return validate_token_ids(prompt.tolist(), self._vocab_size)
         if not isinstance(prompt, Sequence):
             raise InvalidRequestError(f"prompt must be text or token ids, got {type(prompt)}")
         return validate_token_ids(prompt, self._vocab_size)
+
+    def _check_sampling(self, sampling: object) -> SamplingParams:
+        """``sampling`` (None: greedy) if it is a SamplingParams the model can sample with."""
+        if sampling is None:
+            return GREEDY
+        if not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(
+                f"sampling must be a SamplingParams or None, got {type(sampling).__name__} "
+                f"{sampling!r}"
+            )
+        vocab = self._vocab_size
+        if vocab is not None and not sampling.is_greedy and sampling.top_k >= vocab:
+            raise InvalidRequestError(
+                f"top_k {sampling.top_k} must be below the model's vocabulary of {vocab} "
+                "tokens (0 disables it)"
+            )
+        if vocab is not None and any(t >= vocab for t in sampling.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids {sampling.stop_token_ids} must be below the model's "
+                f"vocabulary of {vocab} tokens"
+            )
+        return sampling
+
+    def _check_driver(self, what: str) -> None:
+        """Bind the engine to the first thread that drives it; refuse any other."""
+        current = threading.get_ident()
+        with self._lock:
+            if self._driver is None:
+                self._driver = current
+        if current != self._driver:
+            raise InvalidRequestError(
+                f"{what}() called from thread {current}, but thread {self._driver} drives "
+                "this engine (MLX is not thread-safe: only submit() may come from other threads)"
+            )
 
     def _pool_full_error(
         self, agent_id: str, tokens: Sequence[int], max_tokens: int, full: PoolFull
@@ -446,26 +556,56 @@ class BlockPoolBatchEngine:
                 done.append(c)
         return done
 
-    def _decode(self) -> list[CompletedGeneration]:
+    def _decode(self, done: list[CompletedGeneration]) -> None:
+        """One batch step; appends what ended to ``done`` (also when it raises).
+
+        A callback's failure ends only its own request. A BaseException
+        (KeyboardInterrupt) ends the request it hit; the rest of the step's
+        responses are still delivered, then it is re-raised. Leaders whose
+        prefill reached their shared prefix publish it first.
+        """
         try:
             prompt_responses, responses = self._gen.next()
-        except Exception as exc:
+        except BaseException as exc:
             # The batch's state is unknown: every running request fails and a
             # fresh generator serves the next ones.
             failed = list(self._running.values())
             self._running.clear()
             self._discard_generator()
-            return [self._fail(r, exc, "the batch step failed") for r in failed]
-        done = self._publish_prefixes(prompt_responses)
+            done.extend(self._fail(r, exc, "the batch step failed") for r in failed)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        done.extend(self._publish_prefixes(prompt_responses))
+        interrupt: BaseException | None = None
         for response in responses:
-            request = self._running.get(int(response.uid))
+            gen_uid = int(response.uid)
+            request = self._running.get(gen_uid)
             if request is None:
+                continue  # cancelled (perhaps by a callback earlier in this step)
+            finished = response.finish_reason is not None
+            try:
+                self._on_token(request, int(response.token), response.finish_reason)
+            except BaseException as exc:
+                if self._running.get(gen_uid) is request:  # not cancelled by the callback
+                    if not finished:
+                        self._gen.remove([gen_uid])
+                    done.append(self._fail(request, exc, "on_token raised"))
+                if not isinstance(exc, Exception):
+                    interrupt = interrupt or exc
                 continue
-            self._on_token(request, int(response.token), response.finish_reason)
-            if response.finish_reason is not None:
-                del self._running[int(response.uid)]
-                done.append(self._finish(request, response))
-        return done
+            if self._running.get(gen_uid) is not request:
+                continue  # the callback cancelled its own request
+            if finished:
+                del self._running[gen_uid]
+                try:
+                    done.append(self._finish(request, response))
+                except BaseException as exc:  # an interrupt, or a failure past _finish's try
+                    done.append(self._fail(request, exc, "could not finish"))
+                    if not isinstance(exc, Exception):
+                        interrupt = interrupt or exc
+        if interrupt is not None:
+            raise interrupt
 
     def _on_token(self, request: _Request, token: int, finish_reason: str | None) -> None:
         if request.t_first_token is None:
@@ -490,8 +630,15 @@ class BlockPoolBatchEngine:
         request.on_token(event)
 
     def _finish(self, request: _Request, response: Any) -> CompletedGeneration:
-        """Write the final cache into the request's blocks; it becomes the agent's handle."""
+        """Write the final cache into the request's blocks; it becomes the agent's handle.
+
+        Everything that can fail (the text too) happens before the commit: a
+        failure rolls the request back and the agent's old cache stays valid.
+        """
+        generated = tuple(request.generated)
         try:
+            text_ids = generated[:-1] if response.finish_reason == "stop" else generated
+            text = self.tokenizer.decode(list(text_ids))
             caches = response.prompt_cache
             all_tokens = tuple(int(t) for t in response.all_tokens)
             length = int(caches[0].offset)
@@ -503,17 +650,13 @@ class BlockPoolBatchEngine:
             tables, written_from = self.pool.write_final(res, caches, length)
             with self._lock:
                 blocks = self.pool.commit(res, all_tokens, tables, written_from)
+                del self._agent_to_uid[request.agent_id]
         except Exception as exc:
             return self._fail(request, exc, "could not store the final cache")
-        with self._lock:
-            del self._agent_to_uid[request.agent_id]
-        generated = tuple(request.generated)
-        text_ids = generated[:-1] if response.finish_reason == "stop" else generated
-        now = time.perf_counter()
         return CompletedGeneration(
             uid=request.uid,
             agent_id=request.agent_id,
-            text=self.tokenizer.decode(list(text_ids)),
+            text=text,
             token_ids=generated,
             blocks=blocks,
             finish_reason=str(response.finish_reason),
@@ -522,7 +665,7 @@ class BlockPoolBatchEngine:
             ttft_s=None
             if request.t_first_token is None
             else request.t_first_token - request.t_submit,
-            elapsed_s=now - request.t_submit,
+            elapsed_s=time.perf_counter() - request.t_submit,
         )
 
     def _drop(self, request: _Request) -> None:

@@ -21,6 +21,17 @@ class PoolExhaustedError(KvpoolError):
         self.capacity = capacity
 
 
+class PoolAllocationError(KvpoolError, MemoryError):
+    """The pool's memory could not be allocated; nothing was kept."""
+
+
+class CacheWriteError(KvpoolError, OSError):
+    """A cache file could not be written (disk full, permissions); the old file is intact.
+
+    The message names the file; ``__cause__`` is the OSError.
+    """
+
+
 class ModelNotFoundError(KvpoolError):
     """A model directory is missing or is not an mlx-lm model."""
 

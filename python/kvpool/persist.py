@@ -41,6 +41,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import struct
 import sys
 import threading
@@ -57,6 +58,7 @@ from kvpool.cache.manager import PoolFull, Reservation
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import (
     CacheCorruptionError,
+    CacheWriteError,
     IncompatibleCacheError,
     InvalidRequestError,
     KvpoolError,
@@ -65,7 +67,7 @@ from kvpool.errors import (
 from kvpool.pool import BlockPool
 from kvpool.spec import AttentionKind, LayerSpec, ModelCacheSpec
 from kvpool.storage import HostArray, LayerKV, host_dtype
-from kvpool.validation import validate_agent_id
+from kvpool.validation import validate_agent_id, validate_token_ids
 
 __all__ = [
     "FILE_SUFFIX",
@@ -93,6 +95,8 @@ _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _TOKEN_DTYPE = "U32"
 _DIGEST_PLACEHOLDER = "0" * 64
 _MAX_HEADER_BYTES = 16 << 20
+_MAX_JSON_DEPTH = 8  # the format nests 3 deep; deeper JSON is refused before it is parsed
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _SAVE_CHUNK_BYTES = 64 << 20  # K/V gathered per read_layers call when saving
 _HASH_THREADS = 2
 _THREAD_HASH_BYTES = 1 << 20  # smaller tensors are hashed inline: a thread costs more
@@ -202,7 +206,7 @@ def _spec_to_json(spec: ModelCacheSpec) -> str:
 
 
 def _spec_from_json(text: str) -> ModelCacheSpec:
-    raw = json.loads(text)
+    raw = _parse_json(text)
     layers = tuple(
         LayerSpec(
             AttentionKind(d["kind"]),
@@ -225,6 +229,22 @@ def _spec_difference(saved: ModelCacheSpec, pool: ModelCacheSpec) -> str:
         return f"{saved.n_layers} layers vs {pool.n_layers}"
     i = next(i for i, (a, b) in enumerate(zip(saved.layers, pool.layers, strict=True)) if a != b)
     return f"layer {i}: {saved.layers[i]} vs {pool.layers[i]}"
+
+
+def _parse_json(text: str, **kwargs: Any) -> Any:
+    """``json.loads(text)``, but ValueError for JSON nested deeper than ``_MAX_JSON_DEPTH``.
+
+    The depth is measured before parsing (brackets outside strings), so a file of
+    ``[[[[...]]]]`` cannot drive the parser into a RecursionError.
+    """
+    skeleton = np.frombuffer(_JSON_STRING.sub('""', text).encode(), np.uint8)
+    if skeleton.size:
+        opens = np.isin(skeleton, np.frombuffer(b"[{", np.uint8)).astype(np.int64)
+        closes = np.isin(skeleton, np.frombuffer(b"]}", np.uint8))
+        depth = int(np.cumsum(opens - closes).max())
+        if depth > _MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested {depth} levels deep (at most {_MAX_JSON_DEPTH})")
+    return json.loads(text, **kwargs)
 
 
 def _canonical(value: Any) -> str:
@@ -292,8 +312,52 @@ def read_cache_info(path: str | os.PathLike[str]) -> CacheInfo:
     or IncompatibleCacheError (a newer format version).
     """
     path = Path(path)
-    with path.open("rb") as f:
+    with _open_cache_file(path) as f:
         return _read_header(f, path)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return f"of mode {mode:o}"
+
+
+def _require_regular(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise CacheCorruptionError(f"{path}: not a regular file but {_file_kind(mode)}")
+
+
+def _open_cache_file(path: Path) -> io.BufferedReader:
+    """``path`` opened for reading, if it is a regular file (symlinks followed).
+
+    Anything else (a FIFO, a device, a directory) raises CacheCorruptionError without a
+    blocking open or read: the type is checked on ``stat``, the file opened with
+    ``O_NONBLOCK`` (which regular files ignore) and checked again on the descriptor, so a
+    FIFO swapped in between cannot block either. An unreadable file (permissions, I/O
+    error) is a CacheCorruptionError too; a missing one raises FileNotFoundError.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        _require_regular(path, os.stat(path).st_mode)
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CacheCorruptionError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -317,8 +381,8 @@ def _read_header(f: io.BufferedReader, path: Path) -> CacheInfo:
     if len(raw) != header_len:
         raise corrupt(f"truncated header: {len(raw)} of {header_len} bytes")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+        header = _parse_json(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError too
         raise corrupt(f"header is not valid JSON ({exc})") from exc
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -342,10 +406,10 @@ def _read_header(f: io.BufferedReader, path: Path) -> CacheInfo:
         num_tokens, valid_from = int(meta["num_tokens"]), int(meta["sliding_valid_from"])
         spec = _spec_from_json(meta["spec"])
         fingerprint = meta["model_fingerprint"]
-        digests = json.loads(meta["tensor_sha256"])
+        digests = _parse_json(meta["tensor_sha256"])
     except IncompatibleCacheError:
         raise
-    except (KeyError, ValueError, TypeError, KvpoolError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError, KvpoolError) as exc:
         raise corrupt(f"bad metadata: {exc!r}") from exc
     if not 0 <= valid_from <= num_tokens or num_tokens < 1:
         raise corrupt(f"num_tokens {num_tokens}, sliding_valid_from {valid_from}")
@@ -400,21 +464,34 @@ def _fsync_dir(directory: Path) -> None:
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` creates a temporary file next to ``path``; it becomes ``path`` atomically.
 
-    Order: write, fsync the file, rename over ``path``, fsync the directory. On any error
-    the temporary file is removed and ``path`` is untouched.
+    Order: make the directory, write, fsync the file, rename over ``path``, fsync the
+    directory. On any error the temporary file is removed and ``path`` is untouched; an
+    OSError (a full disk, permissions) is raised as CacheWriteError naming ``path``.
     """
     directory = path.parent
-    remove_stale_temp_files(directory, path.name)
     tmp = directory / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}.safetensors"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(directory, path.name)
         write(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, KvpoolError):
+            raise _write_error(path, exc, "the old file, if any, is intact") from exc
         raise
-    _fsync_dir(directory)
+    try:
+        _fsync_dir(directory)
+    except OSError as exc:
+        raise _write_error(path, exc, "written, but its directory could not be synced") from exc
+
+
+def _write_error(path: Path, exc: OSError, what: str) -> CacheWriteError:
+    error = CacheWriteError(f"could not write {path}: {exc.strerror or exc} ({what})")
+    error.errno = exc.errno
+    return error
 
 
 def _pid_alive(pid: int) -> bool:
@@ -446,7 +523,7 @@ def remove_stale_temp_files(
             continue
         if _pid_alive(int(match["pid"])):
             continue
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # gone already, or not a file we could remove
             os.unlink(Path(directory) / name)
             removed += 1
     return removed
@@ -526,10 +603,13 @@ def save_cache(
 ) -> int:
     """Write ``blocks`` (live in ``pool``) to ``path`` atomically; returns the file's size.
 
-    ``fingerprint`` identifies the model (:func:`model_fingerprint`). The blocks are only
-    read: the agent's cache stays in the pool.
+    ``fingerprint`` identifies the model (:func:`model_fingerprint`): a non-empty string,
+    else InvalidRequestError (a file without one could never be loaded). The blocks are
+    only read: the agent's cache stays in the pool. A failed write (a full disk) raises
+    CacheWriteError and leaves the old file intact.
     """
     path = Path(path)
+    _check_fingerprint(fingerprint)
     validate_agent_id(blocks.agent_id)
     pool.check_live(blocks)
     if blocks.total_tokens == 0:
@@ -565,9 +645,16 @@ def save_cache(
             f.write(struct.pack("<Q", header_len))
             f.write(encoded)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, write)
     return 8 + header_len + tensors[-1].end
+
+
+def _check_fingerprint(fingerprint: object) -> None:
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise InvalidRequestError(
+            f"fingerprint must be a non-empty string (model_fingerprint(model)), got "
+            f"{fingerprint!r}"
+        )
 
 
 def _created_by() -> str:
@@ -640,8 +727,10 @@ def load_cache(
     the file's.
 
     Raises CacheCorruptionError (the file fails a check), IncompatibleCacheError (another
-    model or layout), PoolExhaustedError (too few free blocks), FileNotFoundError. The pool
-    is unchanged when it raises: the header is checked before any block is taken; each
+    model or layout), PoolExhaustedError (too few free blocks), FileNotFoundError. A path
+    that is not a regular file (a FIFO, a directory) is a CacheCorruptionError, refused
+    without a blocking read. The pool is unchanged when it raises: the header is checked
+    before any block is taken; each
     layer's sha256 is checked before it is written into the blocks this call took (nobody
     else reads them before the commit), and they are given back on any failure.
     """
@@ -665,7 +754,8 @@ def load_cache(
         size = pool.spec.block_tokens
         pool.write_layers(tables, kvs, (res.match.num_tokens // size) * size)
 
-    with path.open("rb") as f:
+    _check_fingerprint(fingerprint)
+    with _open_cache_file(path) as f:
         info = _read_header(f, path)
         info.check_compatible(pool.spec, fingerprint)
         if agent_id is not None and info.agent_id != agent_id:
@@ -686,7 +776,7 @@ def load_cache(
 def verify_cache(path: str | os.PathLike[str]) -> CacheInfo:
     """Check a cache file completely (header and every tensor's sha256) without a pool."""
     path = Path(path)
-    with path.open("rb") as f:
+    with _open_cache_file(path) as f:
         info = _read_header(f, path)
         _read_data(f, info, lambda kvs: None)
     return info
@@ -855,7 +945,6 @@ def export_prompt_cache(
         "kvpool_spec": _spec_to_json(spec),
         "kvpool_model_fingerprint": fingerprint or "",
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda tmp: save_prompt_cache(str(tmp), caches, metadata))
 
 
@@ -880,6 +969,8 @@ def import_prompt_cache(
     from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache
 
     path = Path(path)
+    with _open_cache_file(path):  # a FIFO or directory is refused before mlx opens it
+        pass
     try:
         caches, metadata = load_prompt_cache(str(path), return_metadata=True)
     except FileNotFoundError:
@@ -902,8 +993,14 @@ def import_prompt_cache(
     if token_ids is None:
         if "kvpool_token_ids" not in metadata:
             raise InvalidRequestError(f"{path} holds no token ids: pass token_ids")
-        token_ids = json.loads(metadata["kvpool_token_ids"])
-    tokens = tuple(int(t) for t in token_ids)
+        try:
+            token_ids = _parse_json(metadata["kvpool_token_ids"])
+        except (ValueError, RecursionError) as exc:
+            raise CacheCorruptionError(f"{path}: bad kvpool_token_ids ({exc})") from exc
+    try:
+        tokens = tuple(validate_token_ids(token_ids)) if len(token_ids) else ()
+    except (TypeError, InvalidRequestError) as exc:
+        raise InvalidRequestError(f"{path}: token_ids are not token ids ({exc})") from exc
     spec, n = pool.spec, len(tokens)
     if n == 0:
         raise InvalidRequestError("token_ids is empty")

@@ -16,12 +16,14 @@ Not thread-safe by itself: the engine serialises access under its lock.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch, Reservation
 from kvpool.cache.tables import CacheHandle
-from kvpool.errors import InvalidRequestError, PoolExhaustedError
+from kvpool.errors import InvalidRequestError, PoolAllocationError, PoolExhaustedError
 from kvpool.spec import ModelCacheSpec
 from kvpool.storage import KVStorage, LayerKV
 
@@ -29,6 +31,64 @@ StorageFactory = Callable[[ModelCacheSpec, tuple[int, ...]], KVStorage]
 
 DEFAULT_REFERENCE_TOKENS = 8192
 """Context length the budget split between layer groups is tuned for."""
+
+
+MAX_NUM_BLOCKS = 2**31 - 1  # block ids are int32 in the C++ core
+BOOKKEEPING_BYTES_PER_BLOCK = 12  # the C++ core's ref count and two links, int32 each
+
+
+def physical_memory_bytes() -> int | None:
+    """The memory this machine gives the process, or None if it cannot tell.
+
+    Linux: ``MemTotal`` of ``/proc/meminfo``, bounded by the cgroup (v2) limit
+    ``/sys/fs/cgroup/memory.max`` when one is set; elsewhere the physical pages
+    (``os.sysconf``).
+    """
+    total: int | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                total = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        total = None
+    if total is None:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        limit = "max"
+    if limit.isdigit():
+        total = min(total, int(limit))
+    return total if total > 0 else None
+
+
+def check_pool_fits(spec: ModelCacheSpec, blocks_per_group: Sequence[int]) -> None:
+    """Raise InvalidRequestError unless the groups' blocks of ``spec`` fit this machine.
+
+    The bound is the machine's memory (:func:`physical_memory_bytes`), checked
+    before anything is allocated: a pool past it could only swap, be killed
+    by the OOM killer or crash inside MLX.
+    """
+    for n in blocks_per_group:
+        if n > MAX_NUM_BLOCKS:
+            raise InvalidRequestError(
+                f"num_blocks {n} is more than the {MAX_NUM_BLOCKS} a pool can hold"
+            )
+    memory = physical_memory_bytes()
+    needed = sum(
+        n * (spec.group_bytes_per_block(g) + BOOKKEEPING_BYTES_PER_BLOCK)
+        for g, n in enumerate(blocks_per_group)
+    )
+    if memory is not None and needed > memory:
+        raise InvalidRequestError(
+            f"a pool of {sum(blocks_per_group)} blocks ({spec.bytes_per_block / 2**20:.2f} MiB "
+            f"for one in every group) needs {needed / 2**20:,.0f} MiB, more than this "
+            f"machine's memory ({memory / 2**20:,.0f} MiB)"
+        )
 
 
 def _default_storage(spec: ModelCacheSpec, blocks_per_group: tuple[int, ...]) -> KVStorage:
@@ -77,6 +137,9 @@ class BlockPool:
     or ``max_bytes`` (a budget of K and V bytes over all groups, see
     :func:`split_budget`). The storage is allocated up front. ``key_salt`` (e.g.
     the model fingerprint) goes into every prefix key.
+    Sizes are checked against the machine's memory before anything is allocated
+    (:func:`check_pool_fits`, InvalidRequestError); an allocation that fails
+    anyway raises PoolAllocationError.
     """
 
     def __init__(
@@ -91,19 +154,28 @@ class BlockPool:
     ) -> None:
         if (num_blocks is None) == (max_bytes is None):
             raise InvalidRequestError("give exactly one of num_blocks or max_bytes")
+        for name, value in (("num_blocks", num_blocks), ("max_bytes", max_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidRequestError(f"{name} must be an int, got {value!r}")
         if max_bytes is not None:
-            if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
-                raise InvalidRequestError(f"max_bytes must be an int, got {max_bytes!r}")
             blocks_per_group = split_budget(spec, max_bytes, reference_tokens)
         else:
-            if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-                raise InvalidRequestError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+            assert num_blocks is not None
+            if num_blocks < 1:
+                raise InvalidRequestError(f"num_blocks must be >= 1, got {num_blocks}")
             blocks_per_group = (num_blocks,) * len(spec.groups)
+        check_pool_fits(spec, blocks_per_group)
         self.spec = spec
         self.blocks_per_group = blocks_per_group
-        self.manager = KVCacheManager(spec, blocks_per_group, key_salt=key_salt)
-        self._storage = storage(spec, blocks_per_group)
         self._group_of_layer = spec.group_of_layer()
+        try:
+            self.manager = KVCacheManager(spec, blocks_per_group, key_salt=key_salt)
+            self._storage = storage(spec, blocks_per_group)
+        except (MemoryError, RuntimeError) as exc:  # MLX reports a failed malloc as RuntimeError
+            raise PoolAllocationError(
+                f"could not allocate a pool of {blocks_per_group} blocks per layer group "
+                f"({spec.bytes_per_block} bytes for one in every group): {exc}"
+            ) from exc
 
     @property
     def storage(self) -> KVStorage:

@@ -30,12 +30,17 @@ may hold of it (the rest stays free for new requests). ``max_disk_bytes`` bounds
 directory: past it, the least recently used files are deleted and those agents start over
 (counted in ``num_dropped``).
 
-A file that fails its checks is deleted and an incompatible one (another model) is left
-alone; either way the agent starts with no cache (a miss) and a warning is logged.
+A file that fails its checks (or is not a regular file: a directory, a FIFO, a dangling
+symlink under a cache file's name) is set aside, renamed to ``{name}.corrupt`` (counted in
+``num_set_aside``; the store never reads or deletes those), and an incompatible one (another
+model) is left alone; either way the agent starts with no cache (a miss) and a warning is
+logged. A failed write (a full disk) raises :class:`~kvpool.errors.CacheWriteError` naming
+the file; the old file and the agent's blocks stay as they were.
 
-Not thread-safe: call every method from the thread that drives the engine, and submit
-every request of the engine through the store (the store takes and frees pool blocks outside
-the engine's lock).
+Not thread-safe: call every method from the thread that created the store (it must also be
+the thread that drives the engine), and submit every request of the engine through the store
+(the store takes and frees pool blocks outside the engine's lock). A call from another
+thread raises InvalidRequestError before it touches anything.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ import dataclasses
 import enum
 import logging
 import os
+import secrets
+import stat
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -55,6 +63,7 @@ from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError, TokenCallback
 from kvpool.errors import (
     CacheCorruptionError,
+    CacheWriteError,
     IncompatibleCacheError,
     InvalidRequestError,
     PoolExhaustedError,
@@ -72,6 +81,8 @@ from kvpool.validation import validate_agent_id
 __all__ = ["AgentCacheStore", "StoreStats", "Tier"]
 
 logger = logging.getLogger(__name__)
+
+CORRUPT_SUFFIX = ".corrupt"  # a bad file set aside: "{cache file name}.corrupt"
 
 
 class Tier(enum.Enum):
@@ -92,6 +103,7 @@ class StoreStats:
     num_saves: int  # files written (evictions, flush)
     num_dropped: int  # caches deleted to keep the directory under max_disk_bytes
     num_load_errors: int  # corrupt or incompatible files met by get (counted as misses)
+    num_set_aside: int  # bad or non-regular files renamed to *.corrupt (the agent starts over)
     tokens_saved: int  # prompt tokens taken from a cache instead of prefilled
     num_hot: int  # agents with blocks in the pool
     num_cold: int  # agents on disk only
@@ -114,6 +126,7 @@ class _Counters:
     num_saves: int = 0
     num_dropped: int = 0
     num_load_errors: int = 0
+    num_set_aside: int = 0
     tokens_saved: int = 0
     bytes_written: int = 0
     bytes_read: int = 0
@@ -175,19 +188,34 @@ class AgentCacheStore:
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
             ):
                 raise InvalidRequestError(f"{name} must be an int >= 0 or None, got {value!r}")
+        if not isinstance(engine, BlockPoolBatchEngine):
+            raise InvalidRequestError(
+                f"engine must be a BlockPoolBatchEngine, got {type(engine).__name__}"
+            )
         self.engine = engine
         self.pool = engine.pool
         self.directory = Path(directory)
         self.fingerprint = fingerprint
         self.max_pool_bytes = max_pool_bytes
         self.max_disk_bytes = max_disk_bytes
-        self.directory.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(self.directory)
+        self._owner = threading.current_thread()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.directory)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cache directory {str(self.directory)!r} cannot be used: {exc.strerror or exc}"
+            ) from exc
         # Least recently used first.
         self._id_to_agent: OrderedDict[str, _Agent] = OrderedDict()
         self._uid_to_agent: dict[int, str] = {}  # requests submitted through the store
         self._counters = _Counters()
-        self._scan()
+        try:
+            self._scan()
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cache directory {str(self.directory)!r} cannot be read: {exc.strerror or exc}"
+            ) from exc
         self._enforce_disk_budget(keep=None)
 
     # -- the request path -----------------------------------------------------
@@ -213,6 +241,7 @@ class AgentCacheStore:
         idle is left to evict (try again after ``step``), RequestTooLargeError when it can
         never fit. Hits and misses count submitted requests only.
         """
+        self._check_thread()
         cache, source = self._checkout(agent_id)
         if cache is not None and cache.salt != cache_salt:
             cache, source = None, None
@@ -243,6 +272,7 @@ class AgentCacheStore:
 
     def step(self) -> list[CompletedGeneration]:
         """``engine.step()``; each completion of a request submitted here is ``put``."""
+        self._check_thread()
         done = list(self.engine.step())
         for completion in done:
             if self._uid_to_agent.pop(completion.uid, None) is not None:
@@ -251,6 +281,7 @@ class AgentCacheStore:
 
     def drain(self) -> list[CompletedGeneration]:
         """Step until the engine has no work; returns every completion."""
+        self._check_thread()
         done: list[CompletedGeneration] = []
         while self.engine.has_work:
             done.extend(self.step())
@@ -273,6 +304,7 @@ class AgentCacheStore:
         engine come back as completions with ``error`` set. Requests submitted before the
         call also advance; their completions are kept by the store but not returned here.
         """
+        self._check_thread()
         pending = list(prompts)
         running: set[int] = set()
         done: dict[str, CompletedGeneration] = {}
@@ -304,6 +336,7 @@ class AgentCacheStore:
 
     def cancel(self, uid: int) -> bool:
         """Cancel a request submitted here; its agent's cache stays as it was."""
+        self._check_thread()
         agent_id = self._uid_to_agent.pop(uid, None)
         cancelled = self.engine.cancel(uid)
         if agent_id is not None:
@@ -320,6 +353,7 @@ class AgentCacheStore:
         a second ``get`` raises InvalidRequestError. Pass the result as ``cache`` to the
         engine's ``submit`` and the completion to :meth:`put`.
         """
+        self._check_thread()
         blocks, source = self._checkout(agent_id)
         self._count_lookup(source)
         return blocks
@@ -361,6 +395,11 @@ class AgentCacheStore:
         A failed completion carries the cache the request was given (still valid), or None;
         either way the agent's cache stays what it was. The agent is no longer checked out.
         """
+        self._check_thread()
+        if not isinstance(completion, CompletedGeneration):
+            raise InvalidRequestError(
+                f"put() takes a CompletedGeneration, got {type(completion).__name__}"
+            )
         entry = self._id_to_agent.get(completion.agent_id)
         if entry is None:
             path = cache_path(self.directory, completion.agent_id)
@@ -376,10 +415,14 @@ class AgentCacheStore:
             self._counters.tokens_saved += completion.cached_tokens
         entry.checked_out = entry.loaded_unused = False
         self._id_to_agent.move_to_end(entry.agent_id)
-        self._enforce_pool_budget()
+        try:
+            self._enforce_pool_budget()
+        except CacheWriteError as exc:  # the check-in stands; the next put evicts again
+            logger.warning("could not evict idle caches to keep max_pool_bytes: %s", exc)
 
     def put_back(self, agent_id: str) -> None:
         """End a checkout without a completion (the request was never submitted)."""
+        self._check_thread()
         entry = self._id_to_agent.get(agent_id)
         if entry is not None:
             entry.checked_out = False
@@ -392,6 +435,7 @@ class AgentCacheStore:
 
         Raises InvalidRequestError if the agent is checked out.
         """
+        self._check_thread()
         entry = self._id_to_agent.get(validate_agent_id(agent_id))
         if entry is None:
             return False
@@ -405,6 +449,7 @@ class AgentCacheStore:
 
     def flush(self) -> int:
         """Write every idle hot cache whose file is not current; returns how many."""
+        self._check_thread()
         written = 0
         for entry in list(self._id_to_agent.values()):
             self._check_hot(entry)
@@ -415,6 +460,7 @@ class AgentCacheStore:
 
     def close(self) -> None:
         """Write every idle hot agent to disk and free its blocks (checked out ones stay)."""
+        self._check_thread()
         for entry in list(self._id_to_agent.values()):
             self._check_hot(entry)
             if entry.blocks is not None and not entry.checked_out:
@@ -422,6 +468,7 @@ class AgentCacheStore:
 
     def forget(self, agent_id: str) -> bool:
         """Delete an agent's cache everywhere (pool and disk); False if there was none."""
+        self._check_thread()
         entry = self._id_to_agent.get(validate_agent_id(agent_id))
         if entry is None:
             return False
@@ -439,6 +486,7 @@ class AgentCacheStore:
 
     def tier(self, agent_id: str) -> Tier | None:
         """Where ``agent_id``'s cache is now, or None if the store holds none."""
+        self._check_thread()
         entry = self._id_to_agent.get(validate_agent_id(agent_id))
         if entry is None:
             return None
@@ -447,6 +495,8 @@ class AgentCacheStore:
 
     @property
     def stats(self) -> StoreStats:
+        """A snapshot of the counters and of where the caches are."""
+        self._check_thread()
         hot = [e.blocks for e in self._id_to_agent.values() if e.blocks is not None]
         return StoreStats(
             **dataclasses.asdict(self._counters),
@@ -465,7 +515,14 @@ class AgentCacheStore:
             agent_id = agent_id_of(path)
             if agent_id is None:
                 continue
-            st = path.stat()
+            try:
+                st = path.lstat()  # a symlink is not followed: not ours, set aside
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                logger.warning("setting aside %s: not a regular file", path)
+                self._set_aside(_Agent(agent_id, path))
+                continue
             found.append((st.st_mtime_ns, agent_id, path, st.st_size))
         for _, agent_id, path, size in sorted(found):
             self._id_to_agent[agent_id] = _Agent(agent_id, path, file_bytes=size)
@@ -497,9 +554,9 @@ class AgentCacheStore:
                 entry.file_bytes = 0
                 return False
             except CacheCorruptionError as exc:
-                logger.warning("deleting a corrupt cache file: %s", exc)
+                logger.warning("setting aside a corrupt cache file: %s", exc)
                 self._counters.num_load_errors += 1
-                self._delete_file(entry)
+                self._set_aside(entry)
                 return False
             except IncompatibleCacheError as exc:
                 # Another model's (or layout's) cache: not ours to delete; the next save
@@ -575,6 +632,30 @@ class AgentCacheStore:
             if entry.blocks is None and not entry.checked_out and entry is not keep:
                 self._counters.num_dropped += 1
                 del self._id_to_agent[entry.agent_id]
+
+    def _set_aside(self, entry: _Agent) -> None:
+        """Rename a bad file to ``{name}.corrupt`` (or a unique variant), out of the store's way."""
+        target = entry.path.with_name(entry.path.name + CORRUPT_SUFFIX)
+        entry.file_bytes, entry.file_current = 0, False
+        try:
+            os.replace(entry.path, target)
+        except FileNotFoundError:
+            return
+        except OSError:  # e.g. a directory onto a file set aside before
+            try:
+                os.rename(entry.path, target.with_name(f"{target.name}-{secrets.token_hex(4)}"))
+            except OSError as exc:
+                logger.warning("could not set aside %s: %s", entry.path, exc)
+                return
+        self._counters.num_set_aside += 1
+
+    def _check_thread(self) -> None:
+        current = threading.current_thread()
+        if current is not self._owner:
+            raise InvalidRequestError(
+                f"AgentCacheStore is not thread-safe: created on thread {self._owner.name!r} "
+                f"({self._owner.ident}), called from {current.name!r} ({current.ident})"
+            )
 
     def _delete_file(self, entry: _Agent) -> None:
         entry.path.unlink(missing_ok=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
+from typing import TypeGuard
 
 from kvpool.errors import InvalidRequestError
 
@@ -31,22 +33,31 @@ def validate_agent_id(agent_id: object) -> str:
     return agent_id
 
 
+def is_integer(value: object) -> TypeGuard[numbers.Integral]:
+    """True for ints and numpy integers; False for bools, floats and everything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def validate_token_ids(tokens: Sequence[object], vocab_size: int | None = None) -> list[int]:
-    """Return ``tokens`` as a non-empty list of ints in ``[0, vocab_size)``."""
+    """Return ``tokens`` as a non-empty list of ints in ``[0, vocab_size)``.
+
+    Elements may be ints or numpy integers (they come back as ints).
+    """
     if len(tokens) == 0:
         raise InvalidRequestError("the prompt is empty")
     out: list[int] = []
     for i, t in enumerate(tokens):
-        if isinstance(t, bool) or not isinstance(t, int):
+        if not is_integer(t):
             raise InvalidRequestError(f"token {i} is {t!r}, not an int")
-        if t < 0 or (vocab_size is not None and t >= vocab_size):
-            raise InvalidRequestError(f"token {i} is {t}, outside [0, {vocab_size})")
-        out.append(t)
+        token = int(t)
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise InvalidRequestError(f"token {i} is {token}, outside [0, {vocab_size})")
+        out.append(token)
     return out
 
 
 def validate_count(name: str, value: object, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """Return ``value`` as an int if it is an integer >= ``minimum`` (not a bool or float)."""
+    if not is_integer(value) or int(value) < minimum:
         raise InvalidRequestError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return int(value)

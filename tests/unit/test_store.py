@@ -293,7 +293,7 @@ def test_another_model_or_layout_is_a_miss_and_its_file_is_kept(tmp_path: Path) 
     assert read_cache_info(path).fingerprint == "sha256:another-model"
 
 
-def test_a_corrupt_file_is_a_miss_and_is_deleted(tmp_path: Path) -> None:
+def test_a_corrupt_file_is_a_miss_and_is_set_aside(tmp_path: Path) -> None:
     first = make_store(tmp_path)
     run(first, "a", prompt_of(10))
     first.close()
@@ -307,7 +307,8 @@ def test_a_corrupt_file_is_a_miss_and_is_deleted(tmp_path: Path) -> None:
         FakeModel(SPEC), prompt_of(10), 3
     )
     assert (store.stats.num_misses, store.stats.num_load_errors) == (1, 1)
-    assert not path.exists()
+    assert not path.exists() and store.stats.num_set_aside == 1
+    assert path.with_name(path.name + ".corrupt").read_bytes() == bytes(data)
     assert done.blocks is not None  # the failed load took nothing: only a's new cache is held
     assert store.pool.num_used == len(done.blocks.block_ids) and store.pool.num_handles == 1
 
