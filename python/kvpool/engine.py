@@ -532,10 +532,16 @@ class BlockPoolBatchEngine:
             if request is None or not (request.prefix_end and response.end_of_segment):
                 continue
             end, request.prefix_end = request.prefix_end, 0
-            caches, _ = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
-            if int(caches[0].offset) == end:
-                with self._lock:
-                    self.pool.publish_prefix(request.reservation, caches, end)
+            try:
+                caches, _ = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
+                if int(caches[0].offset) == end:
+                    with self._lock:
+                        self.pool.publish_prefix(request.reservation, caches, end)
+            except Exception as exc:  # the leader's blocks are in an unknown state: it fails
+                assert request.gen_uid is not None
+                self._gen.remove([request.gen_uid])
+                done.append(self._fail(request, exc, "could not publish the shared prefix"))
+                continue  # _fail queued the followers: they start on their own
             done.extend(self._release_followers(request))
         return done
 
