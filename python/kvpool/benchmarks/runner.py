@@ -82,6 +82,11 @@ REGISTRY: dict[str, Benchmark] = {
             uses_mlx=False,
         ),
         Benchmark(
+            "serve",
+            "serve",
+            "kvpool serve vs mlx_lm.server: multi-session multi-turn chat over HTTP",
+        ),
+        Benchmark(
             "blas",
             "blas",
             "MLX's bundled reference BLAS vs OpenBLAS (matmul, prefill, decode)",
