@@ -146,8 +146,7 @@ def _session_of(request: Request, data: dict[str, Any], api: str) -> str | None:
 def _tokenize(state: ServerState, gen: Generation) -> tuple[list[int], tuple[int, ...]]:
     """Prompt ids and stop-token ids (runs in a worker thread)."""
     tok = state.tokenizer
-    param = "stop_sequences" if gen.max_tokens_param == "anthropic" else "stop"
-    stops = stop_token_ids(tok, gen.stop, param) if gen.stop else ()
+    stops = stop_token_ids(tok, gen.stop, gen.stop_param) if gen.stop else ()
     try:
         if gen.messages is not None:
             ids = tok.apply_chat_template(gen.messages, add_generation_prompt=True)
@@ -225,8 +224,6 @@ async def _generate(request: Request, api: str, endpoint: str) -> Response:
         _check_auth(state, request)
         body = Body(await _read_json(state, request))
         gen = parse(body)
-        if endpoint == "messages":
-            gen.max_tokens_param = "anthropic"
         if gen.model != state.model_name:
             raise ApiError(
                 404,
@@ -241,8 +238,7 @@ async def _generate(request: Request, api: str, endpoint: str) -> Response:
         max_tokens = gen.max_tokens or min(
             state.limits.default_max_tokens, state.limits.max_context_tokens - len(prompt)
         )
-        param = "max_tokens" if gen.max_tokens_param == "anthropic" else gen.max_tokens_param
-        state.limits.check(len(prompt), max(max_tokens, 1), param)
+        state.limits.check(len(prompt), max(max_tokens, 1), gen.max_tokens_param, gen.prompt_param)
         sampling = sampling_of(gen, stops)
     except ApiError as exc:
         state.metrics.refused.labels(str(exc.status)).inc()

@@ -127,7 +127,7 @@ def parse_chat(body: Body) -> Generation:
 
 def parse_completion(body: Body) -> Generation:
     """``POST /v1/completions``: the prompt is text or token ids (one prompt only)."""
-    gen = Generation(model=body.string("model", required=True))
+    gen = Generation(model=body.string("model", required=True), prompt_param="prompt")
     prompt = body.required("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one

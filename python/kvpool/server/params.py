@@ -138,13 +138,14 @@ class Limits:
     max_tokens_cap: int
     default_max_tokens: int = 256
 
-    def check(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
+    def check(self, prompt_tokens: int, max_tokens: int, param: str, prompt_param: str) -> None:
+        """Refuse a prompt that leaves no room, then a ``max_tokens`` that does not fit."""
         if prompt_tokens >= self.max_context_tokens:
             raise bad_request(
                 f"the prompt is {prompt_tokens} tokens; the limit is "
                 f"{self.max_context_tokens - 1} (context of {self.max_context_tokens} tokens "
                 "including max_tokens)",
-                param="messages" if param != "max_tokens" else "prompt",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         if max_tokens > self.max_tokens_cap or prompt_tokens + max_tokens > self.max_context_tokens:
@@ -170,7 +171,9 @@ class Generation:
     text: str | None = None
     token_ids: list[int] | None = None
     max_tokens: int | None = None
-    max_tokens_param: str = "max_tokens"
+    max_tokens_param: str = "max_tokens"  # the field names errors point at
+    prompt_param: str = "messages"
+    stop_param: str = "stop"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
