@@ -14,9 +14,11 @@ Requests for which the pool has no room now wait in ``waiting`` (at most ``max_q
 that they are refused with 503) and are retried after every step. One request per agent is
 in flight at a time: a second one for a busy session is refused with 409.
 
-Sessions' caches are written to disk (``store.flush``) when the loop becomes idle and at most
-every ``flush_interval_s`` while it is busy, so a killed server loses at most the turns of
-that interval; ``stop`` cancels what is in flight and writes every idle cache to disk.
+Sessions' caches are written to disk (``store.flush``) once the loop has been idle for
+``flush_idle_s`` (not at once: a client's next turn usually follows its last within
+milliseconds, and a flush would delay it) and every ``flush_interval_s`` while it is busy, so a
+killed server loses at most the turns of that interval; ``stop`` cancels what is in flight and
+writes every idle cache to disk.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class EngineLoop:
         *,
         max_queue: int = 64,
         flush_interval_s: float = 2.0,
+        flush_idle_s: float = 0.25,
         idle_wait_s: float = 0.05,
     ) -> None:
         self.engine = engine
@@ -189,7 +192,8 @@ class EngineLoop:
         self._by_uid: dict[int, WorkItem] = {}  # in the engine
         self._by_agent: dict[str, WorkItem] = {}  # waiting or in the engine
         self._dirty = False  # a turn finished since the last flush
-        self._last_flush = time.monotonic()
+        self._last_flush = self._last_busy = time.monotonic()
+        self.flush_idle_s = flush_idle_s
         self._stopping = False
         self.stopped = threading.Event()
         self.num_steps = 0
@@ -232,11 +236,13 @@ class EngineLoop:
                 if self._stopping:
                     break
                 self._admit_waiting()
+                now = time.monotonic()
                 if self.engine.has_work:
                     self._step()
-                    if time.monotonic() - self._last_flush >= self.flush_interval_s:
+                    self._last_busy = now
+                    if now - self._last_flush >= self.flush_interval_s:
                         self._flush()
-                elif self._dirty:
+                elif self._dirty and now - self._last_busy >= self.flush_idle_s:
                     self._flush()
         except BaseException:
             logger.exception("the engine loop failed")
@@ -260,6 +266,7 @@ class EngineLoop:
             command = None
 
     def _handle(self, command: Command) -> None:
+        self._last_busy = time.monotonic()
         if isinstance(command, _Submit):
             self._on_submit(command.item)
         elif isinstance(command, _Cancel):
