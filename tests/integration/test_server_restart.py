@@ -130,3 +130,19 @@ def test_sigkill_mid_turn_loses_only_that_turn(
             new = len(tokenizer.encode(f" and {n} on."))
             assert prompt - cached <= new + 1, (n, prompt, cached)
         assert server.stop() == 0
+
+
+def test_a_port_in_use_is_a_clean_error(tmp_path: Path, models_dir: Path) -> None:
+    import socket
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServerProcess(tmp_path / "sessions", models_dir)
+        args = [a if a != "0" else str(port) for a in server.args]
+        done = subprocess.run(args, env=server.env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2, done.stderr
+    assert f"kvpool serve: could not listen on 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr

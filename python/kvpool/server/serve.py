@@ -183,6 +183,9 @@ def serve(config: ServerConfig) -> int:
     server = _Server(uv_config)
     try:
         server.run()
+    except SystemExit:  # uvicorn exits this way when it cannot bind
+        if server.started:
+            raise
     finally:
         state.loop.stop()  # idempotent; covers a failed startup
     if not server.started:
