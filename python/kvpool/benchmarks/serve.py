@@ -2,18 +2,19 @@
 
 Both servers run on 127.0.0.1 in subprocesses, one after the other, over the same model
 directory (a built-in recipe written with :func:`kvpool.models.build_model`) and with the
-same BLAS (MLX's bundled one: ``kvpool --no-fast-blas serve``). The workload: ``sessions``
-agents, each with the same system prompt and its own task, run ``turns`` turns; in each
-turn every session sends its whole conversation (its history grows by the reply and a new
-user message) to ``/v1/chat/completions``, all sessions at once, streamed, greedy. kvpool
-gets each session's id in ``X-Session-ID``; mlx_lm.server reuses what its own prompt cache
-holds.
+same BLAS (MLX's bundled one: ``kvpool --no-fast-blas serve``). A workload: ``sessions``
+agents share one system prompt and each has its own task; in each of ``turns`` turns every
+session sends its whole conversation (grown by its reply and a new user message) to
+``/v1/chat/completions``, all sessions at once, streamed, greedy. kvpool gets each session's
+id in ``X-Session-ID``; mlx_lm.server reuses what its own prompt cache holds (10 caches by
+default: the 8-session workload fits it, the 16-session one does not).
 
-Reported for each server: time to first token (first non-empty content chunk) p50/p95 over
-all requests, over first turns and over resumed turns (turn >= 2), and the workload's total
-wall time; whether both returned the same text for every request; and kvpool's own
-overhead per request: the HTTP round trip of a 1-token generation (non-streamed, no session)
-minus the same request through the engine called directly in this process, interleaved.
+Reported per workload and server: time to first token (first non-empty content chunk)
+p50/p95 over all requests, first turns and resumed turns (turn >= 2), total wall time, and
+whether both servers returned the same text for every request. kvpool's own overhead per
+request (a 1-token completion, no session): its round trip minus the engine's own time for
+that same request (the ``X-Kvpool-Engine-Ms`` response header), and the round trip minus
+the same request through the engine called directly in this process, interleaved.
 
 Targets: total time <= 0.8x mlx_lm.server's, resumed turns' TTFT p50 <= 0.5x, overhead < 5 ms.
 """
