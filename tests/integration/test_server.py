@@ -245,6 +245,11 @@ def test_models_sessions_metrics_health(server: ServerProcess) -> None:
             if line.startswith("kvpool:prefix_cache_hits_total")
         )
         assert hits > 0
+        cache = http.get("/v1/cache/stats").json()
+        prefix = cache["prefix_cache"]
+        assert prefix["hit_tokens"] == hits and 0 < prefix["hit_rate"] < 1
+        assert cache["evictions"] == cache["store"]["num_evictions"] >= 1  # the offload
+        assert cache["store"]["num_cold"] >= 1
 
 
 # -- concurrency ------------------------------------------------------------------------------

@@ -197,6 +197,9 @@ class EngineLoop:
         self._stopping = False
         self.stopped = threading.Event()
         self.num_steps = 0
+        self.num_finished = 0
+        self.prompt_tokens_total = 0  # of finished requests
+        self.cached_tokens_total = 0  # ... of which came from a cache
 
     # -- any thread -----------------------------------------------------------
 
@@ -389,6 +392,9 @@ class EngineLoop:
             now = time.perf_counter()
             m = self.metrics
             m.e2e.observe(now - item.t_received)
+            self.prompt_tokens_total += completion.prompt_tokens
+            self.cached_tokens_total += completion.cached_tokens
+            self.num_finished += 1
             m.prefix_queries.inc(completion.prompt_tokens)
             m.prefix_hits.inc(completion.cached_tokens)
             m.prompt_tokens.inc(completion.prompt_tokens)
@@ -485,5 +491,16 @@ class EngineLoop:
                 "waiting": len(self._waiting),
                 "max_queue": self.max_queue,
             },
+            "prefix_cache": {
+                "queried_tokens": self.prompt_tokens_total,
+                "hit_tokens": self.cached_tokens_total,
+                "hit_rate": (
+                    self.cached_tokens_total / self.prompt_tokens_total
+                    if self.prompt_tokens_total
+                    else None
+                ),
+            },
+            "evictions": stats["num_evictions"],
+            "requests_finished": self.num_finished,
             "engine_steps": self.num_steps,
         }
