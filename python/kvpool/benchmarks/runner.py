@@ -82,14 +82,14 @@ REGISTRY: dict[str, Benchmark] = {
             uses_mlx=False,
         ),
         Benchmark(
-            "serve",
-            "serve",
-            "kvpool serve vs mlx_lm.server: multi-session multi-turn chat over HTTP",
-        ),
-        Benchmark(
             "blas",
             "blas",
             "MLX's bundled reference BLAS vs OpenBLAS (matmul, prefill, decode)",
+        ),
+        Benchmark(
+            "serve",
+            "serve",
+            "kvpool serve vs mlx_lm.server: multi-session multi-turn chat over HTTP",
         ),
     )
 }
