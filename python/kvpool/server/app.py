@@ -34,7 +34,13 @@ from starlette.routing import Route
 from kvpool.blocks import CompletedGeneration
 from kvpool.errors import KvpoolError
 from kvpool.server import anthropic_api, openai_api
-from kvpool.server.errors import ApiError, anthropic_body, bad_request, openai_body
+from kvpool.server.errors import (
+    ApiError,
+    anthropic_body,
+    bad_request,
+    openai_body,
+    shutting_down,
+)
 from kvpool.server.loop import Admitted, Channel, EngineLoop, Event, Finished, Refused, WorkItem
 from kvpool.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvpool.server.params import Body, Generation, Limits, sampling_of, stop_token_ids
@@ -232,7 +238,7 @@ async def _generate(request: Request, api: str, endpoint: str) -> Response:
     }[endpoint]
     try:
         if not state.accepting:
-            raise ApiError(503, "overloaded", "the server is shutting down")
+            raise shutting_down()
         _check_auth(state, request)
         body = Body(await _read_json(state, request))
         gen = parse(body)

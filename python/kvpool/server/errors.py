@@ -11,7 +11,7 @@ from typing import Any
 
 from kvpool.errors import KvpoolError
 
-__all__ = ["KINDS", "ApiError", "anthropic_body", "openai_body"]
+__all__ = ["KINDS", "ApiError", "anthropic_body", "bad_request", "openai_body", "shutting_down"]
 
 # kind -> (OpenAI error type, Anthropic error type)
 KINDS: dict[str, tuple[str, str]] = {
@@ -56,6 +56,11 @@ class ApiError(KvpoolError):
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ApiError:
     """A 400 invalid_request error."""
     return ApiError(400, "invalid_request", message, param=param, code=code)
+
+
+def shutting_down() -> ApiError:
+    """A 503 for requests that arrive (or are still waiting) while the server stops."""
+    return ApiError(503, "overloaded", "the server is shutting down", headers={"Retry-After": "1"})
 
 
 def openai_body(error: ApiError) -> dict[str, Any]:

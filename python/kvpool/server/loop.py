@@ -41,7 +41,7 @@ from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import InvalidRequestError, KvpoolError, PoolExhaustedError
 from kvpool.pool import BlockPool
 from kvpool.sampling import SamplingParams
-from kvpool.server.errors import ApiError
+from kvpool.server.errors import ApiError, shutting_down
 from kvpool.server.metrics import ServerMetrics
 from kvpool.server.sessions import SessionRegistry
 from kvpool.store import AgentCacheStore
@@ -208,6 +208,9 @@ class EngineLoop:
 
     def submit(self, item: WorkItem) -> None:
         """Queue ``item``; its channel gets Admitted (or Refused), then its tokens."""
+        if self.stopped.is_set():
+            item.channel.push(Refused(shutting_down()))
+            return
         self._commands.put(_Submit(item))
 
     def cancel(self, item: WorkItem) -> None:
@@ -218,7 +221,7 @@ class EngineLoop:
         """Run ``fn`` on the loop thread between steps; its result (or error) in the future."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         if self.stopped.is_set():
-            future.set_exception(ApiError(503, "overloaded", "the server is shutting down"))
+            future.set_exception(shutting_down())
         else:
             self._commands.put(_Call(fn, future))
         return future
@@ -452,7 +455,7 @@ class EngineLoop:
 
     def _shutdown(self) -> None:
         """Refuse what waits, cancel what runs, write idle caches to disk."""
-        shutting = ApiError(503, "overloaded", "the server is shutting down")
+        shutting = shutting_down()
         for item in list(self._waiting):
             self._end(item)
             self._refuse(item, shutting)
