@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     bench.set_defaults(handler=_cmd_bench)
+    _add_serve_parser(commands)
     return parser
 
 
@@ -420,6 +421,113 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         args.names or list(REGISTRY), quick=args.quick, out_dir=out_dir, json_path=args.json
     )
     return EXIT_FAILED if any(r["error"] for r in records) else EXIT_OK
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _add_serve_parser(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI- and Anthropic-compatible server with per-session caches (docs/SERVER.md)",
+        description=(
+            "Serve /v1/chat/completions, /v1/completions and /v1/messages; each session "
+            "(X-Session-ID header, session_id or prompt_cache_key) keeps its KV cache in the "
+            "pool or on disk across turns and restarts. Needs pip install 'kvpool[serve]'."
+        ),
+    )
+    serve.add_argument(
+        "--model",
+        default="demo",
+        metavar="DIR_OR_RECIPE",
+        help="mlx-lm model directory or built-in recipe (default: %(default)s)",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument(
+        "--port",
+        type=_int_at_least(0),
+        default=8000,
+        help="port (0: any free one; default: %(default)s)",
+    )
+    serve.add_argument(
+        "--pool-mb",
+        type=_int_at_least(1),
+        default=256,
+        help="KV block pool size in MiB (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where sessions' caches are kept on disk (default: per model, under "
+        "~/.cache/kvpool/sessions)",
+    )
+    serve.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require this key (Authorization: Bearer KEY or x-api-key: KEY); "
+        "default: $KVPOOL_API_KEY, else none",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=_int_at_least(0),
+        default=64,
+        help="requests that may wait for pool room before 503 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="the model id clients send (default: the recipe or directory name)",
+    )
+    serve.add_argument(
+        "--max-tokens-cap",
+        type=_int_at_least(1),
+        default=4096,
+        help="the most tokens one request may generate (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-body-mb",
+        type=_positive_float,
+        default=8.0,
+        help="largest request body in MiB (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--flush-interval",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="while busy, write finished sessions to disk this often (they are "
+        "also written whenever the server is idle; default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from kvpool.server.serve import ServerConfig, serve
+    except ImportError as exc:
+        _error(f"kvpool serve: error: {exc}; install the server: pip install 'kvpool[serve]'")
+        return EXIT_USAGE
+    config = ServerConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        pool_mb=args.pool_mb,
+        cache_dir=args.cache_dir,
+        api_key=args.api_key or os.environ.get("KVPOOL_API_KEY") or None,
+        max_queue=args.max_queue,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_tokens_cap=args.max_tokens_cap,
+        served_model_name=args.served_model_name,
+        flush_interval_s=args.flush_interval,
+        log_level=args.log_level,
+    )
+    return serve(config)
 
 
 # --------------------------------------------------------------------------- info

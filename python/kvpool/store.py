@@ -37,7 +37,7 @@ model) is left alone; either way the agent starts with no cache (a miss) and a w
 logged. A failed write (a full disk) raises :class:`~kvpool.errors.CacheWriteError` naming
 the file; the old file and the agent's blocks stay as they were.
 
-Not thread-safe: call every method from the thread that created the store (it must also be
+Not thread-safe: call every method from one thread, the first that calls it (it must also be
 the thread that drives the engine), and submit every request of the engine through the store
 (the store takes and frees pool blocks outside the engine's lock). A call from another
 thread raises InvalidRequestError before it touches anything.
@@ -198,7 +198,7 @@ class AgentCacheStore:
         self.fingerprint = fingerprint
         self.max_pool_bytes = max_pool_bytes
         self.max_disk_bytes = max_disk_bytes
-        self._owner = threading.current_thread()
+        self._owner: threading.Thread | None = None  # the first thread that uses the store
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(self.directory)
@@ -650,10 +650,14 @@ class AgentCacheStore:
         self._counters.num_set_aside += 1
 
     def _check_thread(self) -> None:
+        """Bind the store to the first thread that calls it (creating it does not count:
+        a server builds it, then hands it to its engine-loop thread); refuse any other."""
         current = threading.current_thread()
+        if self._owner is None:
+            self._owner = current
         if current is not self._owner:
             raise InvalidRequestError(
-                f"AgentCacheStore is not thread-safe: created on thread {self._owner.name!r} "
+                f"AgentCacheStore is not thread-safe: used by thread {self._owner.name!r} "
                 f"({self._owner.ident}), called from {current.name!r} ({current.ident})"
             )
 

@@ -100,6 +100,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "persist",
         "bookkeeping",
         "blas",
+        "serve",
     ]
 
 

@@ -406,6 +406,12 @@ def _blas(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _serve(r: dict[str, Any]) -> list[str]:
+    from kvpool.benchmarks.serve import report_lines
+
+    return report_lines(r)
+
+
 def _persist(r: dict[str, Any]) -> list[str]:
     rows = [
         (
@@ -480,6 +486,7 @@ _SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "reconstruct": _reconstruct,
     "engine_overhead": _engine_overhead,
     "resume": _resume,
+    "serve": _serve,
     "workload": _workload,
     "memory": _memory,
     "persist": _persist,

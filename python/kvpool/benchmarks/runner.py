@@ -91,6 +91,11 @@ REGISTRY: dict[str, Benchmark] = {
             "blas",
             "MLX's bundled reference BLAS vs OpenBLAS (matmul, prefill, decode)",
         ),
+        Benchmark(
+            "serve",
+            "serve",
+            "kvpool serve vs mlx_lm.server: multi-session multi-turn chat over HTTP",
+        ),
     )
 }
 

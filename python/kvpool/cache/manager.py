@@ -28,9 +28,11 @@ collision can never give one sequence another's K/V, and a different salt
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvpool import _blocks
 from kvpool.cache.groups import GroupPolicy
@@ -175,6 +177,23 @@ class CacheUsage:
     @property
     def bytes_used(self) -> int:
         return sum(g.num_used * g.bytes_per_block for g in self.groups)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready numbers (the totals, and each group's)."""
+        return {
+            "num_blocks": self.num_blocks,
+            "num_used": self.num_used,
+            "num_free": self.num_free,
+            "num_cached": self.num_cached,
+            "num_evictions": self.num_evictions,
+            "bytes_total": self.bytes_total,
+            "bytes_used": self.bytes_used,
+            "num_handles": self.num_handles,
+            "prefix_query_tokens": self.query_tokens,
+            "prefix_hit_tokens": self.hit_tokens,
+            "prefix_hit_rate": self.hit_rate,
+            "groups": [dataclasses.asdict(g) for g in self.groups],
+        }
 
 
 @dataclass(slots=True)

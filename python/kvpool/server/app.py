@@ -1,0 +1,631 @@
+"""The HTTP side of ``kvpool serve``: routes, body limits, auth, streaming (Starlette).
+
+Every generation endpoint runs the same path: authenticate, read a bounded UTF-8 JSON body,
+parse it (:mod:`~kvpool.server.openai_api`, :mod:`~kvpool.server.anthropic_api`), tokenize
+(chat messages through the tokenizer's chat template) in a worker thread, check the limits,
+then hand a :class:`~kvpool.server.loop.WorkItem` to the engine loop and relay its events:
+a JSON response, or Server-Sent Events in the endpoint's own format. Errors before the first
+byte are HTTP errors in the endpoint's error shape; an error mid-stream is an error event.
+
+A client that disconnects (while waiting for admission, for a non-streamed response, or in
+the middle of a stream) cancels its request on the loop; the engine frees its blocks before
+its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kvpool.blocks import CompletedGeneration
+from kvpool.errors import KvpoolError
+from kvpool.server import anthropic_api, openai_api
+from kvpool.server.errors import (
+    ApiError,
+    anthropic_body,
+    bad_request,
+    openai_body,
+    shutting_down,
+)
+from kvpool.server.loop import Admitted, Channel, EngineLoop, Event, Finished, Refused, WorkItem
+from kvpool.server.metrics import CONTENT_TYPE, ServerMetrics
+from kvpool.server.params import Body, Generation, Limits, sampling_of, stop_token_ids
+from kvpool.server.sessions import ephemeral_agent_id, validate_session_id
+
+__all__ = ["ServerState", "create_app"]
+
+OPENAI, ANTHROPIC = "openai", "anthropic"
+_POLL_S = 0.25  # how often a waiting non-streamed request checks for a disconnect
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What the routes need: the engine loop and the model's tokenizer, limits, names."""
+
+    loop: EngineLoop
+    tokenizer: Any
+    model_name: str
+    limits: Limits
+    metrics: ServerMetrics
+    api_key: str | None
+    max_body_bytes: int
+    vocab_size: int | None
+    created: int
+    cache_dir: Path | None = None
+    accepting: bool = True
+
+
+class _Disconnected(Exception):
+    """The client went away."""
+
+
+# -- plumbing ----------------------------------------------------------------------------
+
+
+def _error_response(error: ApiError, api: str) -> JSONResponse:
+    body = anthropic_body(error) if api == ANTHROPIC else openai_body(error)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _check_auth(state: ServerState, request: Request) -> None:
+    if state.api_key is None:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given is None or not hmac.compare_digest(given.encode(), state.api_key.encode()):
+        raise ApiError(
+            401,
+            "authentication",
+            "invalid or missing API key (Authorization: Bearer KEY or x-api-key: KEY)",
+            code="invalid_api_key",
+        )
+
+
+async def _read_json(state: ServerState, request: Request) -> Any:
+    limit = state.max_body_bytes
+    too_large = ApiError(
+        413, "too_large", f"the request body is larger than {limit} bytes", code="body_too_large"
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _Disconnected() from None
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(
+            f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8"
+        ) from None
+    if not text.strip():
+        raise bad_request("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise bad_request(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
+            f"{exc.colno}",
+            code="invalid_json",
+        ) from None
+
+
+def _session_of(request: Request, data: dict[str, Any], api: str) -> str | None:
+    """The session id: ``X-Session-ID``, body ``session_id`` or ``prompt_cache_key``."""
+    found = [("X-Session-ID header", request.headers.get("x-session-id"))]
+    found.append(("session_id", data.get("session_id")))
+    if api == OPENAI:
+        found.append(("prompt_cache_key", data.get("prompt_cache_key")))
+    given = [(where, validate_session_id(v, where)) for where, v in found if v is not None]
+    if len({v for _, v in given}) > 1:
+        raise bad_request(
+            "conflicting session ids: " + ", ".join(f"{w}={v!r}" for w, v in given),
+            param="session_id",
+            code="invalid_session_id",
+        )
+    return given[0][1] if given else None
+
+
+def _tokenize(state: ServerState, gen: Generation) -> tuple[list[int], tuple[int, ...]]:
+    """Prompt ids and stop-token ids (runs in a worker thread)."""
+    tok = state.tokenizer
+    stops = stop_token_ids(tok, gen.stop, gen.stop_param) if gen.stop else ()
+    try:
+        if gen.messages is not None:
+            ids = tok.apply_chat_template(gen.messages, add_generation_prompt=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        elif gen.text is not None:
+            ids = tok.encode(gen.text)
+        else:
+            ids = gen.token_ids
+    except ApiError:
+        raise
+    except Exception as exc:  # a template or tokenizer refusing the input
+        raise bad_request(f"could not tokenize the prompt: {exc}") from None
+    ids = [int(t) for t in ids or ()]
+    if not ids:
+        raise bad_request("the prompt is empty after tokenization", param="prompt")
+    vocab = state.vocab_size
+    bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside [0, {vocab})", param="prompt")
+    return ids, stops
+
+
+_SHORT_PROMPT_CHARS = 2048
+
+
+def _is_short(gen: Generation) -> bool:
+    """A prompt small enough to tokenize on the event loop (well under a millisecond)."""
+    if gen.token_ids is not None:
+        return True
+    if gen.text is not None:
+        return len(gen.text) <= _SHORT_PROMPT_CHARS
+    return sum(len(m["content"]) for m in gen.messages or ()) <= _SHORT_PROMPT_CHARS
+
+
+class _Events:
+    """Reads a channel; a pending get survives timeouts (no event is ever lost)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._pending: asyncio.Task[Event] | None = None
+
+    async def next(self, request: Request | None) -> Event:
+        """The next event; with ``request``, raises _Disconnected if the client left."""
+        while True:
+            if self._pending is None:
+                self._pending = asyncio.ensure_future(self.channel.get())
+            if request is None:
+                event = await self._pending
+                self._pending = None
+                return event
+            done, _ = await asyncio.wait({self._pending}, timeout=_POLL_S)
+            if done:
+                event = self._pending.result()
+                self._pending = None
+                return event
+            if await request.is_disconnected():
+                raise _Disconnected()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+# -- generation ----------------------------------------------------------------------------
+
+
+_Parser = Callable[[Body], Generation]
+
+
+async def _generate(request: Request, api: str, endpoint: str) -> Response:
+    state: ServerState = request.app.state.kvpool
+    t_received = time.perf_counter()
+    parse: _Parser = {
+        "chat": openai_api.parse_chat,
+        "completions": openai_api.parse_completion,
+        "messages": anthropic_api.parse_messages,
+    }[endpoint]
+    try:
+        if not state.accepting:
+            raise shutting_down()
+        _check_auth(state, request)
+        body = Body(await _read_json(state, request))
+        gen = parse(body)
+        if gen.model != state.model_name:
+            raise ApiError(
+                404,
+                "not_found",
+                f"model {gen.model!r} is not served here; this server serves "
+                f"{state.model_name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        session_id = _session_of(request, body.data, api)
+        if _is_short(gen):  # cheaper here than the hop to a worker thread
+            prompt, stops = _tokenize(state, gen)
+        else:
+            prompt, stops = await run_in_threadpool(_tokenize, state, gen)
+        max_tokens = gen.max_tokens or min(
+            state.limits.default_max_tokens, state.limits.max_context_tokens - len(prompt)
+        )
+        state.limits.check(len(prompt), max(max_tokens, 1), gen.max_tokens_param, gen.prompt_param)
+        sampling = sampling_of(gen, stops)
+    except ApiError as exc:
+        state.metrics.refused.labels(str(exc.status)).inc()
+        return _error_response(exc, api)
+    except _Disconnected:
+        return Response(status_code=499)
+    item = WorkItem(
+        agent_id=session_id or ephemeral_agent_id(),
+        session_id=session_id,
+        prompt=tuple(prompt),
+        max_tokens=max_tokens,
+        sampling=sampling,
+        channel=Channel(asyncio.get_running_loop()),
+        t_received=t_received,
+    )
+    stop_names = dict(zip(stops, gen.stop, strict=True))
+    events = _Events(item.channel)
+    state.loop.submit(item)
+    try:
+        first = await events.next(request)
+    except _Disconnected:
+        state.loop.cancel(item)
+        events.close()
+        return Response(status_code=499)
+    except asyncio.CancelledError:
+        state.loop.cancel(item)
+        events.close()
+        raise
+    if isinstance(first, Refused):
+        return _error_response(first.error, api)
+    assert isinstance(first, Admitted), f"unexpected first event {first!r}"
+    if not gen.stream:
+        try:
+            while True:
+                event = await events.next(request)
+                if isinstance(event, Finished):
+                    c = event.completion
+                    # the engine's own time for this request: clients (kvpool bench serve)
+                    # can tell the server's overhead from it
+                    timing = {"X-Kvpool-Engine-Ms": f"{c.elapsed_s * 1e3:.3f}"}
+                    return JSONResponse(
+                        _response(endpoint, state, gen, c, stop_names, session_id), headers=timing
+                    )
+                if isinstance(event, Refused):
+                    return _error_response(event.error, api)
+        except _Disconnected:
+            state.loop.cancel(item)
+            events.close()
+            return Response(status_code=499)
+        except asyncio.CancelledError:
+            state.loop.cancel(item)
+            events.close()
+            raise
+    stream = _stream(endpoint, state, gen, item, events, len(prompt), stop_names)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if session_id is not None:
+        headers["X-Session-ID"] = session_id
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+def _response(
+    endpoint: str,
+    state: ServerState,
+    gen: Generation,
+    c: CompletedGeneration,
+    stops: dict[int, str],
+    session_id: str | None,
+) -> dict[str, Any]:
+    name, ids = state.model_name, gen.return_token_ids
+    if endpoint == "chat":
+        return openai_api.chat_response(
+            openai_api.new_id("chatcmpl"), name, c, token_ids=ids, session_id=session_id
+        )
+    if endpoint == "completions":
+        return openai_api.completion_response(
+            openai_api.new_id("cmpl"), name, c, token_ids=ids, session_id=session_id
+        )
+    return anthropic_api.message_response(
+        anthropic_api.new_id(), name, c, stops, token_ids=ids, session_id=session_id
+    )
+
+
+async def _stream(
+    endpoint: str,
+    state: ServerState,
+    gen: Generation,
+    item: WorkItem,
+    events: _Events,
+    prompt_tokens: int,
+    stops: dict[int, str],
+) -> AsyncIterator[bytes]:
+    """SSE of one admitted request; cancels it if the client goes away first."""
+    name, created, ids = state.model_name, int(time.time()), gen.return_token_ids
+    ended = False
+    try:
+        if endpoint == "messages":
+            rid = anthropic_api.new_id()
+            yield _sse(anthropic_api.message_start(rid, name, prompt_tokens), "message_start")
+            block = {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            }
+            yield _sse(block, "content_block_start")
+            yield _sse({"type": "ping"}, "ping")
+        else:
+            rid = openai_api.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
+            if endpoint == "chat":
+                yield _sse(
+                    openai_api.chat_chunk(
+                        rid, name, created, delta={"role": "assistant", "content": ""}
+                    )
+                )
+        while True:
+            event = await events.next(None)
+            if isinstance(event, Refused):
+                ended = True
+                if endpoint == "messages":
+                    yield _sse(anthropic_body(event.error), "error")
+                else:
+                    yield _sse(openai_body(event.error))
+                return
+            if isinstance(event, Finished):
+                ended = True
+                c = event.completion
+                if endpoint == "messages":
+                    yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
+                    yield _sse(anthropic_api.message_delta(c, stops), "message_delta")
+                    yield _sse({"type": "message_stop"}, "message_stop")
+                    return
+                reason = openai_api.finish_reason(c)
+                if endpoint == "chat":
+                    yield _sse(openai_api.chat_chunk(rid, name, created, finish=reason))
+                    if gen.include_usage:
+                        yield _sse(openai_api.chat_chunk(rid, name, created, usage_of=c))
+                else:
+                    yield _sse(openai_api.completion_chunk(rid, name, created, finish=reason))
+                    if gen.include_usage:
+                        yield _sse(openai_api.completion_chunk(rid, name, created, usage_of=c))
+                yield b"data: [DONE]\n\n"
+                return
+            if isinstance(event, Admitted):
+                continue
+            token_ids = [event.token] if ids else None
+            if not event.text and token_ids is None:
+                continue
+            if endpoint == "messages":
+                delta = {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": event.text},
+                }
+                yield _sse(delta, "content_block_delta")
+            elif endpoint == "chat":
+                yield _sse(
+                    openai_api.chat_chunk(
+                        rid, name, created, delta={"content": event.text}, token_ids=token_ids
+                    )
+                )
+            else:
+                yield _sse(
+                    openai_api.completion_chunk(
+                        rid, name, created, text=event.text, token_ids=token_ids
+                    )
+                )
+    finally:
+        if not ended:
+            state.loop.cancel(item)
+        events.close()
+
+
+# -- other routes ------------------------------------------------------------------------------
+
+
+def _openai_route(
+    handler: Callable[[Request, ServerState], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """Auth and errors (OpenAI's shape) around a non-generation route."""
+
+    async def route(request: Request) -> Response:
+        state: ServerState = request.app.state.kvpool
+        try:
+            _check_auth(state, request)
+            return await handler(request, state)
+        except ApiError as exc:
+            return _error_response(exc, OPENAI)
+
+    return route
+
+
+async def _on_loop(state: ServerState, fn: Callable[[], Any]) -> Any:
+    try:
+        return await asyncio.wrap_future(state.loop.call(fn))
+    except ApiError:
+        raise
+    except KvpoolError as exc:
+        raise bad_request(str(exc)) from None
+
+
+async def _models(request: Request, state: ServerState) -> Response:
+    model = {
+        "id": state.model_name,
+        "object": "model",
+        "type": "model",
+        "display_name": state.model_name,
+        "created": state.created,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.created)),
+        "owned_by": "kvpool",
+    }
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": [model],
+            "has_more": False,
+            "first_id": state.model_name,
+            "last_id": state.model_name,
+        }
+    )
+
+
+def _session_json(state: ServerState, session_id: str) -> dict[str, Any] | None:
+    """On the loop thread: one session's record, or None if unknown."""
+    loop = state.loop
+    info = loop.sessions.get(session_id)
+    tier = loop.store.tier(session_id)
+    if info is None and tier is None:
+        return None
+    if info is None:
+        info = loop.sessions.touch(session_id)
+    return info.to_json(tier.value if tier else None, loop.in_flight(session_id))
+
+
+async def _list_sessions(request: Request, state: ServerState) -> Response:
+    def collect() -> list[dict[str, Any]]:
+        out = []
+        for info in state.loop.sessions.all():
+            tier = state.loop.store.tier(info.session_id)
+            out.append(
+                info.to_json(tier.value if tier else None, state.loop.in_flight(info.session_id))
+            )
+        return out
+
+    return JSONResponse({"object": "list", "data": await _on_loop(state, collect)})
+
+
+def _path_session(request: Request) -> str:
+    return validate_session_id(request.path_params["session_id"], "session id")
+
+
+def _not_found(session_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no session {session_id!r}", code="session_not_found")
+
+
+async def _get_session(request: Request, state: ServerState) -> Response:
+    session_id = _path_session(request)
+    found = await _on_loop(state, lambda: _session_json(state, session_id))
+    if found is None:
+        raise _not_found(session_id)
+    return JSONResponse(found)
+
+
+def _busy(session_id: str) -> ApiError:
+    return ApiError(
+        409, "conflict", f"session {session_id!r} has a request in flight", code="session_busy"
+    )
+
+
+async def _delete_session(request: Request, state: ServerState) -> Response:
+    session_id = _path_session(request)
+
+    def forget() -> bool | None:
+        loop = state.loop
+        if loop.in_flight(session_id):
+            return None
+        known = loop.sessions.remove(session_id)
+        return loop.store.forget(session_id) or known
+
+    existed = await _on_loop(state, forget)
+    if existed is None:
+        raise _busy(session_id)
+    if not existed:
+        raise _not_found(session_id)
+    return JSONResponse({"id": session_id, "object": "session.deleted", "deleted": True})
+
+
+async def _offload_session(request: Request, state: ServerState) -> Response:
+    session_id = _path_session(request)
+
+    def offload() -> tuple[bool, dict[str, Any] | None] | None:
+        if state.loop.in_flight(session_id):
+            return None
+        moved = state.loop.store.evict(session_id)
+        return moved, _session_json(state, session_id)
+
+    result = await _on_loop(state, offload)
+    if result is None:
+        raise _busy(session_id)
+    moved, found = result
+    if found is None:
+        raise _not_found(session_id)
+    return JSONResponse({**found, "offloaded": moved})
+
+
+async def _cache_stats(request: Request, state: ServerState) -> Response:
+    snap = await _on_loop(state, state.loop.snapshot)
+    return JSONResponse(snap)
+
+
+async def _metrics(request: Request, state: ServerState) -> Response:
+    snap = await _on_loop(state, state.loop.snapshot)
+    state.metrics.set_snapshot(snap)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _health(request: Request) -> Response:
+    state: ServerState = request.app.state.kvpool
+    ok = state.accepting and not state.loop.stopped.is_set()
+    return JSONResponse(
+        {"status": "ok" if ok else "shutting_down", "model": state.model_name},
+        status_code=200 if ok else 503,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found" if exc.status_code == 404 else "invalid_request"
+    error = ApiError(exc.status_code, kind, f"{request.method} {request.url.path}: {exc.detail}")
+    api = ANTHROPIC if request.url.path.startswith("/v1/messages") else OPENAI
+    return _error_response(error, api)
+
+
+def create_app(state: ServerState) -> Starlette:
+    """The Starlette app over ``state``; the caller starts and stops ``state.loop``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        state.accepting = False
+        await run_in_threadpool(state.loop.stop)
+
+    async def chat(request: Request) -> Response:
+        return await _generate(request, OPENAI, "chat")
+
+    async def completions(request: Request) -> Response:
+        return await _generate(request, OPENAI, "completions")
+
+    async def messages(request: Request) -> Response:
+        return await _generate(request, ANTHROPIC, "messages")
+
+    routes = [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/models", _openai_route(_models), methods=["GET"]),
+        Route("/v1/sessions", _openai_route(_list_sessions), methods=["GET"]),
+        Route("/v1/sessions/{session_id}", _openai_route(_get_session), methods=["GET"]),
+        Route("/v1/sessions/{session_id}", _openai_route(_delete_session), methods=["DELETE"]),
+        Route(
+            "/v1/sessions/{session_id}/offload", _openai_route(_offload_session), methods=["POST"]
+        ),
+        Route("/v1/cache/stats", _openai_route(_cache_stats), methods=["GET"]),
+        Route("/metrics", _openai_route(_metrics), methods=["GET"]),
+        Route("/health", _health, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
+    )
+    app.state.kvpool = state
+    return app

@@ -1,0 +1,276 @@
+"""OpenAI's Chat Completions and Completions: request parsing, responses, stream chunks.
+
+Accepted beyond the standard fields (as ``extra_body`` of the official client): ``session_id``
+(also the ``X-Session-ID`` header or ``prompt_cache_key``), ``top_k``, ``min_p``, and
+``return_token_ids`` (each choice then carries the generated ``token_ids``). Fields with
+no effect here (``user``, ``metadata``, ``store``) are accepted; anything that would change
+the output and is not implemented (``n > 1``, ``logprobs``, ``tools``, penalties, ...) is
+refused with a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from kvpool.blocks import CompletedGeneration
+from kvpool.server.errors import bad_request
+from kvpool.server.params import Body, Generation, parse_stop
+
+__all__ = [
+    "chat_chunk",
+    "chat_response",
+    "completion_chunk",
+    "completion_response",
+    "parse_chat",
+    "parse_completion",
+    "usage",
+]
+
+_UNSUPPORTED = "this server generates one greedy-or-sampled text choice per request"
+
+
+def _common(body: Body, gen: Generation) -> None:
+    gen.temperature = body.number("temperature", 1.0, low=0.0, high=2.0) or 0.0
+    gen.top_p = body.number("top_p", 1.0, low=1e-9, high=1.0) or 1.0
+    gen.top_k = body.integer("top_k", 0, minimum=0) or 0
+    gen.min_p = body.number("min_p", 0.0, low=0.0, high=0.999) or 0.0
+    gen.seed = body.integer("seed")
+    gen.stop = parse_stop(body, "stop", 4)
+    gen.stream = body.boolean("stream")
+    options = body.raw("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise bad_request(
+                "stream_options must be an object with only include_usage", param="stream_options"
+            )
+        include = options.get("include_usage", False)
+        if not isinstance(include, bool):
+            raise bad_request("stream_options.include_usage must be a boolean")
+        gen.include_usage = include
+    gen.return_token_ids = body.boolean("return_token_ids")
+    body.refuse_unless("n", [1], _UNSUPPORTED)
+    body.refuse_unless("presence_penalty", [0, 0.0], "penalties are not implemented")
+    body.refuse_unless("frequency_penalty", [0, 0.0], "penalties are not implemented")
+    body.refuse_unless("logit_bias", [{}], "logit bias is not implemented")
+    body.ignore("user", "metadata", "store", "session_id", "prompt_cache_key", "model")
+
+
+def _max_tokens(body: Body, gen: Generation, *names: str) -> None:
+    for name in names:
+        value = body.integer(name, minimum=1)
+        if value is not None and gen.max_tokens is None:
+            gen.max_tokens, gen.max_tokens_param = value, name
+
+
+def _text_of(content: object, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(
+                    f"{where}.content[{i}] is of type {kind!r}; only text parts are supported",
+                    param=where,
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise bad_request(f"{where}.content[{i}].text must be a string", param=where)
+            parts.append(text)
+        return "".join(parts)
+    raise bad_request(f"{where}.content must be a string or an array of text parts", param=where)
+
+
+def parse_chat(body: Body) -> Generation:
+    """``POST /v1/chat/completions``."""
+    gen = Generation(model=body.string("model", required=True))
+    messages = body.required("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty array", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object", param="messages")
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise bad_request(
+                f"{where}.role {role!r} is not supported (system, developer, user, assistant)",
+                param="messages",
+            )
+        extra = set(message) - {"role", "content", "name"}
+        if extra:
+            raise bad_request(
+                f"{where} has unsupported field(s): {', '.join(sorted(extra))}", param="messages"
+            )
+        if "content" not in message:
+            raise bad_request(f"{where} is missing content", param="messages")
+        text = _text_of(message["content"], where)
+        out.append({"role": "system" if role == "developer" else role, "content": text})
+    gen.messages = out
+    _max_tokens(body, gen, "max_completion_tokens", "max_tokens")
+    _common(body, gen)
+    body.refuse_unless("logprobs", [False], "logprobs are not implemented")
+    body.refuse_unless("top_logprobs", [0], "logprobs are not implemented")
+    body.refuse_unless("tools", [[]], "tool calling is not implemented")
+    body.refuse_unless("tool_choice", ["none"], "tool calling is not implemented")
+    body.refuse_unless(
+        "response_format", [{"type": "text"}], "structured output is not implemented"
+    )
+    body.refuse_unless("parallel_tool_calls", [], "tool calling is not implemented")
+    body.finish()
+    return gen
+
+
+def parse_completion(body: Body) -> Generation:
+    """``POST /v1/completions``: the prompt is text or token ids (one prompt only)."""
+    gen = Generation(model=body.string("model", required=True), prompt_param="prompt")
+    prompt = body.required("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request("prompt is empty", param="prompt")
+        gen.text = prompt
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        gen.token_ids = list(prompt)
+    else:
+        raise bad_request(
+            "prompt must be a non-empty string or array of token ids (one prompt per request)",
+            param="prompt",
+        )
+    gen.max_tokens = body.integer("max_tokens", 16, minimum=1)
+    _common(body, gen)
+    body.refuse_unless("logprobs", [0], "logprobs are not implemented")
+    body.refuse_unless("echo", [False], "echo is not implemented")
+    body.refuse_unless("best_of", [1], _UNSUPPORTED)
+    body.refuse_unless("suffix", [""], "suffix is not implemented")
+    body.finish()
+    return gen
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(c: CompletedGeneration) -> dict[str, Any]:
+    """Usage; ``cached_tokens``: prompt tokens taken from the cache (not prefilled)."""
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.token_count,
+        "total_tokens": c.prompt_tokens + c.token_count,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
+    }
+
+
+def finish_reason(c: CompletedGeneration) -> str:
+    return "length" if c.finish_reason == "length" else "stop"
+
+
+def chat_response(
+    rid: str, model: str, c: CompletedGeneration, *, token_ids: bool, session_id: str | None
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": c.text},
+        "logprobs": None,
+        "finish_reason": finish_reason(c),
+    }
+    if token_ids:
+        choice["token_ids"] = list(c.token_ids)
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(c),
+        "session_id": session_id,
+    }
+
+
+def completion_response(
+    rid: str, model: str, c: CompletedGeneration, *, token_ids: bool, session_id: str | None
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "text": c.text,
+        "logprobs": None,
+        "finish_reason": finish_reason(c),
+    }
+    if token_ids:
+        choice["token_ids"] = list(c.token_ids)
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(c),
+        "session_id": session_id,
+    }
+
+
+def chat_chunk(
+    rid: str,
+    model: str,
+    created: int,
+    *,
+    delta: dict[str, Any] | None = None,
+    finish: str | None = None,
+    usage_of: CompletedGeneration | None = None,
+    token_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    """One ``chat.completion.chunk``; with ``usage_of``, the final usage chunk (no choices)."""
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+    }
+    if usage_of is not None:
+        chunk["choices"], chunk["usage"] = [], usage(usage_of)
+        return chunk
+    choice: dict[str, Any] = {
+        "index": 0,
+        "delta": delta or {},
+        "logprobs": None,
+        "finish_reason": finish,
+    }
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    chunk["choices"] = [choice]
+    return chunk
+
+
+def completion_chunk(
+    rid: str,
+    model: str,
+    created: int,
+    *,
+    text: str = "",
+    finish: str | None = None,
+    usage_of: CompletedGeneration | None = None,
+    token_ids: list[int] | None = None,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+    }
+    if usage_of is not None:
+        chunk["choices"], chunk["usage"] = [], usage(usage_of)
+        return chunk
+    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    chunk["choices"] = [choice]
+    return chunk

@@ -1,0 +1,195 @@
+"""``kvpool serve``: build the engine, the store and the loop, run uvicorn until a signal.
+
+Startup: load the model (a recipe, built offline on first use, or an mlx-lm directory), a
+pool of ``pool_mb`` MiB, the engine and an :class:`~kvpool.store.AgentCacheStore` over
+``cache_dir`` (default: a folder per model under the user cache directory), start the engine
+loop, bind, and print ``kvpool serve: listening on http://HOST:PORT`` on stdout.
+
+SIGTERM / SIGINT: uvicorn stops accepting connections and waits up to ``shutdown_timeout_s``
+for requests in flight to finish (streams included), then cancels what is left; the engine
+loop then cancels anything still running and writes every idle session to disk, and the
+process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvpool.errors import InvalidRequestError
+from kvpool.server.params import Limits
+
+__all__ = ["ServerConfig", "build_state", "default_cache_dir", "serve"]
+
+MIB = 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Options of ``kvpool serve`` (see ``kvpool serve --help``)."""
+
+    model: str = "demo"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    pool_mb: int = 256
+    cache_dir: Path | None = None
+    api_key: str | None = None
+    max_queue: int = 64
+    max_body_bytes: int = 8 * MIB
+    max_tokens_cap: int = 4096
+    default_max_tokens: int = 256
+    served_model_name: str | None = None
+    flush_interval_s: float = 2.0
+    shutdown_timeout_s: float = 10.0
+    max_batch_size: int = 32
+    log_level: str = "warning"
+
+
+def default_cache_dir(model_name: str, fingerprint: str) -> Path:
+    """``$XDG_CACHE_HOME/kvpool/sessions/<model>-<fingerprint prefix>`` (or ~/.cache/...)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = fingerprint.split(":")[-1][:12]
+    return base / "kvpool" / "sessions" / f"{model_name}-{digest}"
+
+
+def _model_name(config: ServerConfig) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    return Path(config.model).name or config.model
+
+
+def build_state(config: ServerConfig) -> Any:
+    """Load everything; returns the :class:`~kvpool.server.app.ServerState` (loop started)."""
+    from kvpool import AgentCacheStore, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+    from kvpool.engine import model_vocab_size
+    from kvpool.models import load_model
+    from kvpool.persist import model_fingerprint
+    from kvpool.server.app import ServerState
+    from kvpool.server.loop import EngineLoop
+    from kvpool.server.metrics import ServerMetrics
+    from kvpool.server.sessions import SessionRegistry
+
+    model, tokenizer = load_model(config.model)
+    spec = ModelCacheSpec.from_model(model)
+    pool = BlockPool(spec, max_bytes=config.pool_mb * MIB)
+    if pool.num_blocks < 1:
+        raise InvalidRequestError(
+            f"--pool-mb {config.pool_mb} holds no block of {spec.bytes_per_block} bytes"
+        )
+    engine = BlockPoolBatchEngine(
+        model, tokenizer, pool, spec, max_batch_size=config.max_batch_size
+    )
+    fingerprint = model_fingerprint(model)
+    name = _model_name(config)
+    cache_dir = config.cache_dir or default_cache_dir(name, fingerprint)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    sessions = SessionRegistry(cache_dir)  # before the store: drops stale ephemeral files
+    store = AgentCacheStore(engine, cache_dir, fingerprint=fingerprint)
+    metrics = ServerMetrics()
+    loop = EngineLoop(
+        engine,
+        store,
+        pool,
+        sessions,
+        metrics,
+        max_queue=config.max_queue,
+        flush_interval_s=config.flush_interval_s,
+    )
+    context = pool.num_blocks * spec.block_tokens
+    model_context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    if isinstance(model_context, int) and model_context > 0:
+        context = min(context, model_context)
+    limits = Limits(
+        max_context_tokens=context,
+        max_tokens_cap=config.max_tokens_cap,
+        default_max_tokens=config.default_max_tokens,
+    )
+    state = ServerState(
+        loop=loop,
+        tokenizer=tokenizer,
+        model_name=name,
+        limits=limits,
+        metrics=metrics,
+        api_key=config.api_key,
+        max_body_bytes=config.max_body_bytes,
+        vocab_size=model_vocab_size(model),
+        created=int(time.time()),
+        cache_dir=cache_dir,
+    )
+    loop.start()
+    return state
+
+
+def serve(config: ServerConfig) -> int:
+    """Run the server until SIGTERM / SIGINT; returns the exit code (0)."""
+    import uvicorn
+
+    from kvpool.server.app import create_app
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    state = build_state(config)
+    app = create_app(state)
+    pool = state.loop.pool
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn's re-raises the signal after its graceful shutdown (the process then
+            # dies of it); a server that shut down cleanly exits 0 instead.
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.should_exit:
+                return
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            print(
+                f"kvpool serve: listening on http://{shown}:{port} (model {state.model_name!r}, "
+                f"pool {pool.num_blocks} blocks = {pool.bytes_total / MIB:.0f} MiB, sessions in "
+                f"{state.cache_dir})",
+                flush=True,
+            )
+
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=max(1, round(config.shutdown_timeout_s)),
+        lifespan="on",
+        access_log=False,
+    )
+    server = _Server(uv_config)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits this way when it cannot bind
+        if server.started:
+            raise
+    finally:
+        state.loop.stop()  # idempotent; covers a failed startup
+    if not server.started:
+        print(f"kvpool serve: could not listen on {config.host}:{config.port}", file=sys.stderr)
+        return 2
+    print("kvpool serve: stopped; sessions written to disk", flush=True)
+    return 0
