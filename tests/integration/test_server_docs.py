@@ -35,4 +35,6 @@ def test_readme_and_server_doc_examples_run(
     turns = [line for line in out if line.startswith("turn ")]
     assert [t.split(":")[0] for t in turns] == ["turn 0", "turn 1"]
     cached = [int(re.search(r": (\d+)/", t).group(1)) for t in turns]  # type: ignore[union-attr]
-    assert cached[0] == 0 and cached[1] > 0
+    # The second example's first turn may reuse what the first one shares (the chat
+    # template's opening); its second turn reuses its whole first turn.
+    assert cached[1] > cached[0] >= 0
