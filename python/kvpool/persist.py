@@ -62,7 +62,6 @@ from kvpool.errors import (
     IncompatibleCacheError,
     InvalidRequestError,
     KvpoolError,
-    PoolExhaustedError,
 )
 from kvpool.pool import BlockPool
 from kvpool.spec import AttentionKind, LayerSpec, ModelCacheSpec
@@ -740,13 +739,7 @@ def load_cache(
     def reserve(tokens: tuple[int, ...]) -> None:
         got = pool.reserve_exact(info.agent_id, tokens, salt=cache_salt)
         if isinstance(got, PoolFull):
-            raise PoolExhaustedError(
-                f"{path}: loading {len(tokens)} tokens needs {got.needed} blocks, "
-                f"{got.free} free (pool of {got.capacity})",
-                needed=got.needed,
-                free=got.free,
-                capacity=got.capacity,
-            )
+            raise got.error(f"{path}: loading {len(tokens)} tokens")
         reservation.append(got)
 
     def sink(kvs: list[LayerKV]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch, Reservation
 from kvpool.cache.tables import CacheHandle
-from kvpool.errors import InvalidRequestError, PoolAllocationError, PoolExhaustedError
+from kvpool.errors import InvalidRequestError, PoolAllocationError
 from kvpool.spec import ModelCacheSpec
 from kvpool.storage import KVStorage, LayerKV
 
@@ -400,13 +400,7 @@ class BlockPool:
         shared instead. Raises PoolExhaustedError (nothing taken) if it does not fit."""
         got = self.reserve_exact(agent_id, tokens, salt=salt)
         if isinstance(got, PoolFull):
-            raise PoolExhaustedError(
-                f"a cache of {len(tokens)} tokens needs {got.needed} blocks, {got.free} free "
-                f"(pool of {got.capacity})",
-                needed=got.needed,
-                free=got.free,
-                capacity=got.capacity,
-            )
+            raise got.error(f"a cache of {len(tokens)} tokens")
         res, tables = got
         try:
             size = self.spec.block_tokens

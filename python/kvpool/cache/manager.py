@@ -31,14 +31,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvpool import _blocks
 from kvpool.cache.groups import GroupPolicy
 from kvpool.cache.prefix import block_keys, root_key
 from kvpool.cache.tables import NULL_BLOCK, CacheHandle, GroupTable
-from kvpool.errors import InvalidRequestError
+from kvpool.errors import InvalidRequestError, PoolExhaustedError
 from kvpool.spec import ModelCacheSpec
 
 __all__ = [
@@ -102,6 +102,15 @@ class PoolFull:
     free: int
     capacity: int
     never_fits: bool
+
+    def error(self, what: str) -> PoolExhaustedError:
+        """The exception for callers: ``"<what> needs N blocks, F free (pool of C)"``."""
+        return PoolExhaustedError(
+            f"{what} needs {self.needed} blocks, {self.free} free (pool of {self.capacity})",
+            needed=self.needed,
+            free=self.free,
+            capacity=self.capacity,
+        )
 
 
 @dataclass(slots=True)
@@ -213,7 +222,6 @@ class _Lookup:
     own: CacheHandle | None
     own_common: int  # common prefix of own.token_ids and tokens
     shared: bool  # search every agent's published blocks, not only own's
-    counters: _Counters = field(default_factory=_Counters)
 
 
 class KVCacheManager:
