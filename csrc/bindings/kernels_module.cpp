@@ -30,12 +30,10 @@ SlabTuple to_tuple(const kvpool::QuantizedSlab& slab) {
   return {slab.codes, slab.scales, slab.biases};
 }
 
-nb::tuple shape_tuple(const mx::Shape& shape) {
-  nb::list items;
-  for (auto d : shape) {
-    items.append(d);
-  }
-  return nb::tuple(items);
+using Shape4 = std::tuple<int, int, int, int>;
+
+Shape4 shape4(const mx::Shape& shape) {
+  return {shape[0], shape[1], shape[2], shape[3]};
 }
 
 } // namespace
@@ -94,7 +92,7 @@ NB_MODULE(_kernels, m) {
          int bits, int group_size) {
         auto [codes, scales] = kvpool::quantized_shapes(
             num_blocks, n_kv_heads, block_tokens, head_dim, bits, group_size);
-        return std::make_tuple(shape_tuple(codes), shape_tuple(scales));
+        return std::make_tuple(shape4(codes), shape4(scales));
       },
       "num_blocks"_a, "n_kv_heads"_a, "block_tokens"_a, "head_dim"_a,
       nb::kw_only(), "bits"_a, "group_size"_a = 64,

@@ -18,6 +18,7 @@
 #include "kernels/quantized.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -32,7 +33,8 @@
 #include "kernels/gather_scatter.h"
 #include "kernels/parallel.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(KVPOOL_SCALAR_KERNELS)
 #include <immintrin.h>
 #define KVPOOL_X86_SIMD 1
 #endif
@@ -84,6 +86,28 @@ inline T dequant_value(uint32_t q, float scale, float bias) {
   return static_cast<T>(static_cast<float>(product) + bias);
 }
 
+// Elements [j0, j1) of a row, all in one group (of scale, bias).
+template <typename T>
+inline void dequant_span_scalar(
+    T* out,
+    const uint32_t* codes,
+    int64_t codes_col,
+    int j0,
+    int j1,
+    float scale,
+    float bias,
+    int bits) {
+  int per_word = 32 / bits;
+  uint32_t mask = (uint32_t{1} << bits) - 1;
+  for (int j = j0; j < j1; ++j) {
+    uint32_t word = codes[(j / per_word) * codes_col];
+    uint32_t q = (word >> ((j % per_word) * bits)) & mask;
+    out[j] = dequant_value<T>(q, scale, bias);
+  }
+}
+
+// One dense row of head_dim elements. Scales and biases of group g lie
+// g * scales_col and g * biases_col elements from scales and biases.
 template <typename T>
 void dequant_row_scalar(
     T* out,
@@ -95,16 +119,17 @@ void dequant_row_scalar(
     int64_t biases_col,
     int head_dim,
     Quantization qz) {
-  int per_word = 32 / qz.bits;
-  uint32_t mask = (uint32_t{1} << qz.bits) - 1;
   for (int g = 0; g * qz.group_size < head_dim; ++g) {
-    auto scale = static_cast<float>(scales[g * scales_col]);
-    auto bias = static_cast<float>(biases[g * biases_col]);
-    for (int j = g * qz.group_size; j < (g + 1) * qz.group_size; ++j) {
-      uint32_t word = codes[(j / per_word) * codes_col];
-      uint32_t q = (word >> ((j % per_word) * qz.bits)) & mask;
-      out[j] = dequant_value<T>(q, scale, bias);
-    }
+    int j0 = g * qz.group_size;
+    dequant_span_scalar<T>(
+        out,
+        codes,
+        codes_col,
+        j0,
+        j0 + qz.group_size,
+        static_cast<float>(scales[g * scales_col]),
+        static_cast<float>(biases[g * biases_col]),
+        qz.bits);
   }
 }
 
@@ -118,104 +143,177 @@ bool have_avx2_f16c() {
   return have;
 }
 
-// Codes of elements [j, j + 8) as eight int32 lanes (j a multiple of 8).
-__attribute__((target("avx2,f16c"))) inline __m256i
-load_codes8(const uint32_t* codes, int64_t codes_col, int j, int bits) {
-  if (bits == 8) {
-    uint64_t lo = codes[(j / 4) * codes_col];
-    uint64_t hi = codes[(j / 4 + 1) * codes_col];
-    __m128i bytes = _mm_cvtsi64_si128(static_cast<int64_t>(lo | (hi << 32)));
-    return _mm256_cvtepu8_epi32(bytes);
-  }
-  auto word = static_cast<int>(codes[(j / 8) * codes_col]);
-  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  return _mm256_and_si256(
-      _mm256_srlv_epi32(_mm256_set1_epi32(word), shifts),
-      _mm256_set1_epi32(0xF));
-}
-
-// float -> bfloat16 -> float, rounding to nearest even like _MLX_BFloat16
-// (NaN lanes come out wrong; callers redo them in scalar code).
-__attribute__((target("avx2,f16c"))) inline __m256i round_bf16_bits(
-    __m256 x) {
-  __m256i u = _mm256_castps_si256(x);
-  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  u = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
-  return _mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
-}
-
-template <typename T>
-__attribute__((target("avx2,f16c"))) void dequant_row_avx2(
-    T* out,
+// Codes of elements [j, j + 16) as two vectors of eight int32 lanes (j a
+// multiple of 16).
+template <int kBits, bool kContiguous>
+__attribute__((target("avx2,f16c"))) inline void load_codes16(
     const uint32_t* codes,
     int64_t codes_col,
-    const T* scales,
-    int64_t scales_col,
-    const T* biases,
-    int64_t biases_col,
-    int head_dim,
-    Quantization qz) {
+    int j,
+    __m256i& lo,
+    __m256i& hi) {
+  if constexpr (kBits == 8) {
+    __m128i bytes;
+    if constexpr (kContiguous) {
+      bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j / 4));
+    } else {
+      bytes = _mm_setr_epi32(
+          static_cast<int>(codes[(j / 4) * codes_col]),
+          static_cast<int>(codes[(j / 4 + 1) * codes_col]),
+          static_cast<int>(codes[(j / 4 + 2) * codes_col]),
+          static_cast<int>(codes[(j / 4 + 3) * codes_col]));
+    }
+    lo = _mm256_cvtepu8_epi32(bytes);
+    hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+  } else {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i mask = _mm256_set1_epi32(0xF);
+    auto w0 = static_cast<int>(codes[(j / 8) * codes_col]);
+    auto w1 = static_cast<int>(codes[(j / 8 + 1) * codes_col]);
+    lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w0), shifts), mask);
+    hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w1), shifts), mask);
+  }
+}
+
+// The bits of bfloat16(x) (round to nearest even, like _MLX_BFloat16) in the
+// high halves of the lanes, low halves zero; right for every x but NaN.
+__attribute__((target("avx2,f16c"))) inline __m256i round_bf16(__m256 x) {
+  __m256i u = _mm256_castps_si256(x);
+  __m256i odd =
+      _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+  return _mm256_and_si256(
+      u, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+
+// static_cast<float>(x) without MLX's branchy software conversion (the same
+// value: both conversions are exact).
+template <typename T>
+__attribute__((target("avx2,f16c"))) inline float to_float(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    uint16_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    if constexpr (std::is_same_v<T, mx::float16_t>) {
+      return _cvtsh_ss(bits);
+    } else {
+      uint32_t wide = uint32_t{bits} << 16;
+      float f;
+      std::memcpy(&f, &wide, sizeof(f));
+      return f;
+    }
+  }
+}
+
+// dequant_value<T> of eight lanes, as floats (exact in T).
+template <typename T>
+__attribute__((target("avx2,f16c"))) inline __m256
+dequant8(__m256i q, __m256 scale, __m256 bias) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  for (int g = 0; g * qz.group_size < head_dim; ++g) {
-    auto scale = static_cast<float>(scales[g * scales_col]);
-    auto bias = static_cast<float>(biases[g * biases_col]);
-    __m256 vscale = _mm256_set1_ps(scale);
-    __m256 vbias = _mm256_set1_ps(bias);
-    for (int j = g * qz.group_size; j < (g + 1) * qz.group_size; j += 8) {
-      __m256 q = _mm256_cvtepi32_ps(load_codes8(codes, codes_col, j, qz.bits));
-      __m256 product = _mm256_mul_ps(q, vscale);
-      __m256 sum;
-      if constexpr (std::is_same_v<T, float>) {
-        sum = _mm256_add_ps(product, vbias);
-        _mm256_storeu_ps(out + j, sum);
+  __m256 product = _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale);
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_add_ps(product, bias);
+  } else if constexpr (std::is_same_v<T, mx::float16_t>) {
+    __m256 rounded = _mm256_cvtph_ps(_mm256_cvtps_ph(product, kRound));
+    return _mm256_add_ps(rounded, bias);
+  } else {
+    __m256 rounded = _mm256_castsi256_ps(round_bf16(product));
+    return _mm256_add_ps(rounded, bias);
+  }
+}
+
+// Stores sixteen floats lo, hi (lanes 0-7, 8-15) at out as T.
+template <typename T>
+__attribute__((target("avx2,f16c"))) inline void
+store16(T* out, __m256 lo, __m256 hi) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(out, lo);
+    _mm256_storeu_ps(out + 8, hi);
+  } else if constexpr (std::is_same_v<T, mx::float16_t>) {
+    __m256i both = _mm256_set_m128i(
+        _mm256_cvtps_ph(hi, kRound), _mm256_cvtps_ph(lo, kRound));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), both);
+  } else {
+    __m256i lo_bits = _mm256_srli_epi32(round_bf16(lo), 16);
+    __m256i hi_bits = _mm256_srli_epi32(round_bf16(hi), 16);
+    // packus packs within 128-bit lanes (lo 0-3, hi 8-11 | lo 4-7, hi
+    // 12-15): the permute restores element order.
+    __m256i packed = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(lo_bits, hi_bits), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), packed);
+  }
+}
+
+// run_dequant_job_typed sixteen lanes at a time. With a finite scale and
+// bias no lane can be NaN (q * scale and the sum may overflow to inf, never
+// to NaN), and for non-NaN values the vector roundings equal MLX's scalar
+// ones; a group with a NaN or infinite scale or bias goes through the scalar
+// code, so NaNs get MLX's bit patterns too. Group sizes are multiples of 16.
+template <typename T, int kBits, bool kContiguous>
+__attribute__((target("avx2,f16c"))) void dequant_job_avx2(
+    const DequantJob& job,
+    Quantization qz) {
+  auto* dst = reinterpret_cast<T*>(job.dst);
+  auto* scales = reinterpret_cast<const T*>(job.scales);
+  auto* biases = reinterpret_cast<const T*>(job.biases);
+  int head_dim = job.head_dim;
+  int group_size = qz.group_size;
+  for (int64_t r = 0; r < job.rows; ++r) {
+    T* out = dst + r * head_dim;
+    const uint32_t* codes = job.codes + r * job.codes_row;
+    const T* row_scales = scales + r * job.scales_row;
+    const T* row_biases = biases + r * job.biases_row;
+    for (int g = 0, j0 = 0; j0 < head_dim; ++g, j0 += group_size) {
+      float scale = to_float(row_scales[g * job.scales_col]);
+      float bias = to_float(row_biases[g * job.biases_col]);
+      if (!std::isfinite(scale) || !std::isfinite(bias)) {
+        dequant_span_scalar<T>(
+            out, codes, job.codes_col, j0, j0 + group_size, scale, bias,
+            kBits);
         continue;
-      } else if constexpr (std::is_same_v<T, mx::float16_t>) {
-        __m256 rounded = _mm256_cvtph_ps(_mm256_cvtps_ph(product, kRound));
-        sum = _mm256_add_ps(rounded, vbias);
-        _mm_storeu_si128(
-            reinterpret_cast<__m128i*>(out + j), _mm256_cvtps_ph(sum, kRound));
-      } else {
-        __m256 rounded = _mm256_castsi256_ps(round_bf16_bits(product));
-        sum = _mm256_add_ps(rounded, vbias);
-        __m256i bits = _mm256_srli_epi32(round_bf16_bits(sum), 16);
-        // packus interleaves 128-bit lanes: restore element order.
-        __m256i packed = _mm256_permute4x64_epi64(
-            _mm256_packus_epi32(bits, bits), 0x08);
-        _mm_storeu_si128(
-            reinterpret_cast<__m128i*>(out + j),
-            _mm256_castsi256_si128(packed));
       }
-      __m256 nan = _mm256_or_ps(
-          _mm256_cmp_ps(product, product, _CMP_UNORD_Q),
-          _mm256_cmp_ps(sum, sum, _CMP_UNORD_Q));
-      if (_mm256_movemask_ps(nan) != 0) {
-        int per_word = 32 / qz.bits;
-        uint32_t mask = (uint32_t{1} << qz.bits) - 1;
-        for (int k = j; k < j + 8; ++k) {
-          uint32_t word = codes[(k / per_word) * codes_col];
-          uint32_t qk = (word >> ((k % per_word) * qz.bits)) & mask;
-          out[k] = dequant_value<T>(qk, scale, bias);
-        }
+      __m256 vscale = _mm256_set1_ps(scale);
+      __m256 vbias = _mm256_set1_ps(bias);
+      for (int j = j0; j < j0 + group_size; j += 16) {
+        __m256i lo;
+        __m256i hi;
+        load_codes16<kBits, kContiguous>(codes, job.codes_col, j, lo, hi);
+        store16<T>(
+            out + j,
+            dequant8<T>(lo, vscale, vbias),
+            dequant8<T>(hi, vscale, vbias));
       }
     }
   }
+}
+
+template <typename T>
+auto avx2_job_fn(int bits, bool contiguous) {
+  if (bits == 8) {
+    return contiguous ? &dequant_job_avx2<T, 8, true>
+                      : &dequant_job_avx2<T, 8, false>;
+  }
+  return contiguous ? &dequant_job_avx2<T, 4, true>
+                    : &dequant_job_avx2<T, 4, false>;
 }
 
 #endif // KVPOOL_X86_SIMD
 
 template <typename T>
 void run_dequant_job_typed(const DequantJob& job, Quantization qz) {
+#ifdef KVPOOL_X86_SIMD
+  if (have_avx2_f16c()) {
+    avx2_job_fn<T>(qz.bits, job.codes_col == 1)(job, qz);
+    return;
+  }
+#endif
   auto* dst = reinterpret_cast<T*>(job.dst);
   auto* scales = reinterpret_cast<const T*>(job.scales);
   auto* biases = reinterpret_cast<const T*>(job.biases);
-  auto row_fn = &dequant_row_scalar<T>;
-#ifdef KVPOOL_X86_SIMD
-  if (have_avx2_f16c()) {
-    row_fn = &dequant_row_avx2<T>;
-  }
-#endif
   for (int64_t r = 0; r < job.rows; ++r) {
-    row_fn(
+    dequant_row_scalar<T>(
         dst + r * job.head_dim,
         job.codes + r * job.codes_row,
         job.codes_col,
