@@ -99,6 +99,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "persist",
         "bookkeeping",
         "blas",
+        "quant",
     ]
 
 

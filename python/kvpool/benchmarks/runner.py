@@ -86,6 +86,11 @@ REGISTRY: dict[str, Benchmark] = {
             "blas",
             "MLX's bundled reference BLAS vs OpenBLAS (matmul, prefill, decode)",
         ),
+        Benchmark(
+            "quant",
+            "quant",
+            "gather of dense caches out of 8-bit and 4-bit quantized slabs vs dense slabs",
+        ),
     )
 }
 
