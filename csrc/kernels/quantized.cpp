@@ -165,6 +165,16 @@ __attribute__((target("avx2,f16c"))) inline void load_codes16(
     }
     lo = _mm256_cvtepu8_epi32(bytes);
     hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+  } else if constexpr (kContiguous) {
+    // Byte i of the two words holds element 2i (low nibble) and 2i + 1.
+    __m128i bytes =
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j / 8));
+    const __m128i mask = _mm_set1_epi8(0xF);
+    __m128i low = _mm_and_si128(bytes, mask);
+    __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    __m128i ordered = _mm_unpacklo_epi8(low, high);
+    lo = _mm256_cvtepu8_epi32(ordered);
+    hi = _mm256_cvtepu8_epi32(_mm_srli_si128(ordered, 8));
   } else {
     const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
     const __m256i mask = _mm256_set1_epi32(0xF);
