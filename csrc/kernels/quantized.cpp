@@ -143,6 +143,20 @@ bool have_avx2_f16c() {
   return have;
 }
 
+// 4-bit codes of elements [j, j + 16) of contiguous codes as 16 bytes, in
+// element order (j a multiple of 16).
+__attribute__((target("avx2,f16c"))) inline __m128i nibbles16(
+    const uint32_t* codes,
+    int j) {
+  // Byte i of the two words holds element 2i (low nibble) and 2i + 1.
+  __m128i bytes =
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j / 8));
+  const __m128i mask = _mm_set1_epi8(0xF);
+  __m128i low = _mm_and_si128(bytes, mask);
+  __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  return _mm_unpacklo_epi8(low, high);
+}
+
 // Codes of elements [j, j + 16) as two vectors of eight int32 lanes (j a
 // multiple of 16).
 template <int kBits, bool kContiguous>
@@ -166,13 +180,7 @@ __attribute__((target("avx2,f16c"))) inline void load_codes16(
     lo = _mm256_cvtepu8_epi32(bytes);
     hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
   } else if constexpr (kContiguous) {
-    // Byte i of the two words holds element 2i (low nibble) and 2i + 1.
-    __m128i bytes =
-        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j / 8));
-    const __m128i mask = _mm_set1_epi8(0xF);
-    __m128i low = _mm_and_si128(bytes, mask);
-    __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    __m128i ordered = _mm_unpacklo_epi8(low, high);
+    __m128i ordered = nibbles16(codes, j);
     lo = _mm256_cvtepu8_epi32(ordered);
     hi = _mm256_cvtepu8_epi32(_mm_srli_si128(ordered, 8));
   } else {
@@ -286,6 +294,33 @@ __attribute__((target("avx2,f16c"))) void dequant_job_avx2(
       }
       __m256 vscale = _mm256_set1_ps(scale);
       __m256 vbias = _mm256_set1_ps(bias);
+      if constexpr (kBits == 4 && kContiguous && sizeof(T) == 2) {
+        // Sixteen possible values per group: dequantize q = 0..15 once and
+        // look the rest up (pshufb on the low and the high bytes).
+        alignas(32) T table[16];
+        store16<T>(
+            table,
+            dequant8<T>(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vscale, vbias),
+            dequant8<T>(
+                _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15), vscale, vbias));
+        __m128i t0 = _mm_load_si128(reinterpret_cast<const __m128i*>(table));
+        __m128i t1 = _mm_load_si128(reinterpret_cast<const __m128i*>(table + 8));
+        const __m128i low_byte = _mm_set1_epi16(0xFF);
+        __m128i table_lo = _mm_packus_epi16(
+            _mm_and_si128(t0, low_byte), _mm_and_si128(t1, low_byte));
+        __m128i table_hi =
+            _mm_packus_epi16(_mm_srli_epi16(t0, 8), _mm_srli_epi16(t1, 8));
+        for (int j = j0; j < j0 + group_size; j += 16) {
+          __m128i q = nibbles16(codes, j);
+          __m128i lo_bytes = _mm_shuffle_epi8(table_lo, q);
+          __m128i hi_bytes = _mm_shuffle_epi8(table_hi, q);
+          __m256i values = _mm256_set_m128i(
+              _mm_unpackhi_epi8(lo_bytes, hi_bytes),
+              _mm_unpacklo_epi8(lo_bytes, hi_bytes));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), values);
+        }
+        continue;
+      }
       for (int j = j0; j < j0 + group_size; j += 16) {
         __m256i lo;
         __m256i hi;
