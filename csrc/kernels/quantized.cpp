@@ -86,8 +86,9 @@ inline T dequant_value(uint32_t q, float scale, float bias) {
   return static_cast<T>(static_cast<float>(product) + bias);
 }
 
-// Elements [j0, j1) of a row, all in one group (of scale, bias).
-template <typename T>
+// Elements [j0, j1) of a row, all in one group (of scale, bias); j0 and j1
+// are multiples of the 32 / kBits codes a word holds.
+template <typename T, int kBits>
 inline void dequant_span_scalar(
     T* out,
     const uint32_t* codes,
@@ -95,41 +96,37 @@ inline void dequant_span_scalar(
     int j0,
     int j1,
     float scale,
-    float bias,
-    int bits) {
-  int per_word = 32 / bits;
-  uint32_t mask = (uint32_t{1} << bits) - 1;
-  for (int j = j0; j < j1; ++j) {
-    uint32_t word = codes[(j / per_word) * codes_col];
-    uint32_t q = (word >> ((j % per_word) * bits)) & mask;
-    out[j] = dequant_value<T>(q, scale, bias);
+    float bias) {
+  constexpr int kPerWord = 32 / kBits;
+  constexpr uint32_t kMask = (uint32_t{1} << kBits) - 1;
+  for (int w = j0 / kPerWord; w < j1 / kPerWord; ++w) {
+    uint32_t word = codes[w * codes_col];
+    T* o = out + w * kPerWord;
+    for (int k = 0; k < kPerWord; ++k) {
+      o[k] = dequant_value<T>((word >> (k * kBits)) & kMask, scale, bias);
+    }
   }
 }
 
-// One dense row of head_dim elements. Scales and biases of group g lie
-// g * scales_col and g * biases_col elements from scales and biases.
-template <typename T>
-void dequant_row_scalar(
-    T* out,
-    const uint32_t* codes,
-    int64_t codes_col,
-    const T* scales,
-    int64_t scales_col,
-    const T* biases,
-    int64_t biases_col,
-    int head_dim,
-    Quantization qz) {
-  for (int g = 0; g * qz.group_size < head_dim; ++g) {
-    int j0 = g * qz.group_size;
-    dequant_span_scalar<T>(
-        out,
-        codes,
-        codes_col,
-        j0,
-        j0 + qz.group_size,
-        static_cast<float>(scales[g * scales_col]),
-        static_cast<float>(biases[g * biases_col]),
-        qz.bits);
+// The portable kernel: every row of the job, group by group.
+template <typename T, int kBits>
+void dequant_job_scalar(const DequantJob& job, Quantization qz) {
+  auto* dst = reinterpret_cast<T*>(job.dst);
+  auto* scales = reinterpret_cast<const T*>(job.scales);
+  auto* biases = reinterpret_cast<const T*>(job.biases);
+  for (int64_t r = 0; r < job.rows; ++r) {
+    const T* row_scales = scales + r * job.scales_row;
+    const T* row_biases = biases + r * job.biases_row;
+    for (int g = 0, j0 = 0; j0 < job.head_dim; ++g, j0 += qz.group_size) {
+      dequant_span_scalar<T, kBits>(
+          dst + r * job.head_dim,
+          job.codes + r * job.codes_row,
+          job.codes_col,
+          j0,
+          j0 + qz.group_size,
+          static_cast<float>(row_scales[g * job.scales_col]),
+          static_cast<float>(row_biases[g * job.biases_col]));
+    }
   }
 }
 
@@ -287,9 +284,8 @@ __attribute__((target("avx2,f16c"))) void dequant_job_avx2(
       float scale = to_float(row_scales[g * job.scales_col]);
       float bias = to_float(row_biases[g * job.biases_col]);
       if (!std::isfinite(scale) || !std::isfinite(bias)) {
-        dequant_span_scalar<T>(
-            out, codes, job.codes_col, j0, j0 + group_size, scale, bias,
-            kBits);
+        dequant_span_scalar<T, kBits>(
+            out, codes, job.codes_col, j0, j0 + group_size, scale, bias);
         continue;
       }
       __m256 vscale = _mm256_set1_ps(scale);
@@ -354,20 +350,10 @@ void run_dequant_job_typed(const DequantJob& job, Quantization qz) {
     return;
   }
 #endif
-  auto* dst = reinterpret_cast<T*>(job.dst);
-  auto* scales = reinterpret_cast<const T*>(job.scales);
-  auto* biases = reinterpret_cast<const T*>(job.biases);
-  for (int64_t r = 0; r < job.rows; ++r) {
-    dequant_row_scalar<T>(
-        dst + r * job.head_dim,
-        job.codes + r * job.codes_row,
-        job.codes_col,
-        scales + r * job.scales_row,
-        job.scales_col,
-        biases + r * job.biases_row,
-        job.biases_col,
-        job.head_dim,
-        qz);
+  if (qz.bits == 8) {
+    dequant_job_scalar<T, 8>(job, qz);
+  } else {
+    dequant_job_scalar<T, 4>(job, qz);
   }
 }
 
