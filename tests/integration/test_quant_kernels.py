@@ -440,3 +440,17 @@ def test_bad_arguments_raise_value_error(call: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()  # type: ignore[operator]
     assert (mx.ones(3) + 1).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_compiled_function_keeps_gathers_of_other_bit_widths_apart() -> None:
+    x = random_dense(np.random.default_rng(30), (3, 2, 8, 64), mx.float32)
+    q8, q4 = quantize(x, 8, 64), quantize(x, 4, 64)
+
+    def fn(*parts: mx.array) -> mx.array:
+        (a,) = kernels.gather_dequantized([parts[:3]], [1, 0], 1, 12, 12, bits=8)  # type: ignore[list-item]
+        (b,) = kernels.gather_dequantized([parts[3:]], [1, 0], 1, 12, 12, bits=4)  # type: ignore[list-item]
+        return a - b
+
+    eager = fn(*q8, *q4)
+    assert mx.any(eager != 0).item()  # 8-bit and 4-bit values differ: a merge would show
+    np.testing.assert_array_equal(bits_of(mx.compile(fn)(*q8, *q4)), bits_of(eager))
