@@ -10,10 +10,13 @@
 // Bit-exactness: mx::dequantize on the CPU is a chain of MLX ops: the codes
 // are cast to the cache dtype T, multiplied by the scales (a T op: computed in
 // float, rounded to T) and the biases added (the same). dequant_value does
-// exactly that; the AVX2 path does it eight lanes at a time with the same
+// exactly that. The AVX2 path does it sixteen lanes at a time with the same
 // roundings (round to nearest even: F16C for float16, integer rounding for
-// bfloat16), and hands lanes holding a NaN to dequant_value so that NaNs get
-// MLX's bit patterns too. This file is built with -ffp-contract=off: a fused
+// bfloat16); for 4-bit float16/bfloat16 it dequantizes the sixteen possible
+// codes of a group that way and looks the rest up. Groups whose scale or
+// bias is NaN or infinite go through dequant_value, so NaNs get MLX's bit
+// patterns too (except the sign of a NaN made from two NaNs, which neither
+// IEEE nor MLX fixes). This file is built with -ffp-contract=off: a fused
 // multiply-add would skip the rounding of the product.
 #include "kernels/quantized.h"
 
