@@ -10,30 +10,28 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <utility>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/primitives.h"
 
+#include "kernels/checks.h"
+#include "kernels/parallel.h"
+
 namespace kvpool {
 
 namespace {
 
-// Copy plan ----------------------------------------------------------------
+using detail::check_positions;
+using detail::cpu_stream;
+using detail::fail;
+using detail::shape_str;
+using detail::used_blocks;
 
-// Memory bandwidth saturates early: on the 2-core dev CPU two threads beat one
-// memcpy (DESIGN.md), and a copy kernel rarely gains from more.
-constexpr int kMaxCopyThreads = 2;
-// Below this many bytes per thread, starting a thread costs more than it buys.
-constexpr size_t kMinBytesPerThread = size_t{1} << 20;
-// Jobs are cut to at most this size so threads that take jobs from a shared
-// counter end within one job of each other.
-constexpr size_t kMaxJobBytes = size_t{256} << 10;
+// Copy plan ----------------------------------------------------------------
 
 // One job: `rows` rows of `cols` elements into dense memory at dst (rows are
 // cols * itemsize bytes apart). Source rows are src_row_stride elements
@@ -77,10 +75,14 @@ void run_job(const RowCopy& job) {
     const char* src = job.src + r * job.src_row_stride * job.itemsize;
     if (job.src_col_stride == 1) {
       std::memcpy(dst, src, row_bytes);
+    } else if (job.itemsize == 1) {
+      copy_strided_row<uint8_t>(dst, src, job.cols, job.src_col_stride);
     } else if (job.itemsize == 2) {
       copy_strided_row<uint16_t>(dst, src, job.cols, job.src_col_stride);
-    } else {
+    } else if (job.itemsize == 4) {
       copy_strided_row<uint32_t>(dst, src, job.cols, job.src_col_stride);
+    } else {
+      copy_strided_row<uint64_t>(dst, src, job.cols, job.src_col_stride);
     }
   }
 }
@@ -91,8 +93,8 @@ void add_job(std::vector<RowCopy>& jobs, RowCopy job) {
     return;
   }
   size_t row_bytes = static_cast<size_t>(job.cols * job.itemsize);
-  int64_t rows_per_job =
-      std::max<int64_t>(1, static_cast<int64_t>(kMaxJobBytes / row_bytes));
+  int64_t rows_per_job = std::max<int64_t>(
+      1, static_cast<int64_t>(detail::kMaxJobBytes / row_bytes));
   for (int64_t r = 0; r < job.rows; r += rows_per_job) {
     RowCopy piece = job;
     piece.rows = std::min(rows_per_job, job.rows - r);
@@ -105,59 +107,25 @@ void add_job(std::vector<RowCopy>& jobs, RowCopy job) {
 }
 
 // Runs every job (in any order, so jobs must not overlap) on up to
-// kMaxCopyThreads threads, the calling one included.
+// detail::kMaxCopyThreads threads, the calling one included.
 void run_jobs(const std::vector<RowCopy>& jobs) {
   size_t total = 0;
   for (const auto& job : jobs) {
     total += job.nbytes();
   }
-  int num_threads = static_cast<int>(std::min<size_t>(
-      {static_cast<size_t>(kMaxCopyThreads),
-       std::max<size_t>(1, std::thread::hardware_concurrency()),
-       std::max<size_t>(1, total / kMinBytesPerThread),
-       jobs.size()}));
-  std::atomic<size_t> next{0};
-  auto work = [&jobs, &next] {
-    for (size_t i = next++; i < jobs.size(); i = next++) {
-      run_job(jobs[i]);
-    }
-  };
-  if (num_threads <= 1) {
-    work();
-    return;
-  }
-  std::vector<std::thread> helpers;
-  helpers.reserve(num_threads - 1);
-  for (int t = 1; t < num_threads; ++t) {
-    try {
-      helpers.emplace_back(work);
-    } catch (const std::system_error&) {
-      break; // No thread to spare: the calling thread does the rest.
-    }
-  }
-  work();
-  for (auto& helper : helpers) {
-    helper.join();
-  }
+  detail::run_parallel(
+      jobs.size(), total, [&jobs](size_t i) { run_job(jobs[i]); });
 }
 
 // Validation ---------------------------------------------------------------
 
-std::string shape_str(const mx::array& a) {
-  std::ostringstream msg;
-  msg << "(";
-  for (int i = 0; i < static_cast<int>(a.ndim()); ++i) {
-    msg << (i ? ", " : "") << a.shape(i);
-  }
-  msg << (a.ndim() == 1 ? ",)" : ")");
-  return msg.str();
-}
-
-[[noreturn]] void fail(const char* op, const std::string& what) {
-  throw std::invalid_argument(std::string("[kvpool::") + op + "] " + what);
-}
-
-void check_slab(const char* op, const std::string& name, const mx::array& a) {
+// Gather reads float slabs; scatter writes any dtype (float slabs, and the
+// uint32 codes, scales and biases of quantized ones).
+void check_slab(
+    const char* op,
+    const std::string& name,
+    const mx::array& a,
+    bool any_dtype = false) {
   if (a.ndim() != 4) {
     fail(
         op,
@@ -167,75 +135,12 @@ void check_slab(const char* op, const std::string& name, const mx::array& a) {
             shape_str(a) + ".");
   }
   auto dt = a.dtype();
-  if (dt != mx::float32 && dt != mx::float16 && dt != mx::bfloat16) {
+  if (!any_dtype && dt != mx::float32 && dt != mx::float16 && dt != mx::bfloat16) {
     std::ostringstream msg;
     msg << name << " must be float32, float16 or bfloat16; got " << dt
         << " with shape " << shape_str(a) << ".";
     fail(op, msg.str());
   }
-}
-
-// Checks that block_table covers [start, stop) and that the entries it reads
-// name blocks of the slab. Entries outside that range are not read (they may
-// be placeholders, e.g. for blocks a sliding window dropped).
-void check_positions(
-    const char* op,
-    const std::vector<int32_t>& block_table,
-    int64_t start,
-    int64_t stop,
-    int num_blocks,
-    int block_tokens) {
-  if (start < 0 || stop < start) {
-    std::ostringstream msg;
-    msg << "need 0 <= start <= stop; got start " << start << ", stop " << stop
-        << ".";
-    fail(op, msg.str());
-  }
-  if (stop == start) {
-    return;
-  }
-  int64_t blocks_needed = (stop + block_tokens - 1) / block_tokens;
-  if (static_cast<int64_t>(block_table.size()) < blocks_needed) {
-    std::ostringstream msg;
-    msg << "positions [" << start << ", " << stop << ") need "
-        << blocks_needed << " block table entries of " << block_tokens
-        << " tokens; got " << block_table.size() << ".";
-    fail(op, msg.str());
-  }
-  for (int64_t i = start / block_tokens; i < blocks_needed; ++i) {
-    if (block_table[i] < 0 || block_table[i] >= num_blocks) {
-      std::ostringstream msg;
-      msg << "block_table[" << i << "] = " << block_table[i]
-          << " is out of range for a slab of " << num_blocks << " blocks.";
-      fail(op, msg.str());
-    }
-  }
-}
-
-// The block table entries that [start, stop) reads, and start rebased to the
-// first of them.
-std::pair<std::vector<int32_t>, int64_t> used_blocks(
-    const std::vector<int32_t>& block_table,
-    int64_t start,
-    int64_t stop,
-    int block_tokens) {
-  if (stop == start) {
-    return {{}, 0};
-  }
-  int64_t first = start / block_tokens;
-  int64_t last = (stop - 1) / block_tokens;
-  return {
-      std::vector<int32_t>(
-          block_table.begin() + first, block_table.begin() + last + 1),
-      first * block_tokens};
-}
-
-mx::Stream cpu_stream(const char* op, mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s, mx::Device::cpu);
-  if (stream.device != mx::Device::cpu) {
-    fail(op, "only a CPU stream is supported (no GPU kernel yet).");
-  }
-  return stream;
 }
 
 // Scatter statistics -------------------------------------------------------
@@ -488,13 +393,7 @@ std::vector<mx::array> gather(
     }
   }
   check_positions(op, block_table, start, stop, num_blocks, block_tokens);
-  if (capacity < stop - start ||
-      capacity > std::numeric_limits<int32_t>::max()) {
-    std::ostringstream msg;
-    msg << "capacity must hold stop - start = " << stop - start
-        << " positions (and fit int32); got " << capacity << ".";
-    fail(op, msg.str());
-  }
+  detail::check_capacity(op, start, stop, capacity);
   auto stream = cpu_stream(op, s);
 
   auto [block_ids, base] = used_blocks(block_table, start, stop, block_tokens);
@@ -520,7 +419,7 @@ mx::array scatter(
     int64_t start,
     mx::StreamOrDevice s) {
   constexpr const char* op = "scatter";
-  check_slab(op, "slab", slab);
+  check_slab(op, "slab", slab, /* any_dtype= */ true);
   if (src.ndim() != 4 || src.shape(0) != 1 || src.shape(1) != slab.shape(1) ||
       src.shape(3) != slab.shape(3)) {
     std::ostringstream msg;
@@ -543,16 +442,7 @@ mx::array scatter(
     return slab;
   }
   auto [block_ids, base] = used_blocks(block_table, start, stop, block_tokens);
-  // Two table entries naming one block would race to write the same slot.
-  auto sorted_ids = block_ids;
-  std::sort(sorted_ids.begin(), sorted_ids.end());
-  if (auto dup = std::adjacent_find(sorted_ids.begin(), sorted_ids.end());
-      dup != sorted_ids.end()) {
-    std::ostringstream msg;
-    msg << "block " << *dup << " appears twice in the block table entries "
-        << "that positions [" << start << ", " << stop << ") write.";
-    fail(op, msg.str());
-  }
+  detail::check_distinct_blocks(op, block_ids, start, stop);
   return mx::array(
       slab.shape(),
       slab.dtype(),

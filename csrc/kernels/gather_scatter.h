@@ -34,7 +34,8 @@ std::vector<mx::array> gather(
 
 // Writes src [1, n_kv_heads, T, head_dim] (any strides) as positions
 // [start, start + T) into slab through block_table, and returns the updated
-// slab. Only those positions change. The write is in place when MLX finds
+// slab. The slab is 4-D of any dtype (float caches, and the uint32 codes and
+// the scales and biases of quantized slabs); src has the slab's dtype. Only those positions change. The write is in place when MLX finds
 // slab donatable at evaluation time (the caller drops every other reference
 // and rebinds: slab = scatter(slab, ...)); otherwise the slab is copied first
 // and the copy counter is bumped (or, in strict mode, the evaluation fails).

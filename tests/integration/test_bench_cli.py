@@ -101,6 +101,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "bookkeeping",
         "blas",
         "serve",
+        "quant",
     ]
 
 

@@ -481,6 +481,35 @@ def _prefix(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _quant(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    g = r["gather"]
+    rows = [
+        (
+            name,
+            g[name]["p50_ms"],
+            g[name]["p95_ms"],
+            _x(r["vs_dense"].get(name, 1.0)),
+            _mib(r["slab_bytes"][name]),
+            _x(r["capacity_vs_dense"].get(name, 1.0)),
+        )
+        for name in ("dense", "q8", "q4")
+    ]
+    f32 = r["capacity_vs_dense_float32_model"]
+    return [
+        f"Gather of {c['blocks']} blocks x {c['layers']} layers x K,V of "
+        f"[{c['kv_heads']}, {c['block_tokens']}, {c['head_dim']}] into dense {c['dtype']} "
+        f"caches ({_mib(r['output_bytes'])}) out of dense, 8-bit and 4-bit slabs (group "
+        f"size {c['group_size']}), {r['iters']} rounds, interleaved:",
+        "",
+        *_table(("slabs", "p50 ms", "p95 ms", "vs dense", "slab bytes", "capacity"), rows),
+        "",
+        f"Relative RMS error of the dequantized values: 8-bit {r['relative_rms_error']['q8']}, "
+        f"4-bit {r['relative_rms_error']['q4']} (random normal data). Capacity for a float32 "
+        f"model: 8-bit {_x(f32['q8'])}, 4-bit {_x(f32['q4'])}.",
+    ]
+
+
 _SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "prefix": _prefix,
     "reconstruct": _reconstruct,
@@ -492,6 +521,7 @@ _SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "persist": _persist,
     "bookkeeping": _bookkeeping,
     "blas": _blas,
+    "quant": _quant,
 }
 
 

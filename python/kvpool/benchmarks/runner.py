@@ -96,6 +96,11 @@ REGISTRY: dict[str, Benchmark] = {
             "serve",
             "kvpool serve vs mlx_lm.server: multi-session multi-turn chat over HTTP",
         ),
+        Benchmark(
+            "quant",
+            "quant",
+            "gather of dense caches out of 8-bit and 4-bit quantized slabs vs dense slabs",
+        ),
     )
 }
 
