@@ -189,9 +189,11 @@ def _new_agent(
     cold_s: list[float] = []
     reused: list[int] = []
     for rep in range(sizes["reps"]):
-        prompt = (*system, *_private(rng, 64))
         order = [(engine, cached_s), (plain, cold_s)]
         for which, samples in order if rep % 2 == 0 else order[::-1]:
+            # A private tail of its own: the other engine's run (its blocks are published
+            # too) must not turn this one into a full hit.
+            prompt = (*system, *_private(rng, 64))
             agent = f"new-{rep}-{'shared' if which is engine else 'plain'}"
             result = run_kvpool_turn(which, [TurnRequest(agent, prompt, 1)])
             samples.append(result.ttft_s[agent])
