@@ -68,6 +68,12 @@ class _TimedGenerator:
     def insert(self, *args: Any, **kwargs: Any) -> Any:
         return self.generator.insert(*args, **kwargs)
 
+    def insert_segments(self, *args: Any, **kwargs: Any) -> Any:
+        return self.generator.insert_segments(*args, **kwargs)
+
+    def extract_cache(self, *args: Any, **kwargs: Any) -> Any:
+        return self.generator.extract_cache(*args, **kwargs)
+
     def remove(self, *args: Any, **kwargs: Any) -> Any:
         return self.generator.remove(*args, **kwargs)
 
