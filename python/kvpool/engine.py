@@ -70,9 +70,9 @@ class RequestTooLargeError(PoolExhaustedError, InvalidRequestError):
 
 
 def _default_batch_gen_factory(model: Any, **kwargs: Any) -> Any:
-    from mlx_lm.generate import BatchGenerator
+    from kvpool.mlx.mlx_lm import batch_generator
 
-    return BatchGenerator(model, **kwargs)
+    return batch_generator(model, **kwargs)
 
 
 def model_vocab_size(model: Any) -> int | None:

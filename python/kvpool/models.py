@@ -346,10 +346,10 @@ def load_model(path_or_name: str | Path) -> tuple[Module, TokenizerWrapper]:
                 f"model directory {str(path)!r} has no model*.safetensors weights"
             )
 
-    import mlx_lm
+    from kvpool.mlx.mlx_lm import load
 
     try:
-        model, tokenizer = mlx_lm.load(str(path))[:2]
+        model, tokenizer = load(str(path))
     except Exception as exc:  # mlx-lm raises many kinds for a broken directory
         raise ModelNotFoundError(
             f"model directory {str(path)!r} could not be loaded by mlx_lm: {exc}"
@@ -468,7 +468,6 @@ def _plan_weights(recipe: ModelRecipe, config: dict[str, Any]) -> list[_TensorPl
     sqrt(hidden_size) are divided by as much); Linear biases keep the default bound.
     Every other parameter (norm scales) must have a constant default, which is kept.
     """
-    import importlib
 
     import mlx.core as mx
     from mlx.nn.layers.base import Module
@@ -476,7 +475,9 @@ def _plan_weights(recipe: ModelRecipe, config: dict[str, Any]) -> list[_TensorPl
     from mlx.nn.layers.linear import Linear
     from mlx.utils import tree_flatten
 
-    arch = importlib.import_module(f"mlx_lm.models.{recipe.model_type}")
+    from kvpool.mlx.mlx_lm import model_module
+
+    arch = model_module(recipe.model_type)
     model = arch.Model(arch.ModelArgs.from_dict(config))
     leaves = cast(
         "list[tuple[str, Any]]",  # (path, leaf Module); Module's methods are untyped

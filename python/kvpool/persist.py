@@ -906,7 +906,8 @@ def export_prompt_cache(
     :func:`import_prompt_cache` can restore the cache. Atomic, like :func:`save_cache`.
     """
     import mlx.core as mx
-    from mlx_lm.models.cache import KVCache, RotatingKVCache, save_prompt_cache
+
+    from kvpool.mlx.mlx_lm import kv_cache, rotating_cache, save_prompt_cache_file
 
     path = Path(path)
     validate_agent_id(blocks.agent_id)
@@ -926,9 +927,9 @@ def export_prompt_cache(
         keys, values = (_host_to_mx(a, spec.dtype)[None] for a in (kv.keys, kv.values))
         cache: Any
         if layer.window is None:
-            cache = KVCache.from_state((keys, values, n))
+            cache = kv_cache(keys, values, n)
         else:
-            cache = RotatingKVCache.from_state((keys, values, n, 0, layer.window, n - start))
+            cache = rotating_cache(keys, values, n, layer.window)
         caches.append(cache)
     mx.eval([a for c in caches for a in (c.keys, c.values)])
     metadata = {
@@ -938,7 +939,7 @@ def export_prompt_cache(
         "kvpool_spec": _spec_to_json(spec),
         "kvpool_model_fingerprint": fingerprint or "",
     }
-    _atomic_write(path, lambda tmp: save_prompt_cache(str(tmp), caches, metadata))
+    _atomic_write(path, lambda tmp: save_prompt_cache_file(str(tmp), caches, metadata))
 
 
 def import_prompt_cache(
@@ -959,13 +960,18 @@ def import_prompt_cache(
     batch size 1, all at offset ``len(token_ids)``; else IncompatibleCacheError. An
     unreadable file raises CacheCorruptionError. The pool is unchanged when it raises.
     """
-    from mlx_lm.models.cache import KVCache, RotatingKVCache, load_prompt_cache
+    from kvpool.mlx.mlx_lm import (
+        is_kv_cache,
+        is_rotating_cache,
+        load_prompt_cache_file,
+        temporal_rows,
+    )
 
     path = Path(path)
     with _open_cache_file(path):  # a FIFO or directory is refused before mlx opens it
         pass
     try:
-        caches, metadata = load_prompt_cache(str(path), return_metadata=True)
+        caches, metadata = load_prompt_cache_file(str(path))
     except FileNotFoundError:
         raise
     except Exception as exc:  # mlx raises RuntimeError/ValueError on unreadable files
@@ -1001,11 +1007,13 @@ def import_prompt_cache(
         raise incompatible(f"{len(caches)} layers, the pool's model has {spec.n_layers}")
     kvs: list[LayerKV] = []
     for i, (cache, layer) in enumerate(zip(caches, spec.layers, strict=True)):
-        expected = KVCache if layer.window is None else RotatingKVCache
-        if type(cache) is not expected:
-            raise incompatible(
-                f"layer {i} is a {type(cache).__name__}, expected {expected.__name__}"
-            )
+        expected, is_expected = (
+            ("KVCache", is_kv_cache)
+            if layer.window is None
+            else ("RotatingKVCache", is_rotating_cache)
+        )
+        if not is_expected(cache):
+            raise incompatible(f"layer {i} is a {type(cache).__name__}, expected {expected}")
         if int(cache.offset) != n:
             raise incompatible(f"layer {i} holds {cache.offset} positions, token_ids has {n}")
         keys, values = cache.keys, cache.values
@@ -1017,7 +1025,7 @@ def import_prompt_cache(
                     f"layer {i}: RotatingKVCache(max_size={cache.max_size}, keep={cache.keep}), "
                     f"expected max_size={layer.window}, keep=0"
                 )
-            keys, values = _temporal_order(keys, cache), _temporal_order(values, cache)
+            keys, values = temporal_rows(cache)
         for name, array, dim in (
             ("keys", keys, layer.k_head_dim),
             ("values", values, layer.v_head_dim),
@@ -1056,15 +1064,3 @@ def _mx_to_host(array: Any) -> HostArray:
     if array.dtype == mx.bfloat16:
         array = array.view(mx.uint16)
     return np.ascontiguousarray(np.asarray(array))
-
-
-def _temporal_order(v: Any, cache: Any) -> Any:
-    """A RotatingKVCache's rows (keep=0) oldest first, as mlx-lm's own ``_temporal_order``."""
-    import mlx.core as mx
-
-    idx = int(cache._idx)
-    if idx == v.shape[2]:
-        return v
-    if idx < int(cache.offset):
-        return mx.concatenate([v[..., idx:, :], v[..., :idx, :]], axis=2)
-    return v[..., :idx, :]

@@ -67,18 +67,13 @@ GREEDY = SamplingParams()
 
 def make_sampler(params: SamplingParams) -> Any:
     """An mlx-lm sampler callable for ``params`` (non-greedy ones only)."""
-    from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
+    from kvpool.mlx.mlx_lm import sampler
 
-    return mlx_make_sampler(
-        temp=params.temperature,
-        top_p=params.top_p if params.top_p < 1 else 0.0,
-        min_p=params.min_p,
-        top_k=params.top_k,
-    )
+    return sampler(params.temperature, params.top_p, params.min_p, params.top_k)
 
 
 def make_stop_sequences(stop_token_ids: Iterable[int]) -> Any:
     """mlx-lm's stop-sequence automaton, each id a one-token sequence."""
-    from mlx_lm.generate import StopSequences
+    from kvpool.mlx.mlx_lm import stop_sequences
 
-    return StopSequences([[t] for t in sorted(set(stop_token_ids))])
+    return stop_sequences(stop_token_ids)

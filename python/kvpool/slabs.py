@@ -15,16 +15,16 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from kvpool import kernels
+from kvpool.mlx.mlx_lm import KV_CACHE_STEP, kv_cache, rotating_cache
 from kvpool.spec import ModelCacheSpec
 from kvpool.storage import HostArray, LayerKV, first_writable, host_dtype
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-def headroom_capacity(num_tokens: int, step: int = KVCache.step) -> int:
+def headroom_capacity(num_tokens: int, step: int = KV_CACHE_STEP) -> int:
     """Rows to allocate for ``num_tokens``: rounded up past the count to a
     multiple of mlx-lm's KVCache step, so the next token does not reallocate."""
     return (num_tokens // step + 1) * step
@@ -66,7 +66,7 @@ class SlabStorage:
             if group.window is None:
                 out = kernels.gather(slabs, table, 0, num_tokens, headroom_capacity(num_tokens))
                 for j, i in enumerate(group.layers):
-                    caches[i] = KVCache.from_state((out[2 * j], out[2 * j + 1], num_tokens))
+                    caches[i] = kv_cache(out[2 * j], out[2 * j + 1], num_tokens)
                 continue
             held = min(num_tokens, group.window - 1)
             out = kernels.gather(slabs, table, num_tokens - held, num_tokens, held)
@@ -76,9 +76,7 @@ class SlabStorage:
                 # attends: the next token overwrites it (or the next prefill trims it).
                 out = [_pad_front(a) for a in out]
             for j, i in enumerate(group.layers):
-                rows = int(out[2 * j].shape[2])
-                state = (out[2 * j], out[2 * j + 1], num_tokens, 0, group.window, rows)
-                caches[i] = RotatingKVCache.from_state(state)
+                caches[i] = rotating_cache(out[2 * j], out[2 * j + 1], num_tokens, group.window)
         mx.eval([a for c in caches for a in (c.keys, c.values)])
         return caches
 

@@ -107,35 +107,28 @@ class ModelCacheSpec:
         any architecture whose caches are ``KVCache`` or ``RotatingKVCache``
         (keep 0) works; anything else raises :class:`UnsupportedModelError`.
         """
-        import mlx.core as mx
-        from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+        from kvpool.mlx.mlx_lm import probe_layers
 
-        caches = make_prompt_cache(model)
-        model(mx.array([[0]]), cache=caches)
         layers = []
         dtypes = set()
-        for i, cache in enumerate(caches):
-            if type(cache) is KVCache:
+        for i, probed in enumerate(probe_layers(model)):
+            if probed.cache_type == "KVCache":
                 kind, window = AttentionKind.GLOBAL, None
-            elif type(cache) is RotatingKVCache:
-                if cache.keep != 0:
+            elif probed.cache_type == "RotatingKVCache":
+                if probed.keep != 0:
                     raise UnsupportedModelError(
-                        f"layer {i}: RotatingKVCache with keep={cache.keep} is not supported"
+                        f"layer {i}: RotatingKVCache with keep={probed.keep} is not supported"
                     )
-                kind, window = AttentionKind.SLIDING, int(cache.max_size)
+                kind, window = AttentionKind.SLIDING, probed.window
             else:
                 raise UnsupportedModelError(
-                    f"layer {i}: cache type {type(cache).__name__} cannot be held in blocks "
+                    f"layer {i}: cache type {probed.cache_type} cannot be held in blocks "
                     "(supported: KVCache, RotatingKVCache)"
                 )
-            keys, values = cache.keys, cache.values
-            mx.eval(keys, values)
             layers.append(
-                LayerSpec(
-                    kind, int(keys.shape[1]), int(keys.shape[3]), int(values.shape[3]), window
-                )
+                LayerSpec(kind, probed.n_kv_heads, probed.k_head_dim, probed.v_head_dim, window)
             )
-            dtypes.add(str(keys.dtype).removeprefix("mlx.core."))
+            dtypes.add(probed.dtype)
         if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_BYTES:
             raise UnsupportedModelError(f"cache dtypes {sorted(dtypes)} are not supported")
         return cls(tuple(layers), dtypes.pop(), block_tokens)

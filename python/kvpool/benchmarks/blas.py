@@ -113,8 +113,8 @@ def _measure(
         raise RuntimeError("use_fast_cpu_blas() refused (see the warning above)")
 
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
+    from kvpool.mlx.mlx_lm import prompt_cache
     from kvpool.models import load_model
 
     a = mx.random.normal((MATMUL_SIZE, MATMUL_SIZE), key=mx.random.key(0))
@@ -129,9 +129,9 @@ def _measure(
     model, _ = load_model(MODEL)
     vocab_size = model.args.vocab_size
     prompt = mx.random.randint(0, vocab_size, (1, prompt_tokens), key=mx.random.key(2))
-    _prefill(model, make_prompt_cache(model), prompt[:, :16])  # warm up
+    _prefill(model, prompt_cache(model), prompt[:, :16])  # warm up
 
-    cache = make_prompt_cache(model)
+    cache = prompt_cache(model)
     start = time.perf_counter()
     logits = _prefill(model, cache, prompt)
     prefill_s = time.perf_counter() - start

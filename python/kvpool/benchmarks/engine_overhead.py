@@ -99,9 +99,9 @@ def _measure_batch(model: Any, tokenizer: Any, batch: int, steps: int) -> dict[s
     timed: list[_TimedGenerator] = []
 
     def factory(model: Any, **kwargs: Any) -> _TimedGenerator:
-        from mlx_lm.generate import BatchGenerator
+        from kvpool.mlx.mlx_lm import batch_generator
 
-        timed.append(_TimedGenerator(BatchGenerator(model, **kwargs)))
+        timed.append(_TimedGenerator(batch_generator(model, **kwargs)))
         return timed[-1]
 
     engine = BlockPoolBatchEngine(model, tokenizer, pool, spec, batch_gen_factory=factory)

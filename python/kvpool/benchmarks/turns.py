@@ -80,10 +80,10 @@ def next_context(
 
 def plain_generator(model: Any, tokenizer: Any) -> Any:
     """mlx-lm's ``BatchGenerator`` with the engine's defaults and stop tokens."""
-    from mlx_lm.generate import BatchGenerator
+    from kvpool.mlx.mlx_lm import batch_generator
 
     stops = [[int(t)] for t in sorted(tokenizer.eos_token_ids)]
-    return BatchGenerator(model, stop_tokens=stops)
+    return batch_generator(model, stop_tokens=stops)
 
 
 def run_kvpool_turn(

@@ -1,0 +1,185 @@
+"""Everything kvpool takes from mlx-lm, through its public API (the only importer of mlx-lm).
+
+* caches: mlx-lm's ``KVCache`` / ``RotatingKVCache`` built from their ``state`` (never by
+  setting private fields), told apart by type, saved and loaded in mlx-lm's own format;
+* the cache geometry of a loaded model (one token through a fresh cache);
+* the ``BatchGenerator`` the engine drives (``kvpool.testing.FakeBatchGenerator`` mirrors
+  the same interface), its samplers and stop sequences;
+* loading a model directory and an architecture's module.
+
+Importing this module imports mlx-lm (and so MLX): import it where MLX runs, never from code
+the unit tests load.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import (
+    KVCache,
+    RotatingKVCache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+)
+from mlx_lm.sample_utils import make_sampler
+
+__all__ = [
+    "KV_CACHE_STEP",
+    "ProbedLayer",
+    "batch_generator",
+    "is_kv_cache",
+    "is_rotating_cache",
+    "kv_cache",
+    "load",
+    "load_prompt_cache_file",
+    "model_module",
+    "probe_layers",
+    "prompt_cache",
+    "rotating_cache",
+    "sampler",
+    "save_prompt_cache_file",
+    "stop_sequences",
+    "temporal_rows",
+]
+
+KV_CACHE_STEP = int(KVCache.step)
+"""Rows mlx-lm's KVCache grows by: gathers allocate past the length to a multiple of it."""
+
+
+# -- caches -------------------------------------------------------------------
+
+
+def kv_cache(keys: mx.array, values: mx.array, offset: int) -> Any:
+    """A ``KVCache`` holding ``keys``/``values`` ``[B, H, rows, D]`` (rows >= offset)."""
+    return KVCache.from_state((keys, values, offset))
+
+
+def rotating_cache(keys: mx.array, values: mx.array, offset: int, window: int) -> Any:
+    """A ``RotatingKVCache`` (keep 0) of ``window`` whose rows, in temporal order, end at
+    position ``offset``."""
+    rows = int(keys.shape[2])
+    return RotatingKVCache.from_state((keys, values, offset, 0, window, rows))
+
+
+def is_kv_cache(cache: object) -> bool:
+    return type(cache) is KVCache
+
+
+def is_rotating_cache(cache: object) -> bool:
+    return type(cache) is RotatingKVCache
+
+
+def temporal_rows(cache: Any) -> tuple[mx.array, mx.array]:
+    """A ``RotatingKVCache``'s keys and values, oldest row first (as its own update does)."""
+    keys, values, offset, keep, _, idx = cache.state
+    return _temporal(keys, int(offset), int(keep), int(idx)), _temporal(
+        values, int(offset), int(keep), int(idx)
+    )
+
+
+def _temporal(v: mx.array, offset: int, keep: int, idx: int) -> mx.array:
+    if idx == v.shape[2]:
+        return v
+    if idx < offset:
+        return mx.concatenate([v[..., :keep, :], v[..., idx:, :], v[..., keep:idx, :]], axis=2)
+    return v[..., :idx, :]
+
+
+def prompt_cache(model: Any) -> list[Any]:
+    """A fresh, empty per-layer cache list for ``model`` (mlx-lm's ``make_prompt_cache``)."""
+    return list(make_prompt_cache(model))
+
+
+def save_prompt_cache_file(path: str, caches: Sequence[Any], metadata: dict[str, str]) -> None:
+    """mlx-lm's own prompt-cache file (``load_prompt_cache`` reads it back)."""
+    save_prompt_cache(path, list(caches), metadata)
+
+
+def load_prompt_cache_file(path: str) -> tuple[list[Any], dict[str, str]]:
+    caches, metadata = load_prompt_cache(path, return_metadata=True)
+    return list(caches), dict(metadata)
+
+
+# -- model geometry -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProbedLayer:
+    """One layer's cache as a fresh mlx-lm cache shows it after one token."""
+
+    cache_type: str  # "KVCache", "RotatingKVCache", or another class name
+    n_kv_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    dtype: str  # "float16", "bfloat16", "float32", ...
+    window: int | None  # RotatingKVCache.max_size
+    keep: int  # RotatingKVCache.keep (0 elsewhere)
+
+
+def probe_layers(model: Any) -> list[ProbedLayer]:
+    """Run one token through a fresh prompt cache of ``model`` and read each layer back."""
+    caches = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=caches)
+    out = []
+    for cache in caches:
+        keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
+        if keys is None or values is None:
+            out.append(ProbedLayer(type(cache).__name__, 0, 0, 0, "", None, 0))
+            continue
+        mx.eval(keys, values)
+        rotating = is_rotating_cache(cache)
+        out.append(
+            ProbedLayer(
+                type(cache).__name__,
+                int(keys.shape[1]),
+                int(keys.shape[3]),
+                int(values.shape[3]),
+                str(keys.dtype).removeprefix("mlx.core."),
+                int(cache.max_size) if rotating else None,
+                int(cache.keep) if rotating else 0,
+            )
+        )
+    return out
+
+
+# -- generation ---------------------------------------------------------------
+
+
+def batch_generator(model: Any, **kwargs: Any) -> Any:
+    """mlx-lm's ``BatchGenerator``: ``insert_segments``, ``next``, ``extract_cache``, ``remove``."""
+    return BatchGenerator(model, **kwargs)
+
+
+def sampler(temperature: float, top_p: float, min_p: float, top_k: int) -> Any:
+    """mlx-lm's sampler for these settings (``top_p`` 1 disables it)."""
+    return make_sampler(
+        temp=temperature, top_p=top_p if top_p < 1 else 0.0, min_p=min_p, top_k=top_k
+    )
+
+
+def stop_sequences(stop_token_ids: Iterable[int]) -> Any:
+    """mlx-lm's stop sequences: generation stops at any of these single tokens."""
+    return StopSequences([[int(t)] for t in sorted(set(stop_token_ids))])
+
+
+# -- models -------------------------------------------------------------------
+
+
+def load(path: str) -> tuple[Any, Any]:
+    """``mlx_lm.load`` of a local model directory: (model, tokenizer)."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(path)[:2]
+    return model, tokenizer
+
+
+def model_module(model_type: str) -> ModuleType:
+    """mlx-lm's module of an architecture (``Model``, ``ModelArgs``)."""
+    return importlib.import_module(f"mlx_lm.models.{model_type}")
