@@ -34,7 +34,7 @@ from kvpool.benchmarks.measure import (
     target,
 )
 from kvpool.benchmarks.turns import load_recipe, plain_generator, random_tokens
-from kvpool.blocks import AgentBlocks
+from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
 from kvpool.spec import ModelCacheSpec
@@ -116,7 +116,7 @@ def _measure_batch(model: Any, tokenizer: Any, batch: int, steps: int) -> dict[s
     engine_steps: list[_Step] = []
     plain_steps: list[_Step] = []
     plain_left = batch
-    finished_blocks: list[AgentBlocks] = []
+    finished_blocks: list[CacheHandle] = []
 
     def step_engine() -> None:
         t0 = time.perf_counter()

@@ -40,7 +40,7 @@ from kvpool.benchmarks.turns import (
     run_kvpool_turn,
     run_plain_turn,
 )
-from kvpool.blocks import AgentBlocks
+from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
 from kvpool.spec import ModelCacheSpec
@@ -71,7 +71,7 @@ def _turns(model: Any, tokenizer: Any, turns: int, warmup: int, period: int) -> 
     rng = random.Random(7)
     agents = [f"agent-{i}" for i in range(AGENTS)]
     contexts: dict[str, tuple[int, ...]] = {}
-    caches: dict[str, AgentBlocks] = {}
+    caches: dict[str, CacheHandle] = {}
     readings: list[dict[str, Any]] = []
     kernels.reset_scatter_stats()
     try:

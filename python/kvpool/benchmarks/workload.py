@@ -4,8 +4,9 @@ Every agent holds a conversation that grows turn after turn: a system prompt sha
 agents plus its own task, then per turn its generated tokens and a new user message. All N
 agents of a turn are submitted together and generate in one batch, twice per turn:
 
-* ``kvpool``: ``BlockPoolBatchEngine``, each agent resuming from its cache in the pool (the
-  first turn has no cache: it prefills everything, like the baseline);
+* ``kvpool``: ``BlockPoolBatchEngine``, each agent resuming from its cache in the pool (in
+  the first turn the agents arrive together and share the system prompt's prefill: it is
+  computed once, see ``kvpool.cache``);
 * ``plain``: mlx-lm ``BatchGenerator`` given every agent's whole context (re-prefill), the
   same prompts token for token (kvpool's, so both sides do the same work).
 
@@ -32,7 +33,7 @@ from kvpool.benchmarks.turns import (
     run_kvpool_turn,
     run_plain_turn,
 )
-from kvpool.blocks import AgentBlocks
+from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
 from kvpool.spec import ModelCacheSpec
@@ -83,7 +84,7 @@ def _run_agents(model: Any, tokenizer: Any, num_agents: int, shape: Shape) -> di
     pool = BlockPool(spec, num_blocks=2 * num_agents * spec.blocks_for(longest) + 1)
     engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
     plain = plain_generator(model, tokenizer)
-    caches: dict[str, AgentBlocks] = {}
+    caches: dict[str, CacheHandle] = {}
     turns = []
     totals = {"kvpool": 0.0, "plain": 0.0}
     ttfts: dict[str, list[float]] = {"kvpool": [], "plain": []}
