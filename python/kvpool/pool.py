@@ -219,6 +219,10 @@ class BlockPool:
         """Blocks and bytes per group, and the prefix cache's counters."""
         return self.manager.usage()
 
+    def num_shared_blocks(self) -> int:
+        """Blocks held by more than one holder (O(num_blocks): for reports, not hot paths)."""
+        return self.manager.num_shared_blocks()
+
     def handle_bytes(self, handle: CacheHandle) -> int:
         """Bytes of the blocks ``handle`` holds (shared ones counted in full)."""
         return sum(

@@ -19,6 +19,7 @@ def test_a_new_agent_reuses_another_agents_prefix_without_passing_a_cache() -> N
     assert a.cached_tokens == 0 and b.cached_tokens == 13
     assert a.blocks is not None and b.blocks is not None
     assert b.blocks.block_ids[:3] == a.blocks.block_ids[:3]
+    assert h.pool.num_shared_blocks() == 3  # held by a's and b's handles
     assert list(b.token_ids) == reference_tokens(h.model, [*system, 9], 3)
     assert h.pool.usage().hit_tokens == 13 and h.pool.usage().query_tokens == 15 + 14
 

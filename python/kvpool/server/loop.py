@@ -487,7 +487,7 @@ class EngineLoop:
         """Pool, store and request counts, as JSON-ready numbers."""
         stats = dataclasses.asdict(self.store.stats)
         return {
-            "pool": self.pool.usage().as_dict(),
+            "pool": {**self.pool.usage().as_dict(), "num_shared": self.pool.num_shared_blocks()},
             "store": stats,
             "requests": {
                 "running": len(self._by_uid),

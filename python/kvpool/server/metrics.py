@@ -119,6 +119,7 @@ class ServerMetrics:
         self.pool_blocks.labels("used").set(pool["num_used"])
         self.pool_blocks.labels("free").set(pool["num_free"])
         self.pool_blocks.labels("cached").set(pool["num_cached"])
+        self.pool_blocks.labels("shared").set(pool["num_shared"])
         store = snap["store"]
         self.sessions.labels("hot").set(store["num_hot"])
         self.sessions.labels("cold").set(store["num_cold"])
