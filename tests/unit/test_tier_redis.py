@@ -21,12 +21,12 @@ from kvpool import (
 from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, UnsupportedModelError
 from kvpool.storage import LayerKV
 from kvpool.store import AgentCacheStore, Tier
+from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 from kvpool.tier import local_path, open_tier
 from kvpool.tier.codec import block_format_id, decode_block, encode_block
 from kvpool.tier.layout import KeySpace, SessionManifest
 from kvpool.tier.local import LocalTier
 from kvpool.tier.redis import RedisTier
-from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 
 B = 4
 SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
@@ -221,7 +221,7 @@ def test_a_prefix_published_on_one_store_is_a_hit_on_another_same_tenant_only() 
 def test_a_pool_without_room_imports_nothing_and_changes_nothing() -> None:
     fake = FakeRedis()
     a = make_store(fake)
-    run(a, "a", prompt_of(12, seed=3) + [5])
+    run(a, "a", [*prompt_of(12, seed=3), 5])
     a.flush()
     b = make_store(fake, num_blocks=6)
     pool = b.pool
@@ -280,7 +280,7 @@ def test_a_write_killed_midway_leaves_the_old_manifest_whole() -> None:
     else:
         raise AssertionError("the write never completed")
     b = make_store(fake)
-    assert run(b, "s", turn2 + [9]).cached_tokens >= len(turn2)
+    assert run(b, "s", [*turn2, 9]).cached_tokens >= len(turn2)
 
 
 def test_a_corrupt_block_is_never_loaded_and_the_session_resumes_by_prefill() -> None:
