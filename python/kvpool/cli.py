@@ -463,6 +463,13 @@ def _add_serve_parser(commands: Any) -> None:
         "~/.cache/kvpool/sessions)",
     )
     serve.add_argument(
+        "--cache-url",
+        metavar="URL",
+        help="the cold tier instead: file:///path (or a path) or redis://host:port/db"
+        "[?ttl=SECONDS] shared by several servers (docs/DEPLOY.md); needs "
+        "pip install 'kvpool[redis]'",
+    )
+    serve.add_argument(
         "--api-key",
         metavar="KEY",
         help="require this key (Authorization: Bearer KEY or x-api-key: KEY); "
@@ -519,6 +526,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         pool_mb=args.pool_mb,
         cache_dir=args.cache_dir,
+        cache_url=args.cache_url,
         api_key=args.api_key or os.environ.get("KVPOOL_API_KEY") or None,
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * 2**20),

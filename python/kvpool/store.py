@@ -1,4 +1,5 @@
-"""AgentCacheStore: every agent's cache, hot (blocks in the pool) or cold (a file on disk).
+"""AgentCacheStore: every agent's cache, hot (blocks in the pool) or cold (a file on disk,
+or Redis: a :class:`~kvpool.tier.base.ColdTier`).
 
 The store sits between the user and a :class:`~kvpool.engine.BlockPoolBatchEngine`. It
 keeps each agent's latest cache and hands it to the engine when the agent comes back. When
@@ -30,6 +31,17 @@ may hold of it (the rest stays free for new requests). ``max_disk_bytes`` bounds
 directory: past it, the least recently used files are deleted and those agents start over
 (counted in ``num_dropped``).
 
+The cold tier is a directory by default (:class:`~kvpool.tier.local.LocalTier`, what the
+rest of this docstring describes); pass a :class:`~kvpool.tier.base.ColdTier` instead of the
+directory for another one (:func:`kvpool.tier.open_tier` builds one from a URL). With a
+*shared* tier (Redis), an agent the store does not hold is looked up there on ``get``, a
+prompt's published prefix blocks found there are imported into the pool before ``submit``,
+and a tier that cannot be reached never fails a request: the turn is served from the pool or
+by prefill, the error is counted (``num_tier_errors``) and the write is retried at the next
+``flush``; a cache that must leave the pool while the tier is down is dropped (``num_dropped``).
+A hot cache wins over the tier's copy (another server may have written a later turn of it:
+its blocks then come in through the prefix import).
+
 A file that fails its checks (or is not a regular file: a directory, a FIFO, a dangling
 symlink under a cache file's name) is set aside, renamed to ``{name}.corrupt`` (counted in
 ``num_set_aside``; the store never reads or deletes those), and an incompatible one (another
@@ -49,8 +61,6 @@ import dataclasses
 import enum
 import logging
 import os
-import secrets
-import stat
 import threading
 import time
 from collections import OrderedDict
@@ -66,30 +76,24 @@ from kvpool.errors import (
     CacheWriteError,
     IncompatibleCacheError,
     InvalidRequestError,
+    KvpoolError,
     PoolExhaustedError,
 )
-from kvpool.persist import (
-    agent_id_of,
-    cache_path,
-    load_cache,
-    remove_stale_temp_files,
-    save_cache,
-)
 from kvpool.sampling import SamplingParams
+from kvpool.tier.base import ColdTier, TierStats, TierUnavailableError
+from kvpool.tier.local import CORRUPT_SUFFIX, LocalTier
 from kvpool.validation import validate_agent_id
 
-__all__ = ["AgentCacheStore", "StoreStats", "Tier"]
+__all__ = ["CORRUPT_SUFFIX", "AgentCacheStore", "StoreStats", "Tier"]
 
 logger = logging.getLogger(__name__)
-
-CORRUPT_SUFFIX = ".corrupt"  # a bad file set aside: "{cache file name}.corrupt"
 
 
 class Tier(enum.Enum):
     """Where an agent's cache is."""
 
     HOT = "hot"  # blocks in the pool
-    COLD = "cold"  # a file on disk only
+    COLD = "cold"  # in the cold tier only (a file on disk, Redis)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,10 @@ class StoreStats:
     bytes_read: int
     save_s: float  # time spent saving and loading
     load_s: float
+    num_tier_errors: int  # tier operations that failed (unreachable): served anyway
+    num_prefix_imports: int  # submits that imported prefix blocks from a shared tier
+    prefix_tokens_imported: int
+    tier: TierStats  # the cold tier's own counters
 
 
 @dataclass(slots=True)
@@ -132,6 +140,9 @@ class _Counters:
     bytes_read: int = 0
     save_s: float = 0.0
     load_s: float = 0.0
+    num_tier_errors: int = 0
+    num_prefix_imports: int = 0
+    prefix_tokens_imported: int = 0
 
 
 @dataclass(slots=True)
@@ -139,17 +150,18 @@ class _Agent:
     """One agent the store knows.
 
     Invariants: ``blocks`` is None or live in the pool; ``file_bytes > 0`` exactly when
-    ``path`` exists; ``file_current`` only with ``blocks``, and then the file holds exactly
-    ``blocks`` (evicting needs no write); a ``checked_out`` agent is never evicted.
+    the cold tier holds a copy (a file); ``file_current`` only with ``blocks``, and then the
+    copy written in tier epoch ``tier_epoch`` holds exactly ``blocks`` (evicting needs no
+    write); a ``checked_out`` agent is never evicted.
     ``loaded_unused`` keeps a load that a failed submit wasted counted as a cold hit when
     the cache is finally used.
     """
 
     agent_id: str
-    path: Path
     blocks: CacheHandle | None = None
     file_bytes: int = 0
     file_current: bool = False
+    tier_epoch: int = 0
     checked_out: bool = False
     loaded_unused: bool = False  # loaded from disk, no request has used it yet
 
@@ -161,7 +173,7 @@ class _Agent:
 
 
 class AgentCacheStore:
-    """Agents' caches over ``engine``'s pool and the directory ``directory``.
+    """Agents' caches over ``engine``'s pool and the directory ``directory`` (or a cold tier).
 
     ``fingerprint`` identifies the model (:func:`kvpool.persist.model_fingerprint`): files
     written under another one are not loaded. ``max_pool_bytes``: the most pool bytes idle
@@ -173,7 +185,7 @@ class AgentCacheStore:
     def __init__(
         self,
         engine: BlockPoolBatchEngine,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | ColdTier,
         *,
         fingerprint: str,
         max_pool_bytes: int | None = None,
@@ -194,28 +206,22 @@ class AgentCacheStore:
             )
         self.engine = engine
         self.pool = engine.pool
-        self.directory = Path(directory)
+        if isinstance(directory, (str, os.PathLike)):
+            self.cold: ColdTier = LocalTier(directory, fingerprint=fingerprint)
+        else:
+            self.cold = directory
+        # The cache directory (None for a tier that is not one).
+        self.directory: Path | None = getattr(self.cold, "directory", None)
         self.fingerprint = fingerprint
         self.max_pool_bytes = max_pool_bytes
         self.max_disk_bytes = max_disk_bytes
         self._owner: threading.Thread | None = None  # the first thread that uses the store
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            remove_stale_temp_files(self.directory)
-        except OSError as exc:
-            raise InvalidRequestError(
-                f"cache directory {str(self.directory)!r} cannot be used: {exc.strerror or exc}"
-            ) from exc
         # Least recently used first.
         self._id_to_agent: OrderedDict[str, _Agent] = OrderedDict()
         self._uid_to_agent: dict[int, str] = {}  # requests submitted through the store
         self._counters = _Counters()
-        try:
-            self._scan()
-        except OSError as exc:
-            raise InvalidRequestError(
-                f"cache directory {str(self.directory)!r} cannot be read: {exc.strerror or exc}"
-            ) from exc
+        self._pending_deletes: set[str] = set()  # forgotten while the tier was unreachable
+        self._scan()
         self._enforce_disk_budget(keep=None)
 
     # -- the request path -----------------------------------------------------
@@ -246,6 +252,8 @@ class AgentCacheStore:
         if cache is not None and cache.salt != cache_salt:
             cache, source = None, None
         try:
+            if self.cold.shared and not isinstance(prompt, str):
+                self._import_prefix(prompt, cache, cache_salt)
             while True:
                 try:
                     uid = self.engine.submit(
@@ -363,16 +371,15 @@ class AgentCacheStore:
         validate_agent_id(agent_id)
         entry = self._id_to_agent.get(agent_id)
         if entry is None:
-            entry = self._id_to_agent[agent_id] = _Agent(
-                agent_id, cache_path(self.directory, agent_id)
-            )
+            entry = self._id_to_agent[agent_id] = _Agent(agent_id)
         if entry.checked_out:
             raise InvalidRequestError(
                 f"agent {agent_id!r} is checked out (a request in flight?): put() its completion "
                 "or put_back() first"
             )
         self._check_hot(entry)
-        if entry.blocks is None and entry.file_bytes and self._load(entry):
+        cold = entry.file_bytes or (self.cold.shared and agent_id not in self._pending_deletes)
+        if entry.blocks is None and cold and self._load(entry):
             entry.loaded_unused = True
         source = entry.tier if entry.blocks is not None else None
         if entry.loaded_unused:
@@ -402,8 +409,7 @@ class AgentCacheStore:
             )
         entry = self._id_to_agent.get(completion.agent_id)
         if entry is None:
-            path = cache_path(self.directory, completion.agent_id)
-            entry = self._id_to_agent[completion.agent_id] = _Agent(completion.agent_id, path)
+            entry = self._id_to_agent[completion.agent_id] = _Agent(completion.agent_id)
         new = completion.blocks
         if new is not None and new != entry.blocks and self.pool.is_live(new):
             old = entry.blocks
@@ -448,15 +454,37 @@ class AgentCacheStore:
         return True
 
     def flush(self) -> int:
-        """Write every idle hot cache whose file is not current; returns how many."""
+        """Write every idle hot cache whose file is not current; returns how many.
+
+        With a tier that cannot be reached, stops at the first failure (counted in
+        ``num_tier_errors``; the rest is written by a later flush).
+        """
         self._check_thread()
         written = 0
-        for entry in list(self._id_to_agent.values()):
-            self._check_hot(entry)
-            if entry.blocks is not None and not entry.checked_out and not entry.file_current:
-                self._save(entry)
-                written += 1
+        try:
+            self._retry_deletes()
+            for entry in list(self._id_to_agent.values()):
+                self._check_hot(entry)
+                if entry.file_current and entry.tier_epoch != self.cold.epoch:
+                    entry.file_current = False  # the tier may have lost it: write it again
+                if entry.blocks is not None and not entry.checked_out and not entry.file_current:
+                    self._save(entry)
+                    written += 1
+        except TierUnavailableError as exc:
+            self._tier_failed("flush", exc)
         return written
+
+    @property
+    def num_unsaved(self) -> int:
+        """Idle hot caches the cold tier does not hold as they are (a flush would write)."""
+        unsaved = [
+            e
+            for e in self._id_to_agent.values()
+            if e.blocks is not None
+            and not e.checked_out
+            and (not e.file_current or e.tier_epoch != self.cold.epoch)
+        ]
+        return len(unsaved) + len(self._pending_deletes)
 
     def close(self) -> None:
         """Write every idle hot agent to disk and free its blocks (checked out ones stay)."""
@@ -465,6 +493,11 @@ class AgentCacheStore:
             self._check_hot(entry)
             if entry.blocks is not None and not entry.checked_out:
                 self._evict(entry)
+        try:
+            self._retry_deletes()
+        except TierUnavailableError as exc:
+            self._tier_failed("delete", exc)
+        self.cold.close()
 
     def forget(self, agent_id: str) -> bool:
         """Delete an agent's cache everywhere (pool and disk); False if there was none."""
@@ -504,28 +537,45 @@ class AgentCacheStore:
             num_cold=sum(1 for e in self._id_to_agent.values() if e.tier is Tier.COLD),
             hot_bytes=sum(self.pool.handle_bytes(h) for h in hot),
             bytes_on_disk=self._bytes_on_disk(),
+            tier=self.cold.stats(),
         )
 
     # -- internals ------------------------------------------------------------
 
     def _scan(self) -> None:
-        """Register every cache file in the directory as a cold agent, oldest first."""
-        found = []
-        for path in self.directory.iterdir():
-            agent_id = agent_id_of(path)
-            if agent_id is None:
-                continue
-            try:
-                st = path.lstat()  # a symlink is not followed: not ours, set aside
-            except FileNotFoundError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                logger.warning("setting aside %s: not a regular file", path)
-                self._set_aside(_Agent(agent_id, path))
-                continue
-            found.append((st.st_mtime_ns, agent_id, path, st.st_size))
-        for _, agent_id, path, size in sorted(found):
-            self._id_to_agent[agent_id] = _Agent(agent_id, path, file_bytes=size)
+        """Register every cache the tier holds as a cold agent, oldest first."""
+        for found in self.cold.scan():
+            if found.bad:
+                self._set_aside(_Agent(found.agent_id))
+            else:
+                self._id_to_agent[found.agent_id] = _Agent(found.agent_id, file_bytes=found.nbytes)
+
+    def _import_prefix(
+        self, prompt: Sequence[int], cache: CacheHandle | None, cache_salt: str
+    ) -> None:
+        """Bring the prompt's prefix blocks that a shared tier has and the pool lacks in."""
+        try:
+            tokens = tuple(prompt)
+            have = self.pool.lookup(tokens, salt=cache_salt, own=cache).num_tokens
+        except (KvpoolError, TypeError, ValueError):
+            return  # bad input: the engine's submit raises for it
+        try:
+            imported = self.cold.import_prefix(self.pool, tokens, cache_salt, have)
+        except TierUnavailableError as exc:
+            self._tier_failed("prefix import", exc)
+            return
+        if imported:
+            self._counters.num_prefix_imports += 1
+            self._counters.prefix_tokens_imported += imported
+
+    def _tier_failed(self, what: str, exc: TierUnavailableError) -> None:
+        self._counters.num_tier_errors += 1
+        logger.warning("cold tier %s: %s failed: %s", self.cold.describe(), what, exc)
+
+    def _retry_deletes(self) -> None:
+        for agent_id in sorted(self._pending_deletes):
+            self.cold.delete(agent_id)
+            self._pending_deletes.discard(agent_id)
 
     def _check_hot(self, entry: _Agent) -> None:
         """Forget blocks someone released behind the store's back."""
@@ -537,9 +587,7 @@ class AgentCacheStore:
         while True:
             t0 = time.perf_counter()
             try:
-                entry.blocks = load_cache(
-                    entry.path, self.pool, fingerprint=self.fingerprint, agent_id=entry.agent_id
-                )
+                blocks = self.cold.load(self.pool, entry.agent_id)
             except PoolExhaustedError as exc:
                 if exc.needed > exc.capacity:  # can never fit: start over instead
                     logger.warning(
@@ -549,9 +597,8 @@ class AgentCacheStore:
                 if not self._evict_lru():
                     raise
                 continue
-            except FileNotFoundError:
-                logger.warning("cache file %s disappeared", entry.path)
-                entry.file_bytes = 0
+            except TierUnavailableError as exc:
+                self._tier_failed(f"loading agent {entry.agent_id!r}", exc)
                 return False
             except CacheCorruptionError as exc:
                 logger.warning("setting aside a corrupt cache file: %s", exc)
@@ -564,27 +611,36 @@ class AgentCacheStore:
                 logger.warning("ignoring an incompatible cache file: %s", exc)
                 self._counters.num_load_errors += 1
                 return False
+            if blocks is None:  # the file disappeared, or the shared tier has none
+                entry.file_bytes, entry.file_current = 0, False
+                return False
+            entry.blocks = blocks
+            if not entry.file_bytes:  # found in a shared tier: about its size there
+                entry.file_bytes = max(1, self.pool.handle_bytes(blocks))
             self._counters.load_s += time.perf_counter() - t0
             self._counters.bytes_read += entry.file_bytes
-            entry.file_current = True
+            entry.file_current, entry.tier_epoch = True, self.cold.epoch
             return True
 
     def _save(self, entry: _Agent) -> None:
         assert entry.blocks is not None, "saving an agent with no blocks: this indicates a bug"
         t0 = time.perf_counter()
-        entry.file_bytes = save_cache(
-            entry.path, self.pool, entry.blocks, fingerprint=self.fingerprint
-        )
+        entry.file_bytes = self.cold.save(self.pool, entry.blocks)
         self._counters.save_s += time.perf_counter() - t0
-        entry.file_current = True
+        entry.file_current, entry.tier_epoch = True, self.cold.epoch
+        self._pending_deletes.discard(entry.agent_id)
         self._counters.num_saves += 1
         self._counters.bytes_written += entry.file_bytes
         self._enforce_disk_budget(keep=entry)
 
     def _evict(self, entry: _Agent) -> None:
         assert entry.blocks is not None and not entry.checked_out, "this indicates a bug"
-        if not entry.file_current:
-            self._save(entry)
+        if not entry.file_current or entry.tier_epoch != self.cold.epoch:
+            try:
+                self._save(entry)
+            except TierUnavailableError as exc:  # the pool needs the room: drop the cache
+                self._tier_failed(f"saving agent {entry.agent_id!r} (its cache is dropped)", exc)
+                entry.file_bytes, entry.file_current = 0, False
         self.pool.release(entry.blocks)
         entry.blocks, entry.file_current, entry.loaded_unused = None, False, False
         self._counters.num_evictions += 1
@@ -634,20 +690,15 @@ class AgentCacheStore:
                 del self._id_to_agent[entry.agent_id]
 
     def _set_aside(self, entry: _Agent) -> None:
-        """Rename a bad file to ``{name}.corrupt`` (or a unique variant), out of the store's way."""
-        target = entry.path.with_name(entry.path.name + CORRUPT_SUFFIX)
+        """Move a bad cache out of the store's way (a file: renamed ``{name}.corrupt``)."""
         entry.file_bytes, entry.file_current = 0, False
         try:
-            os.replace(entry.path, target)
-        except FileNotFoundError:
+            moved = self.cold.set_aside(entry.agent_id)
+        except TierUnavailableError as exc:
+            self._tier_failed(f"setting aside agent {entry.agent_id!r}", exc)
             return
-        except OSError:  # e.g. a directory onto a file set aside before
-            try:
-                os.rename(entry.path, target.with_name(f"{target.name}-{secrets.token_hex(4)}"))
-            except OSError as exc:
-                logger.warning("could not set aside %s: %s", entry.path, exc)
-                return
-        self._counters.num_set_aside += 1
+        if moved:
+            self._counters.num_set_aside += 1
 
     def _check_thread(self) -> None:
         """Bind the store to the first thread that calls it (creating it does not count:
@@ -662,5 +713,11 @@ class AgentCacheStore:
             )
 
     def _delete_file(self, entry: _Agent) -> None:
-        entry.path.unlink(missing_ok=True)
         entry.file_bytes, entry.file_current = 0, False
+        try:
+            self.cold.delete(entry.agent_id)
+        except TierUnavailableError as exc:
+            self._tier_failed(f"deleting agent {entry.agent_id!r} (retried later)", exc)
+            self._pending_deletes.add(entry.agent_id)
+        else:
+            self._pending_deletes.discard(entry.agent_id)

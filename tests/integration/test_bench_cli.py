@@ -102,6 +102,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "blas",
         "serve",
         "quant",
+        "redis",
     ]
 
 

@@ -510,6 +510,22 @@ def _quant(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _redis(r: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return [f"Skipped: {r['skipped']}."]
+    res, d = r["resume"], r["dedup"]
+    return [
+        f"A {res['prompt_tokens']}-token turn of a session saved in Redis by another engine "
+        f"({res['cached_tokens_from_redis']} tokens from Redis): TTFT "
+        f"{res['ttft_redis_ms']['p50_ms']} ms vs {res['ttft_prefill_ms']['p50_ms']} ms "
+        f"prefilling it ({_x(res['speedup'])} faster); tokens equal: {res['tokens_equal']}.",
+        "",
+        f"{d['sessions']} sessions sharing a {d['system_tokens']}-token system prompt: "
+        f"{_mib(d['bytes_sent'])} sent to Redis vs {_mib(d['sum_of_caches_bytes'])} of caches "
+        f"({_x(d['bytes_ratio'])}; {d['blocks_deduplicated']} blocks found already there).",
+    ]
+
+
 _SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "prefix": _prefix,
     "reconstruct": _reconstruct,
@@ -522,6 +538,7 @@ _SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "bookkeeping": _bookkeeping,
     "blas": _blas,
     "quant": _quant,
+    "redis": _redis,
 }
 
 

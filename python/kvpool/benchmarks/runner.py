@@ -101,6 +101,11 @@ REGISTRY: dict[str, Benchmark] = {
             "quant",
             "gather of dense caches out of 8-bit and 4-bit quantized slabs vs dense slabs",
         ),
+        Benchmark(
+            "redis",
+            "redis_tier",
+            "a session resumed on another engine from Redis vs prefill; bytes of a shared prompt",
+        ),
     )
 }
 

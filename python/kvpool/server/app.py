@@ -66,6 +66,7 @@ class ServerState:
     vocab_size: int | None
     created: int
     cache_dir: Path | None = None
+    cache_where: str = ""  # where sessions' caches are (a directory, a Redis URL), for logs
     accepting: bool = True
 
 

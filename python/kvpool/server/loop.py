@@ -192,6 +192,7 @@ class EngineLoop:
         self._by_uid: dict[int, WorkItem] = {}  # in the engine
         self._by_agent: dict[str, WorkItem] = {}  # waiting or in the engine
         self._dirty = False  # a turn finished since the last flush
+        self._retry_flush = False  # the last flush left sessions unwritten (tier down)
         self._last_flush = self._last_busy = time.monotonic()
         self.flush_idle_s = flush_idle_s
         self._stopping = False
@@ -248,7 +249,9 @@ class EngineLoop:
                     self._last_busy = now
                     if now - self._last_flush >= self.flush_interval_s:
                         self._flush()
-                elif self._dirty and now - self._last_busy >= self.flush_idle_s:
+                elif (self._dirty and now - self._last_busy >= self.flush_idle_s) or (
+                    self._retry_flush and now - self._last_flush >= self.flush_interval_s
+                ):
                     self._flush()
         except BaseException:
             logger.exception("the engine loop failed")
@@ -449,6 +452,8 @@ class EngineLoop:
         except Exception:
             logger.exception("writing sessions' caches to disk failed")
         self._dirty = False
+        # A shared tier that was unreachable: retry every flush interval until it takes them.
+        self._retry_flush = self.store.cold.shared and self.store.num_unsaved > 0
         self._last_flush = time.monotonic()
         if self._last_flush - t0 > 0.5:
             logger.info("flushed sessions to disk in %.2f s", self._last_flush - t0)

@@ -104,6 +104,19 @@ class ServerMetrics:
             ["tier"],
             registry=r,
         )
+        self.tier_errors = Gauge(
+            "kvpool:cache_tier_errors",
+            "Cold-tier operations that failed (Redis unreachable); requests were served anyway "
+            "(a counter; set from the store).",
+            registry=r,
+        )
+        self.tier = Gauge(
+            "kvpool:cache_tier",
+            "The cold tier's counters (blocks written, deduplicated, corrupt, bytes sent, ...) "
+            "and available (1, or 0 while backing off after an error).",
+            ["stat"],
+            registry=r,
+        )
         self.evictions = Gauge(
             "kvpool:cache_evictions",
             "Caches moved from the pool to disk since start (a counter; set from the store).",
@@ -124,6 +137,10 @@ class ServerMetrics:
         self.sessions.labels("hot").set(store["num_hot"])
         self.sessions.labels("cold").set(store["num_cold"])
         self.evictions.set(store["num_evictions"])
+        self.tier_errors.set(store["num_tier_errors"])
+        for name, value in store["tier"].items():
+            if isinstance(value, bool | int | float):
+                self.tier.labels(name).set(float(value))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

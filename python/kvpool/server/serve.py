@@ -2,8 +2,10 @@
 
 Startup: load the model (a recipe, built offline on first use, or an mlx-lm directory), a
 pool of ``pool_mb`` MiB, the engine and an :class:`~kvpool.store.AgentCacheStore` over
-``cache_dir`` (default: a folder per model under the user cache directory), start the engine
-loop, bind, and print ``kvpool serve: listening on http://HOST:PORT`` on stdout.
+``cache_url`` (a directory, ``file:///path``, or ``redis://host:port/db``: a cache tier shared
+by several servers, docs/DEPLOY.md) or ``cache_dir`` (default: a folder per model under the
+user cache directory), start the engine loop, bind, and print
+``kvpool serve: listening on http://HOST:PORT`` on stdout.
 
 SIGTERM / SIGINT: uvicorn stops accepting connections and waits up to ``shutdown_timeout_s``
 for requests in flight to finish (streams included), then cancels what is left; the engine
@@ -42,6 +44,7 @@ class ServerConfig:
     port: int = 8000
     pool_mb: int = 256
     cache_dir: Path | None = None
+    cache_url: str | None = None  # wins over cache_dir; file:///path, a path, redis://...
     api_key: str | None = None
     max_queue: int = 64
     max_body_bytes: int = 8 * MIB
@@ -77,6 +80,7 @@ def build_state(config: ServerConfig) -> Any:
     from kvpool.server.loop import EngineLoop
     from kvpool.server.metrics import ServerMetrics
     from kvpool.server.sessions import SessionRegistry
+    from kvpool.tier import local_path, open_tier
 
     model, tokenizer = load_model(config.model)
     spec = ModelCacheSpec.from_model(model)
@@ -90,10 +94,21 @@ def build_state(config: ServerConfig) -> Any:
     )
     fingerprint = model_fingerprint(model)
     name = _model_name(config)
-    cache_dir = config.cache_dir or default_cache_dir(name, fingerprint)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    sessions = SessionRegistry(cache_dir)  # before the store: drops stale ephemeral files
-    store = AgentCacheStore(engine, cache_dir, fingerprint=fingerprint)
+    cache_dir: Path | None
+    if config.cache_url is not None:
+        cache_dir = local_path(config.cache_url)
+    else:
+        cache_dir = config.cache_dir or default_cache_dir(name, fingerprint)
+    if cache_dir is not None:
+        cache_dir = cache_dir.expanduser()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        sessions = SessionRegistry(cache_dir)  # before the store: drops stale ephemeral files
+        store = AgentCacheStore(engine, cache_dir, fingerprint=fingerprint)
+    else:
+        assert config.cache_url is not None
+        tier = open_tier(config.cache_url, spec=spec, fingerprint=fingerprint)
+        sessions = SessionRegistry(None)
+        store = AgentCacheStore(engine, tier, fingerprint=fingerprint)
     metrics = ServerMetrics()
     loop = EngineLoop(
         engine,
@@ -125,6 +140,7 @@ def build_state(config: ServerConfig) -> Any:
         created=int(time.time()),
         cache_dir=cache_dir,
     )
+    state.cache_where = store.cold.describe()
     loop.start()
     return state
 
@@ -167,7 +183,7 @@ def serve(config: ServerConfig) -> int:
             print(
                 f"kvpool serve: listening on http://{shown}:{port} (model {state.model_name!r}, "
                 f"pool {pool.num_blocks} blocks = {pool.bytes_total / MIB:.0f} MiB, sessions in "
-                f"{state.cache_dir})",
+                f"{state.cache_where})",
                 flush=True,
             )
 

@@ -88,9 +88,12 @@ class SessionInfo:
 class SessionRegistry:
     """The sessions of one server: those found in the cache directory plus new ones."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path | None) -> None:
+        """``cache_dir``: the local cache directory, None for a shared tier (Redis), whose
+        sessions are not listed until this server serves them."""
         self._sessions: dict[str, SessionInfo] = {}
-        for path in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else ():
+        found = sorted(cache_dir.iterdir()) if cache_dir is not None and cache_dir.is_dir() else []
+        for path in found:
             agent_id = agent_id_of(path)
             if agent_id is None:
                 continue

@@ -1,0 +1,230 @@
+"""Redis tier: resume a session on a second engine from Redis vs prefilling it there, and
+the bytes a shared system prompt costs in Redis.
+
+Starts its own ``redis-server`` (127.0.0.1, a free port, no persistence, files in a
+temporary directory); without the binary the record says so and measures nothing.
+
+* **resume**: engine A runs a session of ``context`` tokens (real K/V: its prefill is not
+  timed) and writes it to Redis (``AgentCacheStore.flush``). Engine B, with a pool of its
+  own that holds nothing, gets the session's next turn (the context plus 32 new tokens):
+  TTFT from ``submit`` (the load from Redis included) to the first token, vs engine C, with
+  no tier, prefilling the whole turn. Greedy tokens must be equal. Each repetition uses a
+  fresh pool for B and C.
+* **dedup**: ``sessions`` sessions that share a system prompt of ``system`` tokens, each
+  with 64 tokens of its own, written to Redis: bytes sent (blocks and manifests) vs the sum
+  of the sessions' caches (their tokens x K/V bytes per token: what one file per session
+  would write).
+
+Targets: resume from Redis >= 3x faster than prefill (TTFT) at 4K tokens; bytes sent
+<= 0.25x the sum of caches for 16 sessions sharing a 2K system prompt.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from kvpool.benchmarks.measure import GIB, median, mlx_cache_limit, ratio, summary_ms, target
+from kvpool.benchmarks.turns import load_recipe, random_tokens
+
+MODEL = "demo"
+CONTEXT, QUICK_CONTEXT = 4096, 1024
+NEW_TOKENS = 32
+GEN_TOKENS = 8
+REPS, QUICK_REPS = 3, 1
+SESSIONS, QUICK_SESSIONS = 16, 8
+SYSTEM, QUICK_SYSTEM = 2048, 512
+OWN_TOKENS = 64
+POOL_BYTES = 256 * 2**20
+TARGET_SPEEDUP = 3.0
+TARGET_BYTES = 0.25
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _redis_server(directory: Path) -> Iterator[str]:
+    """A private redis-server; yields its URL; killed on exit."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+         "no", "--dir", str(directory), "--logfile", str(directory / "redis.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 20.0
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {port}") from None
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait(20.0)
+
+
+class _Node:
+    """One "server": a pool, an engine and a store over Redis (or over nothing)."""
+
+    def __init__(self, model: Any, tokenizer: Any, url: str | None, directory: Path) -> None:
+        from kvpool.engine import BlockPoolBatchEngine
+        from kvpool.persist import model_fingerprint
+        from kvpool.pool import BlockPool
+        from kvpool.spec import ModelCacheSpec
+        from kvpool.store import AgentCacheStore
+        from kvpool.tier import open_tier
+
+        spec = ModelCacheSpec.from_model(model)
+        self.pool = BlockPool(spec, max_bytes=POOL_BYTES)
+        self.engine = BlockPoolBatchEngine(model, tokenizer, self.pool, spec)
+        fingerprint = _fingerprint(model, model_fingerprint)
+        tier = open_tier(url or str(directory), spec=spec, fingerprint=fingerprint)
+        self.store = AgentCacheStore(self.engine, tier, fingerprint=fingerprint)
+
+    def turn(self, agent: str, prompt: tuple[int, ...]) -> tuple[float, Any]:
+        """(TTFT from submit, the completion)."""
+        first: list[float] = []
+        t0 = time.perf_counter()
+        self.store.submit(
+            agent, prompt, GEN_TOKENS, on_token=lambda e: first.append(time.perf_counter())
+        )
+        (done,) = self.store.drain()
+        if done.error is not None:
+            raise done.error
+        return first[0] - t0, done
+
+    def close(self) -> None:
+        self.store.close()
+        self.engine.close()
+
+
+_FINGERPRINTS: dict[int, str] = {}
+
+
+def _fingerprint(model: Any, compute: Any) -> str:
+    key = id(model)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = compute(model)
+    return _FINGERPRINTS[key]
+
+
+def _resume(model: Any, tokenizer: Any, url: str, tmp: Path, context: int, reps: int) -> Any:
+    rng = random.Random(context)
+    a = _Node(model, tokenizer, url, tmp / "a")
+    history = random_tokens(rng, context)
+    _, done1 = a.turn("session", history)
+    gen1 = done1.token_ids
+    a.store.flush()
+    a.close()
+    prompt = (*history, *gen1, *random_tokens(rng, NEW_TOKENS))
+    redis_s, prefill_s, same = [], [], True
+    cached = []
+    for i in range(reps):
+        b = _Node(model, tokenizer, url, tmp / f"b{i}")
+        c = _Node(model, tokenizer, None, tmp / f"c{i}")
+        for name in ("b", "c") if i % 2 == 0 else ("c", "b"):
+            if name == "b":
+                t, done_b = b.turn("session", prompt)
+                redis_s.append(t)
+                cached.append(done_b.cached_tokens)
+            else:
+                t, done_c = c.turn("session", prompt)
+                prefill_s.append(t)
+        same = same and done_b.token_ids == done_c.token_ids
+        b.close()
+        c.close()
+    speedup = ratio(median(prefill_s), median(redis_s))
+    return {
+        "context_tokens": context,
+        "prompt_tokens": len(prompt),
+        "cached_tokens_from_redis": min(cached),
+        "ttft_redis_ms": summary_ms(redis_s),
+        "ttft_prefill_ms": summary_ms(prefill_s),
+        "speedup": speedup,
+        "tokens_equal": same,
+    }
+
+
+def _dedup(model: Any, tokenizer: Any, url: str, tmp: Path, sessions: int, system: int) -> Any:
+    rng = random.Random(7)
+    node = _Node(model, tokenizer, url, tmp / "dedup")
+    spec = node.pool.spec
+    shared = random_tokens(rng, system)
+    cache_bytes = 0
+    for i in range(sessions):
+        _, done = node.turn(f"s{i}", (*shared, *random_tokens(rng, OWN_TOKENS)))
+        # what the session's own cache holds (a file per session writes this much)
+        cache_bytes += done.blocks.total_tokens * spec.bytes_per_block // spec.block_tokens
+        node.store.flush()
+    tier = node.store.stats.tier
+    node.close()
+    return {
+        "sessions": sessions,
+        "system_tokens": system,
+        "own_tokens": OWN_TOKENS,
+        "bytes_sent": tier.bytes_sent,
+        "sum_of_caches_bytes": cache_bytes,
+        "bytes_ratio": ratio(tier.bytes_sent, cache_bytes, 3),
+        "blocks_written": tier.num_blocks_written,
+        "blocks_deduplicated": tier.num_blocks_deduplicated,
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    if shutil.which("redis-server") is None:
+        return {"skipped": "redis-server is not installed (apt-get install redis-server)"}
+    model, tokenizer = load_recipe(MODEL)
+    context = QUICK_CONTEXT if quick else CONTEXT
+    with (
+        mlx_cache_limit(GIB),
+        tempfile.TemporaryDirectory(prefix="kvpool-bench-redis-") as d,
+        _redis_server(Path(d)) as url,
+    ):
+        tmp = Path(d)
+        resume = _resume(model, tokenizer, url, tmp, context, QUICK_REPS if quick else REPS)
+        sessions, system = (QUICK_SESSIONS, QUICK_SYSTEM) if quick else (SESSIONS, SYSTEM)
+        dedup = _dedup(model, tokenizer, url, tmp, sessions, system)
+    speedup, bytes_ratio = resume["speedup"], dedup["bytes_ratio"]
+    return {
+        "model": MODEL,
+        "resume": resume,
+        "dedup": dedup,
+        "targets": [
+            target(
+                f"resume from Redis vs prefill at {context} tokens (TTFT)",
+                f">= {TARGET_SPEEDUP}x",
+                speedup,
+                None if speedup is None or quick else speedup >= TARGET_SPEEDUP,
+            ),
+            target(
+                f"bytes sent for {sessions} sessions sharing {system} tokens vs their caches",
+                f"<= {TARGET_BYTES}x",
+                bytes_ratio,
+                None if bytes_ratio is None or quick else bytes_ratio <= TARGET_BYTES,
+            ),
+            target("tokens equal", "yes", str(resume["tokens_equal"]), resume["tokens_equal"]),
+        ],
+    }

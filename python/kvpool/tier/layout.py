@@ -1,0 +1,171 @@
+"""Where a shared tier keeps blocks and sessions: key names and the session manifest.
+
+Blocks are content-addressed and stored once for every session and server::
+
+    kvpool:blk:<model>:<block format>:<tenant>:<chain key>    one block record (tier.codec)
+    kvpool:ses:<model>:<agent id>                              one session manifest (JSON)
+
+``<model>`` is the first 16 hex digits of the model fingerprint, ``<tenant>`` a 64-bit
+blake2b of the ``cache_salt`` (tenants never share a key), ``<block format>`` is
+:func:`~kvpool.tier.codec.block_format_id`, and ``<chain key>`` the block's prefix key: the
+chain of :mod:`kvpool.cache.prefix` from a root of the fingerprint and salt over every token
+up to the block's end (a session's last block may be partial: its key hashes the tokens it
+holds). So a block's key names its tokens and every token before them; the record also holds
+its tokens, compared token for token before it is used.
+
+A manifest names a session's blocks in order (``block_keys``) and its tokens; it is written
+after its blocks, in one SET, so a reader sees the old manifest or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvpool.cache.prefix import chain_key, root_key
+from kvpool.errors import CacheCorruptionError, IncompatibleCacheError
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "KeySpace",
+    "SessionManifest",
+    "session_chain",
+]
+
+MANIFEST_FORMAT = "kvpool-session-manifest"
+MANIFEST_VERSION = 1
+
+
+def session_chain(tokens: Sequence[int], block_tokens: int, root: int) -> list[int]:
+    """Chain keys of every block of ``tokens``, the last one partial if it is not full.
+
+    The full blocks' keys are :func:`kvpool.cache.prefix.block_keys`'s.
+    """
+    keys: list[int] = []
+    parent = root
+    for start in range(0, len(tokens), block_tokens):
+        parent = chain_key(parent, tokens[start : start + block_tokens])
+        keys.append(parent)
+    return keys
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Key names of one model's blocks and sessions under ``prefix`` (default ``kvpool``)."""
+
+    fingerprint: str
+    block_format: str
+    block_tokens: int
+    prefix: str = "kvpool"
+
+    @property
+    def model(self) -> str:
+        return self.fingerprint.split(":")[-1][:16]
+
+    def root(self, salt: str) -> int:
+        return root_key(f"{self.fingerprint}\x00{salt}")
+
+    def chain(self, tokens: Sequence[int], salt: str) -> list[int]:
+        return session_chain(tokens, self.block_tokens, self.root(salt))
+
+    def block_key(self, salt: str, chain: int) -> str:
+        return (
+            f"{self.prefix}:blk:{self.model}:{self.block_format}:{_short_hash(salt)}:{chain:016x}"
+        )
+
+    def session_key(self, agent_id: str) -> str:
+        return f"{self.prefix}:ses:{self.model}:{agent_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionManifest:
+    """One session's cache in a shared tier: its tokens and the chain keys of its blocks.
+
+    Invariant (checked by :meth:`decode`): ``chain == KeySpace.chain(token_ids, salt)``.
+    """
+
+    agent_id: str
+    token_ids: tuple[int, ...]
+    chain: tuple[int, ...]
+    salt: str
+    fingerprint: str
+    block_format: str
+    block_tokens: int
+
+    def encode(self) -> bytes:
+        body = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "agent_id": self.agent_id,
+            "fingerprint": self.fingerprint,
+            "block_format": self.block_format,
+            "block_tokens": self.block_tokens,
+            "salt": self.salt,
+            "token_ids": list(self.token_ids),
+            "blocks": [f"{k:016x}" for k in self.chain],
+        }
+        return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def decode(cls, data: bytes, keys: KeySpace, agent_id: str, what: str) -> SessionManifest:
+        """Parse and check a manifest for ``agent_id`` under ``keys``.
+
+        Raises IncompatibleCacheError for another model, block format or size, and
+        CacheCorruptionError for anything malformed or inconsistent.
+        """
+        try:
+            body: Any = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CacheCorruptionError(f"{what}: the manifest is not JSON: {exc}") from exc
+        if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+            raise CacheCorruptionError(f"{what}: not a {MANIFEST_FORMAT}")
+        if body.get("version") != MANIFEST_VERSION:
+            raise IncompatibleCacheError(
+                f"{what}: manifest version {body.get('version')!r}, this kvpool reads "
+                f"{MANIFEST_VERSION}"
+            )
+        for name, mine in (
+            ("fingerprint", keys.fingerprint),
+            ("block_format", keys.block_format),
+            ("block_tokens", keys.block_tokens),
+        ):
+            if body.get(name) != mine:
+                raise IncompatibleCacheError(
+                    f"{what}: written for {name} {body.get(name)!r}, this pool has {mine!r}"
+                )
+        tokens, blocks, salt = body.get("token_ids"), body.get("blocks"), body.get("salt")
+        if (
+            body.get("agent_id") != agent_id
+            or not isinstance(salt, str)
+            or not isinstance(tokens, list)
+            or not tokens
+            or not all(isinstance(t, int) and 0 <= t < 2**32 for t in tokens)
+            or not isinstance(blocks, list)
+            or not all(isinstance(b, str) and len(b) == 16 for b in blocks)
+        ):
+            raise CacheCorruptionError(f"{what}: a malformed manifest for agent {agent_id!r}")
+        try:
+            chain = tuple(int(b, 16) for b in blocks)
+        except ValueError as exc:
+            raise CacheCorruptionError(f"{what}: a block key is not hex") from exc
+        if list(chain) != keys.chain(tokens, salt):
+            raise CacheCorruptionError(
+                f"{what}: its {len(chain)} block keys do not match its {len(tokens)} tokens"
+            )
+        return cls(
+            agent_id,
+            tuple(tokens),
+            chain,
+            salt,
+            keys.fingerprint,
+            keys.block_format,
+            keys.block_tokens,
+        )

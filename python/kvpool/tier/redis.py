@@ -1,0 +1,429 @@
+"""RedisTier: sessions and prefix blocks in Redis, shared by every server pointed at it.
+
+Layout (:mod:`kvpool.tier.layout`): each block once, content-addressed by its prefix chain
+key, the model, the block format and the tenant; a session is a small JSON manifest naming
+its blocks. Records are :mod:`kvpool.tier.codec`'s (a blake2b checksum each).
+
+* **Writing a session** sends only the blocks Redis lacks: one pipelined ``EXPIRE`` (or
+  ``EXISTS`` without a TTL) over its block keys both refreshes the ones there and finds the
+  missing ones, which go with ``SET NX``; the manifest goes last, in one ``SET``, on the
+  same connection, so Redis has every block before the manifest that names it and a reader
+  sees the old manifest or the new one, never a mix.
+* **Reading a session** checks the manifest (its keys must be the chain of its tokens),
+  then fetches the blocks the pool does not already share, a few at a time, and checks each
+  one's checksum and tokens before writing it into blocks reserved for it; nothing is
+  visible in the pool until every block passed (commit), any failure gives the blocks back.
+  A block that fails its checksum is deleted (the next writer stores it again) and counted;
+  a manifest with a missing block (evicted) is a miss.
+* **Prefix import**: the published full blocks of a prompt's prefix that the pool lacks are
+  fetched the same way and committed as a throwaway handle that is released at once: they
+  stay in the pool as cached prefix blocks, which the engine's own lookup then shares.
+* **Memory**: every key gets a TTL (``ttl``, default one day; ``?ttl=0`` for none),
+  refreshed whenever a session or block is written or read; bound Redis itself with
+  ``maxmemory`` and ``maxmemory-policy allkeys-lru`` (docs/DEPLOY.md). An evicted block
+  only turns a later read into a miss (a prefill).
+* **Faults**: any Redis error (unreachable, timeout, OOM) raises
+  :class:`~kvpool.tier.base.TierUnavailableError` to the store after counting it, and the
+  tier then refuses at once, without a network call, for a back-off that doubles from
+  ``backoff_s`` up to ``max_backoff_s``; after the first success ``epoch`` bumps, so the
+  store writes every hot session again (Redis may have restarted empty).
+
+Sliding-window models are refused (UnsupportedModelError): their sessions hold only the
+window's blocks per layer group, which this layout (one record = one position range of
+every layer) does not describe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import urllib.parse
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from kvpool.cache.manager import PoolFull
+from kvpool.cache.tables import CacheHandle
+from kvpool.errors import (
+    CacheCorruptionError,
+    InvalidRequestError,
+    UnsupportedModelError,
+)
+from kvpool.pool import BlockPool
+from kvpool.spec import ModelCacheSpec
+from kvpool.storage import LayerKV
+from kvpool.tier.base import StoredCache, TierStats, TierUnavailableError
+from kvpool.tier.codec import block_format_id, decode_block, encode_block
+from kvpool.tier.layout import KeySpace, SessionManifest
+
+__all__ = ["DEFAULT_TTL_S", "RedisTier"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 86400
+_FETCH_BLOCKS = 8  # blocks per pipelined round trip when reading or writing
+_IMPORT_AGENT = "_kvpool-import"  # the throwaway handle prefix imports commit
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError, OSError)
+
+
+class RedisTier:
+    """Sessions of model ``fingerprint`` in the Redis behind ``client`` (a ``redis.Redis``).
+
+    Build it from a URL with :meth:`from_url`. ``spec`` must be the pool's.
+    """
+
+    kind = "redis"
+    shared = True
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        spec: ModelCacheSpec,
+        fingerprint: str,
+        ttl_s: int | None = DEFAULT_TTL_S,
+        prefix: str = "kvpool",
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        where: str = "redis",
+    ) -> None:
+        sliding = [g.window for g in spec.groups if g.window is not None]
+        if sliding:
+            raise UnsupportedModelError(
+                f"the Redis cache tier does not hold sliding-window models yet (windows "
+                f"{sorted(set(sliding))} in {len(spec.groups)} layer groups); use a local "
+                "--cache-url (file://...)"
+            )
+        if ttl_s is not None and (isinstance(ttl_s, bool) or ttl_s < 1):
+            raise InvalidRequestError(f"ttl_s must be >= 1 or None, got {ttl_s!r}")
+        self.client = client
+        self.spec = spec
+        self.keys = KeySpace(fingerprint, block_format_id(spec), spec.block_tokens, prefix)
+        self.ttl_s = ttl_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.where = where
+        self.epoch = 0
+        self._errors = _redis_errors()
+        self._delay = 0.0  # the current back-off (0: healthy)
+        self._down_until = 0.0
+        self._last_error = ""
+        self._counts: dict[str, int] = dict.fromkeys(
+            (
+                "num_errors",
+                "num_skipped",
+                "num_blocks_written",
+                "num_blocks_deduplicated",
+                "num_blocks_corrupt",
+                "num_incomplete",
+                "num_prefix_imports",
+                "prefix_tokens_imported",
+                "bytes_sent",
+                "bytes_received",
+            ),
+            0,
+        )
+
+    @classmethod
+    def from_url(cls, url: str, *, spec: ModelCacheSpec, fingerprint: str) -> RedisTier:
+        """``redis://[:password@]host:port/db[?ttl=SECONDS&prefix=NAME]`` (``rediss://``
+        for TLS; ``ttl=0``: no TTL). Connects lazily: a Redis that is down at start-up is
+        an error counted on first use, not a failed start."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qs(parts.query)
+        ttl_text = query.pop("ttl", [str(DEFAULT_TTL_S)])[-1]
+        prefix = query.pop("prefix", ["kvpool"])[-1]
+        try:
+            ttl = int(ttl_text)
+        except ValueError:
+            raise InvalidRequestError(
+                f"--cache-url: ttl must be an int, got {ttl_text!r}"
+            ) from None
+        rest = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query, True)))
+        client = redis.Redis.from_url(
+            rest,
+            socket_timeout=2.0,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),  # the tier backs off itself; never stall the loop
+        )
+        host = parts.hostname or "localhost"
+        where = f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path}"  # no password
+        return cls(
+            client,
+            spec=spec,
+            fingerprint=fingerprint,
+            ttl_s=ttl or None,
+            prefix=prefix,
+            where=where,
+        )
+
+    # -- faults ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _redis(self, what: str) -> Iterator[Any]:
+        """Run Redis calls: counted and turned into TierUnavailableError on failure."""
+        now = time.monotonic()
+        if now < self._down_until:
+            self._counts["num_skipped"] += 1
+            raise TierUnavailableError(
+                f"{self.where}: {what} skipped, backing off {self._down_until - now:.1f} s more "
+                f"after: {self._last_error}"
+            )
+        try:
+            yield self.client
+        except self._errors as exc:
+            self._counts["num_errors"] += 1
+            self._delay = min(self.max_backoff_s, max(self.backoff_s, 2 * self._delay))
+            self._down_until = time.monotonic() + self._delay
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            raise TierUnavailableError(
+                f"{self.where}: {what} failed ({self._last_error}); retrying in {self._delay:.1f} s"
+            ) from exc
+        if self._delay:
+            self._delay = 0.0
+            self.epoch += 1  # it may have restarted empty, or lost a write: rewrite
+            logger.warning("%s is reachable again", self.where)
+
+    # -- ColdTier -------------------------------------------------------------
+
+    def describe(self) -> str:
+        return self.where
+
+    def scan(self) -> list[StoredCache]:
+        return []  # shared: asked per agent
+
+    def _check_pool(self, pool: BlockPool) -> None:
+        if pool.spec != self.spec:
+            raise InvalidRequestError(
+                f"this Redis tier was built for {self.spec.describe()}, "
+                f"the pool is {pool.spec.describe()}"
+            )
+
+    def _refresh(self, pipe: Any, key: str) -> None:
+        if self.ttl_s is None:
+            pipe.exists(key)
+        else:
+            pipe.expire(key, self.ttl_s)
+
+    def _record_bytes(self, num_tokens: int) -> int:
+        return (
+            44 + 4 * num_tokens + num_tokens * self.spec.bytes_per_block // self.spec.block_tokens
+        )
+
+    def save(self, pool: BlockPool, handle: CacheHandle) -> int:
+        self._check_pool(pool)
+        pool.check_live(handle)
+        tokens, salt, size = handle.token_ids, handle.salt, self.spec.block_tokens
+        if not tokens:
+            raise InvalidRequestError(f"the cache of agent {handle.agent_id!r} holds no tokens")
+        chain = self.keys.chain(tokens, salt)
+        block_keys = [self.keys.block_key(salt, c) for c in chain]
+        with self._redis(f"saving agent {handle.agent_id!r}") as r:
+            pipe = r.pipeline(transaction=False)
+            for key in block_keys:
+                self._refresh(pipe, key)
+            present = pipe.execute()
+        missing = [j for j, there in enumerate(present) if not there]
+        self._counts["num_blocks_deduplicated"] += len(block_keys) - len(missing)
+        layers = list(range(self.spec.n_layers))
+        for i in range(0, len(missing), _FETCH_BLOCKS):
+            chunk = missing[i : i + _FETCH_BLOCKS]
+            records = []
+            for j in chunk:
+                start, stop = j * size, min((j + 1) * size, len(tokens))
+                kvs = pool.read_layers(handle, layers, start, stop)
+                records.append(encode_block(tokens[start:stop], kvs))
+            with self._redis(f"saving agent {handle.agent_id!r}") as r:
+                pipe = r.pipeline(transaction=False)
+                for j, record in zip(chunk, records, strict=True):
+                    pipe.set(block_keys[j], record, nx=True, ex=self.ttl_s)
+                pipe.execute()
+            self._counts["num_blocks_written"] += len(chunk)
+            self._counts["bytes_sent"] += sum(len(rec) for rec in records)
+        manifest = SessionManifest(
+            handle.agent_id,
+            tokens,
+            tuple(chain),
+            salt,
+            self.keys.fingerprint,
+            self.keys.block_format,
+            size,
+        ).encode()
+        with self._redis(f"saving agent {handle.agent_id!r}") as r:
+            r.set(self.keys.session_key(handle.agent_id), manifest, ex=self.ttl_s)
+        self._counts["bytes_sent"] += len(manifest)
+        return len(manifest) + sum(
+            self._record_bytes(min(size, len(tokens) - j * size)) for j in range(len(chain))
+        )
+
+    def _fetch(self, what: str, keys: Sequence[str]) -> list[bytes | None]:
+        with self._redis(what) as r:
+            pipe = r.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+                if self.ttl_s is not None:
+                    pipe.expire(key, self.ttl_s)
+            out = pipe.execute()
+        records: list[bytes | None] = out[:: 2 if self.ttl_s is not None else 1]
+        self._counts["bytes_received"] += sum(len(rec) for rec in records if rec)
+        return records
+
+    def _checked(
+        self, record: bytes | None, key: str, tokens: Sequence[int], j: int
+    ) -> list[LayerKV] | None:
+        """Block ``j``'s layers if ``record`` is there and passes; None if it is missing.
+
+        A record that fails is deleted (best effort), counted, and raises
+        CacheCorruptionError."""
+        if record is None:
+            return None
+        size = self.spec.block_tokens
+        start, stop = j * size, min((j + 1) * size, len(tokens))
+        try:
+            block = decode_block(record, self.spec, start, key)
+            if block.token_ids != tuple(tokens[start:stop]):
+                raise CacheCorruptionError(
+                    f"{key}: holds other tokens than positions {start}..{stop} of the sequence"
+                )
+        except CacheCorruptionError:
+            self._counts["num_blocks_corrupt"] += 1
+            with (
+                contextlib.suppress(TierUnavailableError),
+                self._redis("deleting a bad block") as r,
+            ):
+                r.delete(key)
+            raise
+        return list(block.layers)
+
+    def _fill(
+        self,
+        pool: BlockPool,
+        what: str,
+        tokens: Sequence[int],
+        salt: str,
+        chain: Sequence[int],
+        first: int,
+        tables: tuple[tuple[int, ...], ...],
+    ) -> bool:
+        """Fetch, check and write blocks ``[first, len(chain))``; False if one is missing."""
+        written_from = first * self.spec.block_tokens
+        for i in range(first, len(chain), _FETCH_BLOCKS):
+            js = range(i, min(i + _FETCH_BLOCKS, len(chain)))
+            keys = [self.keys.block_key(salt, chain[j]) for j in js]
+            for j, key, record in zip(js, keys, self._fetch(what, keys), strict=True):
+                kvs = self._checked(record, key, tokens, j)
+                if kvs is None:
+                    return False
+                pool.write_layers(tables, kvs, written_from)
+        return True
+
+    def load(self, pool: BlockPool, agent_id: str) -> CacheHandle | None:
+        self._check_pool(pool)
+        key = self.keys.session_key(agent_id)
+        what = f"loading agent {agent_id!r}"
+        with self._redis(what) as r:
+            pipe = r.pipeline(transaction=False)
+            pipe.get(key)
+            if self.ttl_s is not None:
+                pipe.expire(key, self.ttl_s)
+            data = pipe.execute()[0]
+        if data is None:
+            return None
+        self._counts["bytes_received"] += len(data)
+        manifest = SessionManifest.decode(data, self.keys, agent_id, f"{self.where} {key}")
+        tokens, size = manifest.token_ids, self.spec.block_tokens
+        got = pool.reserve_exact(agent_id, tokens, salt=manifest.salt)
+        if isinstance(got, PoolFull):
+            raise got.error(f"{self.where}: loading {len(tokens)} tokens of agent {agent_id!r}")
+        res, tables = got
+        try:
+            first = res.match.num_tokens // size
+            if not self._fill(pool, what, tokens, manifest.salt, manifest.chain, first, tables):
+                self._counts["num_incomplete"] += 1
+                logger.warning("%s: a block of agent %r is gone (evicted?)", self.where, agent_id)
+                pool.rollback(res)
+                return None
+        except BaseException:
+            pool.rollback(res)
+            raise
+        return pool.commit_exact(res, tables, [0] * len(self.spec.groups))
+
+    def delete(self, agent_id: str) -> None:
+        with self._redis(f"deleting agent {agent_id!r}") as r:
+            r.delete(self.keys.session_key(agent_id))
+
+    def set_aside(self, agent_id: str) -> bool:
+        """Drop the manifest of a session that failed its checks (its bad block is already
+        deleted; the other blocks stay, shared and checked on their own)."""
+        self.delete(agent_id)
+        return True
+
+    def import_prefix(self, pool: BlockPool, tokens: Sequence[int], salt: str, have: int) -> int:
+        self._check_pool(pool)
+        size = self.spec.block_tokens
+        num_full = len(tokens) // size
+        first = have // size
+        if first >= num_full:
+            return 0
+        full = tokens[: num_full * size]
+        chain = self.keys.chain(full, salt)
+        what = f"looking up {num_full - first} prefix blocks"
+        with self._redis(what) as r:
+            pipe = r.pipeline(transaction=False)
+            for c in chain[first:]:
+                pipe.exists(self.keys.block_key(salt, c))
+            present = pipe.execute()
+        run = 0
+        while run < len(present) and present[run]:
+            run += 1
+        if not run:
+            return 0
+        end = (first + run) * size
+        got = pool.reserve_exact(_IMPORT_AGENT, full[:end], salt=salt)
+        if isinstance(got, PoolFull):
+            return 0  # no room now: the request prefills
+        res, tables = got
+        shared = res.match.num_tokens // size
+        if shared * size >= end:
+            pool.rollback(res)
+            return 0
+        try:
+            ok = self._fill(
+                pool,
+                "importing prefix blocks",
+                full[:end],
+                salt,
+                chain[: first + run],
+                shared,
+                tables,
+            )
+        except CacheCorruptionError as exc:
+            logger.warning("not importing a prefix: %s", exc)
+            ok = False
+        except BaseException:
+            pool.rollback(res)
+            raise
+        if not ok:
+            pool.rollback(res)
+            return 0
+        handle = pool.commit_exact(res, tables, [0] * len(self.spec.groups))
+        pool.release(handle)  # its published blocks stay cached for the engine's lookup
+        self._counts["num_prefix_imports"] += 1
+        self._counts["prefix_tokens_imported"] += end - shared * size
+        return end - shared * size
+
+    def stats(self) -> TierStats:
+        return TierStats(self.kind, **self._counts, available=time.monotonic() >= self._down_until)
+
+    def close(self) -> None:
+        with contextlib.suppress(*self._errors):
+            self.client.close()

@@ -1,0 +1,334 @@
+"""RedisTier's layout, codec and faults on fakes (FakeRedis, FakeStorage): no mlx, no server."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from fake_redis import FakeRedis
+
+from kvpool import (
+    AttentionKind,
+    BlockPool,
+    BlockPoolBatchEngine,
+    CompletedGeneration,
+    LayerSpec,
+    ModelCacheSpec,
+)
+from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, UnsupportedModelError
+from kvpool.storage import LayerKV
+from kvpool.store import AgentCacheStore, Tier
+from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
+from kvpool.tier import local_path, open_tier
+from kvpool.tier.codec import block_format_id, decode_block, encode_block
+from kvpool.tier.layout import KeySpace, SessionManifest
+from kvpool.tier.local import LocalTier
+from kvpool.tier.redis import RedisTier
+
+B = 4
+SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
+FP = "sha256:" + "ab" * 32
+TTL = 600
+
+
+def make_store(fake: FakeRedis, num_blocks: int = 64, **tier_kw: float) -> AgentCacheStore:
+    pool = BlockPool(SPEC, num_blocks=num_blocks, storage=FakeStorage)
+    engine = BlockPoolBatchEngine(
+        FakeModel(SPEC), FakeTokenizer(), pool, SPEC, batch_gen_factory=FakeBatchGenerator
+    )
+    tier = RedisTier(fake, spec=SPEC, fingerprint=FP, ttl_s=TTL, **tier_kw)  # type: ignore[arg-type]
+    return AgentCacheStore(engine, tier, fingerprint=FP)
+
+
+def prompt_of(n: int, seed: int = 1) -> list[int]:
+    return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
+
+
+def run(
+    store: AgentCacheStore, agent: str, prompt: Sequence[int], salt: str = ""
+) -> CompletedGeneration:
+    uid = store.submit(agent, list(prompt), 3, cache_salt=salt)
+    (done,) = store.drain()
+    assert done.uid == uid and done.error is None, done.error
+    return done
+
+
+def fresh(prompt: Sequence[int]) -> tuple[int, ...]:
+    """What a store with nothing cached generates for ``prompt``."""
+    return run(make_store(FakeRedis()), "ref", prompt).token_ids
+
+
+def keyspace() -> KeySpace:
+    return KeySpace(FP, block_format_id(SPEC), B)
+
+
+def blocks_of(fake: FakeRedis) -> list[str]:
+    return sorted(k for k in fake.data if ":blk:" in k)
+
+
+# --------------------------------------------------------------------------- codec, keys
+
+
+def test_codec_round_trip_and_every_corruption_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    kvs = [
+        LayerKV(i, 8, rng.random((2, 3, 8), dtype=np.float32), rng.random((2, 3, 8), np.float32))
+        for i in range(2)
+    ]
+    record = encode_block([5, 6, 7], kvs)
+    block = decode_block(record, SPEC, 8, "k")
+    assert block.token_ids == (5, 6, 7)
+    for got, want in zip(block.layers, kvs, strict=True):
+        assert got.start == 8 and np.array_equal(got.keys, want.keys)
+        assert np.array_equal(got.values, want.values)
+    flipped = bytearray(record)
+    flipped[-1] ^= 1
+    with pytest.raises(CacheCorruptionError, match="checksum"):
+        decode_block(bytes(flipped), SPEC, 8, "k")
+    with pytest.raises(CacheCorruptionError, match="bytes, expected"):
+        decode_block(record[:-4], SPEC, 8, "k")
+    with pytest.raises(CacheCorruptionError, match="magic"):
+        decode_block(b"XXXX" + record[4:], SPEC, 8, "k")
+    assert block_format_id(SPEC) == "dense-float32-v1"
+
+
+def test_keys_separate_tenants_models_and_formats() -> None:
+    ks = keyspace()
+    tokens = prompt_of(10)
+    chain = ks.chain(tokens, "")
+    assert len(chain) == 3  # two full blocks and a partial one
+    assert chain[:2] == ks.chain(tokens[:8], "")  # a full block's key depends on its prefix only
+    assert ks.chain(tokens, "tenant-b") != chain
+    assert ks.block_key("", chain[0]) != ks.block_key("tenant-b", chain[0])
+    other_model = KeySpace("sha256:" + "cd" * 32, ks.block_format, B)
+    assert other_model.block_key("", chain[0]) != ks.block_key("", chain[0])
+    q8 = KeySpace(FP, "q8-float32-v1", B)
+    assert q8.block_key("", chain[0]) != ks.block_key("", chain[0])
+
+
+def test_manifest_round_trip_and_checks() -> None:
+    ks = keyspace()
+    tokens = tuple(prompt_of(10))
+    manifest = SessionManifest(
+        "a", tokens, tuple(ks.chain(tokens, "s")), "s", FP, ks.block_format, B
+    )
+    data = manifest.encode()
+    assert SessionManifest.decode(data, ks, "a", "m") == manifest
+    body = json.loads(data)
+    body["token_ids"][3] += 1  # tokens that do not match the keys
+    with pytest.raises(CacheCorruptionError, match="do not match"):
+        SessionManifest.decode(json.dumps(body).encode(), ks, "a", "m")
+    with pytest.raises(CacheCorruptionError, match="malformed"):
+        SessionManifest.decode(data, ks, "b", "m")  # another agent's
+    with pytest.raises(CacheCorruptionError, match="not JSON"):
+        SessionManifest.decode(data[:-3], ks, "a", "m")
+    with pytest.raises(IncompatibleCacheError, match="fingerprint"):
+        SessionManifest.decode(data, KeySpace("sha256:" + "cd" * 32, ks.block_format, B), "a", "m")
+
+
+def test_sliding_window_models_are_refused_clearly() -> None:
+    swa = ModelCacheSpec(
+        (
+            LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
+            LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+        ),
+        block_tokens=B,
+    )
+    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+        RedisTier(FakeRedis(), spec=swa, fingerprint=FP)
+
+
+def test_cache_url_picks_the_tier(tmp_path: object) -> None:
+    assert local_path("file:///var/x") is not None and str(local_path("file:///var/x")) == "/var/x"
+    assert str(local_path("some/dir")) == "some/dir"
+    assert local_path("redis://127.0.0.1:6379/0") is None
+    tier = open_tier(f"file://{tmp_path}/c", spec=SPEC, fingerprint=FP)
+    assert isinstance(tier, LocalTier)
+    redis_tier = open_tier("redis://127.0.0.1:1/0?ttl=60", spec=SPEC, fingerprint=FP)
+    assert isinstance(redis_tier, RedisTier) and redis_tier.ttl_s == 60
+    assert redis_tier.describe() == "redis://127.0.0.1:1/0"
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def test_a_session_continues_on_another_store_with_nothing_prefilled_again() -> None:
+    fake = FakeRedis()
+    a = make_store(fake)
+    first = run(a, "s", prompt_of(10))
+    assert a.flush() == 1
+    context = prompt_of(10) + list(first.token_ids)  # what the cache holds: 13 tokens
+    turn2 = context + prompt_of(3, seed=9)
+    b = make_store(fake)  # another server: its own pool, nothing in it
+    done = run(b, "s", turn2)
+    assert b.stats.num_cold_hits == 1
+    assert done.cached_tokens == len(context) == 13
+    assert done.token_ids == fresh(turn2)
+    # negative control: without Redis the same turn is prefilled in full
+    assert run(make_store(FakeRedis()), "s", turn2).cached_tokens == 0
+
+
+def test_writing_a_session_sends_only_the_blocks_redis_lacks() -> None:
+    fake = FakeRedis()
+    store = make_store(fake)
+    system = prompt_of(12, seed=3)  # three full blocks
+    run(store, "a", system + prompt_of(5, seed=4))
+    store.flush()
+    written = store.stats.tier.num_blocks_written
+    assert written == 5  # 17 prompt + 3 generated = 20 tokens: 5 blocks
+    run(store, "b", system + prompt_of(5, seed=5))
+    store.flush()
+    stats = store.stats.tier
+    assert stats.num_blocks_deduplicated == 3  # the shared system prompt's blocks
+    assert stats.num_blocks_written == written + 2
+    assert len(blocks_of(fake)) == 7
+    assert all(fake.ttl[k] == TTL for k in fake.data)  # every key is bounded by a TTL
+
+
+def test_reading_refreshes_the_ttl() -> None:
+    fake = FakeRedis()
+    a = make_store(fake)
+    done = run(a, "s", prompt_of(10))
+    a.flush()
+    for key in fake.ttl:
+        fake.ttl[key] = 5  # about to expire
+    b = make_store(fake)
+    run(b, "s", prompt_of(10) + list(done.token_ids) + [7])
+    assert all(ttl == TTL for ttl in fake.ttl.values())
+
+
+def test_a_prefix_published_on_one_store_is_a_hit_on_another_same_tenant_only() -> None:
+    fake = FakeRedis()
+    a = make_store(fake)
+    system = prompt_of(12, seed=3)
+    run(a, "a", system + prompt_of(2, seed=4))
+    run(a, "t", system + prompt_of(2, seed=4), salt="tenant-1")
+    a.flush()
+    b = make_store(fake)
+    prompt = system + prompt_of(3, seed=6)
+    done = run(b, "new", prompt)
+    assert b.stats.num_misses == 1  # no session: a prefix hit
+    assert done.cached_tokens == 12 and b.stats.prefix_tokens_imported == 12
+    assert done.token_ids == fresh(prompt)
+    other = run(b, "x", prompt, salt="tenant-2")  # another tenant shares nothing
+    assert other.cached_tokens == 0
+    assert b.stats.prefix_tokens_imported == 12
+
+
+def test_a_pool_without_room_imports_nothing_and_changes_nothing() -> None:
+    fake = FakeRedis()
+    a = make_store(fake)
+    run(a, "a", [*prompt_of(12, seed=3), 5])
+    a.flush()
+    b = make_store(fake, num_blocks=6)
+    pool = b.pool
+    before = pool.usage()
+    assert b.cold.import_prefix(pool, prompt_of(12, seed=3) * 3, "", 0) == 12
+    pool2 = make_store(fake, num_blocks=2).pool
+    assert b.cold.import_prefix(pool2, prompt_of(12, seed=3), "", 0) == 0
+    assert pool2.usage().num_used == 0 and before.num_used == 0
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_redis_down_never_fails_a_request_and_writes_resume() -> None:
+    fake = FakeRedis()
+    a = make_store(fake, backoff_s=0.05, max_backoff_s=0.05)
+    done = run(a, "s", prompt_of(10))
+    fake.fail_after = 0  # Redis dies
+    assert a.flush() == 0  # counted, not raised
+    assert a.stats.num_tier_errors == 1 and a.stats.tier.num_errors == 1
+    again = run(a, "s", prompt_of(10) + list(done.token_ids) + [3])  # served from the pool
+    assert again.cached_tokens == 13
+    b = make_store(fake)
+    cold = run(b, "s", prompt_of(10))  # the other server: a miss, prefilled
+    assert cold.cached_tokens == 0 and b.stats.num_tier_errors >= 1
+    a.flush()  # inside the back-off: refused without a call
+    assert a.stats.tier.num_skipped >= 1 and not a.stats.tier.available
+    fake.fail_after = None  # Redis is back
+    time.sleep(0.06)
+    assert a.flush() == 1
+    assert a.cold.epoch == 1 and a.stats.tier.available
+    c = make_store(fake)
+    turn3 = prompt_of(10) + list(done.token_ids) + [3] + list(again.token_ids) + [4]
+    assert run(c, "s", turn3).cached_tokens == len(turn3) - 1
+
+
+def test_a_write_killed_midway_leaves_the_old_manifest_whole() -> None:
+    fake = FakeRedis()
+    a = make_store(fake, backoff_s=0.01, max_backoff_s=0.01)
+    done = run(a, "s", prompt_of(6))
+    a.flush()
+    old_manifest = fake.data[keyspace().session_key("s")]
+    turn2 = prompt_of(6) + list(done.token_ids) + prompt_of(20, seed=8)
+    run(a, "s", turn2)
+    for n in range(1, 60):  # kill Redis after n commands of the write, at every point
+        fake.fail_after = n
+        a.flush()
+        fake.fail_after = None
+        manifest = fake.data[keyspace().session_key("s")]
+        if manifest != old_manifest:
+            break  # the write got through
+        decoded = SessionManifest.decode(manifest, keyspace(), "s", "m")
+        for chain in decoded.chain:  # the manifest a reader sees names only blocks that exist
+            assert keyspace().block_key("", chain) in fake.data
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the write never completed")
+    b = make_store(fake)
+    assert run(b, "s", [*turn2, 9]).cached_tokens >= len(turn2)
+
+
+def test_a_corrupt_block_is_never_loaded_and_the_session_resumes_by_prefill() -> None:
+    fake = FakeRedis()
+    a = make_store(fake)
+    done = run(a, "s", prompt_of(10))
+    a.flush()
+    ks = keyspace()
+    first_block = ks.block_key("", ks.chain(prompt_of(10), "")[0])
+    record = bytearray(fake.data[first_block])
+    record[-1] ^= 0x40
+    fake.data[first_block] = bytes(record)
+    b = make_store(fake)
+    turn2 = prompt_of(10) + list(done.token_ids) + [5]
+    got = run(b, "s", turn2)
+    assert got.cached_tokens == 0 and got.token_ids == fresh(turn2)
+    stats = b.stats
+    assert stats.tier.num_blocks_corrupt == 1 and stats.num_load_errors == 1
+    assert first_block not in fake.data or fake.data[first_block] != bytes(record)
+    assert b.pool.usage().num_used == b.pool.num_blocks - b.pool.num_free
+    b.pool.check_invariants()
+
+
+def test_a_missing_block_is_a_miss_but_the_prefix_before_it_is_used() -> None:
+    fake = FakeRedis()
+    a = make_store(fake)
+    done = run(a, "s", prompt_of(14))
+    a.flush()
+    ks = keyspace()
+    chain = ks.chain(prompt_of(14) + list(done.token_ids), "")
+    del fake.data[ks.block_key("", chain[2])]  # evicted by maxmemory-policy
+    b = make_store(fake)
+    turn2 = prompt_of(14) + list(done.token_ids) + [5]
+    got = run(b, "s", turn2)
+    assert b.stats.tier.num_incomplete == 1 and b.tier("s") is Tier.HOT
+    assert got.cached_tokens == 8  # the two blocks before the gap, as a prefix hit
+    assert got.token_ids == fresh(turn2)
+
+
+def test_forget_while_down_is_retried_and_the_session_is_not_resumed() -> None:
+    fake = FakeRedis()
+    a = make_store(fake, backoff_s=0.01, max_backoff_s=0.01)
+    run(a, "s", prompt_of(6))
+    a.flush()
+    fake.fail_after = 0
+    assert a.forget("s")
+    assert a.num_unsaved == 1
+    fake.fail_after = None
+    time.sleep(0.02)
+    a.flush()
+    assert keyspace().session_key("s") not in fake.data and a.num_unsaved == 0
