@@ -71,9 +71,9 @@ class RequestTooLargeError(PoolExhaustedError, InvalidRequestError):
 
 
 def _default_batch_gen_factory(model: Any, **kwargs: Any) -> Any:
-    from kvpool.mlx.mlx_lm import batch_generator
+    from kvpool.mlx.mlx_lm import pool_batch_generator
 
-    return batch_generator(model, **kwargs)
+    return pool_batch_generator(model, **kwargs)
 
 
 def model_vocab_size(model: Any) -> int | None:
