@@ -219,7 +219,7 @@ class PoolBatchKVCache(BatchKVCache):  # type: ignore[misc]
 
     def extract(self, idx: int) -> KVCache:
         keys, values, _, left_padding, end = self.state
-        start = int(left_padding[idx].item())
+        start = int(left_padding.tolist()[idx])  # no new lazy node: no wait on the stream
         cache = KVCache()
         cache.state = (
             keys[idx : idx + 1, :, start:end],
