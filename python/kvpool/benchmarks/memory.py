@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import gc
 import random
-from collections.abc import Callable
 from typing import Any
 
 from kvpool.benchmarks.measure import GIB, mlx_cache_limit, mlx_memory, rss_bytes, target
@@ -174,30 +173,23 @@ def _resume_peak(model: Any, tokenizer: Any, context: int) -> dict[str, Any]:
         fn()
         return int(mx.get_peak_memory()) - before
 
-    def resume(on: BlockPoolBatchEngine) -> Callable[[], None]:
-        def turn() -> None:
-            agent = fill_agent_cache(pool, "agent", history)  # before the peak is reset
-            gc.collect()
-            mx.clear_cache()
-            nonlocal_before.append(int(mx.get_active_memory()))
-            mx.reset_peak_memory()
-            result = run_kvpool_turn(on, [TurnRequest("agent", prompt, 1, agent)])
-            blocks = result.completions["agent"].blocks
-            assert blocks is not None
-            pool.release(blocks)
-
-        return turn
-
-    nonlocal_before: list[int] = []
-
     def resume_extra(on: BlockPoolBatchEngine) -> int:
-        nonlocal_before.clear()
-        resume(on)()
-        return int(mx.get_peak_memory()) - nonlocal_before[0]
+        """Peak MLX memory of one resume through ``on``, above what was active before it."""
+        agent = fill_agent_cache(pool, "agent", history)  # written before the peak is reset
+        gc.collect()
+        mx.clear_cache()
+        before = int(mx.get_active_memory())
+        mx.reset_peak_memory()
+        result = run_kvpool_turn(on, [TurnRequest("agent", prompt, 1, agent)])
+        extra = int(mx.get_peak_memory()) - before
+        blocks = result.completions["agent"].blocks
+        assert blocks is not None
+        pool.release(blocks)
+        return extra
 
     try:
-        resume(engine)()  # warm-up: first calls of both generators
-        resume(mlx_lm_engine)()
+        resume_extra(engine)  # warm-up: first calls of both generators
+        resume_extra(mlx_lm_engine)
         after = resume_extra(engine)
         before = resume_extra(mlx_lm_engine)
         plain_extra = peak_extra(lambda: run_plain_turn(plain, [TurnRequest("p", prompt, 1)]))
