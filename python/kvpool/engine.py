@@ -60,6 +60,7 @@ from kvpool.pool import BlockPool
 from kvpool.sampling import GREEDY, SamplingParams, make_sampler, make_stop_sequences
 from kvpool.spec import ModelCacheSpec
 from kvpool.validation import validate_agent_id, validate_count, validate_token_ids
+from kvpool.waves import Candidate, next_wave
 
 BatchGenFactory = Callable[..., Any]
 TokenCallback = Callable[[TokenEvent], None]
@@ -70,9 +71,9 @@ class RequestTooLargeError(PoolExhaustedError, InvalidRequestError):
 
 
 def _default_batch_gen_factory(model: Any, **kwargs: Any) -> Any:
-    from kvpool.mlx.mlx_lm import batch_generator
+    from kvpool.mlx.mlx_lm import pool_batch_generator
 
-    return batch_generator(model, **kwargs)
+    return pool_batch_generator(model, **kwargs)
 
 
 def model_vocab_size(model: Any) -> int | None:
@@ -83,7 +84,7 @@ def model_vocab_size(model: Any) -> int | None:
 
 
 class RequestState(enum.Enum):
-    QUEUED = "queued"  # validated, blocks reserved, waiting for step()
+    QUEUED = "queued"  # validated, blocks reserved, waiting for step() (or for its wave)
     RUNNING = "running"  # inserted into the batch generator
 
 
@@ -107,6 +108,7 @@ class _Request:
     detokenizer: Any = None  # the tokenizer's streaming detokenizer, once on_token needs it
     t_first_token: float | None = None
     cached_tokens: int = 0  # prompt tokens taken from the pool, fixed when it starts
+    held_steps: int = 0  # steps spent waiting for its prefill wave (see kvpool.waves)
     # A leader (prefix_end > 0) publishes prompt[:prefix_end] when its prefill gets
     # there; its followers, queued with the same uncached prefix, wait for it.
     prefix_end: int = 0
@@ -117,6 +119,11 @@ class _Request:
         """Prompt tokens the reservation's match takes from the pool (so far)."""
         return self.reservation.match.num_tokens
 
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the batch generator will prefill (at least the last one)."""
+        return max(1, len(self.prompt) - self.reused)
+
 
 class BlockPoolBatchEngine:
     """Batched generation for many agents with their KV caches in ``pool``.
@@ -126,6 +133,12 @@ class BlockPoolBatchEngine:
     tests). It is the only seam for tests. ``vocab_size`` bounds prompt token
     ids (default: :func:`model_vocab_size`). ``prefix_sharing=False`` reuses
     only the ``cache`` a request passes, never other agents' blocks.
+
+    ``prefill_waves=True`` inserts queued requests into the batch generator in
+    waves of similar prefill length, shortest first (see :mod:`kvpool.waves`):
+    mlx-lm pads a prefill batch to its longest row, so a long new prompt
+    batched with short resumes would slow them all. ``False`` inserts every
+    request in the step it was submitted, as plain mlx-lm batches them.
     """
 
     def __init__(
@@ -141,6 +154,7 @@ class BlockPoolBatchEngine:
         prefill_step_size: int = 2048,
         vocab_size: int | None = None,
         prefix_sharing: bool = True,
+        prefill_waves: bool = True,
     ) -> None:
         if model is None:
             raise InvalidRequestError("model is required")
@@ -161,10 +175,13 @@ class BlockPoolBatchEngine:
             "prefill_step_size": validate_count("prefill_step_size", prefill_step_size),
         }
         self.prefix_sharing = bool(prefix_sharing)
+        self.prefill_waves = bool(prefill_waves)
         self._gen: Any = None
         self._lock = threading.Lock()
         self._uids = itertools.count()
         self._queue: list[_Request] = []
+        self._held: list[_Request] = []  # driving thread only: waiting for their prefill wave
+        self._wave_tokens: int | None = None  # anchor length of the wave in flight
         self._running: dict[int, _Request] = {}  # generator uid -> request
         self._waiting: dict[int, _Request] = {}  # uid -> a follower waiting for its leader
         self._agent_to_uid: dict[str, int] = {}  # agents with a request in flight
@@ -271,16 +288,16 @@ class BlockPoolBatchEngine:
             raise InvalidRequestError("step() or drain() called from inside a step (an on_token?)")
         with self._lock:
             queued, self._queue = self._queue, []
-        queued = self._plan_shared_prefills(queued)
+        self._held.extend(self._plan_shared_prefills(queued))
+        start_now = self._take_wave()
         done, self._carried = self._carried, []
         self._in_step = True
         try:
-            for i, request in enumerate(queued):
+            for i, request in enumerate(start_now):
                 try:
                     completion = self._start(request)
                 except BaseException as exc:  # _start catches Exception: an interrupt
-                    with self._lock:
-                        self._queue[:0] = queued[i + 1 :]
+                    self._held[:0] = start_now[i + 1 :]
                     done.append(self._fail(request, exc, "interrupted while starting"))
                     raise
                 if completion is not None:
@@ -300,7 +317,12 @@ class BlockPoolBatchEngine:
         done: list[CompletedGeneration] = []
         while self.has_work:
             with self._lock:
-                stuck = not self._queue and not self._running and bool(self._agent_to_uid)
+                stuck = (
+                    not self._queue
+                    and not self._held
+                    and not self._running
+                    and bool(self._agent_to_uid)
+                )
             assert not stuck, (
                 f"requests of {sorted(self._agent_to_uid)} are in flight but neither queued nor "
                 "running: this indicates a bug"
@@ -320,6 +342,10 @@ class BlockPoolBatchEngine:
             request = next((r for r in self._queue if r.uid == uid), None)
             if request is not None:
                 self._queue.remove(request)
+        if request is None:
+            request = next((r for r in self._held if r.uid == uid), None)
+            if request is not None:
+                self._held.remove(request)
         if request is None:
             request = self._waiting.pop(uid, None)
             if request is not None:
@@ -342,6 +368,7 @@ class BlockPoolBatchEngine:
         self._check_driver("close")
         with self._lock:
             uids = [r.uid for r in self._queue]
+        uids += [r.uid for r in self._held]
         uids += list(self._waiting)
         uids += [r.uid for r in self._running.values()]
         for uid in uids:
@@ -491,6 +518,29 @@ class BlockPoolBatchEngine:
                 for other, _ in group:
                     taken.add(other.uid)
                     self._waiting[other.uid] = other
+        return start_now
+
+    def _take_wave(self) -> list[_Request]:
+        """The held requests to insert now (all of them unless ``prefill_waves``).
+
+        A wave is in flight while a request it inserted (or a follower it released)
+        is running without its first token.
+        """
+        if not self.prefill_waves:
+            held, self._held = self._held, []
+            return held
+        if not any(r.t_first_token is None for r in self._running.values()):
+            self._wave_tokens = None
+        wave = next_wave(
+            [Candidate(r.prefill_tokens, r.held_steps) for r in self._held], self._wave_tokens
+        )
+        members = set(wave.members) if wave is not None else set()
+        start_now = [r for i, r in enumerate(self._held) if i in members]
+        self._held = [r for i, r in enumerate(self._held) if i not in members]
+        for request in self._held:
+            request.held_steps += 1
+        if wave is not None:
+            self._wave_tokens = wave.anchor_tokens
         return start_now
 
     def _start(self, request: _Request) -> CompletedGeneration | None:

@@ -14,6 +14,9 @@ per call; the first token of a sequence arrives on the call after its prompt
 is done; a finishing response carries ``prompt_cache`` (every layer at offset
 ``len(all_tokens)``) and ``all_tokens``; it appends to the ``all_tokens`` lists
 it is given, in place. A contract test checks it against the real one.
+``prefill_batches`` records each prefill batch it runs (the ``next()`` call and
+each row's chunk length; mlx-lm pads every row to the longest), for scheduling
+tests.
 """
 
 from __future__ import annotations
@@ -248,6 +251,19 @@ class GenerationResponse:
     all_tokens: list[int] | None
 
 
+@dataclass(frozen=True, slots=True)
+class PrefillBatch:
+    """One prefill batch the fake ran: in its ``call``-th ``next()``, a chunk of
+    ``rows[i][1]`` tokens of sequence ``rows[i][0]`` per row."""
+
+    call: int
+    rows: tuple[tuple[int, int], ...]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [n for _, n in self.rows]
+
+
 @dataclass(slots=True)
 class _Sequence:
     uid: int
@@ -291,6 +307,7 @@ class FakeBatchGenerator:
         self._prompt: list[_Sequence] = []
         self._generating: list[_Sequence] = []
         self.num_next_calls = 0
+        self.prefill_batches: list[PrefillBatch] = []  # one per next() that prefilled
         self.fail_next: Exception | None = None  # raised by the next next() call
         self.fail_insert: Exception | None = None  # raised by the next insert() call
 
@@ -406,15 +423,19 @@ class FakeBatchGenerator:
             seq.next_token = self.model.next_token(seq.caches)
             self._generating.append(seq)
             prompt_responses.append(PromptResponse(seq.uid, (seq.total, seq.total), True, True))
+        rows = []
         for seq in still:
             segment = seq.pending[0]
             chunk = segment[: self.prefill_step_size]
+            rows.append((seq.uid, len(chunk)))
             del segment[: len(chunk)]
             if not segment:
                 seq.pending.pop(0)
             self._feed(seq, chunk)
             done = seq.total - sum(len(part) for part in seq.pending) - 1
             prompt_responses.append(PromptResponse(seq.uid, (done, seq.total), not segment, False))
+        if rows:
+            self.prefill_batches.append(PrefillBatch(self.num_next_calls, tuple(rows)))
         self._prompt = still
         return prompt_responses, generation
 

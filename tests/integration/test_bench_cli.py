@@ -93,6 +93,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert names == [
         "reconstruct",
         "engine_overhead",
+        "mixed_prefill",
         "resume",
         "workload",
         "prefix",

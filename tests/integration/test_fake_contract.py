@@ -142,3 +142,13 @@ def test_fake_generator_follows_the_real_segments_protocol(tiny_model: LoadedMod
     assert fake == real
     # The first segment (6 tokens) ends after chunks of 4 and 2; the cache holds it.
     assert ("prompt", 1, 0, (6, 9), True, False, (6,), 6) in real
+
+
+def test_the_engines_generator_follows_mlx_lms_own(tiny_model: LoadedModel) -> None:
+    """PoolBatchGenerator (what the engine drives) gives mlx-lm's traces, tokens included."""
+    from kvpool.mlx.mlx_lm import PoolBatchGenerator
+
+    model, real, cache_for = real_parts(tiny_model)
+    assert scenario(model, PoolBatchGenerator, cache_for) == scenario(model, real, cache_for)
+    ours = segments_scenario(model, PoolBatchGenerator, cache_for)
+    assert ours == segments_scenario(model, real, cache_for)

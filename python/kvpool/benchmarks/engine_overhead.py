@@ -1,8 +1,10 @@
 """Engine overhead: decode tokens/s of BlockPoolBatchEngine vs plain mlx-lm BatchGenerator.
 
-For each model and batch size (1, 4, 8), the same prompts (128 random tokens each) go into a
-``BlockPoolBatchEngine`` and into a plain ``BatchGenerator``, and the two are stepped in
-alternation (engine step, plain step, plain step, engine step, ...) until both finish, so
+For each model and batch size (1, 8, 32 agents), the same prompts (128 random tokens each;
+``--quick``: 32, on the small ``demo`` model, a smoke run) go into a ``BlockPoolBatchEngine``
+(on its own generator, ``PoolBatchGenerator``) and into a plain mlx-lm ``BatchGenerator``,
+and the two are stepped in alternation (engine step, plain step, plain step, engine step,
+...) until both finish, so
 each pair of steps sees the same machine load. Decode steps are the steady ones: every
 sequence generated one token, none finished, no prompt was being processed.
 
@@ -40,9 +42,10 @@ from kvpool.pool import BlockPool
 from kvpool.spec import ModelCacheSpec
 
 MODELS = ("smollm2-135m", "llama-8x128")
-QUICK_MODELS = ("smollm2-135m",)
-BATCH_SIZES = (1, 4, 8)
-PROMPT_TOKENS = 128
+# --quick is a smoke run (CI): the small demo model, so batch 32 stays within seconds.
+QUICK_MODELS = ("demo",)
+BATCH_SIZES = (1, 8, 32)
+PROMPT_TOKENS, QUICK_PROMPT_TOKENS = 128, 32
 DECODE_STEPS = 40
 QUICK_DECODE_STEPS = 6
 CACHE_LIMIT = 2 * GIB
@@ -93,22 +96,27 @@ def _is_decode(step: _Step, batch: int) -> bool:
     return step.num_generated == batch and step.num_prompt == 0 and step.num_finished == 0
 
 
-def _measure_batch(model: Any, tokenizer: Any, batch: int, steps: int) -> dict[str, Any]:
+def _measure_batch(
+    model: Any, tokenizer: Any, batch: int, steps: int, prompt_tokens: int
+) -> dict[str, Any]:
     spec = ModelCacheSpec.from_model(model)
-    pool = BlockPool(spec, num_blocks=batch * spec.blocks_for(PROMPT_TOKENS + steps + 4))
+    pool = BlockPool(spec, num_blocks=batch * spec.blocks_for(prompt_tokens + steps + 4))
     timed: list[_TimedGenerator] = []
 
     def factory(model: Any, **kwargs: Any) -> _TimedGenerator:
-        from kvpool.mlx.mlx_lm import batch_generator
+        from kvpool.mlx.mlx_lm import pool_batch_generator
 
-        timed.append(_TimedGenerator(batch_generator(model, **kwargs)))
+        timed.append(_TimedGenerator(pool_batch_generator(model, **kwargs)))
         return timed[-1]
 
     engine = BlockPoolBatchEngine(model, tokenizer, pool, spec, batch_gen_factory=factory)
     plain = _TimedGenerator(plain_generator(model, tokenizer))
     rng = random.Random(batch)
-    prompts = [random_tokens(rng, PROMPT_TOKENS) for _ in range(batch)]
-    max_tokens = steps + 2  # the first token comes with the prefill, the last one finishes
+    prompts = [random_tokens(rng, prompt_tokens) for _ in range(batch)]
+    # The first token comes with the prefill, the last one finishes; mlx-lm prefills
+    # prefill_batch_size (8) prompts at a time, two next() calls per group, while the
+    # earlier groups decode: those steps are not pure decode steps.
+    max_tokens = steps + 2 + 2 * -(-batch // 8)
     for i, prompt in enumerate(prompts):
         engine.submit(f"agent-{i}", prompt, max_tokens=max_tokens)
     plain.insert([list(p) for p in prompts], max_tokens=[max_tokens] * batch)
@@ -184,13 +192,15 @@ def _measure_batch(model: Any, tokenizer: Any, batch: int, steps: int) -> dict[s
 def run(quick: bool) -> dict[str, Any]:
     models = QUICK_MODELS if quick else MODELS
     steps = QUICK_DECODE_STEPS if quick else DECODE_STEPS
+    prompt_tokens = QUICK_PROMPT_TOKENS if quick else PROMPT_TOKENS
     results = []
     with mlx_cache_limit(CACHE_LIMIT):
         for name in models:
             model, tokenizer = load_recipe(name)
-            _measure_batch(model, tokenizer, 1, 2)  # warm-up: first calls, allocations
+            _measure_batch(model, tokenizer, 1, 2, prompt_tokens)  # warm-up: first calls
             for batch in BATCH_SIZES:
-                results.append({"model": name, **_measure_batch(model, tokenizer, batch, steps)})
+                record = _measure_batch(model, tokenizer, batch, steps, prompt_tokens)
+                results.append({"model": name, **record})
     targets = [
         target(
             f"{r['model']} batch {r['batch']}: kvpool decode tok/s vs plain",
@@ -206,7 +216,7 @@ def run(quick: bool) -> dict[str, Any]:
         "config": {
             "models": list(models),
             "batch_sizes": list(BATCH_SIZES),
-            "prompt_tokens": PROMPT_TOKENS,
+            "prompt_tokens": prompt_tokens,
             "decode_steps": steps,
             "cache_limit_bytes": CACHE_LIMIT,
         },

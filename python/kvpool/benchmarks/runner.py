@@ -56,6 +56,11 @@ REGISTRY: dict[str, Benchmark] = {
             "decode tokens/s, BlockPoolBatchEngine vs plain mlx-lm BatchGenerator",
         ),
         Benchmark(
+            "mixed_prefill",
+            "mixed_prefill",
+            "a long new prompt with short resumes in one step: resumes' TTFT, prefill waves on/off",
+        ),
+        Benchmark(
             "resume",
             "resume",
             "time to first token of a next turn: cache in the pool, on disk, re-prefilled",

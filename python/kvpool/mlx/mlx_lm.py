@@ -4,7 +4,9 @@
   setting private fields), told apart by type, saved and loaded in mlx-lm's own format;
 * the cache geometry of a loaded model (one token through a fresh cache);
 * the ``BatchGenerator`` the engine drives (``kvpool.testing.FakeBatchGenerator`` mirrors
-  the same interface), its samplers and stop sequences;
+  the same interface), its samplers and stop sequences; the engine's one hands gathered
+  caches to it as :class:`PoolKVCache`, so a batch of one resume takes the gathered arrays
+  as they are instead of copying them (see that class);
 * loading a model directory and an architecture's module.
 
 Importing this module imports mlx-lm (and so MLX): import it where MLX runs, never from code
@@ -22,6 +24,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import (
+    BatchKVCache,
     KVCache,
     RotatingKVCache,
     load_prompt_cache,
@@ -32,6 +35,9 @@ from mlx_lm.sample_utils import make_sampler
 
 __all__ = [
     "KV_CACHE_STEP",
+    "PoolBatchGenerator",
+    "PoolBatchKVCache",
+    "PoolKVCache",
     "ProbedLayer",
     "batch_generator",
     "is_kv_cache",
@@ -40,6 +46,7 @@ __all__ = [
     "load",
     "load_prompt_cache_file",
     "model_module",
+    "pool_batch_generator",
     "probe_layers",
     "prompt_cache",
     "rotating_cache",
@@ -167,6 +174,90 @@ def sampler(temperature: float, top_p: float, min_p: float, top_k: int) -> Any:
 def stop_sequences(stop_token_ids: Iterable[int]) -> Any:
     """mlx-lm's stop sequences: generation stops at any of these single tokens."""
     return StopSequences([[int(t)] for t in sorted(set(stop_token_ids))])
+
+
+# -- batches of gathered caches ----------------------------------------------
+
+
+class PoolKVCache(KVCache):  # type: ignore[misc]
+    """A ``KVCache`` gathered from the pool: rows past ``offset`` are headroom.
+
+    mlx-lm batches caches through their class's ``merge``; ``KVCache.merge``
+    copies every row into a fresh ``BatchKVCache`` exactly ``offset`` rows long,
+    which the first prefill step then reallocates to grow: one resume peaked at
+    twice its cache. A batch of one ``PoolKVCache`` takes its arrays as they are
+    (headroom included, so the first steps write in place); larger batches merge
+    as mlx-lm does, into a :class:`PoolBatchKVCache`.
+    """
+
+    @classmethod
+    def merge(cls, caches: list[Any]) -> Any:
+        if len(caches) == 1 and caches[0].keys is not None:
+            keys, values, offset = caches[0].state
+            batch = PoolBatchKVCache([0])
+            batch.state = (keys, values, mx.array([offset]), mx.array([0]), int(offset))
+            return batch
+        return PoolBatchKVCache.merge(caches)
+
+
+class PoolBatchKVCache(BatchKVCache):  # type: ignore[misc]
+    """mlx-lm's ``BatchKVCache`` minus two copies that kvpool does not need:
+
+    * ``filter`` keeping every row in order (a batch of one moving from prefill to
+      decode) leaves the arrays as they are instead of gathering them anew;
+    * ``extract`` returns a view of the row (the engine writes it into the pool
+      at once) instead of a contiguous copy.
+    """
+
+    def filter(self, batch_indices: Sequence[int]) -> None:
+        keep = [int(i) for i in batch_indices]
+        keys, _, _, left_padding, _ = self.state
+        every_row = keys is not None and keep == list(range(keys.shape[0]))
+        if every_row and min(left_padding.tolist()) == 0:  # nothing to trim either
+            return
+        super().filter(batch_indices)
+
+    def extract(self, idx: int) -> KVCache:
+        keys, values, _, left_padding, end = self.state
+        start = int(left_padding.tolist()[idx])  # no new lazy node: no wait on the stream
+        cache = KVCache()
+        cache.state = (
+            keys[idx : idx + 1, :, start:end],
+            values[idx : idx + 1, :, start:end],
+            end - start,
+        )
+        return cache
+
+
+def _batchable(cache: Any) -> Any:
+    """``cache`` as a :class:`PoolKVCache` if it is a filled ``KVCache`` (same arrays)."""
+    if type(cache) is not KVCache or cache.keys is None:
+        return cache
+    out = PoolKVCache()
+    out.state = cache.state
+    return out
+
+
+class PoolBatchGenerator(BatchGenerator):  # type: ignore[misc]
+    """mlx-lm's ``BatchGenerator`` that batches inserted ``KVCache`` s as
+    :class:`PoolKVCache` (everything else is mlx-lm's own)."""
+
+    def insert_segments(
+        self,
+        segments: list[list[list[int]]],
+        max_tokens: list[int] | None = None,
+        caches: list[Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> list[int]:
+        if caches is not None:
+            caches = [None if c is None else [_batchable(layer) for layer in c] for c in caches]
+        return list(super().insert_segments(segments, max_tokens, caches, *args, **kwargs))
+
+
+def pool_batch_generator(model: Any, **kwargs: Any) -> Any:
+    """The engine's generator: :class:`PoolBatchGenerator` (``batch_generator``'s API)."""
+    return PoolBatchGenerator(model, **kwargs)
 
 
 # -- models -------------------------------------------------------------------
