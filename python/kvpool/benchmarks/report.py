@@ -556,6 +556,26 @@ def _quant_formats(r: dict[str, Any]) -> list[str]:
         *_table(
             ("format", "turns equal", "logit max-abs", "KL", "K rel. RMS", "V rel. RMS"), q_rows
         ),
+        *_quant_sensitivity(quality.get("sensitivity")),
+    ]
+
+
+def _quant_sensitivity(sens: dict[str, Any] | None) -> list[str]:
+    if not sens:
+        return []
+    rows = [
+        (scale, str(row["distinct_dense_outputs"]),
+         *(f"{v:.0%}" for v in row["turns_equal_to_dense"].values()))
+        for scale, row in sens["by_weight_scale"].items()
+    ]  # fmt: skip
+    first = next(iter(sens["by_weight_scale"].values()))["turns_equal_to_dense"]
+    return [
+        "",
+        f"Sensitivity of the random-weight model ({sens['model']}): {sens['resume_points']} "
+        f"resume points, {sens['tokens']} greedy tokens each, equal to the unperturbed "
+        f"decode after perturbing the K/V ({sens['note']}):",
+        "",
+        *_table(("weights", "distinct outputs", *first), rows),
     ]
 
 
