@@ -529,8 +529,9 @@ def _quant_formats(r: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
     q_rows = [
         (n, f"{q['turns_equal_to_dense']:.0%} of {quality['resumed_turns']}",
-         q["first_logit_max_abs_diff"]["mean"], q["first_token_kl"]["mean"],
-         q["relative_rms_error_k"], q["relative_rms_error_v"])
+         f"{q['first_token_argmax_equal']:.0%}",
+         f"{q['first_logit_max_abs_diff']['mean']:.3g}", f"{q['first_token_kl']['mean']:.3g}",
+         f"{q['relative_rms_error_k']:.3g}", f"{q['relative_rms_error_v']:.3g}")
         for n, q in quality["by_format"].items()
     ]  # fmt: skip
     return [
@@ -554,7 +555,16 @@ def _quant_formats(r: dict[str, Any]) -> list[str]:
         f"({quality['note']}):",
         "",
         *_table(
-            ("format", "turns equal", "logit max-abs", "KL", "K rel. RMS", "V rel. RMS"), q_rows
+            (
+                "format",
+                "turns equal",
+                "first token equal",
+                "logit max-abs (mean)",
+                "KL (mean)",
+                "K rel. RMS",
+                "V rel. RMS",
+            ),
+            q_rows,
         ),
         *_quant_sensitivity(quality.get("sensitivity")),
     ]
