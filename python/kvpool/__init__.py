@@ -10,6 +10,7 @@ from kvpool import _blocks
 from kvpool.blas import blas_info, maybe_enable_from_env, use_fast_cpu_blas
 from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
 from kvpool.cache import CacheHandle, CacheUsage, GroupTable
+from kvpool.cache.format import BlockFormat, InvalidBlockFormatError
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import (
     CacheCorruptionError,
@@ -37,6 +38,7 @@ __all__ = [
     "AgentBlocks",
     "AgentCacheStore",
     "AttentionKind",
+    "BlockFormat",
     "BlockPool",
     "BlockPoolBatchEngine",
     "CacheCorruptionError",
@@ -47,6 +49,7 @@ __all__ = [
     "GenerationError",
     "GroupTable",
     "IncompatibleCacheError",
+    "InvalidBlockFormatError",
     "InvalidRequestError",
     "KvpoolError",
     "LayerSpec",

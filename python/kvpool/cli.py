@@ -61,6 +61,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--kv-bits`` and ``--kv-group-size``: the pool's block format at rest."""
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=(8, 4),
+        default=None,
+        help="keep K/V blocks quantized at rest, 8 or 4 bits (MLX affine format; caches "
+        "are dequantized for generation); default: dense, the model's dtype",
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=(64, 32),
+        default=64,
+        help="values per scale and bias with --kv-bits (default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kvpool",
@@ -119,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="K/V pool size in MiB (default: the workload's worst case)",
     )
+    _add_format_arguments(demo)
     demo.add_argument(
         "--seed",
         type=_int_at_least(0),
@@ -220,6 +240,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         pool_mb=args.pool_mb,
         seed=args.seed,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
     )
     progress = ProgressLine(sys.stderr)
     progress.note(f"loading {config.model} ...")
@@ -455,6 +477,7 @@ def _add_serve_parser(commands: Any) -> None:
         default=256,
         help="KV block pool size in MiB (default: %(default)s)",
     )
+    _add_format_arguments(serve)
     serve.add_argument(
         "--cache-dir",
         type=Path,
@@ -525,6 +548,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         pool_mb=args.pool_mb,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
         cache_dir=args.cache_dir,
         cache_url=args.cache_url,
         api_key=args.api_key or os.environ.get("KVPOOL_API_KEY") or None,

@@ -81,6 +81,8 @@ class DemoConfig:
     max_tokens: int = 32  # generated tokens per turn, at most
     pool_mb: float | None = None  # MiB of K/V the pool holds
     seed: int = 0  # picks the user text; the model's weights are fixed by its recipe
+    kv_bits: int | None = None  # blocks at rest: None dense, 8 or 4 affine-quantized
+    kv_group_size: int = 64
 
     def __post_init__(self) -> None:
         for name in ("num_agents", "num_turns", "max_tokens"):
@@ -350,7 +352,7 @@ def run_demo(config: DemoConfig, progress: ProgressCallback | None = None) -> De
     a generation fails.
     """
     path, model, tokenizer = resolve_and_load(config.model)
-    spec = ModelCacheSpec.from_model(model)
+    spec = ModelCacheSpec.from_model(model).with_format(config.kv_bits, config.kv_group_size)
     if config.pool_mb is None:  # a lower bound first: tokenizing every agent's text takes time
         at_least = config.num_agents * spec.blocks_for(config.num_turns * config.max_tokens + 1)
         _check_fits_memory(config, spec, at_least)

@@ -11,6 +11,13 @@ blocks; with sliding-window groups, the budget is split so that every group
 runs out at the same number of agents of ``reference_tokens`` tokens each (a
 sliding group needs only ``ceil(W / B) + 1`` blocks per agent).
 
+The block format (dense, or 8/4-bit affine-quantized at rest) is the spec's
+(:attr:`ModelCacheSpec.format`): byte budgets count bytes at rest, so a 4-bit pool of
+the same budget holds about 3.5x the blocks; gathers hand out dense caches whatever
+the format. The spec, not the pool, carries it because everything that must agree on
+it already compares specs: the manager's byte counts, the engine (``pool.spec ==
+spec``) and saved files (a file of another format is an IncompatibleCacheError).
+
 Not thread-safe by itself: the engine serialises access under its lock.
 """
 
@@ -19,13 +26,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch, Reservation
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
 from kvpool.spec import ModelCacheSpec
-from kvpool.storage import KVStorage, LayerKV
+from kvpool.storage import KVStorage, LayerCodes, LayerKV
+
+_Rows = TypeVar("_Rows", LayerKV, LayerCodes)
 
 StorageFactory = Callable[[ModelCacheSpec, tuple[int, ...]], KVStorage]
 
@@ -363,7 +372,30 @@ class BlockPool:
     def write_layers(
         self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV], written_from: int
     ) -> None:
-        """Write host K/V through ``tables`` at positions ``>= written_from`` only."""
+        """Write host K/V through ``tables`` at positions ``>= written_from`` only
+        (quantized as it is written, in a quantized pool)."""
+        self._storage.write_layers(tables, self._writable(tables, kvs, written_from))
+
+    def read_codes(
+        self, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
+    ) -> list[LayerCodes]:
+        """Positions ``[start, stop)`` of ``layers`` of a live handle as its quantized
+        blocks hold them (codes, scales, biases), on the host. Quantized pools only."""
+        self.check_live(handle)
+        tables = tuple(t.block_ids for t in handle.tables)
+        return self._storage.read_codes(tables, layers, start, stop)
+
+    def write_codes(
+        self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerCodes], written_from: int
+    ) -> None:
+        """Like :meth:`write_layers`, rows already quantized in the pool's format
+        (from :meth:`read_codes`), written bit for bit."""
+        self._storage.write_codes(tables, self._writable(tables, kvs, written_from))
+
+    def _writable(
+        self, tables: Sequence[Sequence[int]], kvs: Sequence[_Rows], written_from: int
+    ) -> list[_Rows]:
+        """``kvs`` cut to positions ``>= written_from`` in blocks of ``tables`` (not NULL)."""
         size = self.spec.block_tokens
         out = []
         for kv in kvs:
@@ -374,8 +406,8 @@ class BlockPool:
             skip = lo - kv.start
             if skip >= kv.num_tokens:
                 continue
-            out.append(LayerKV(kv.layer, lo, kv.keys[:, skip:], kv.values[:, skip:]))
-        self._storage.write_layers(tables, out)
+            out.append(kv.drop(skip))
+        return out
 
     def commit_exact(
         self,

@@ -1,11 +1,20 @@
-"""SlabStorage: the pool's K/V bytes as one preallocated MLX slab per layer.
+"""SlabStorage: the pool's K/V bytes as preallocated MLX slabs per layer, in the spec's format.
 
-Each layer ``l`` has a K slab and a V slab shaped
-``[num_blocks, n_kv_heads, block_tokens, head_dim]``; block id ``b`` is
-``slab[b]`` in every layer. Writes land in place: the storage keeps the only
-reference to each slab and rebinds it to the scatter's output
-(``self.k[l] = scatter(self.k[l], ...)``), so MLX donates the buffer instead of
-copying the slab (``kvpool.kernels.scatter_stats()`` counts both).
+Each layer ``l`` has a K slab and a V slab; block id ``b`` is ``slab[b]`` in every layer of
+its group. A dense slab is one ``[num_blocks, n_kv_heads, block_tokens, head_dim]`` array
+of the cache dtype; a quantized one (``spec.kv_bits`` 8 or 4) is the three arrays of
+``mx.quantize`` (see :mod:`kvpool.kernels`)::
+
+    codes   [num_blocks, n_kv_heads, block_tokens, head_dim * bits // 32]   uint32
+    scales  [num_blocks, n_kv_heads, block_tokens, head_dim // group_size]  cache dtype
+    biases  like scales
+
+so a 4-bit pool of a byte budget really holds about 3.5x the tokens. Loads dequantize
+inside the gather kernel into dense per-layer caches (headroom as for dense slabs); stores
+quantize inside the scatter kernel. Writes land in place: the storage keeps the only
+reference to each slab array and rebinds it to the scatter's output
+(``self.k[l] = scatter(self.k[l], ...)``), so MLX donates the buffer instead of copying
+the slab (``kvpool.kernels.scatter_stats()`` counts both).
 """
 
 from __future__ import annotations
@@ -17,11 +26,22 @@ import mlx.core as mx
 import numpy as np
 
 from kvpool import kernels
+from kvpool.errors import InvalidRequestError
 from kvpool.mlx.mlx_lm import KV_CACHE_STEP, kv_cache, rotating_cache
 from kvpool.spec import ModelCacheSpec
-from kvpool.storage import HostArray, LayerKV, first_writable, host_dtype
+from kvpool.storage import (
+    HostArray,
+    LayerCodes,
+    LayerKV,
+    QuantizedRows,
+    first_writable,
+    host_dtype,
+)
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+QuantizedSlab = tuple[mx.array, mx.array, mx.array]
+"""(codes, scales, biases) of one layer's K or V."""
 
 
 def headroom_capacity(num_tokens: int, step: int = KV_CACHE_STEP) -> int:
@@ -36,40 +56,116 @@ def _pad_front(array: mx.array) -> mx.array:
     return mx.concatenate([zero, array], axis=2)
 
 
+def _to_host(arrays: list[mx.array]) -> list[HostArray]:
+    """Evaluated ``[1, H, T, D]`` arrays -> ``[H, T, D]`` numpy arrays sharing their buffers
+    (bfloat16 as its uint16 bits: numpy has no bfloat16)."""
+    arrays = [a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for a in arrays]
+    mx.eval(arrays)
+    return [np.asarray(a)[0] for a in arrays]
+
+
 class SlabStorage:
-    """MLX slabs for ``blocks_per_group[g]`` blocks of every layer of group ``g`` of ``spec``."""
+    """MLX slabs for ``blocks_per_group[g]`` blocks of every layer of group ``g`` of ``spec``.
+
+    Dense specs fill ``k``/``v`` (one array per layer); quantized ones fill ``qk``/``qv``
+    (one (codes, scales, biases) tuple per layer) and leave ``k``/``v`` empty.
+    """
 
     def __init__(self, spec: ModelCacheSpec, blocks_per_group: Sequence[int]) -> None:
         self.spec = spec
+        self.format = spec.format
         self.blocks_per_group = tuple(blocks_per_group)
         dtype = _MX_DTYPES[spec.dtype]
         self._group_of_layer = spec.group_of_layer()
         self._groups = spec.groups
         self.k: list[mx.array] = []
         self.v: list[mx.array] = []
+        self.qk: list[QuantizedSlab] = []
+        self.qv: list[QuantizedSlab] = []
         for i, layer in enumerate(spec.layers):
             num_blocks = self.blocks_per_group[self._group_of_layer[i]]
             shape = (num_blocks, layer.n_kv_heads, spec.block_tokens)
-            self.k.append(mx.zeros((*shape, layer.k_head_dim), dtype=dtype))
-            self.v.append(mx.zeros((*shape, layer.v_head_dim), dtype=dtype))
-        mx.eval(self.k, self.v)
+            if not self.format.is_quantized:
+                self.k.append(mx.zeros((*shape, layer.k_head_dim), dtype=dtype))
+                self.v.append(mx.zeros((*shape, layer.v_head_dim), dtype=dtype))
+                continue
+            for slabs, dim in ((self.qk, layer.k_head_dim), (self.qv, layer.v_head_dim)):
+                codes, scales = kernels.quantized_shapes(
+                    *shape, dim, bits=self.format.bits or 0, group_size=self.format.group_size
+                )
+                slabs.append(
+                    (
+                        mx.zeros(codes, dtype=mx.uint32),
+                        mx.zeros(scales, dtype=dtype),
+                        mx.zeros(scales, dtype=dtype),
+                    )
+                )
+        mx.eval(self.k, self.v, self.qk, self.qv)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        dense = sum(a.nbytes for a in (*self.k, *self.v))
+        return dense + sum(a.nbytes for slab in (*self.qk, *self.qv) for a in slab)
+
+    # -- dense views of the blocks ----------------------------------------------
+
+    def _gather(
+        self, layers: Sequence[int], table: list[int], start: int, stop: int, capacity: int
+    ) -> list[mx.array]:
+        """K and V of each of ``layers`` (one group), dense, ``[1, H, capacity, D]`` each:
+        ``[k0, v0, k1, v1, ...]``."""
+        if not self.format.is_quantized:
+            slabs = [s for i in layers for s in (self.k[i], self.v[i])]
+            return kernels.gather(slabs, table, start, stop, capacity)
+        qslabs = [s for i in layers for s in (self.qk[i], self.qv[i])]
+        return kernels.gather_dequantized(
+            qslabs,
+            table,
+            start,
+            stop,
+            capacity,
+            bits=self.format.bits or 0,
+            group_size=self.format.group_size,
+        )
+
+    def _scatter(
+        self, i: int, keys: mx.array, values: mx.array, table: list[int], first: int
+    ) -> None:
+        """Write dense rows ``[1, H, T, D]`` at positions ``first..`` of layer ``i`` (lazy)."""
+        # Rebind so each slab array keeps one reference and the scatter writes in place.
+        if not self.format.is_quantized:
+            self.k[i] = kernels.scatter(self.k[i], keys, table, first)
+            self.v[i] = kernels.scatter(self.v[i], values, table, first)
+            return
+        bits, group_size = self.format.bits or 0, self.format.group_size
+        self.qk[i] = kernels.scatter_quantized(
+            self.qk[i], keys, table, first, bits=bits, group_size=group_size
+        )
+        self.qv[i] = kernels.scatter_quantized(
+            self.qv[i], values, table, first, bits=bits, group_size=group_size
+        )
+
+    def _eval_slabs(self, layers: Sequence[int] | None = None) -> None:
+        if layers is None:
+            mx.eval(self.k, self.v, self.qk, self.qv)
+        elif self.format.is_quantized:
+            mx.eval([self.qk[i] for i in layers], [self.qv[i] for i in layers])
+        else:
+            mx.eval([self.k[i] for i in layers], [self.v[i] for i in layers])
 
     def load(self, tables: Sequence[Sequence[int]], num_tokens: int) -> list[Any]:
         caches: list[Any] = [None] * self.spec.n_layers
         for g, group in enumerate(self._groups):
             table = list(tables[g])
-            slabs = [s for i in group.layers for s in (self.k[i], self.v[i])]
             if group.window is None:
-                out = kernels.gather(slabs, table, 0, num_tokens, headroom_capacity(num_tokens))
+                out = self._gather(
+                    group.layers, table, 0, num_tokens, headroom_capacity(num_tokens)
+                )
                 for j, i in enumerate(group.layers):
                     caches[i] = kv_cache(out[2 * j], out[2 * j + 1], num_tokens)
                 continue
             held = min(num_tokens, group.window - 1)
-            out = kernels.gather(slabs, table, num_tokens - held, num_tokens, held)
+            out = self._gather(group.layers, table, num_tokens - held, num_tokens, held)
             if num_tokens >= group.window:
                 # mlx-lm's RotatingKVCache is full (window rows) once offset >= window.
                 # Row 0 stands for position num_tokens - window, which no later query
@@ -99,9 +195,8 @@ class SlabStorage:
             if first >= offset:
                 continue
             rows = slice(first - base, offset - base)
-            self.k[i] = kernels.scatter(self.k[i], cache.keys[:, :, rows, :], table, first)
-            self.v[i] = kernels.scatter(self.v[i], cache.values[:, :, rows, :], table, first)
-        mx.eval(self.k, self.v)
+            self._scatter(i, cache.keys[:, :, rows, :], cache.values[:, :, rows, :], table, first)
+        self._eval_slabs()
         return tuple(written_from)
 
     def read_layers(
@@ -112,19 +207,13 @@ class SlabStorage:
         n = stop - start
         if n <= 0:
             return [LayerKV(i, start, *self._empty_host(i)) for i in layers]
-        out: list[tuple[int, mx.array, mx.array]] = []
+        by_layer: dict[int, tuple[mx.array, mx.array]] = {}
         for g in sorted({self._group_of_layer[i] for i in layers}):
             mine = [i for i in layers if self._group_of_layer[i] == g]
-            slabs = [s for i in mine for s in (self.k[i], self.v[i])]
-            got = kernels.gather(slabs, list(tables[g]), start, stop, n)
-            out.extend((i, got[2 * j], got[2 * j + 1]) for j, i in enumerate(mine))
-        by_layer = {i: (key, value) for i, key, value in out}
-        arrays = [a for i in layers for a in by_layer[i]]
-        if self.spec.dtype == "bfloat16":  # numpy has no bfloat16: hand out its bits
-            arrays = [a.view(mx.uint16) for a in arrays]
-        mx.eval(arrays)
+            got = self._gather(mine, list(tables[g]), start, stop, n)
+            by_layer.update((i, (got[2 * j], got[2 * j + 1])) for j, i in enumerate(mine))
         # np.asarray shares the gathered buffers (no copy); [0] drops the batch axis.
-        host = [np.asarray(a)[0] for a in arrays]
+        host = _to_host([a for i in layers for a in by_layer[i]])
         return [LayerKV(i, start, host[2 * j], host[2 * j + 1]) for j, i in enumerate(layers)]
 
     def write_layers(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV]) -> None:
@@ -134,11 +223,52 @@ class SlabStorage:
             i = kv.layer
             table = list(tables[self._group_of_layer[i]])
             keys, values = self._to_device(kv.keys), self._to_device(kv.values)
-            # Rebind so the slab keeps one reference and the scatter writes in place.
-            self.k[i] = kernels.scatter(self.k[i], keys, table, kv.start)
-            self.v[i] = kernels.scatter(self.v[i], values, table, kv.start)
+            self._scatter(i, keys, values, table, kv.start)
             del keys, values
-            mx.eval(self.k[i], self.v[i])
+            self._eval_slabs([i])
+
+    # -- quantized blocks as they are at rest -----------------------------------
+
+    def _check_quantized(self, what: str) -> None:
+        if not self.format.is_quantized:
+            raise InvalidRequestError(f"{what}: the pool's blocks are dense ({self.format.name})")
+
+    def read_codes(
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
+    ) -> list[LayerCodes]:
+        self._check_quantized("read_codes")
+        n = max(stop - start, 0)
+        out = []
+        for i in layers:
+            table = list(tables[self._group_of_layer[i]])
+            parts: list[mx.array] = []
+            for codes, scales, biases in (self.qk[i], self.qv[i]):
+                # The gather kernel copies float rows: codes go through as float32 bits.
+                rows = [codes.view(mx.float32), scales, biases]
+                got = kernels.gather(rows, table, start, stop, n)
+                parts.extend([got[0].view(mx.uint32), got[1], got[2]])
+            host = _to_host(parts)
+            out.append(LayerCodes(i, start, QuantizedRows(*host[:3]), QuantizedRows(*host[3:])))
+        return out
+
+    def write_codes(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerCodes]) -> None:
+        self._check_quantized("write_codes")
+        for kv in kvs:
+            if kv.num_tokens == 0:
+                continue
+            i = kv.layer
+            table = list(tables[self._group_of_layer[i]])
+            for which, rows in ((self.qk, kv.keys), (self.qv, kv.values)):
+                old = which[i]
+                which[i] = (
+                    kernels.scatter(old[0], mx.array(rows.codes)[None], table, kv.start),
+                    kernels.scatter(old[1], self._to_device(rows.scales), table, kv.start),
+                    kernels.scatter(old[2], self._to_device(rows.biases), table, kv.start),
+                )
+                del old  # the new tuple's scatters hold the only references: donated
+            self._eval_slabs([i])
+
+    # -- host conversions --------------------------------------------------------
 
     def _to_device(self, host: HostArray) -> mx.array:
         """``[H, T, D]`` host array -> ``[1, H, T, D]`` array of the slab dtype (a copy)."""

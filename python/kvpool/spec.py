@@ -6,17 +6,27 @@ tests and by :meth:`ModelCacheSpec.from_model` from a loaded mlx-lm model.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from kvpool.cache.format import DEFAULT_GROUP_SIZE, DTYPE_BYTES, BlockFormat
 from kvpool.errors import InvalidRequestError, UnsupportedModelError
 
 BLOCK_TOKENS = 256
 """Tokens per block, the pool's unit of allocation."""
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+__all__ = [
+    "BLOCK_TOKENS",
+    "DTYPE_BYTES",
+    "AttentionKind",
+    "BlockFormat",
+    "LayerGroup",
+    "LayerSpec",
+    "ModelCacheSpec",
+]
 
 
 class AttentionKind(enum.Enum):
@@ -51,19 +61,26 @@ class LayerSpec:
 
 @dataclass(frozen=True, slots=True)
 class LayerGroup:
-    """Layers that share one attention kind and window (indices ascending)."""
+    """Layers that share one attention kind and window (indices ascending), and the
+    :class:`BlockFormat` their blocks hold K/V in."""
 
     kind: AttentionKind
     window: int | None
     layers: tuple[int, ...]
+    format: BlockFormat
 
 
 @dataclass(frozen=True, slots=True)
 class ModelCacheSpec:
-    """Every layer's cache geometry, the storage dtype and the block size.
+    """Every layer's cache geometry, the storage dtype, the block size and the format at rest.
 
-    Layers are grouped by attention kind and window (:attr:`groups`); each group
-    has its own blocks and block tables, and a block of group ``g`` holds
+    ``kv_bits`` (None, 8 or 4) and ``kv_group_size`` (64 or 32) choose the
+    :class:`BlockFormat` of every group's blocks (:attr:`format`): dense in ``dtype``, or
+    affine-quantized in MLX's layout with scales and biases in ``dtype``. A quantized spec
+    needs every head dim to be a multiple of the group size (InvalidBlockFormatError, so a
+    pool can never be built for it). Layers are grouped by attention kind and window
+    (:attr:`groups`); each group has its own blocks and block tables, and a block of
+    group ``g`` holds
     ``block_tokens`` consecutive positions of every layer of ``g``
     (:meth:`group_bytes_per_block`). ``bytes_per_block`` sums over all layers:
     the bytes of one block in every group.
@@ -72,6 +89,8 @@ class ModelCacheSpec:
     layers: tuple[LayerSpec, ...]
     dtype: str = "float16"
     block_tokens: int = BLOCK_TOKENS
+    kv_bits: int | None = None  # None: dense blocks; 8 or 4: affine-quantized at rest
+    kv_group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -82,6 +101,19 @@ class ModelCacheSpec:
             )
         if self.block_tokens < 1:
             raise InvalidRequestError(f"block_tokens must be >= 1, got {self.block_tokens}")
+        fmt = self.format  # validates bits and group size
+        for i, layer in enumerate(self.layers):
+            fmt.check_head_dim(layer.k_head_dim, f"layer {i}: k head dim")
+            fmt.check_head_dim(layer.v_head_dim, f"layer {i}: v head dim")
+
+    @property
+    def format(self) -> BlockFormat:
+        """The format every group's blocks hold K/V in."""
+        return BlockFormat(self.dtype, self.kv_bits, self.kv_group_size)
+
+    def with_format(self, bits: int | None, group_size: int = DEFAULT_GROUP_SIZE) -> ModelCacheSpec:
+        """This geometry with blocks in another format (``bits`` None: dense)."""
+        return dataclasses.replace(self, kv_bits=bits, kv_group_size=group_size)
 
     @classmethod
     def uniform(
@@ -141,13 +173,22 @@ class ModelCacheSpec:
     def itemsize(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    def _token_bytes(self, layers: Any) -> int:
+        fmt = self.format
+        return sum(
+            s.n_kv_heads * (fmt.row_bytes(s.k_head_dim) + fmt.row_bytes(s.v_head_dim))
+            for s in layers
+        )
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K and V one position takes at rest over all layers (in :attr:`format`)."""
+        return self._token_bytes(self.layers)
+
     @property
     def bytes_per_block(self) -> int:
-        """Bytes of K and V that one block holds over all layers."""
-        per_token = sum(
-            layer.n_kv_heads * (layer.k_head_dim + layer.v_head_dim) for layer in self.layers
-        )
-        return per_token * self.block_tokens * self.itemsize
+        """Bytes of K and V that one block holds over all layers (in :attr:`format`)."""
+        return self.bytes_per_token * self.block_tokens
 
     @property
     def groups(self) -> tuple[LayerGroup, ...]:
@@ -155,13 +196,15 @@ class ModelCacheSpec:
         order: dict[tuple[AttentionKind, int | None], list[int]] = {}
         for i, layer in enumerate(self.layers):
             order.setdefault((layer.kind, layer.window), []).append(i)
-        return tuple(LayerGroup(kind, window, tuple(ids)) for (kind, window), ids in order.items())
+        fmt = self.format
+        return tuple(
+            LayerGroup(kind, window, tuple(ids), fmt) for (kind, window), ids in order.items()
+        )
 
     def group_bytes_per_block(self, group: int) -> int:
-        """Bytes of K and V one block of layer group ``group`` holds (its layers only)."""
+        """Bytes of K and V one block of layer group ``group`` holds at rest (its layers)."""
         layers = [self.layers[i] for i in self.groups[group].layers]
-        per_token = sum(s.n_kv_heads * (s.k_head_dim + s.v_head_dim) for s in layers)
-        return per_token * self.block_tokens * self.itemsize
+        return self._token_bytes(layers) * self.block_tokens
 
     def group_of_layer(self) -> tuple[int, ...]:
         """For each layer, the index of its group in :attr:`groups`."""
@@ -185,6 +228,7 @@ class ModelCacheSpec:
         kinds = Counter(layer.kind.value for layer in self.layers)
         parts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         return (
-            f"{self.n_layers} layers ({parts}), {self.dtype}, {self.block_tokens} tokens/block, "
+            f"{self.n_layers} layers ({parts}), {self.format.name}, "
+            f"{self.block_tokens} tokens/block, "
             f"{self.bytes_per_block / 2**20:.2f} MiB/block"
         )

@@ -6,9 +6,12 @@ per-layer caches a batch generator consumes. :class:`kvpool.slabs.SlabStorage`
 is the real one (MLX slabs); :class:`kvpool.testing.FakeStorage` records token
 ids instead of K/V so unit tests run without MLX.
 
-``read_layers`` / ``write_layers`` move K/V between blocks and host (numpy)
-arrays, bit for bit, for persistence (:mod:`kvpool.persist`): layer by layer,
-so saving or loading an agent never needs a second copy of it in memory.
+``read_layers`` / ``write_layers`` move dense K/V between blocks and host (numpy)
+arrays, layer by layer, so saving or loading an agent never needs a second copy of
+it in memory: bit for bit for dense blocks; quantized blocks dequantize on the way
+out and quantize on the way in. ``read_codes`` / ``write_codes`` move quantized
+blocks as they are at rest (codes, scales, biases), bit for bit, for persistence
+(:mod:`kvpool.persist`).
 """
 
 from __future__ import annotations
@@ -20,15 +23,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from kvpool.cache.format import HOST_DTYPES
 from kvpool.spec import ModelCacheSpec
 
 HostArray = npt.NDArray[Any]
-
-_HOST_DTYPES: dict[str, type[np.generic]] = {
-    "float32": np.float32,
-    "float16": np.float16,
-    "bfloat16": np.uint16,  # numpy has no bfloat16: its bits, unchanged
-}
 
 
 def host_dtype(dtype: str) -> np.dtype[Any]:
@@ -37,7 +35,7 @@ def host_dtype(dtype: str) -> np.dtype[Any]:
     ``float32`` and ``float16`` map to themselves; ``bfloat16`` maps to
     ``uint16`` (the same 16 bits). Host arrays never convert values.
     """
-    return np.dtype(_HOST_DTYPES[dtype])
+    return np.dtype(HOST_DTYPES[dtype])
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +55,44 @@ class LayerKV:
     @property
     def num_tokens(self) -> int:
         return int(self.keys.shape[1])
+
+    def drop(self, n: int) -> LayerKV:
+        """The same layer without its first ``n`` positions."""
+        return LayerKV(self.layer, self.start + n, self.keys[:, n:], self.values[:, n:])
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedRows:
+    """Rows of K or V as a quantized block holds them (``mx.quantize`` layout, on the host).
+
+    ``codes`` ``[n_kv_heads, T, head_dim * bits // 32]`` uint32; ``scales`` and ``biases``
+    ``[n_kv_heads, T, head_dim // group_size]`` in the host dtype of the cache dtype.
+    """
+
+    codes: HostArray
+    scales: HostArray
+    biases: HostArray
+
+    def drop(self, n: int) -> QuantizedRows:
+        return QuantizedRows(self.codes[:, n:], self.scales[:, n:], self.biases[:, n:])
+
+
+@dataclass(frozen=True, slots=True)
+class LayerCodes:
+    """One layer's quantized K and V for positions ``[start, start + num_tokens)``."""
+
+    layer: int
+    start: int
+    keys: QuantizedRows
+    values: QuantizedRows
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keys.codes.shape[1])
+
+    def drop(self, n: int) -> LayerCodes:
+        """The same layer without its first ``n`` positions."""
+        return LayerCodes(self.layer, self.start + n, self.keys.drop(n), self.values.drop(n))
 
 
 class KVStorage(Protocol):
@@ -117,6 +153,19 @@ class KVStorage(Protocol):
         The inverse of :meth:`read_layers`: only those positions of those
         layers change. The caller owns the blocks (no one else reads them).
         """
+        ...
+
+    def read_codes(
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
+    ) -> list[LayerCodes]:
+        """Like :meth:`read_layers`, the blocks' quantized rows as they are at rest.
+
+        Quantized formats only (InvalidRequestError for a dense one).
+        """
+        ...
+
+    def write_codes(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerCodes]) -> None:
+        """The inverse of :meth:`read_codes`, bit for bit (quantized formats only)."""
         ...
 
 

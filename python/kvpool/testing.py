@@ -30,8 +30,16 @@ from typing import Any
 
 import numpy as np
 
+from kvpool.errors import InvalidRequestError
 from kvpool.spec import ModelCacheSpec
-from kvpool.storage import HostArray, LayerKV, first_writable, host_dtype
+from kvpool.storage import (
+    HostArray,
+    LayerCodes,
+    LayerKV,
+    QuantizedRows,
+    first_writable,
+    host_dtype,
+)
 
 
 @dataclass(slots=True)
@@ -139,6 +147,13 @@ class FakeStorage:
     layer is every element of row ``p`` set to the bits of its token id (keys)
     or of the id's bitwise complement (values), in the spec's host dtype; so a
     saved and restored fake cache is byte for byte what persistence wrote.
+
+    A quantized spec (``spec.kv_bits``) sizes :attr:`nbytes` by its format, and its
+    blocks read and write as codes (``read_codes``/``write_codes``): every code word of
+    row ``p`` holds token ``p`` (keys) or its complement (values), every scale the low
+    bits of the same word and every bias their complement, shaped as ``mx.quantize``
+    shapes them. Dense formats refuse ``read_codes``/``write_codes`` as the real
+    storage does.
     """
 
     def __init__(self, spec: ModelCacheSpec, blocks_per_group: Sequence[int]) -> None:
@@ -209,6 +224,58 @@ class FakeStorage:
             tokens = self._decode(kv)
             for t, token in enumerate(tokens):
                 self.slots[kv.layer][self._slot(tables, kv.layer, kv.start + t)] = token
+
+    def read_codes(
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
+    ) -> list[LayerCodes]:
+        self._check_quantized("read_codes")
+        out = []
+        for kv in self.read_layers(tables, layers, start, stop):
+            tokens = self._decode(kv)
+            out.append(
+                LayerCodes(kv.layer, start, *(self._rows(kv.layer, tokens, v) for v in (0, 1)))
+            )
+        return out
+
+    def write_codes(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerCodes]) -> None:
+        self._check_quantized("write_codes")
+        for kv in kvs:
+            ids = kv.keys.codes[0, :, 0]
+            for which, rows in enumerate((kv.keys, kv.values)):
+                expect = self._rows(kv.layer, [int(t) for t in ids], which)
+                for name in ("codes", "scales", "biases"):
+                    got, want = getattr(rows, name), getattr(expect, name)
+                    assert got.shape == want.shape and got.dtype == want.dtype, (
+                        f"layer {kv.layer} {name}: {got.shape} {got.dtype}, expected "
+                        f"{want.shape} {want.dtype}"
+                    )
+                    assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (
+                        f"layer {kv.layer} {name} are not fake codes"
+                    )
+            for t, token in enumerate(ids):
+                self.slots[kv.layer][self._slot(tables, kv.layer, kv.start + t)] = int(token)
+
+    def _check_quantized(self, what: str) -> None:
+        if not self.spec.format.is_quantized:
+            raise InvalidRequestError(f"{what}: the pool's blocks are dense ({self.spec.dtype})")
+
+    def _rows(self, layer: int, tokens: Sequence[int], complement: int) -> QuantizedRows:
+        spec, fmt = self.spec.layers[layer], self.spec.format
+        dim = spec.v_head_dim if complement else spec.k_head_dim
+        words = np.asarray(tokens, dtype="<u4")[None, :, None]
+        if complement:
+            words = ~words
+        heads, n = spec.n_kv_heads, len(tokens)
+        codes = np.broadcast_to(words, (heads, n, fmt.codes_dim(dim)))
+        small = self._bits()
+        low = (words & np.uint32(2 ** (8 * small.itemsize) - 1)).astype(small)
+        scales = np.broadcast_to(low, (heads, n, fmt.scales_dim(dim)))
+        dtype = host_dtype(self.spec.dtype)
+        return QuantizedRows(
+            np.ascontiguousarray(codes),
+            np.ascontiguousarray(scales).view(dtype),
+            np.ascontiguousarray(~scales).view(dtype),
+        )
 
     def _bits(self) -> np.dtype[Any]:
         return np.dtype(f"<u{host_dtype(self.spec.dtype).itemsize}")

@@ -48,6 +48,8 @@ def test_demo_json_reuses_the_cache_and_matches_reprefill(
         "max_tokens": 4,
         "pool_mb": None,
         "seed": 0,
+        "kv_bits": None,
+        "kv_group_size": 64,
     }
     cached, reprefill = data["cached"], data["reprefill"]
     assert [(r["turn"], r["agent_id"]) for r in cached["records"]] == [
@@ -133,6 +135,13 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
         # 0.1 MiB holds no block of the tiny model (0.125 MiB).
         (["demo", *SMALL, "--pool-mb", "0.1"], "holds 0 blocks of 0.12 MiB; one agent needs"),
         (["demo", *SMALL, "--agents", "8", "--pool-mb", "0.75"], "8 agents at once need"),
+        (["demo", "--kv-bits", "3"], "argument --kv-bits: invalid choice: 3 (choose from 8, 4)"),
+        (["demo", "--kv-group-size", "48"], "argument --kv-group-size: invalid choice: 48"),
+        # the tiny model's head dim 16 holds no group of 64 (or 32)
+        (
+            ["demo", *SMALL, "--kv-bits", "4"],
+            "head dim 16 is not a multiple of the kv group size 64",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -205,3 +214,12 @@ def test_console_script(cache_dir: Path) -> None:
         True,
         True,
     ]
+
+
+def test_demo_with_quantized_blocks(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--model", "demo", "--agents", "2", "--turns", "2", "--max-tokens", "4"]
+    data = _run_json(capsys, [*argv, "--kv-bits", "8", "--json"])
+    assert (data["config"]["kv_bits"], data["config"]["kv_group_size"]) == (8, 64)
+    assert "q8g64-float32" in data["model"]["cache_spec"]
+    turn2 = [r for r in data["cached"]["records"] if r["turn"] == 2]
+    assert len(turn2) == 2 and all(r["cached_tokens"] > 0 for r in turn2)

@@ -170,7 +170,7 @@ def test_round_trip_is_bit_exact_and_a_standard_safetensors_file(
     assert arrays["token_ids"].tolist() == list(blocks.token_ids)
     assert tuple(arrays["layers.1.values"].shape) == (2, 21 - 15, 8)
     assert str(arrays["layers.0.keys"].dtype) == f"mlx.core.{dtype}"
-    assert (metadata["format"], metadata["format_version"]) == ("kvpool-agent-cache", "1")
+    assert (metadata["format"], metadata["format_version"]) == ("kvpool-agent-cache", "2")
     info = verify_cache(path)
     assert (info.num_tokens, info.sliding_valid_from, info.spec) == (21, 15, pool.spec)
 
@@ -238,7 +238,7 @@ def rewrite_header(path: Path, data: bytes, edit: Callable[[dict[str, Any]], Non
     (header_len,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + header_len])
     edit(header)
-    header["__metadata__"]["header_sha256"] = persist._header_digest(header)
+    header["__metadata__"]["header_sha256"] = persist.layout._header_digest(header)
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + header_len :])
@@ -302,10 +302,10 @@ def test_a_newer_format_version_is_incompatible(
     pool, path, data = small_file
 
     def bump(h: dict[str, Any]) -> None:
-        h["__metadata__"]["format_version"] = "2"
+        h["__metadata__"]["format_version"] = "3"
 
     rewrite_header(path, data, bump)
-    with pytest.raises(IncompatibleCacheError, match="version 2"):
+    with pytest.raises(IncompatibleCacheError, match="version 3"):
         load_cache(path, pool, fingerprint=FP)
 
 
@@ -391,6 +391,7 @@ def test_file_names_encode_the_agent_and_a_file_must_hold_its_agent(tmp_path: Pa
 _CHILD = r"""
 import os, signal, sys
 from kvpool import BlockPool, ModelCacheSpec, persist
+from kvpool.persist import atomic, files
 from kvpool.storage import LayerKV
 from kvpool.testing import FakeStorage
 
@@ -415,11 +416,11 @@ if kill_at.startswith("in-place"):  # negative control: no temp file, write the 
     def in_place(path, write):
         path.unlink(missing_ok=True)
         write(path)
-    persist._atomic_write = in_place
+    files._atomic_write = in_place  # what save_cache calls
     kill_at = kill_at.partition("+")[2] or "random"
 if kill_at != "random":
     owner, name, when = kill_at.split(":")
-    hook({"persist": persist, "os": persist.os}[owner], name, when)
+    hook({"files": files, "atomic": atomic, "os": os}[owner], name, when)
 def say(line):
     # one write per line: with PYTHONUNBUFFERED, print() writes its pieces separately and
     # a kill between them would leave a torn line
@@ -475,12 +476,12 @@ def test_sigkill_during_saves_leaves_the_old_or_the_new_file(tmp_path: Path) -> 
     path = tmp_path / "a.safetensors"
     rng = random.Random(1234)
     steps = [
-        "persist:_write_data:before",  # temp file created, nothing written
-        "persist:_write_data:after",  # data written, header not yet
-        "persist:_fsync_file:before",  # complete, not fsynced
+        "files:_write_data:before",  # temp file created, nothing written
+        "files:_write_data:after",  # data written, header not yet
+        "atomic:_fsync_file:before",  # complete, not fsynced
         "os:replace:before",  # fsynced, not renamed
         "os:replace:after",  # renamed, directory not fsynced
-        "persist:_fsync_dir:after",  # done, not reported
+        "atomic:_fsync_dir:after",  # done, not reported
     ]
     plan = [(step, None) for step in steps] + [
         ("random", rng.uniform(0.0, 0.25)) for _ in range(50)
@@ -537,8 +538,8 @@ def test_negative_control_saving_in_place_leaves_torn_files(tmp_path: Path) -> N
     path = tmp_path / "a.safetensors"
     rng = random.Random(99)
     plan = [
-        ("in-place+persist:_write_data:before", None),
-        ("in-place+persist:_write_data:after", None),
+        ("in-place+files:_write_data:before", None),
+        ("in-place+files:_write_data:after", None),
     ]
     plan += [("in-place", rng.uniform(0.05, 0.25)) for _ in range(6)]
     broken = []

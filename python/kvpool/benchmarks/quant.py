@@ -24,15 +24,28 @@ the gather equals ``mx.dequantize`` bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
+import shutil
+import statistics
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from kvpool import _kernels
+from kvpool import BlockPool, BlockPoolBatchEngine, CompletedGeneration, _kernels, kernels, persist
 from kvpool.benchmarks.measure import interleave, mlx_cache_limit, ratio, summary_ms, target
+from kvpool.cache.tables import CacheHandle
+from kvpool.mlx.mlx_lm import kv_cache
+from kvpool.models import RECIPES, build_model, ensure_model, load_model
+from kvpool.pool import split_budget
+from kvpool.spec import ModelCacheSpec
+from kvpool.storage import LayerKV
 
 KV_HEADS = 8
 HEAD_DIM = 128
@@ -127,8 +140,8 @@ def _within_target(value: float | None) -> bool:
     return value is not None and value <= TARGET_VS_DENSE
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Times the dense and the dequantizing gathers; returns the record (ms, bytes)."""
+def _gather(quick: bool) -> dict[str, Any]:
+    """Times the dense and the dequantizing gathers (ms, bytes)."""
     shape = QUICK if quick else FULL
     rng = np.random.default_rng(0)
     table = [int(b) for b in rng.permutation(shape.slab_blocks)[: shape.blocks]]
@@ -212,3 +225,452 @@ def run(quick: bool) -> dict[str, Any]:
             for n in ("q8", "q4")
         ],
     }
+
+
+# --------------------------------------------------------------------------- capacity
+
+CAPACITY_BUDGET = 24 << 30  # a 24 GB Mac's worth of K/V
+AGENT_TOKENS = 4096
+# The cache geometry of Llama-3-8B: 32 layers x 8 KV heads x 128 (128 KiB a token in fp16).
+AGENT_LAYERS = 32
+CAPACITY_TARGETS = {"float16": {8: 1.85, 4: 3.4}, "float32": {8: 3.7, 4: 6.5}}
+FLOAT32_NOTE = (
+    "float32 misses by layout: MLX's affine format keeps scales and biases in the cache "
+    "dtype, so a float32 row of 128 takes 128 B of 8-bit codes + 16 B (3.56x) or 64 + 16 B "
+    "(6.40x); 3.7x and 6.5x would need float16 scales, which mx.dequantize of a float32 "
+    "quantization does not use (the blocks would no longer be what MLX produces)"
+)
+
+
+def _capacity() -> dict[str, Any]:
+    """Agents of AGENT_TOKENS that one budget holds, per dtype and format, as BlockPool
+    sizes itself (split_budget over bytes at rest; no allocation)."""
+    out: dict[str, Any] = {}
+    for dtype in ("float16", "float32"):
+        dense = ModelCacheSpec.uniform(AGENT_LAYERS, KV_HEADS, HEAD_DIM, dtype=dtype)
+        per_agent = dense.blocks_for(AGENT_TOKENS)
+        row: dict[str, Any] = {}
+        for name, bits in (("dense", None), ("q8", 8), ("q4", 4)):
+            spec = dense.with_format(bits, GROUP_SIZE)
+            (blocks,) = split_budget(spec, CAPACITY_BUDGET)
+            row[name] = {
+                "bytes_per_token": spec.bytes_per_token,
+                "blocks": blocks,
+                "agents": blocks // per_agent,
+            }
+        for name in ("q8", "q4"):
+            row[name]["agents_vs_dense"] = ratio(row[name]["agents"], row["dense"]["agents"], 3)
+        out[dtype] = row
+    return {
+        "budget_bytes": CAPACITY_BUDGET,
+        "agent_tokens": AGENT_TOKENS,
+        "geometry": f"{AGENT_LAYERS} layers x {KV_HEADS} KV heads x {HEAD_DIM}",
+        "group_size": GROUP_SIZE,
+        "by_dtype": out,
+        "float32_note": FLOAT32_NOTE,
+    }
+
+
+# --------------------------------------------------------------------------- save / load
+
+FILE_TARGET = 3.0  # a 4-bit file at least 3x smaller than dense
+LOAD_TARGET = 2.0  # and its load at least 2x faster
+FINGERPRINT = "sha256:" + "5a" * 32  # any constant: no model here
+
+
+def _fill(pool: BlockPool, tokens: tuple[int, ...], seed: int) -> CacheHandle:
+    rng = np.random.default_rng(seed)
+    n = len(tokens)
+    kvs = []
+    for i, layer in enumerate(pool.spec.layers):
+        shape = (layer.n_kv_heads, n, layer.k_head_dim)
+        keys = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+        values = rng.standard_normal(shape, dtype=np.float32).astype(np.float16)
+        kvs.append(LayerKV(i, 0, keys, values))
+    return pool.write_cache("bench-agent", tokens, kvs)
+
+
+def _same_blocks(pool: BlockPool, a: CacheHandle, other: BlockPool, b: CacheHandle) -> bool:
+    """The loaded blocks equal the saved ones bit for bit (codes for quantized pools)."""
+    for i in range(pool.spec.n_layers):
+        if pool.spec.format.is_quantized:
+            (x,) = pool.read_codes(a, [i], 0, a.total_tokens)
+            (y,) = other.read_codes(b, [i], 0, b.total_tokens)
+            xs = [getattr(r, p) for r in (x.keys, x.values) for p in ("codes", "scales", "biases")]
+            ys = [getattr(r, p) for r in (y.keys, y.values) for p in ("codes", "scales", "biases")]
+        else:
+            (kx,) = pool.read_layers(a, [i], 0, a.total_tokens)
+            (ky,) = other.read_layers(b, [i], 0, b.total_tokens)
+            xs, ys = [kx.keys, kx.values], [ky.keys, ky.values]
+        if any(p.tobytes() != q.tobytes() for p, q in zip(xs, ys, strict=True)):
+            return False
+    return True
+
+
+def _persist(quick: bool) -> dict[str, Any]:
+    """Save and load of one agent per format, interleaved, into a pool of its own (each load
+    under a fresh cache salt, so it reads the file instead of sharing the cached blocks)."""
+    n_layers, num_tokens, rounds = (4, 1024, 2) if quick else (AGENT_LAYERS, AGENT_TOKENS, 3)
+    dense = ModelCacheSpec.uniform(n_layers, KV_HEADS, HEAD_DIM, dtype="float16")
+    tokens = tuple(int(t) for t in np.random.default_rng(0).integers(0, 32000, num_tokens))
+    blocks = dense.blocks_for(num_tokens)
+    root = Path(tempfile.mkdtemp(prefix="kvpool-bench-quant-"))
+    fns: list[Callable[[], None]] = []
+    names: list[str] = []
+    info: dict[str, dict[str, Any]] = {}
+    salts = itertools.count()
+    try:
+        for name, bits in (("dense", None), ("q8", 8), ("q4", 4)):
+            spec = dense.with_format(bits, GROUP_SIZE)
+            source = BlockPool(spec, num_blocks=blocks)
+            handle = _fill(source, tokens, seed=1)
+            target_pool = BlockPool(spec, num_blocks=blocks)
+            path = root / f"{name}.kvcache.safetensors"
+            size = persist.save_cache(path, source, handle, fingerprint=FINGERPRINT)
+            loaded = persist.load_cache(path, target_pool, fingerprint=FINGERPRINT)
+            equal = _same_blocks(source, handle, target_pool, loaded)
+            target_pool.release(loaded)
+            info[name] = {"file_bytes": size, "round_trip_equal": equal}
+
+            def save(source: BlockPool = source, handle: CacheHandle = handle,
+                     path: Path = path) -> None:  # fmt: skip
+                persist.save_cache(path, source, handle, fingerprint=FINGERPRINT)
+
+            def load(target_pool: BlockPool = target_pool, path: Path = path) -> None:
+                got = persist.load_cache(
+                    path, target_pool, fingerprint=FINGERPRINT, cache_salt=str(next(salts))
+                )
+                target_pool.release(got)
+
+            fns += [save, load]
+            names += [f"save_{name}", f"load_{name}"]
+        kernels.reset_scatter_stats()
+        samples = interleave(fns, iters=rounds, warmup=1 if not quick else 0)
+        copied = kernels.scatter_stats()["num_copied"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    times = {n: summary_ms(s) for n, s in zip(names, samples, strict=True)}
+    for name in ("dense", "q8", "q4"):
+        info[name]["save"] = times[f"save_{name}"]
+        info[name]["load"] = times[f"load_{name}"]
+        info[name]["file_vs_dense"] = ratio(
+            info["dense"]["file_bytes"], info[name]["file_bytes"], 3
+        )
+        info[name]["load_speedup_vs_dense"] = ratio(
+            times["load_dense"]["p50_ms"], times[f"load_{name}"]["p50_ms"], 3
+        )
+        info[name]["save_speedup_vs_dense"] = ratio(
+            times["save_dense"]["p50_ms"], times[f"save_{name}"]["p50_ms"], 3
+        )
+    return {
+        "geometry": f"{n_layers} layers x {KV_HEADS} KV heads x {HEAD_DIM}, float16",
+        "num_tokens": num_tokens,
+        "rounds": rounds,
+        "formats": info,
+        "scatter_num_copied": copied,
+        "note": "page cache warm (the file was just written); save = temp file, fsync, rename",
+    }
+
+
+# --------------------------------------------------------------------------- quality
+
+QUALITY_MODEL = "demo"  # llama, 4 layers, 2 KV heads x 64, float32, weights scaled x4
+AGREEMENT_TARGET = 0.9  # 8-bit: turns whose greedy tokens equal the dense run's
+RANDOM_WEIGHTS_NOTE = (
+    "random-weight models (kvpool.models recipe, Linear and embedding weights scaled x4 so "
+    "output depends on context), not trained ones: these are agreement and error figures, "
+    "not perplexity"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QualityShape:
+    agents: int
+    turns: int  # turn 0 prefills; turns 1.. resume from the pool's blocks
+    first_tokens: int
+    turn_tokens: int  # user tokens added each turn
+    max_tokens: int
+
+
+QUALITY_FULL = QualityShape(agents=6, turns=5, first_tokens=400, turn_tokens=60, max_tokens=16)
+QUALITY_QUICK = QualityShape(agents=2, turns=2, first_tokens=200, turn_tokens=30, max_tokens=8)
+
+
+@dataclass(slots=True)
+class _Errors:
+    """Sums for the relative RMS error of K and V and the logit figures, over resumes."""
+
+    err_k: float = 0.0
+    ref_k: float = 0.0
+    err_v: float = 0.0
+    ref_v: float = 0.0
+    logit_max_abs: list[float] = dataclasses.field(default_factory=list)
+    kl: list[float] = dataclasses.field(default_factory=list)
+    first_token_equal: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        n = len(self.kl)
+        return {
+            "relative_rms_error_k": round(math.sqrt(self.err_k / self.ref_k), 6),
+            "relative_rms_error_v": round(math.sqrt(self.err_v / self.ref_v), 6),
+            "first_logit_max_abs_diff": {
+                "mean": round(statistics.fmean(self.logit_max_abs), 5),
+                "max": round(max(self.logit_max_abs), 5),
+            },
+            "first_token_kl": {
+                "mean": round(statistics.fmean(self.kl), 7),
+                "max": round(max(self.kl), 7),
+            },
+            "first_token_argmax_equal": ratio(self.first_token_equal, n, 3),
+            "num_resumes": n,
+        }
+
+
+def _next_logits(model: Any, kvs: list[LayerKV], offset: int, new: list[int]) -> mx.array:
+    """float32 logits of the token after ``new``, fed on a cache of ``kvs``."""
+    caches = [kv_cache(mx.array(kv.keys)[None], mx.array(kv.values)[None], offset) for kv in kvs]
+    logits: mx.array = model(mx.array([new]), cache=caches)[0, -1]
+    return logits.astype(mx.float32)
+
+
+def _scalar(array: mx.array) -> float:
+    value = array.item()
+    assert isinstance(value, float)
+    return value
+
+
+def _compare_resume(
+    model: Any,
+    dense_pool: BlockPool,
+    handle: CacheHandle,
+    scratch: BlockPool,
+    new: list[int],
+    errors: _Errors,
+) -> None:
+    """One resume point: the dense blocks vs the same K/V written into a quantized pool and
+    read back (the pool's own quantize / dequantize); logits of the first new token."""
+    n = handle.total_tokens
+    layers = list(range(dense_pool.spec.n_layers))
+    dense_kvs = dense_pool.read_layers(handle, layers, 0, n)
+    qhandle = scratch.write_cache("scratch", handle.token_ids, dense_kvs)
+    q_kvs = scratch.read_layers(qhandle, layers, 0, n)
+    for d, q in zip(dense_kvs, q_kvs, strict=True):
+        dk, dv = d.keys.astype(np.float64), d.values.astype(np.float64)
+        errors.err_k += float(((q.keys - dk) ** 2).sum())
+        errors.ref_k += float((dk**2).sum())
+        errors.err_v += float(((q.values - dv) ** 2).sum())
+        errors.ref_v += float((dv**2).sum())
+    ref = _next_logits(model, dense_kvs, n, new)
+    got = _next_logits(model, q_kvs, n, new)
+    scratch.release(qhandle)
+    log_p, log_q = ref - mx.logsumexp(ref), got - mx.logsumexp(got)
+    kl = mx.sum(mx.exp(log_p) * (log_p - log_q))
+    errors.logit_max_abs.append(_scalar(mx.max(mx.abs(ref - got))))
+    errors.kl.append(max(_scalar(kl), 0.0))
+    errors.first_token_equal += int(mx.argmax(ref).item() == mx.argmax(got).item())
+
+
+def _quality(quick: bool) -> dict[str, Any]:
+    """Agents x turns on a dense pool and on 8-bit and 4-bit pools, same prompts (each
+    turn's prompt is the dense run's context plus new user tokens)."""
+    shape = QUALITY_QUICK if quick else QUALITY_FULL
+    model, tokenizer = load_model(ensure_model(QUALITY_MODEL))
+    dense_spec = ModelCacheSpec.from_model(model)
+    fmts = {"dense": None, "q8": 8, "q4": 4}
+    engines = {}
+    for name, bits in fmts.items():
+        spec = dense_spec.with_format(bits, GROUP_SIZE)
+        pool = BlockPool(spec, num_blocks=shape.agents * 8)
+        engines[name] = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    scratch = {n: BlockPool(dense_spec.with_format(b, GROUP_SIZE), num_blocks=8)
+               for n, b in fmts.items() if b}  # fmt: skip
+    eos = set(tokenizer.eos_token_ids)
+    rng = np.random.default_rng(7)
+
+    def user(n: int) -> list[int]:
+        ids = [int(t) for t in rng.integers(3, 500, 2 * n) if int(t) not in eos]
+        return ids[:n]
+
+    agents = [f"agent-{i}" for i in range(shape.agents)]
+    contexts = {a: user(shape.first_tokens) for a in agents}
+    handles: dict[str, dict[str, CacheHandle | None]] = {n: dict.fromkeys(agents) for n in fmts}
+    equal = {n: 0 for n in fmts if n != "dense"}
+    first_diff: dict[str, list[int]] = {n: [] for n in equal}
+    errors = {n: _Errors() for n in equal}
+    resumed = 0
+    for turn in range(shape.turns):
+        outs: dict[str, dict[str, CompletedGeneration]] = {}
+        if turn > 0:
+            for a in agents:
+                held = handles["dense"][a]
+                assert held is not None
+                new = contexts[a][held.total_tokens :]
+                for n in equal:
+                    _compare_resume(model, engines["dense"].pool, held, scratch[n], new, errors[n])
+        for name, engine in engines.items():
+            for a in agents:
+                engine.submit(a, contexts[a], handles[name][a], shape.max_tokens)
+            done = {c.agent_id: c for c in engine.drain()}
+            for a, c in done.items():
+                if c.error is not None:
+                    raise c.error
+                handles[name][a] = c.blocks
+            outs[name] = done
+        for a in agents:
+            blocks = outs["dense"][a].blocks
+            assert blocks is not None
+            if turn > 0:
+                for n in equal:
+                    want, got = outs["dense"][a].token_ids, outs[n][a].token_ids
+                    equal[n] += int(want == got)
+                    first_diff[n].append(
+                        next(
+                            (i for i, (x, y) in enumerate(zip(want, got, strict=False)) if x != y),
+                            len(want),
+                        )
+                    )
+            contexts[a] = [*blocks.token_ids, *user(shape.turn_tokens)]
+        if turn > 0:
+            resumed += len(agents)
+    for engine in engines.values():
+        engine.close()
+    by_format = {}
+    for n in equal:
+        by_format[n] = {
+            "turns_equal_to_dense": ratio(equal[n], resumed, 3),
+            "num_turns_equal": equal[n],
+            "mean_tokens_before_first_difference": round(statistics.fmean(first_diff[n]), 2),
+            **errors[n].as_dict(),
+        }
+    return {
+        "model": QUALITY_MODEL,
+        "agents": shape.agents,
+        "turns": shape.turns,
+        "resumed_turns": resumed,
+        "max_tokens": shape.max_tokens,
+        "by_format": by_format,
+        "note": RANDOM_WEIGHTS_NOTE,
+    }
+
+
+# --------------------------------------------------------------------------- sensitivity
+
+# Why 8-bit turns disagree: the same resume points decoded greedily from K/V perturbed in
+# ways nobody calls lossy (float16, bfloat16 rounding) and by the pool's quantization, on the
+# demo recipe with its weights scaled x2, x3 and x4 (x1 repeats one token whatever the
+# context). How often a perturbation flips a turn measures the model's chaos as much as the
+# perturbation's size.
+SENSITIVITY_SCALES = (2.0, 3.0, 4.0)
+PERTURBATIONS = ("float16", "bfloat16", "q8", "q4")
+
+
+def _perturb(x: mx.array, how: str) -> mx.array:
+    if how in ("float16", "bfloat16"):
+        return x.astype(getattr(mx, how)).astype(x.dtype)
+    bits = int(how[1:])
+    return mx.dequantize(*mx.quantize(x, GROUP_SIZE, bits), group_size=GROUP_SIZE, bits=bits)
+
+
+def _greedy(model: Any, caches: list[Any], new: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    y = mx.array([new])
+    for _ in range(n):
+        token = mx.argmax(model(y, cache=caches)[0, -1]).item()
+        assert isinstance(token, int)
+        out.append(token)
+        y = mx.array([[token]])
+    return out
+
+
+def _sensitivity(quick: bool) -> dict[str, Any]:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    scales, points, tokens = ((4.0,), 3, 8) if quick else (SENSITIVITY_SCALES, 24, 16)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="kvpool-bench-quant-") as tmp:
+        for scale in scales:
+            recipe = dataclasses.replace(
+                RECIPES[QUALITY_MODEL], name=f"{QUALITY_MODEL}-x{scale:g}", weight_scale=scale
+            )
+            model, _ = load_model(build_model(recipe, Path(tmp) / recipe.name))
+            rng = np.random.default_rng(7)
+            equal = dict.fromkeys(PERTURBATIONS, 0)
+            distinct: set[tuple[int, ...]] = set()
+            for k in range(points):
+                context = [int(t) for t in rng.integers(3, 500, 400 + 30 * (k % 5))]
+                new = [int(t) for t in rng.integers(3, 500, 40)]
+                cache = make_prompt_cache(model)
+                model(mx.array([context]), cache=cache)
+                mx.eval([c.state for c in cache])
+                kv = [(c.keys[:, :, : c.offset], c.values[:, :, : c.offset]) for c in cache]
+                n = len(context)
+                want = _greedy(model, [kv_cache(k_, v_, n) for k_, v_ in kv], new, tokens)
+                distinct.add(tuple(want))
+                for how in PERTURBATIONS:
+                    caches = [kv_cache(_perturb(k_, how), _perturb(v_, how), n) for k_, v_ in kv]
+                    equal[how] += int(_greedy(model, caches, new, tokens) == want)
+            out[f"x{scale:g}"] = {
+                "turns_equal_to_dense": {h: ratio(equal[h], points, 3) for h in PERTURBATIONS},
+                "distinct_dense_outputs": len(distinct),
+            }
+    return {
+        "model": f"{QUALITY_MODEL} recipe, weights scaled x{', x'.join(f'{s:g}' for s in scales)}",
+        "resume_points": points,
+        "tokens": tokens,
+        "by_weight_scale": out,
+        "note": "greedy decode from each resume point with perturbed K/V vs unperturbed; "
+        "float16 / bfloat16: the dense K/V rounded to that dtype and back",
+    }
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Gather timings, capacity, save/load and quality per format: one record."""
+    record = _gather(quick)
+    capacity = _capacity()
+    saved = _persist(quick)
+    quality = _quality(quick)
+    quality["sensitivity"] = _sensitivity(quick)
+    record.update(capacity=capacity, save_load=saved, quality=quality)
+    targets = record["targets"]
+    for dtype, goals in CAPACITY_TARGETS.items():
+        for bits, goal in goals.items():
+            value = capacity["by_dtype"][dtype][f"q{bits}"]["agents_vs_dense"]
+            targets.append(
+                target(
+                    f"{bits}-bit agents of {AGENT_TOKENS} tokens per budget vs dense ({dtype})",
+                    f">= {goal}x",
+                    value,
+                    value is not None and value >= goal,
+                )
+            )
+    q4 = saved["formats"]["q4"]
+    targets.append(
+        target(
+            "4-bit cache file vs dense file",
+            f">= {FILE_TARGET:g}x smaller",
+            q4["file_vs_dense"],
+            (q4["file_vs_dense"] or 0) >= FILE_TARGET,
+        )
+    )
+    targets.append(
+        target(
+            "4-bit cache load vs dense load",
+            f">= {LOAD_TARGET:g}x faster",
+            q4["load_speedup_vs_dense"],
+            (q4["load_speedup_vs_dense"] or 0) >= LOAD_TARGET,
+        )
+    )
+    q8 = quality["by_format"]["q8"]["turns_equal_to_dense"]
+    targets.append(
+        target(
+            "8-bit resumed turns with the dense run's greedy tokens (random weights x4; "
+            "see quality.sensitivity)",
+            f">= {AGREEMENT_TARGET:.0%}",
+            q8,
+            q8 is not None and q8 >= AGREEMENT_TARGET,
+        )
+    )
+    return record

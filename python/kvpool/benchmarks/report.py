@@ -507,6 +507,85 @@ def _quant(r: dict[str, Any]) -> list[str]:
         f"Relative RMS error of the dequantized values: 8-bit {r['relative_rms_error']['q8']}, "
         f"4-bit {r['relative_rms_error']['q4']} (random normal data). Capacity for a float32 "
         f"model: 8-bit {_x(f32['q8'])}, 4-bit {_x(f32['q4'])}.",
+        *_quant_formats(r),
+    ]
+
+
+def _quant_formats(r: dict[str, Any]) -> list[str]:
+    """Capacity, save/load and quality per block format (absent from older records)."""
+    if "capacity" not in r:
+        return []
+    cap, saved, quality = r["capacity"], r["save_load"], r["quality"]
+    cap_rows = [
+        (dtype, *(str(row[n]["agents"]) for n in ("dense", "q8", "q4")),
+         _x(row["q8"]["agents_vs_dense"]), _x(row["q4"]["agents_vs_dense"]))
+        for dtype, row in cap["by_dtype"].items()
+    ]  # fmt: skip
+    fmts = saved["formats"]
+    io_rows = [
+        (n, _mib(f["file_bytes"]), f["save"]["p50_ms"], f["load"]["p50_ms"],
+         _x(f["file_vs_dense"]), _x(f["load_speedup_vs_dense"]))
+        for n, f in fmts.items()
+    ]  # fmt: skip
+    q_rows = [
+        (n, f"{q['turns_equal_to_dense']:.0%} of {quality['resumed_turns']}",
+         f"{q['first_token_argmax_equal']:.0%}",
+         f"{q['first_logit_max_abs_diff']['mean']:.3g}", f"{q['first_token_kl']['mean']:.3g}",
+         f"{q['relative_rms_error_k']:.3g}", f"{q['relative_rms_error_v']:.3g}")
+        for n, q in quality["by_format"].items()
+    ]  # fmt: skip
+    return [
+        "",
+        f"Agents of {cap['agent_tokens']} tokens ({cap['geometry']}) in "
+        f"{_mib(cap['budget_bytes'])}:",
+        "",
+        *_table(("dtype", "dense", "8-bit", "4-bit", "8-bit vs dense", "4-bit vs dense"), cap_rows),
+        "",
+        cap["float32_note"] + ".",
+        "",
+        f"Save and load of one {saved['num_tokens']}-token agent ({saved['geometry']}), "
+        f"{saved['rounds']} rounds interleaved:",
+        "",
+        *_table(
+            ("format", "file", "save p50 ms", "load p50 ms", "smaller", "load faster"), io_rows
+        ),
+        "",
+        f"Quality: {quality['agents']} agents x {quality['turns']} turns on the "
+        f"{quality['model']!r} model, resumed from quantized blocks vs the dense run "
+        f"({quality['note']}):",
+        "",
+        *_table(
+            (
+                "format",
+                "turns equal",
+                "first token equal",
+                "logit max-abs (mean)",
+                "KL (mean)",
+                "K rel. RMS",
+                "V rel. RMS",
+            ),
+            q_rows,
+        ),
+        *_quant_sensitivity(quality.get("sensitivity")),
+    ]
+
+
+def _quant_sensitivity(sens: dict[str, Any] | None) -> list[str]:
+    if not sens:
+        return []
+    rows = [
+        (scale, str(row["distinct_dense_outputs"]),
+         *(f"{v:.0%}" for v in row["turns_equal_to_dense"].values()))
+        for scale, row in sens["by_weight_scale"].items()
+    ]  # fmt: skip
+    first = next(iter(sens["by_weight_scale"].values()))["turns_equal_to_dense"]
+    return [
+        "",
+        f"Sensitivity of the random-weight model ({sens['model']}): {sens['resume_points']} "
+        f"resume points, {sens['tokens']} greedy tokens each, equal to the unperturbed "
+        f"decode after perturbing the K/V ({sens['note']}):",
+        "",
+        *_table(("weights", "distinct outputs", *first), rows),
     ]
 
 

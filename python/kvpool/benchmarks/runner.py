@@ -104,7 +104,7 @@ REGISTRY: dict[str, Benchmark] = {
         Benchmark(
             "quant",
             "quant",
-            "gather of dense caches out of 8-bit and 4-bit quantized slabs vs dense slabs",
+            "quantized blocks: gather, capacity, save/load and quality per format",
         ),
         Benchmark(
             "redis",

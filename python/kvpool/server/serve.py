@@ -43,6 +43,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     pool_mb: int = 256
+    kv_bits: int | None = None  # blocks at rest: None dense, 8 or 4 affine-quantized
+    kv_group_size: int = 64
     cache_dir: Path | None = None
     cache_url: str | None = None  # wins over cache_dir; file:///path, a path, redis://...
     api_key: str | None = None
@@ -83,7 +85,7 @@ def build_state(config: ServerConfig) -> Any:
     from kvpool.tier import local_path, open_tier
 
     model, tokenizer = load_model(config.model)
-    spec = ModelCacheSpec.from_model(model)
+    spec = ModelCacheSpec.from_model(model).with_format(config.kv_bits, config.kv_group_size)
     pool = BlockPool(spec, max_bytes=config.pool_mb * MIB)
     if pool.num_blocks < 1:
         raise InvalidRequestError(

@@ -1,0 +1,154 @@
+"""Codec per block format: the tensors that hold one layer's K/V in a cache file.
+
+A file holds blocks as they are at rest, never converted:
+
+* dense blocks (every format version): ``layers.{i}.keys`` and ``layers.{i}.values``,
+  ``[n_kv_heads, T, head_dim]`` in the cache dtype, moved with ``read_layers`` /
+  ``write_layers`` (bit for bit);
+* quantized blocks (version 2): for each of ``keys`` and ``values`` three tensors,
+  ``.codes`` (U32 ``[n_kv_heads, T, head_dim * bits // 32]``), ``.scales`` and ``.biases``
+  (cache dtype ``[n_kv_heads, T, head_dim // group_size]``), moved with ``read_codes`` /
+  ``write_codes`` (bit for bit: a load gives back exactly the codes that were saved).
+
+No MLX: codecs work on any :class:`~kvpool.storage.KVStorage`, the fake included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from kvpool.cache.format import SAFETENSORS_DTYPES, BlockFormat
+from kvpool.cache.tables import CacheHandle
+from kvpool.spec import LayerSpec
+from kvpool.storage import HostArray, LayerCodes, LayerKV, QuantizedRows
+
+if TYPE_CHECKING:
+    from kvpool.pool import BlockPool
+
+HOST_OF_TAG = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "U32": "<u4"}
+"""safetensors dtype tag -> the little-endian numpy dtype holding it bit for bit."""
+
+TAG_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
+
+_QUANTIZED_PARTS = ("codes", "scales", "biases")
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One tensor of a layer: ``layers.{i}.{suffix}``, ``[n_kv_heads, T, last_dim]``."""
+
+    suffix: str
+    dtype: str  # safetensors tag
+    last_dim: int
+
+
+class LayerCodec(Protocol):
+    """Moves one block format's layers between a pool and a file's tensors."""
+
+    def parts(self, layer: LayerSpec) -> list[Part]:
+        """The layer's tensors, in file order."""
+        ...
+
+    def read(
+        self, pool: BlockPool, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
+    ) -> list[Any]:
+        """Positions ``[start, stop)`` of ``layers`` of a live handle, as records."""
+        ...
+
+    def arrays(self, record: Any) -> list[HostArray]:
+        """A record's host arrays in :meth:`parts` order."""
+        ...
+
+    def record(self, layer: int, start: int, arrays: Sequence[HostArray]) -> Any:
+        """The record of ``arrays`` (in :meth:`parts` order, host dtypes)."""
+        ...
+
+    def write(
+        self,
+        pool: BlockPool,
+        tables: Sequence[Sequence[int]],
+        records: Sequence[Any],
+        written_from: int,
+    ) -> None:
+        """Write records through ``tables`` at positions ``>= written_from``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DenseCodec:
+    format: BlockFormat
+
+    def parts(self, layer: LayerSpec) -> list[Part]:
+        tag = SAFETENSORS_DTYPES[self.format.dtype]
+        return [Part("keys", tag, layer.k_head_dim), Part("values", tag, layer.v_head_dim)]
+
+    def read(
+        self, pool: BlockPool, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
+    ) -> list[Any]:
+        return pool.read_layers(handle, layers, start, stop)
+
+    def arrays(self, record: Any) -> list[HostArray]:
+        assert isinstance(record, LayerKV)
+        return [record.keys, record.values]
+
+    def record(self, layer: int, start: int, arrays: Sequence[HostArray]) -> Any:
+        keys, values = arrays
+        return LayerKV(layer, start, keys, values)
+
+    def write(
+        self,
+        pool: BlockPool,
+        tables: Sequence[Sequence[int]],
+        records: Sequence[Any],
+        written_from: int,
+    ) -> None:
+        pool.write_layers(tables, records, written_from)
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedCodec:
+    format: BlockFormat
+
+    def parts(self, layer: LayerSpec) -> list[Part]:
+        fmt = self.format
+        tag = SAFETENSORS_DTYPES[fmt.dtype]
+        out = []
+        for which, dim in (("keys", layer.k_head_dim), ("values", layer.v_head_dim)):
+            out.append(Part(f"{which}.codes", "U32", fmt.codes_dim(dim)))
+            out.append(Part(f"{which}.scales", tag, fmt.scales_dim(dim)))
+            out.append(Part(f"{which}.biases", tag, fmt.scales_dim(dim)))
+        return out
+
+    def read(
+        self, pool: BlockPool, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
+    ) -> list[Any]:
+        return pool.read_codes(handle, layers, start, stop)
+
+    def arrays(self, record: Any) -> list[HostArray]:
+        assert isinstance(record, LayerCodes)
+        return [getattr(rows, p) for rows in (record.keys, record.values) for p in _QUANTIZED_PARTS]
+
+    def record(self, layer: int, start: int, arrays: Sequence[HostArray]) -> Any:
+        return LayerCodes(layer, start, QuantizedRows(*arrays[:3]), QuantizedRows(*arrays[3:]))
+
+    def write(
+        self,
+        pool: BlockPool,
+        tables: Sequence[Sequence[int]],
+        records: Sequence[Any],
+        written_from: int,
+    ) -> None:
+        pool.write_codes(tables, records, written_from)
+
+
+def codec_for(fmt: BlockFormat) -> LayerCodec:
+    """The codec of blocks in ``fmt``."""
+    return QuantizedCodec(fmt) if fmt.is_quantized else DenseCodec(fmt)
+
+
+def host_dtype_of_tag(tag: str) -> np.dtype[Any]:
+    return np.dtype(HOST_OF_TAG[tag])
