@@ -19,11 +19,11 @@ from kvpool import (
     ModelCacheSpec,
 )
 from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, UnsupportedModelError
-from kvpool.storage import LayerKV
+from kvpool.storage import LayerCodes, LayerKV, QuantizedRows
 from kvpool.store import AgentCacheStore, Tier
 from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 from kvpool.tier import local_path, open_tier
-from kvpool.tier.codec import block_format_id, decode_block, encode_block
+from kvpool.tier.codec import block_format_id, decode_block, encode_block, record_bytes
 from kvpool.tier.layout import KeySpace, SessionManifest
 from kvpool.tier.local import LocalTier
 from kvpool.tier.redis import RedisTier
@@ -32,14 +32,19 @@ B = 4
 SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
 FP = "sha256:" + "ab" * 32
 TTL = 600
+DENSE64 = ModelCacheSpec.uniform(2, 2, 64, dtype="float16", block_tokens=B)  # groups of 64
+Q4 = DENSE64.with_format(4)
+Q8 = DENSE64.with_format(8)
 
 
-def make_store(fake: FakeRedis, num_blocks: int = 64, **tier_kw: float) -> AgentCacheStore:
-    pool = BlockPool(SPEC, num_blocks=num_blocks, storage=FakeStorage)
+def make_store(
+    fake: FakeRedis, num_blocks: int = 64, spec: ModelCacheSpec = SPEC, **tier_kw: float
+) -> AgentCacheStore:
+    pool = BlockPool(spec, num_blocks=num_blocks, storage=FakeStorage)
     engine = BlockPoolBatchEngine(
-        FakeModel(SPEC), FakeTokenizer(), pool, SPEC, batch_gen_factory=FakeBatchGenerator
+        FakeModel(spec), FakeTokenizer(), pool, spec, batch_gen_factory=FakeBatchGenerator
     )
-    tier = RedisTier(fake, spec=SPEC, fingerprint=FP, ttl_s=TTL, **tier_kw)  # type: ignore[arg-type]
+    tier = RedisTier(fake, spec=spec, fingerprint=FP, ttl_s=TTL, **tier_kw)  # type: ignore[arg-type]
     return AgentCacheStore(engine, tier, fingerprint=FP)
 
 
@@ -332,3 +337,148 @@ def test_forget_while_down_is_retried_and_the_session_is_not_resumed() -> None:
     time.sleep(0.02)
     a.flush()
     assert keyspace().session_key("s") not in fake.data and a.num_unsaved == 0
+
+
+# --------------------------------------------------------------------------- quantized pools
+
+
+def random_codes(spec: ModelCacheSpec, n: int, seed: int = 0) -> list[LayerCodes]:
+    rng = np.random.default_rng(seed)
+    fmt, out = spec.format, []
+    for i, layer in enumerate(spec.layers):
+        rows = []
+        for dim in (layer.k_head_dim, layer.v_head_dim):
+            h = layer.n_kv_heads
+            codes = rng.integers(0, 2**32, (h, n, fmt.codes_dim(dim)), dtype=np.uint32)
+            small = rng.integers(0, 2**16, (2, h, n, fmt.scales_dim(dim)), dtype=np.uint16)
+            rows.append(QuantizedRows(codes, small[0].view(np.float16), small[1].view(np.float16)))
+        out.append(LayerCodes(i, 4, rows[0], rows[1]))
+    return out
+
+
+@pytest.mark.parametrize("spec", [Q4, Q8], ids=["q4", "q8"])
+def test_quantized_codec_round_trip_is_bit_for_bit_and_corruption_is_refused(
+    spec: ModelCacheSpec,
+) -> None:
+    kvs = random_codes(spec, 3)  # random bits: NaN and inf scales must survive too
+    record = encode_block([5, 6, 7], kvs)
+    assert len(record) == record_bytes(spec, 3) < record_bytes(DENSE64, 3) * 0.6
+    block = decode_block(record, spec, 4, "k")
+    assert block.token_ids == (5, 6, 7)
+    for got, want in zip(block.layers, kvs, strict=True):
+        assert isinstance(got, LayerCodes) and got.start == 4
+        for g, w in zip((got.keys, got.values), (want.keys, want.values), strict=True):
+            for name in ("codes", "scales", "biases"):
+                a, b = getattr(g, name), getattr(w, name)
+                assert a.dtype == b.dtype and a.shape == b.shape
+                assert a.tobytes() == b.tobytes()
+    flipped = bytearray(record)
+    flipped[len(record) // 2] ^= 1  # a code bit
+    with pytest.raises(CacheCorruptionError, match="checksum"):
+        decode_block(bytes(flipped), spec, 4, "k")
+    with pytest.raises(CacheCorruptionError, match="bytes, expected"):
+        decode_block(record[:-2], spec, 4, "k")
+    other = Q8 if spec is Q4 else Q4  # the same magic, other lengths
+    with pytest.raises(CacheCorruptionError, match="bytes, expected"):
+        decode_block(record, other, 4, "k")
+    with pytest.raises(CacheCorruptionError, match="magic"):
+        decode_block(record, DENSE64, 4, "k")  # a dense pool never reads codes as K/V
+    dense = encode_block(
+        [5],
+        [
+            LayerKV(i, 0, np.zeros((2, 1, 64), np.float16), np.zeros((2, 1, 64), np.float16))
+            for i in range(2)
+        ],
+    )
+    with pytest.raises(CacheCorruptionError, match="magic"):
+        decode_block(dense, spec, 0, "k")
+
+
+def test_block_format_ids_name_the_pools_real_format() -> None:
+    assert block_format_id(DENSE64) == "dense-float16-v1"  # unchanged for dense pools
+    assert block_format_id(Q4) == "q4g64-float16-v1"
+    assert block_format_id(Q8) == "q8g64-float16-v1"
+    assert block_format_id(DENSE64.with_format(4, 32)) == "q4g32-float16-v1"
+
+
+@pytest.mark.parametrize("spec", [Q4, Q8], ids=["q4", "q8"])
+def test_a_quantized_session_continues_on_another_store_bit_for_bit(spec: ModelCacheSpec) -> None:
+    fake = FakeRedis()
+    a = make_store(fake, spec=spec)
+    first = run(a, "s", prompt_of(10))
+    assert a.flush() == 1
+    context = prompt_of(10) + list(first.token_ids)  # 13 tokens: three full blocks, one of 1
+    fmt = block_format_id(spec)
+    keys = blocks_of(fake)
+    assert len(keys) == 4 and all(f":{fmt}:" in k for k in keys)
+    # each record is the pool's codes as they are at rest, bit for bit
+    ks = KeySpace(FP, fmt, B)
+    handle = a.get("s")
+    assert handle is not None
+    for j, chain in enumerate(ks.chain(context, "")):
+        record = fake.data[ks.block_key("", chain)]
+        start, stop = j * B, min((j + 1) * B, len(context))
+        assert len(record) == record_bytes(spec, stop - start)
+        block = decode_block(record, spec, start, "k")
+        assert block.token_ids == tuple(context[start:stop])
+        want = a.pool.read_codes(handle, [0, 1], start, stop)
+        for got, w in zip(block.layers, want, strict=True):
+            assert isinstance(got, LayerCodes)
+            for g, x in ((got.keys, w.keys), (got.values, w.values)):
+                assert g.codes.tobytes() == x.codes.tobytes()
+                assert g.scales.tobytes() == x.scales.tobytes()
+                assert g.biases.tobytes() == x.biases.tobytes()
+    a.put_back("s")
+    assert fake.bytes_in < sum(record_bytes(DENSE64, n) for n in (4, 4, 4, 1))
+    turn2 = context + prompt_of(3, seed=9)
+    b = make_store(fake, spec=spec)  # FakeStorage.write_codes asserts every code is the token's
+    done = run(b, "s", turn2)
+    assert b.stats.num_cold_hits == 1 and done.cached_tokens == len(context)
+    assert done.token_ids == run(make_store(FakeRedis(), spec=spec), "ref", turn2).token_ids
+
+
+def test_dense_and_q4_servers_sharing_one_redis_never_read_each_others_blocks() -> None:
+    fake = FakeRedis()
+    dense = make_store(fake, spec=DENSE64)
+    system = prompt_of(12, seed=3)  # three full blocks: a prefix either could import
+    first = run(dense, "s", system + prompt_of(2, seed=4))
+    dense.flush()
+    dense_keys = set(fake.data)
+    q4 = make_store(fake, spec=Q4)
+    turn2 = system + prompt_of(2, seed=4) + list(first.token_ids) + [5]
+    fake.log.clear()
+    got = run(q4, "s", turn2)
+    assert got.cached_tokens == 0 and q4.stats.num_misses == 1
+    assert q4.stats.num_cold_hits == 0 and q4.stats.prefix_tokens_imported == 0
+    assert q4.stats.num_load_errors == 0 and q4.stats.tier.num_blocks_corrupt == 0
+    assert not {key for _, key in fake.log} & dense_keys  # never even asked for one
+    q4.flush()
+    q4_keys = set(fake.data) - dense_keys
+    assert q4_keys and all(":q4g64-float16-v1:" in k for k in q4_keys)
+    assert all(fake.data[k] for k in dense_keys)  # the dense session is untouched
+    # negative control: another dense server does resume the dense session
+    again = make_store(fake, spec=DENSE64)
+    assert run(again, "s", turn2).cached_tokens == len(turn2) - 1
+    # and the q4 server resumes its own
+    q4b = make_store(fake, spec=Q4)
+    assert run(q4b, "s", [*turn2, *got.token_ids, 6]).cached_tokens == len(turn2) + 3
+
+
+def test_a_corrupt_quantized_block_is_refused_and_the_session_prefills() -> None:
+    fake = FakeRedis()
+    a = make_store(fake, spec=Q4)
+    done = run(a, "s", prompt_of(10))
+    a.flush()
+    ks = KeySpace(FP, block_format_id(Q4), B)
+    key = ks.block_key("", ks.chain(prompt_of(10), "")[1])
+    record = bytearray(fake.data[key])
+    record[60] ^= 0x01  # one bit of the first layer's key codes
+    fake.data[key] = bytes(record)
+    b = make_store(fake, spec=Q4)
+    turn2 = prompt_of(10) + list(done.token_ids) + [5]
+    got = run(b, "s", turn2)
+    assert got.cached_tokens == B  # only the good block before it, as a prefix import
+    assert got.token_ids == run(make_store(FakeRedis(), spec=Q4), "r", turn2).token_ids
+    assert b.stats.tier.num_blocks_corrupt == 1 and b.stats.num_load_errors == 1
+    assert fake.data.get(key) != bytes(record)
+    b.pool.check_invariants()

@@ -9,7 +9,8 @@ temporary directory); without the binary the record says so and measures nothing
   own that holds nothing, gets the session's next turn (the context plus 32 new tokens):
   TTFT from ``submit`` (the load from Redis included) to the first token, vs engine C, with
   no tier, prefilling the whole turn. Greedy tokens must be equal. Each repetition uses a
-  fresh pool for B and C.
+  fresh pool for B and C. The same session is also written from a 4-bit pool
+  (``--kv-bits 4``): the bytes each format sent (``bytes_sent``, by format name).
 * **dedup**: ``sessions`` sessions that share a system prompt of ``system`` tokens, each
   with 64 tokens of its own, written to Redis: bytes sent (blocks and manifests) vs the sum
   of the sessions' caches (their tokens x K/V bytes per token: what one file per session
@@ -46,6 +47,7 @@ OWN_TOKENS = 64
 POOL_BYTES = 256 * 2**20
 TARGET_SPEEDUP = 3.0
 TARGET_BYTES = 0.25
+QUANT_BITS = 4  # the resume session is also written from a pool of this format (bytes only)
 
 
 def _free_port() -> int:
@@ -89,7 +91,14 @@ def _redis_server(directory: Path) -> Iterator[str]:
 class _Node:
     """One "server": a pool, an engine and a store over Redis (or over nothing)."""
 
-    def __init__(self, model: Any, tokenizer: Any, url: str | None, directory: Path) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        url: str | None,
+        directory: Path,
+        kv_bits: int | None = None,
+    ) -> None:
         from kvpool.engine import BlockPoolBatchEngine
         from kvpool.persist import model_fingerprint
         from kvpool.pool import BlockPool
@@ -97,7 +106,7 @@ class _Node:
         from kvpool.store import AgentCacheStore
         from kvpool.tier import open_tier
 
-        spec = ModelCacheSpec.from_model(model)
+        spec = ModelCacheSpec.from_model(model).with_format(kv_bits)
         self.pool = BlockPool(spec, max_bytes=POOL_BYTES)
         self.engine = BlockPoolBatchEngine(model, tokenizer, self.pool, spec)
         fingerprint = _fingerprint(model, model_fingerprint)
@@ -138,7 +147,14 @@ def _resume(model: Any, tokenizer: Any, url: str, tmp: Path, context: int, reps:
     _, done1 = a.turn("session", history)
     gen1 = done1.token_ids
     a.store.flush()
+    dense_sent, dense_format = a.store.stats.tier.bytes_sent, a.pool.spec.format.name
     a.close()
+    # the same session from a 4-bit pool: its own keys, its blocks as 4-bit codes
+    a4 = _Node(model, tokenizer, url, tmp / "a4", kv_bits=QUANT_BITS)
+    a4.turn("session", history)
+    a4.store.flush()
+    q4_sent, q4_format = a4.store.stats.tier.bytes_sent, a4.pool.spec.format.name
+    a4.close()
     prompt = (*history, *gen1, *random_tokens(rng, NEW_TOKENS))
     redis_s, prefill_s, same = [], [], True
     cached = []
@@ -165,6 +181,8 @@ def _resume(model: Any, tokenizer: Any, url: str, tmp: Path, context: int, reps:
         "ttft_prefill_ms": summary_ms(prefill_s),
         "speedup": speedup,
         "tokens_equal": same,
+        "bytes_sent": {dense_format: dense_sent, q4_format: q4_sent},
+        "bytes_sent_q4_vs_dense": ratio(q4_sent, dense_sent, 3),
     }
 
 

@@ -3,17 +3,23 @@
 A block is positions ``[256 j, 256 j + n)`` of every layer (``n`` = 256, or fewer for a
 session's last, partial block). Its record::
 
-    magic b"KVB1" | u32 n | u32 n_layers | 32-byte blake2b of the rest | rest
-    rest = u32 token ids [n] | for each layer: keys bytes, values bytes
+    magic | u32 n | u32 n_layers | 32-byte blake2b of the rest | rest
+    dense (magic b"KVB1"):     rest = u32 token ids [n] | per layer: keys, values
+    quantized (magic b"KVQ1"): rest = u32 token ids [n] | per layer:
+                               K codes, K scales, K biases, V codes, V scales, V biases
 
-K/V bytes are the pool's host arrays (``BlockPool.read_layers``: ``[n_kv_heads, n, head_dim]``,
-C order, the spec's dtype bit for bit). :func:`block_format_id` names that encoding in block
-keys, so a block written in another encoding (a quantized pool, a later version of this
-codec) is never read as this one: to store blocks as at-rest codes, change
-:func:`block_format_id`, :func:`encode_block` and :func:`decode_block` together.
+Dense K/V are the pool's host arrays (``BlockPool.read_layers``: ``[n_kv_heads, n,
+head_dim]``, C order, the spec's dtype bit for bit). A quantized pool's blocks travel as
+they are at rest (``BlockPool.read_codes``: uint32 codes ``[n_kv_heads, n, head_dim * bits
+// 32]``, scales and biases ``[n_kv_heads, n, head_dim // group_size]`` in the spec's dtype),
+so a block read back is bit for bit the block written, never re-quantized.
 
-:func:`decode_block` checks the checksum and every length before it returns anything;
-a record that fails raises :class:`~kvpool.errors.CacheCorruptionError`.
+:func:`block_format_id` names the encoding in block keys (``"dense-float16-v1"``,
+``"q4g64-float16-v1"``): pools of different formats never read each other's blocks.
+:func:`decode_block` also checks the record's magic and every length against the reading
+pool's format, and the checksum, before it returns anything; a record that fails raises
+:class:`~kvpool.errors.CacheCorruptionError`. :func:`read_block` and :func:`write_block`
+move a block between a pool and a record, whatever the format: the tier never branches on it.
 """
 
 from __future__ import annotations
@@ -26,25 +32,50 @@ from typing import Any
 
 import numpy as np
 
+from kvpool.cache.format import BlockFormat
+from kvpool.cache.tables import CacheHandle
 from kvpool.errors import CacheCorruptionError
+from kvpool.pool import BlockPool
 from kvpool.spec import ModelCacheSpec
-from kvpool.storage import HostArray, LayerKV, host_dtype
+from kvpool.storage import HostArray, LayerCodes, LayerKV, QuantizedRows, host_dtype
 
-__all__ = ["CODEC_VERSION", "DecodedBlock", "block_format_id", "decode_block", "encode_block"]
+__all__ = [
+    "CODEC_VERSION",
+    "DecodedBlock",
+    "block_format_id",
+    "decode_block",
+    "encode_block",
+    "read_block",
+    "record_bytes",
+    "write_block",
+]
 
 CODEC_VERSION = 1
-_MAGIC = b"KVB1"
+_DENSE_MAGIC = b"KVB1"
+_QUANT_MAGIC = b"KVQ1"
 _HEAD = struct.Struct("<4sII32s")
 _PERSON = b"kvpool.block.1"
 
+BlockLayer = LayerKV | LayerCodes
+"""One layer of a block: dense K/V, or quantized codes (the pool's format)."""
+
 
 def block_format_id(pool_or_spec: Any) -> str:
-    """The encoding blocks of this pool are stored in: ``"dense-<dtype>-v1"``.
+    """The encoding blocks of this pool are stored in: ``"dense-<dtype>-v1"`` or, for a
+    quantized pool, ``"<BlockFormat.name>-v1"`` (``"q4g64-float16-v1"``).
 
     The one place that names it (block keys carry it). Takes a pool or a spec.
     """
     spec: ModelCacheSpec = getattr(pool_or_spec, "spec", pool_or_spec)
+    fmt = spec.format
+    if fmt.is_quantized:
+        return f"{fmt.name}-v{CODEC_VERSION}"
     return f"dense-{spec.dtype}-v{CODEC_VERSION}"
+
+
+def record_bytes(spec: ModelCacheSpec, num_tokens: int) -> int:
+    """Bytes of the record of a block of ``num_tokens`` positions of a ``spec`` pool."""
+    return _HEAD.size + 4 * num_tokens + num_tokens * spec.bytes_per_token
 
 
 def _checksum(data: bytes | memoryview) -> bytes:
@@ -53,53 +84,81 @@ def _checksum(data: bytes | memoryview) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class DecodedBlock:
-    """A checked block: its token ids and each layer's K/V (``start`` = its first position)."""
+    """A checked block: its token ids and each layer's K/V (``start`` = its first position):
+    :class:`LayerKV` for a dense pool, :class:`LayerCodes` for a quantized one."""
 
     token_ids: tuple[int, ...]
-    layers: tuple[LayerKV, ...]
+    layers: tuple[BlockLayer, ...]
 
 
-def encode_block(token_ids: Sequence[int], kvs: Sequence[LayerKV]) -> bytes:
-    """The record of one block: ``kvs`` holds every layer, in order, for ``token_ids``."""
+def _arrays(kv: BlockLayer) -> list[HostArray]:
+    if isinstance(kv, LayerKV):
+        return [kv.keys, kv.values]
+    return [a for rows in (kv.keys, kv.values) for a in (rows.codes, rows.scales, rows.biases)]
+
+
+def encode_block(token_ids: Sequence[int], kvs: Sequence[BlockLayer]) -> bytes:
+    """The record of one block: ``kvs`` holds every layer, in order, for ``token_ids``
+    (all :class:`LayerKV`, or all :class:`LayerCodes`)."""
     n = len(token_ids)
+    quantized = bool(kvs) and isinstance(kvs[0], LayerCodes)
     parts: list[bytes | memoryview] = [np.asarray(token_ids, dtype="<u4").tobytes()]
     for kv in kvs:
         assert kv.num_tokens == n, f"layer {kv.layer}: {kv.num_tokens} rows for {n} tokens"
-        for array in (kv.keys, kv.values):
+        assert isinstance(kv, LayerCodes) == quantized, "a block mixes dense and quantized layers"
+        for array in _arrays(kv):
             parts.append(np.ascontiguousarray(array).data.cast("B"))
     rest = b"".join(parts)
-    return _HEAD.pack(_MAGIC, n, len(kvs), _checksum(rest)) + rest
+    magic = _QUANT_MAGIC if quantized else _DENSE_MAGIC
+    return _HEAD.pack(magic, n, len(kvs), _checksum(rest)) + rest
 
 
-def _layer_shapes(spec: ModelCacheSpec, n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    return [
-        ((layer.n_kv_heads, n, layer.k_head_dim), (layer.n_kv_heads, n, layer.v_head_dim))
-        for layer in spec.layers
-    ]
+def _layer_arrays(
+    spec: ModelCacheSpec, fmt: BlockFormat, n: int
+) -> list[list[tuple[tuple[int, ...], np.dtype[Any]]]]:
+    """Per layer, the (shape, dtype) of each array of its record, in record order."""
+    dtype = host_dtype(spec.dtype)
+    out = []
+    for layer in spec.layers:
+        h = layer.n_kv_heads
+        arrays: list[tuple[tuple[int, ...], np.dtype[Any]]] = []
+        for dim in (layer.k_head_dim, layer.v_head_dim):
+            if fmt.is_quantized:
+                arrays.append(((h, n, fmt.codes_dim(dim)), np.dtype("<u4")))
+                arrays.append(((h, n, fmt.scales_dim(dim)), dtype))
+                arrays.append(((h, n, fmt.scales_dim(dim)), dtype))
+            else:
+                arrays.append(((h, n, dim), dtype))
+        out.append(arrays)
+    return out
 
 
 def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> DecodedBlock:
-    """Check and split a record written by :func:`encode_block` for positions from ``start``.
+    """Check and split a record written by :func:`encode_block` for positions from ``start``
+    of a pool of ``spec`` (its format decides the record's magic and lengths).
 
     Raises CacheCorruptionError naming ``what`` (the key) on any mismatch. The arrays are
     views of ``record`` (read-only).
     """
+    fmt = spec.format
+    want_magic = _QUANT_MAGIC if fmt.is_quantized else _DENSE_MAGIC
     if len(record) < _HEAD.size:
         raise CacheCorruptionError(f"{what}: a block record of {len(record)} bytes is truncated")
     magic, n, n_layers, digest = _HEAD.unpack_from(record)
-    if magic != _MAGIC:
-        raise CacheCorruptionError(f"{what}: not a block record (magic {magic!r})")
+    if magic != want_magic:
+        raise CacheCorruptionError(
+            f"{what}: not a {fmt.name} block record (magic {magic!r}, expected {want_magic!r})"
+        )
     if n_layers != spec.n_layers or not 0 < n <= spec.block_tokens:
         raise CacheCorruptionError(
             f"{what}: a block of {n} tokens and {n_layers} layers, expected 1..{spec.block_tokens} "
             f"tokens and {spec.n_layers} layers"
         )
-    dtype = host_dtype(spec.dtype)
-    shapes = _layer_shapes(spec, n)
+    layouts = _layer_arrays(spec, fmt, n)
     expected = (
         _HEAD.size
         + 4 * n
-        + sum((int(np.prod(k)) + int(np.prod(v))) * dtype.itemsize for k, v in shapes)
+        + sum(int(np.prod(shape)) * dt.itemsize for arrays in layouts for shape, dt in arrays)
     )
     if len(record) != expected:
         raise CacheCorruptionError(
@@ -110,14 +169,45 @@ def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> 
         raise CacheCorruptionError(f"{what}: the block fails its blake2b checksum")
     tokens = np.frombuffer(record, dtype="<u4", count=n, offset=_HEAD.size)
     offset = _HEAD.size + 4 * n
-    layers = []
-    for i, (kshape, vshape) in enumerate(shapes):
-        arrays: list[HostArray] = []
-        for shape in (kshape, vshape):
+    layers: list[BlockLayer] = []
+    for i, arrays in enumerate(layouts):
+        got: list[HostArray] = []
+        for shape, dt in arrays:
             count = int(np.prod(shape))
-            arrays.append(
-                np.frombuffer(record, dtype=dtype, count=count, offset=offset).reshape(shape)
-            )
-            offset += count * dtype.itemsize
-        layers.append(LayerKV(i, start, arrays[0], arrays[1]))
+            got.append(np.frombuffer(record, dtype=dt, count=count, offset=offset).reshape(shape))
+            offset += count * dt.itemsize
+        if fmt.is_quantized:
+            layers.append(LayerCodes(i, start, QuantizedRows(*got[:3]), QuantizedRows(*got[3:])))
+        else:
+            layers.append(LayerKV(i, start, got[0], got[1]))
     return DecodedBlock(tuple(int(t) for t in tokens), tuple(layers))
+
+
+def read_block(
+    pool: BlockPool, handle: CacheHandle, token_ids: Sequence[int], start: int, stop: int
+) -> bytes:
+    """The record of positions ``[start, stop)`` of every layer of a live handle, in the
+    pool's format (dense K/V, or its quantized blocks' codes bit for bit)."""
+    layers = list(range(pool.spec.n_layers))
+    kvs: Sequence[BlockLayer]
+    if pool.spec.format.is_quantized:
+        kvs = pool.read_codes(handle, layers, start, stop)
+    else:
+        kvs = pool.read_layers(handle, layers, start, stop)
+    return encode_block(token_ids[start:stop], kvs)
+
+
+def write_block(
+    pool: BlockPool,
+    tables: Sequence[Sequence[int]],
+    block: DecodedBlock,
+    written_from: int,
+) -> None:
+    """Write a decoded block through ``tables`` at positions ``>= written_from`` (see
+    :meth:`BlockPool.write_layers`); a quantized block's codes are written bit for bit."""
+    codes = [kv for kv in block.layers if isinstance(kv, LayerCodes)]
+    dense = [kv for kv in block.layers if isinstance(kv, LayerKV)]
+    if codes:
+        pool.write_codes(tables, codes, written_from)
+    if dense:
+        pool.write_layers(tables, dense, written_from)

@@ -3,7 +3,7 @@
 Blocks are content-addressed and stored once for every session and server::
 
     kvpool:blk:<model>:<block format>:<tenant>:<chain key>    one block record (tier.codec)
-    kvpool:ses:<model>:<agent id>                              one session manifest (JSON)
+    kvpool:ses:<model>:<block format>:<agent id>               one session manifest (JSON)
 
 ``<model>`` is the first 16 hex digits of the model fingerprint, ``<tenant>`` a 64-bit
 blake2b of the ``cache_salt`` (tenants never share a key), ``<block format>`` is
@@ -11,7 +11,9 @@ blake2b of the ``cache_salt`` (tenants never share a key), ``<block format>`` is
 chain of :mod:`kvpool.cache.prefix` from a root of the fingerprint and salt over every token
 up to the block's end (a session's last block may be partial: its key hashes the tokens it
 holds). So a block's key names its tokens and every token before them; the record also holds
-its tokens, compared token for token before it is used.
+its tokens, compared token for token before it is used. Both keys carry the block format:
+servers whose pools hold blocks in different formats (dense, ``--kv-bits 4``, ``8``) keep
+separate blocks and sessions in one Redis and never read each other's (a miss, a prefill).
 
 A manifest names a session's blocks in order (``block_keys``) and its tokens; it is written
 after its blocks, in one SET, so a reader sees the old manifest or the new one, never a mix.
@@ -82,7 +84,7 @@ class KeySpace:
         )
 
     def session_key(self, agent_id: str) -> str:
-        return f"{self.prefix}:ses:{self.model}:{agent_id}"
+        return f"{self.prefix}:ses:{self.model}:{self.block_format}:{agent_id}"
 
 
 @dataclass(frozen=True, slots=True)

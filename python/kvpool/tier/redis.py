@@ -2,7 +2,9 @@
 
 Layout (:mod:`kvpool.tier.layout`): each block once, content-addressed by its prefix chain
 key, the model, the block format and the tenant; a session is a small JSON manifest naming
-its blocks. Records are :mod:`kvpool.tier.codec`'s (a blake2b checksum each).
+its blocks. Records are :mod:`kvpool.tier.codec`'s (a blake2b checksum each): a quantized
+pool's blocks travel as their at-rest codes, and keys carry the format, so servers with
+different ``--kv-bits`` share a Redis without sharing blocks or sessions.
 
 * **Writing a session** sends only the blocks Redis lacks: one pipelined ``EXPIRE`` (or
   ``EXISTS`` without a TTL) over its block keys both refreshes the ones there and finds the
@@ -51,9 +53,15 @@ from kvpool.errors import (
 )
 from kvpool.pool import BlockPool
 from kvpool.spec import ModelCacheSpec
-from kvpool.storage import LayerKV
 from kvpool.tier.base import StoredCache, TierStats, TierUnavailableError
-from kvpool.tier.codec import block_format_id, decode_block, encode_block
+from kvpool.tier.codec import (
+    DecodedBlock,
+    block_format_id,
+    decode_block,
+    read_block,
+    record_bytes,
+    write_block,
+)
 from kvpool.tier.layout import KeySpace, SessionManifest
 
 __all__ = ["DEFAULT_TTL_S", "RedisTier"]
@@ -214,11 +222,6 @@ class RedisTier:
         else:
             pipe.expire(key, self.ttl_s)
 
-    def _record_bytes(self, num_tokens: int) -> int:
-        return (
-            44 + 4 * num_tokens + num_tokens * self.spec.bytes_per_block // self.spec.block_tokens
-        )
-
     def save(self, pool: BlockPool, handle: CacheHandle) -> int:
         self._check_pool(pool)
         pool.check_live(handle)
@@ -234,14 +237,12 @@ class RedisTier:
             present = pipe.execute()
         missing = [j for j, there in enumerate(present) if not there]
         self._counts["num_blocks_deduplicated"] += len(block_keys) - len(missing)
-        layers = list(range(self.spec.n_layers))
         for i in range(0, len(missing), _FETCH_BLOCKS):
             chunk = missing[i : i + _FETCH_BLOCKS]
             records = []
             for j in chunk:
                 start, stop = j * size, min((j + 1) * size, len(tokens))
-                kvs = pool.read_layers(handle, layers, start, stop)
-                records.append(encode_block(tokens[start:stop], kvs))
+                records.append(read_block(pool, handle, tokens, start, stop))
             with self._redis(f"saving agent {handle.agent_id!r}") as r:
                 pipe = r.pipeline(transaction=False)
                 for j, record in zip(chunk, records, strict=True):
@@ -262,7 +263,7 @@ class RedisTier:
             r.set(self.keys.session_key(handle.agent_id), manifest, ex=self.ttl_s)
         self._counts["bytes_sent"] += len(manifest)
         return len(manifest) + sum(
-            self._record_bytes(min(size, len(tokens) - j * size)) for j in range(len(chain))
+            record_bytes(self.spec, min(size, len(tokens) - j * size)) for j in range(len(chain))
         )
 
     def _fetch(self, what: str, keys: Sequence[str]) -> list[bytes | None]:
@@ -279,8 +280,8 @@ class RedisTier:
 
     def _checked(
         self, record: bytes | None, key: str, tokens: Sequence[int], j: int
-    ) -> list[LayerKV] | None:
-        """Block ``j``'s layers if ``record`` is there and passes; None if it is missing.
+    ) -> DecodedBlock | None:
+        """Block ``j`` if ``record`` is there and passes; None if it is missing.
 
         A record that fails is deleted (best effort), counted, and raises
         CacheCorruptionError."""
@@ -302,7 +303,7 @@ class RedisTier:
             ):
                 r.delete(key)
             raise
-        return list(block.layers)
+        return block
 
     def _fill(
         self,
@@ -320,10 +321,10 @@ class RedisTier:
             js = range(i, min(i + _FETCH_BLOCKS, len(chain)))
             keys = [self.keys.block_key(salt, chain[j]) for j in js]
             for j, key, record in zip(js, keys, self._fetch(what, keys), strict=True):
-                kvs = self._checked(record, key, tokens, j)
-                if kvs is None:
+                block = self._checked(record, key, tokens, j)
+                if block is None:
                     return False
-                pool.write_layers(tables, kvs, written_from)
+                write_block(pool, tables, block, written_from)
         return True
 
     def load(self, pool: BlockPool, agent_id: str) -> CacheHandle | None:
