@@ -34,7 +34,7 @@ MIB = 1 << 20
 # here with its renderer and plot below.
 LEGACY_DICT_BENCHMARKS = (
     "engine_overhead", "memory", "persist", "quant",
-    "reconstruct", "bookkeeping", "blas", "serve", "prefix",
+    "serve", "prefix",
 )  # fmt: skip
 
 # the old private names of the table helpers, used by the transitional renderers
