@@ -32,10 +32,7 @@ MIB = 1 << 20
 # Transitional: benchmarks whose records are still dicts read by key (being edited on other
 # branches); converting one = giving its module a typed record and SECTION, and removing it
 # here with its renderer and plot below.
-LEGACY_DICT_BENCHMARKS = (
-    "engine_overhead", "memory", "persist", "quant",
-    "serve", "prefix",
-)  # fmt: skip
+LEGACY_DICT_BENCHMARKS = ("engine_overhead", "memory", "persist", "quant")
 
 # the old private names of the table helpers, used by the transitional renderers
 _table, _cell, _x, _mib = table, cell, times, mib
@@ -386,12 +383,6 @@ def _blas(r: dict[str, Any]) -> list[str]:
     ]
 
 
-def _serve(r: dict[str, Any]) -> list[str]:
-    from kvpool.benchmarks.serve import report_lines
-
-    return report_lines(r)
-
-
 def _persist(r: dict[str, Any]) -> list[str]:
     rows = [
         (
@@ -408,56 +399,6 @@ def _persist(r: dict[str, Any]) -> list[str]:
         f"slab copies: {r['scatter_num_copied']}.",
         "",
         *_table(("operation", "median ms", "best ms", "MB/s (median)"), rows),
-    ]
-
-
-def _prefix(r: dict[str, Any]) -> list[str]:
-    c, m, n, t, w = r["config"], r["memory"], r["new_agent"], r["together"], r["windows"]
-    return [
-        f"System prompt of {c['system_tokens']} tokens, {c['private_tokens']} private tokens "
-        f"per agent, {c['model']} ({c['weights']}).",
-        "",
-        *_table(
-            ("measure", "with sharing", "without", "ratio"),
-            [
-                (
-                    f"blocks held, {m['agents']} agents after one turn",
-                    m["blocks_held"],
-                    m["blocks_unshared"],
-                    f"{m['ratio']}x",
-                ),
-                (
-                    "new agent TTFT p50 (system prompt cached)",
-                    f"{n['cached']['p50_ms']:.0f} ms",
-                    f"{n['nothing_cached']['p50_ms']:.0f} ms",
-                    _x(n["speedup"]),
-                ),
-                (
-                    f"{t['agents']} agents together: prefilled tokens",
-                    t["shared"]["prefilled_tokens"],
-                    t["unshared"]["prefilled_tokens"],
-                    f"bound {t['prefill_bound']}",
-                ),
-                (
-                    f"{t['agents']} agents together: wall time",
-                    f"{t['shared']['total_s']:.2f} s",
-                    f"{t['unshared']['total_s']:.2f} s",
-                    _x(t["speedup_total"]),
-                ),
-                (
-                    f"8K-token agent, {w['geometry']}",
-                    _mib(w["bytes_per_group_tables"]),
-                    _mib(w["bytes_one_table"]),
-                    f"{w['ratio']}x",
-                ),
-            ],
-        ),
-        "",
-        f"Partial block: a prompt sharing {r['partial']['shared_tokens']} tokens reused "
-        f"{r['partial']['cached_tokens']}. Prefix hit rate {r['prefix_cache']['hit_rate']:.1%} "
-        f"({r['prefix_cache']['hit_tokens']} of {r['prefix_cache']['query_tokens']} tokens); "
-        f"bytes saved after the shared turn: {_mib(m['bytes_saved'])}; tokens equal with and "
-        f"without sharing: {t['tokens_equal']}.",
     ]
 
 
@@ -572,12 +513,10 @@ def _plot_bookkeeping(figure: Any, r: dict[str, Any]) -> None:
 _LEGACY_DICT_SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "reconstruct": _reconstruct,
     "engine_overhead": _engine_overhead,
-    "serve": _serve,
     "memory": _memory,
     "persist": _persist,
     "bookkeeping": _bookkeeping,
     "blas": _blas,
-    "prefix": _prefix,
     "quant": _quant,
 }
 _LEGACY_DICT_PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
