@@ -95,6 +95,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "engine_overhead",
         "resume",
         "workload",
+        "multiround",
         "prefix",
         "memory",
         "persist",
