@@ -7,8 +7,8 @@ from __future__ import annotations
 import random
 
 import mlx.core as mx
-from conftest import LoadedModel
 
+from conftest import LoadedModel
 from kvpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
 from kvpool.benchmarks.peer import LruPromptCacheWay, caches_from_pool
 from kvpool.benchmarks.turns import (

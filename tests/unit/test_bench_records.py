@@ -67,9 +67,15 @@ def _workload_record() -> workload.WorkloadRecord:
     return workload.WorkloadRecord(
         targets=(at_most("4 agents: kvpool / LRU", 0.8, 0.8),),
         config=workload.WorkloadConfig(
-            model="m", agent_counts=(4,), turns=2, system_tokens=64, task_tokens=64,
-            user_tokens=32, max_tokens=4, cache_limit_bytes=1 << 30,
-        ),  # fmt: skip
+            model="m",
+            agent_counts=(4,),
+            turns=2,
+            system_tokens=64,
+            task_tokens=64,
+            user_tokens=32,
+            max_tokens=4,
+            cache_limit_bytes=1 << 30,
+        ),
         results=(result,),
     )
 
@@ -83,9 +89,17 @@ def _multiround_record() -> multiround.MultiroundRecord:
     return multiround.MultiroundRecord(
         targets=(at_most("total", 0.7, 0.9), at_most("resumed", 0.6, None)),
         config=multiround.MultiroundConfig(
-            model="m", users=3, rounds=2, steps=4, system_tokens=64, first_question_tokens=32,
-            question_tokens=16, answer_tokens=4, lru_max_size=10, cache_limit_bytes=1 << 30,
-        ),  # fmt: skip
+            model="m",
+            users=3,
+            rounds=2,
+            steps=4,
+            system_tokens=64,
+            first_question_tokens=32,
+            question_tokens=16,
+            answer_tokens=4,
+            lru_max_size=10,
+            cache_limit_bytes=1 << 30,
+        ),
         turns=6,
         ways={"kvpool": way, "lru": way, "plain": way},
         step_total_s={"kvpool": (1.0, 2.0), "lru": (1.5, 2.5), "plain": (3.0, 4.0)},
