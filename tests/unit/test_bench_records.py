@@ -19,6 +19,7 @@ from kvpool.benchmarks.records import (
     from_json,
     to_json,
 )
+from kvpool.benchmarks.runner import REGISTRY
 from kvpool.benchmarks.turns import WayTotals, rotation
 
 ENVIRONMENT = {
@@ -215,7 +216,7 @@ def test_report_renders_typed_and_transitional_records(tmp_path: Path) -> None:
 
 
 def test_every_typed_benchmark_has_a_section_and_the_rest_are_listed() -> None:
-    typed = [n for n in report.REGISTRY if n not in report.LEGACY_DICT_BENCHMARKS]
+    typed = [n for n in REGISTRY if n not in report.LEGACY_DICT_BENCHMARKS]
     assert set(report.LEGACY_DICT_BENCHMARKS) == {"engine_overhead", "memory", "persist", "quant"}
     for name in typed:
         if name in ("reconstruct",):  # imports mlx at module level: covered in integration
