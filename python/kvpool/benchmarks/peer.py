@@ -73,6 +73,12 @@ class LruPromptCacheWay:
         """Put a finished conversation's per-layer caches in the prompt cache."""
         self.cache.insert_cache(MODEL_KEY, list(tokens), list(caches), cache_type="assistant")
 
+    def forget(self) -> None:
+        """Drop everything the prompt cache holds (a fresh ``LRUPromptCache``)."""
+        from kvpool.mlx.mlx_lm import lru_prompt_cache
+
+        self.cache = lru_prompt_cache(self.max_size)
+
     @property
     def num_held(self) -> int:
         return len(self.cache)

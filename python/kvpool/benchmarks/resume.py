@@ -12,7 +12,9 @@ tokens (greedy, one generated token). Time to first token (TTFT) when its cache 
   (:mod:`kvpool.benchmarks.peer`: fetch the nearest cache, a deep copy, and prefill the new
   tokens into ``BatchGenerator`` with it), holding the same K/V as the pool;
 * ``reprefill``: nowhere, so plain mlx-lm ``BatchGenerator`` prefills the whole context plus
-  the new tokens.
+  the new tokens;
+* ``model_only``: the physical limit, the model's own forward over the new tokens on an
+  mlx-lm cache already in place (no gather, no copy, no batching) up to the first token.
 
 kvpool's and the LRU way's generated tokens are compared (same K/V, same new tokens); the
 re-prefill computes its own K/V from the model, so its token is not comparable.
@@ -123,7 +125,14 @@ class _Context:
         self.prompt = history + random_tokens(rng, NEW_TOKENS)
         self.agent = fill_agent_cache(self.pool, "agent", history, seed=context)
         self.cache_bytes = cache_bytes(self.pool, context)
-        self.lru.hold(history, caches_from_pool(self.pool, self.agent))
+        self.history = history
+        self.lru_held = caches_from_pool(self.pool, self.agent)
+        self.model = model
+        self.context = context
+        self.floor_caches = caches_from_pool(self.pool, self.agent)
+        self.floor_tokens: set[tuple[int, ...]] = set()
+        self.model_only()  # grows the caches' buffers once (mlx-lm allocates in steps)
+        self.floor_tokens.clear()
         self.pool_tokens: set[tuple[int, ...]] = set()
         self.lru_tokens: set[tuple[int, ...]] = set()
         self.path = directory / f"agent-{context}.kvcache.safetensors"
@@ -150,9 +159,31 @@ class _Context:
         return result.ttft_s[request.agent_id]
 
     def from_lru(self) -> float:
+        # The prompt cache holds the history only, every repetition: the entry a previous
+        # repetition stored (prompt + generated token) would make this one a full hit.
+        # (``fetch_nearest_cache`` deep-copies what it returns: the held caches stay as is.)
+        self.lru.forget()
+        self.lru.hold(self.history, self.lru_held)
         result = self.lru.run_turn([TurnRequest("lru", self.prompt, 1)])
+        assert result.cached_tokens["lru"] == len(self.history), "this indicates a bug"
         self.lru_tokens.add(result.tokens["lru"])
         return result.ttft_s["lru"]
+
+    def model_only(self) -> float:
+        """The model's forward over the new tokens on caches in place, to the first token;
+        the caches are trimmed back after, so every call sees the same context."""
+        import mlx.core as mx
+
+        new = mx.array([list(self.prompt[self.context :])])
+        t0 = time.perf_counter()
+        logits = self.model(new, cache=self.floor_caches)
+        token = mx.argmax(logits[:, -1, :], axis=-1)
+        mx.eval(token)
+        elapsed = time.perf_counter() - t0
+        for cache in self.floor_caches:
+            cache.trim(NEW_TOKENS)
+        self.floor_tokens.add((int(token.tolist()[0]),))  # type: ignore[index, arg-type]
+        return elapsed
 
     def from_disk(self) -> float:
         self.page_cache_dropped = _drop_page_cache(self.path)
@@ -190,6 +221,7 @@ def _measure(ctx: _Context, reps_fast: int, reps_prefill: int) -> dict[str, list
         variants.append(("disk", ctx.from_disk, reps_fast))
     variants.append(("lru", ctx.from_lru, reps_fast))
     variants.append(("reprefill", ctx.reprefill, reps_prefill))
+    variants.append(("model_only", ctx.model_only, reps_fast))
     samples: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     for i in range(max(reps_fast, reps_prefill)):
         for k in range(len(variants)):
@@ -278,6 +310,8 @@ class ContextResult:
     pool_vs_lru: float | None
     lru_tokens_equal: bool  # the LRU way generated kvpool's token in every repetition
     disk: DiskResult | None
+    model_only: Summary | None = None  # the physical limit (absent in older records)
+    model_only_tokens_equal: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +361,8 @@ def _row(ctx: _Context, context: int, samples: dict[str, list[float]]) -> Contex
         pool_vs_lru=ratio(pool.p50_ms, lru.p50_ms, 2),
         lru_tokens_equal=len(ctx.pool_tokens) == 1 and ctx.lru_tokens == ctx.pool_tokens,
         disk=disk,
+        model_only=Summary.of(samples["model_only"]),
+        model_only_tokens_equal=ctx.floor_tokens == ctx.pool_tokens,
     )
 
 
@@ -346,6 +382,7 @@ def render_section(r: ResumeRecord) -> list[str]:
                 "-" if d is None else f"{d.ttft.p50_ms:.1f} ({d.ttft.n})",
                 "-" if d is None else f"{d.load.p50_ms:.1f}",
                 f"{x.reprefill.p50_ms:.0f} ({x.reprefill.n})",
+                "-" if x.model_only is None else f"{x.model_only.p50_ms:.1f}",
                 times(x.pool_vs_lru),
                 times(x.speedup_pool_vs_reprefill),
                 "-" if d is None else times(d.speedup_vs_reprefill),
@@ -356,11 +393,13 @@ def render_section(r: ResumeRecord) -> list[str]:
     return [
         f"Model {c.model}; next turn = {c.new_tokens} new tokens, TTFT p50 in ms (samples). "
         "LRU: mlx-lm's LRUPromptCache as mlx_lm.server resumes from it. Disk: page cache "
-        f"dropped before each load ({r.disk}); load = `load_cache` alone.",
+        f"dropped before each load ({r.disk}); load = `load_cache` alone. Model only: the "
+        "model's forward over the new tokens on a cache in place (the physical limit).",
         "",
         *table(
             ("context", "cache", "pool ms", "LRU ms", "disk ms", "load ms", "re-prefill ms",
-             "pool / LRU", "re-prefill / pool", "re-prefill / disk", "LRU tokens = kvpool"),
+             "model only ms", "pool / LRU", "re-prefill / pool", "re-prefill / disk",
+             "LRU tokens = kvpool"),
             rows,
         ),
     ]  # fmt: skip
