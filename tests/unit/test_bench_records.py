@@ -87,19 +87,18 @@ def _multiround_record() -> multiround.MultiroundRecord:
         resumed_ttft_p95_ms=800.0, new_ttft_p50_ms=700.0, prompt_tokens=1000,
         cached_tokens=750, prefix_hit_rate=0.75, turns_unequal=0,
     )  # fmt: skip
-    return multiround.MultiroundRecord(
-        targets=(at_most("total", 0.7, 0.9), at_most("resumed", 0.6, None)),
-        config=multiround.MultiroundConfig(
-            model="m",
+    scenario = multiround.ScenarioResult(
+        config=multiround.ScenarioConfig(
+            name="peer at its best",
             users=3,
             rounds=2,
+            arrivals=1,
             steps=4,
             system_tokens=64,
             first_question_tokens=32,
             question_tokens=16,
             answer_tokens=4,
             lru_max_size=10,
-            cache_limit_bytes=1 << 30,
         ),
         turns=6,
         ways={"kvpool": way, "lru": way, "plain": way},
@@ -109,6 +108,12 @@ def _multiround_record() -> multiround.MultiroundRecord:
         kvpool_vs_plain_total=0.5,
         kvpool_vs_plain_resumed_ttft_p50=0.3,
     )
+    return multiround.MultiroundRecord(
+        targets=(at_most("total", 0.7, 0.9), at_most("resumed", 0.6, None)),
+        model="m",
+        cache_limit_bytes=1 << 30,
+        scenarios=(scenario,),
+    )  # fmt: skip
 
 
 def test_nested_record_round_trips_through_json_text() -> None:
@@ -124,11 +129,11 @@ def test_nested_record_round_trips_through_json_text() -> None:
 def test_optional_fields_and_ints_read_as_floats() -> None:
     record = _multiround_record()
     data = json.loads(json.dumps(to_json(record)))
-    data["ways"]["kvpool"]["total_s"] = 10  # JSON writes 10.0 as 10 after rounding
+    data["scenarios"][0]["ways"]["kvpool"]["total_s"] = 10  # 10.0 can come back as 10
     back = from_json(multiround.MultiroundRecord, data)
     assert back == record
-    assert isinstance(back.ways["kvpool"].total_s, float)
-    assert back.kvpool_vs_lru_resumed_ttft_p50 is None
+    assert isinstance(back.scenarios[0].ways["kvpool"].total_s, float)
+    assert back.scenarios[0].kvpool_vs_lru_resumed_ttft_p50 is None
     assert back.targets[1].met is None
 
 
