@@ -96,6 +96,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "mixed_prefill",
         "resume",
         "workload",
+        "multiround",
         "prefix",
         "memory",
         "persist",

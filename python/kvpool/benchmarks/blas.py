@@ -23,9 +23,11 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from kvpool.benchmarks.measure import target
+from kvpool.benchmarks.records import BenchRecord, Section, Target
+from kvpool.benchmarks.tables import table, times
 
 MODEL = "smollm2-135m"
 MATMUL_SIZE = 1024
@@ -40,7 +42,26 @@ VARIANTS: dict[str, tuple[bool, str | None]] = {
 METRICS = {"matmul_1024_f32_s": True, "prefill_tok_s": False, "decode_tok_s": False}
 
 
-def run(quick: bool) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class BlasRecord(BenchRecord):
+    """Each metric maps a variant to its value, and ``speedup_<variant>`` to that OpenBLAS
+    variant's speedup over the reference BLAS (> 1 is faster)."""
+
+    model: str
+    cpu_count: int | None
+    matmul_repeats: int
+    prompt_tokens: int
+    decode_tokens: int
+    blas: dict[str, str]  # variant -> the BLAS it ran with
+    matmul_1024_f32_s: dict[str, float]
+    prefill_tok_s: dict[str, float]
+    decode_tok_s: dict[str, float]
+
+
+RECORD = BlasRecord
+
+
+def run(quick: bool) -> BlasRecord:
     """Every measurement under each variant, and each OpenBLAS variant's speedup over the
     reference BLAS (>1 is faster). The parent's own BLAS does not matter: each variant
     runs in its own interpreter."""
@@ -57,13 +78,7 @@ def run(quick: bool) -> dict[str, Any]:
         for variant, (fast_blas, threads) in VARIANTS.items()
     }
     reference = variant_to_result["reference"]
-    report: dict[str, Any] = {"model": MODEL, "quick": quick, "cpu_count": os.cpu_count(), **sizes}
-    report["blas"] = {
-        variant: f"{result['blas']}, {result['openblas_threads']} OpenBLAS threads"
-        if result["openblas_threads"] is not None
-        else result["blas"]
-        for variant, result in variant_to_result.items()
-    }
+    metrics: dict[str, dict[str, float]] = {}
     for key, lower_is_better in METRICS.items():
         values = {variant: result[key] for variant, result in variant_to_result.items()}
         speedups = {
@@ -73,17 +88,55 @@ def run(quick: bool) -> dict[str, Any]:
             for variant, value in values.items()
             if variant != "reference"
         }
-        report[key] = values | speedups
-    openblas = report["decode_tok_s"]["speedup_openblas"]
-    report["targets"] = [
-        target(
-            "decode with OpenBLAS (kvpool's default) vs reference BLAS",
-            "not slower (>= 1x)",
-            round(openblas, 2),
-            openblas >= 1.0,
+        metrics[key] = values | speedups
+    openblas = metrics["decode_tok_s"]["speedup_openblas"]
+    return BlasRecord(
+        model=MODEL,
+        cpu_count=os.cpu_count(),
+        **sizes,
+        blas={
+            variant: f"{result['blas']}, {result['openblas_threads']} OpenBLAS threads"
+            if result["openblas_threads"] is not None
+            else result["blas"]
+            for variant, result in variant_to_result.items()
+        },
+        matmul_1024_f32_s=metrics["matmul_1024_f32_s"],
+        prefill_tok_s=metrics["prefill_tok_s"],
+        decode_tok_s=metrics["decode_tok_s"],
+        targets=(
+            Target(
+                "decode with OpenBLAS (kvpool's default) vs reference BLAS",
+                "not slower (>= 1x)",
+                round(openblas, 2),
+                openblas >= 1.0,
+            ),
+        ),
+    )
+
+
+def render_section(r: BlasRecord) -> list[str]:
+    variants = list(r.blas)
+    rows = []
+    for key in METRICS:
+        values: dict[str, float] = getattr(r, key)
+        rows.append(
+            (
+                key,
+                *(values[v] for v in variants),
+                *(times(values.get(f"speedup_{v}")) for v in variants[1:]),
+            )
         )
+    return [
+        f"Model {r.model}, prompt {r.prompt_tokens} tokens, {r.decode_tokens} decode "
+        "steps; each variant in its own interpreter:",
+        "",
+        *table(("metric", *variants, *(f"speedup {v}" for v in variants[1:])), rows),
+        "",
+        *(f"- {v}: {r.blas[v]}" for v in variants),
     ]
-    return report
+
+
+SECTION = Section(RECORD, render_section)
 
 
 def _worker(fast_blas: bool, threads: str | None, sizes: dict[str, int]) -> dict[str, Any]:

@@ -20,12 +20,15 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kvpool import _blocks
 from kvpool.benchmarks.environment import source_tree
 from kvpool.benchmarks.measure import median
+from kvpool.benchmarks.records import BenchRecord, Section, from_json
+from kvpool.benchmarks.tables import table as md_table
 
 POOL_SIZES = (256, 4096, 65536)
 QUICK_POOL_SIZES = (256, 4096)
@@ -38,7 +41,73 @@ CPP_BUILD_SUBDIR = Path("build") / "bench-cpp"
 BUILD_TIMEOUT_S = 600
 
 
-def _python_point(num_blocks: int, batch: int, reps: int) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Point:
+    """ns per block of each operation at one (pool size, blocks per call); an operation
+    that did not run at this point is None (``ref_cnt`` is measured from Python only)."""
+
+    num_blocks: int
+    batch: int
+    allocate: float
+    share: float
+    free_shared: float | None = None
+    release_shared: float | None = None
+    free: float | None = None
+    release: float | None = None
+    ref_cnt: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixPoint:
+    """The C++ prefix index, ns per block (see bench/cpp/bench_block_allocator.cpp)."""
+
+    num_blocks: int
+    publish: float
+    lookup: float
+    best_child: float
+    allocate_evict: float
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixIndex:
+    block_tokens: int
+    reps: int
+    results: tuple[PrefixPoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CppResult:
+    """The C++ microbenchmark, or why it did not run (``available`` False, ``reason``)."""
+
+    available: bool
+    reason: str | None = None
+    binary: str | None = None
+    build_s: float | None = None
+    reps: int | None = None
+    results: tuple[Point, ...] = ()
+    prefix: PrefixIndex | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BookkeepingConfig:
+    pool_sizes: tuple[int, ...]
+    batches: tuple[int, ...]
+    reps: int
+
+
+@dataclass(frozen=True, slots=True)
+class BookkeepingRecord(BenchRecord):
+    config: BookkeepingConfig
+    unit: str
+    stat: str
+    python: tuple[Point, ...]
+    cpp: CppResult
+
+
+RECORD = BookkeepingRecord
+
+
+def _python_point(num_blocks: int, batch: int, reps: int) -> Point:
     allocator = _blocks.BlockAllocator(num_blocks)
     num_owners = num_blocks // batch
     num_ids = num_owners * batch
@@ -76,13 +145,12 @@ def _python_point(num_blocks: int, batch: int, reps: int) -> dict[str, Any]:
         if allocator.num_free != num_blocks or allocator.num_owners != 0:
             raise AssertionError("the benchmark did not return every block: this is a bug")
     allocator.check_invariants()
-    point: dict[str, Any] = {"num_blocks": num_blocks, "batch": batch}
-    point.update({op: round(median(v), 2) for op, v in samples.items() if v})
-    return point
+    ops: dict[str, Any] = {op: round(median(v), 2) for op, v in samples.items() if v}
+    return Point(num_blocks=num_blocks, batch=batch, **ops)
 
 
-def _cpp() -> dict[str, Any]:
-    """The C++ microbenchmark's JSON, or ``{"available": False, "reason": ...}``."""
+def _cpp() -> CppResult:
+    """The C++ microbenchmark's results, or why it did not run."""
     root = source_tree()
     if root is None:
         return _unavailable(
@@ -121,24 +189,87 @@ def _cpp() -> dict[str, Any]:
     if proc.returncode != 0:
         return _unavailable(f"{binary} exited with {proc.returncode}: {proc.stderr.strip()}")
     data: dict[str, Any] = json.loads(proc.stdout)
-    return {"available": True, "binary": str(binary), "build_s": round(build_s, 1), **data}
+    return CppResult(
+        available=True,
+        binary=str(binary),
+        build_s=round(build_s, 1),
+        reps=data.get("reps"),
+        results=from_json(tuple[Point, ...], data.get("results", [])),
+        prefix=None if "prefix" not in data else from_json(PrefixIndex, data["prefix"]),
+    )
 
 
-def _unavailable(reason: str) -> dict[str, Any]:
-    return {"available": False, "reason": reason}
+def _unavailable(reason: str) -> CppResult:
+    return CppResult(available=False, reason=reason)
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool) -> BookkeepingRecord:
     sizes = QUICK_POOL_SIZES if quick else POOL_SIZES
     reps = QUICK_REPS if quick else REPS
     python = [_python_point(n, batch, reps) for n in sizes for batch in BATCHES if batch <= n]
-    return {
-        "bench": "bookkeeping",
-        "quick": quick,
-        "config": {"pool_sizes": list(sizes), "batches": list(BATCHES), "reps": reps},
-        "unit": "ns_per_block",
-        "stat": "median",
-        "python": python,
-        "cpp": _cpp(),
-        "targets": [],
-    }
+    return BookkeepingRecord(
+        config=BookkeepingConfig(pool_sizes=sizes, batches=BATCHES, reps=reps),
+        unit="ns_per_block",
+        stat="median",
+        python=tuple(python),
+        cpp=_cpp(),
+        targets=(),
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+_SHOWN = ("allocate", "share", "free_shared", "free", "release", "ref_cnt")
+
+
+def _ns(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_section(r: BookkeepingRecord) -> list[str]:
+    cpp = r.cpp
+    cpp_points = {(p.num_blocks, p.batch): p for p in cpp.results}
+    rows = []
+    for p in r.python:
+        c = cpp_points.get((p.num_blocks, p.batch))
+        cells = [
+            f"{_ns(getattr(p, o), 0)} / {_ns(None if c is None else getattr(c, o), 1)}"
+            for o in _SHOWN
+        ]
+        rows.append((p.num_blocks, p.batch, *cells))
+    lines = [
+        f"ns per block, median of {r.config.reps} repetitions (Python) and of "
+        f"{cpp.reps if cpp.reps is not None else '-'} (C++); cells are Python / C++:",
+        "",
+        *md_table(("pool blocks", "batch", *_SHOWN), rows),
+    ]
+    if not cpp.available:
+        lines += ["", f"C++: unavailable ({cpp.reason})"]
+    return lines
+
+
+def plot(figure: Any, r: BookkeepingRecord) -> None:
+    cpp = {(p.num_blocks, p.batch): p for p in r.cpp.results}
+    points = r.python
+    labels = [f"{p.num_blocks}\nx{p.batch}" for p in points]
+    xs = list(range(len(points)))
+    for i, op in enumerate(("allocate", "free")):
+        ax = figure.add_subplot(1, 2, i + 1)
+        width = 0.4
+        ax.bar(
+            [x - width / 2 for x in xs],
+            [getattr(p, op) or 0 for p in points],
+            width,
+            label="Python",
+        )
+        cpp_values = [getattr(cpp.get((p.num_blocks, p.batch)), op, None) or 0 for p in points]
+        ax.bar([x + width / 2 for x in xs], cpp_values, width, label="C++")
+        ax.set_yscale("log")
+        ax.set_xticks(xs, labels, fontsize=8)
+        ax.set_xlabel("pool blocks x blocks per call")
+        ax.set_ylabel("ns per block (median)")
+        ax.set_title(f"bookkeeping: {op}")
+        ax.legend()
+
+
+SECTION = Section(RECORD, render_section, plot)

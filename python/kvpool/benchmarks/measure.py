@@ -13,8 +13,11 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kvpool.benchmarks.records import Target
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -60,6 +63,23 @@ def summary_ms(samples_s: Sequence[float]) -> dict[str, float]:
         "min_ms": round(min(ms), 3),
         "max_ms": round(max(ms), 3),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Samples summarized in milliseconds: count, median, 95th percentile, range."""
+
+    n: int
+    p50_ms: float
+    p95_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, samples_s: Sequence[float]) -> Summary:
+        """The summary of samples given in seconds."""
+        d = summary_ms(samples_s)
+        return cls(int(d["n"]), d["p50_ms"], d["p95_ms"], d["min_ms"], d["max_ms"])
 
 
 def median(samples: Sequence[float]) -> float:
@@ -125,6 +145,16 @@ def round_floats(data: Any, digits: int = 3) -> Any:
 
 
 def target(name: str, goal: str, value: float | str | None, met: bool | None) -> dict[str, Any]:
-    """One target of a benchmark as records and reports show it: ``met`` None = not judged
-    (the measurement is missing)."""
+    """One target of a dict record (the transitional records: see
+    :mod:`kvpool.benchmarks.records` for typed ones): ``met`` None = not judged."""
     return {"name": name, "target": goal, "value": value, "met": met}
+
+
+def at_most(name: str, limit: float, value: float | None) -> Target:
+    """A typed target ``value <= limit`` (a ratio of times): not judged without a value."""
+    return Target(name, f"<= {limit:g}x", value, None if value is None else value <= limit)
+
+
+def at_least(name: str, limit: float, value: float | None) -> Target:
+    """A typed target ``value >= limit`` (a speedup): not judged without a value."""
+    return Target(name, f">= {limit:g}x", value, None if value is None else value >= limit)

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from dataclasses import dataclass
 
-from kvpool.benchmarks.measure import GIB, mlx_cache_limit, ratio, summary_ms, target
+from kvpool.benchmarks.measure import GIB, Summary, mlx_cache_limit, ratio
+from kvpool.benchmarks.records import BenchRecord, Section, Target
+from kvpool.benchmarks.tables import mib, table, times
 from kvpool.benchmarks.turns import (
     TurnRequest,
     load_recipe,
@@ -43,6 +45,100 @@ CACHE_LIMIT = 2 * GIB
 GENERATED = 8
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryResult:
+    """Blocks held after one turn of ``agents`` agents on one system prompt."""
+
+    agents: int
+    blocks_held: int
+    blocks_unshared: int
+    ratio: float
+    bytes_held: int
+    bytes_saved: int
+    total_s: float
+    prefilled_tokens: int
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewAgentResult:
+    """TTFT of a new agent with the system prompt cached vs nothing cached."""
+
+    prompt_tokens: int
+    cached_tokens: tuple[int, ...]
+    cached: Summary
+    nothing_cached: Summary
+    speedup: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class TogetherSide:
+    total_s: float
+    prefilled_tokens: int
+    mean_ttft_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class TogetherResult:
+    """Agents arriving in one step with an uncached shared prefix."""
+
+    agents: int
+    prefill_bound: int
+    shared: TogetherSide
+    unshared: TogetherSide
+    speedup_total: float | None
+    tokens_equal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PartialResult:
+    shared_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowsResult:
+    geometry: str
+    context_tokens: int
+    bytes_one_table: int
+    bytes_per_group_tables: int
+    ratio: float
+    blocks_per_group: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheUsage:
+    query_tokens: int
+    hit_tokens: int
+    hit_rate: float
+    num_evictions: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixConfig:
+    model: str
+    system_tokens: int
+    private_tokens: int
+    generated_tokens: int
+    block_tokens: int
+    bytes_per_block: int
+    weights: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRecord(BenchRecord):
+    config: PrefixConfig
+    memory: MemoryResult
+    new_agent: NewAgentResult
+    together: TogetherResult
+    partial: PartialResult
+    windows: WindowsResult
+    prefix_cache: PrefixCacheUsage
+
+
+RECORD = PrefixRecord
+
+
 def _sizes(quick: bool) -> dict[str, int]:
     if quick:
         return {"system": 512, "private": 64, "shared_agents": 4, "together": 3, "reps": 1}
@@ -53,7 +149,7 @@ def _private(rng: random.Random, n: int) -> tuple[int, ...]:
     return random_tokens(rng, n)
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool) -> PrefixRecord:
     sizes = _sizes(quick)
     system_n, private_n = sizes["system"], sizes["private"]
     model, tokenizer = load_recipe(MODEL)
@@ -81,56 +177,54 @@ def run(quick: bool) -> dict[str, Any]:
             engine.close()
             plain.close()
     windows = _windows()
-    return {
-        "bench": "prefix",
-        "quick": quick,
-        "config": {
-            "model": MODEL,
-            "system_tokens": system_n,
-            "private_tokens": private_n,
-            "generated_tokens": GENERATED,
-            "block_tokens": spec.block_tokens,
-            "bytes_per_block": spec.bytes_per_block,
-            "weights": "random (real geometry): timings are real, text is not",
-        },
-        "memory": memory,
-        "new_agent": new_agent,
-        "together": together,
-        "partial": partial,
-        "windows": windows,
-        "prefix_cache": {
-            "query_tokens": usage.query_tokens,
-            "hit_tokens": usage.hit_tokens,
-            "hit_rate": round(usage.hit_rate, 4),
-            "num_evictions": usage.num_evictions,
-        },
-        "targets": [
-            target(
+    return PrefixRecord(
+        config=PrefixConfig(
+            model=MODEL,
+            system_tokens=system_n,
+            private_tokens=private_n,
+            generated_tokens=GENERATED,
+            block_tokens=spec.block_tokens,
+            bytes_per_block=spec.bytes_per_block,
+            weights="random (real geometry): timings are real, text is not",
+        ),
+        memory=memory,
+        new_agent=new_agent,
+        together=together,
+        partial=partial,
+        windows=windows,
+        prefix_cache=PrefixCacheUsage(
+            query_tokens=usage.query_tokens,
+            hit_tokens=usage.hit_tokens,
+            hit_rate=round(usage.hit_rate, 4),
+            num_evictions=usage.num_evictions,
+        ),
+        targets=(
+            Target(
                 f"{sizes['shared_agents']} agents on one system prompt: blocks held vs unshared",
                 "<= 0.3x",
-                memory["ratio"],
-                memory["ratio"] <= 0.3,
+                memory.ratio,
+                memory.ratio <= 0.3,
             ),
-            target(
+            Target(
                 "new agent, system prompt cached: TTFT vs nothing cached",
                 ">= 5x lower",
-                new_agent["speedup"],
-                new_agent["speedup"] is not None and new_agent["speedup"] >= 5.0,
+                new_agent.speedup,
+                new_agent.speedup is not None and new_agent.speedup >= 5.0,
             ),
-            target(
+            Target(
                 f"{sizes['together']} agents arriving together: prefilled tokens",
-                f"<= {together['prefill_bound']}",
-                together["shared"]["prefilled_tokens"],
-                together["shared"]["prefilled_tokens"] <= together["prefill_bound"],
+                f"<= {together.prefill_bound}",
+                together.shared.prefilled_tokens,
+                together.shared.prefilled_tokens <= together.prefill_bound,
             ),
-            target(
+            Target(
                 "a prompt sharing 300 tokens with a cached sequence: tokens reused",
                 "== 300",
-                partial["cached_tokens"],
-                partial["cached_tokens"] == 300,
+                partial.cached_tokens,
+                partial.cached_tokens == 300,
             ),
-        ],
-    }
+        ),
+    )
 
 
 def _warm_up(engine: BlockPoolBatchEngine, rng: random.Random) -> None:
@@ -148,7 +242,7 @@ def _memory(
     system: tuple[int, ...],
     sizes: dict[str, int],
     rng: random.Random,
-) -> dict[str, Any]:
+) -> MemoryResult:
     """Agents on one system prompt take a turn together; blocks held after it."""
     n = sizes["shared_agents"]
     requests = [
@@ -163,17 +257,17 @@ def _memory(
         for c in result.completions.values()
         if c.blocks is not None
     )
-    return {
-        "agents": n,
-        "blocks_held": held,
-        "blocks_unshared": unshared,
-        "ratio": round(held / unshared, 3),
-        "bytes_held": held * pool.spec.bytes_per_block,
-        "bytes_saved": (unshared - held) * pool.spec.bytes_per_block,
-        "total_s": round(result.total_s, 3),
-        "prefilled_tokens": sum(c.prefilled_tokens for c in result.completions.values()),
-        "prompt_tokens": sum(c.prompt_tokens for c in result.completions.values()),
-    }
+    return MemoryResult(
+        agents=n,
+        blocks_held=held,
+        blocks_unshared=unshared,
+        ratio=round(held / unshared, 3),
+        bytes_held=held * pool.spec.bytes_per_block,
+        bytes_saved=(unshared - held) * pool.spec.bytes_per_block,
+        total_s=round(result.total_s, 3),
+        prefilled_tokens=sum(c.prefilled_tokens for c in result.completions.values()),
+        prompt_tokens=sum(c.prompt_tokens for c in result.completions.values()),
+    )
 
 
 def _new_agent(
@@ -183,7 +277,7 @@ def _new_agent(
     system: tuple[int, ...],
     sizes: dict[str, int],
     rng: random.Random,
-) -> dict[str, Any]:
+) -> NewAgentResult:
     """TTFT of a new agent with the system prompt cached vs nothing cached, in rotation."""
     cached_s: list[float] = []
     cold_s: list[float] = []
@@ -202,14 +296,14 @@ def _new_agent(
                 reused.append(done.cached_tokens)
             if done.blocks is not None:
                 pool.release(done.blocks)
-    cached, cold = summary_ms(cached_s), summary_ms(cold_s)
-    return {
-        "prompt_tokens": len(system) + 64,
-        "cached_tokens": reused,
-        "cached": cached,
-        "nothing_cached": cold,
-        "speedup": ratio(cold["p50_ms"], cached["p50_ms"], 1),
-    }
+    cached, cold = Summary.of(cached_s), Summary.of(cold_s)
+    return NewAgentResult(
+        prompt_tokens=len(system) + 64,
+        cached_tokens=tuple(reused),
+        cached=cached,
+        nothing_cached=cold,
+        speedup=ratio(cold.p50_ms, cached.p50_ms, 1),
+    )
 
 
 def _together(
@@ -218,12 +312,12 @@ def _together(
     pool: BlockPool,
     sizes: dict[str, int],
     rng: random.Random,
-) -> dict[str, Any]:
+) -> TogetherResult:
     """Agents arriving in one step with a shared uncached prefix: prefill it once?"""
     n, system_n, private_n = sizes["together"], sizes["system"], sizes["private"]
     fresh_system = random_tokens(rng, system_n)  # cached nowhere
     prompts = [(*fresh_system, *_private(rng, private_n)) for _ in range(n)]
-    out: dict[str, Any] = {"agents": n, "prefill_bound": system_n + n * private_n}
+    sides: dict[str, TogetherSide] = {}
     tokens: dict[str, list[tuple[int, ...]]] = {}
     for name, which, salt in (("shared", engine, "together"), ("unshared", plain, "")):
         requests = [
@@ -234,22 +328,27 @@ def _together(
         elapsed = time.perf_counter() - t0
         done = [result.completions[r.agent_id] for r in requests]
         tokens[name] = [c.token_ids for c in done]
-        out[name] = {
-            "total_s": round(elapsed, 3),
-            "prefilled_tokens": sum(c.prefilled_tokens for c in done),
-            "mean_ttft_ms": round(1e3 * result.mean_ttft_s, 1),
-        }
+        sides[name] = TogetherSide(
+            total_s=round(elapsed, 3),
+            prefilled_tokens=sum(c.prefilled_tokens for c in done),
+            mean_ttft_ms=round(1e3 * result.mean_ttft_s, 1),
+        )
         for c in done:
             if c.blocks is not None:
                 pool.release(c.blocks)
-    out["speedup_total"] = ratio(out["unshared"]["total_s"], out["shared"]["total_s"], 2)
-    out["tokens_equal"] = tokens["shared"] == tokens["unshared"]
-    return out
+    return TogetherResult(
+        agents=n,
+        prefill_bound=system_n + n * private_n,
+        shared=sides["shared"],
+        unshared=sides["unshared"],
+        speedup_total=ratio(sides["unshared"].total_s, sides["shared"].total_s, 2),
+        tokens_equal=tokens["shared"] == tokens["unshared"],
+    )
 
 
 def _partial(
     engine: BlockPoolBatchEngine, pool: BlockPool, system: tuple[int, ...], rng: random.Random
-) -> dict[str, Any]:
+) -> PartialResult:
     """A prompt that shares exactly 300 tokens with the cached system prompt."""
     tail = [t for t in random_tokens(rng, 80) if t != system[300]]
     prompt = (*system[:300], *tail)
@@ -257,10 +356,10 @@ def _partial(
     done = result.completions["partial"]
     if done.blocks is not None:
         pool.release(done.blocks)
-    return {"shared_tokens": 300, "cached_tokens": done.cached_tokens}
+    return PartialResult(shared_tokens=300, cached_tokens=done.cached_tokens)
 
 
-def _windows() -> dict[str, Any]:
+def _windows() -> WindowsResult:
     """Bytes an 8K-token agent holds, gemma3-style (5 of 6 layers slide over 1K tokens)."""
     layers = tuple(
         LayerSpec(AttentionKind.GLOBAL, 8, 128, 128)
@@ -281,11 +380,67 @@ def _windows() -> dict[str, Any]:
     handle = manager.commit(res, tokens, tables, written)
     after = sum(len(t.held) * spec.group_bytes_per_block(g) for g, t in enumerate(handle.tables))
     before = spec.blocks_for(context) * spec.bytes_per_block
-    return {
-        "geometry": "48 layers (40 sliding, window 1024; 8 global) x 8 KV heads x 128, bf16",
-        "context_tokens": context,
-        "bytes_one_table": before,
-        "bytes_per_group_tables": after,
-        "ratio": round(after / before, 3),
-        "blocks_per_group": [len(t.held) for t in handle.tables],
-    }
+    return WindowsResult(
+        geometry="48 layers (40 sliding, window 1024; 8 global) x 8 KV heads x 128, bf16",
+        context_tokens=context,
+        bytes_one_table=before,
+        bytes_per_group_tables=after,
+        ratio=round(after / before, 3),
+        blocks_per_group=tuple(len(t.held) for t in handle.tables),
+    )
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_section(r: PrefixRecord) -> list[str]:
+    c, m, n, t, w = r.config, r.memory, r.new_agent, r.together, r.windows
+    return [
+        f"System prompt of {c.system_tokens} tokens, {c.private_tokens} private tokens "
+        f"per agent, {c.model} ({c.weights}).",
+        "",
+        *table(
+            ("measure", "with sharing", "without", "ratio"),
+            [
+                (
+                    f"blocks held, {m.agents} agents after one turn",
+                    m.blocks_held,
+                    m.blocks_unshared,
+                    f"{m.ratio}x",
+                ),
+                (
+                    "new agent TTFT p50 (system prompt cached)",
+                    f"{n.cached.p50_ms:.0f} ms",
+                    f"{n.nothing_cached.p50_ms:.0f} ms",
+                    times(n.speedup),
+                ),
+                (
+                    f"{t.agents} agents together: prefilled tokens",
+                    t.shared.prefilled_tokens,
+                    t.unshared.prefilled_tokens,
+                    f"bound {t.prefill_bound}",
+                ),
+                (
+                    f"{t.agents} agents together: wall time",
+                    f"{t.shared.total_s:.2f} s",
+                    f"{t.unshared.total_s:.2f} s",
+                    times(t.speedup_total),
+                ),
+                (
+                    f"8K-token agent, {w.geometry}",
+                    mib(w.bytes_per_group_tables),
+                    mib(w.bytes_one_table),
+                    f"{w.ratio}x",
+                ),
+            ],
+        ),
+        "",
+        f"Partial block: a prompt sharing {r.partial.shared_tokens} tokens reused "
+        f"{r.partial.cached_tokens}. Prefix hit rate {r.prefix_cache.hit_rate:.1%} "
+        f"({r.prefix_cache.hit_tokens} of {r.prefix_cache.query_tokens} tokens); "
+        f"bytes saved after the shared turn: {mib(m.bytes_saved)}; tokens equal with and "
+        f"without sharing: {t.tokens_equal}.",
+    ]
+
+
+SECTION = Section(RECORD, render_section)

@@ -1,24 +1,58 @@
 """The report of ``kvpool bench``: ``results.md`` (tables) and one PNG plot per benchmark.
 
 Built from every ``<name>.json`` record in the results folder, so re-running one benchmark
-refreshes its section and keeps the others. Plots need matplotlib (the ``bench`` extra,
-``pip install 'kvpool[bench]'``); without it the tables are still written and the report
-says the plots were skipped.
+refreshes its section and keeps the others. Each record is read back as typed values: the
+runner's :class:`~kvpool.benchmarks.records.Envelope` (name, timing, environment, targets),
+then the benchmark's own record through the ``SECTION`` its module defines (record type,
+section renderer, plot), so this module knows no benchmark's fields. Benchmarks that still
+return dict records (``LEGACY_DICT_BENCHMARKS``) go through the transitional renderers at
+the end of this module until they are converted.
+
+Plots need matplotlib (the ``bench`` extra, ``pip install 'kvpool[bench]'``); without it the
+tables are still written and the report says the plots were skipped.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from kvpool.benchmarks.records import BenchRecord, Envelope, Section, from_json
 from kvpool.benchmarks.runner import REGISTRY
+from kvpool.benchmarks.tables import cell, mib, table, times
 
 MARKDOWN_NAME = "results.md"
 RUN_NAME = "run.json"  # the last `kvpool bench` run into this folder: what ran, how long
 MIB = 1 << 20
+
+# Transitional: benchmarks whose records are still dicts read by key (being edited on other
+# branches); converting one = giving its module a typed record and SECTION, and removing it
+# here with its renderer and plot below.
+LEGACY_DICT_BENCHMARKS = (
+    "engine_overhead",
+    "memory",
+    "persist",
+    "quant",
+    "redis",
+    "mixed_prefill",
+)
+
+# the old private names of the table helpers, used by the transitional renderers
+_table, _cell, _x, _mib = table, cell, times, mib
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """``run.json``: the last ``kvpool bench`` run into the folder."""
+
+    benchmarks: tuple[str, ...]
+    quick: bool
+    total_s: float
+    finished: str
 
 
 @dataclass(slots=True)
@@ -28,43 +62,59 @@ class Written:
     notes: list[str] = field(default_factory=list)
 
 
-def load_records(out_dir: Path) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """One record file: its envelope, and its JSON for the benchmark's section to read."""
+
+    envelope: Envelope
+    data: dict[str, Any]
+
+
+def load_records(out_dir: Path) -> list[Loaded]:
     """The records in ``out_dir``, in registry order."""
     records = []
     for name in REGISTRY:
         path = out_dir / f"{name}.json"
         if path.is_file():
-            records.append(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            records.append(Loaded(from_json(Envelope, data), data))
     return records
+
+
+def section_of(name: str) -> Section[Any]:
+    """The ``SECTION`` of a typed benchmark's module."""
+    module = importlib.import_module(f"kvpool.benchmarks.{REGISTRY[name].module}")
+    return cast(Section[Any], module.SECTION)
 
 
 def write_report(out_dir: Path) -> Written:
     """Rewrite ``results.md`` and the plots from the records in ``out_dir``."""
     records = load_records(out_dir)
     last_run = out_dir / RUN_NAME
-    run = json.loads(last_run.read_text()) if last_run.is_file() else None
+    run = from_json(RunInfo, json.loads(last_run.read_text())) if last_run.is_file() else None
     written = Written(out_dir / MARKDOWN_NAME)
-    plot = _plotter()
-    if plot is None:
+    plotter = _plotter()
+    if plotter is None:
         written.notes.append(
             "matplotlib is not installed: plots skipped (pip install 'kvpool[bench]')"
         )
     lines = _header(records, run)
     lines += _targets(records)
-    for record in records:
-        name = record["bench"]
-        lines += ["", f"## {name}", ""]
-        lines += _run_line(record)
-        if record.get("error"):
-            lines += ["", f"**failed**: `{record['error']}`"]
+    for loaded in records:
+        env = loaded.envelope
+        lines += ["", f"## {env.bench}", ""]
+        lines += _run_line(env)
+        if env.error:
+            lines += ["", f"**failed**: `{env.error}`"]
             continue
-        lines += ["", *_SECTIONS[name](record)]
-        if plot is not None and name in _PLOTS:
-            path = out_dir / f"{name}.png"
-            plot(_PLOTS[name], record, path)
+        body, draw = _render(env.bench, loaded.data)
+        lines += ["", *body]
+        if plotter is not None and draw is not None:
+            path = out_dir / f"{env.bench}.png"
+            plotter(draw, path)
             written.plots.append(path)
-            lines += ["", f"![{name}]({path.name})"]
-    if plot is None:
+            lines += ["", f"![{env.bench}]({path.name})"]
+    if plotter is None:
         lines += [
             "",
             "_Plots skipped: matplotlib is not installed (`pip install 'kvpool[bench]'`)._",
@@ -73,124 +123,95 @@ def write_report(out_dir: Path) -> Written:
     return written
 
 
+Draw = Callable[[Any], None]  # draws into a matplotlib figure
+
+
+def _render(name: str, data: dict[str, Any]) -> tuple[list[str], Draw | None]:
+    """A record's section lines and its plot (None: no plot)."""
+    if name in LEGACY_DICT_BENCHMARKS:
+        legacy_plot = _LEGACY_DICT_PLOTS.get(name)
+        draw = None if legacy_plot is None else (lambda fig: legacy_plot(fig, data))
+        return _LEGACY_DICT_SECTIONS[name](data), draw
+    section = section_of(name)
+    record: BenchRecord = section.read(data)
+    plot = section.plot
+    return section.render(record), None if plot is None else (lambda fig: plot(fig, record))
+
+
 # --------------------------------------------------------------------------- markdown
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return out
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "**no**"
-    if isinstance(value, float):
-        return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _mib(num_bytes: float | None) -> str:
-    return "-" if num_bytes is None else f"{num_bytes / MIB:,.1f} MiB"
-
-
-def _header(records: list[dict[str, Any]], run: dict[str, Any] | None) -> list[str]:
+def _header(records: Sequence[Loaded], run: RunInfo | None) -> list[str]:
     lines = ["# kvpool benchmark results", ""]
     if not records:
         return [*lines, "No records."]
-    env = records[0]["environment"]
-    blas = env["blas"]
-    threads = f", {blas['openblas_threads']} thread(s)" if blas.get("openblas_threads") else ""
+    first = records[0].envelope
+    env = first.environment
+    blas = env.blas
+    threads = f", {blas.openblas_threads} thread(s)" if blas.openblas_threads else ""
     lines += [
-        f"- machine: {env['machine']}, {env['processor']}, {env['cpu_count']} CPUs",
-        f"- versions: kvpool {env['kvpool']}, mlx {env['mlx']}, mlx-lm {env['mlx_lm']}, "
-        f"python {env['python']}",
-        f"- BLAS (first record): {blas['blas']}{threads}",
-        f"- mode: {'--quick (smoke run)' if records[0]['quick'] else 'full'}",
+        f"- machine: {env.machine}, {env.processor}, {env.cpu_count} CPUs",
+        f"- versions: kvpool {env.kvpool}, mlx {env.mlx}, mlx-lm {env.mlx_lm}, python {env.python}",
+        f"- BLAS (first record): {blas.blas}{threads}",
+        f"- mode: {'--quick (smoke run)' if first.quick else 'full'}",
     ]
     if run is not None:
-        command = "kvpool bench" + (" --quick" if run["quick"] else "")
-        if run["benchmarks"] != list(REGISTRY):
-            command += " " + " ".join(run["benchmarks"])
+        command = "kvpool bench" + (" --quick" if run.quick else "")
+        if list(run.benchmarks) != list(REGISTRY):
+            command += " " + " ".join(run.benchmarks)
         lines.append(
-            f"- last run: `{command}`, {run['total_s']:.0f} s in all, finished {run['finished']}"
+            f"- last run: `{command}`, {run.total_s:.0f} s in all, finished {run.finished}"
         )
     return lines
 
 
-def _run_line(record: dict[str, Any]) -> list[str]:
-    env = record["environment"]
-    load = ", ".join(f"{x:g}" for x in env.get("load_average", []))
+def _run_line(env: Envelope) -> list[str]:
+    load = ", ".join(f"{x:g}" for x in env.environment.load_average)
     return [
-        f"`kvpool bench {record['bench']}{' --quick' if record['quick'] else ''}`: "
-        f"{record['elapsed_s']:.0f} s, started {record['started']}, BLAS "
-        f"{env['blas']['blas']}, load average at the end {load or '-'}"
+        f"`kvpool bench {env.bench}{' --quick' if env.quick else ''}`: "
+        f"{env.elapsed_s:.0f} s, started {env.started}, BLAS "
+        f"{env.environment.blas.blas}, load average at the end {load or '-'}"
     ]
 
 
-def _targets(records: list[dict[str, Any]]) -> list[str]:
+def _targets(records: Sequence[Loaded]) -> list[str]:
     rows = [
-        (r["bench"], t["name"], t["target"], t["value"], "n/a" if t["met"] is None else t["met"])
+        (r.envelope.bench, t.name, t.target, t.value, "n/a" if t.met is None else t.met)
         for r in records
-        for t in r.get("targets", [])
+        for t in r.envelope.targets
     ]
     if not rows:
         return []
-    return ["", "## Targets", "", *_table(("benchmark", "what", "target", "measured", "met"), rows)]
+    return ["", "## Targets", "", *table(("benchmark", "what", "target", "measured", "met"), rows)]
 
 
-def _reconstruct(r: dict[str, Any]) -> list[str]:
-    c = r["config"]
-    lines = [
-        f"EXP-006: {c['blocks']} blocks x {c['layers']} layers x K,V of "
-        f"[{c['kv_heads']}, {c['block_tokens']}, {c['head_dim']}] {c['dtype']} "
-        f"({_mib(r['bytes_moved'])}), {r['iters']} rounds, interleaved:",
-        "",
-    ]
-    rows = [
-        (m, r[m]["p50_ms"], r[m]["p95_ms"], r[m]["gb_per_s"])
-        for m in ("gather", "gather_with_headroom", "memcpy", "concatenate")
-    ]
-    lines += _table(("method", "p50 ms", "p95 ms", "GB/s (p50)"), rows)
-    lines += [
-        "",
-        f"gather is {_x(r['speedup_vs_concatenate'])} faster than mx.concatenate and runs at "
-        f"{r['fraction_of_memcpy_bandwidth']:.0%} of memcpy's bandwidth.",
-    ]
-    sweep = r["sweep"]
-    for key, label in (("by_blocks", "blocks (48 layers)"), ("by_layers", "layers (32 blocks)")):
-        sweep_rows = [
-            (
-                p["blocks"] if key == "by_blocks" else p["layers"],
-                _mib(p["bytes"]),
-                p["gather"]["gb_per_s"],
-                p["memcpy"]["gb_per_s"],
-                p["concatenate"]["gb_per_s"] if p["concatenate_copies"] else "(no copy)",
-                _x(p["speedup_vs_concatenate"]),
-                p["fraction_of_memcpy"],
-            )
-            for p in sweep[key]
-        ]
-        lines += [
-            "",
-            f"Sweep over {label}, GB/s at the median of {sweep['iters']} rounds:",
-            "",
-            *_table(
-                (label.split()[0], "bytes", "gather", "memcpy", "concatenate",
-                 "gather vs concat", "gather / memcpy"),
-                sweep_rows,
-            ),
-        ]  # fmt: skip
-    lines += ["", f"Sweep: {sweep['note']}."]
-    return lines
+# --------------------------------------------------------------------------- plots
+
+
+def _plotter() -> Callable[[Draw, Path], None] | None:
+    """A function drawing one plot into a PNG, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+
+    def draw(fn: Draw, path: Path) -> None:
+        figure = plt.figure(figsize=(10, 4.5))
+        try:
+            fn(figure)
+            figure.tight_layout()
+            figure.savefig(path, dpi=100)
+        finally:
+            plt.close(figure)
+
+    return draw
+
+
+# --------------------------------------------------------------------------- transitional
+# Renderers of the benchmarks still returning dict records (LEGACY_DICT_BENCHMARKS).
 
 
 def _engine_overhead(r: dict[str, Any]) -> list[str]:
@@ -220,89 +241,6 @@ def _engine_overhead(r: dict[str, Any]) -> list[str]:
             rows,
         ),
     ]  # fmt: skip
-
-
-def _resume(r: dict[str, Any]) -> list[str]:
-    rows = []
-    for x in r["results"]:
-        disk = x["disk"]
-        has_disk = isinstance(disk, dict)
-        rows.append(
-            (
-                x["context_tokens"],
-                _mib(x["cache_bytes"]),
-                f"{x['pool']['p50_ms']:.1f} ({x['pool']['n']})",
-                f"{disk['p50_ms']:.1f} ({disk['n']})" if has_disk else disk,
-                f"{x['disk_load']['p50_ms']:.1f}" if has_disk else "-",
-                f"{x['reprefill']['p50_ms']:.0f} ({x['reprefill']['n']})",
-                _x(x["speedup_pool_vs_reprefill"]),
-                _x(x.get("speedup_disk_vs_reprefill")),
-                _x(x.get("speedup_pool_vs_disk")),
-            )
-        )
-    c = r["config"]
-    return [
-        f"Model {c['model']}; next turn = {c['new_tokens']} new tokens, TTFT p50 in ms "
-        "(samples). Disk: page cache dropped before each load; load = `load_cache` alone.",
-        "",
-        *_table(
-            ("context", "cache", "pool ms", "disk ms", "load ms", "re-prefill ms",
-             "pool vs re-prefill", "disk vs re-prefill", "pool vs disk"),
-            rows,
-        ),
-    ]  # fmt: skip
-
-
-def _workload(r: dict[str, Any]) -> list[str]:
-    rows = [
-        (
-            x["agents"],
-            x["turns"],
-            x["kvpool_total_s"],
-            x["plain_total_s"],
-            _x(x["speedup_total"]),
-            x["kvpool_mean_ttft_ms"],
-            x["plain_mean_ttft_ms"],
-            _x(x["speedup_mean_ttft"]),
-            f"{x['kvpool_prefilled_tokens']:,} / {x['plain_prefilled_tokens']:,}",
-        )
-        for x in r["results"]
-    ]
-    c = r["config"]
-    lines = [
-        f"Model {c['model']}; per agent: {c['system_tokens']} shared + {c['task_tokens']} own "
-        f"tokens, then per turn {c['max_tokens']} generated + {c['user_tokens']} user tokens:",
-        "",
-        *_table(
-            ("agents", "turns", "kvpool s", "plain s", "speedup", "kvpool mean TTFT ms",
-             "plain mean TTFT ms", "TTFT speedup", "prefilled tokens kvpool / plain"),
-            rows,
-        ),
-    ]  # fmt: skip
-    for x in r["results"]:
-        per_turn = [
-            (
-                t["turn"],
-                t["prompt_tokens"],
-                t["kvpool_prefilled_tokens"],
-                t["kvpool_total_s"],
-                t["plain_total_s"],
-                t["kvpool_mean_ttft_ms"],
-                t["plain_mean_ttft_ms"],
-            )
-            for t in x["per_turn"]
-        ]
-        lines += [
-            "",
-            f"{x['agents']} agents, per turn:",
-            "",
-            *_table(
-                ("turn", "prompt tokens", "kvpool prefilled", "kvpool s", "plain s",
-                 "kvpool TTFT ms", "plain TTFT ms"),
-                per_turn,
-            ),
-        ]  # fmt: skip
-    return lines
 
 
 def _memory(r: dict[str, Any]) -> list[str]:
@@ -359,59 +297,6 @@ def _memory(r: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def _bookkeeping(r: dict[str, Any]) -> list[str]:
-    cpp = r["cpp"]
-    cpp_points = {(p["num_blocks"], p["batch"]): p for p in cpp.get("results", [])}
-    ops = ("allocate", "share", "free_shared", "free", "release", "ref_cnt")
-    rows = []
-    for p in r["python"]:
-        c = cpp_points.get((p["num_blocks"], p["batch"]), {})
-        rows.append(
-            (p["num_blocks"], p["batch"], *(f"{p[o]:.0f} / {_cpp_cell(c.get(o))}" for o in ops))
-        )
-    lines = [
-        f"ns per block, median of {r['config']['reps']} repetitions (Python) and of "
-        f"{cpp.get('reps', '-')} (C++); cells are Python / C++:",
-        "",
-        *_table(("pool blocks", "batch", *ops), rows),
-    ]
-    if not cpp["available"]:
-        lines += ["", f"C++: unavailable ({cpp['reason']})"]
-    return lines
-
-
-def _cpp_cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _blas(r: dict[str, Any]) -> list[str]:
-    variants = list(r["blas"])
-    rows = []
-    for key in ("matmul_1024_f32_s", "prefill_tok_s", "decode_tok_s"):
-        values = r[key]
-        rows.append(
-            (
-                key,
-                *(values[v] for v in variants),
-                *(_x(values.get(f"speedup_{v}")) for v in variants[1:]),
-            )
-        )
-    return [
-        f"Model {r['model']}, prompt {r['prompt_tokens']} tokens, {r['decode_tokens']} decode "
-        "steps; each variant in its own interpreter:",
-        "",
-        *_table(("metric", *variants, *(f"speedup {v}" for v in variants[1:])), rows),
-        "",
-        *(f"- {v}: {r['blas'][v]}" for v in variants),
-    ]
-
-
-def _serve(r: dict[str, Any]) -> list[str]:
-    from kvpool.benchmarks.serve import report_lines
-
-    return report_lines(r)
-
-
 def _persist(r: dict[str, Any]) -> list[str]:
     rows = [
         (
@@ -428,56 +313,6 @@ def _persist(r: dict[str, Any]) -> list[str]:
         f"slab copies: {r['scatter_num_copied']}.",
         "",
         *_table(("operation", "median ms", "best ms", "MB/s (median)"), rows),
-    ]
-
-
-def _prefix(r: dict[str, Any]) -> list[str]:
-    c, m, n, t, w = r["config"], r["memory"], r["new_agent"], r["together"], r["windows"]
-    return [
-        f"System prompt of {c['system_tokens']} tokens, {c['private_tokens']} private tokens "
-        f"per agent, {c['model']} ({c['weights']}).",
-        "",
-        *_table(
-            ("measure", "with sharing", "without", "ratio"),
-            [
-                (
-                    f"blocks held, {m['agents']} agents after one turn",
-                    m["blocks_held"],
-                    m["blocks_unshared"],
-                    f"{m['ratio']}x",
-                ),
-                (
-                    "new agent TTFT p50 (system prompt cached)",
-                    f"{n['cached']['p50_ms']:.0f} ms",
-                    f"{n['nothing_cached']['p50_ms']:.0f} ms",
-                    _x(n["speedup"]),
-                ),
-                (
-                    f"{t['agents']} agents together: prefilled tokens",
-                    t["shared"]["prefilled_tokens"],
-                    t["unshared"]["prefilled_tokens"],
-                    f"bound {t['prefill_bound']}",
-                ),
-                (
-                    f"{t['agents']} agents together: wall time",
-                    f"{t['shared']['total_s']:.2f} s",
-                    f"{t['unshared']['total_s']:.2f} s",
-                    _x(t["speedup_total"]),
-                ),
-                (
-                    f"8K-token agent, {w['geometry']}",
-                    _mib(w["bytes_per_group_tables"]),
-                    _mib(w["bytes_one_table"]),
-                    f"{w['ratio']}x",
-                ),
-            ],
-        ),
-        "",
-        f"Partial block: a prompt sharing {r['partial']['shared_tokens']} tokens reused "
-        f"{r['partial']['cached_tokens']}. Prefix hit rate {r['prefix_cache']['hit_rate']:.1%} "
-        f"({r['prefix_cache']['hit_tokens']} of {r['prefix_cache']['query_tokens']} tokens); "
-        f"bytes saved after the shared turn: {_mib(m['bytes_saved'])}; tokens equal with and "
-        f"without sharing: {t['tokens_equal']}.",
     ]
 
 
@@ -605,68 +440,14 @@ def _redis(r: dict[str, Any]) -> list[str]:
     ]
 
 
-_SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "prefix": _prefix,
-    "reconstruct": _reconstruct,
-    "engine_overhead": _engine_overhead,
-    "resume": _resume,
-    "serve": _serve,
-    "workload": _workload,
-    "memory": _memory,
-    "persist": _persist,
-    "bookkeeping": _bookkeeping,
-    "blas": _blas,
-    "quant": _quant,
-    "redis": _redis,
-}
-
-
-# --------------------------------------------------------------------------- plots
-
-PlotFn = Callable[[Any, dict[str, Any]], None]  # (figure, record)
-
-
-def _plotter() -> Callable[[PlotFn, dict[str, Any], Path], None] | None:
-    """A function drawing one plot into a PNG, or None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-
-    def draw(fn: PlotFn, record: dict[str, Any], path: Path) -> None:
-        figure = plt.figure(figsize=(10, 4.5))
-        try:
-            fn(figure, record)
-            figure.tight_layout()
-            figure.savefig(path, dpi=100)
-        finally:
-            plt.close(figure)
-
-    return draw
-
-
-def _plot_reconstruct(figure: Any, r: dict[str, Any]) -> None:
-    sweep = r["sweep"]
-    for i, (key, label) in enumerate((("by_blocks", "blocks"), ("by_layers", "layers"))):
-        ax = figure.add_subplot(1, 2, i + 1)
-        for method in ("gather", "memcpy", "concatenate"):
-            # concatenate of a single block copies nothing: no bandwidth to show
-            shown = [p for p in sweep[key] if method != "concatenate" or p["concatenate_copies"]]
-            ax.plot(
-                [p[label] for p in shown],
-                [p[method]["gb_per_s"] for p in shown],
-                marker="o",
-                label=method,
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(label + (" (48 layers)" if label == "blocks" else " (32 blocks)"))
-        ax.set_ylabel("GB/s (median)")
-        ax.set_title(f"reconstruct: bandwidth vs {label}")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+def _mixed_prefill(r: dict[str, Any]) -> list[str]:
+    x = r["resume_ttft_x_alone"]
+    return [
+        f"Resumes' TTFT with a new {r['config']['new_prompt_tokens']}-token agent in the same "
+        f"step: {x['waves_on']:.2f}x of without it with prefill waves, {x['waves_off']:.2f}x "
+        f"without; turn total {r['total_waves_on_x_off']:.2f}x; tokens equal: "
+        f"{r['resume_tokens_equal']}."
+    ]
 
 
 def _plot_engine_overhead(figure: Any, r: dict[str, Any]) -> None:
@@ -686,51 +467,6 @@ def _plot_engine_overhead(figure: Any, r: dict[str, Any]) -> None:
     ax.set_ylabel("decode tokens/s (median step)")
     ax.set_title("engine overhead: decode throughput")
     ax.legend()
-
-
-def _plot_resume(figure: Any, r: dict[str, Any]) -> None:
-    ax = figure.add_subplot(1, 1, 1)
-    results = r["results"]
-    xs = [x["context_tokens"] for x in results]
-    ax.plot(xs, [x["pool"]["p50_ms"] for x in results], marker="o", label="from the pool")
-    if all(isinstance(x["disk"], dict) for x in results):
-        ax.plot(xs, [x["disk"]["p50_ms"] for x in results], marker="o", label="from disk")
-    ax.plot(
-        xs, [x["reprefill"]["p50_ms"] for x in results], marker="o", label="re-prefill (mlx-lm)"
-    )
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context tokens")
-    ax.set_ylabel("time to first token, ms (median)")
-    ax.set_title(f"resume: TTFT of the next turn ({r['config']['model']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-
-
-def _plot_workload(figure: Any, r: dict[str, Any]) -> None:
-    results = r["results"]
-    labels = [f"{x['agents']} agents" for x in results]
-    xs = list(range(len(results)))
-    width = 0.4
-    for i, (metric, title) in enumerate(
-        (("total_s", "total time, s"), ("mean_ttft_ms", "mean TTFT, ms"))
-    ):
-        ax = figure.add_subplot(1, 2, i + 1)
-        ax.bar(
-            [x - width / 2 for x in xs],
-            [x[f"kvpool_{metric}"] for x in results],
-            width,
-            label="kvpool",
-        )
-        ax.bar(
-            [x + width / 2 for x in xs],
-            [x[f"plain_{metric}"] for x in results],
-            width,
-            label="re-prefill (mlx-lm)",
-        )
-        ax.set_xticks(xs, labels)
-        ax.set_title(f"workload: {title}")
-        ax.legend()
 
 
 def _plot_memory(figure: Any, r: dict[str, Any]) -> None:
@@ -753,30 +489,15 @@ def _plot_memory(figure: Any, r: dict[str, Any]) -> None:
     ax.legend(fontsize=8)
 
 
-def _plot_bookkeeping(figure: Any, r: dict[str, Any]) -> None:
-    cpp = {(p["num_blocks"], p["batch"]): p for p in r["cpp"].get("results", [])}
-    points = r["python"]
-    labels = [f"{p['num_blocks']}\nx{p['batch']}" for p in points]
-    xs = list(range(len(points)))
-    for i, op in enumerate(("allocate", "free")):
-        ax = figure.add_subplot(1, 2, i + 1)
-        width = 0.4
-        ax.bar([x - width / 2 for x in xs], [p[op] for p in points], width, label="Python")
-        cpp_values = [cpp.get((p["num_blocks"], p["batch"]), {}).get(op, 0) for p in points]
-        ax.bar([x + width / 2 for x in xs], cpp_values, width, label="C++")
-        ax.set_yscale("log")
-        ax.set_xticks(xs, labels, fontsize=8)
-        ax.set_xlabel("pool blocks x blocks per call")
-        ax.set_ylabel("ns per block (median)")
-        ax.set_title(f"bookkeeping: {op}")
-        ax.legend()
-
-
-_PLOTS: dict[str, PlotFn] = {
-    "reconstruct": _plot_reconstruct,
+_LEGACY_DICT_SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "engine_overhead": _engine_overhead,
+    "memory": _memory,
+    "persist": _persist,
+    "quant": _quant,
+    "redis": _redis,
+    "mixed_prefill": _mixed_prefill,
+}
+_LEGACY_DICT_PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
     "engine_overhead": _plot_engine_overhead,
-    "resume": _plot_resume,
-    "workload": _plot_workload,
     "memory": _plot_memory,
-    "bookkeeping": _plot_bookkeeping,
 }

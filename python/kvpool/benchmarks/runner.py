@@ -1,10 +1,13 @@
 """The benchmark registry and the runner behind ``kvpool bench``.
 
-``REGISTRY`` maps a name to a :class:`Benchmark`, whose ``run(quick)`` returns a JSON-ready
-record; a benchmark's module is imported only when it runs (MLX must not load before the
-BLAS is chosen). :func:`run_benchmarks` runs some, adds to each record where and how it ran,
-prints it as one JSON line on stdout, writes ``<out>/<name>.json`` and then the report
-(``results.md`` and plots, :mod:`kvpool.benchmarks.report`) over every record in ``out``.
+``REGISTRY`` maps a name to a :class:`Benchmark`, whose ``run(quick)`` returns its typed
+record (a :class:`~kvpool.benchmarks.records.BenchRecord`; the module also defines
+``RECORD``, its type, and ``render_section``, see :mod:`kvpool.benchmarks.report`) or, on the
+transitional path of the benchmarks not converted yet, a JSON-ready dict. A benchmark's
+module is imported only when it runs (MLX must not load before the BLAS is chosen).
+:func:`run_benchmarks` runs some, adds to each record where and how it ran, prints it as
+one JSON line on stdout, writes ``<out>/<name>.json`` and then the report (``results.md``
+and plots, :mod:`kvpool.benchmarks.report`) over every record in ``out``.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from typing import IO, Any, cast
 
 from kvpool.benchmarks import environment
 from kvpool.benchmarks.measure import round_floats
+from kvpool.benchmarks.records import BenchRecord, to_json
 
-RunFn = Callable[[bool], dict[str, Any]]
+RunFn = Callable[[bool], "BenchRecord | dict[str, Any]"]
 
 
 @dataclass(frozen=True, slots=True)
 class Benchmark:
-    """A registered benchmark: ``kvpool.benchmarks.<module>.run(quick) -> dict``."""
+    """A registered benchmark: ``kvpool.benchmarks.<module>.run(quick)``."""
 
     name: str
     module: str
@@ -38,8 +42,12 @@ class Benchmark:
     uses_mlx: bool = True
 
     def run(self, quick: bool) -> dict[str, Any]:
+        """The benchmark's record as JSON-ready values."""
         module = importlib.import_module(f"kvpool.benchmarks.{self.module}")
-        return cast(RunFn, module.run)(quick)
+        result = cast(RunFn, module.run)(quick)
+        if isinstance(result, BenchRecord):
+            return cast(dict[str, Any], to_json(result))
+        return result  # transitional: a benchmark still returning a dict record
 
 
 REGISTRY: dict[str, Benchmark] = {
@@ -63,12 +71,18 @@ REGISTRY: dict[str, Benchmark] = {
         Benchmark(
             "resume",
             "resume",
-            "time to first token of a next turn: cache in the pool, on disk, re-prefilled",
+            "time to first token of a next turn: cache in the pool, on disk, in mlx-lm's LRU "
+            "prompt cache, re-prefilled",
         ),
         Benchmark(
             "workload",
             "workload",
-            "N agents x T turns end to end, kvpool vs plain mlx-lm re-prefill",
+            "N agents x T turns end to end, kvpool vs mlx-lm's LRU prompt cache vs re-prefill",
+        ),
+        Benchmark(
+            "multiround",
+            "multiround",
+            "multi-round QA (users share a system prompt, arrive staggered): kvpool vs LRU",
         ),
         Benchmark(
             "prefix",

@@ -37,19 +37,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvpool.benchmarks.measure import interleave, median, percentile, ratio, summary_ms, target
+from kvpool.benchmarks.measure import Summary, interleave, median, percentile, ratio
+from kvpool.benchmarks.records import BenchRecord, Section, Target
 
 RECIPE = "demo"
 TASK_WORDS = 24
 USER_WORDS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """A workload: ``sessions`` chats of ``turns`` turns, ``max_tokens`` per reply."""
+
+    name: str
+    sessions: int
+    turns: int
+    max_tokens: int
+    system_words: int
+
+
 # 8 sessions fit mlx_lm.server's prompt cache (10 distinct caches by default); 16 do not.
-WORKLOADS = [
-    {"name": "8 sessions", "sessions": 8, "turns": 4, "max_tokens": 16, "system_words": 160},
-    {"name": "16 sessions", "sessions": 16, "turns": 3, "max_tokens": 8, "system_words": 80},
-]
-QUICK_WORKLOADS = [
-    {"name": "2 sessions", "sessions": 2, "turns": 2, "max_tokens": 4, "system_words": 20}
-]
+WORKLOADS = (
+    Shape("8 sessions", sessions=8, turns=4, max_tokens=16, system_words=160),
+    Shape("16 sessions", sessions=16, turns=3, max_tokens=8, system_words=80),
+)
+QUICK_WORKLOADS = (Shape("2 sessions", sessions=2, turns=2, max_tokens=4, system_words=20),)
 OVERHEAD_ITERS = {False: 30, True: 5}
 STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 600.0
@@ -174,9 +186,9 @@ def _user(session: int, turn: int) -> str:
     return f"Turn {turn}: " + " ".join(rng.choices(_WORDS, k=USER_WORDS))
 
 
-def _workload(url: str, model: str, cfg: dict[str, Any], *, sessions_header: bool) -> _Result:
-    seed = cfg["sessions"] * 7919 + cfg["system_words"]  # each workload its own prompts
-    system, tasks = _conversations(cfg["sessions"], cfg["system_words"], seed)
+def _workload(url: str, model: str, cfg: Shape, *, sessions_header: bool) -> _Result:
+    seed = cfg.sessions * 7919 + cfg.system_words  # each workload its own prompts
+    system, tasks = _conversations(cfg.sessions, cfg.system_words, seed)
     histories = [
         [{"role": "system", "content": system}, {"role": "user", "content": t}] for t in tasks
     ]
@@ -185,7 +197,7 @@ def _workload(url: str, model: str, cfg: dict[str, Any], *, sessions_header: boo
 
     def one(i: int, turn: int) -> None:
         headers = {"X-Session-ID": f"bench-{seed}-{i}"} if sessions_header else {}
-        ttft, text, cached = _stream_chat(url, model, histories[i], cfg["max_tokens"], headers)
+        ttft, text, cached = _stream_chat(url, model, histories[i], cfg.max_tokens, headers)
         with lock:
             result.ttft_s.append((turn, ttft))
             result.texts[(i, turn)] = text
@@ -197,27 +209,81 @@ def _workload(url: str, model: str, cfg: dict[str, Any], *, sessions_header: boo
         ]
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(cfg["sessions"]) as pool:
-        for turn in range(cfg["turns"]):
-            list(pool.map(lambda i, t=turn: one(i, t), range(cfg["sessions"])))
+    with ThreadPoolExecutor(cfg.sessions) as pool:
+        for turn in range(cfg.turns):
+            list(pool.map(lambda i, t=turn: one(i, t), range(cfg.sessions)))
     result.total_s = time.perf_counter() - t0
     return result
 
 
-def _summary(r: _Result) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class ServerResult:
+    """One server on one workload; TTFT summaries over all, first and resumed turns."""
+
+    total_s: float
+    ttft_all: Summary
+    ttft_first_turn: Summary
+    ttft_resumed: Summary | None
+    cached_tokens_resumed_mean: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadResult:
+    """Both servers on one workload; ``*_ratio``: kvpool's figure / mlx_lm.server's."""
+
+    name: str
+    sessions: int
+    turns: int
+    max_tokens: int
+    system_words: int
+    task_words: int
+    user_words: int
+    requests: int
+    kvpool: ServerResult
+    mlx_lm_server: ServerResult
+    total_ratio: float | None
+    ttft_resumed_p50_ratio: float | None
+    same_text: bool
+    num_same: int
+    first_difference: tuple[int, int] | None  # (session, turn) of the first other text
+
+
+@dataclass(frozen=True, slots=True)
+class Overhead:
+    """kvpool's own cost per request, ms."""
+
+    http: Summary
+    direct: Summary
+    overhead_ms_p50: float
+    overhead_ms_p95: float
+    same_request_overhead_ms_p50: float
+    same_request_overhead_ms_p95: float
+
+
+@dataclass(frozen=True, slots=True)
+class ServeRecord(BenchRecord):
+    model: str
+    workloads: tuple[WorkloadResult, ...]
+    overhead: Overhead
+
+
+RECORD = ServeRecord
+
+
+def _summary(r: _Result) -> ServerResult:
     every = [s for _, s in r.ttft_s]
     first = [s for t, s in r.ttft_s if t == 0]
     resumed = [s for t, s in r.ttft_s if t > 0]
-    return {
-        "total_s": round(r.total_s, 3),
-        "ttft_all": summary_ms(every),
-        "ttft_first_turn": summary_ms(first),
-        "ttft_resumed": summary_ms(resumed) if resumed else None,
-        "cached_tokens_resumed_mean": (sum(r.cached) / len(r.cached)) if r.cached else None,
-    }
+    return ServerResult(
+        total_s=round(r.total_s, 3),
+        ttft_all=Summary.of(every),
+        ttft_first_turn=Summary.of(first),
+        ttft_resumed=Summary.of(resumed) if resumed else None,
+        cached_tokens_resumed_mean=(sum(r.cached) / len(r.cached)) if r.cached else None,
+    )
 
 
-def _overhead(url: str, model: str, model_dir: Path, iters: int) -> dict[str, Any]:
+def _overhead(url: str, model: str, model_dir: Path, iters: int) -> Overhead:
     """kvpool's HTTP round trip minus the engine called directly, same 1-token request."""
     import httpx
 
@@ -257,14 +323,14 @@ def _overhead(url: str, model: str, model_dir: Path, iters: int) -> dict[str, An
     diffs = [a - b for a, b in zip(http_s, direct_s, strict=True)]
     # The same request seen twice: the client's round trip and the engine's time inside it.
     inside = [a - b for a, b in zip(round_trip_s, engine_s, strict=True)][-len(http_s) :]
-    return {
-        "http": summary_ms(http_s),
-        "direct": summary_ms(direct_s),
-        "overhead_ms_p50": round(median(diffs) * 1e3, 3),
-        "overhead_ms_p95": round(percentile(diffs, 95) * 1e3, 3),
-        "same_request_overhead_ms_p50": round(median(inside) * 1e3, 3),
-        "same_request_overhead_ms_p95": round(percentile(inside, 95) * 1e3, 3),
-    }
+    return Overhead(
+        http=Summary.of(http_s),
+        direct=Summary.of(direct_s),
+        overhead_ms_p50=round(median(diffs) * 1e3, 3),
+        overhead_ms_p95=round(percentile(diffs, 95) * 1e3, 3),
+        same_request_overhead_ms_p50=round(median(inside) * 1e3, 3),
+        same_request_overhead_ms_p95=round(percentile(inside, 95) * 1e3, 3),
+    )
 
 
 def _kvpool_args(model_dir: Path, port: int, cache_dir: Path) -> list[str]:
@@ -282,31 +348,35 @@ def _mlx_args(model_dir: Path, port: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _compare(cfg: dict[str, Any], kv: _Result, mlx: _Result) -> dict[str, Any]:
+def _compare(cfg: Shape, kv: _Result, mlx: _Result) -> WorkloadResult:
     same = [k for k in mlx.texts if mlx.texts[k] == kv.texts.get(k)]
     differ = sorted(k for k in mlx.texts if mlx.texts[k] != kv.texts.get(k))
     kv_s, mlx_s = _summary(kv), _summary(mlx)
     ttft_ratio = (
-        ratio(kv_s["ttft_resumed"]["p50_ms"], mlx_s["ttft_resumed"]["p50_ms"])
-        if kv_s["ttft_resumed"] and mlx_s["ttft_resumed"]
+        ratio(kv_s.ttft_resumed.p50_ms, mlx_s.ttft_resumed.p50_ms)
+        if kv_s.ttft_resumed and mlx_s.ttft_resumed
         else None
     )
-    return {
-        **cfg,
-        "task_words": TASK_WORDS,
-        "user_words": USER_WORDS,
-        "requests": cfg["sessions"] * cfg["turns"],
-        "kvpool": kv_s,
-        "mlx_lm_server": mlx_s,
-        "total_ratio": ratio(kv.total_s, mlx.total_s),
-        "ttft_resumed_p50_ratio": ttft_ratio,
-        "same_text": not differ,
-        "num_same": len(same),
-        "first_difference": list(differ[0]) if differ else None,
-    }
+    return WorkloadResult(
+        name=cfg.name,
+        sessions=cfg.sessions,
+        turns=cfg.turns,
+        max_tokens=cfg.max_tokens,
+        system_words=cfg.system_words,
+        task_words=TASK_WORDS,
+        user_words=USER_WORDS,
+        requests=cfg.sessions * cfg.turns,
+        kvpool=kv_s,
+        mlx_lm_server=mlx_s,
+        total_ratio=ratio(kv.total_s, mlx.total_s),
+        ttft_resumed_p50_ratio=ttft_ratio,
+        same_text=not differ,
+        num_same=len(same),
+        first_difference=differ[0] if differ else None,
+    )
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool) -> ServeRecord:
     from kvpool.models import build_model
 
     workloads = QUICK_WORKLOADS if quick else WORKLOADS
@@ -325,55 +395,59 @@ def run(quick: bool) -> dict[str, Any]:
     results = [_compare(w, k, m) for w, k, m in zip(workloads, kv, mlx, strict=True)]
     targets = []
     for r in results:
-        total, ttft = r["total_ratio"], r["ttft_resumed_p50_ratio"]
+        total, ttft = r.total_ratio, r.ttft_resumed_p50_ratio
         targets += [
-            target(f"{r['name']}: total time vs mlx_lm.server", f"<= {TARGET_TOTAL}x", total,
+            Target(f"{r.name}: total time vs mlx_lm.server", f"<= {TARGET_TOTAL}x", total,
                    None if total is None else total <= TARGET_TOTAL),
-            target(f"{r['name']}: resumed TTFT p50 vs mlx_lm.server", f"<= {TARGET_TTFT}x", ttft,
+            Target(f"{r.name}: resumed TTFT p50 vs mlx_lm.server", f"<= {TARGET_TTFT}x", ttft,
                    None if ttft is None else ttft <= TARGET_TTFT),
-            target(f"{r['name']}: same text as mlx_lm.server", "every request", r["num_same"],
-                   r["same_text"]),
+            Target(f"{r.name}: same text as mlx_lm.server", "every request", r.num_same,
+                   r.same_text),
         ]  # fmt: skip
-    inside = overhead["same_request_overhead_ms_p50"]
+    inside = overhead.same_request_overhead_ms_p50
     targets.append(
-        target("server overhead per request (round trip - engine time)",
+        Target("server overhead per request (round trip - engine time)",
                f"< {TARGET_OVERHEAD_MS} ms", inside, inside < TARGET_OVERHEAD_MS)
     )  # fmt: skip
-    return {"model": RECIPE, "workloads": results, "overhead": overhead, "targets": targets}
+    return ServeRecord(
+        model=RECIPE, workloads=tuple(results), overhead=overhead, targets=tuple(targets)
+    )
 
 
-def report_lines(r: dict[str, Any]) -> list[str]:
+def render_section(r: ServeRecord) -> list[str]:
     """The markdown section of ``kvpool bench`` 's report."""
     lines = [
-        f"Model `{r['model']}`; every session shares one system prompt; greedy, streamed. "
+        f"Model `{r.model}`; every session shares one system prompt; greedy, streamed. "
         "TTFT in ms (first non-empty content chunk).",
         "",
         "| workload | server | total s | TTFT p50 | TTFT p95 | first turn p50 | resumed p50 "
         "| resumed p95 | same text |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for w in r["workloads"]:
-        label = f"{w['sessions']} sessions x {w['turns']} turns, {w['max_tokens']} tokens"
-        for name, key in (("kvpool serve", "kvpool"), ("mlx_lm.server", "mlx_lm_server")):
-            s = w[key]
-            res = s["ttft_resumed"] or {}
+    for w in r.workloads:
+        label = f"{w.sessions} sessions x {w.turns} turns, {w.max_tokens} tokens"
+        for name, s in (("kvpool serve", w.kvpool), ("mlx_lm.server", w.mlx_lm_server)):
+            res = s.ttft_resumed
             lines.append(
-                f"| {label} | {name} | {s['total_s']:.1f} | {s['ttft_all']['p50_ms']:.0f} | "
-                f"{s['ttft_all']['p95_ms']:.0f} | {s['ttft_first_turn']['p50_ms']:.0f} | "
-                f"{res.get('p50_ms', 0):.0f} | {res.get('p95_ms', 0):.0f} | "
-                f"{'yes' if w['same_text'] else 'no'} |"
+                f"| {label} | {name} | {s.total_s:.1f} | {s.ttft_all.p50_ms:.0f} | "
+                f"{s.ttft_all.p95_ms:.0f} | {s.ttft_first_turn.p50_ms:.0f} | "
+                f"{res.p50_ms if res else 0:.0f} | {res.p95_ms if res else 0:.0f} | "
+                f"{'yes' if w.same_text else 'no'} |"
             )
         lines.append(
-            f"| {label} | kvpool / mlx_lm | {w['total_ratio']}x | | | | "
-            f"{w['ttft_resumed_p50_ratio']}x | | |"
+            f"| {label} | kvpool / mlx_lm | {w.total_ratio}x | | | | "
+            f"{w.ttft_resumed_p50_ratio}x | | |"
         )
-    o = r["overhead"]
+    o = r.overhead
     lines += [
         "",
         f"Server overhead per 1-token request: round trip minus the engine's own time "
-        f"{o['same_request_overhead_ms_p50']} ms p50 ({o['same_request_overhead_ms_p95']} ms "
+        f"{o.same_request_overhead_ms_p50} ms p50 ({o.same_request_overhead_ms_p95} ms "
         f"p95); round trip minus the engine called directly, interleaved: "
-        f"{o['overhead_ms_p50']} ms p50 (HTTP {o['http']['p50_ms']} ms, direct "
-        f"{o['direct']['p50_ms']} ms).",
+        f"{o.overhead_ms_p50} ms p50 (HTTP {o.http.p50_ms} ms, direct "
+        f"{o.direct.p50_ms} ms).",
     ]
     return lines
+
+
+SECTION = Section(RECORD, render_section)

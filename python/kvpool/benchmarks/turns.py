@@ -18,11 +18,12 @@ import functools
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from kvpool.benchmarks.measure import percentile
 from kvpool.blocks import CompletedGeneration, TokenEvent
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
@@ -36,27 +37,81 @@ PROMPT_VOCAB = 256
 
 @dataclass(frozen=True, slots=True)
 class TurnRequest:
-    """One agent's turn: its whole context, the cache to resume from (kvpool only)."""
+    """One agent's turn: its whole context, the cache to resume from (kvpool only).
+
+    ``system_tokens``: the length of the system prompt at the head of ``prompt`` (the
+    segment ``mlx_lm.server`` caches on its own, see :mod:`kvpool.benchmarks.peer`).
+    """
 
     agent_id: str
     prompt: tuple[int, ...]
     max_tokens: int
     cache: CacheHandle | None = None
     cache_salt: str = ""  # kvpool only: the tenant the cache was computed under
+    system_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class TurnResult:
-    """A finished turn. ``ttft_s`` and ``tokens`` are keyed by agent id."""
+    """A finished turn. ``ttft_s``, ``tokens`` and ``cached_tokens`` are keyed by agent id;
+    ``cached_tokens[a]`` prompt tokens came from a cache (the rest were prefilled)."""
 
     total_s: float
     ttft_s: dict[str, float]
     tokens: dict[str, tuple[int, ...]]
     completions: dict[str, CompletedGeneration]  # kvpool only: each agent's new cache
+    cached_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def mean_ttft_s(self) -> float:
         return sum(self.ttft_s.values()) / len(self.ttft_s)
+
+    def prefilled_tokens(self, requests: Sequence[TurnRequest]) -> int:
+        """Prompt tokens of ``requests`` this turn computed (not taken from a cache)."""
+        return sum(len(r.prompt) - self.cached_tokens.get(r.agent_id, 0) for r in requests)
+
+
+# The ways a turn is served, in the benchmarks that compare all three.
+WAYS = ("kvpool", "lru", "plain")
+WAY_LABELS = {
+    "kvpool": "kvpool",
+    "lru": "mlx-lm LRUPromptCache",
+    "plain": "re-prefill (mlx-lm)",
+}
+
+
+def rotation(turn: int, ways: Sequence[str]) -> list[str]:
+    """The order ``ways`` run in at ``turn``: rotated by one each turn, so no way always
+    runs right after another (the machine is shared: its load drifts)."""
+    k = turn % len(ways)
+    return [*ways[k:], *ways[:k]]
+
+
+def tokens_unequal(reference: TurnResult, other: TurnResult) -> int:
+    """How many agents of a turn generated other tokens in ``other`` than in ``reference``."""
+    return sum(other.tokens.get(a) != t for a, t in reference.tokens.items())
+
+
+@dataclass(frozen=True, slots=True)
+class WayTotals:
+    """One way over a whole run: time, time to first token over every agent-turn."""
+
+    total_s: float
+    mean_ttft_ms: float
+    p50_ttft_ms: float
+    p95_ttft_ms: float
+    prefilled_tokens: int
+
+    @classmethod
+    def of(cls, results: Sequence[TurnResult], prefilled_tokens: int) -> WayTotals:
+        ttfts = [t for r in results for t in r.ttft_s.values()]
+        return cls(
+            total_s=round(sum(r.total_s for r in results), 3),
+            mean_ttft_ms=round(sum(ttfts) / len(ttfts) * 1e3, 1),
+            p50_ttft_ms=round(percentile(ttfts, 50) * 1e3, 1),
+            p95_ttft_ms=round(percentile(ttfts, 95) * 1e3, 1),
+            prefilled_tokens=prefilled_tokens,
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -113,6 +168,7 @@ def run_kvpool_turn(
         ttft_s={a: t - start for a, t in first.items()},
         tokens={a: c.token_ids for a, c in completions.items()},
         completions=completions,
+        cached_tokens={a: c.cached_tokens for a, c in completions.items()},
     )
 
 
@@ -146,6 +202,7 @@ def run_plain_turn(generator: Any, requests: Sequence[TurnRequest]) -> TurnResul
         ttft_s={a: t - start for a, t in first.items()},
         tokens={a: tuple(t) for a, t in tokens.items()},
         completions={},
+        cached_tokens={r.agent_id: 0 for r in requests},
     )
 
 

@@ -26,6 +26,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import (
     BatchKVCache,
     KVCache,
+    LRUPromptCache,
     RotatingKVCache,
     load_prompt_cache,
     make_prompt_cache,
@@ -45,6 +46,7 @@ __all__ = [
     "kv_cache",
     "load",
     "load_prompt_cache_file",
+    "lru_prompt_cache",
     "model_module",
     "pool_batch_generator",
     "probe_layers",
@@ -162,6 +164,12 @@ def probe_layers(model: Any) -> list[ProbedLayer]:
 def batch_generator(model: Any, **kwargs: Any) -> Any:
     """mlx-lm's ``BatchGenerator``: ``insert_segments``, ``next``, ``extract_cache``, ``remove``."""
     return BatchGenerator(model, **kwargs)
+
+
+def lru_prompt_cache(max_size: int = 10) -> Any:
+    """mlx-lm's ``LRUPromptCache`` (the token trie ``mlx_lm.server`` resumes from):
+    ``fetch_nearest_cache(key, tokens)``, ``insert_cache(key, tokens, cache, cache_type=)``."""
+    return LRUPromptCache(max_size)
 
 
 def sampler(temperature: float, top_p: float, min_p: float, top_k: int) -> Any:

@@ -1,0 +1,237 @@
+"""Typed benchmark records: JSON round trip, shape errors, and the report built from them
+(no MLX: the record types and renderers import none)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvpool.benchmarks import multiround, report, workload
+from kvpool.benchmarks.measure import Summary, at_most
+from kvpool.benchmarks.records import (
+    Envelope,
+    RecordError,
+    Section,
+    Target,
+    from_json,
+    to_json,
+)
+from kvpool.benchmarks.runner import REGISTRY
+from kvpool.benchmarks.turns import WayTotals, rotation
+
+ENVIRONMENT = {
+    "kvpool": "0.1.0",
+    "mlx": "0.32.4",
+    "mlx_lm": "0.32.2",
+    "python": "3.11.7",
+    "machine": "Linux x86_64",
+    "processor": "test CPU",
+    "cpu_count": 2,
+    "load_average": [1.5, 1.0, 0.5],
+    "blas": {"blas": "openblas", "openblas_threads": 1, "cblas_sgemm": "ignored"},
+}
+
+
+def _way(total: float, ttft: float) -> WayTotals:
+    return WayTotals(
+        total_s=total, mean_ttft_ms=ttft, p50_ttft_ms=ttft, p95_ttft_ms=2 * ttft,
+        prefilled_tokens=100,
+    )  # fmt: skip
+
+
+def _workload_record() -> workload.WorkloadRecord:
+    ways = {"kvpool": _way(8.0, 100.0), "lru": _way(10.0, 150.0), "plain": _way(20.0, 400.0)}
+    row = workload.TurnRow(
+        turn=1,
+        prompt_tokens=512,
+        total_s={"kvpool": 4.0, "lru": 5.0, "plain": 10.0},
+        mean_ttft_ms={"kvpool": 100.0, "lru": 150.0, "plain": 400.0},
+        prefilled_tokens={"kvpool": 128, "lru": 128, "plain": 512},
+    )
+    result = workload.AgentsResult(
+        agents=4,
+        turns=2,
+        lru_max_size=10,
+        pool_blocks=17,
+        ways=ways,
+        kvpool_vs_lru_total=0.8,
+        kvpool_vs_plain_total=0.4,
+        kvpool_vs_lru_mean_ttft=0.67,
+        kvpool_vs_plain_mean_ttft=0.25,
+        agent_turns=8,
+        agent_turns_unequal={"lru": 0, "plain": 1},
+        per_turn=(row,),
+    )
+    return workload.WorkloadRecord(
+        targets=(at_most("4 agents: kvpool / LRU", 0.8, 0.8),),
+        config=workload.WorkloadConfig(
+            model="m",
+            agent_counts=(4,),
+            turns=2,
+            system_tokens=64,
+            task_tokens=64,
+            user_tokens=32,
+            max_tokens=4,
+            cache_limit_bytes=1 << 30,
+        ),
+        results=(result,),
+    )
+
+
+def _multiround_record() -> multiround.MultiroundRecord:
+    way = multiround.WayResult(
+        total_s=10.0, ttft_p50_ms=300.0, ttft_p95_ms=900.0, resumed_ttft_p50_ms=250.0,
+        resumed_ttft_p95_ms=800.0, new_ttft_p50_ms=700.0, prompt_tokens=1000,
+        cached_tokens=750, prefix_hit_rate=0.75, turns_unequal=0,
+    )  # fmt: skip
+    scenario = multiround.ScenarioResult(
+        config=multiround.ScenarioConfig(
+            name="peer at its best",
+            users=3,
+            rounds=2,
+            arrivals=1,
+            steps=4,
+            system_tokens=64,
+            first_question_tokens=32,
+            question_tokens=16,
+            answer_tokens=4,
+            lru_max_size=10,
+        ),
+        turns=6,
+        ways={"kvpool": way, "lru": way, "plain": way},
+        step_total_s={"kvpool": (1.0, 2.0), "lru": (1.5, 2.5), "plain": (3.0, 4.0)},
+        kvpool_vs_lru_total=0.9,
+        kvpool_vs_lru_resumed_ttft_p50=None,
+        kvpool_vs_plain_total=0.5,
+        kvpool_vs_plain_resumed_ttft_p50=0.3,
+    )
+    return multiround.MultiroundRecord(
+        targets=(at_most("total", 0.7, 0.9), at_most("resumed", 0.6, None)),
+        model="m",
+        cache_limit_bytes=1 << 30,
+        scenarios=(scenario,),
+    )  # fmt: skip
+
+
+def test_nested_record_round_trips_through_json_text() -> None:
+    record = _workload_record()
+    text = json.dumps(to_json(record))
+    back = from_json(workload.WorkloadRecord, json.loads(text))
+    assert back == record
+    assert type(back.results[0].per_turn) is tuple
+    assert type(back.results[0].ways["lru"]) is WayTotals
+    assert back.targets[0] == Target("4 agents: kvpool / LRU", "<= 0.8x", 0.8, True)
+
+
+def test_optional_fields_and_ints_read_as_floats() -> None:
+    record = _multiround_record()
+    data = json.loads(json.dumps(to_json(record)))
+    data["scenarios"][0]["ways"]["kvpool"]["total_s"] = 10  # 10.0 can come back as 10
+    back = from_json(multiround.MultiroundRecord, data)
+    assert back == record
+    assert isinstance(back.scenarios[0].ways["kvpool"].total_s, float)
+    assert back.scenarios[0].kvpool_vs_lru_resumed_ttft_p50 is None
+    assert back.targets[1].met is None
+
+
+def test_summary_of_samples_in_seconds() -> None:
+    assert Summary.of([0.1, 0.2, 0.3]) == Summary(3, 200.0, 290.0, 100.0, 300.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("config"), "field 'config' missing"),
+        (lambda d: d["results"][0].update(agents="4"), "expected int, got '4'"),
+        (lambda d: d["results"][0].update(agents=True), "expected int, got True"),
+        (lambda d: d["results"][0]["ways"]["kvpool"].update(total_s=None), "expected a number"),
+        (lambda d: d.update(results={}), "expected a list"),
+    ],
+)
+def test_a_record_of_another_shape_is_refused(change: Any, message: str) -> None:
+    data = json.loads(json.dumps(to_json(_workload_record())))
+    change(data)
+    with pytest.raises(RecordError, match=message):
+        from_json(workload.WorkloadRecord, data)
+
+
+def test_envelope_reads_what_the_runner_writes_and_ignores_the_rest() -> None:
+    data = {
+        "bench": "workload", "quick": True, "started": "2026-12-01T00:00:00+00:00",
+        "elapsed_s": 12, "error": None, "environment": ENVIRONMENT,
+        **to_json(_workload_record()),
+    }  # fmt: skip
+    env = from_json(Envelope, data)
+    assert (env.bench, env.quick, env.elapsed_s, env.error) == ("workload", True, 12.0, None)
+    assert env.environment.blas.openblas_threads == 1
+    assert env.environment.load_average == (1.5, 1.0, 0.5)
+    assert env.targets[0].met is True
+
+
+def test_rotation_moves_each_way_one_place_per_turn() -> None:
+    ways = ("kvpool", "lru", "plain")
+    assert [rotation(t, ways) for t in range(1, 4)] == [
+        ["lru", "plain", "kvpool"],
+        ["plain", "kvpool", "lru"],
+        ["kvpool", "lru", "plain"],
+    ]
+
+
+def _write(out: Path, name: str, body: dict[str, Any], error: str | None = None) -> None:
+    record = {
+        "bench": name, "quick": False, "started": "2026-12-01T00:00:00+00:00",
+        "elapsed_s": 3.0, "error": error, **body, "environment": ENVIRONMENT,
+    }  # fmt: skip
+    (out / f"{name}.json").write_text(json.dumps(record))
+
+
+def test_report_renders_typed_and_transitional_records(tmp_path: Path) -> None:
+    _write(tmp_path, "workload", to_json(_workload_record()))
+    _write(tmp_path, "multiround", to_json(_multiround_record()))
+    persist = {  # a transitional dict record, rendered by report.py's own renderer
+        "num_tokens": 4096, "geometry": "g", "file_MB": 537, "rounds": 5,
+        "round_trip_equal": True, "scatter_num_copied": 0, "targets": [],
+        **{op: {"median_ms": 1.0, "best_ms": 0.5, "median_MB_per_s": 100.0}
+           for op in ("save", "raw_write", "load", "load_cold", "raw_read")},
+    }  # fmt: skip
+    _write(tmp_path, "persist", persist)
+    _write(tmp_path, "resume", {}, error="RuntimeError: boom")
+    run = {"benchmarks": ["workload"], "quick": False, "total_s": 9.0, "finished": "now"}
+    (tmp_path / report.RUN_NAME).write_text(json.dumps(run))
+
+    written = report.write_report(tmp_path)
+
+    markdown = written.markdown.read_text()
+    assert "- last run: `kvpool bench workload`, 9 s in all, finished now" in markdown
+    assert "| workload | 4 agents: kvpool / LRU | <= 0.8x | 0.80 | yes |" in markdown
+    assert "| multiround | resumed | <= 0.6x | - | n/a |" in markdown
+    assert "| 4 | mlx-lm LRUPromptCache | 10.00 | 150.00 | 150.00 | 300.00 | 100 | 0 |" in markdown
+    assert "| 4 | 0.80x | 0.40x | 0.67x | 0.25x | 10 |" in markdown
+    assert "| kvpool | 10.00 | 300.00 | 900.00 | 250.00 | 800.00 | 700.00 | 75.0% | 0 |" in (
+        markdown
+    )
+    assert "| save | 1.0 | 0.5 | 100 |" in markdown
+    assert "**failed**: `RuntimeError: boom`" in markdown
+    # registry order: resume, workload, multiround, ..., persist
+    assert markdown.index("## resume") < markdown.index("## workload")
+    assert markdown.index("## multiround") < markdown.index("## persist")
+
+
+def test_every_typed_benchmark_has_a_section_and_the_rest_are_listed() -> None:
+    typed = [n for n in REGISTRY if n not in report.LEGACY_DICT_BENCHMARKS]
+    assert set(report.LEGACY_DICT_BENCHMARKS) == {"engine_overhead", "memory", "persist", "quant"}
+    for name in typed:
+        if name in ("reconstruct",):  # imports mlx at module level: covered in integration
+            continue
+        assert isinstance(report.section_of(name), Section), name
+
+
+def test_a_typed_record_of_the_wrong_shape_fails_the_report(tmp_path: Path) -> None:
+    body = to_json(_workload_record())
+    del body["results"]
+    _write(tmp_path, "workload", body)
+    with pytest.raises(RecordError, match="field 'results' missing"):
+        report.write_report(tmp_path)
