@@ -45,6 +45,10 @@ def validate_token_ids(tokens: Sequence[object], vocab_size: int | None = None) 
     """
     if len(tokens) == 0:
         raise InvalidRequestError("the prompt is empty")
+    if {type(t) for t in tokens} == {int}:  # the common case, checked in C loops
+        ints: list[int] = list(tokens)  # type: ignore[arg-type]  # every element is an int
+        if min(ints) >= 0 and (vocab_size is None or max(ints) < vocab_size):
+            return ints
     out: list[int] = []
     for i, t in enumerate(tokens):
         if not is_integer(t):
