@@ -7,7 +7,7 @@ fsync) and loaded back into fresh blocks with ``load_cache`` (header check, sha2
 tensor, in-place scatter), several times. No model is needed: the spec and pool are built
 directly and the fingerprint is a constant. Reports the median and best times, the file size
 and MB/s (MB = 10^6 bytes), the checks that the loaded blocks equal the saved ones, and that
-every scatter wrote in place.
+every scatter wrote in place (its two targets: equal, and 0 slab copies).
 
 In the same run, for scale: ``raw_write`` writes the same number of bytes from one numpy
 buffer with the same atomic steps (temp file, fsync, rename, directory fsync) but no gather
