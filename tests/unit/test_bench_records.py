@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kvpool.benchmarks import multiround, report, workload
+from kvpool.benchmarks import multiround, redis_tier, report, workload
 from kvpool.benchmarks.measure import Summary, at_most
 from kvpool.benchmarks.records import (
     Envelope,
@@ -116,6 +116,27 @@ def _multiround_record() -> multiround.MultiroundRecord:
     )  # fmt: skip
 
 
+def _redis_record() -> redis_tier.RedisRecord:
+    resume = redis_tier.ResumeResult(
+        context_tokens=4096, prompt_tokens=4136, cached_tokens_from_redis=4104,
+        ttft_redis_ms=Summary(3, 382.0, 419.0, 276.0, 423.0),
+        ttft_prefill_ms=Summary(3, 7613.0, 8738.0, 7296.0, 8863.0), speedup=19.93,
+        tokens_equal=True, bytes_sent={"float16": 4 << 20, "q4": 1 << 20},
+        bytes_sent_q4_vs_dense=0.25,
+    )  # fmt: skip
+    dedup = redis_tier.DedupResult(
+        sessions=16, system_tokens=2048, own_tokens=64, bytes_sent=13 << 20,
+        sum_of_caches_bytes=130 << 20, bytes_ratio=0.1, blocks_written=24,
+        blocks_deduplicated=120,
+    )  # fmt: skip
+    return redis_tier.RedisRecord(
+        targets=(Target("bytes", "<= 0.25x", 0.1, True),),
+        model="demo",
+        resume=resume,
+        dedup=dedup,
+    )
+
+
 def test_nested_record_round_trips_through_json_text() -> None:
     record = _workload_record()
     text = json.dumps(to_json(record))
@@ -188,16 +209,10 @@ def _write(out: Path, name: str, body: dict[str, Any], error: str | None = None)
     (out / f"{name}.json").write_text(json.dumps(record))
 
 
-def test_report_renders_typed_and_transitional_records(tmp_path: Path) -> None:
+def test_report_renders_typed_records(tmp_path: Path) -> None:
     _write(tmp_path, "workload", to_json(_workload_record()))
     _write(tmp_path, "multiround", to_json(_multiround_record()))
-    persist = {  # a transitional dict record, rendered by report.py's own renderer
-        "num_tokens": 4096, "geometry": "g", "file_MB": 537, "rounds": 5,
-        "round_trip_equal": True, "scatter_num_copied": 0, "targets": [],
-        **{op: {"median_ms": 1.0, "best_ms": 0.5, "median_MB_per_s": 100.0}
-           for op in ("save", "raw_write", "load", "load_cold", "raw_read")},
-    }  # fmt: skip
-    _write(tmp_path, "persist", persist)
+    _write(tmp_path, "redis", to_json(_redis_record()))
     _write(tmp_path, "resume", {}, error="RuntimeError: boom")
     run = {"benchmarks": ["workload"], "quick": False, "total_s": 9.0, "finished": "now"}
     (tmp_path / report.RUN_NAME).write_text(json.dumps(run))
@@ -213,20 +228,30 @@ def test_report_renders_typed_and_transitional_records(tmp_path: Path) -> None:
     assert "| kvpool | 10.00 | 300.00 | 900.00 | 250.00 | 800.00 | 700.00 | 75.0% | 0 |" in (
         markdown
     )
-    assert "| save | 1.0 | 0.5 | 100 |" in markdown
+    assert "TTFT 382.0 ms vs 7613.0 ms prefilling it (19.93x faster)" in markdown
+    assert "float16 4.0 MiB, q4 1.0 MiB (4-bit / dense 0.25x)" in markdown
+    assert "13.0 MiB sent to Redis vs 130.0 MiB of caches (0.10x; 120 blocks" in markdown
     assert "**failed**: `RuntimeError: boom`" in markdown
-    # registry order: resume, workload, multiround, ..., persist
+    # registry order: resume, workload, multiround, ..., redis
     assert markdown.index("## resume") < markdown.index("## workload")
-    assert markdown.index("## multiround") < markdown.index("## persist")
+    assert markdown.index("## multiround") < markdown.index("## redis")
 
 
 def test_every_typed_benchmark_has_a_section_and_the_rest_are_listed() -> None:
     typed = [n for n in REGISTRY if n not in report.LEGACY_DICT_BENCHMARKS]
-    assert set(report.LEGACY_DICT_BENCHMARKS) == {"engine_overhead", "memory", "persist", "quant"}
+    assert set(report.LEGACY_DICT_BENCHMARKS) == {"engine_overhead", "memory", "mixed_prefill"}
     for name in typed:
-        if name in ("reconstruct",):  # imports mlx at module level: covered in integration
+        # these import mlx at module level: covered in integration (test_bench_cli)
+        if name in ("reconstruct", "persist", "quant"):
             continue
         assert isinstance(report.section_of(name), Section), name
+
+
+def test_a_skipped_redis_record_renders_why() -> None:
+    record = redis_tier.RedisRecord(targets=(), skipped="redis-server is not installed")
+    back = from_json(redis_tier.RedisRecord, json.loads(json.dumps(to_json(record))))
+    assert back == record
+    assert redis_tier.render_section(back) == ["Skipped: redis-server is not installed."]
 
 
 def test_a_typed_record_of_the_wrong_shape_fails_the_report(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ fsync) and loaded back into fresh blocks with ``load_cache`` (header check, sha2
 tensor, in-place scatter), several times. No model is needed: the spec and pool are built
 directly and the fingerprint is a constant. Reports the median and best times, the file size
 and MB/s (MB = 10^6 bytes), the checks that the loaded blocks equal the saved ones, and that
-every scatter wrote in place.
+every scatter wrote in place (its two targets: equal, and 0 slab copies).
 
 In the same run, for scale: ``raw_write`` writes the same number of bytes from one numpy
 buffer with the same atomic steps (temp file, fsync, rename, directory fsync) but no gather
@@ -24,11 +24,11 @@ on sets the fsync cost).
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ import mlx.core as mx
 import numpy as np
 
 from kvpool import BlockPool, ModelCacheSpec, kernels, persist
+from kvpool.benchmarks.records import BenchRecord, Section, Target
+from kvpool.benchmarks.tables import table
 from kvpool.cache.tables import CacheHandle
 from kvpool.storage import LayerKV, host_dtype
 
@@ -99,8 +101,8 @@ def _drop_page_cache(path: Path) -> bool:
     return True
 
 
-def run(quick: bool, directory: Path | None = None) -> dict[str, Any]:
-    """Time save and load of one agent; returns the results as a dict."""
+def run(quick: bool, directory: Path | None = None) -> PersistRecord:
+    """Time save and load of one agent."""
     n_layers, num_tokens, rounds = (8, 1024, 2) if quick else (32, 4096, 5)
     spec = ModelCacheSpec.uniform(n_layers, KV_HEADS, HEAD_DIM, dtype=DTYPE)
     agent_blocks = spec.blocks_for(num_tokens)
@@ -155,32 +157,97 @@ def run(quick: bool, directory: Path | None = None) -> dict[str, Any]:
             shutil.rmtree(root, ignore_errors=True)
     stats = kernels.scatter_stats()
 
-    def summary(samples: list[float]) -> dict[str, float] | None:
+    def summary(samples: list[float]) -> OpTimes | None:
         if not samples:
             return None
         median, best = statistics.median(samples), min(samples)
-        return {
-            "median_ms": round(median * 1e3, 1),
-            "best_ms": round(best * 1e3, 1),
-            "first_ms": round(samples[0] * 1e3, 1),
-            "median_MB_per_s": round(file_bytes / median / 1e6, 1),
-        }
+        return OpTimes(
+            median_ms=round(median * 1e3, 1),
+            best_ms=round(best * 1e3, 1),
+            first_ms=round(samples[0] * 1e3, 1),
+            median_MB_per_s=round(file_bytes / median / 1e6, 1),
+        )
 
-    return {
-        "benchmark": "persist",
-        "quick": quick,
-        "platform": f"{platform.system()} {platform.machine()}",
-        "geometry": f"{n_layers} layers x {KV_HEADS} KV heads x {HEAD_DIM} head_dim, {DTYPE}",
-        "num_tokens": num_tokens,
-        "kv_bytes": kv_bytes,
-        "file_bytes": file_bytes,
-        "file_MB": round(file_bytes / 1e6, 1),
-        "rounds": rounds,
-        "save": summary(save_s),
-        "load": summary(load_s),
-        "load_cold": summary(cold_s),
-        "raw_write": summary(raw_write_s),
-        "raw_read": summary(raw_read_s),
-        "round_trip_equal": equal,
-        "scatter_num_copied": stats["num_copied"],
-    }
+    copied = int(stats["num_copied"])
+    return PersistRecord(
+        targets=_targets(equal, copied),
+        geometry=f"{n_layers} layers x {KV_HEADS} KV heads x {HEAD_DIM} head_dim, {DTYPE}",
+        num_tokens=num_tokens,
+        kv_bytes=kv_bytes,
+        file_bytes=file_bytes,
+        file_MB=round(file_bytes / 1e6, 1),
+        rounds=rounds,
+        save=summary(save_s),
+        load=summary(load_s),
+        load_cold=summary(cold_s),
+        raw_write=summary(raw_write_s),
+        raw_read=summary(raw_read_s),
+        round_trip_equal=equal,
+        scatter_num_copied=copied,
+    )
+
+
+def _targets(equal: bool, copied: int) -> tuple[Target, ...]:
+    """The checks the benchmark judges: loaded blocks equal the saved ones, every scatter
+    of a load wrote into the slabs in place (no slab copies)."""
+    return (
+        Target("loaded blocks equal the saved ones", "yes", str(equal), equal),
+        Target("slab copies while loading (in-place scatter)", "0", copied, copied == 0),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OpTimes:
+    """One operation over the rounds; MB = 10^6 bytes of the file."""
+
+    median_ms: float
+    best_ms: float
+    first_ms: float
+    median_MB_per_s: float  # (the unit's spelling)
+
+
+@dataclass(frozen=True, slots=True)
+class PersistRecord(BenchRecord):
+    """Save / load of one agent; ``load_cold`` None where the page cache cannot be dropped."""
+
+    geometry: str
+    num_tokens: int
+    kv_bytes: int
+    file_bytes: int
+    file_MB: float
+    rounds: int
+    save: OpTimes | None
+    load: OpTimes | None
+    load_cold: OpTimes | None
+    raw_write: OpTimes | None
+    raw_read: OpTimes | None
+    round_trip_equal: bool
+    scatter_num_copied: int
+
+
+RECORD = PersistRecord
+
+
+# --------------------------------------------------------------------------- report
+
+OPS = ("save", "raw_write", "load", "load_cold", "raw_read")
+
+
+def render_section(r: PersistRecord) -> list[str]:
+    rows = []
+    for op in OPS:
+        t: OpTimes | None = getattr(r, op)
+        if t is None:
+            rows.append((op, "-", "-", "-"))
+        else:
+            rows.append((op, f"{t.median_ms:.1f}", f"{t.best_ms:.1f}", f"{t.median_MB_per_s:.0f}"))
+    return [
+        f"One agent of {r.num_tokens} tokens, {r.geometry}: {r.file_MB} MB file, "
+        f"{r.rounds} rounds; loaded blocks equal the saved ones: {r.round_trip_equal}, "
+        f"slab copies: {r.scatter_num_copied}.",
+        "",
+        *table(("operation", "median ms", "best ms", "MB/s (median)"), rows),
+    ]
+
+
+SECTION = Section(RECORD, render_section)

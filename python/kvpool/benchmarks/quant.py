@@ -39,7 +39,9 @@ import mlx.core as mx
 import numpy as np
 
 from kvpool import BlockPool, BlockPoolBatchEngine, CompletedGeneration, _kernels, kernels, persist
-from kvpool.benchmarks.measure import interleave, mlx_cache_limit, ratio, summary_ms, target
+from kvpool.benchmarks.measure import Summary, interleave, mlx_cache_limit, ratio
+from kvpool.benchmarks.records import BenchRecord, Section, Target
+from kvpool.benchmarks.tables import mib, table, times
 from kvpool.cache.tables import CacheHandle
 from kvpool.mlx.mlx_lm import kv_cache
 from kvpool.models import RECIPES, build_model, ensure_model, load_model
@@ -56,6 +58,7 @@ DTYPE = mx.float16
 # Large enough that every round reuses the previous round's output buffers.
 CACHE_LIMIT = 4 << 30
 TARGET_VS_DENSE = 1.2
+EXPERIMENT = "EXP-006 shape, quantized slabs"
 
 QuantizedSlab = tuple[mx.array, mx.array, mx.array]
 
@@ -140,7 +143,50 @@ def _within_target(value: float | None) -> bool:
     return value is not None and value <= TARGET_VS_DENSE
 
 
-def _gather(quick: bool) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class GatherConfig:
+    layers: int
+    kv: int
+    kv_heads: int
+    head_dim: int
+    block_tokens: int
+    slab_blocks: int
+    blocks: int
+    dtype: str
+    group_size: int
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class GatherTiming:
+    """A gather's samples (ms) and its output bytes per second at the median."""
+
+    n: int
+    p50_ms: float
+    p95_ms: float
+    min_ms: float
+    max_ms: float
+    gb_per_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class GatherResult:
+    """The gathers by slab format (``dense``, ``q8``, ``q4``); ``vs_dense``: the quantized
+    gather's p50 / the dense one's; ``capacity_vs_dense``: dense slab bytes / quantized."""
+
+    config: GatherConfig
+    iters: int
+    output_bytes: int
+    gather: dict[str, GatherTiming]
+    vs_dense: dict[str, float | None]
+    slab_bytes: dict[str, int]
+    capacity_vs_dense: dict[str, float]
+    capacity_vs_dense_float32_model: dict[str, float]
+    relative_rms_error: dict[str, float]
+    bit_identical_to_mx_dequantize: bool
+
+
+def _gather(quick: bool) -> GatherResult:
     """Times the dense and the dequantizing gathers (ms, bytes)."""
     shape = QUICK if quick else FULL
     rng = np.random.default_rng(0)
@@ -185,46 +231,35 @@ def _gather(quick: bool) -> dict[str, Any]:
     names = ["dense", "q8", "q4"]
     timings = {}
     for name, s in zip(names, samples, strict=True):
-        timings[name] = summary_ms(s)
-        timings[name]["gb_per_s"] = round(out_bytes / (timings[name]["p50_ms"] * 1e-3) / 1e9, 2)
-    dense_p50 = timings["dense"]["p50_ms"]
-    vs_dense = {n: ratio(timings[n]["p50_ms"], dense_p50, 3) for n in ("q8", "q4")}
+        t = Summary.of(s)
+        gb_per_s = round(out_bytes / (t.p50_ms * 1e-3) / 1e9, 2)
+        timings[name] = GatherTiming(t.n, t.p50_ms, t.p95_ms, t.min_ms, t.max_ms, gb_per_s)
+    dense_p50 = timings["dense"].p50_ms
+    vs_dense = {n: ratio(timings[n].p50_ms, dense_p50, 3) for n in ("q8", "q4")}
     capacity = {n: round(slab_bytes["dense"] / slab_bytes[n], 3) for n in ("q8", "q4")}
-    return {
-        "bench": "quant",
-        "experiment": "EXP-006 shape, quantized slabs",
-        "config": {
-            "layers": shape.layers,
-            "kv": 2,
-            "kv_heads": KV_HEADS,
-            "head_dim": HEAD_DIM,
-            "block_tokens": BLOCK_TOKENS,
-            "slab_blocks": shape.slab_blocks,
-            "blocks": shape.blocks,
-            "dtype": "float16",
-            "group_size": GROUP_SIZE,
-            "data": "random normal (one slab, scaled per slab)",
-        },
-        "iters": shape.iters,
-        "quick": quick,
-        "output_bytes": out_bytes,
-        "gather": timings,
-        "vs_dense": vs_dense,
-        "slab_bytes": slab_bytes,
-        "capacity_vs_dense": capacity,
-        "capacity_vs_dense_float32_model": _capacity_float32(),
-        "relative_rms_error": rel_rms,
-        "bit_identical_to_mx_dequantize": True,
-        "targets": [
-            target(
-                f"gather from {n[1:]}-bit slabs vs dense gather (same output)",
-                f"<= {TARGET_VS_DENSE:g}x the dense time",
-                vs_dense[n],
-                _within_target(vs_dense[n]),
-            )
-            for n in ("q8", "q4")
-        ],
-    }
+    return GatherResult(
+        config=GatherConfig(
+            layers=shape.layers,
+            kv=2,
+            kv_heads=KV_HEADS,
+            head_dim=HEAD_DIM,
+            block_tokens=BLOCK_TOKENS,
+            slab_blocks=shape.slab_blocks,
+            blocks=shape.blocks,
+            dtype="float16",
+            group_size=GROUP_SIZE,
+            data="random normal (one slab, scaled per slab)",
+        ),
+        iters=shape.iters,
+        output_bytes=out_bytes,
+        gather=timings,
+        vs_dense=vs_dense,
+        slab_bytes=slab_bytes,
+        capacity_vs_dense=capacity,
+        capacity_vs_dense_float32_model=_capacity_float32(),
+        relative_rms_error=rel_rms,
+        bit_identical_to_mx_dequantize=True,  # _check_and_error asserted it
+    )
 
 
 # --------------------------------------------------------------------------- capacity
@@ -242,33 +277,51 @@ FLOAT32_NOTE = (
 )
 
 
-def _capacity() -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class CapacityCell:
+    """One dtype and format: ``agents_vs_dense`` None for dense itself."""
+
+    bytes_per_token: int
+    blocks: int
+    agents: int
+    agents_vs_dense: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """Agents per budget, ``by_dtype[dtype][format]`` (formats ``dense``, ``q8``, ``q4``)."""
+
+    budget_bytes: int
+    agent_tokens: int
+    geometry: str
+    group_size: int
+    by_dtype: dict[str, dict[str, CapacityCell]]
+    float32_note: str
+
+
+def _capacity() -> Capacity:
     """Agents of AGENT_TOKENS that one budget holds, per dtype and format, as BlockPool
     sizes itself (split_budget over bytes at rest; no allocation)."""
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, CapacityCell]] = {}
     for dtype in ("float16", "float32"):
         dense = ModelCacheSpec.uniform(AGENT_LAYERS, KV_HEADS, HEAD_DIM, dtype=dtype)
         per_agent = dense.blocks_for(AGENT_TOKENS)
-        row: dict[str, Any] = {}
+        row: dict[str, CapacityCell] = {}
         for name, bits in (("dense", None), ("q8", 8), ("q4", 4)):
             spec = dense.with_format(bits, GROUP_SIZE)
             (blocks,) = split_budget(spec, CAPACITY_BUDGET)
-            row[name] = {
-                "bytes_per_token": spec.bytes_per_token,
-                "blocks": blocks,
-                "agents": blocks // per_agent,
-            }
-        for name in ("q8", "q4"):
-            row[name]["agents_vs_dense"] = ratio(row[name]["agents"], row["dense"]["agents"], 3)
+            agents = blocks // per_agent
+            vs_dense = None if bits is None else ratio(agents, row["dense"].agents, 3)
+            row[name] = CapacityCell(spec.bytes_per_token, blocks, agents, vs_dense)
         out[dtype] = row
-    return {
-        "budget_bytes": CAPACITY_BUDGET,
-        "agent_tokens": AGENT_TOKENS,
-        "geometry": f"{AGENT_LAYERS} layers x {KV_HEADS} KV heads x {HEAD_DIM}",
-        "group_size": GROUP_SIZE,
-        "by_dtype": out,
-        "float32_note": FLOAT32_NOTE,
-    }
+    return Capacity(
+        budget_bytes=CAPACITY_BUDGET,
+        agent_tokens=AGENT_TOKENS,
+        geometry=f"{AGENT_LAYERS} layers x {KV_HEADS} KV heads x {HEAD_DIM}",
+        group_size=GROUP_SIZE,
+        by_dtype=out,
+        float32_note=FLOAT32_NOTE,
+    )
 
 
 # --------------------------------------------------------------------------- save / load
@@ -307,7 +360,30 @@ def _same_blocks(pool: BlockPool, a: CacheHandle, other: BlockPool, b: CacheHand
     return True
 
 
-def _persist(quick: bool) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class FormatSaveLoad:
+    """One block format's file: size, times, and ratios to dense (dense / this format)."""
+
+    file_bytes: int
+    round_trip_equal: bool
+    save: Summary
+    load: Summary
+    file_vs_dense: float | None
+    load_speedup_vs_dense: float | None
+    save_speedup_vs_dense: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SaveLoad:
+    geometry: str
+    num_tokens: int
+    rounds: int
+    formats: dict[str, FormatSaveLoad]
+    scatter_num_copied: int
+    note: str
+
+
+def _persist(quick: bool) -> SaveLoad:
     """Save and load of one agent per format, interleaved, into a pool of its own (each load
     under a fresh cache salt, so it reads the file instead of sharing the cached blocks)."""
     n_layers, num_tokens, rounds = (4, 1024, 2) if quick else (AGENT_LAYERS, AGENT_TOKENS, 3)
@@ -317,7 +393,7 @@ def _persist(quick: bool) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="kvpool-bench-quant-"))
     fns: list[Callable[[], None]] = []
     names: list[str] = []
-    info: dict[str, dict[str, Any]] = {}
+    info: dict[str, tuple[int, bool]] = {}
     salts = itertools.count()
     try:
         for name, bits in (("dense", None), ("q8", 8), ("q4", 4)):
@@ -330,7 +406,7 @@ def _persist(quick: bool) -> dict[str, Any]:
             loaded = persist.load_cache(path, target_pool, fingerprint=FINGERPRINT)
             equal = _same_blocks(source, handle, target_pool, loaded)
             target_pool.release(loaded)
-            info[name] = {"file_bytes": size, "round_trip_equal": equal}
+            info[name] = (size, equal)
 
             def save(source: BlockPool = source, handle: CacheHandle = handle,
                      path: Path = path) -> None:  # fmt: skip
@@ -349,27 +425,27 @@ def _persist(quick: bool) -> dict[str, Any]:
         copied = kernels.scatter_stats()["num_copied"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    times = {n: summary_ms(s) for n, s in zip(names, samples, strict=True)}
+    summaries = {n: Summary.of(s) for n, s in zip(names, samples, strict=True)}
+    formats = {}
     for name in ("dense", "q8", "q4"):
-        info[name]["save"] = times[f"save_{name}"]
-        info[name]["load"] = times[f"load_{name}"]
-        info[name]["file_vs_dense"] = ratio(
-            info["dense"]["file_bytes"], info[name]["file_bytes"], 3
+        saving, loading = summaries[f"save_{name}"], summaries[f"load_{name}"]
+        formats[name] = FormatSaveLoad(
+            file_bytes=info[name][0],
+            round_trip_equal=info[name][1],
+            save=saving,
+            load=loading,
+            file_vs_dense=ratio(info["dense"][0], info[name][0], 3),
+            load_speedup_vs_dense=ratio(summaries["load_dense"].p50_ms, loading.p50_ms, 3),
+            save_speedup_vs_dense=ratio(summaries["save_dense"].p50_ms, saving.p50_ms, 3),
         )
-        info[name]["load_speedup_vs_dense"] = ratio(
-            times["load_dense"]["p50_ms"], times[f"load_{name}"]["p50_ms"], 3
-        )
-        info[name]["save_speedup_vs_dense"] = ratio(
-            times["save_dense"]["p50_ms"], times[f"save_{name}"]["p50_ms"], 3
-        )
-    return {
-        "geometry": f"{n_layers} layers x {KV_HEADS} KV heads x {HEAD_DIM}, float16",
-        "num_tokens": num_tokens,
-        "rounds": rounds,
-        "formats": info,
-        "scatter_num_copied": copied,
-        "note": "page cache warm (the file was just written); save = temp file, fsync, rename",
-    }
+    return SaveLoad(
+        geometry=f"{n_layers} layers x {KV_HEADS} KV heads x {HEAD_DIM}, float16",
+        num_tokens=num_tokens,
+        rounds=rounds,
+        formats=formats,
+        scatter_num_copied=int(copied),
+        note="page cache warm (the file was just written); save = temp file, fsync, rename",
+    )
 
 
 # --------------------------------------------------------------------------- quality
@@ -408,22 +484,70 @@ class _Errors:
     kl: list[float] = dataclasses.field(default_factory=list)
     first_token_equal: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def result(self, turns_equal: int, resumed: int, first_diff: list[int]) -> FormatQuality:
         n = len(self.kl)
-        return {
-            "relative_rms_error_k": round(math.sqrt(self.err_k / self.ref_k), 6),
-            "relative_rms_error_v": round(math.sqrt(self.err_v / self.ref_v), 6),
-            "first_logit_max_abs_diff": {
-                "mean": round(statistics.fmean(self.logit_max_abs), 5),
-                "max": round(max(self.logit_max_abs), 5),
-            },
-            "first_token_kl": {
-                "mean": round(statistics.fmean(self.kl), 7),
-                "max": round(max(self.kl), 7),
-            },
-            "first_token_argmax_equal": ratio(self.first_token_equal, n, 3),
-            "num_resumes": n,
-        }
+        return FormatQuality(
+            turns_equal_to_dense=ratio(turns_equal, resumed, 3),
+            num_turns_equal=turns_equal,
+            mean_tokens_before_first_difference=round(statistics.fmean(first_diff), 2),
+            relative_rms_error_k=round(math.sqrt(self.err_k / self.ref_k), 6),
+            relative_rms_error_v=round(math.sqrt(self.err_v / self.ref_v), 6),
+            first_logit_max_abs_diff=MeanMax(
+                round(statistics.fmean(self.logit_max_abs), 5), round(max(self.logit_max_abs), 5)
+            ),
+            first_token_kl=MeanMax(round(statistics.fmean(self.kl), 7), round(max(self.kl), 7)),
+            first_token_argmax_equal=ratio(self.first_token_equal, n, 3),
+            num_resumes=n,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MeanMax:
+    mean: float
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
+class FormatQuality:
+    """One quantized format vs the dense run: greedy turn agreement, first-token logits
+    and the K/V's relative RMS error, over the resumed turns."""
+
+    turns_equal_to_dense: float | None
+    num_turns_equal: int
+    mean_tokens_before_first_difference: float
+    relative_rms_error_k: float
+    relative_rms_error_v: float
+    first_logit_max_abs_diff: MeanMax
+    first_token_kl: MeanMax
+    first_token_argmax_equal: float | None
+    num_resumes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSensitivity:
+    turns_equal_to_dense: dict[str, float | None]  # by perturbation
+    distinct_dense_outputs: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sensitivity:
+    model: str
+    resume_points: int
+    tokens: int
+    by_weight_scale: dict[str, ScaleSensitivity]
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quality:
+    model: str
+    agents: int
+    turns: int
+    resumed_turns: int
+    max_tokens: int
+    by_format: dict[str, FormatQuality]
+    note: str
+    sensitivity: Sensitivity | None = None
 
 
 def _next_logits(model: Any, kvs: list[LayerKV], offset: int, new: list[int]) -> mx.array:
@@ -470,7 +594,7 @@ def _compare_resume(
     errors.first_token_equal += int(mx.argmax(ref).item() == mx.argmax(got).item())
 
 
-def _quality(quick: bool) -> dict[str, Any]:
+def _quality(quick: bool) -> Quality:
     """Agents x turns on a dense pool and on 8-bit and 4-bit pools, same prompts (each
     turn's prompt is the dense run's context plus new user tokens)."""
     shape = QUALITY_QUICK if quick else QUALITY_FULL
@@ -534,23 +658,16 @@ def _quality(quick: bool) -> dict[str, Any]:
             resumed += len(agents)
     for engine in engines.values():
         engine.close()
-    by_format = {}
-    for n in equal:
-        by_format[n] = {
-            "turns_equal_to_dense": ratio(equal[n], resumed, 3),
-            "num_turns_equal": equal[n],
-            "mean_tokens_before_first_difference": round(statistics.fmean(first_diff[n]), 2),
-            **errors[n].as_dict(),
-        }
-    return {
-        "model": QUALITY_MODEL,
-        "agents": shape.agents,
-        "turns": shape.turns,
-        "resumed_turns": resumed,
-        "max_tokens": shape.max_tokens,
-        "by_format": by_format,
-        "note": RANDOM_WEIGHTS_NOTE,
-    }
+    by_format = {n: errors[n].result(equal[n], resumed, first_diff[n]) for n in equal}
+    return Quality(
+        model=QUALITY_MODEL,
+        agents=shape.agents,
+        turns=shape.turns,
+        resumed_turns=resumed,
+        max_tokens=shape.max_tokens,
+        by_format=by_format,
+        note=RANDOM_WEIGHTS_NOTE,
+    )
 
 
 # --------------------------------------------------------------------------- sensitivity
@@ -582,11 +699,11 @@ def _greedy(model: Any, caches: list[Any], new: list[int], n: int) -> list[int]:
     return out
 
 
-def _sensitivity(quick: bool) -> dict[str, Any]:
+def _sensitivity(quick: bool) -> Sensitivity:
     from mlx_lm.models.cache import make_prompt_cache
 
     scales, points, tokens = ((4.0,), 3, 8) if quick else (SENSITIVITY_SCALES, 24, 16)
-    out: dict[str, Any] = {}
+    out: dict[str, ScaleSensitivity] = {}
     with tempfile.TemporaryDirectory(prefix="kvpool-bench-quant-") as tmp:
         for scale in scales:
             recipe = dataclasses.replace(
@@ -609,63 +726,69 @@ def _sensitivity(quick: bool) -> dict[str, Any]:
                 for how in PERTURBATIONS:
                     caches = [kv_cache(_perturb(k_, how), _perturb(v_, how), n) for k_, v_ in kv]
                     equal[how] += int(_greedy(model, caches, new, tokens) == want)
-            out[f"x{scale:g}"] = {
-                "turns_equal_to_dense": {h: ratio(equal[h], points, 3) for h in PERTURBATIONS},
-                "distinct_dense_outputs": len(distinct),
-            }
-    return {
-        "model": f"{QUALITY_MODEL} recipe, weights scaled x{', x'.join(f'{s:g}' for s in scales)}",
-        "resume_points": points,
-        "tokens": tokens,
-        "by_weight_scale": out,
-        "note": "greedy decode from each resume point with perturbed K/V vs unperturbed; "
+            out[f"x{scale:g}"] = ScaleSensitivity(
+                turns_equal_to_dense={h: ratio(equal[h], points, 3) for h in PERTURBATIONS},
+                distinct_dense_outputs=len(distinct),
+            )
+    return Sensitivity(
+        model=f"{QUALITY_MODEL} recipe, weights scaled x{', x'.join(f'{s:g}' for s in scales)}",
+        resume_points=points,
+        tokens=tokens,
+        by_weight_scale=out,
+        note="greedy decode from each resume point with perturbed K/V vs unperturbed; "
         "float16 / bfloat16: the dense K/V rounded to that dtype and back",
-    }
+    )
 
 
 # --------------------------------------------------------------------------- run
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool) -> QuantRecord:
     """Gather timings, capacity, save/load and quality per format: one record."""
-    record = _gather(quick)
+    gather = _gather(quick)
     capacity = _capacity()
     saved = _persist(quick)
-    quality = _quality(quick)
-    quality["sensitivity"] = _sensitivity(quick)
-    record.update(capacity=capacity, save_load=saved, quality=quality)
-    targets = record["targets"]
+    quality = dataclasses.replace(_quality(quick), sensitivity=_sensitivity(quick))
+    targets = [
+        Target(
+            f"gather from {n[1:]}-bit slabs vs dense gather (same output)",
+            f"<= {TARGET_VS_DENSE:g}x the dense time",
+            gather.vs_dense[n],
+            _within_target(gather.vs_dense[n]),
+        )
+        for n in ("q8", "q4")
+    ]
     for dtype, goals in CAPACITY_TARGETS.items():
         for bits, goal in goals.items():
-            value = capacity["by_dtype"][dtype][f"q{bits}"]["agents_vs_dense"]
+            value = capacity.by_dtype[dtype][f"q{bits}"].agents_vs_dense
             targets.append(
-                target(
+                Target(
                     f"{bits}-bit agents of {AGENT_TOKENS} tokens per budget vs dense ({dtype})",
                     f">= {goal}x",
                     value,
                     value is not None and value >= goal,
                 )
             )
-    q4 = saved["formats"]["q4"]
+    q4 = saved.formats["q4"]
     targets.append(
-        target(
+        Target(
             "4-bit cache file vs dense file",
             f">= {FILE_TARGET:g}x smaller",
-            q4["file_vs_dense"],
-            (q4["file_vs_dense"] or 0) >= FILE_TARGET,
+            q4.file_vs_dense,
+            (q4.file_vs_dense or 0) >= FILE_TARGET,
         )
     )
     targets.append(
-        target(
+        Target(
             "4-bit cache load vs dense load",
             f">= {LOAD_TARGET:g}x faster",
-            q4["load_speedup_vs_dense"],
-            (q4["load_speedup_vs_dense"] or 0) >= LOAD_TARGET,
+            q4.load_speedup_vs_dense,
+            (q4.load_speedup_vs_dense or 0) >= LOAD_TARGET,
         )
     )
-    q8 = quality["by_format"]["q8"]["turns_equal_to_dense"]
+    q8 = quality.by_format["q8"].turns_equal_to_dense
     targets.append(
-        target(
+        Target(
             "8-bit resumed turns with the dense run's greedy tokens (random weights x4; "
             "see quality.sensitivity)",
             f">= {AGREEMENT_TARGET:.0%}",
@@ -673,4 +796,158 @@ def run(quick: bool) -> dict[str, Any]:
             q8 is not None and q8 >= AGREEMENT_TARGET,
         )
     )
-    return record
+    g = gather
+    return QuantRecord(
+        targets=tuple(targets),
+        config=g.config,
+        iters=g.iters,
+        output_bytes=g.output_bytes,
+        gather=g.gather,
+        vs_dense=g.vs_dense,
+        slab_bytes=g.slab_bytes,
+        capacity_vs_dense=g.capacity_vs_dense,
+        capacity_vs_dense_float32_model=g.capacity_vs_dense_float32_model,
+        relative_rms_error=g.relative_rms_error,
+        bit_identical_to_mx_dequantize=g.bit_identical_to_mx_dequantize,
+        capacity=capacity,
+        save_load=saved,
+        quality=quality,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QuantRecord(BenchRecord):
+    """The gather (fields of :class:`GatherResult`, flat), capacity, save/load and quality
+    per block format (``dense``, ``q8``, ``q4``)."""
+
+    config: GatherConfig
+    iters: int
+    output_bytes: int
+    gather: dict[str, GatherTiming]
+    vs_dense: dict[str, float | None]
+    slab_bytes: dict[str, int]
+    capacity_vs_dense: dict[str, float]
+    capacity_vs_dense_float32_model: dict[str, float]
+    relative_rms_error: dict[str, float]
+    bit_identical_to_mx_dequantize: bool
+    capacity: Capacity
+    save_load: SaveLoad
+    quality: Quality
+    experiment: str = EXPERIMENT
+
+
+RECORD = QuantRecord
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_section(r: QuantRecord) -> list[str]:
+    c = r.config
+    rows = [
+        (
+            name,
+            r.gather[name].p50_ms,
+            r.gather[name].p95_ms,
+            times(r.vs_dense.get(name, 1.0)),
+            mib(r.slab_bytes[name]),
+            times(r.capacity_vs_dense.get(name, 1.0)),
+        )
+        for name in ("dense", "q8", "q4")
+    ]
+    f32 = r.capacity_vs_dense_float32_model
+    return [
+        f"Gather of {c.blocks} blocks x {c.layers} layers x K,V of "
+        f"[{c.kv_heads}, {c.block_tokens}, {c.head_dim}] into dense {c.dtype} "
+        f"caches ({mib(r.output_bytes)}) out of dense, 8-bit and 4-bit slabs (group "
+        f"size {c.group_size}), {r.iters} rounds, interleaved:",
+        "",
+        *table(("slabs", "p50 ms", "p95 ms", "vs dense", "slab bytes", "capacity"), rows),
+        "",
+        f"Relative RMS error of the dequantized values: 8-bit {r.relative_rms_error['q8']}, "
+        f"4-bit {r.relative_rms_error['q4']} (random normal data). Capacity for a float32 "
+        f"model: 8-bit {times(f32['q8'])}, 4-bit {times(f32['q4'])}.",
+        *_render_capacity(r.capacity),
+        *_render_save_load(r.save_load),
+        *_render_quality(r.quality),
+        *_render_sensitivity(r.quality.sensitivity),
+    ]
+
+
+def _render_capacity(cap: Capacity) -> list[str]:
+    rows = [
+        (dtype, *(str(row[n].agents) for n in ("dense", "q8", "q4")),
+         times(row["q8"].agents_vs_dense), times(row["q4"].agents_vs_dense))
+        for dtype, row in cap.by_dtype.items()
+    ]  # fmt: skip
+    return [
+        "",
+        f"Agents of {cap.agent_tokens} tokens ({cap.geometry}) in {mib(cap.budget_bytes)}:",
+        "",
+        *table(("dtype", "dense", "8-bit", "4-bit", "8-bit vs dense", "4-bit vs dense"), rows),
+        "",
+        cap.float32_note + ".",
+    ]
+
+
+def _render_save_load(saved: SaveLoad) -> list[str]:
+    rows = [
+        (n, mib(f.file_bytes), f.save.p50_ms, f.load.p50_ms,
+         times(f.file_vs_dense), times(f.load_speedup_vs_dense))
+        for n, f in saved.formats.items()
+    ]  # fmt: skip
+    return [
+        "",
+        f"Save and load of one {saved.num_tokens}-token agent ({saved.geometry}), "
+        f"{saved.rounds} rounds interleaved:",
+        "",
+        *table(("format", "file", "save p50 ms", "load p50 ms", "smaller", "load faster"), rows),
+    ]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _render_quality(quality: Quality) -> list[str]:
+    rows = [
+        (n, f"{_percent(q.turns_equal_to_dense)} of {quality.resumed_turns}",
+         _percent(q.first_token_argmax_equal),
+         f"{q.first_logit_max_abs_diff.mean:.3g}", f"{q.first_token_kl.mean:.3g}",
+         f"{q.relative_rms_error_k:.3g}", f"{q.relative_rms_error_v:.3g}")
+        for n, q in quality.by_format.items()
+    ]  # fmt: skip
+    return [
+        "",
+        f"Quality: {quality.agents} agents x {quality.turns} turns on the "
+        f"{quality.model!r} model, resumed from quantized blocks vs the dense run "
+        f"({quality.note}):",
+        "",
+        *table(
+            ("format", "turns equal", "first token equal", "logit max-abs (mean)",
+             "KL (mean)", "K rel. RMS", "V rel. RMS"),
+            rows,
+        ),
+    ]  # fmt: skip
+
+
+def _render_sensitivity(sens: Sensitivity | None) -> list[str]:
+    if sens is None or not sens.by_weight_scale:
+        return []
+    rows = [
+        (scale, str(row.distinct_dense_outputs),
+         *(_percent(v) for v in row.turns_equal_to_dense.values()))
+        for scale, row in sens.by_weight_scale.items()
+    ]  # fmt: skip
+    first = next(iter(sens.by_weight_scale.values())).turns_equal_to_dense
+    return [
+        "",
+        f"Sensitivity of the random-weight model ({sens.model}): {sens.resume_points} "
+        f"resume points, {sens.tokens} greedy tokens each, equal to the unperturbed "
+        f"decode after perturbing the K/V ({sens.note}):",
+        "",
+        *table(("weights", "distinct outputs", *first), rows),
+    ]
+
+
+SECTION = Section(RECORD, render_section)

@@ -35,9 +35,6 @@ MIB = 1 << 20
 LEGACY_DICT_BENCHMARKS = (
     "engine_overhead",
     "memory",
-    "persist",
-    "quant",
-    "redis",
     "mixed_prefill",
 )
 
@@ -297,149 +294,6 @@ def _memory(r: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def _persist(r: dict[str, Any]) -> list[str]:
-    rows = [
-        (
-            op,
-            f"{r[op]['median_ms']:.1f}",
-            f"{r[op]['best_ms']:.1f}",
-            f"{r[op]['median_MB_per_s']:.0f}",
-        )
-        for op in ("save", "raw_write", "load", "load_cold", "raw_read")
-    ]
-    return [
-        f"One agent of {r['num_tokens']} tokens, {r['geometry']}: {r['file_MB']} MB file, "
-        f"{r['rounds']} rounds; loaded blocks equal the saved ones: {r['round_trip_equal']}, "
-        f"slab copies: {r['scatter_num_copied']}.",
-        "",
-        *_table(("operation", "median ms", "best ms", "MB/s (median)"), rows),
-    ]
-
-
-def _quant(r: dict[str, Any]) -> list[str]:
-    c = r["config"]
-    g = r["gather"]
-    rows = [
-        (
-            name,
-            g[name]["p50_ms"],
-            g[name]["p95_ms"],
-            _x(r["vs_dense"].get(name, 1.0)),
-            _mib(r["slab_bytes"][name]),
-            _x(r["capacity_vs_dense"].get(name, 1.0)),
-        )
-        for name in ("dense", "q8", "q4")
-    ]
-    f32 = r["capacity_vs_dense_float32_model"]
-    return [
-        f"Gather of {c['blocks']} blocks x {c['layers']} layers x K,V of "
-        f"[{c['kv_heads']}, {c['block_tokens']}, {c['head_dim']}] into dense {c['dtype']} "
-        f"caches ({_mib(r['output_bytes'])}) out of dense, 8-bit and 4-bit slabs (group "
-        f"size {c['group_size']}), {r['iters']} rounds, interleaved:",
-        "",
-        *_table(("slabs", "p50 ms", "p95 ms", "vs dense", "slab bytes", "capacity"), rows),
-        "",
-        f"Relative RMS error of the dequantized values: 8-bit {r['relative_rms_error']['q8']}, "
-        f"4-bit {r['relative_rms_error']['q4']} (random normal data). Capacity for a float32 "
-        f"model: 8-bit {_x(f32['q8'])}, 4-bit {_x(f32['q4'])}.",
-        *_quant_formats(r),
-    ]
-
-
-def _quant_formats(r: dict[str, Any]) -> list[str]:
-    """Capacity, save/load and quality per block format (absent from older records)."""
-    if "capacity" not in r:
-        return []
-    cap, saved, quality = r["capacity"], r["save_load"], r["quality"]
-    cap_rows = [
-        (dtype, *(str(row[n]["agents"]) for n in ("dense", "q8", "q4")),
-         _x(row["q8"]["agents_vs_dense"]), _x(row["q4"]["agents_vs_dense"]))
-        for dtype, row in cap["by_dtype"].items()
-    ]  # fmt: skip
-    fmts = saved["formats"]
-    io_rows = [
-        (n, _mib(f["file_bytes"]), f["save"]["p50_ms"], f["load"]["p50_ms"],
-         _x(f["file_vs_dense"]), _x(f["load_speedup_vs_dense"]))
-        for n, f in fmts.items()
-    ]  # fmt: skip
-    q_rows = [
-        (n, f"{q['turns_equal_to_dense']:.0%} of {quality['resumed_turns']}",
-         f"{q['first_token_argmax_equal']:.0%}",
-         f"{q['first_logit_max_abs_diff']['mean']:.3g}", f"{q['first_token_kl']['mean']:.3g}",
-         f"{q['relative_rms_error_k']:.3g}", f"{q['relative_rms_error_v']:.3g}")
-        for n, q in quality["by_format"].items()
-    ]  # fmt: skip
-    return [
-        "",
-        f"Agents of {cap['agent_tokens']} tokens ({cap['geometry']}) in "
-        f"{_mib(cap['budget_bytes'])}:",
-        "",
-        *_table(("dtype", "dense", "8-bit", "4-bit", "8-bit vs dense", "4-bit vs dense"), cap_rows),
-        "",
-        cap["float32_note"] + ".",
-        "",
-        f"Save and load of one {saved['num_tokens']}-token agent ({saved['geometry']}), "
-        f"{saved['rounds']} rounds interleaved:",
-        "",
-        *_table(
-            ("format", "file", "save p50 ms", "load p50 ms", "smaller", "load faster"), io_rows
-        ),
-        "",
-        f"Quality: {quality['agents']} agents x {quality['turns']} turns on the "
-        f"{quality['model']!r} model, resumed from quantized blocks vs the dense run "
-        f"({quality['note']}):",
-        "",
-        *_table(
-            (
-                "format",
-                "turns equal",
-                "first token equal",
-                "logit max-abs (mean)",
-                "KL (mean)",
-                "K rel. RMS",
-                "V rel. RMS",
-            ),
-            q_rows,
-        ),
-        *_quant_sensitivity(quality.get("sensitivity")),
-    ]
-
-
-def _quant_sensitivity(sens: dict[str, Any] | None) -> list[str]:
-    if not sens:
-        return []
-    rows = [
-        (scale, str(row["distinct_dense_outputs"]),
-         *(f"{v:.0%}" for v in row["turns_equal_to_dense"].values()))
-        for scale, row in sens["by_weight_scale"].items()
-    ]  # fmt: skip
-    first = next(iter(sens["by_weight_scale"].values()))["turns_equal_to_dense"]
-    return [
-        "",
-        f"Sensitivity of the random-weight model ({sens['model']}): {sens['resume_points']} "
-        f"resume points, {sens['tokens']} greedy tokens each, equal to the unperturbed "
-        f"decode after perturbing the K/V ({sens['note']}):",
-        "",
-        *_table(("weights", "distinct outputs", *first), rows),
-    ]
-
-
-def _redis(r: dict[str, Any]) -> list[str]:
-    if "skipped" in r:
-        return [f"Skipped: {r['skipped']}."]
-    res, d = r["resume"], r["dedup"]
-    return [
-        f"A {res['prompt_tokens']}-token turn of a session saved in Redis by another engine "
-        f"({res['cached_tokens_from_redis']} tokens from Redis): TTFT "
-        f"{res['ttft_redis_ms']['p50_ms']} ms vs {res['ttft_prefill_ms']['p50_ms']} ms "
-        f"prefilling it ({_x(res['speedup'])} faster); tokens equal: {res['tokens_equal']}.",
-        "",
-        f"{d['sessions']} sessions sharing a {d['system_tokens']}-token system prompt: "
-        f"{_mib(d['bytes_sent'])} sent to Redis vs {_mib(d['sum_of_caches_bytes'])} of caches "
-        f"({_x(d['bytes_ratio'])}; {d['blocks_deduplicated']} blocks found already there).",
-    ]
-
-
 def _mixed_prefill(r: dict[str, Any]) -> list[str]:
     x = r["resume_ttft_x_alone"]
     return [
@@ -492,9 +346,6 @@ def _plot_memory(figure: Any, r: dict[str, Any]) -> None:
 _LEGACY_DICT_SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "engine_overhead": _engine_overhead,
     "memory": _memory,
-    "persist": _persist,
-    "quant": _quant,
-    "redis": _redis,
     "mixed_prefill": _mixed_prefill,
 }
 _LEGACY_DICT_PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
