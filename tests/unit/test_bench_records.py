@@ -222,7 +222,7 @@ def test_report_renders_typed_and_transitional_records(tmp_path: Path) -> None:
 
 def test_every_typed_benchmark_has_a_section_and_the_rest_are_listed() -> None:
     typed = [n for n in REGISTRY if n not in report.LEGACY_DICT_BENCHMARKS]
-    assert set(report.LEGACY_DICT_BENCHMARKS) == {"engine_overhead", "memory", "persist", "quant"}
+    assert set(report.LEGACY_DICT_BENCHMARKS) == {"persist", "quant", "redis"}
     for name in typed:
         if name in ("reconstruct",):  # imports mlx at module level: covered in integration
             continue
