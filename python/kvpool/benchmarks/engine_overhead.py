@@ -26,15 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvpool.benchmarks.measure import (
-    GIB,
-    median,
-    mlx_cache_limit,
-    percentile,
-    ratio,
-    summary_ms,
-    target,
-)
+from kvpool.benchmarks.measure import GIB, Summary, median, mlx_cache_limit, percentile, ratio
+from kvpool.benchmarks.records import BenchRecord, Section, Target
+from kvpool.benchmarks.tables import table
 from kvpool.benchmarks.turns import load_recipe, plain_generator, random_tokens
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
@@ -97,8 +91,8 @@ def _is_decode(step: _Step, batch: int) -> bool:
 
 
 def _measure_batch(
-    model: Any, tokenizer: Any, batch: int, steps: int, prompt_tokens: int
-) -> dict[str, Any]:
+    model: Any, tokenizer: Any, name: str, batch: int, steps: int, prompt_tokens: int
+) -> BatchResult:
     spec = ModelCacheSpec.from_model(model)
     pool = BlockPool(spec, num_blocks=batch * spec.blocks_for(prompt_tokens + steps + 4))
     timed: list[_TimedGenerator] = []
@@ -169,27 +163,28 @@ def _measure_batch(
     engine_p50, plain_p50 = median([s.wall_s for s in eng]), median([s.wall_s for s in pla])
     overhead = [s.wall_s - s.inner_s for s in eng]
     finish = [s.wall_s - s.inner_s for s in engine_steps if s.num_finished]
-    return {
-        "batch": batch,
-        "decode_steps": len(pairs),
-        "kvpool_tok_s": round(batch / engine_p50, 2),
-        "plain_tok_s": round(batch / plain_p50, 2),
-        "kvpool_step": summary_ms([s.wall_s for s in eng]),
-        "plain_step": summary_ms([s.wall_s for s in pla]),
-        "ratio_of_medians": ratio(plain_p50, engine_p50, 4),
-        "paired_ratio_p50": round(median(pair_ratios), 4),
-        "paired_ratio_p5_p95": [
+    return BatchResult(
+        model=name,
+        batch=batch,
+        decode_steps=len(pairs),
+        kvpool_tok_s=round(batch / engine_p50, 2),
+        plain_tok_s=round(batch / plain_p50, 2),
+        kvpool_step=Summary.of([s.wall_s for s in eng]),
+        plain_step=Summary.of([s.wall_s for s in pla]),
+        ratio_of_medians=ratio(plain_p50, engine_p50, 4),
+        paired_ratio_p50=round(median(pair_ratios), 4),
+        paired_ratio_p5_p95=(
             round(percentile(pair_ratios, 5), 4),
             round(percentile(pair_ratios, 95), 4),
-        ],
-        "engine_overhead_us_p50": round(median(overhead) * 1e6, 1),
-        "engine_overhead_us_p95": round(percentile(overhead, 95) * 1e6, 1),
-        "engine_overhead_pct_of_step": round(100 * median(overhead) / engine_p50, 3),
-        "finish_ms": round(max(finish) * 1e3, 2) if finish else None,
-    }
+        ),
+        engine_overhead_us_p50=round(median(overhead) * 1e6, 1),
+        engine_overhead_us_p95=round(percentile(overhead, 95) * 1e6, 1),
+        engine_overhead_pct_of_step=round(100 * median(overhead) / engine_p50, 3),
+        finish_ms=round(max(finish) * 1e3, 2) if finish else None,
+    )
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool) -> EngineOverheadRecord:
     models = QUICK_MODELS if quick else MODELS
     steps = QUICK_DECODE_STEPS if quick else DECODE_STEPS
     prompt_tokens = QUICK_PROMPT_TOKENS if quick else PROMPT_TOKENS
@@ -197,29 +192,119 @@ def run(quick: bool) -> dict[str, Any]:
     with mlx_cache_limit(CACHE_LIMIT):
         for name in models:
             model, tokenizer = load_recipe(name)
-            _measure_batch(model, tokenizer, 1, 2, prompt_tokens)  # warm-up: first calls
+            _measure_batch(model, tokenizer, name, 1, 2, prompt_tokens)  # warm-up: first calls
             for batch in BATCH_SIZES:
-                record = _measure_batch(model, tokenizer, batch, steps, prompt_tokens)
-                results.append({"model": name, **record})
-    targets = [
-        target(
-            f"{r['model']} batch {r['batch']}: kvpool decode tok/s vs plain",
-            f">= {TARGET_RATIO:.2f}x (within 3%)",
-            r["paired_ratio_p50"],
-            r["paired_ratio_p50"] >= TARGET_RATIO,
+                results.append(_measure_batch(model, tokenizer, name, batch, steps, prompt_tokens))
+    return EngineOverheadRecord(
+        targets=tuple(
+            Target(
+                f"{r.model} batch {r.batch}: kvpool decode tok/s vs plain",
+                f">= {TARGET_RATIO:.2f}x (within 3%)",
+                r.paired_ratio_p50,
+                r.paired_ratio_p50 >= TARGET_RATIO,
+            )
+            for r in results
+        ),
+        config=EngineOverheadConfig(
+            models=models,
+            batch_sizes=BATCH_SIZES,
+            prompt_tokens=prompt_tokens,
+            decode_steps=steps,
+            cache_limit_bytes=CACHE_LIMIT,
+        ),
+        results=tuple(results),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One model at one batch size. ``paired_ratio_*``: plain's step time / kvpool's over
+    the pairs of decode steps (>= 1: kvpool is as fast); ``engine_overhead_*``: the engine's
+    own time per decode step (its ``step()`` minus its generator's ``next()``);
+    ``finish_ms``: its extra work in the step where the batch ends (None: none finished)."""
+
+    model: str
+    batch: int
+    decode_steps: int  # pairs of steady decode steps compared
+    kvpool_tok_s: float
+    plain_tok_s: float
+    kvpool_step: Summary
+    plain_step: Summary
+    ratio_of_medians: float | None
+    paired_ratio_p50: float
+    paired_ratio_p5_p95: tuple[float, float]
+    engine_overhead_us_p50: float
+    engine_overhead_us_p95: float
+    engine_overhead_pct_of_step: float
+    finish_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOverheadConfig:
+    models: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    prompt_tokens: int
+    decode_steps: int
+    cache_limit_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOverheadRecord(BenchRecord):
+    config: EngineOverheadConfig
+    results: tuple[BatchResult, ...]
+
+
+RECORD = EngineOverheadRecord
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_section(r: EngineOverheadRecord) -> list[str]:
+    rows = [
+        (
+            x.model,
+            x.batch,
+            x.kvpool_tok_s,
+            x.plain_tok_s,
+            x.paired_ratio_p50,
+            f"{x.paired_ratio_p5_p95[0]:.3f}-{x.paired_ratio_p5_p95[1]:.3f}",
+            x.engine_overhead_us_p50,
+            f"{x.engine_overhead_pct_of_step:.3f}%",
+            x.finish_ms,
+            x.decode_steps,
         )
-        for r in results
+        for x in r.results
     ]
-    return {
-        "bench": "engine_overhead",
-        "quick": quick,
-        "config": {
-            "models": list(models),
-            "batch_sizes": list(BATCH_SIZES),
-            "prompt_tokens": prompt_tokens,
-            "decode_steps": steps,
-            "cache_limit_bytes": CACHE_LIMIT,
-        },
-        "results": results,
-        "targets": targets,
-    }
+    c = r.config
+    return [
+        f"{c.prompt_tokens}-token prompts, {c.decode_steps} decode steps per batch, "
+        "engine and plain generator stepped in alternation:",
+        "",
+        *table(
+            ("model", "batch", "kvpool tok/s", "plain tok/s", "kvpool/plain (paired p50)",
+             "pairs p5-p95", "engine us/step", "of step", "finish ms", "steps"),
+            rows,
+        ),
+    ]  # fmt: skip
+
+
+def plot(figure: Any, r: EngineOverheadRecord) -> None:
+    ax = figure.add_subplot(1, 1, 1)
+    labels = [f"{x.model}\nbatch {x.batch}" for x in r.results]
+    xs = list(range(len(r.results)))
+    width = 0.4
+    ax.bar([x - width / 2 for x in xs], [x.kvpool_tok_s for x in r.results], width, label="kvpool")
+    ax.bar(
+        [x + width / 2 for x in xs],
+        [x.plain_tok_s for x in r.results],
+        width,
+        label="plain mlx-lm",
+    )
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylabel("decode tokens/s (median step)")
+    ax.set_title("engine overhead: decode throughput")
+    ax.legend()
+
+
+SECTION = Section(RECORD, render_section, plot)

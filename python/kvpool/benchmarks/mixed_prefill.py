@@ -23,9 +23,12 @@ the ways (the resumes' caches are the same random K/V in each pool).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
-from kvpool.benchmarks.measure import GIB, median, mlx_cache_limit, ratio, summary_ms, target
+from kvpool.benchmarks.measure import GIB, Summary, at_most, median, mlx_cache_limit, ratio
+from kvpool.benchmarks.records import BenchRecord, Section, Target
+from kvpool.benchmarks.tables import table, times
 from kvpool.benchmarks.turns import (
     TurnRequest,
     TurnResult,
@@ -49,6 +52,7 @@ REPS, QUICK_REPS = 3, 1
 WAYS = ("alone", "waves_off", "waves_on")
 CACHE_LIMIT = 2 * GIB
 TARGET_TTFT_X = 1.3
+TARGET_TOTAL_X = 1.0
 
 
 def _turn(
@@ -80,7 +84,7 @@ def _turn(
     return result
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool) -> MixedPrefillRecord:
     reps = QUICK_REPS if quick else REPS
     lengths = (QUICK_HISTORY, QUICK_NEW_PROMPT) if quick else (HISTORY, NEW_PROMPT)
     model, tokenizer = load_recipe(MODEL)
@@ -134,38 +138,126 @@ def run(quick: bool) -> dict[str, Any]:
     on_x = ratio(ttft["waves_on"], ttft["alone"])
     off_x = ratio(ttft["waves_off"], ttft["alone"])
     total_x = ratio(tot["waves_on"], tot["waves_off"])
-    return {
-        "bench": "mixed_prefill",
-        "quick": quick,
-        "config": {
-            "model": MODEL,
-            "resumes": RESUMES,
-            "history_tokens": lengths[0],
-            "resume_new_tokens": RESUME_NEW,
-            "new_prompt_tokens": lengths[1],
-            "max_tokens": MAX_TOKENS,
-            "reps": reps,
-        },
-        "resume_ttft": {w: summary_ms(v) for w, v in resume_ttft.items()},
-        "new_agent_ttft": {w: summary_ms(v) for w, v in new_ttft.items()},
-        "total": {w: summary_ms(v) for w, v in total.items()},
-        "resume_ttft_x_alone": {"waves_off": off_x, "waves_on": on_x},
-        "total_waves_on_x_off": total_x,
-        "resume_tokens_equal": tokens_equal,
-        "new_agent_tokens_equal": new_tokens_equal,
-        "targets": [
-            target(
+    return MixedPrefillRecord(
+        targets=(
+            at_most(
                 f"resumes' TTFT with a new {lengths[1]}-token agent vs without it (prefill waves)",
-                f"<= {TARGET_TTFT_X}x",
+                TARGET_TTFT_X,
                 on_x,
-                None if on_x is None else on_x <= TARGET_TTFT_X,
             ),
-            target(
+            Target(
                 "turn total time, prefill waves vs without them",
-                "<= 1.0x",
+                f"<= {TARGET_TOTAL_X:.1f}x",
                 total_x,
-                None if total_x is None else total_x <= 1.0,
+                None if total_x is None else total_x <= TARGET_TOTAL_X,
             ),
-            target("greedy tokens equal across the ways", "equal", str(tokens_equal), tokens_equal),
-        ],
-    }
+            Target("greedy tokens equal across the ways", "equal", str(tokens_equal), tokens_equal),
+        ),
+        config=MixedPrefillConfig(
+            model=MODEL,
+            resumes=RESUMES,
+            history_tokens=lengths[0],
+            resume_new_tokens=RESUME_NEW,
+            new_prompt_tokens=lengths[1],
+            max_tokens=MAX_TOKENS,
+            reps=reps,
+        ),
+        resume_ttft={w: Summary.of(v) for w, v in resume_ttft.items()},
+        new_agent_ttft={w: Summary.of(v) for w, v in new_ttft.items()},
+        total={w: Summary.of(v) for w, v in total.items()},
+        resume_ttft_x_alone=WavesRatios(waves_off=off_x, waves_on=on_x),
+        total_waves_on_x_off=total_x,
+        resume_tokens_equal=tokens_equal,
+        new_agent_tokens_equal=new_tokens_equal,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MixedPrefillConfig:
+    model: str
+    resumes: int
+    history_tokens: int
+    resume_new_tokens: int
+    new_prompt_tokens: int
+    max_tokens: int
+    reps: int
+
+
+@dataclass(frozen=True, slots=True)
+class WavesRatios:
+    """The resumes' mean TTFT with the new agent / without it (``alone``), per way."""
+
+    waves_off: float | None
+    waves_on: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MixedPrefillRecord(BenchRecord):
+    """Per way (``WAYS``; the new agent's TTFT: not in ``alone``): summaries over the
+    repetitions of the resumes' mean TTFT and of the turn's total time."""
+
+    config: MixedPrefillConfig
+    resume_ttft: dict[str, Summary]
+    new_agent_ttft: dict[str, Summary]
+    total: dict[str, Summary]
+    resume_ttft_x_alone: WavesRatios
+    total_waves_on_x_off: float | None  # turn total with prefill waves / without
+    resume_tokens_equal: bool  # every resume's greedy tokens equal in the three ways
+    new_agent_tokens_equal: bool  # the new agent's, waves on vs off
+
+
+RECORD = MixedPrefillRecord
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_section(r: MixedPrefillRecord) -> list[str]:
+    c, x = r.config, r.resume_ttft_x_alone
+    rows = [
+        (
+            way,
+            f"{r.resume_ttft[way].p50_ms:.1f} ({r.resume_ttft[way].n})",
+            "-" if way not in r.new_agent_ttft else f"{r.new_agent_ttft[way].p50_ms:.1f}",
+            f"{r.total[way].p50_ms:.1f}",
+        )
+        for way in r.resume_ttft
+    ]
+    return [
+        f"Model {c.model}: {c.resumes} resumes ({c.history_tokens} tokens of history, "
+        f"{c.resume_new_tokens} new each) and a new {c.new_prompt_tokens}-token agent in the "
+        f"same step, {c.max_tokens} tokens generated, p50 over {c.reps} repetition(s) in ms.",
+        "",
+        *table(("way", "resumes' mean TTFT (reps)", "new agent TTFT", "turn total"), rows),
+        "",
+        f"Resumes' TTFT with the new agent: {times(x.waves_on)} of without it with prefill "
+        f"waves, {times(x.waves_off)} without; turn total with waves / without "
+        f"{times(r.total_waves_on_x_off)}; resumes' tokens equal: {r.resume_tokens_equal}, "
+        f"new agent's: {r.new_agent_tokens_equal}.",
+    ]
+
+
+def plot(figure: Any, r: MixedPrefillRecord) -> None:
+    ax = figure.add_subplot(1, 1, 1)
+    ways = list(r.resume_ttft)
+    xs = list(range(len(ways)))
+    width = 0.4
+    ax.bar(
+        [x - width / 2 for x in xs],
+        [r.resume_ttft[w].p50_ms for w in ways],
+        width,
+        label="resumes' mean TTFT",
+    )
+    ax.bar(
+        [x + width / 2 for x in xs], [r.total[w].p50_ms for w in ways], width, label="turn total"
+    )
+    ax.set_xticks(xs, ways)
+    ax.set_ylabel("ms (median)")
+    ax.set_title(
+        f"mixed prefill: {r.config.resumes} resumes + a new "
+        f"{r.config.new_prompt_tokens}-token agent"
+    )
+    ax.legend()
+
+
+SECTION = Section(RECORD, render_section, plot)
