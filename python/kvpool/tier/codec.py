@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.cache.format import BlockFormat
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import CacheCorruptionError
+from kvpool.persist.codec import HOST_OF_TAG, LayerCodec, codec_for
 from kvpool.pool import BlockPool
 from kvpool.spec import ModelCacheSpec
-from kvpool.storage import HostArray, LayerCodes, LayerKV, QuantizedRows, host_dtype
+from kvpool.storage import HostArray, LayerCodes, LayerKV
 
 __all__ = [
     "CODEC_VERSION",
@@ -114,23 +114,17 @@ def encode_block(token_ids: Sequence[int], kvs: Sequence[BlockLayer]) -> bytes:
 
 
 def _layer_arrays(
-    spec: ModelCacheSpec, fmt: BlockFormat, n: int
+    spec: ModelCacheSpec, codec: LayerCodec, n: int
 ) -> list[list[tuple[tuple[int, ...], np.dtype[Any]]]]:
-    """Per layer, the (shape, dtype) of each array of its record, in record order."""
-    dtype = host_dtype(spec.dtype)
-    out = []
-    for layer in spec.layers:
-        h = layer.n_kv_heads
-        arrays: list[tuple[tuple[int, ...], np.dtype[Any]]] = []
-        for dim in (layer.k_head_dim, layer.v_head_dim):
-            if fmt.is_quantized:
-                arrays.append(((h, n, fmt.codes_dim(dim)), np.dtype("<u4")))
-                arrays.append(((h, n, fmt.scales_dim(dim)), dtype))
-                arrays.append(((h, n, fmt.scales_dim(dim)), dtype))
-            else:
-                arrays.append(((h, n, dim), dtype))
-        out.append(arrays)
-    return out
+    """Per layer, the (shape, dtype) of each array of its record, in record order (the
+    persist codec's parts: the same tensors a cache file holds)."""
+    return [
+        [
+            ((layer.n_kv_heads, n, part.last_dim), np.dtype(HOST_OF_TAG[part.dtype]))
+            for part in codec.parts(layer)
+        ]
+        for layer in spec.layers
+    ]
 
 
 def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> DecodedBlock:
@@ -141,6 +135,7 @@ def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> 
     views of ``record`` (read-only).
     """
     fmt = spec.format
+    codec = codec_for(fmt)
     want_magic = _QUANT_MAGIC if fmt.is_quantized else _DENSE_MAGIC
     if len(record) < _HEAD.size:
         raise CacheCorruptionError(f"{what}: a block record of {len(record)} bytes is truncated")
@@ -154,7 +149,7 @@ def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> 
             f"{what}: a block of {n} tokens and {n_layers} layers, expected 1..{spec.block_tokens} "
             f"tokens and {spec.n_layers} layers"
         )
-    layouts = _layer_arrays(spec, fmt, n)
+    layouts = _layer_arrays(spec, codec, n)
     expected = (
         _HEAD.size
         + 4 * n
@@ -176,10 +171,7 @@ def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> 
             count = int(np.prod(shape))
             got.append(np.frombuffer(record, dtype=dt, count=count, offset=offset).reshape(shape))
             offset += count * dt.itemsize
-        if fmt.is_quantized:
-            layers.append(LayerCodes(i, start, QuantizedRows(*got[:3]), QuantizedRows(*got[3:])))
-        else:
-            layers.append(LayerKV(i, start, got[0], got[1]))
+        layers.append(codec.record(i, start, got))
     return DecodedBlock(tuple(int(t) for t in tokens), tuple(layers))
 
 
@@ -189,11 +181,7 @@ def read_block(
     """The record of positions ``[start, stop)`` of every layer of a live handle, in the
     pool's format (dense K/V, or its quantized blocks' codes bit for bit)."""
     layers = list(range(pool.spec.n_layers))
-    kvs: Sequence[BlockLayer]
-    if pool.spec.format.is_quantized:
-        kvs = pool.read_codes(handle, layers, start, stop)
-    else:
-        kvs = pool.read_layers(handle, layers, start, stop)
+    kvs = codec_for(pool.spec.format).read(pool, handle, layers, start, stop)
     return encode_block(token_ids[start:stop], kvs)
 
 
@@ -205,9 +193,4 @@ def write_block(
 ) -> None:
     """Write a decoded block through ``tables`` at positions ``>= written_from`` (see
     :meth:`BlockPool.write_layers`); a quantized block's codes are written bit for bit."""
-    codes = [kv for kv in block.layers if isinstance(kv, LayerCodes)]
-    dense = [kv for kv in block.layers if isinstance(kv, LayerKV)]
-    if codes:
-        pool.write_codes(tables, codes, written_from)
-    if dense:
-        pool.write_layers(tables, dense, written_from)
+    codec_for(pool.spec.format).write(pool, tables, block.layers, written_from)
