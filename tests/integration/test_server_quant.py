@@ -32,7 +32,8 @@ def test_a_4bit_server_resumes_sessions_across_a_restart(tmp_path: Path, models_
         context = [*context, *gen, *tokenizer.encode(" and again.")]
         _, prompt, cached = turn(server, "s", context)
         assert cached > 0 and prompt == len(context)  # from the pool's 4-bit blocks
-        assert server.stop() == 0
+        code = server.stop()
+        assert code == 0, f"kvpool serve exited with {code}:\n{server.log()}"
     (path,) = cache_dir.glob("*.kvcache.safetensors")
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
@@ -43,4 +44,5 @@ def test_a_4bit_server_resumes_sessions_across_a_restart(tmp_path: Path, models_
     with ServerProcess(cache_dir, models_dir, "--kv-bits", "4") as server:
         _, _, cached = turn(server, "s", [*context, *tokenizer.encode(" once more.")])
         assert cached > 0  # from the file
-        assert server.stop() == 0
+        code = server.stop()
+        assert code == 0, f"kvpool serve exited with {code}:\n{server.log()}"
