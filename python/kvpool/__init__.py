@@ -1,7 +1,7 @@
 """kvpool: per-agent KV caches in a shared block pool, batched generation on MLX.
 
 Importing kvpool loads its bookkeeping extension (``kvpool._blocks``) but not
-MLX; the MLX parts (``kvpool.slabs``, ``kvpool.kernels``) load on first use.
+MLX; the MLX parts (``kvpool.mlx.slabs``, ``kvpool.mlx.kernels``) load on first use.
 """
 
 from __future__ import annotations

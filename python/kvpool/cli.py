@@ -569,6 +569,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     import kvpool
     from kvpool.demo import resolve_and_load
+    from kvpool.mlx.slab_kernels import device_report
     from kvpool.models import RECIPES, model_cache_dir
     from kvpool.spec import ModelCacheSpec
 
@@ -586,6 +587,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cache_spec": spec.describe(),
         "bytes_per_block": spec.bytes_per_block,
         "block_tokens": spec.block_tokens,
+        **device_report(),
     }
     if args.json:
         print(json.dumps(data, indent=2))

@@ -101,9 +101,9 @@ def check_pool_fits(spec: ModelCacheSpec, blocks_per_group: Sequence[int]) -> No
 
 
 def _default_storage(spec: ModelCacheSpec, blocks_per_group: tuple[int, ...]) -> KVStorage:
-    from kvpool.slabs import SlabStorage
+    from kvpool.mlx.slabs import make_slab_storage
 
-    return SlabStorage(spec, blocks_per_group)
+    return make_slab_storage(spec, blocks_per_group)
 
 
 def split_budget(

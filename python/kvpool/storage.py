@@ -2,7 +2,7 @@
 
 The pool does the bookkeeping (which block belongs to whom); a storage holds
 the bytes of every block for every layer and converts between blocks and the
-per-layer caches a batch generator consumes. :class:`kvpool.slabs.SlabStorage`
+per-layer caches a batch generator consumes. :class:`kvpool.mlx.slabs.SlabStorage`
 is the real one (MLX slabs); :class:`kvpool.testing.FakeStorage` records token
 ids instead of K/V so unit tests run without MLX.
 

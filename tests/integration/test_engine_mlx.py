@@ -16,8 +16,8 @@ from kvpool import (
     CompletedGeneration,
     ModelCacheSpec,
     PoolExhaustedError,
-    kernels,
 )
+from kvpool.mlx import kernels
 
 
 def run_turns(

@@ -29,9 +29,9 @@ from kvpool import (
     InvalidRequestError,
     LayerSpec,
     ModelCacheSpec,
-    kernels,
     persist,
 )
+from kvpool.mlx import kernels
 from kvpool.models import RECIPES, build_model, load_model
 from kvpool.persist import (
     agent_id_of,

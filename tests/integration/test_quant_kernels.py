@@ -1,4 +1,4 @@
-"""The quantized kernels (``kvpool.kernels.gather_dequantized`` / ``scatter_quantized``)
+"""The quantized kernels (``kvpool.mlx.kernels.gather_dequantized`` / ``scatter_quantized``)
 against MLX's own ``mx.quantize`` / ``mx.dequantize``, compared bit for bit.
 
 A quantized slab is MLX's affine format of a dense slab [num_blocks, heads, block_tokens,
@@ -16,8 +16,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from kvpool import kernels
 from kvpool.errors import InvalidRequestError, KvpoolError
+from kvpool.mlx import kernels
 
 DTYPES = [mx.float16, mx.bfloat16, mx.float32]
 # (bits, group_size, head_dim): every bit width x group size, and odd head dims (96 and

@@ -22,12 +22,12 @@ from kvpool import (
     IncompatibleCacheError,
     InvalidBlockFormatError,
     ModelCacheSpec,
-    kernels,
 )
+from kvpool.mlx import kernels
 from kvpool.mlx.mlx_lm import load_prompt_cache_file
+from kvpool.mlx.slabs import SlabStorage, make_slab_storage
 from kvpool.models import RECIPES, ModelRecipe, build_model, load_model
 from kvpool.persist import export_prompt_cache, load_cache, model_fingerprint, save_cache
-from kvpool.slabs import SlabStorage
 from kvpool.storage import LayerKV
 from kvpool.store import AgentCacheStore
 
@@ -155,7 +155,7 @@ def test_bad_formats_raise_before_anything_is_allocated(tiny_model: LoadedModel)
 
     def storage(spec: ModelCacheSpec, blocks: tuple[int, ...]) -> SlabStorage:
         calls.append(spec)
-        return SlabStorage(spec, blocks)
+        return make_slab_storage(spec, blocks)
 
     with pytest.raises(InvalidBlockFormatError, match=r"head dim 16 is not a multiple .* 64"):
         BlockPool(ModelCacheSpec.from_model(tiny_model[0]).with_format(4), num_blocks=4,

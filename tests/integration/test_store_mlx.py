@@ -18,8 +18,8 @@ from kvpool import (
     BlockPoolBatchEngine,
     CompletedGeneration,
     ModelCacheSpec,
-    kernels,
 )
+from kvpool.mlx import kernels
 from kvpool.persist import cache_path, model_fingerprint
 from kvpool.store import AgentCacheStore, Tier
 

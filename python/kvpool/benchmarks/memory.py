@@ -70,7 +70,7 @@ TARGET_RESUME_PEAK_X = 1.3
 def _turns(model: Any, tokenizer: Any, turns: int, warmup: int, period: int) -> TurnsResult:
     import mlx.core as mx
 
-    from kvpool import kernels
+    from kvpool.mlx import kernels
 
     spec = ModelCacheSpec.from_model(model)
     longest = OPENING_TOKENS + period * (USER_TOKENS + MAX_TOKENS)

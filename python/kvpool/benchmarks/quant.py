@@ -38,11 +38,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from kvpool import BlockPool, BlockPoolBatchEngine, CompletedGeneration, _kernels, kernels, persist
+from kvpool import BlockPool, BlockPoolBatchEngine, CompletedGeneration, _kernels, persist
 from kvpool.benchmarks.measure import Summary, interleave, mlx_cache_limit, ratio
 from kvpool.benchmarks.records import BenchRecord, Section, Target
 from kvpool.benchmarks.tables import mib, table, times
 from kvpool.cache.tables import CacheHandle
+from kvpool.mlx import kernels
 from kvpool.mlx.mlx_lm import kv_cache
 from kvpool.models import RECIPES, build_model, ensure_model, load_model
 from kvpool.pool import split_budget
