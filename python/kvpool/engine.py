@@ -30,14 +30,14 @@ the next ``step``. A failure inside the batch step itself (the model, or a
 sampler) cannot be pinned on one request: every running request then fails.
 That is why sampling parameters are checked against the model at ``submit``.
 
-Blocks (the pool's :class:`~kvpool.cache.manager.KVCacheManager` owns them):
-``submit`` looks up the longest prefix of the prompt that *any* agent's blocks
-hold (or ``cache``, the agent's own handle) and reserves, all or nothing, the
-matched blocks plus fresh blocks for ``len(prompt) + max_tokens`` positions, so
-the final write can never run out. On success the reservation becomes the
-agent's new :class:`~kvpool.cache.tables.CacheHandle` (its full blocks are
-published for every other agent) and the agent's old handle is released; on
-failure or cancel it is rolled back and the old handle stays valid.
+Blocks (the pool's :class:`~kvpool.cache.manager.KVCacheManager` owns them): each
+request holds one :class:`~kvpool.cache.sequence.SequenceCache`, opened at ``submit``
+(the longest prefix *any* agent's blocks hold, or ``cache``, plus fresh blocks for
+``len(prompt) + max_tokens`` positions, all or nothing, so the final write can never
+run out), read when the request starts, closed when it finishes: it becomes the
+agent's new :class:`~kvpool.cache.tables.CacheHandle` (its full blocks published for
+every other agent) and the old handle is released. On failure or cancel it is aborted
+and the old handle stays valid. The engine makes no other call on the pool.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 
 from kvpool.blocks import CompletedGeneration, TokenEvent
-from kvpool.cache.manager import PoolFull, Reservation, common_prefix_len
+from kvpool.cache.manager import PoolFull, common_prefix_len
+from kvpool.cache.sequence import SequenceCache
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError, PoolExhaustedError
 from kvpool.pool import BlockPool
@@ -97,7 +98,7 @@ class _Request:
     prompt: tuple[int, ...]
     cache: CacheHandle | None  # the handle the caller passed (returned again on failure)
     cache_salt: str
-    reservation: Reservation  # prompt[:reservation.match.num_tokens] comes from the pool
+    seq: SequenceCache  # its cache in the pool: prompt[:seq.reused_tokens] comes from there
     max_tokens: int
     sampling: SamplingParams
     on_token: TokenCallback | None
@@ -116,8 +117,8 @@ class _Request:
 
     @property
     def reused(self) -> int:
-        """Prompt tokens the reservation's match takes from the pool (so far)."""
-        return self.reservation.match.num_tokens
+        """Prompt tokens the pool supplies (so far)."""
+        return self.seq.reused_tokens
 
     @property
     def prefill_tokens(self) -> int:
@@ -236,35 +237,19 @@ class BlockPoolBatchEngine:
                     f"agent {agent_id!r} already has a request in flight "
                     f"(uid {self._agent_to_uid[agent_id]})"
                 )
-            if cache is not None:
-                self.pool.check_live(cache)
-            replacing = cache if cache is not None and cache.agent_id == agent_id else None
-            match = self.pool.lookup(tokens, salt=cache_salt, own=cache, shared=self.prefix_sharing)
-            res = self.pool.reserve(
-                agent_id, tokens, max_tokens, match, salt=cache_salt, replacing=replacing
-            )
-            if isinstance(res, PoolFull) and match.num_tokens % self.spec.block_tokens:
-                # The partly matching block is pinned beside the fresh ones until the
-                # gather: without it the request may fit (it then prefills those tokens).
-                match = self.pool.lookup(
-                    tokens,
-                    salt=cache_salt,
-                    own=cache,
-                    shared=self.prefix_sharing,
-                    limit=match.num_tokens - match.num_tokens % self.spec.block_tokens,
-                )
-                res = self.pool.reserve(
-                    agent_id, tokens, max_tokens, match, salt=cache_salt, replacing=replacing
-                )
-            if isinstance(res, PoolFull):
-                raise self._pool_full_error(agent_id, tokens, max_tokens, res)
+            seq = self.pool.open_sequence(
+                agent_id, tokens, max_tokens, own=cache, salt=cache_salt,
+                shared=self.prefix_sharing,
+            )  # fmt: skip
+            if isinstance(seq, PoolFull):
+                raise self._pool_full_error(agent_id, tokens, max_tokens, seq)
             request = _Request(
                 uid=next(self._uids),
                 agent_id=agent_id,
                 prompt=tokens,
                 cache=cache,
                 cache_salt=cache_salt,
-                reservation=res,
+                seq=seq,
                 max_tokens=max_tokens,
                 sampling=sampling,
                 on_token=on_token,
@@ -546,9 +531,7 @@ class BlockPoolBatchEngine:
     def _start(self, request: _Request) -> CompletedGeneration | None:
         """Gather the reused prefix and insert the rest; None on success."""
         try:
-            caches = self.pool.gather(request.reservation)
-            with self._lock:
-                self.pool.unpin(request.reservation)
+            caches = request.seq.read()
             reused = request.cached_tokens = request.reused
             kwargs: dict[str, Any] = {}
             if not request.sampling.is_greedy:
@@ -585,8 +568,7 @@ class BlockPoolBatchEngine:
             try:
                 caches, _ = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
                 if int(caches[0].offset) == end:
-                    with self._lock:
-                        self.pool.publish_prefix(request.reservation, caches, end)
+                    request.seq.publish_prefix(caches, end)
             except Exception as exc:  # the leader's blocks are in an unknown state: it fails
                 assert request.gen_uid is not None
                 self._gen.remove([request.gen_uid])
@@ -601,13 +583,7 @@ class BlockPoolBatchEngine:
         followers, leader.followers = leader.followers, []
         for request in followers:
             self._waiting.pop(request.uid, None)
-            with self._lock:
-                own = request.cache
-                if own is not None and not self.pool.is_live(own):
-                    own = None
-                match = self.pool.lookup(request.prompt, salt=request.cache_salt, own=own)
-                if match.num_tokens > request.reused:
-                    self.pool.rebase(request.reservation, match)
+            request.seq.extend(request.cache)
             if (c := self._start(request)) is not None:
                 done.append(c)
         return done
@@ -702,10 +678,8 @@ class BlockPoolBatchEngine:
                 raise GenerationError(
                     f"final cache holds {length} positions but {len(all_tokens)} tokens"
                 )
-            res = request.reservation
-            tables, written_from = self.pool.write_final(res, caches, length)
+            blocks = request.seq.close(caches, all_tokens)
             with self._lock:
-                blocks = self.pool.commit(res, all_tokens, tables, written_from)
                 del self._agent_to_uid[request.agent_id]
         except Exception as exc:
             return self._fail(request, exc, "could not store the final cache")
@@ -726,8 +700,8 @@ class BlockPoolBatchEngine:
 
     def _drop(self, request: _Request) -> None:
         """Release what the request holds; its agent may submit again."""
+        request.seq.abort()
         with self._lock:
-            self.pool.rollback(request.reservation)
             if self._agent_to_uid.get(request.agent_id) == request.uid:
                 del self._agent_to_uid[request.agent_id]
             followers, request.followers = request.followers, []

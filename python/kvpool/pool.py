@@ -24,11 +24,13 @@ Not thread-safe by itself: the engine serialises access under its lock.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch, Reservation
+from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
 from kvpool.spec import ModelCacheSpec
@@ -177,6 +179,8 @@ class BlockPool:
         self.spec = spec
         self.blocks_per_group = blocks_per_group
         self._group_of_layer = spec.group_of_layer()
+        # guards the manager's bookkeeping; K/V reads and writes of blocks one holds don't need it
+        self._lock = threading.RLock()
         try:
             self.manager = KVCacheManager(spec, blocks_per_group, key_salt=key_salt)
             self._storage = storage(spec, blocks_per_group)
@@ -226,7 +230,8 @@ class BlockPool:
 
     def usage(self) -> CacheUsage:
         """Blocks and bytes per group, and the prefix cache's counters."""
-        return self.manager.usage()
+        with self._lock:
+            return self.manager.usage()
 
     def num_shared_blocks(self) -> int:
         """Blocks held by more than one holder (O(num_blocks): for reports, not hot paths)."""
@@ -239,7 +244,8 @@ class BlockPool:
         )
 
     def check_invariants(self) -> None:
-        self.manager.check_invariants()
+        with self._lock:
+            self.manager.check_invariants()
 
     # -- handles --------------------------------------------------------------
 
@@ -253,7 +259,8 @@ class BlockPool:
 
     def release(self, handle: CacheHandle) -> int:
         """Return an agent's cache to the pool (its published blocks stay cached)."""
-        return self.manager.release(handle)
+        with self._lock:
+            return self.manager.release(handle)
 
     # -- requests -------------------------------------------------------------
 
@@ -266,75 +273,27 @@ class BlockPool:
         limit: int | None = None,
         shared: bool = True,
     ) -> PrefixMatch:
-        return self.manager.lookup(tokens, salt=salt, own=own, limit=limit, shared=shared)
+        """The longest prefix of ``tokens`` the pool holds (a query: nothing is held)."""
+        with self._lock:
+            return self.manager.lookup(tokens, salt=salt, own=own, limit=limit, shared=shared)
 
-    def reserve(
+    def open_sequence(
         self,
         agent_id: str,
         tokens: Sequence[int],
         max_tokens: int,
-        match: PrefixMatch,
         *,
+        own: CacheHandle | None = None,
         salt: str = "",
-        replacing: CacheHandle | None = None,
-    ) -> Reservation | PoolFull:
-        return self.manager.reserve(
-            agent_id, tokens, max_tokens, match, salt=salt, replacing=replacing
-        )
-
-    def rollback(self, res: Reservation) -> None:
-        self.manager.rollback(res)
-
-    def gather(self, res: Reservation) -> list[Any] | None:
-        """The matched prefix as per-layer caches (None for no match).
-
-        Reads only blocks ``res`` holds or pins, so it needs no lock; call
-        :meth:`unpin` afterwards.
-        """
-        p = res.match.num_tokens
-        return self._storage.load(res.match.read_tables, p) if p else None
-
-    def unpin(self, res: Reservation) -> None:
-        """The gather is done: the partially read blocks may go."""
-        self.manager.release_pin(res)
-
-    def write_final(
-        self, res: Reservation, caches: Sequence[Any], length: int
-    ) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
-        """Write a finished sequence's caches (``length`` positions) into ``res``'s
-        blocks; returns (tables, written_from) for :meth:`commit`. Touches only
-        blocks ``res`` holds (no lock needed); changes no bookkeeping."""
-        tables = self.manager.place(res, length)
-        start = (res.match.num_tokens // self.spec.block_tokens) * self.spec.block_tokens
-        return tables, self._storage.store(caches, tables, start)
-
-    def commit(
-        self,
-        res: Reservation,
-        token_ids: Sequence[int],
-        tables: Sequence[Sequence[int]],
-        written_from: Sequence[int],
-    ) -> CacheHandle:
-        """The written reservation becomes the handle of ``token_ids``."""
-        return self.manager.commit(res, token_ids, tables, written_from)
-
-    def publish_prefix(self, res: Reservation, caches: Sequence[Any], length: int) -> bool:
-        """Write and publish a running request's first ``length`` positions (a block
-        boundary) from its caches at that point, so requests waiting for the same
-        prefix share them. False, and nothing changed, if the pool cannot hold the
-        sliding groups' copies now. Not under a lock except for the bookkeeping, which
-        the caller serialises (the engine calls it from its driving thread)."""
-        tables = self.manager.place_prefix(res, length)
-        if tables is None:
-            return False
-        start = (res.match.num_tokens // self.spec.block_tokens) * self.spec.block_tokens
-        written_from = self._storage.store(caches, tables, start)
-        self.manager.commit_prefix(res, tables, written_from)
-        return True
-
-    def rebase(self, res: Reservation, match: PrefixMatch) -> bool:
-        """Give a queued request a longer match found after it was reserved."""
-        return self.manager.rebase(res, match)
+        shared: bool = True,
+    ) -> SequenceCache | PoolFull:
+        """A :class:`~kvpool.cache.sequence.SequenceCache` holding what a request for
+        ``tokens`` needs (the reused prefix and room for ``max_tokens`` more), or
+        PoolFull with nothing changed."""
+        return open_sequence(
+            self.manager, self._storage, self._lock, agent_id, tokens, max_tokens,
+            own=own, salt=salt, shared=shared,
+        )  # fmt: skip
 
     # -- persistence ----------------------------------------------------------
 
@@ -409,6 +368,11 @@ class BlockPool:
             out.append(kv.drop(skip))
         return out
 
+    def rollback(self, res: Reservation) -> None:
+        """Give back a :meth:`reserve_exact` reservation."""
+        with self._lock:
+            self.manager.rollback(res)
+
     def commit_exact(
         self,
         res: Reservation,
@@ -422,6 +386,14 @@ class BlockPool:
         written = [max(v, shared_end) for v in valid_from]
         return self.manager.commit(res, res.tokens, tables, written)
 
+    def write_from_host(
+        self, agent_id: str, tokens: Sequence[int], *, salt: str = ""
+    ) -> HostWrite | PoolFull:
+        """A :class:`~kvpool.cache.sequence.HostWrite` for a cache of exactly ``tokens``
+        written from the host (whole blocks the pool holds for a prefix are shared), or
+        PoolFull with nothing changed."""
+        return HostWrite.open(self.manager, self._storage, self._lock, agent_id, tokens, salt=salt)
+
     def write_cache(
         self,
         agent_id: str,
@@ -434,16 +406,9 @@ class BlockPool:
         """A handle of ``tokens`` whose K/V comes from the host (``kvs``: every layer,
         sliding ones from ``valid_from``); blocks the pool holds for a prefix are
         shared instead. Raises PoolExhaustedError (nothing taken) if it does not fit."""
-        got = self.reserve_exact(agent_id, tokens, salt=salt)
+        got = self.write_from_host(agent_id, tokens, salt=salt)
         if isinstance(got, PoolFull):
             raise got.error(f"a cache of {len(tokens)} tokens")
-        res, tables = got
-        try:
-            size = self.spec.block_tokens
-            self.write_layers(tables, kvs, (res.match.num_tokens // size) * size)
-        except BaseException:
-            self.rollback(res)
-            raise
-        return self.commit_exact(
-            res, tables, [valid_from if g.window else 0 for g in self.spec.groups]
-        )
+        with got as write:
+            write.write(kvs)
+            return write.commit([valid_from if g.window else 0 for g in self.spec.groups])
