@@ -35,11 +35,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from kvpool import BlockPool, ModelCacheSpec, persist
+from kvpool import persist
 from kvpool.benchmarks.records import BenchRecord, Section, Target
 from kvpool.benchmarks.tables import table
 from kvpool.cache.tables import CacheHandle
 from kvpool.mlx import kernels
+from kvpool.pool import BlockPool
+from kvpool.spec import ModelCacheSpec
 from kvpool.storage import LayerKV, host_dtype
 
 KV_HEADS = 8

@@ -38,15 +38,17 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from kvpool import BlockPool, BlockPoolBatchEngine, CompletedGeneration, _kernels, persist
+from kvpool import _kernels, persist
 from kvpool.benchmarks.measure import Summary, interleave, mlx_cache_limit, ratio
 from kvpool.benchmarks.records import BenchRecord, Section, Target
 from kvpool.benchmarks.tables import mib, table, times
+from kvpool.blocks import CompletedGeneration
 from kvpool.cache.tables import CacheHandle
+from kvpool.engine import BlockPoolBatchEngine
 from kvpool.mlx import kernels
 from kvpool.mlx.mlx_lm import kv_cache
 from kvpool.models import RECIPES, build_model, ensure_model, load_model
-from kvpool.pool import split_budget
+from kvpool.pool import BlockPool, split_budget
 from kvpool.spec import ModelCacheSpec
 from kvpool.storage import LayerKV
 
