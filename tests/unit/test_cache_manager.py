@@ -6,13 +6,12 @@ import random
 from collections.abc import Sequence
 
 import pytest
+from fakes import SPEC, B
 
 from kvpool import AttentionKind, InvalidRequestError, LayerSpec, ModelCacheSpec
 from kvpool.cache import NULL_BLOCK, CacheHandle, KVCacheManager, PoolFull, Reservation
 from kvpool.cache.prefix import block_keys
 
-B = 4
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
 # Two layer groups: full attention and a sliding window of 6 (not a multiple of B).
 HYBRID = ModelCacheSpec(
     (

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Sequence
 
 import pytest
+from fakes import SPEC, B, prompt_of
 
 from kvpool import (
     AgentBlocks,
@@ -28,9 +29,6 @@ from kvpool.testing import (
     FakeTokenizer,
     reference_tokens,
 )
-
-B = 4  # tokens per block, small so short prompts cross blocks
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
 
 
 class Harness:
@@ -68,10 +66,6 @@ class Harness:
         assert done.uid == uid
         assert done.error is None, done.error
         return done
-
-
-def prompt_of(n: int, seed: int = 1) -> list[int]:
-    return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
 
 
 def test_first_turn_matches_reference_and_frees_unused_blocks() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fakes import SPEC, prompt_of
 
 from kvpool import (
     BlockPool,
@@ -16,7 +17,6 @@ from kvpool import (
     CompletedGeneration,
     GenerationError,
     InvalidRequestError,
-    ModelCacheSpec,
     SamplingParams,
     TokenEvent,
 )
@@ -28,8 +28,6 @@ from kvpool.testing import (
     reference_tokens,
 )
 
-B = 4  # tokens per block
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
 VOCAB = 1000
 
 
@@ -63,10 +61,6 @@ class Harness:
                 return done
             done.extend(self.engine.step())
         raise AssertionError(f"still has work after {limit} steps: the engine is wedged")
-
-
-def prompt_of(n: int, seed: int = 1) -> list[int]:
-    return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
 
 
 def by_agent(done: Sequence[CompletedGeneration]) -> dict[str, CompletedGeneration]:

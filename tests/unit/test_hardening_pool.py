@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fakes import SPEC
 
 from kvpool import (
     BlockPool,
@@ -18,7 +19,6 @@ from kvpool.pool import MAX_NUM_BLOCKS, check_pool_fits, physical_memory_bytes
 from kvpool.storage import KVStorage
 from kvpool.testing import FakeStorage
 
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=4)  # 1 KiB per block
 HUGE = ModelCacheSpec.uniform(64, 64, 256, dtype="float32", block_tokens=256)  # 2 GiB per block
 
 

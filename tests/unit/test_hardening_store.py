@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from fakes import SPEC, prompt_of
 
 from kvpool import (
     BlockPool,
@@ -21,7 +22,6 @@ from kvpool import (
     CacheCorruptionError,
     CompletedGeneration,
     InvalidRequestError,
-    ModelCacheSpec,
 )
 from kvpool.persist import (
     _header_digest,
@@ -40,8 +40,6 @@ from kvpool.testing import (
     reference_tokens,
 )
 
-B = 4
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
 FP = "sha256:fake-model"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,10 +50,6 @@ def make_store(directory: Path, num_blocks: int = 64) -> AgentCacheStore:
         FakeModel(SPEC), FakeTokenizer(), pool, SPEC, batch_gen_factory=FakeBatchGenerator
     )
     return AgentCacheStore(engine, directory, fingerprint=FP)
-
-
-def prompt_of(n: int, seed: int = 1) -> list[int]:
-    return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
 
 
 def run(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+from fakes import SPEC
 
 from kvpool import (
     AttentionKind,
@@ -14,7 +15,6 @@ from kvpool.pool import split_budget
 from kvpool.storage import LayerKV
 from kvpool.testing import FakeStorage
 
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=4)
 # gemma3-style: 5 of 6 layers slide over a 1K window, blocks of 256.
 GEMMA = ModelCacheSpec(
     tuple(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from fakes import SPEC
 
-from kvpool import BlockPool, InvalidRequestError, ModelCacheSpec
+from kvpool import BlockPool, InvalidRequestError
 from kvpool.cache.manager import PoolFull
 from kvpool.cache.sequence import HostWrite, SequenceCache, SequenceState
 from kvpool.testing import FakeCache, FakeStorage
-
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=4)
 
 
 def make_pool(num_blocks: int = 8) -> BlockPool:

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import SPEC
 
-from kvpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+from kvpool import BlockPool, BlockPoolBatchEngine
 from kvpool.sampling import GREEDY
 from kvpool.server import anthropic_api, openai_api
 from kvpool.server.errors import ApiError, anthropic_body, openai_body
@@ -27,7 +28,6 @@ from kvpool.testing import (
     reference_tokens,
 )
 
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=4)
 TIMEOUT_S = 10.0
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from fakes import SPEC, B, prompt_of
 
 from kvpool import (
     AttentionKind,
@@ -31,8 +32,6 @@ from kvpool.testing import (
     reference_tokens,
 )
 
-B = 4  # tokens per block
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
 SWA_SPEC = ModelCacheSpec(
     (
         LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
@@ -57,10 +56,6 @@ def make_store(
         FakeModel(spec), FakeTokenizer(), pool, spec, batch_gen_factory=FakeBatchGenerator
     )
     return AgentCacheStore(engine, directory, fingerprint=fingerprint, **kwargs)
-
-
-def prompt_of(n: int, seed: int = 1) -> list[int]:
-    return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
 
 
 def run(

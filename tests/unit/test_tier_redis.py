@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from fake_redis import FakeRedis
+from fakes import SPEC, B, prompt_of
 
 from kvpool import (
     AttentionKind,
@@ -28,8 +29,6 @@ from kvpool.tier.layout import KeySpace, SessionManifest
 from kvpool.tier.local import LocalTier
 from kvpool.tier.redis import RedisTier
 
-B = 4
-SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
 FP = "sha256:" + "ab" * 32
 TTL = 600
 DENSE64 = ModelCacheSpec.uniform(2, 2, 64, dtype="float16", block_tokens=B)  # groups of 64
@@ -46,10 +45,6 @@ def make_store(
     )
     tier = RedisTier(fake, spec=spec, fingerprint=FP, ttl_s=TTL, **tier_kw)  # type: ignore[arg-type]
     return AgentCacheStore(engine, tier, fingerprint=FP)
-
-
-def prompt_of(n: int, seed: int = 1) -> list[int]:
-    return [1 + (seed * 7919 + i * 104729) % 997 for i in range(n)]
 
 
 def run(
