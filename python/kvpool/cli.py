@@ -494,9 +494,18 @@ def _add_serve_parser(commands: Any) -> None:
     )
     serve.add_argument(
         "--api-key",
-        metavar="KEY",
-        help="require this key (Authorization: Bearer KEY or x-api-key: KEY); "
-        "default: $KVPOOL_API_KEY, else none",
+        metavar="KEY[:TENANT]",
+        action="append",
+        default=[],
+        help="require a key (Authorization: Bearer KEY or x-api-key: KEY); repeat for several; "
+        "KEY:TENANT gives the key's requests that tenant's cache salt and sessions "
+        "(docs/SERVER.md#tenants); default: $KVPOOL_API_KEY, else none",
+    )
+    serve.add_argument(
+        "--api-keys-file",
+        type=Path,
+        metavar="FILE",
+        help="more keys, one KEY[:TENANT] per line ('#' starts a comment)",
     )
     serve.add_argument(
         "--max-queue",
@@ -507,7 +516,10 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument(
         "--served-model-name",
         metavar="NAME",
-        help="the model id clients send (default: the recipe or directory name)",
+        nargs="+",
+        default=[],
+        help="the model ids clients may send, the first in responses (default: the string "
+        "given to --model, and its directory name)",
     )
     serve.add_argument(
         "--max-tokens-cap",
@@ -552,11 +564,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         kv_group_size=args.kv_group_size,
         cache_dir=args.cache_dir,
         cache_url=args.cache_url,
-        api_key=args.api_key or os.environ.get("KVPOOL_API_KEY") or None,
+        api_keys=tuple(args.api_key or filter(None, [os.environ.get("KVPOOL_API_KEY")])),
+        api_keys_file=args.api_keys_file,
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_tokens_cap=args.max_tokens_cap,
-        served_model_name=args.served_model_name,
+        served_model_names=tuple(args.served_model_name),
         flush_interval_s=args.flush_interval,
         log_level=args.log_level,
     )

@@ -48,12 +48,13 @@ class ServerConfig:
     kv_group_size: int = 64
     cache_dir: Path | None = None
     cache_url: str | None = None  # wins over cache_dir; file:///path, a path, redis://...
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # "KEY" (the default tenant) or "KEY:TENANT"; none: open
+    api_keys_file: Path | None = None  # one KEY[:TENANT] per line
     max_queue: int = 64
     max_body_bytes: int = 8 * MIB
     max_tokens_cap: int = 4096
     default_max_tokens: int = 256
-    served_model_name: str | None = None
+    served_model_names: tuple[str, ...] = ()  # the first is what responses carry
     flush_interval_s: float = 2.0
     shutdown_timeout_s: float = 10.0
     max_batch_size: int = 32
@@ -67,9 +68,16 @@ def default_cache_dir(model_name: str, fingerprint: str) -> Path:
     return base / "kvpool" / "sessions" / f"{model_name}-{digest}"
 
 
-def _model_name(config: ServerConfig) -> str:
-    if config.served_model_name:
-        return config.served_model_name
+def _model_names(config: ServerConfig) -> tuple[str, ...]:
+    """The names requests may use, the one responses carry first: ``--served-model-name``
+    (all of them) or else the string given to ``--model`` and its directory name."""
+    if config.served_model_names:
+        return tuple(dict.fromkeys(config.served_model_names))
+    return tuple(dict.fromkeys((config.model, _dir_name(config))))
+
+
+def _dir_name(config: ServerConfig) -> str:
+    """The model's directory (or recipe) name: what the default cache directory is named by."""
     return Path(config.model).name or config.model
 
 
@@ -83,8 +91,10 @@ def build_state(config: ServerConfig) -> Any:
     from kvpool.server.loop import EngineLoop
     from kvpool.server.metrics import ServerMetrics
     from kvpool.server.sessions import SessionRegistry
+    from kvpool.server.tenants import ApiKeys
     from kvpool.tier import local_path, open_tier
 
+    keys = ApiKeys.parse(config.api_keys, config.api_keys_file)  # before the model loads
     model, tokenizer = load_model(config.model)
     spec = ModelCacheSpec.from_model(model).with_format(config.kv_bits, config.kv_group_size)
     pool = BlockPool(spec, max_bytes=config.pool_mb * MIB)
@@ -96,12 +106,12 @@ def build_state(config: ServerConfig) -> Any:
         model, tokenizer, pool, spec, max_batch_size=config.max_batch_size
     )
     fingerprint = model_fingerprint(model)
-    name = _model_name(config)
+    names = _model_names(config)
     cache_dir: Path | None
     if config.cache_url is not None:
         cache_dir = local_path(config.cache_url)
     else:
-        cache_dir = config.cache_dir or default_cache_dir(name, fingerprint)
+        cache_dir = config.cache_dir or default_cache_dir(_dir_name(config), fingerprint)
     if cache_dir is not None:
         cache_dir = cache_dir.expanduser()
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -134,10 +144,11 @@ def build_state(config: ServerConfig) -> Any:
     state = ServerState(
         loop=loop,
         tokenizer=tokenizer,
-        model_name=name,
+        model_name=names[0],
+        model_aliases=names[1:],
         limits=limits,
         metrics=metrics,
-        api_key=config.api_key,
+        keys=keys,
         max_body_bytes=config.max_body_bytes,
         vocab_size=model_vocab_size(model),
         created=int(time.time()),
@@ -210,6 +221,10 @@ def serve(config: ServerConfig) -> int:
     if not server.started:
         print(f"kvpool serve: could not listen on {config.host}:{config.port}", file=sys.stderr)
         return 2
-    print("kvpool serve: stopped; sessions written to disk", flush=True)
+    report = state.loop.close_report
+    if report is None:
+        print("kvpool serve: stopped; writing sessions failed (see the log)", flush=True)
+    else:
+        print(f"kvpool serve: stopped; sessions: {report.summary()}", flush=True)
     gc.collect()  # MLX objects in reference cycles go now, not from another thread at exit
     return 0

@@ -62,18 +62,23 @@ def ephemeral_agent_id() -> str:
 
 @dataclass(slots=True)
 class SessionInfo:
-    """What the server knows of one session (beyond where the store keeps its cache)."""
+    """What the server knows of one session (beyond where the store keeps its cache).
 
-    session_id: str
+    ``agent_id`` is the store's id: the session id inside its tenant's namespace
+    (:meth:`~kvpool.server.tenants.Tenant.agent_id`).
+    """
+
+    agent_id: str
     turns: int = 0  # turns completed by this process
     context_tokens: int = 0  # prompt + generated tokens of its last turn (0: unknown)
     last_prompt_tokens: int = 0
     last_cached_tokens: int = 0
     last_used: float = 0.0  # unix time of its last completed turn (file mtime on restart)
 
-    def to_json(self, tier: str | None, in_flight: bool) -> dict[str, object]:
+    def to_json(self, session_id: str, tier: str | None, in_flight: bool) -> dict[str, object]:
+        """The record as its tenant sees it (``session_id``: the id without the namespace)."""
         return {
-            "id": self.session_id,
+            "id": session_id,
             "object": "session",
             "tier": tier,
             "in_flight": in_flight,
@@ -86,7 +91,8 @@ class SessionInfo:
 
 
 class SessionRegistry:
-    """The sessions of one server: those found in the cache directory plus new ones."""
+    """The sessions of one server, by agent id: those found in the cache directory plus new
+    ones."""
 
     def __init__(self, cache_dir: Path | None) -> None:
         """``cache_dir``: the local cache directory, None for a shared tier (Redis), whose
@@ -102,26 +108,26 @@ class SessionRegistry:
                 continue
             self._sessions[agent_id] = SessionInfo(agent_id, last_used=path.stat().st_mtime)
 
-    def get(self, session_id: str) -> SessionInfo | None:
-        return self._sessions.get(session_id)
+    def get(self, agent_id: str) -> SessionInfo | None:
+        return self._sessions.get(agent_id)
 
-    def touch(self, session_id: str) -> SessionInfo:
-        info = self._sessions.get(session_id)
+    def touch(self, agent_id: str) -> SessionInfo:
+        info = self._sessions.get(agent_id)
         if info is None:
-            info = self._sessions[session_id] = SessionInfo(session_id)
+            info = self._sessions[agent_id] = SessionInfo(agent_id)
         return info
 
     def record_turn(
-        self, session_id: str, prompt_tokens: int, cached_tokens: int, generated: int
+        self, agent_id: str, prompt_tokens: int, cached_tokens: int, generated: int
     ) -> None:
-        info = self.touch(session_id)
+        info = self.touch(agent_id)
         info.turns += 1
         info.last_prompt_tokens, info.last_cached_tokens = prompt_tokens, cached_tokens
         info.context_tokens = prompt_tokens + generated
         info.last_used = time.time()
 
-    def remove(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+    def remove(self, agent_id: str) -> bool:
+        return self._sessions.pop(agent_id, None) is not None
 
     def all(self) -> list[SessionInfo]:
-        return sorted(self._sessions.values(), key=lambda s: s.session_id)
+        return sorted(self._sessions.values(), key=lambda s: s.agent_id)

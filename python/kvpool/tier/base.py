@@ -92,8 +92,10 @@ class ColdTier(Protocol):
         replacing the old one atomically; returns the bytes it now takes there."""
         ...
 
-    def load(self, pool: BlockPool, agent_id: str) -> CacheHandle | None:
-        """Load ``agent_id``'s cache into ``pool``; None if the tier holds none. The pool is
+    def load(self, pool: BlockPool, agent_id: str, salt: str = "") -> CacheHandle | None:
+        """Load ``agent_id``'s cache into ``pool`` under the tenant salt ``salt`` (its blocks
+        are shared only with that salt's requests); None if the tier holds none (or, where
+        the tier records the salt it was written under, holds it under another). The pool is
         unchanged when it raises (see the module docstring for the errors)."""
         ...
 

@@ -327,7 +327,7 @@ class RedisTier:
                 write_block(pool, tables, block, written_from)
         return True
 
-    def load(self, pool: BlockPool, agent_id: str) -> CacheHandle | None:
+    def load(self, pool: BlockPool, agent_id: str, salt: str = "") -> CacheHandle | None:
         self._check_pool(pool)
         key = self.keys.session_key(agent_id)
         what = f"loading agent {agent_id!r}"
@@ -341,6 +341,8 @@ class RedisTier:
             return None
         self._counts["bytes_received"] += len(data)
         manifest = SessionManifest.decode(data, self.keys, agent_id, f"{self.where} {key}")
+        if manifest.salt != salt:  # written under another tenant salt: not this request's
+            return None
         tokens, size = manifest.token_ids, self.spec.block_tokens
         got = pool.reserve_exact(agent_id, tokens, salt=manifest.salt)
         if isinstance(got, PoolFull):
