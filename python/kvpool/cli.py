@@ -17,7 +17,7 @@ from typing import IO, Any, NoReturn
 
 from kvpool.blas import use_fast_cpu_blas
 from kvpool.demo import CACHED, REPREFILL, DemoConfig, DemoResult, Progress, RunResult, run_demo
-from kvpool.errors import GenerationError, KvpoolError
+from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -493,6 +493,21 @@ def _add_serve_parser(commands: Any) -> None:
         "pip install 'kvpool[redis]'",
     )
     serve.add_argument(
+        "--cache-secret",
+        metavar="SECRET",
+        help="the secret itself (visible to other users in ps: prefer --cache-secret-file "
+        "or $KVPOOL_CACHE_SECRET)",
+    )
+    serve.add_argument(
+        "--cache-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="a secret shared by every server of a deployment (the file's bytes; default: "
+        "$KVPOOL_CACHE_SECRET): keys a MAC of every block and session in a shared "
+        "--cache-url redis://..., so nobody else who can write to Redis can change them "
+        "(docs/DEPLOY.md)",
+    )
+    serve.add_argument(
         "--api-key",
         metavar="KEY[:TENANT]",
         action="append",
@@ -566,6 +581,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cache_url=args.cache_url,
         api_keys=tuple(args.api_key or filter(None, [os.environ.get("KVPOOL_API_KEY")])),
         api_keys_file=args.api_keys_file,
+        cache_secret=_cache_secret(args.cache_secret, args.cache_secret_file),
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_tokens_cap=args.max_tokens_cap,
@@ -574,6 +590,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     return serve(config)
+
+
+def _cache_secret(given: str | None, path: Path | None) -> bytes | None:
+    """The deployment secret: ``--cache-secret``, the file's bytes (surrounding whitespace
+    stripped), else ``$KVPOOL_CACHE_SECRET``, else None."""
+    import os
+
+    if given is not None and path is not None:
+        raise InvalidRequestError("give --cache-secret or --cache-secret-file, not both")
+    if given is not None:
+        if not given.strip():
+            raise InvalidRequestError("--cache-secret is empty")
+        return given.strip().encode()
+    if path is not None:
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"--cache-secret-file {str(path)!r}: {exc.strerror or exc}"
+            ) from exc
+        if not secret:
+            raise InvalidRequestError(f"--cache-secret-file {str(path)!r} is empty")
+        return secret
+    env = os.environ.get("KVPOOL_CACHE_SECRET", "").strip()
+    return env.encode() if env else None
 
 
 # --------------------------------------------------------------------------- info

@@ -506,6 +506,33 @@ class AgentCacheStore:
             self._tier_failed("flush", exc)
         return written
 
+    def check_saved(self) -> int:
+        """Ask the cold tier whether the idle hot caches it holds as they are are still
+        there (Redis may have evicted or flushed them, a file may have been deleted); those
+        it lost are marked unsaved, for the next :meth:`flush` (or :meth:`close`) to write.
+        Returns how many. A tier that cannot be reached is counted and nothing changes."""
+        self._check_thread()
+        saved = [
+            e
+            for e in self._id_to_agent.values()
+            if e.blocks is not None
+            and not e.checked_out
+            and e.file_current
+            and e.tier_epoch == self.cold.epoch
+        ]
+        if not saved:
+            return 0
+        try:
+            gone = self.cold.missing(self.pool, [e.blocks for e in saved if e.blocks is not None])
+        except TierUnavailableError as exc:
+            self._tier_failed("checking saved sessions", exc)
+            return 0
+        for entry in saved:
+            if entry.agent_id in gone:
+                entry.file_current = False
+                logger.warning("the cold tier lost agent %r: it is written again", entry.agent_id)
+        return len(gone)
+
     @property
     def save_errors(self) -> dict[str, str]:
         """Agent id -> why its last save failed, for agents whose cache is not written."""
@@ -529,6 +556,7 @@ class AgentCacheStore:
         Every agent is tried, whatever failed before it; returns what was written and what
         could not be (those caches are dropped, an older file of theirs stays)."""
         self._check_thread()
+        self.check_saved()  # what the tier lost since it was written is written again
         written = current = 0
         failed: dict[str, str] = {}
         for entry in list(self._id_to_agent.values()):

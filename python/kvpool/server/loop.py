@@ -182,6 +182,7 @@ class EngineLoop:
         flush_interval_s: float = 2.0,
         flush_idle_s: float = 0.25,
         idle_wait_s: float = 0.05,
+        check_saved_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -200,6 +201,8 @@ class EngineLoop:
         self._retry_flush = False  # the last flush left sessions unwritten (tier down)
         self._last_flush = self._last_busy = time.monotonic()
         self.flush_idle_s = flush_idle_s
+        self.check_saved_s = check_saved_s  # how often to ask the tier what it lost
+        self._last_check = time.monotonic()
         self._stopping = False
         self.stopped = threading.Event()
         self.num_steps = 0
@@ -259,6 +262,8 @@ class EngineLoop:
                     self._retry_flush and now - self._last_flush >= self.flush_interval_s
                 ):
                     self._flush()
+                elif now - self._last_check >= self.check_saved_s:
+                    self._check_saved()
         except BaseException:
             logger.exception("the engine loop failed")
             raise
@@ -467,6 +472,17 @@ class EngineLoop:
         self._last_flush = time.monotonic()
         if self._last_flush - t0 > 0.5:
             logger.info("flushed sessions to disk in %.2f s", self._last_flush - t0)
+
+    def _check_saved(self) -> None:
+        """Idle: write again the sessions the cold tier lost (Redis evicted or flushed)."""
+        self._last_check = time.monotonic()
+        try:
+            lost = self.store.check_saved()
+        except Exception:
+            logger.exception("checking the cold tier for lost sessions failed")
+            return
+        if lost:
+            self._flush()
 
     def _shutdown(self) -> None:
         """Refuse what waits, cancel what runs, write idle caches to disk."""

@@ -34,6 +34,7 @@ from kvpool.server.params import Limits
 __all__ = ["ServerConfig", "build_state", "default_cache_dir", "serve"]
 
 MIB = 2**20
+logger = logging.getLogger("kvpool.server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class ServerConfig:
     cache_url: str | None = None  # wins over cache_dir; file:///path, a path, redis://...
     api_keys: tuple[str, ...] = ()  # "KEY" (the default tenant) or "KEY:TENANT"; none: open
     api_keys_file: Path | None = None  # one KEY[:TENANT] per line
+    cache_secret: bytes | None = None  # keys the MAC of shared-tier (Redis) blocks
     max_queue: int = 64
     max_body_bytes: int = 8 * MIB
     max_tokens_cap: int = 4096
@@ -119,7 +121,15 @@ def build_state(config: ServerConfig) -> Any:
         store = AgentCacheStore(engine, cache_dir, fingerprint=fingerprint)
     else:
         assert config.cache_url is not None
-        tier = open_tier(config.cache_url, spec=spec, fingerprint=fingerprint)
+        tier = open_tier(
+            config.cache_url, spec=spec, fingerprint=fingerprint, secret=config.cache_secret
+        )
+        if config.cache_secret is None:
+            logger.warning(
+                "no --cache-secret: every client that can write to %s is trusted (it can "
+                "replace cached blocks and so change generated text; docs/DEPLOY.md)",
+                tier.describe(),
+            )
         sessions = SessionRegistry(None)
         store = AgentCacheStore(engine, tier, fingerprint=fingerprint)
     metrics = ServerMetrics()
@@ -168,6 +178,8 @@ def serve(config: ServerConfig) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    if config.cache_secret is not None and config.cache_url is None:
+        logger.warning("--cache-secret has no effect without a shared --cache-url redis://...")
     state = build_state(config)
     app = create_app(state)
     pool = state.loop.pool

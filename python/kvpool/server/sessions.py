@@ -1,7 +1,9 @@
 """Session ids and the server's record of each session.
 
 A session is an agent of the :class:`~kvpool.store.AgentCacheStore`: its agent id is the
-session id itself, so its cache file survives restarts under that name. Session ids are
+session id in its tenant's namespace (the session id itself for the default tenant,
+``_t-{tenant}_{session id}`` for another: :mod:`kvpool.server.tenants`), so its cache file
+survives restarts under that name. Session ids are
 1..128 characters of ``A-Z a-z 0-9 _ . -`` starting with a letter or digit. Requests without
 a session run as an *ephemeral* agent whose id starts with ``_`` (never a valid session id,
 so the two never collide) and which is forgotten when the request ends.

@@ -99,6 +99,12 @@ class ColdTier(Protocol):
         unchanged when it raises (see the module docstring for the errors)."""
         ...
 
+    def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
+        """The agents among ``handles`` (live in ``pool``, each saved here as it is) whose
+        copy the tier no longer holds whole (a file deleted, Redis keys evicted or flushed):
+        the store writes them again."""
+        ...
+
     def delete(self, agent_id: str) -> None:
         """Forget ``agent_id``'s cache (no error if there is none)."""
         ...

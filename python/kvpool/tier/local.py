@@ -94,6 +94,9 @@ class LocalTier:
             logger.warning("cache file %s disappeared", path)
             return None
 
+    def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
+        return {h.agent_id for h in handles if not self.path(h.agent_id).is_file()}
+
     def delete(self, agent_id: str) -> None:
         """Remove the agent's file; something else at its path (a directory) is set aside.
 
