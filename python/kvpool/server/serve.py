@@ -19,6 +19,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -70,6 +71,62 @@ def default_cache_dir(model_name: str, fingerprint: str) -> Path:
     return base / "kvpool" / "sessions" / f"{model_name}-{digest}"
 
 
+_QUANT_DIR = re.compile(r"q\d+g\d+-\w+")  # a quantized format's sessions: BlockFormat.name
+
+
+def format_dir(cache_dir: Path, spec: Any) -> Path:
+    """Where sessions of ``spec``'s block format live under ``cache_dir``: the directory
+    itself for dense blocks (as always), a subdirectory named after a quantized format
+    (``q4g64-float16``). Servers of different ``--kv-bits`` on one directory never read or
+    overwrite each other's sessions."""
+    fmt = spec.format
+    return cache_dir / fmt.name if fmt.is_quantized else cache_dir
+
+
+def adopt_files(cache_dir: Path, ours: Path, spec: Any) -> int:
+    """Move session files of ``spec``'s quantized format that an older kvpool wrote into
+    ``cache_dir`` itself to ``ours`` (its format's directory); returns how many. Only the
+    header of each file is read; files of other formats, and names already taken in
+    ``ours``, stay where they are."""
+    from kvpool.errors import KvpoolError
+    from kvpool.persist import agent_id_of, read_cache_info
+
+    if ours == cache_dir:
+        return 0
+    moved = 0
+    for path in sorted(cache_dir.iterdir()):
+        if agent_id_of(path) is None or (ours / path.name).exists():
+            continue
+        try:
+            if read_cache_info(path).spec != spec:
+                continue
+            os.rename(path, ours / path.name)
+        except (KvpoolError, OSError) as exc:
+            logger.warning("not moving %s to %s: %s", path, ours, exc)
+            continue
+        moved += 1
+    return moved
+
+
+def other_formats(cache_dir: Path, ours: Path) -> dict[str, int]:
+    """Session files of other block formats under ``cache_dir`` (not ``ours``): the
+    format's directory name (``"."`` for dense) -> how many, for the start-up log."""
+    from kvpool.persist import agent_id_of
+
+    def count(directory: Path) -> int:
+        try:
+            return sum(1 for p in directory.iterdir() if agent_id_of(p) is not None)
+        except OSError:
+            return 0
+
+    found = {}
+    candidates = [cache_dir, *(p for p in cache_dir.iterdir() if _QUANT_DIR.fullmatch(p.name))]
+    for directory in candidates:
+        if directory != ours and directory.is_dir() and (n := count(directory)):
+            found["." if directory == cache_dir else directory.name] = n
+    return found
+
+
 def _model_names(config: ServerConfig) -> tuple[str, ...]:
     """The names requests may use, the one responses carry first: ``--served-model-name``
     (all of them) or else the string given to ``--model`` and its directory name."""
@@ -115,8 +172,20 @@ def build_state(config: ServerConfig) -> Any:
     else:
         cache_dir = config.cache_dir or default_cache_dir(_dir_name(config), fingerprint)
     if cache_dir is not None:
-        cache_dir = cache_dir.expanduser()
+        root = cache_dir.expanduser()
+        cache_dir = format_dir(root, spec)
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if moved := adopt_files(root, cache_dir, spec):
+            logger.warning("moved %d %s sessions to %s", moved, spec.format.name, cache_dir)
+        for name, n in sorted(other_formats(root, cache_dir).items()):
+            logger.warning(
+                "%d sessions of another block format are kept in %s (this server keeps %s "
+                "blocks in %s); a server with that --kv-bits resumes them",
+                n,
+                root if name == "." else root / name,
+                spec.format.name,
+                cache_dir,
+            )
         sessions = SessionRegistry(cache_dir)  # before the store: drops stale ephemeral files
         store = AgentCacheStore(engine, cache_dir, fingerprint=fingerprint)
     else:
