@@ -37,9 +37,11 @@ def make_state(
     keys: Sequence[str] = (),
     num_blocks: int = 256,
     aliases: tuple[str, ...] = (),
+    tokenizer: Any = None,
 ) -> ServerState:
     """A started server state over a fresh fake engine and a store on ``cache`` (a directory,
     or a store built by the caller)."""
+    tokenizer = tokenizer or FakeTokenizer()
     if isinstance(cache, AgentCacheStore):
         store = cache
         engine, pool = store.engine, store.pool
@@ -47,7 +49,7 @@ def make_state(
     else:
         pool = BlockPool(SPEC, num_blocks=num_blocks, storage=FakeStorage)
         engine = BlockPoolBatchEngine(
-            FakeModel(SPEC), FakeTokenizer(), pool, SPEC, batch_gen_factory=FakeBatchGenerator
+            FakeModel(SPEC), tokenizer, pool, SPEC, batch_gen_factory=FakeBatchGenerator
         )
         registry = SessionRegistry(cache)
         store = AgentCacheStore(engine, cache, fingerprint="sha256:fake")
@@ -55,7 +57,7 @@ def make_state(
     loop = EngineLoop(engine, store, pool, registry, metrics, flush_idle_s=0.05)
     state = ServerState(
         loop=loop,
-        tokenizer=FakeTokenizer(),
+        tokenizer=tokenizer,
         model_name=MODEL,
         model_aliases=aliases,
         limits=Limits(max_context_tokens=pool.num_blocks * SPEC.block_tokens, max_tokens_cap=64),

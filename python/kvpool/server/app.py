@@ -381,7 +381,8 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     """SSE of one admitted request; cancels it if the client goes away first."""
     name, created, ids = state.model_name, int(time.time()), gen.return_token_ids
-    ended = False
+    ended = started = False
+    generated: list[int] = []  # token ids so far
     try:
         if endpoint == "messages":
             rid = anthropic_api.new_id()
@@ -431,32 +432,50 @@ async def _stream(
                 return
             if isinstance(event, Admitted):
                 continue
+            generated.append(event.token)
+            text = event.text
+            if text and not started:  # the first text: as the whole reply's decode has it
+                started = True
+                text = _first_segment(state.tokenizer, generated, text)
             token_ids = [event.token] if ids else None
-            if not event.text and token_ids is None:
+            if not text and token_ids is None:
                 continue
             if endpoint == "messages":
                 delta = {
                     "type": "content_block_delta",
                     "index": 0,
-                    "delta": {"type": "text_delta", "text": event.text},
+                    "delta": {"type": "text_delta", "text": text},
                 }
                 yield _sse(delta, "content_block_delta")
             elif endpoint == "chat":
                 yield _sse(
                     openai_api.chat_chunk(
-                        rid, name, created, delta={"content": event.text}, token_ids=token_ids
+                        rid, name, created, delta={"content": text}, token_ids=token_ids
                     )
                 )
             else:
                 yield _sse(
-                    openai_api.completion_chunk(
-                        rid, name, created, text=event.text, token_ids=token_ids
-                    )
+                    openai_api.completion_chunk(rid, name, created, text=text, token_ids=token_ids)
                 )
     finally:
         if not ended:
             state.loop.cancel(item)
         events.close()
+
+
+def _first_segment(tokenizer: Any, generated: list[int], segment: str) -> str:
+    """The first text of a stream as a non-streamed response has it.
+
+    mlx-lm's streaming detokenizers drop the leading space of a reply's first token, which
+    ``tokenizer.decode`` (the non-streamed text) keeps; the streamed text must be the same.
+    Only whitespace the detokenizer trimmed is put back."""
+    try:
+        whole = str(tokenizer.decode(generated))
+    except Exception:  # a tokenizer that cannot decode a prefix: keep the segment
+        return segment
+    if whole != segment and whole.endswith(segment) and not whole[: -len(segment)].strip():
+        return whole
+    return segment
 
 
 # -- other routes ------------------------------------------------------------------------------
