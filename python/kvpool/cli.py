@@ -564,12 +564,17 @@ def _add_serve_parser(commands: Any) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
+    from importlib.util import find_spec
 
-    try:
-        from kvpool.server.serve import ServerConfig, serve
-    except ImportError as exc:
-        _error(f"kvpool serve: error: {exc}; install the server: pip install 'kvpool[serve]'")
+    missing = [m for m in ("starlette", "uvicorn", "prometheus_client") if find_spec(m) is None]
+    if missing:
+        _error(
+            f"kvpool serve: error: {', '.join(missing)} not installed; install the server: "
+            "pip install 'kvpool[serve]'"
+        )
         return EXIT_USAGE
+    from kvpool.server.serve import ServerConfig, serve
+
     config = ServerConfig(
         model=args.model,
         host=args.host,

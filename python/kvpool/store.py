@@ -122,7 +122,7 @@ class StoreStats:
     bytes_read: int
     save_s: float  # time spent saving and loading
     load_s: float
-    num_tier_errors: int  # tier operations that failed (unreachable): served anyway
+    num_tier_errors: int  # calls that met an unreachable tier (tier num_errors + num_skipped)
     num_prefix_imports: int  # submits that imported prefix blocks from a shared tier
     prefix_tokens_imported: int
     tier: TierStats  # the cold tier's own counters

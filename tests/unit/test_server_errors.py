@@ -101,3 +101,43 @@ def test_a_bug_below_a_route_is_a_json_500_without_details(tmp_path: Path) -> No
         r = client.get("/v1/cache/stats")
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error" and "/secret" not in r.text
+
+
+def test_a_missing_extra_is_named_with_its_install_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['uvicorn'] = None\n"
+        "from kvpool.cli import main; sys.exit(main(['--no-fast-blas', 'serve']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "uvicorn not installed" in result.stderr and "kvpool[serve]" in result.stderr
+    assert "Traceback" not in result.stderr
+    from kvpool import ModelCacheSpec
+    from kvpool.errors import InvalidRequestError
+    from kvpool.tier import open_tier
+
+    spec = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=4)
+    saved = sys.modules.get("redis")
+    sys.modules["redis"] = None  # type: ignore[assignment]
+    try:
+        with pytest.raises(InvalidRequestError, match=r"kvpool\[redis\]"):
+            open_tier("redis://127.0.0.1:1/0", spec=spec, fingerprint="sha256:x")
+    finally:
+        if saved is not None:
+            sys.modules["redis"] = saved
+        else:
+            del sys.modules["redis"]
+
+
+def test_sessions_found_on_disk_show_their_context_size(tmp_path: Path) -> None:
+    from kvpool.server.sessions import SessionRegistry
+
+    with app_client(tmp_path) as client:
+        complete(client, "twelve chars", session="r1", max_tokens=3)
+    info = SessionRegistry(tmp_path).get("r1")
+    assert info is not None and info.context_tokens == 12 + 3 and info.turns == 0

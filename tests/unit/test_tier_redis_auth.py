@@ -201,3 +201,24 @@ def test_a_hot_sessions_vanished_keys_are_written_again_on_check_and_close() -> 
     report = a.close()  # SIGTERM: checked again, written again
     assert report.num_written == 1 and not report.failed
     assert run(make_store(fake), "s", [*context, 5]).cached_tokens == len(context)
+
+
+def test_while_redis_is_down_stats_agree_and_shutdown_reports_what_was_not_written() -> None:
+    fake = FakeRedis()
+    store = make_store(fake)
+    tier = tier_of(store)
+    tier.backoff_s = tier.max_backoff_s = 0.0  # every call reaches the fake
+    run(store, "s", prompt_of(10))
+    fake.fail_after = 0  # Redis dies
+    run(store, "t", prompt_of(10, seed=2))  # served anyway: a load and a prefix import fail
+    assert store.flush() == 0
+    stats = store.stats
+    assert not stats.tier.available  # the back-off (none here) is over, Redis is not back
+    assert stats.num_tier_errors == stats.tier.num_errors + stats.tier.num_skipped > 0
+    report = store.close()  # SIGTERM with Redis down: nothing claimed as written
+    assert report.num_written == 0 and set(report.failed) == {"s", "t"}
+    assert all("unreachable" in why for why in report.failed.values())
+    fake.fail_after = None
+    store2 = make_store(fake)
+    run(store2, "u", prompt_of(5))
+    assert store2.stats.tier.available

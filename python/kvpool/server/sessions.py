@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpool.persist import agent_id_of
+from kvpool.errors import KvpoolError
+from kvpool.persist import agent_id_of, read_cache_info
 from kvpool.server.errors import bad_request
 
 __all__ = ["MAX_SESSION_ID_LEN", "SessionInfo", "SessionRegistry", "validate_session_id"]
@@ -71,8 +72,8 @@ class SessionInfo:
     """
 
     agent_id: str
-    turns: int = 0  # turns completed by this process
-    context_tokens: int = 0  # prompt + generated tokens of its last turn (0: unknown)
+    turns: int = 0  # turns completed by this process (a restart starts at 0)
+    context_tokens: int = 0  # prompt + generated tokens of its last turn (on disk at start)
     last_prompt_tokens: int = 0
     last_cached_tokens: int = 0
     last_used: float = 0.0  # unix time of its last completed turn (file mtime on restart)
@@ -92,6 +93,14 @@ class SessionInfo:
         }
 
 
+def _saved_tokens(path: Path) -> int:
+    """Tokens a session file holds (its header only); 0 if it cannot be read."""
+    try:
+        return read_cache_info(path).num_tokens
+    except (KvpoolError, OSError):
+        return 0  # the store sets it aside or ignores it when it meets it
+
+
 class SessionRegistry:
     """The sessions of one server, by agent id: those found in the cache directory plus new
     ones."""
@@ -108,7 +117,9 @@ class SessionRegistry:
             if agent_id.startswith(EPHEMERAL_PREFIX):
                 path.unlink(missing_ok=True)  # an ephemeral agent a killed process left
                 continue
-            self._sessions[agent_id] = SessionInfo(agent_id, last_used=path.stat().st_mtime)
+            self._sessions[agent_id] = SessionInfo(
+                agent_id, context_tokens=_saved_tokens(path), last_used=path.stat().st_mtime
+            )
 
     def get(self, agent_id: str) -> SessionInfo | None:
         return self._sessions.get(agent_id)

@@ -50,10 +50,12 @@ def open_tier(
     path = local_path(url)
     if path is not None:
         return LocalTier(path.expanduser(), fingerprint=fingerprint)
-    try:
-        from kvpool.tier.redis import RedisTier
-    except ImportError as exc:  # pragma: no cover - depends on the install
+    import importlib.util
+
+    if importlib.util.find_spec("redis") is None:  # the tier imports it only when it connects
         raise InvalidRequestError(
-            f"--cache-url {url!r} needs redis-py: pip install 'kvpool[redis]' ({exc})"
-        ) from exc
+            "--cache-url redis://... needs redis-py: pip install 'kvpool[redis]'"
+        )
+    from kvpool.tier.redis import RedisTier
+
     return RedisTier.from_url(url, spec=spec, fingerprint=fingerprint, secret=secret)

@@ -58,6 +58,8 @@ class TierStats:
     """A tier's own counters (since it was created); zeros where a tier has no such thing."""
 
     kind: str  # "file" or "redis"
+    # num_errors + num_skipped: every operation that raised TierUnavailableError (the store's
+    # num_tier_errors counts the same raises as they reach it)
     num_errors: int = 0  # operations that failed (unreachable, timeout, a server error)
     num_skipped: int = 0  # operations refused at once while backing off after an error
     num_blocks_written: int = 0  # blocks the tier lacked and got
@@ -68,7 +70,7 @@ class TierStats:
     prefix_tokens_imported: int = 0  # tokens of those blocks
     bytes_sent: int = 0  # bytes written to the tier (blocks and manifests)
     bytes_received: int = 0
-    available: bool = True  # False while backing off after an error
+    available: bool = True  # False from a failed operation until one succeeds
 
 
 class ColdTier(Protocol):

@@ -148,6 +148,7 @@ class RedisTier:
         self.epoch = 0
         self._errors = _redis_errors()
         self._delay = 0.0  # the current back-off (0: healthy)
+        self._failing = False  # from a failed operation until one succeeds
         self._down_until = 0.0
         self._last_error = ""
         self._counts: dict[str, int] = dict.fromkeys(
@@ -225,9 +226,11 @@ class RedisTier:
             self._delay = min(self.max_backoff_s, max(self.backoff_s, 2 * self._delay))
             self._down_until = time.monotonic() + self._delay
             self._last_error = f"{type(exc).__name__}: {exc}"
+            self._failing = True
             raise TierUnavailableError(
                 f"{self.where}: {what} failed ({self._last_error}); retrying in {self._delay:.1f} s"
             ) from exc
+        self._failing = False
         if self._delay:
             self._delay = 0.0
             self.epoch += 1  # it may have restarted empty, or lost a write: rewrite
@@ -376,12 +379,9 @@ class RedisTier:
         except CacheCorruptionError:
             self._counts["num_blocks_corrupt"] += 1
             self._verified.pop(key, None)
-            if delete:
-                with (
-                    contextlib.suppress(TierUnavailableError),
-                    self._redis("deleting a bad block") as r,
-                ):
-                    r.delete(key)
+            if delete and not self._failing:  # best effort: not an operation the store sees
+                with contextlib.suppress(*self._errors):
+                    self.client.delete(key)
             raise
         if self._mac is not None:
             self._trust(key)
@@ -538,7 +538,8 @@ class RedisTier:
         return end - shared * size
 
     def stats(self) -> TierStats:
-        return TierStats(self.kind, **self._counts, available=time.monotonic() >= self._down_until)
+        # down from a failure until an operation succeeds, not merely until the back-off ends
+        return TierStats(self.kind, **self._counts, available=not self._failing)
 
     def close(self) -> None:
         with contextlib.suppress(*self._errors):
