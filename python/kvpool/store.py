@@ -165,7 +165,7 @@ class SaveReport:
     failed: dict[str, str]
 
     def summary(self) -> str:
-        """One line: ``"3 sessions written (1 already there), 1 failed: s2 (No space...)"``."""
+        """One line: ``"3 written (1 already there), 1 FAILED: s2 (No space left on device)"``."""
         line = f"{self.num_written} written ({self.num_current} already there)"
         if self.failed:
             shown = "; ".join(f"{a} ({why})" for a, why in sorted(self.failed.items())[:10])

@@ -1,6 +1,8 @@
 """The HTTP side of ``kvpool serve``: routes, body limits, auth, streaming (Starlette).
 
-Every generation endpoint runs the same path: authenticate, read a bounded UTF-8 JSON body,
+Every generation endpoint runs the same path: authenticate (the key names the caller's
+tenant, :mod:`~kvpool.server.tenants`: its cache salt and session namespace), read a bounded
+UTF-8 JSON body,
 parse it (:mod:`~kvpool.server.openai_api`, :mod:`~kvpool.server.anthropic_api`), tokenize
 (chat messages through the tokenizer's chat template) in a worker thread, check the limits,
 then hand a :class:`~kvpool.server.loop.WorkItem` to the engine loop and relay its events:
