@@ -119,9 +119,33 @@ def test_sigterm_after_flushall_writes_the_hot_session_again(tmp_path: Path) -> 
             client.flushall()
             assert a.stop() == 0, a.log()
             assert "1 written" in a.log(), a.log()
+            assert "no --cache-secret: every client that can write to" in a.log()
         assert client.keys("kvpool:ses:*")
         with ServerProcess(tmp_path / "b", models, *shared) as b:
             context = [*prompt, *generated]
             _, cached = _turn(b, "hot-1", [*context, 7])
             assert cached >= len(prompt), (cached, len(context))
+            assert b.stop() == 0
+
+
+def test_a_server_with_a_secret_file_keys_its_own_key_space(tmp_path: Path) -> None:
+    require_redis_server()
+    models = tmp_path / "models"
+    build_model("demo", models / "demo")
+    secret = tmp_path / "secret"
+    secret.write_text("  s3cret-of-the-deployment\n")
+    prompt = [1 + (i * 53) % 400 for i in range(80)]
+    with RedisProcess(tmp_path / "redis") as redis_server:
+        client = redis_server.client()
+        args = ("--cache-url", redis_server.url, "--cache-secret-file", str(secret))
+        with ServerProcess(tmp_path / "a", models, *args) as a:
+            generated, _ = _turn(a, "keyed", prompt)
+            assert a.stop() == 0, a.log()
+            assert "every client that can write" not in a.log()
+        (key,) = client.keys("kvpool:ses:*")
+        assert b"+m" in key  # the secret's id in the block format
+        assert b'"mac":' in client.get(key)
+        with ServerProcess(tmp_path / "b", models, *args) as b:
+            _, cached = _turn(b, "keyed", [*prompt, *generated, 5])
+            assert cached >= len(prompt)
             assert b.stop() == 0
