@@ -222,3 +222,26 @@ def test_while_redis_is_down_stats_agree_and_shutdown_reports_what_was_not_writt
     store2 = make_store(fake)
     run(store2, "u", prompt_of(5))
     assert store2.stats.tier.available
+
+
+def test_the_engine_loop_rewrites_lost_sessions_on_its_schedule(tmp_path: object) -> None:
+    """While idle, the server's loop asks Redis what it lost (every check_saved_s) and writes
+    it again: FLUSHALL while nobody sends a request is repaired without a restart."""
+    import time
+
+    from server_app import app_client, complete
+
+    fake = FakeRedis()
+    store = make_store(fake)
+    key = tier_of(store).keys.session_key("s1")
+    with app_client(store) as client:
+        client.app_state.loop.check_saved_s = 0.1  # type: ignore[attr-defined]
+        complete(client, "a session that stays hot", session="s1")
+        deadline = time.monotonic() + 10
+        while key not in fake.data:
+            assert time.monotonic() < deadline, "the session was never written"
+            time.sleep(0.02)
+        fake.flushall()
+        while key not in fake.data:
+            assert time.monotonic() < deadline, "the lost session was not written again"
+            time.sleep(0.02)
