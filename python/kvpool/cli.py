@@ -584,7 +584,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         kv_group_size=args.kv_group_size,
         cache_dir=args.cache_dir,
         cache_url=args.cache_url,
-        api_keys=tuple(args.api_key or filter(None, [os.environ.get("KVPOOL_API_KEY")])),
+        api_keys=tuple(args.api_key),
+        env_api_key=None
+        if args.api_key or args.api_keys_file
+        else os.environ.get("KVPOOL_API_KEY") or None,
         api_keys_file=args.api_keys_file,
         cache_secret=_cache_secret(args.cache_secret, args.cache_secret_file),
         max_queue=args.max_queue,

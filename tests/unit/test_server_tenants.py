@@ -101,6 +101,8 @@ def test_key_specs_and_tenant_maps() -> None:
     assert keys.tenant_of("with:colon") == Tenant("acme")
     assert keys.tenant_of("k3") is None and keys.tenant_of(None) is None
     assert ApiKeys.parse([]).tenant_of(None) == DEFAULT_TENANT
+    env = ApiKeys.parse([], whole=["legacy:key", ""])  # $KVPOOL_API_KEY: taken whole
+    assert env.tenant_of("legacy:key") == DEFAULT_TENANT and env.tenant_of("legacy") is None
     for bad in [["k:a_b"], ["k:"], [":t"], ["k:t", "k:u"], ["a b"]]:
         with pytest.raises(InvalidRequestError):
             ApiKeys.parse(bad)

@@ -52,6 +52,7 @@ class ServerConfig:
     cache_url: str | None = None  # wins over cache_dir; file:///path, a path, redis://...
     api_keys: tuple[str, ...] = ()  # "KEY" (the default tenant) or "KEY:TENANT"; none: open
     api_keys_file: Path | None = None  # one KEY[:TENANT] per line
+    env_api_key: str | None = None  # $KVPOOL_API_KEY: one default-tenant key, taken whole
     cache_secret: bytes | None = None  # keys the MAC of shared-tier (Redis) blocks
     max_queue: int = 64
     max_body_bytes: int = 8 * MIB
@@ -153,7 +154,9 @@ def build_state(config: ServerConfig) -> Any:
     from kvpool.server.tenants import ApiKeys
     from kvpool.tier import local_path, open_tier
 
-    keys = ApiKeys.parse(config.api_keys, config.api_keys_file)  # before the model loads
+    keys = ApiKeys.parse(  # before the model loads
+        config.api_keys, config.api_keys_file, whole=[config.env_api_key or ""]
+    )
     model, tokenizer = load_model(config.model)
     spec = ModelCacheSpec.from_model(model).with_format(config.kv_bits, config.kv_group_size)
     pool = BlockPool(spec, max_bytes=config.pool_mb * MIB)

@@ -112,8 +112,12 @@ class ApiKeys:
         self._keys = [(k.encode(), t) for k, t in (key_to_tenant or {}).items()]
 
     @classmethod
-    def parse(cls, specs: Iterable[str], keys_file: Path | None = None) -> ApiKeys:
-        """From ``KEY[:TENANT]`` strings and a file of one such line each (``#`` comments).
+    def parse(
+        cls, specs: Iterable[str], keys_file: Path | None = None, whole: Iterable[str] = ()
+    ) -> ApiKeys:
+        """From ``KEY[:TENANT]`` strings (split at the last ``:``), a file of one such line
+        each (``#`` comments) and ``whole`` keys of the default tenant, taken as they are
+        (``$KVPOOL_API_KEY``, which may hold a ``:``; empty ones are skipped).
 
         A key given twice for different tenants is refused."""
         lines = [(s, "--api-key") for s in specs]
@@ -126,7 +130,7 @@ class ApiKeys:
                 line = line.split("#", 1)[0].strip()
                 if line:
                     lines.append((line, f"{keys_file.name} line {number}"))
-        out: dict[str, Tenant] = {}
+        out: dict[str, Tenant] = {k: DEFAULT_TENANT for k in whole if k}
         for spec, where in lines:
             try:
                 key, tenant = parse_key_spec(spec)
