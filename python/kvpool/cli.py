@@ -17,7 +17,7 @@ from typing import IO, Any, NoReturn
 
 from kvpool.blas import use_fast_cpu_blas
 from kvpool.demo import CACHED, REPREFILL, DemoConfig, DemoResult, Progress, RunResult, run_demo
-from kvpool.errors import GenerationError, KvpoolError
+from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -493,10 +493,34 @@ def _add_serve_parser(commands: Any) -> None:
         "pip install 'kvpool[redis]'",
     )
     serve.add_argument(
+        "--cache-secret",
+        metavar="SECRET",
+        help="the secret itself (visible to other users in ps: prefer --cache-secret-file "
+        "or $KVPOOL_CACHE_SECRET)",
+    )
+    serve.add_argument(
+        "--cache-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="a secret shared by every server of a deployment (the file's bytes; default: "
+        "$KVPOOL_CACHE_SECRET): keys a MAC of every block and session in a shared "
+        "--cache-url redis://..., so nobody else who can write to Redis can change them "
+        "(docs/DEPLOY.md)",
+    )
+    serve.add_argument(
         "--api-key",
-        metavar="KEY",
-        help="require this key (Authorization: Bearer KEY or x-api-key: KEY); "
-        "default: $KVPOOL_API_KEY, else none",
+        metavar="KEY[:TENANT]",
+        action="append",
+        default=[],
+        help="require a key (Authorization: Bearer KEY or x-api-key: KEY); repeat for several; "
+        "KEY:TENANT gives the key's requests that tenant's cache salt and sessions "
+        "(docs/SERVER.md#tenants); default: $KVPOOL_API_KEY, else none",
+    )
+    serve.add_argument(
+        "--api-keys-file",
+        type=Path,
+        metavar="FILE",
+        help="more keys, one KEY[:TENANT] per line ('#' starts a comment)",
     )
     serve.add_argument(
         "--max-queue",
@@ -507,7 +531,10 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument(
         "--served-model-name",
         metavar="NAME",
-        help="the model id clients send (default: the recipe or directory name)",
+        nargs="+",
+        default=[],
+        help="the model ids clients may send, the first in responses (default: the string "
+        "given to --model, and its directory name)",
     )
     serve.add_argument(
         "--max-tokens-cap",
@@ -537,12 +564,17 @@ def _add_serve_parser(commands: Any) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
+    from importlib.util import find_spec
 
-    try:
-        from kvpool.server.serve import ServerConfig, serve
-    except ImportError as exc:
-        _error(f"kvpool serve: error: {exc}; install the server: pip install 'kvpool[serve]'")
+    missing = [m for m in ("starlette", "uvicorn", "prometheus_client") if find_spec(m) is None]
+    if missing:
+        _error(
+            f"kvpool serve: error: {', '.join(missing)} not installed; install the server: "
+            "pip install 'kvpool[serve]'"
+        )
         return EXIT_USAGE
+    from kvpool.server.serve import ServerConfig, serve
+
     config = ServerConfig(
         model=args.model,
         host=args.host,
@@ -552,15 +584,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         kv_group_size=args.kv_group_size,
         cache_dir=args.cache_dir,
         cache_url=args.cache_url,
-        api_key=args.api_key or os.environ.get("KVPOOL_API_KEY") or None,
+        api_keys=tuple(args.api_key),
+        env_api_key=None
+        if args.api_key or args.api_keys_file
+        else os.environ.get("KVPOOL_API_KEY") or None,
+        api_keys_file=args.api_keys_file,
+        cache_secret=_cache_secret(args.cache_secret, args.cache_secret_file),
         max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_tokens_cap=args.max_tokens_cap,
-        served_model_name=args.served_model_name,
+        served_model_names=tuple(args.served_model_name),
         flush_interval_s=args.flush_interval,
         log_level=args.log_level,
     )
     return serve(config)
+
+
+def _cache_secret(given: str | None, path: Path | None) -> bytes | None:
+    """The deployment secret: ``--cache-secret``, the file's bytes (surrounding whitespace
+    stripped), else ``$KVPOOL_CACHE_SECRET``, else None."""
+    import os
+
+    if given is not None and path is not None:
+        raise InvalidRequestError("give --cache-secret or --cache-secret-file, not both")
+    if given is not None:
+        if not given.strip():
+            raise InvalidRequestError("--cache-secret is empty")
+        return given.strip().encode()
+    if path is not None:
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"--cache-secret-file {str(path)!r}: {exc.strerror or exc}"
+            ) from exc
+        if not secret:
+            raise InvalidRequestError(f"--cache-secret-file {str(path)!r} is empty")
+        return secret
+    env = os.environ.get("KVPOOL_CACHE_SECRET", "").strip()
+    return env.encode() if env else None
 
 
 # --------------------------------------------------------------------------- info

@@ -46,8 +46,12 @@ A file that fails its checks (or is not a regular file: a directory, a FIFO, a d
 symlink under a cache file's name) is set aside, renamed to ``{name}.corrupt`` (counted in
 ``num_set_aside``; the store never reads or deletes those), and an incompatible one (another
 model) is left alone; either way the agent starts with no cache (a miss) and a warning is
-logged. A failed write (a full disk) raises :class:`~kvpool.errors.CacheWriteError` naming
-the file; the old file and the agent's blocks stay as they were.
+logged. A failed write (a full disk, something else at the file's path) fails that agent's
+save alone: counted (``num_save_errors``), logged and listed in :attr:`save_errors`, the old
+file intact. :meth:`flush` goes on with the other agents (the failed one stays hot),
+:meth:`evict` raises :class:`~kvpool.errors.CacheWriteError` naming the file (its blocks stay),
+and an eviction the pool needs (a request waits for room, or :meth:`close`) drops the cache
+(``num_dropped``; an older file of it stays), so requests never fail for a disk.
 
 Not thread-safe: call every method from one thread, the first that calls it (it must also be
 the thread that drives the engine), and submit every request of the engine through the store
@@ -84,7 +88,7 @@ from kvpool.tier.base import ColdTier, TierStats, TierUnavailableError
 from kvpool.tier.local import CORRUPT_SUFFIX, LocalTier
 from kvpool.validation import validate_agent_id
 
-__all__ = ["CORRUPT_SUFFIX", "AgentCacheStore", "StoreStats", "Tier"]
+__all__ = ["CORRUPT_SUFFIX", "AgentCacheStore", "SaveReport", "StoreStats", "Tier"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +109,8 @@ class StoreStats:
     num_misses: int  # ... found none (or an unusable file)
     num_evictions: int  # hot caches moved to disk, blocks freed
     num_saves: int  # files written (evictions, flush)
-    num_dropped: int  # caches deleted to keep the directory under max_disk_bytes
+    num_dropped: int  # caches lost: deleted for max_disk_bytes, or unwritable when evicted
+    num_save_errors: int  # saves that failed (a full disk, a bad path): each agent on its own
     num_load_errors: int  # corrupt or incompatible files met by get (counted as misses)
     num_set_aside: int  # bad or non-regular files renamed to *.corrupt (the agent starts over)
     tokens_saved: int  # prompt tokens taken from a cache instead of prefilled
@@ -117,7 +122,7 @@ class StoreStats:
     bytes_read: int
     save_s: float  # time spent saving and loading
     load_s: float
-    num_tier_errors: int  # tier operations that failed (unreachable): served anyway
+    num_tier_errors: int  # calls that met an unreachable tier (tier num_errors + num_skipped)
     num_prefix_imports: int  # submits that imported prefix blocks from a shared tier
     prefix_tokens_imported: int
     tier: TierStats  # the cold tier's own counters
@@ -133,6 +138,7 @@ class _Counters:
     num_evictions: int = 0
     num_saves: int = 0
     num_dropped: int = 0
+    num_save_errors: int = 0
     num_load_errors: int = 0
     num_set_aside: int = 0
     tokens_saved: int = 0
@@ -143,6 +149,29 @@ class _Counters:
     num_tier_errors: int = 0
     num_prefix_imports: int = 0
     prefix_tokens_imported: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SaveReport:
+    """What :meth:`AgentCacheStore.close` left in the cold tier.
+
+    ``num_written``: caches written by this call; ``num_current``: already there as they
+    are; ``failed``: agent id -> why its cache could not be written (it is lost, or an
+    older turn of it stays). Every agent is tried: one failure never stops another's save.
+    """
+
+    num_written: int
+    num_current: int
+    failed: dict[str, str]
+
+    def summary(self) -> str:
+        """One line: ``"3 written (1 already there), 1 FAILED: s2 (No space left on device)"``."""
+        line = f"{self.num_written} written ({self.num_current} already there)"
+        if self.failed:
+            shown = "; ".join(f"{a} ({why})" for a, why in sorted(self.failed.items())[:10])
+            more = f"; and {len(self.failed) - 10} more" if len(self.failed) > 10 else ""
+            line += f", {len(self.failed)} FAILED: {shown}{more}"
+        return line
 
 
 @dataclass(slots=True)
@@ -221,6 +250,8 @@ class AgentCacheStore:
         self._uid_to_agent: dict[int, str] = {}  # requests submitted through the store
         self._counters = _Counters()
         self._pending_deletes: set[str] = set()  # forgotten while the tier was unreachable
+        # agent id -> why its last save failed (cleared by a successful save or forget)
+        self._agent_to_save_error: dict[str, str] = {}
         self._scan()
         self._enforce_disk_budget(keep=None)
 
@@ -248,7 +279,7 @@ class AgentCacheStore:
         never fit. Hits and misses count submitted requests only.
         """
         self._check_thread()
-        cache, source = self._checkout(agent_id)
+        cache, source = self._checkout(agent_id, cache_salt)
         if cache is not None and cache.salt != cache_salt:
             cache, source = None, None
         try:
@@ -366,8 +397,11 @@ class AgentCacheStore:
         self._count_lookup(source)
         return blocks
 
-    def _checkout(self, agent_id: str) -> tuple[CacheHandle | None, Tier | None]:
-        """Check out the agent; returns its cache and where it came from (None: a miss)."""
+    def _checkout(self, agent_id: str, salt: str = "") -> tuple[CacheHandle | None, Tier | None]:
+        """Check out the agent; returns its cache and where it came from (None: a miss).
+
+        A cold cache is loaded under ``salt`` (the request's): its blocks become prefix
+        blocks of that salt only, never of another tenant's."""
         validate_agent_id(agent_id)
         entry = self._id_to_agent.get(agent_id)
         if entry is None:
@@ -379,7 +413,7 @@ class AgentCacheStore:
             )
         self._check_hot(entry)
         cold = entry.file_bytes or (self.cold.shared and agent_id not in self._pending_deletes)
-        if entry.blocks is None and cold and self._load(entry):
+        if entry.blocks is None and cold and self._load(entry, salt):
             entry.loaded_unused = True
         source = entry.tier if entry.blocks is not None else None
         if entry.loaded_unused:
@@ -421,10 +455,7 @@ class AgentCacheStore:
             self._counters.tokens_saved += completion.cached_tokens
         entry.checked_out = entry.loaded_unused = False
         self._id_to_agent.move_to_end(entry.agent_id)
-        try:
-            self._enforce_pool_budget()
-        except CacheWriteError as exc:  # the check-in stands; the next put evicts again
-            logger.warning("could not evict idle caches to keep max_pool_bytes: %s", exc)
+        self._enforce_pool_budget()  # a cache it cannot write stays hot (logged)
 
     def put_back(self, agent_id: str) -> None:
         """End a checkout without a completion (the request was never submitted)."""
@@ -450,14 +481,16 @@ class AgentCacheStore:
         self._check_hot(entry)
         if entry.blocks is None:
             return False
-        self._evict(entry)
+        self._evict(entry, drop=False)
         return True
 
     def flush(self) -> int:
         """Write every idle hot cache whose file is not current; returns how many.
 
-        With a tier that cannot be reached, stops at the first failure (counted in
-        ``num_tier_errors``; the rest is written by a later flush).
+        Each agent is saved on its own: one that cannot be written (a full disk, a bad path:
+        counted in ``num_save_errors``, logged, listed in :attr:`save_errors`) stays hot and
+        unsaved, and the others are still written. With a tier that cannot be reached, stops
+        at the first failure (counted in ``num_tier_errors``; a later flush writes the rest).
         """
         self._check_thread()
         written = 0
@@ -468,11 +501,42 @@ class AgentCacheStore:
                 if entry.file_current and entry.tier_epoch != self.cold.epoch:
                     entry.file_current = False  # the tier may have lost it: write it again
                 if entry.blocks is not None and not entry.checked_out and not entry.file_current:
-                    self._save(entry)
-                    written += 1
+                    written += self._try_save(entry) is None
         except TierUnavailableError as exc:
             self._tier_failed("flush", exc)
         return written
+
+    def check_saved(self) -> int:
+        """Ask the cold tier whether the idle hot caches it holds as they are are still
+        there (Redis may have evicted or flushed them, a file may have been deleted); those
+        it lost are marked unsaved, for the next :meth:`flush` (or :meth:`close`) to write.
+        Returns how many. A tier that cannot be reached is counted and nothing changes."""
+        self._check_thread()
+        saved = [
+            e
+            for e in self._id_to_agent.values()
+            if e.blocks is not None
+            and not e.checked_out
+            and e.file_current
+            and e.tier_epoch == self.cold.epoch
+        ]
+        if not saved:
+            return 0
+        try:
+            gone = self.cold.missing(self.pool, [e.blocks for e in saved if e.blocks is not None])
+        except TierUnavailableError as exc:
+            self._tier_failed("checking saved sessions", exc)
+            return 0
+        for entry in saved:
+            if entry.agent_id in gone:
+                entry.file_current = False
+                logger.warning("the cold tier lost agent %r: it is written again", entry.agent_id)
+        return len(gone)
+
+    @property
+    def save_errors(self) -> dict[str, str]:
+        """Agent id -> why its last save failed, for agents whose cache is not written."""
+        return dict(self._agent_to_save_error)
 
     @property
     def num_unsaved(self) -> int:
@@ -486,18 +550,36 @@ class AgentCacheStore:
         ]
         return len(unsaved) + len(self._pending_deletes)
 
-    def close(self) -> None:
-        """Write every idle hot agent to disk and free its blocks (checked out ones stay)."""
+    def close(self) -> SaveReport:
+        """Write every idle hot agent to disk and free its blocks (checked out ones stay).
+
+        Every agent is tried, whatever failed before it; returns what was written and what
+        could not be (those caches are dropped, an older file of theirs stays)."""
         self._check_thread()
+        self.check_saved()  # what the tier lost since it was written is written again
+        written = current = 0
+        failed: dict[str, str] = {}
         for entry in list(self._id_to_agent.values()):
             self._check_hot(entry)
             if entry.blocks is not None and not entry.checked_out:
+                if entry.file_current and entry.tier_epoch == self.cold.epoch:
+                    current += 1
+                    self._evict(entry)
+                    continue
+                saves = self._counters.num_saves
                 self._evict(entry)
+                if self._counters.num_saves > saves:
+                    written += 1
+                else:
+                    failed[entry.agent_id] = self._agent_to_save_error.get(
+                        entry.agent_id, "not written"
+                    )
         try:
             self._retry_deletes()
         except TierUnavailableError as exc:
             self._tier_failed("delete", exc)
         self.cold.close()
+        return SaveReport(written, current, failed)
 
     def forget(self, agent_id: str) -> bool:
         """Delete an agent's cache everywhere (pool and disk); False if there was none."""
@@ -509,10 +591,11 @@ class AgentCacheStore:
             raise InvalidRequestError(f"agent {agent_id!r} is checked out and cannot be forgotten")
         self._check_hot(entry)
         existed = entry.tier is not None
+        self._delete_file(entry)  # first: if the file cannot be deleted, nothing changed
         if entry.blocks is not None:
             self.pool.release(entry.blocks)
-        self._delete_file(entry)
         del self._id_to_agent[agent_id]
+        self._agent_to_save_error.pop(agent_id, None)
         return existed
 
     # -- inspection -----------------------------------------------------------
@@ -582,12 +665,13 @@ class AgentCacheStore:
         if entry.blocks is not None and not self.pool.is_live(entry.blocks):
             entry.blocks, entry.file_current, entry.loaded_unused = None, False, False
 
-    def _load(self, entry: _Agent) -> bool:
-        """Load a cold agent into the pool, evicting idle ones for room; False on a bad file."""
+    def _load(self, entry: _Agent, salt: str) -> bool:
+        """Load a cold agent into the pool under ``salt``, evicting idle ones for room; False
+        on a bad file."""
         while True:
             t0 = time.perf_counter()
             try:
-                blocks = self.cold.load(self.pool, entry.agent_id)
+                blocks = self.cold.load(self.pool, entry.agent_id, salt)
             except PoolExhaustedError as exc:
                 if exc.needed > exc.capacity:  # can never fit: start over instead
                     logger.warning(
@@ -629,18 +713,43 @@ class AgentCacheStore:
         self._counters.save_s += time.perf_counter() - t0
         entry.file_current, entry.tier_epoch = True, self.cold.epoch
         self._pending_deletes.discard(entry.agent_id)
+        self._agent_to_save_error.pop(entry.agent_id, None)
         self._counters.num_saves += 1
         self._counters.bytes_written += entry.file_bytes
         self._enforce_disk_budget(keep=entry)
 
-    def _evict(self, entry: _Agent) -> None:
+    def _try_save(self, entry: _Agent) -> CacheWriteError | None:
+        """``_save``; a write that fails for this agent alone (CacheWriteError: a full disk,
+        something else at its path) is counted, logged, recorded in :attr:`save_errors` and
+        returned. A tier that cannot be reached raises TierUnavailableError (every save
+        would fail)."""
+        try:
+            self._save(entry)
+        except CacheWriteError as exc:
+            self._counters.num_save_errors += 1
+            self._agent_to_save_error[entry.agent_id] = exc.strerror or str(exc)
+            logger.warning("could not save the cache of agent %r: %s", entry.agent_id, exc)
+            return exc
+        return None
+
+    def _evict(self, entry: _Agent, *, drop: bool = True) -> None:
+        """Free an idle hot agent's blocks, writing its cache first if the tier lacks it.
+
+        A cache that cannot be written (a full disk) is dropped when ``drop`` (the pool
+        needs the room; an older file of it stays), else the CacheWriteError is raised and
+        it stays hot. With the tier unreachable it is dropped either way.
+        """
         assert entry.blocks is not None and not entry.checked_out, "this indicates a bug"
         if not entry.file_current or entry.tier_epoch != self.cold.epoch:
             try:
-                self._save(entry)
+                failed = self._try_save(entry)
             except TierUnavailableError as exc:  # the pool needs the room: drop the cache
                 self._tier_failed(f"saving agent {entry.agent_id!r} (its cache is dropped)", exc)
+                self._agent_to_save_error[entry.agent_id] = f"cold tier unreachable: {exc}"
                 entry.file_bytes, entry.file_current = 0, False
+            else:
+                if failed is not None and not drop:
+                    raise failed
         self.pool.release(entry.blocks)
         entry.blocks, entry.file_current, entry.loaded_unused = None, False, False
         self._counters.num_evictions += 1
@@ -667,7 +776,10 @@ class AgentCacheStore:
                 break
             assert entry.blocks is not None
             held -= self.pool.handle_bytes(entry.blocks)
-            self._evict(entry)
+            try:
+                self._evict(entry, drop=False)
+            except CacheWriteError:  # logged; it stays hot, the next put tries again
+                continue
 
     def _bytes_on_disk(self) -> int:
         return sum(e.file_bytes for e in self._id_to_agent.values())
@@ -684,7 +796,11 @@ class AgentCacheStore:
             if total <= self.max_disk_bytes:
                 break
             total -= entry.file_bytes
-            self._delete_file(entry)
+            try:
+                self._delete_file(entry)
+            except CacheWriteError as exc:  # it stays; the next save tries again
+                logger.warning("could not delete a cache to keep max_disk_bytes: %s", exc)
+                continue
             if entry.blocks is None and not entry.checked_out and entry is not keep:
                 self._counters.num_dropped += 1
                 del self._id_to_agent[entry.agent_id]
@@ -713,7 +829,8 @@ class AgentCacheStore:
             )
 
     def _delete_file(self, entry: _Agent) -> None:
-        entry.file_bytes, entry.file_current = 0, False
+        """Delete the agent's copy in the cold tier; CacheWriteError (a local file that
+        cannot be removed) leaves the entry as it was."""
         try:
             self.cold.delete(entry.agent_id)
         except TierUnavailableError as exc:
@@ -721,3 +838,4 @@ class AgentCacheStore:
             self._pending_deletes.add(entry.agent_id)
         else:
             self._pending_deletes.discard(entry.agent_id)
+        entry.file_bytes, entry.file_current = 0, False

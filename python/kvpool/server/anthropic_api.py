@@ -13,7 +13,7 @@ from typing import Any
 
 from kvpool.blocks import CompletedGeneration
 from kvpool.server.errors import bad_request
-from kvpool.server.params import Body, Generation, parse_stop
+from kvpool.server.params import Body, Generation, parse_cache_salt, parse_stop
 
 __all__ = ["message_response", "parse_messages", "stop_reason", "usage"]
 
@@ -72,6 +72,7 @@ def parse_messages(body: Body) -> Generation:
     gen.top_k = body.integer("top_k", 0, minimum=0) or 0
     gen.stop = parse_stop(body, "stop_sequences", 16)
     gen.stream = body.boolean("stream")
+    gen.cache_salt = parse_cache_salt(body)
     gen.return_token_ids = body.boolean("return_token_ids")
     body.ignore("metadata", "session_id", "model")
     body.refuse_unless("tools", [[]], "tool use is not implemented")

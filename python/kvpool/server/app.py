@@ -1,6 +1,8 @@
 """The HTTP side of ``kvpool serve``: routes, body limits, auth, streaming (Starlette).
 
-Every generation endpoint runs the same path: authenticate, read a bounded UTF-8 JSON body,
+Every generation endpoint runs the same path: authenticate (the key names the caller's
+tenant, :mod:`~kvpool.server.tenants`: its cache salt and session namespace), read a bounded
+UTF-8 JSON body,
 parse it (:mod:`~kvpool.server.openai_api`, :mod:`~kvpool.server.anthropic_api`), tokenize
 (chat messages through the tokenizer's chat template) in a worker thread, check the limits,
 then hand a :class:`~kvpool.server.loop.WorkItem` to the engine loop and relay its events:
@@ -16,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kvpool.blocks import CompletedGeneration
-from kvpool.errors import KvpoolError
+from kvpool.errors import InvalidRequestError
 from kvpool.server import anthropic_api, openai_api
 from kvpool.server.errors import (
     ApiError,
@@ -45,8 +47,11 @@ from kvpool.server.loop import Admitted, Channel, EngineLoop, Event, Finished, R
 from kvpool.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvpool.server.params import Body, Generation, Limits, sampling_of, stop_token_ids
 from kvpool.server.sessions import ephemeral_agent_id, validate_session_id
+from kvpool.server.tenants import ApiKeys, Tenant
 
 __all__ = ["ServerState", "create_app"]
+
+logger = logging.getLogger(__name__)
 
 OPENAI, ANTHROPIC = "openai", "anthropic"
 _POLL_S = 0.25  # how often a waiting non-streamed request checks for a disconnect
@@ -54,20 +59,29 @@ _POLL_S = 0.25  # how often a waiting non-streamed request checks for a disconne
 
 @dataclass(slots=True)
 class ServerState:
-    """What the routes need: the engine loop and the model's tokenizer, limits, names."""
+    """What the routes need: the engine loop and the model's tokenizer, limits, names.
+
+    ``model_name`` is the name responses carry; requests may name it or any of
+    ``model_aliases`` (the string given to ``--model``, its directory name).
+    """
 
     loop: EngineLoop
     tokenizer: Any
     model_name: str
     limits: Limits
     metrics: ServerMetrics
-    api_key: str | None
+    keys: ApiKeys
     max_body_bytes: int
     vocab_size: int | None
     created: int
     cache_dir: Path | None = None
     cache_where: str = ""  # where sessions' caches are (a directory, a Redis URL), for logs
     accepting: bool = True
+    model_aliases: tuple[str, ...] = ()
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *(a for a in self.model_aliases if a != self.model_name))
 
 
 class _Disconnected(Exception):
@@ -82,20 +96,21 @@ def _error_response(error: ApiError, api: str) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
-def _check_auth(state: ServerState, request: Request) -> None:
-    if state.api_key is None:
-        return
+def _check_auth(state: ServerState, request: Request) -> Tenant:
+    """The caller's tenant (the default one when the server has no keys); else a 401."""
     given = request.headers.get("x-api-key")
     auth = request.headers.get("authorization", "")
     if given is None and auth.lower().startswith("bearer "):
         given = auth[7:].strip()
-    if given is None or not hmac.compare_digest(given.encode(), state.api_key.encode()):
+    tenant = state.keys.tenant_of(given)
+    if tenant is None:
         raise ApiError(
             401,
             "authentication",
             "invalid or missing API key (Authorization: Bearer KEY or x-api-key: KEY)",
             code="invalid_api_key",
         )
+    return tenant
 
 
 async def _read_json(state: ServerState, request: Request) -> Any:
@@ -131,6 +146,15 @@ async def _read_json(state: ServerState, request: Request) -> Any:
             f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column "
             f"{exc.colno}",
             code="invalid_json",
+        ) from None
+    except RecursionError:
+        raise bad_request(
+            "the request body is not valid JSON here: it is nested too deeply",
+            code="invalid_json",
+        ) from None
+    except ValueError as exc:  # e.g. an integer past Python's digit limit
+        raise bad_request(
+            f"the request body is not valid JSON here: {str(exc)[:200]}", code="invalid_json"
         ) from None
 
 
@@ -240,19 +264,23 @@ async def _generate(request: Request, api: str, endpoint: str) -> Response:
     try:
         if not state.accepting:
             raise shutting_down()
-        _check_auth(state, request)
+        tenant = _check_auth(state, request)
         body = Body(await _read_json(state, request))
-        gen = parse(body)
-        if gen.model != state.model_name:
+        try:
+            gen = parse(body)
+        except RecursionError:  # a field nested deeper than Python compares or prints
+            raise bad_request("a field of the request body is nested too deeply") from None
+        if gen.model not in state.model_names:
             raise ApiError(
                 404,
                 "not_found",
-                f"model {gen.model!r} is not served here; this server serves "
+                f"model {gen.model[:200]!r} is not served here; this server serves "
                 f"{state.model_name!r} (GET /v1/models)",
                 param="model",
                 code="model_not_found",
             )
         session_id = _session_of(request, body.data, api)
+        agent_id = tenant.agent_id(session_id) if session_id is not None else None
         if _is_short(gen):  # cheaper here than the hop to a worker thread
             prompt, stops = _tokenize(state, gen)
         else:
@@ -268,13 +296,14 @@ async def _generate(request: Request, api: str, endpoint: str) -> Response:
     except _Disconnected:
         return Response(status_code=499)
     item = WorkItem(
-        agent_id=session_id or ephemeral_agent_id(),
+        agent_id=agent_id or ephemeral_agent_id(),
         session_id=session_id,
         prompt=tuple(prompt),
         max_tokens=max_tokens,
         sampling=sampling,
         channel=Channel(asyncio.get_running_loop()),
         t_received=t_received,
+        cache_salt=tenant.salt(gen.cache_salt),
     )
     stop_names = dict(zip(stops, gen.stop, strict=True))
     events = _Events(item.channel)
@@ -354,7 +383,8 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     """SSE of one admitted request; cancels it if the client goes away first."""
     name, created, ids = state.model_name, int(time.time()), gen.return_token_ids
-    ended = False
+    ended = started = False
+    generated: list[int] = []  # token ids so far
     try:
         if endpoint == "messages":
             rid = anthropic_api.new_id()
@@ -404,27 +434,30 @@ async def _stream(
                 return
             if isinstance(event, Admitted):
                 continue
+            generated.append(event.token)
+            text = event.text
+            if text and not started:  # the first text: as the whole reply's decode has it
+                started = True
+                text = _first_segment(state.tokenizer, generated, text)
             token_ids = [event.token] if ids else None
-            if not event.text and token_ids is None:
+            if not text and token_ids is None:
                 continue
             if endpoint == "messages":
                 delta = {
                     "type": "content_block_delta",
                     "index": 0,
-                    "delta": {"type": "text_delta", "text": event.text},
+                    "delta": {"type": "text_delta", "text": text},
                 }
                 yield _sse(delta, "content_block_delta")
             elif endpoint == "chat":
                 yield _sse(
                     openai_api.chat_chunk(
-                        rid, name, created, delta={"content": event.text}, token_ids=token_ids
+                        rid, name, created, delta={"content": text}, token_ids=token_ids
                     )
                 )
             else:
                 yield _sse(
-                    openai_api.completion_chunk(
-                        rid, name, created, text=event.text, token_ids=token_ids
-                    )
+                    openai_api.completion_chunk(rid, name, created, text=text, token_ids=token_ids)
                 )
     finally:
         if not ended:
@@ -432,91 +465,126 @@ async def _stream(
         events.close()
 
 
+def _first_segment(tokenizer: Any, generated: list[int], segment: str) -> str:
+    """The first text of a stream as a non-streamed response has it.
+
+    mlx-lm's streaming detokenizers drop the leading space of a reply's first token, which
+    ``tokenizer.decode`` (the non-streamed text) keeps; the streamed text must be the same.
+    Only whitespace the detokenizer trimmed is put back."""
+    try:
+        whole = str(tokenizer.decode(generated))
+    except Exception:  # a tokenizer that cannot decode a prefix: keep the segment
+        return segment
+    if whole != segment and whole.endswith(segment) and not whole[: -len(segment)].strip():
+        return whole
+    return segment
+
+
 # -- other routes ------------------------------------------------------------------------------
 
 
-def _openai_route(
-    handler: Callable[[Request, ServerState], Awaitable[Response]],
-) -> Callable[[Request], Awaitable[Response]]:
+_Handler = Callable[[Request, ServerState, Tenant], Awaitable[Response]]
+
+
+def _openai_route(handler: _Handler) -> Callable[[Request], Awaitable[Response]]:
     """Auth and errors (OpenAI's shape) around a non-generation route."""
 
     async def route(request: Request) -> Response:
         state: ServerState = request.app.state.kvpool
         try:
-            _check_auth(state, request)
-            return await handler(request, state)
+            tenant = _check_auth(state, request)
+            return await handler(request, state, tenant)
         except ApiError as exc:
             return _error_response(exc, OPENAI)
 
     return route
 
 
-async def _on_loop(state: ServerState, fn: Callable[[], Any]) -> Any:
+async def _on_loop(state: ServerState, fn: Callable[[], Any], what: str = "the request") -> Any:
+    """``fn()`` on the loop thread. A caller's mistake is a 400; any other failure a 500
+    whose body names no file and no other session (the log has the details)."""
     try:
         return await asyncio.wrap_future(state.loop.call(fn))
     except ApiError:
         raise
-    except KvpoolError as exc:
+    except InvalidRequestError as exc:
         raise bad_request(str(exc)) from None
+    except Exception as exc:
+        logger.error("%s failed: %r", what, exc)
+        raise ApiError(
+            500, "server", f"{what} failed ({type(exc).__name__}; see the server log)"
+        ) from None
 
 
-async def _models(request: Request, state: ServerState) -> Response:
-    model = {
-        "id": state.model_name,
-        "object": "model",
-        "type": "model",
-        "display_name": state.model_name,
-        "created": state.created,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.created)),
-        "owned_by": "kvpool",
-    }
+async def _models(request: Request, state: ServerState, tenant: Tenant) -> Response:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.created))
+    models = [
+        {
+            "id": name,
+            "object": "model",
+            "type": "model",
+            "display_name": name,
+            "created": state.created,
+            "created_at": created,
+            "owned_by": "kvpool",
+        }
+        for name in state.model_names
+    ]
     return JSONResponse(
         {
             "object": "list",
-            "data": [model],
+            "data": models,
             "has_more": False,
-            "first_id": state.model_name,
-            "last_id": state.model_name,
+            "first_id": models[0]["id"],
+            "last_id": models[-1]["id"],
         }
     )
 
 
-def _session_json(state: ServerState, session_id: str) -> dict[str, Any] | None:
-    """On the loop thread: one session's record, or None if unknown."""
+def _session_json(state: ServerState, tenant: Tenant, session_id: str) -> dict[str, Any] | None:
+    """On the loop thread: one of ``tenant``'s sessions' record, or None if unknown."""
     loop = state.loop
-    info = loop.sessions.get(session_id)
-    tier = loop.store.tier(session_id)
+    agent_id = tenant.agent_id(session_id)
+    info = loop.sessions.get(agent_id)
+    tier = loop.store.tier(agent_id)
     if info is None and tier is None:
         return None
     if info is None:
-        info = loop.sessions.touch(session_id)
-    return info.to_json(tier.value if tier else None, loop.in_flight(session_id))
+        info = loop.sessions.touch(agent_id)
+    return info.to_json(session_id, tier.value if tier else None, loop.in_flight(agent_id))
 
 
-async def _list_sessions(request: Request, state: ServerState) -> Response:
+async def _list_sessions(request: Request, state: ServerState, tenant: Tenant) -> Response:
     def collect() -> list[dict[str, Any]]:
         out = []
         for info in state.loop.sessions.all():
-            tier = state.loop.store.tier(info.session_id)
+            session_id = tenant.session_of(info.agent_id)
+            if session_id is None:  # another tenant's
+                continue
+            tier = state.loop.store.tier(info.agent_id)
             out.append(
-                info.to_json(tier.value if tier else None, state.loop.in_flight(info.session_id))
+                info.to_json(
+                    session_id, tier.value if tier else None, state.loop.in_flight(info.agent_id)
+                )
             )
         return out
 
     return JSONResponse({"object": "list", "data": await _on_loop(state, collect)})
 
 
-def _path_session(request: Request) -> str:
-    return validate_session_id(request.path_params["session_id"], "session id")
+def _path_session(request: Request, tenant: Tenant) -> tuple[str, str]:
+    """The path's session id and its agent id in ``tenant``'s namespace."""
+    session_id = validate_session_id(request.path_params["session_id"], "session id")
+    return session_id, tenant.agent_id(session_id)
 
 
 def _not_found(session_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no session {session_id!r}", code="session_not_found")
 
 
-async def _get_session(request: Request, state: ServerState) -> Response:
-    session_id = _path_session(request)
-    found = await _on_loop(state, lambda: _session_json(state, session_id))
+async def _get_session(request: Request, state: ServerState, tenant: Tenant) -> Response:
+    session_id, _ = _path_session(request, tenant)
+    found = await _on_loop(state, lambda: _session_json(state, tenant, session_id))
     if found is None:
         raise _not_found(session_id)
     return JSONResponse(found)
@@ -528,17 +596,17 @@ def _busy(session_id: str) -> ApiError:
     )
 
 
-async def _delete_session(request: Request, state: ServerState) -> Response:
-    session_id = _path_session(request)
+async def _delete_session(request: Request, state: ServerState, tenant: Tenant) -> Response:
+    session_id, agent_id = _path_session(request, tenant)
 
     def forget() -> bool | None:
         loop = state.loop
-        if loop.in_flight(session_id):
+        if loop.in_flight(agent_id):
             return None
-        known = loop.sessions.remove(session_id)
-        return loop.store.forget(session_id) or known
+        existed = loop.store.forget(agent_id)  # first: if it raises, nothing was forgotten
+        return loop.sessions.remove(agent_id) or existed
 
-    existed = await _on_loop(state, forget)
+    existed = await _on_loop(state, forget, f"deleting session {session_id!r}")
     if existed is None:
         raise _busy(session_id)
     if not existed:
@@ -546,16 +614,16 @@ async def _delete_session(request: Request, state: ServerState) -> Response:
     return JSONResponse({"id": session_id, "object": "session.deleted", "deleted": True})
 
 
-async def _offload_session(request: Request, state: ServerState) -> Response:
-    session_id = _path_session(request)
+async def _offload_session(request: Request, state: ServerState, tenant: Tenant) -> Response:
+    session_id, agent_id = _path_session(request, tenant)
 
     def offload() -> tuple[bool, dict[str, Any] | None] | None:
-        if state.loop.in_flight(session_id):
+        if state.loop.in_flight(agent_id):
             return None
-        moved = state.loop.store.evict(session_id)
-        return moved, _session_json(state, session_id)
+        moved = state.loop.store.evict(agent_id)
+        return moved, _session_json(state, tenant, session_id)
 
-    result = await _on_loop(state, offload)
+    result = await _on_loop(state, offload, f"offloading session {session_id!r}")
     if result is None:
         raise _busy(session_id)
     moved, found = result
@@ -564,12 +632,12 @@ async def _offload_session(request: Request, state: ServerState) -> Response:
     return JSONResponse({**found, "offloaded": moved})
 
 
-async def _cache_stats(request: Request, state: ServerState) -> Response:
+async def _cache_stats(request: Request, state: ServerState, tenant: Tenant) -> Response:
     snap = await _on_loop(state, state.loop.snapshot)
     return JSONResponse(snap)
 
 
-async def _metrics(request: Request, state: ServerState) -> Response:
+async def _metrics(request: Request, state: ServerState, tenant: Tenant) -> Response:
     snap = await _on_loop(state, state.loop.snapshot)
     state.metrics.set_snapshot(snap)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
@@ -588,6 +656,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kind = "not_found" if exc.status_code == 404 else "invalid_request"
     error = ApiError(exc.status_code, kind, f"{request.method} {request.url.path}: {exc.detail}")
+    api = ANTHROPIC if request.url.path.startswith("/v1/messages") else OPENAI
+    return _error_response(error, api)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A bug below a route: a 500 in the API's shape, the traceback in the log only."""
+    logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    error = ApiError(500, "server", f"internal error ({type(exc).__name__}; see the server log)")
     api = ANTHROPIC if request.url.path.startswith("/v1/messages") else OPENAI
     return _error_response(error, api)
 
@@ -626,7 +702,9 @@ def create_app(state: ServerState) -> Starlette:
         Route("/health", _health, methods=["GET"]),
     ]
     app = Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error}
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.kvpool = state
     return app

@@ -44,7 +44,7 @@ from kvpool.sampling import SamplingParams
 from kvpool.server.errors import ApiError, shutting_down
 from kvpool.server.metrics import ServerMetrics
 from kvpool.server.sessions import SessionRegistry
-from kvpool.store import AgentCacheStore
+from kvpool.store import AgentCacheStore, SaveReport
 
 __all__ = ["Admitted", "Channel", "EngineLoop", "Finished", "Refused", "Token", "WorkItem"]
 
@@ -104,9 +104,11 @@ class Channel:
 class WorkItem:
     """One generation request as the loop sees it.
 
-    ``agent_id`` is the session id, or an ephemeral id (``session_id is None``) that is
-    forgotten when the request ends. ``t_received`` (perf_counter) is when the HTTP request
-    arrived: the TTFT histogram measures from it.
+    ``agent_id`` is the session's id in its tenant's namespace, or an ephemeral id
+    (``session_id is None``) that is forgotten when the request ends. ``cache_salt`` is the
+    engine's salt (tenant and request, :meth:`~kvpool.server.tenants.Tenant.salt`).
+    ``t_received`` (perf_counter) is when the HTTP request arrived: the TTFT histogram
+    measures from it.
     """
 
     agent_id: str
@@ -116,6 +118,7 @@ class WorkItem:
     sampling: SamplingParams
     channel: Channel
     t_received: float
+    cache_salt: str = ""
     uid: int | None = None
     t_first_token: float | None = None
     num_tokens: int = 0
@@ -159,7 +162,9 @@ def _api_error_of(exc: KvpoolError) -> ApiError:
         )
     if isinstance(exc, InvalidRequestError):
         return ApiError(400, "invalid_request", str(exc))
-    return ApiError(500, "server", f"generation failed: {exc}")
+    # Anything else may name files or other sessions: the log has it, the client does not.
+    logger.error("a request failed: %s", exc)
+    return ApiError(500, "server", f"generation failed ({type(exc).__name__}; see the server log)")
 
 
 class EngineLoop:
@@ -177,6 +182,7 @@ class EngineLoop:
         flush_interval_s: float = 2.0,
         flush_idle_s: float = 0.25,
         idle_wait_s: float = 0.05,
+        check_saved_s: float = 30.0,
     ) -> None:
         self.engine = engine
         self.store = store
@@ -195,12 +201,15 @@ class EngineLoop:
         self._retry_flush = False  # the last flush left sessions unwritten (tier down)
         self._last_flush = self._last_busy = time.monotonic()
         self.flush_idle_s = flush_idle_s
+        self.check_saved_s = check_saved_s  # how often to ask the tier what it lost
+        self._last_check = time.monotonic()
         self._stopping = False
         self.stopped = threading.Event()
         self.num_steps = 0
         self.num_finished = 0
         self.prompt_tokens_total = 0  # of finished requests
         self.cached_tokens_total = 0  # ... of which came from a cache
+        self.close_report: SaveReport | None = None  # what the shutdown wrote (None: failed)
 
     # -- any thread -----------------------------------------------------------
 
@@ -253,6 +262,8 @@ class EngineLoop:
                     self._retry_flush and now - self._last_flush >= self.flush_interval_s
                 ):
                     self._flush()
+                elif now - self._last_check >= self.check_saved_s:
+                    self._check_saved()
         except BaseException:
             logger.exception("the engine loop failed")
             raise
@@ -332,6 +343,7 @@ class EngineLoop:
                 item.max_tokens,
                 sampling=item.sampling,
                 on_token=lambda event: self._on_token(item, event),
+                cache_salt=item.cache_salt,
             )
         except RequestTooLargeError as exc:
             self._end(item)
@@ -384,7 +396,10 @@ class EngineLoop:
             logger.exception("engine step failed")
             for running in list(self._by_uid.values()):
                 self._cancel_running(running)
-                self._refuse(running, ApiError(500, "server", f"engine step failed: {exc!r}"))
+                self._refuse(
+                    running,
+                    ApiError(500, "server", f"engine step failed ({type(exc).__name__})"),
+                )
             return
         self.num_steps += 1
         for completion in done:
@@ -408,7 +423,7 @@ class EngineLoop:
             m.requests.labels(completion.finish_reason).inc()
             if item.session_id is not None:
                 self.sessions.record_turn(
-                    item.session_id,
+                    item.agent_id,
                     completion.prompt_tokens,
                     completion.cached_tokens,
                     completion.token_count,
@@ -458,6 +473,17 @@ class EngineLoop:
         if self._last_flush - t0 > 0.5:
             logger.info("flushed sessions to disk in %.2f s", self._last_flush - t0)
 
+    def _check_saved(self) -> None:
+        """Idle: write again the sessions the cold tier lost (Redis evicted or flushed)."""
+        self._last_check = time.monotonic()
+        try:
+            lost = self.store.check_saved()
+        except Exception:
+            logger.exception("checking the cold tier for lost sessions failed")
+            return
+        if lost:
+            self._flush()
+
     def _shutdown(self) -> None:
         """Refuse what waits, cancel what runs, write idle caches to disk."""
         shutting = shutting_down()
@@ -479,9 +505,12 @@ class EngineLoop:
             elif isinstance(command, _Submit):
                 self._refuse(command.item, shutting)
         try:
-            self.store.close()
+            self.close_report = self.store.close()
         except Exception:
             logger.exception("writing sessions' caches to disk at shutdown failed")
+            return
+        for agent_id, why in sorted(self.close_report.failed.items()):
+            logger.error("the cache of session %r was not written at shutdown: %s", agent_id, why)
 
     # -- snapshots (run on the loop thread through call) --------------------------
 

@@ -117,6 +117,18 @@ class ServerMetrics:
             ["stat"],
             registry=r,
         )
+        self.save_errors = Gauge(
+            "kvpool:cache_save_errors",
+            "Session caches that could not be written (a full or read-only disk, a bad path), "
+            "each on its own (a counter; set from the store).",
+            registry=r,
+        )
+        self.dropped = Gauge(
+            "kvpool:cache_dropped",
+            "Session caches lost: evicted while they could not be written, or deleted for the "
+            "disk budget (a counter; set from the store).",
+            registry=r,
+        )
         self.evictions = Gauge(
             "kvpool:cache_evictions",
             "Caches moved from the pool to disk since start (a counter; set from the store).",
@@ -138,6 +150,8 @@ class ServerMetrics:
         self.sessions.labels("cold").set(store["num_cold"])
         self.evictions.set(store["num_evictions"])
         self.tier_errors.set(store["num_tier_errors"])
+        self.save_errors.set(store["num_save_errors"])
+        self.dropped.set(store["num_dropped"])
         for name, value in store["tier"].items():
             if isinstance(value, bool | int | float):
                 self.tier.labels(name).set(float(value))

@@ -1,11 +1,12 @@
 """OpenAI's Chat Completions and Completions: request parsing, responses, stream chunks.
 
 Accepted beyond the standard fields (as ``extra_body`` of the official client): ``session_id``
-(also the ``X-Session-ID`` header or ``prompt_cache_key``), ``top_k``, ``min_p``, and
+(also the ``X-Session-ID`` header or ``prompt_cache_key``), ``top_k``, ``min_p``,
+``cache_salt`` (vLLM's: prefix caching only among requests of the same salt) and
 ``return_token_ids`` (each choice then carries the generated ``token_ids``). Fields with
 no effect here (``user``, ``metadata``, ``store``) are accepted; anything that would change
-the output and is not implemented (``n > 1``, ``logprobs``, ``tools``, penalties, ...) is
-refused with a 400 naming it.
+the output and is not implemented (``n > 1``, ``logprobs``, ``tools``, penalties, a chat
+message's ``name``, ...) is refused with a 400 naming it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from kvpool.blocks import CompletedGeneration
 from kvpool.server.errors import bad_request
-from kvpool.server.params import Body, Generation, parse_stop
+from kvpool.server.params import Body, Generation, parse_cache_salt, parse_stop
 
 __all__ = [
     "chat_chunk",
@@ -39,8 +40,13 @@ def _common(body: Body, gen: Generation) -> None:
     gen.seed = body.integer("seed")
     gen.stop = parse_stop(body, "stop", 4)
     gen.stream = body.boolean("stream")
+    gen.cache_salt = parse_cache_salt(body)
     options = body.raw("stream_options")
     if options is not None:
+        if not gen.stream:
+            raise bad_request(
+                "stream_options is only allowed with stream: true", param="stream_options"
+            )
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise bad_request(
                 "stream_options must be an object with only include_usage", param="stream_options"
@@ -101,8 +107,8 @@ def parse_chat(body: Body) -> Generation:
                 f"{where}.role {role!r} is not supported (system, developer, user, assistant)",
                 param="messages",
             )
-        extra = set(message) - {"role", "content", "name"}
-        if extra:
+        extra = set(message) - {"role", "content"}
+        if extra:  # "name" too: chat templates drop it, so it would be ignored silently
             raise bad_request(
                 f"{where} has unsupported field(s): {', '.join(sorted(extra))}", param="messages"
             )

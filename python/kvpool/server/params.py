@@ -17,7 +17,14 @@ from kvpool.errors import InvalidRequestError
 from kvpool.sampling import SamplingParams
 from kvpool.server.errors import ApiError, bad_request
 
-__all__ = ["Body", "Generation", "Limits", "sampling_of", "stop_token_ids"]
+__all__ = [
+    "Body",
+    "Generation",
+    "Limits",
+    "parse_cache_salt",
+    "sampling_of",
+    "stop_token_ids",
+]
 
 _MISSING = object()
 
@@ -184,6 +191,23 @@ class Generation:
     include_usage: bool = False
     session_id: str | None = None
     return_token_ids: bool = False
+    cache_salt: str = ""  # vLLM's field: partitions the prefix cache inside the tenant
+
+
+MAX_CACHE_SALT_LEN = 256
+
+
+def parse_cache_salt(body: Body) -> str:
+    """vLLM's ``cache_salt``: 1..256 characters, or absent (``""``)."""
+    value = body.string("cache_salt")
+    if value is None:
+        return ""
+    if not 1 <= len(value) <= MAX_CACHE_SALT_LEN:
+        raise bad_request(
+            f"cache_salt is {len(value)} characters long; it must be 1..{MAX_CACHE_SALT_LEN}",
+            param="cache_salt",
+        )
+    return str(value)
 
 
 def stop_token_ids(tokenizer: Any, stops: list[str], param: str) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from kvpool.server.params import Limits
 __all__ = ["ServerConfig", "build_state", "default_cache_dir", "serve"]
 
 MIB = 2**20
+logger = logging.getLogger("kvpool.server")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +50,15 @@ class ServerConfig:
     kv_group_size: int = 64
     cache_dir: Path | None = None
     cache_url: str | None = None  # wins over cache_dir; file:///path, a path, redis://...
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # "KEY" (the default tenant) or "KEY:TENANT"; none: open
+    api_keys_file: Path | None = None  # one KEY[:TENANT] per line
+    env_api_key: str | None = None  # $KVPOOL_API_KEY: one default-tenant key, taken whole
+    cache_secret: bytes | None = None  # keys the MAC of shared-tier (Redis) blocks
     max_queue: int = 64
     max_body_bytes: int = 8 * MIB
     max_tokens_cap: int = 4096
     default_max_tokens: int = 256
-    served_model_name: str | None = None
+    served_model_names: tuple[str, ...] = ()  # the first is what responses carry
     flush_interval_s: float = 2.0
     shutdown_timeout_s: float = 10.0
     max_batch_size: int = 32
@@ -67,9 +72,72 @@ def default_cache_dir(model_name: str, fingerprint: str) -> Path:
     return base / "kvpool" / "sessions" / f"{model_name}-{digest}"
 
 
-def _model_name(config: ServerConfig) -> str:
-    if config.served_model_name:
-        return config.served_model_name
+_QUANT_DIR = re.compile(r"q\d+g\d+-\w+")  # a quantized format's sessions: BlockFormat.name
+
+
+def format_dir(cache_dir: Path, spec: Any) -> Path:
+    """Where sessions of ``spec``'s block format live under ``cache_dir``: the directory
+    itself for dense blocks (as always), a subdirectory named after a quantized format
+    (``q4g64-float16``). Servers of different ``--kv-bits`` on one directory never read or
+    overwrite each other's sessions."""
+    fmt = spec.format
+    return cache_dir / fmt.name if fmt.is_quantized else cache_dir
+
+
+def adopt_files(cache_dir: Path, ours: Path, spec: Any) -> int:
+    """Move session files of ``spec``'s quantized format that an older kvpool wrote into
+    ``cache_dir`` itself to ``ours`` (its format's directory); returns how many. Only the
+    header of each file is read; files of other formats, and names already taken in
+    ``ours``, stay where they are."""
+    from kvpool.errors import KvpoolError
+    from kvpool.persist import agent_id_of, read_cache_info
+
+    if ours == cache_dir:
+        return 0
+    moved = 0
+    for path in sorted(cache_dir.iterdir()):
+        if agent_id_of(path) is None or (ours / path.name).exists():
+            continue
+        try:
+            if read_cache_info(path).spec != spec:
+                continue
+            os.rename(path, ours / path.name)
+        except (KvpoolError, OSError) as exc:
+            logger.warning("not moving %s to %s: %s", path, ours, exc)
+            continue
+        moved += 1
+    return moved
+
+
+def other_formats(cache_dir: Path, ours: Path) -> dict[str, int]:
+    """Session files of other block formats under ``cache_dir`` (not ``ours``): the
+    format's directory name (``"."`` for dense) -> how many, for the start-up log."""
+    from kvpool.persist import agent_id_of
+
+    def count(directory: Path) -> int:
+        try:
+            return sum(1 for p in directory.iterdir() if agent_id_of(p) is not None)
+        except OSError:
+            return 0
+
+    found = {}
+    candidates = [cache_dir, *(p for p in cache_dir.iterdir() if _QUANT_DIR.fullmatch(p.name))]
+    for directory in candidates:
+        if directory != ours and directory.is_dir() and (n := count(directory)):
+            found["." if directory == cache_dir else directory.name] = n
+    return found
+
+
+def _model_names(config: ServerConfig) -> tuple[str, ...]:
+    """The names requests may use, the one responses carry first: ``--served-model-name``
+    (all of them) or else the string given to ``--model`` and its directory name."""
+    if config.served_model_names:
+        return tuple(dict.fromkeys(config.served_model_names))
+    return tuple(dict.fromkeys((config.model, _dir_name(config))))
+
+
+def _dir_name(config: ServerConfig) -> str:
+    """The model's directory (or recipe) name: what the default cache directory is named by."""
     return Path(config.model).name or config.model
 
 
@@ -83,8 +151,12 @@ def build_state(config: ServerConfig) -> Any:
     from kvpool.server.loop import EngineLoop
     from kvpool.server.metrics import ServerMetrics
     from kvpool.server.sessions import SessionRegistry
+    from kvpool.server.tenants import ApiKeys
     from kvpool.tier import local_path, open_tier
 
+    keys = ApiKeys.parse(  # before the model loads
+        config.api_keys, config.api_keys_file, whole=[config.env_api_key or ""]
+    )
     model, tokenizer = load_model(config.model)
     spec = ModelCacheSpec.from_model(model).with_format(config.kv_bits, config.kv_group_size)
     pool = BlockPool(spec, max_bytes=config.pool_mb * MIB)
@@ -96,20 +168,40 @@ def build_state(config: ServerConfig) -> Any:
         model, tokenizer, pool, spec, max_batch_size=config.max_batch_size
     )
     fingerprint = model_fingerprint(model)
-    name = _model_name(config)
+    names = _model_names(config)
     cache_dir: Path | None
     if config.cache_url is not None:
         cache_dir = local_path(config.cache_url)
     else:
-        cache_dir = config.cache_dir or default_cache_dir(name, fingerprint)
+        cache_dir = config.cache_dir or default_cache_dir(_dir_name(config), fingerprint)
     if cache_dir is not None:
-        cache_dir = cache_dir.expanduser()
+        root = cache_dir.expanduser()
+        cache_dir = format_dir(root, spec)
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if moved := adopt_files(root, cache_dir, spec):
+            logger.warning("moved %d %s sessions to %s", moved, spec.format.name, cache_dir)
+        for name, n in sorted(other_formats(root, cache_dir).items()):
+            logger.warning(
+                "%d sessions of another block format are kept in %s (this server keeps %s "
+                "blocks in %s); a server with that --kv-bits resumes them",
+                n,
+                root if name == "." else root / name,
+                spec.format.name,
+                cache_dir,
+            )
         sessions = SessionRegistry(cache_dir)  # before the store: drops stale ephemeral files
         store = AgentCacheStore(engine, cache_dir, fingerprint=fingerprint)
     else:
         assert config.cache_url is not None
-        tier = open_tier(config.cache_url, spec=spec, fingerprint=fingerprint)
+        tier = open_tier(
+            config.cache_url, spec=spec, fingerprint=fingerprint, secret=config.cache_secret
+        )
+        if config.cache_secret is None:
+            logger.warning(
+                "no --cache-secret: every client that can write to %s is trusted (it can "
+                "replace cached blocks and so change generated text; docs/DEPLOY.md)",
+                tier.describe(),
+            )
         sessions = SessionRegistry(None)
         store = AgentCacheStore(engine, tier, fingerprint=fingerprint)
     metrics = ServerMetrics()
@@ -134,10 +226,11 @@ def build_state(config: ServerConfig) -> Any:
     state = ServerState(
         loop=loop,
         tokenizer=tokenizer,
-        model_name=name,
+        model_name=names[0],
+        model_aliases=names[1:],
         limits=limits,
         metrics=metrics,
-        api_key=config.api_key,
+        keys=keys,
         max_body_bytes=config.max_body_bytes,
         vocab_size=model_vocab_size(model),
         created=int(time.time()),
@@ -157,6 +250,8 @@ def serve(config: ServerConfig) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
     )
+    if config.cache_secret is not None and config.cache_url is None:
+        logger.warning("--cache-secret has no effect without a shared --cache-url redis://...")
     state = build_state(config)
     app = create_app(state)
     pool = state.loop.pool
@@ -210,6 +305,10 @@ def serve(config: ServerConfig) -> int:
     if not server.started:
         print(f"kvpool serve: could not listen on {config.host}:{config.port}", file=sys.stderr)
         return 2
-    print("kvpool serve: stopped; sessions written to disk", flush=True)
+    report = state.loop.close_report
+    if report is None:
+        print("kvpool serve: stopped; writing sessions failed (see the log)", flush=True)
+    else:
+        print(f"kvpool serve: stopped; sessions: {report.summary()}", flush=True)
     gc.collect()  # MLX objects in reference cycles go now, not from another thread at exit
     return 0

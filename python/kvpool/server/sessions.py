@@ -1,7 +1,9 @@
 """Session ids and the server's record of each session.
 
 A session is an agent of the :class:`~kvpool.store.AgentCacheStore`: its agent id is the
-session id itself, so its cache file survives restarts under that name. Session ids are
+session id in its tenant's namespace (the session id itself for the default tenant,
+``_t-{tenant}_{session id}`` for another: :mod:`kvpool.server.tenants`), so its cache file
+survives restarts under that name. Session ids are
 1..128 characters of ``A-Z a-z 0-9 _ . -`` starting with a letter or digit. Requests without
 a session run as an *ephemeral* agent whose id starts with ``_`` (never a valid session id,
 so the two never collide) and which is forgotten when the request ends.
@@ -18,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvpool.persist import agent_id_of
+from kvpool.errors import KvpoolError
+from kvpool.persist import agent_id_of, read_cache_info
 from kvpool.server.errors import bad_request
 
 __all__ = ["MAX_SESSION_ID_LEN", "SessionInfo", "SessionRegistry", "validate_session_id"]
@@ -62,18 +65,23 @@ def ephemeral_agent_id() -> str:
 
 @dataclass(slots=True)
 class SessionInfo:
-    """What the server knows of one session (beyond where the store keeps its cache)."""
+    """What the server knows of one session (beyond where the store keeps its cache).
 
-    session_id: str
-    turns: int = 0  # turns completed by this process
-    context_tokens: int = 0  # prompt + generated tokens of its last turn (0: unknown)
+    ``agent_id`` is the store's id: the session id inside its tenant's namespace
+    (:meth:`~kvpool.server.tenants.Tenant.agent_id`).
+    """
+
+    agent_id: str
+    turns: int = 0  # turns completed by this process (a restart starts at 0)
+    context_tokens: int = 0  # prompt + generated tokens of its last turn (on disk at start)
     last_prompt_tokens: int = 0
     last_cached_tokens: int = 0
     last_used: float = 0.0  # unix time of its last completed turn (file mtime on restart)
 
-    def to_json(self, tier: str | None, in_flight: bool) -> dict[str, object]:
+    def to_json(self, session_id: str, tier: str | None, in_flight: bool) -> dict[str, object]:
+        """The record as its tenant sees it (``session_id``: the id without the namespace)."""
         return {
-            "id": self.session_id,
+            "id": session_id,
             "object": "session",
             "tier": tier,
             "in_flight": in_flight,
@@ -85,8 +93,17 @@ class SessionInfo:
         }
 
 
+def _saved_tokens(path: Path) -> int:
+    """Tokens a session file holds (its header only); 0 if it cannot be read."""
+    try:
+        return read_cache_info(path).num_tokens
+    except (KvpoolError, OSError):
+        return 0  # the store sets it aside or ignores it when it meets it
+
+
 class SessionRegistry:
-    """The sessions of one server: those found in the cache directory plus new ones."""
+    """The sessions of one server, by agent id: those found in the cache directory plus new
+    ones."""
 
     def __init__(self, cache_dir: Path | None) -> None:
         """``cache_dir``: the local cache directory, None for a shared tier (Redis), whose
@@ -100,28 +117,30 @@ class SessionRegistry:
             if agent_id.startswith(EPHEMERAL_PREFIX):
                 path.unlink(missing_ok=True)  # an ephemeral agent a killed process left
                 continue
-            self._sessions[agent_id] = SessionInfo(agent_id, last_used=path.stat().st_mtime)
+            self._sessions[agent_id] = SessionInfo(
+                agent_id, context_tokens=_saved_tokens(path), last_used=path.stat().st_mtime
+            )
 
-    def get(self, session_id: str) -> SessionInfo | None:
-        return self._sessions.get(session_id)
+    def get(self, agent_id: str) -> SessionInfo | None:
+        return self._sessions.get(agent_id)
 
-    def touch(self, session_id: str) -> SessionInfo:
-        info = self._sessions.get(session_id)
+    def touch(self, agent_id: str) -> SessionInfo:
+        info = self._sessions.get(agent_id)
         if info is None:
-            info = self._sessions[session_id] = SessionInfo(session_id)
+            info = self._sessions[agent_id] = SessionInfo(agent_id)
         return info
 
     def record_turn(
-        self, session_id: str, prompt_tokens: int, cached_tokens: int, generated: int
+        self, agent_id: str, prompt_tokens: int, cached_tokens: int, generated: int
     ) -> None:
-        info = self.touch(session_id)
+        info = self.touch(agent_id)
         info.turns += 1
         info.last_prompt_tokens, info.last_cached_tokens = prompt_tokens, cached_tokens
         info.context_tokens = prompt_tokens + generated
         info.last_used = time.time()
 
-    def remove(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+    def remove(self, agent_id: str) -> bool:
+        return self._sessions.pop(agent_id, None) is not None
 
     def all(self) -> list[SessionInfo]:
-        return sorted(self._sessions.values(), key=lambda s: s.session_id)
+        return sorted(self._sessions.values(), key=lambda s: s.agent_id)

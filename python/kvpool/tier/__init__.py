@@ -42,15 +42,20 @@ def local_path(url: str) -> Path | None:
     return Path(url)
 
 
-def open_tier(url: str, *, spec: ModelCacheSpec, fingerprint: str) -> ColdTier:
-    """The cold tier ``url`` names (see the module docstring)."""
+def open_tier(
+    url: str, *, spec: ModelCacheSpec, fingerprint: str, secret: bytes | None = None
+) -> ColdTier:
+    """The cold tier ``url`` names (see the module docstring); ``secret`` keys a shared
+    tier's MACs (a local directory has no other writers to authenticate)."""
     path = local_path(url)
     if path is not None:
         return LocalTier(path.expanduser(), fingerprint=fingerprint)
-    try:
-        from kvpool.tier.redis import RedisTier
-    except ImportError as exc:  # pragma: no cover - depends on the install
+    import importlib.util
+
+    if importlib.util.find_spec("redis") is None:  # the tier imports it only when it connects
         raise InvalidRequestError(
-            f"--cache-url {url!r} needs redis-py: pip install 'kvpool[redis]' ({exc})"
-        ) from exc
-    return RedisTier.from_url(url, spec=spec, fingerprint=fingerprint)
+            "--cache-url redis://... needs redis-py: pip install 'kvpool[redis]'"
+        )
+    from kvpool.tier.redis import RedisTier
+
+    return RedisTier.from_url(url, spec=spec, fingerprint=fingerprint, secret=secret)

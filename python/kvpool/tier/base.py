@@ -58,6 +58,8 @@ class TierStats:
     """A tier's own counters (since it was created); zeros where a tier has no such thing."""
 
     kind: str  # "file" or "redis"
+    # num_errors + num_skipped: every operation that raised TierUnavailableError (the store's
+    # num_tier_errors counts the same raises as they reach it)
     num_errors: int = 0  # operations that failed (unreachable, timeout, a server error)
     num_skipped: int = 0  # operations refused at once while backing off after an error
     num_blocks_written: int = 0  # blocks the tier lacked and got
@@ -68,7 +70,7 @@ class TierStats:
     prefix_tokens_imported: int = 0  # tokens of those blocks
     bytes_sent: int = 0  # bytes written to the tier (blocks and manifests)
     bytes_received: int = 0
-    available: bool = True  # False while backing off after an error
+    available: bool = True  # False from a failed operation until one succeeds
 
 
 class ColdTier(Protocol):
@@ -92,9 +94,17 @@ class ColdTier(Protocol):
         replacing the old one atomically; returns the bytes it now takes there."""
         ...
 
-    def load(self, pool: BlockPool, agent_id: str) -> CacheHandle | None:
-        """Load ``agent_id``'s cache into ``pool``; None if the tier holds none. The pool is
+    def load(self, pool: BlockPool, agent_id: str, salt: str = "") -> CacheHandle | None:
+        """Load ``agent_id``'s cache into ``pool`` under the tenant salt ``salt`` (its blocks
+        are shared only with that salt's requests); None if the tier holds none (or, where
+        the tier records the salt it was written under, holds it under another). The pool is
         unchanged when it raises (see the module docstring for the errors)."""
+        ...
+
+    def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
+        """The agents among ``handles`` (live in ``pool``, each saved here as it is) whose
+        copy the tier no longer holds whole (a file deleted, Redis keys evicted or flushed):
+        the store writes them again."""
         ...
 
     def delete(self, agent_id: str) -> None:

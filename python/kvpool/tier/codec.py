@@ -14,6 +14,12 @@ they are at rest (``BlockPool.read_codes``: uint32 codes ``[n_kv_heads, n, head_
 // 32]``, scales and biases ``[n_kv_heads, n, head_dim // group_size]`` in the spec's dtype),
 so a block read back is bit for bit the block written, never re-quantized.
 
+:func:`mac_key` turns a deployment's secret (``--cache-secret``) into the key of a keyed
+blake2b: records encoded with it carry a MAC of the rest *and of the Redis key they are
+stored under* (``context``), so nobody without the secret can write a record a reader
+accepts, nor move a real one to another key (another tenant's salt). Without a key the
+digest is the plain checksum (public ``person``): it catches corruption, not forgery.
+
 :func:`block_format_id` names the encoding in block keys (``"dense-float16-v1"``,
 ``"q4g64-float16-v1"``): pools of different formats never read each other's blocks.
 :func:`decode_block` also checks the record's magic and every length against the reading
@@ -25,6 +31,7 @@ move a block between a pool and a record, whatever the format: the tier never br
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +52,7 @@ __all__ = [
     "block_format_id",
     "decode_block",
     "encode_block",
+    "mac_key",
     "read_block",
     "record_bytes",
     "write_block",
@@ -78,8 +86,22 @@ def record_bytes(spec: ModelCacheSpec, num_tokens: int) -> int:
     return _HEAD.size + 4 * num_tokens + num_tokens * spec.bytes_per_token
 
 
-def _checksum(data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=32, person=_PERSON).digest()
+def mac_key(secret: bytes) -> bytes:
+    """The 32-byte blake2b key of a shared secret of any length (its own person)."""
+    if not secret:
+        raise ValueError("a cache secret must not be empty")
+    return hashlib.blake2b(secret, digest_size=32, person=b"kvpool.secret.1").digest()
+
+
+def _checksum(data: bytes | memoryview, key: bytes | None = None, context: bytes = b"") -> bytes:
+    """The record's digest: an unkeyed checksum, or with ``key`` a MAC of ``context`` (the
+    storage key, length-prefixed) and ``data``."""
+    if key is None:
+        return hashlib.blake2b(data, digest_size=32, person=_PERSON).digest()
+    h = hashlib.blake2b(digest_size=32, key=key, person=_PERSON)
+    h.update(struct.pack("<I", len(context)) + context)
+    h.update(data)
+    return h.digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +119,15 @@ def _arrays(kv: BlockLayer) -> list[HostArray]:
     return [a for rows in (kv.keys, kv.values) for a in (rows.codes, rows.scales, rows.biases)]
 
 
-def encode_block(token_ids: Sequence[int], kvs: Sequence[BlockLayer]) -> bytes:
+def encode_block(
+    token_ids: Sequence[int],
+    kvs: Sequence[BlockLayer],
+    key: bytes | None = None,
+    context: bytes = b"",
+) -> bytes:
     """The record of one block: ``kvs`` holds every layer, in order, for ``token_ids``
-    (all :class:`LayerKV`, or all :class:`LayerCodes`)."""
+    (all :class:`LayerKV`, or all :class:`LayerCodes`); with ``key`` (:func:`mac_key`), its
+    digest is a MAC bound to ``context`` (the key it is stored under)."""
     n = len(token_ids)
     quantized = bool(kvs) and isinstance(kvs[0], LayerCodes)
     parts: list[bytes | memoryview] = [np.asarray(token_ids, dtype="<u4").tobytes()]
@@ -110,7 +138,7 @@ def encode_block(token_ids: Sequence[int], kvs: Sequence[BlockLayer]) -> bytes:
             parts.append(np.ascontiguousarray(array).data.cast("B"))
     rest = b"".join(parts)
     magic = _QUANT_MAGIC if quantized else _DENSE_MAGIC
-    return _HEAD.pack(magic, n, len(kvs), _checksum(rest)) + rest
+    return _HEAD.pack(magic, n, len(kvs), _checksum(rest, key, context)) + rest
 
 
 def _layer_arrays(
@@ -127,9 +155,17 @@ def _layer_arrays(
     ]
 
 
-def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> DecodedBlock:
+def decode_block(
+    record: bytes,
+    spec: ModelCacheSpec,
+    start: int,
+    what: str,
+    key: bytes | None = None,
+    context: bytes = b"",
+) -> DecodedBlock:
     """Check and split a record written by :func:`encode_block` for positions from ``start``
-    of a pool of ``spec`` (its format decides the record's magic and lengths).
+    of a pool of ``spec`` (its format decides the record's magic and lengths), with the same
+    ``key`` and ``context``.
 
     Raises CacheCorruptionError naming ``what`` (the key) on any mismatch. The arrays are
     views of ``record`` (read-only).
@@ -160,8 +196,9 @@ def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> 
             f"{what}: a block record of {len(record)} bytes, expected {expected}"
         )
     rest = memoryview(record)[_HEAD.size :]
-    if _checksum(rest) != digest:
-        raise CacheCorruptionError(f"{what}: the block fails its blake2b checksum")
+    if not hmac.compare_digest(_checksum(rest, key, context), digest):
+        kind = "MAC (written without this server's --cache-secret?)" if key else "checksum"
+        raise CacheCorruptionError(f"{what}: the block fails its blake2b {kind}")
     tokens = np.frombuffer(record, dtype="<u4", count=n, offset=_HEAD.size)
     offset = _HEAD.size + 4 * n
     layers: list[BlockLayer] = []
@@ -176,13 +213,19 @@ def decode_block(record: bytes, spec: ModelCacheSpec, start: int, what: str) -> 
 
 
 def read_block(
-    pool: BlockPool, handle: CacheHandle, token_ids: Sequence[int], start: int, stop: int
+    pool: BlockPool,
+    handle: CacheHandle,
+    token_ids: Sequence[int],
+    start: int,
+    stop: int,
+    key: bytes | None = None,
+    context: bytes = b"",
 ) -> bytes:
     """The record of positions ``[start, stop)`` of every layer of a live handle, in the
     pool's format (dense K/V, or its quantized blocks' codes bit for bit)."""
     layers = list(range(pool.spec.n_layers))
     kvs = codec_for(pool.spec.format).read(pool, handle, layers, start, stop)
-    return encode_block(token_ids[start:stop], kvs)
+    return encode_block(token_ids[start:stop], kvs, key, context)
 
 
 def write_block(

@@ -17,11 +17,16 @@ separate blocks and sessions in one Redis and never read each other's (a miss, a
 
 A manifest names a session's blocks in order (``block_keys``) and its tokens; it is written
 after its blocks, in one SET, so a reader sees the old manifest or the new one, never a mix.
+With a deployment secret (``--cache-secret``) its last field ``mac`` is a keyed blake2b of
+the rest and of its key, and ``<block format>`` carries the secret's id (``...+m<8 hex>``):
+servers with and without a secret (or with two secrets) keep apart, and none deletes what
+the other wrote.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "KeySpace",
     "SessionManifest",
+    "secret_id",
     "session_chain",
 ]
 
@@ -57,6 +63,22 @@ def session_chain(tokens: Sequence[int], block_tokens: int, root: int) -> list[i
 
 def _short_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def _dump(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def _manifest_mac(data: bytes, key: bytes, context: bytes) -> str:
+    h = hashlib.blake2b(digest_size=32, key=key, person=b"kvpool.manifest")
+    h.update(len(context).to_bytes(4, "little") + context)
+    h.update(data)
+    return h.hexdigest()
+
+
+def secret_id(key: bytes) -> str:
+    """A short public id of a MAC key, for key names (``m`` and 8 hex digits)."""
+    return "m" + hashlib.blake2b(key, digest_size=4, person=b"kvpool.secretid").hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +124,10 @@ class SessionManifest:
     block_format: str
     block_tokens: int
 
-    def encode(self) -> bytes:
-        body = {
+    def encode(self, key: bytes | None = None, context: bytes = b"") -> bytes:
+        """The manifest's JSON; with ``key`` (:func:`~kvpool.tier.codec.mac_key`) a last
+        field ``mac`` binds it to ``context`` (the key it is stored under)."""
+        body: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "agent_id": self.agent_id,
@@ -114,21 +138,40 @@ class SessionManifest:
             "token_ids": list(self.token_ids),
             "blocks": [f"{k:016x}" for k in self.chain],
         }
-        return json.dumps(body, separators=(",", ":")).encode("utf-8")
+        if key is not None:
+            body["mac"] = _manifest_mac(_dump(body), key, context)
+        return _dump(body)
 
     @classmethod
-    def decode(cls, data: bytes, keys: KeySpace, agent_id: str, what: str) -> SessionManifest:
-        """Parse and check a manifest for ``agent_id`` under ``keys``.
+    def decode(
+        cls,
+        data: bytes,
+        keys: KeySpace,
+        agent_id: str,
+        what: str,
+        key: bytes | None = None,
+        context: bytes = b"",
+    ) -> SessionManifest:
+        """Parse and check a manifest for ``agent_id`` under ``keys`` (and its MAC, with
+        ``key`` and ``context`` as :meth:`encode` had them).
 
         Raises IncompatibleCacheError for another model, block format or size, and
-        CacheCorruptionError for anything malformed or inconsistent.
+        CacheCorruptionError for anything malformed, inconsistent or failing its MAC.
         """
         try:
             body: Any = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise CacheCorruptionError(f"{what}: the manifest is not JSON: {exc}") from exc
         if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
             raise CacheCorruptionError(f"{what}: not a {MANIFEST_FORMAT}")
+        if key is not None:
+            mac = body.pop("mac", None)
+            if not isinstance(mac, str) or not hmac.compare_digest(
+                mac, _manifest_mac(_dump(body), key, context)
+            ):
+                raise CacheCorruptionError(
+                    f"{what}: the manifest fails its MAC (written without this --cache-secret?)"
+                )
         if body.get("version") != MANIFEST_VERSION:
             raise IncompatibleCacheError(
                 f"{what}: manifest version {body.get('version')!r}, this kvpool reads "

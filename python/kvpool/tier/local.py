@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvpool.cache.tables import CacheHandle
-from kvpool.errors import InvalidRequestError
+from kvpool.errors import CacheWriteError, InvalidRequestError
 from kvpool.persist import (
     agent_id_of,
     cache_path,
@@ -84,16 +84,33 @@ class LocalTier:
     def save(self, pool: BlockPool, handle: CacheHandle) -> int:
         return save_cache(self.path(handle.agent_id), pool, handle, fingerprint=self.fingerprint)
 
-    def load(self, pool: BlockPool, agent_id: str) -> CacheHandle | None:
+    def load(self, pool: BlockPool, agent_id: str, salt: str = "") -> CacheHandle | None:
         path = self.path(agent_id)
         try:
-            return load_cache(path, pool, fingerprint=self.fingerprint, agent_id=agent_id)
+            return load_cache(
+                path, pool, fingerprint=self.fingerprint, agent_id=agent_id, cache_salt=salt
+            )
         except FileNotFoundError:
             logger.warning("cache file %s disappeared", path)
             return None
 
+    def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
+        return {h.agent_id for h in handles if not self.path(h.agent_id).is_file()}
+
     def delete(self, agent_id: str) -> None:
-        self.path(agent_id).unlink(missing_ok=True)
+        """Remove the agent's file; something else at its path (a directory) is set aside.
+
+        Raises CacheWriteError (naming the path: for logs) if neither works."""
+        path = self.path(agent_id)
+        try:
+            path.unlink(missing_ok=True)
+            return
+        except OSError as exc:
+            error = exc
+        if not path.is_file() and self.set_aside(agent_id):
+            logger.warning("set aside %s on delete: %s", path, error)
+            return
+        raise CacheWriteError(f"could not delete {path}: {error.strerror or error}") from error
 
     def set_aside(self, agent_id: str) -> bool:
         """Rename a bad file to ``{name}.corrupt`` (or a unique variant)."""

@@ -41,6 +41,7 @@ import contextlib
 import logging
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -58,11 +59,12 @@ from kvpool.tier.codec import (
     DecodedBlock,
     block_format_id,
     decode_block,
+    mac_key,
     read_block,
     record_bytes,
     write_block,
 )
-from kvpool.tier.layout import KeySpace, SessionManifest
+from kvpool.tier.layout import KeySpace, SessionManifest, secret_id
 
 __all__ = ["DEFAULT_TTL_S", "RedisTier"]
 
@@ -71,6 +73,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TTL_S = 86400
 _FETCH_BLOCKS = 8  # blocks per pipelined round trip when reading or writing
 _IMPORT_AGENT = "_kvpool-import"  # the throwaway handle prefix imports commit
+_MAX_VERIFIED = 1 << 16  # block keys remembered as checked (with a secret), least recent out
+_WRONG_TYPE = b""  # what a GET of a key of another type (a list) reads as: a bad record
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -79,10 +83,28 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (redis.RedisError, OSError)
 
 
+def _is_wrong_type(result: object) -> bool:
+    """A pipelined command's error that concerns its key alone (WRONGTYPE), not Redis."""
+    return isinstance(result, Exception) and str(result).startswith("WRONGTYPE")
+
+
+def _raise_outage(results: Sequence[object]) -> list[object]:
+    """``results`` of ``execute(raise_on_error=False)``: raises the first error that is not
+    a key's own; a WRONGTYPE becomes :data:`_WRONG_TYPE`."""
+    for result in results:
+        if isinstance(result, Exception) and not _is_wrong_type(result):
+            raise result
+    return [_WRONG_TYPE if _is_wrong_type(r) else r for r in results]
+
+
 class RedisTier:
     """Sessions of model ``fingerprint`` in the Redis behind ``client`` (a ``redis.Redis``).
 
-    Build it from a URL with :meth:`from_url`. ``spec`` must be the pool's.
+    Build it from a URL with :meth:`from_url`. ``spec`` must be the pool's. ``secret``
+    (every server of a deployment the same) keys a MAC of every block and manifest: what
+    fails it is never loaded (deleted, counted as corrupt), and a writer checks a block it
+    finds already there before it counts it as written. Without one, every Redis writer is
+    trusted (checksums catch corruption, not forgery).
     """
 
     kind = "redis"
@@ -99,6 +121,7 @@ class RedisTier:
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         where: str = "redis",
+        secret: bytes | None = None,
     ) -> None:
         sliding = [g.window for g in spec.groups if g.window is not None]
         if sliding:
@@ -111,7 +134,13 @@ class RedisTier:
             raise InvalidRequestError(f"ttl_s must be >= 1 or None, got {ttl_s!r}")
         self.client = client
         self.spec = spec
-        self.keys = KeySpace(fingerprint, block_format_id(spec), spec.block_tokens, prefix)
+        self._mac = mac_key(secret) if secret else None
+        block_format = block_format_id(spec)
+        if self._mac is not None:  # keyed and unkeyed servers (or two secrets) keep apart
+            block_format += f"+{secret_id(self._mac)}"
+        self.keys = KeySpace(fingerprint, block_format, spec.block_tokens, prefix)
+        # block keys whose record this tier wrote or checked (with a secret): trusted as there
+        self._verified: OrderedDict[str, None] = OrderedDict()
         self.ttl_s = ttl_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
@@ -119,6 +148,7 @@ class RedisTier:
         self.epoch = 0
         self._errors = _redis_errors()
         self._delay = 0.0  # the current back-off (0: healthy)
+        self._failing = False  # from a failed operation until one succeeds
         self._down_until = 0.0
         self._last_error = ""
         self._counts: dict[str, int] = dict.fromkeys(
@@ -138,7 +168,9 @@ class RedisTier:
         )
 
     @classmethod
-    def from_url(cls, url: str, *, spec: ModelCacheSpec, fingerprint: str) -> RedisTier:
+    def from_url(
+        cls, url: str, *, spec: ModelCacheSpec, fingerprint: str, secret: bytes | None = None
+    ) -> RedisTier:
         """``redis://[:password@]host:port/db[?ttl=SECONDS&prefix=NAME]`` (``rediss://``
         for TLS; ``ttl=0``: no TTL). Connects lazily: a Redis that is down at start-up is
         an error counted on first use, not a failed start."""
@@ -172,6 +204,7 @@ class RedisTier:
             ttl_s=ttl or None,
             prefix=prefix,
             where=where,
+            secret=secret,
         )
 
     # -- faults ---------------------------------------------------------------
@@ -193,9 +226,11 @@ class RedisTier:
             self._delay = min(self.max_backoff_s, max(self.backoff_s, 2 * self._delay))
             self._down_until = time.monotonic() + self._delay
             self._last_error = f"{type(exc).__name__}: {exc}"
+            self._failing = True
             raise TierUnavailableError(
                 f"{self.where}: {what} failed ({self._last_error}); retrying in {self._delay:.1f} s"
             ) from exc
+        self._failing = False
         if self._delay:
             self._delay = 0.0
             self.epoch += 1  # it may have restarted empty, or lost a write: rewrite
@@ -205,6 +240,20 @@ class RedisTier:
 
     def describe(self) -> str:
         return self.where
+
+    @property
+    def authenticated(self) -> bool:
+        """True with a secret: records are MACed, writers without it are not trusted."""
+        return self._mac is not None
+
+    def _context(self, key: str) -> bytes:
+        return key.encode()
+
+    def _trust(self, key: str) -> None:
+        self._verified[key] = None
+        self._verified.move_to_end(key)
+        if len(self._verified) > _MAX_VERIFIED:
+            self._verified.popitem(last=False)
 
     def scan(self) -> list[StoredCache]:
         return []  # shared: asked per agent
@@ -236,20 +285,28 @@ class RedisTier:
                 self._refresh(pipe, key)
             present = pipe.execute()
         missing = [j for j, there in enumerate(present) if not there]
-        self._counts["num_blocks_deduplicated"] += len(block_keys) - len(missing)
-        for i in range(0, len(missing), _FETCH_BLOCKS):
-            chunk = missing[i : i + _FETCH_BLOCKS]
+        replace = self._unverified(block_keys, present, tokens) if self._mac else set()
+        self._counts["num_blocks_deduplicated"] += len(block_keys) - len(missing) - len(replace)
+        todo = sorted({*missing, *replace})
+        for i in range(0, len(todo), _FETCH_BLOCKS):
+            chunk = todo[i : i + _FETCH_BLOCKS]
             records = []
             for j in chunk:
                 start, stop = j * size, min((j + 1) * size, len(tokens))
-                records.append(read_block(pool, handle, tokens, start, stop))
+                context = self._context(block_keys[j])
+                records.append(read_block(pool, handle, tokens, start, stop, self._mac, context))
             with self._redis(f"saving agent {handle.agent_id!r}") as r:
                 pipe = r.pipeline(transaction=False)
                 for j, record in zip(chunk, records, strict=True):
-                    pipe.set(block_keys[j], record, nx=True, ex=self.ttl_s)
+                    # a bad record found there is replaced; a missing one is set only if
+                    # still missing (a concurrent writer's is as good, and checked on read)
+                    pipe.set(block_keys[j], record, nx=j not in replace, ex=self.ttl_s)
                 pipe.execute()
+            for j in chunk:
+                self._trust(block_keys[j])
             self._counts["num_blocks_written"] += len(chunk)
             self._counts["bytes_sent"] += sum(len(rec) for rec in records)
+        manifest_key = self.keys.session_key(handle.agent_id)
         manifest = SessionManifest(
             handle.agent_id,
             tokens,
@@ -258,51 +315,76 @@ class RedisTier:
             self.keys.fingerprint,
             self.keys.block_format,
             size,
-        ).encode()
+        ).encode(self._mac, self._context(manifest_key))
         with self._redis(f"saving agent {handle.agent_id!r}") as r:
-            r.set(self.keys.session_key(handle.agent_id), manifest, ex=self.ttl_s)
+            r.set(manifest_key, manifest, ex=self.ttl_s)
         self._counts["bytes_sent"] += len(manifest)
         return len(manifest) + sum(
             record_bytes(self.spec, min(size, len(tokens) - j * size)) for j in range(len(chain))
         )
 
+    def _unverified(
+        self, block_keys: Sequence[str], present: Sequence[object], tokens: Sequence[int]
+    ) -> set[int]:
+        """With a secret: the indices of blocks found present that fail their check (planted,
+        corrupt, another type): they are replaced, never trusted. Blocks this tier wrote or
+        checked before are not fetched again."""
+        known = self._verified
+        check = [j for j, there in enumerate(present) if there and block_keys[j] not in known]
+        bad: set[int] = set()
+        for i in range(0, len(check), _FETCH_BLOCKS):
+            js = check[i : i + _FETCH_BLOCKS]
+            keys = [block_keys[j] for j in js]
+            for j, key, record in zip(js, keys, self._fetch("checking blocks", keys), strict=True):
+                try:
+                    if self._checked(record, key, tokens, j, delete=False) is not None:
+                        continue
+                except CacheCorruptionError as exc:
+                    logger.warning("%s: replacing a block failing its check: %s", self.where, exc)
+                bad.add(j)  # failed, or vanished since: write it
+        return bad
+
     def _fetch(self, what: str, keys: Sequence[str]) -> list[bytes | None]:
+        """The records under ``keys`` (None: missing; :data:`_WRONG_TYPE`: not a string)."""
         with self._redis(what) as r:
             pipe = r.pipeline(transaction=False)
             for key in keys:
                 pipe.get(key)
                 if self.ttl_s is not None:
                     pipe.expire(key, self.ttl_s)
-            out = pipe.execute()
-        records: list[bytes | None] = out[:: 2 if self.ttl_s is not None else 1]
+            out = _raise_outage(pipe.execute(raise_on_error=False))
+        records: list[bytes | None] = out[:: 2 if self.ttl_s is not None else 1]  # type: ignore[assignment]
         self._counts["bytes_received"] += sum(len(rec) for rec in records if rec)
         return records
 
     def _checked(
-        self, record: bytes | None, key: str, tokens: Sequence[int], j: int
+        self, record: bytes | None, key: str, tokens: Sequence[int], j: int, *, delete: bool = True
     ) -> DecodedBlock | None:
         """Block ``j`` if ``record`` is there and passes; None if it is missing.
 
-        A record that fails is deleted (best effort), counted, and raises
-        CacheCorruptionError."""
+        A record that fails is counted, deleted (best effort; unless not ``delete``: the
+        caller replaces it), forgotten as checked, and raises CacheCorruptionError."""
         if record is None:
             return None
         size = self.spec.block_tokens
         start, stop = j * size, min((j + 1) * size, len(tokens))
         try:
-            block = decode_block(record, self.spec, start, key)
+            if record is _WRONG_TYPE:
+                raise CacheCorruptionError(f"{key}: a key of another type than a block's")
+            block = decode_block(record, self.spec, start, key, self._mac, self._context(key))
             if block.token_ids != tuple(tokens[start:stop]):
                 raise CacheCorruptionError(
                     f"{key}: holds other tokens than positions {start}..{stop} of the sequence"
                 )
         except CacheCorruptionError:
             self._counts["num_blocks_corrupt"] += 1
-            with (
-                contextlib.suppress(TierUnavailableError),
-                self._redis("deleting a bad block") as r,
-            ):
-                r.delete(key)
+            self._verified.pop(key, None)
+            if delete and not self._failing:  # best effort: not an operation the store sees
+                with contextlib.suppress(*self._errors):
+                    self.client.delete(key)
             raise
+        if self._mac is not None:
+            self._trust(key)
         return block
 
     def _fill(
@@ -327,7 +409,7 @@ class RedisTier:
                 write_block(pool, tables, block, written_from)
         return True
 
-    def load(self, pool: BlockPool, agent_id: str) -> CacheHandle | None:
+    def load(self, pool: BlockPool, agent_id: str, salt: str = "") -> CacheHandle | None:
         self._check_pool(pool)
         key = self.keys.session_key(agent_id)
         what = f"loading agent {agent_id!r}"
@@ -336,11 +418,18 @@ class RedisTier:
             pipe.get(key)
             if self.ttl_s is not None:
                 pipe.expire(key, self.ttl_s)
-            data = pipe.execute()[0]
+            data = _raise_outage(pipe.execute(raise_on_error=False))[0]
         if data is None:
             return None
+        if data is _WRONG_TYPE:  # the store sets it aside (deletes it): a miss, not an outage
+            raise CacheCorruptionError(f"{self.where} {key}: a key of another type than a manifest")
+        assert isinstance(data, bytes)
         self._counts["bytes_received"] += len(data)
-        manifest = SessionManifest.decode(data, self.keys, agent_id, f"{self.where} {key}")
+        manifest = SessionManifest.decode(
+            data, self.keys, agent_id, f"{self.where} {key}", self._mac, self._context(key)
+        )
+        if manifest.salt != salt:  # written under another tenant salt: not this request's
+            return None
         tokens, size = manifest.token_ids, self.spec.block_tokens
         got = pool.reserve_exact(agent_id, tokens, salt=manifest.salt)
         if isinstance(got, PoolFull):
@@ -357,6 +446,32 @@ class RedisTier:
             pool.rollback(res)
             raise
         return pool.commit_exact(res, tables, [0] * len(self.spec.groups))
+
+    def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
+        """One pipelined EXISTS over every manifest and block key of ``handles``."""
+        self._check_pool(pool)
+        keys_of = {
+            h.agent_id: [
+                self.keys.session_key(h.agent_id),
+                *(self.keys.block_key(h.salt, c) for c in self.keys.chain(h.token_ids, h.salt)),
+            ]
+            for h in handles
+        }
+        with self._redis(f"checking {len(handles)} sessions are still stored") as r:
+            pipe = r.pipeline(transaction=False)
+            for keys in keys_of.values():
+                for key in keys:
+                    pipe.exists(key)
+            found = iter(pipe.execute())
+        gone = set()
+        for agent_id, keys in keys_of.items():
+            there = [next(found) for _ in keys]
+            if not all(there):
+                gone.add(agent_id)
+                for key, ok in zip(keys, there, strict=True):
+                    if not ok:
+                        self._verified.pop(key, None)
+        return gone
 
     def delete(self, agent_id: str) -> None:
         with self._redis(f"deleting agent {agent_id!r}") as r:
@@ -423,7 +538,8 @@ class RedisTier:
         return end - shared * size
 
     def stats(self) -> TierStats:
-        return TierStats(self.kind, **self._counts, available=time.monotonic() >= self._down_until)
+        # down from a failure until an operation succeeds, not merely until the back-off ends
+        return TierStats(self.kind, **self._counts, available=not self._failing)
 
     def close(self) -> None:
         with contextlib.suppress(*self._errors):
