@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CONVERTER_VERSION",
     "GGUF_GROUP_SIZE",
+    "PROVENANCE_NAME",
     "convert_gguf",
     "permute_rope_rows",
     "unpermute_rope_rows",
@@ -39,6 +40,7 @@ __all__ = [
 # Bump when a change here changes the files a conversion writes.
 CONVERTER_VERSION = 1
 GGUF_GROUP_SIZE = 32  # values per ggml block: MLX's group size for GGUF quantized tensors
+PROVENANCE_NAME = "kvpool_source.json"  # where a converted directory came from
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -87,10 +89,18 @@ def unpermute_rope_rows(weight: mx.array, num_heads: int) -> mx.array:
     return grouped.swapaxes(1, 2).reshape(weight.shape)
 
 
-def convert_gguf(gguf: Path | str, out: Path | str, *, dtype: Dtype = "float32") -> Path:
+def convert_gguf(
+    gguf: Path | str,
+    out: Path | str,
+    *,
+    dtype: Dtype = "float32",
+    provenance: dict[str, Any] | None = None,
+) -> Path:
     """Convert the llama GGUF file ``gguf`` into the mlx-lm model directory ``out``.
 
-    Replaces whatever was at ``out``. Raises :class:`~kvpool.errors.ModelConversionError`
+    Replaces whatever was at ``out``. ``provenance``, if given, is written with the other
+    files as ``PROVENANCE_NAME`` (JSON; the converter version and each file's size added).
+    Raises :class:`~kvpool.errors.ModelConversionError`
     (one line: the file and what was wrong) for an unreadable or truncated file, another
     architecture or tokenizer, or a tensor it cannot place; ``out`` is then untouched and no
     temporary directory remains.
@@ -114,6 +124,10 @@ def convert_gguf(gguf: Path | str, out: Path | str, *, dtype: Dtype = "float32")
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
+        if provenance is not None:
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            record = {**provenance, "converter_version": CONVERTER_VERSION, "files": files}
+            _write_json(tmp / PROVENANCE_NAME, record)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
