@@ -189,6 +189,8 @@ def test_console_script(cache_dir: Path) -> None:
             str(script),
             "--no-fast-blas",
             "demo",
+            "--model",
+            "demo",
             "--agents",
             "2",
             "--turns",
