@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,3 +184,18 @@ def test_a_local_directory_is_taken_before_a_repo_id(
     path, _, tokenizer = locate_and_load("owner/name")
     assert path == Path("owner/name")
     assert tokenizer.decode(tokenizer.encode("hello")) == "hello"
+
+
+def test_the_default_demo_shows_a_real_conversation(smollm2_dir: Path) -> None:
+    """No --model: the trained model (cached by the fixture), and its text is shown."""
+    argv = ["demo", "--agents", "1", "--turns", "2", "--max-tokens", "8"]
+    proc = subprocess.run(
+        [str(KVPOOL), *argv], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "RANDOM" not in proc.stdout
+    assert "model                smollm2-135m-instruct: llama, 30 layers" in proc.stdout
+    conversation = proc.stdout.split("\n    user: ", 1)[1]
+    user, assistant = (" ".join(part.split()) for part in conversation.split("\n    assistant: "))
+    assert user.endswith("?"), user
+    assert len(re.findall(r"[A-Za-z]{2,}", assistant)) >= 3, assistant
