@@ -236,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="results folder (default: bench/results in a kvpool checkout, else "
         "./kvpool-bench-results; --quick runs use its quick/ subfolder)",
     )
+    bench.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="model of the benchmarks that take one ("
+        + ", ".join(_bench_names(takes_model=True))
+        + "; default: theirs, the trained default model); the others keep their "
+        "fixed models. Any reference --model of demo takes",
+    )
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     bench.set_defaults(handler=_cmd_bench)
     _add_serve_parser(commands)
@@ -490,10 +498,10 @@ def _clip(text: str, limit: int) -> str:
 # --------------------------------------------------------------------------- bench
 
 
-def _bench_names() -> list[str]:
+def _bench_names(*, takes_model: bool = False) -> list[str]:
     from kvpool.benchmarks.runner import REGISTRY
 
-    return list(REGISTRY)
+    return [n for n, b in REGISTRY.items() if b.takes_model or not takes_model]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -515,8 +523,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         _error(f"kvpool bench: error: --out {str(out_dir)!r} exists and is not a directory")
         return EXIT_USAGE
+    names = args.names or list(REGISTRY)
+    if args.model is not None and not any(REGISTRY[n].takes_model for n in names):
+        _error(
+            f"kvpool bench: error: --model applies to {', '.join(_bench_names(takes_model=True))}"
+            f", none of which is chosen ({', '.join(names)})"
+        )
+        return EXIT_USAGE
     records = run_benchmarks(
-        args.names or list(REGISTRY), quick=args.quick, out_dir=out_dir, json_path=args.json
+        names, quick=args.quick, out_dir=out_dir, json_path=args.json, model=args.model
     )
     return EXIT_FAILED if any(r["error"] for r in records) else EXIT_OK
 
