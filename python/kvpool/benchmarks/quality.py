@@ -18,19 +18,16 @@ import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
-import numpy as np
-
-from kvpool import BlockPool
 from kvpool.benchmarks.records import BenchRecord, Section, Target
 from kvpool.benchmarks.tables import table
 from kvpool.errors import InvalidRequestError
-from kvpool.mlx.mlx_lm import kv_cache, prompt_cache
-from kvpool.models import MANIFEST_NAME, locate_and_load
-from kvpool.spec import ModelCacheSpec
-from kvpool.storage import LayerKV
+
+if TYPE_CHECKING:  # MLX is imported where the benchmark runs: the report renders without it
+    import mlx.core as mx
+
+    from kvpool.storage import LayerKV
 
 __all__ = ["RECORD", "SECTION", "QualityRecord", "run"]
 
@@ -100,6 +97,12 @@ def texts(num_texts: int) -> list[Path]:
 
 def _context_kvs(model: Any, context: list[int]) -> list[LayerKV]:
     """Each layer's K/V after a plain mlx-lm prefill of ``context``, on the host."""
+    import mlx.core as mx
+    import numpy as np
+
+    from kvpool.mlx.mlx_lm import prompt_cache
+    from kvpool.storage import LayerKV
+
     caches = prompt_cache(model)
     model(mx.array([context]), cache=caches)
     kvs = []
@@ -118,6 +121,10 @@ def _context_kvs(model: Any, context: list[int]) -> list[LayerKV]:
 
 
 def _log_probs(model: Any, kvs: list[LayerKV], fed: list[int]) -> mx.array:
+    import mlx.core as mx
+
+    from kvpool.mlx.mlx_lm import kv_cache
+
     n = kvs[0].num_tokens
     caches = [kv_cache(mx.array(kv.keys)[None], mx.array(kv.values)[None], n) for kv in kvs]
     logits: mx.array = model(mx.array([fed]), cache=caches)[0].astype(mx.float32)
@@ -132,6 +139,11 @@ def _scalar(array: mx.array) -> float:
 
 def score_text(model: Any, tokenizer: Any, path: Path, shape: Shape) -> TextScore:
     """One text through every format of FORMATS (see the module docstring)."""
+    import mlx.core as mx
+
+    from kvpool.pool import BlockPool
+    from kvpool.spec import ModelCacheSpec
+
     ids = [int(t) for t in tokenizer.encode(path.read_text(encoding="utf-8"))]
     if len(ids) < shape.context + shape.continuation:
         raise InvalidRequestError(
@@ -171,6 +183,7 @@ def score_text(model: Any, tokenizer: Any, path: Path, shape: Shape) -> TextScor
 
 def run(quick: bool, model: str | None = None) -> QualityRecord:
     """Score the trained default model (or ``model``) on FULL or QUICK."""
+    from kvpool.models import MANIFEST_NAME, locate_and_load
     from kvpool.pretrained import DEFAULT_MODEL
 
     name = model or DEFAULT_MODEL
