@@ -1,7 +1,9 @@
-"""Real mlx-lm model directories built offline: random weights, real geometry.
+"""Model references (:func:`locate_and_load`) and mlx-lm model directories built offline from
+recipes: random weights, real geometry.
 
-No model hub is reachable where kvpool is developed and tested, so every model kvpool runs is
-built here from a :class:`ModelRecipe`: a ``config.json`` for one of mlx-lm's own architectures,
+A reference is a recipe name, a trained model's name (:mod:`kvpool.pretrained`), a directory
+or a Hugging Face repo id. A recipe needs no network: it is built here from a
+:class:`ModelRecipe`: a ``config.json`` for one of mlx-lm's own architectures,
 a ``model.safetensors`` of seeded random weights whose names and shapes are read from that
 architecture's mlx-lm class (so they cannot drift from what ``mlx_lm.load`` expects), and a
 byte-level BPE tokenizer trained on a small embedded English text. ``mlx_lm.load(dir)`` loads the
