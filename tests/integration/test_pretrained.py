@@ -208,3 +208,29 @@ def test_the_default_demo_shows_a_real_conversation(smollm2_dir: Path) -> None:
     user, assistant = (" ".join(part.split()) for part in conversation.split("\n    assistant: "))
     assert user.endswith("?"), user
     assert len(re.findall(r"[A-Za-z]{2,}", assistant)) >= 3, assistant
+
+
+def test_the_served_trained_model_answers_and_stops_at_its_eos(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """The converted chat template and eos (<|im_end|>) through kvpool serve and the official
+    client: a known answer, finish_reason "stop" well before max_tokens, no template text."""
+    import openai
+    from server_process import ServerProcess
+
+    args = ("--model", str(smollm2_dir))
+    with ServerProcess(tmp_path / "sessions", tmp_path / "models", *args) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=40,
+            temperature=0,
+        )
+        assert server.stop() == 0
+    choice = reply.choices[0]
+    text = choice.message.content or ""
+    assert "Paris" in text, text
+    assert choice.finish_reason == "stop", (choice.finish_reason, text)
+    assert reply.usage is not None and reply.usage.completion_tokens < 40
+    assert "<|im_" not in text
