@@ -209,6 +209,7 @@ def _pip_download(requirement: str, into: Path) -> None:
         "pip",
         "download",
         "--no-deps",
+        "--only-binary=:all:",  # the wheel, never an sdist to build
         "--disable-pip-version-check",
         "--no-input",
         "--retries",
