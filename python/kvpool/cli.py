@@ -1,5 +1,7 @@
-"""The ``kvpool`` command: ``kvpool demo``, ``kvpool info`` and ``kvpool bench``.
+"""The ``kvpool`` command: ``demo``, ``serve``, ``models``, ``info`` and ``bench``.
 
+Without ``--model``, ``demo``, ``serve`` and ``info`` run the trained default model
+(:mod:`kvpool.pretrained`), or say in one line why not and run the random-weight recipe.
 Exit codes: 0 done; 1 a generation failed; 2 bad input (an option value, a model that cannot
 be loaded, a pool too small), reported as one line on stderr, never a traceback.
 """
