@@ -37,8 +37,8 @@ from kvpool.blas import blas_info
 from kvpool.blocks import CompletedGeneration, TokenEvent
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
-from kvpool.errors import InvalidRequestError, KvpoolError, ModelNotFoundError, PoolExhaustedError
-from kvpool.models import MANIFEST_NAME, RECIPES, ensure_model, load_model
+from kvpool.errors import InvalidRequestError, PoolExhaustedError
+from kvpool.models import MANIFEST_NAME, locate_and_load
 from kvpool.pool import BlockPool, physical_memory_bytes
 from kvpool.spec import ModelCacheSpec
 
@@ -216,6 +216,7 @@ class DemoResult:
     speedup_total: float  # re-prefill total time / cached total time
     speedup_ttft: float | None  # re-prefill mean TTFT / cached mean TTFT
     sample_text: str  # the last completion of the first agent (cached run)
+    sample_question: str  # what the user asked the first agent in that turn
     blas: str  # which BLAS MLX's float32 matmuls ran on (kvpool.blas.blas_info)
 
     @property
@@ -287,6 +288,7 @@ class AgentScript:
     agent_id: str
     opening: tuple[int, ...]
     followups: tuple[tuple[int, ...], ...]
+    questions: tuple[str, ...] = ()  # the user's text of each turn (the end of turn 1's)
 
 
 def build_scripts(tokenizer: Any, num_agents: int, num_turns: int, seed: int) -> list[AgentScript]:
@@ -301,18 +303,18 @@ def build_scripts(tokenizer: Any, num_agents: int, num_turns: int, seed: int) ->
         rng = random.Random(seed * 100_003 + i)
         role = _AGENT_ROLES[i % len(_AGENT_ROLES)]
         facts = " ".join(rng.sample(_FACTS, 5))
+        # One draw after another in a fixed order: the text is a pure function of the seed.
+        asks = [f"{facts} {rng.choice(_QUESTIONS)}"]
+        asks += [f"{rng.choice(_FACTS)} {rng.choice(_QUESTIONS)}" for _ in range(num_turns - 1)]
         opening = (
             f"{system}<|im_start|>user\nYou are agent {i}. {role} Here is what we know so far. "
-            f"{facts} {rng.choice(_QUESTIONS)}<|im_end|>\n<|im_start|>assistant\n"
+            f"{asks[0]}<|im_end|>\n<|im_start|>assistant\n"
         )
         followups = tuple(
-            encode(
-                f"<|im_end|>\n<|im_start|>user\n{rng.choice(_FACTS)} {rng.choice(_QUESTIONS)}"
-                "<|im_end|>\n<|im_start|>assistant\n"
-            )
-            for _ in range(num_turns - 1)
+            encode(f"<|im_end|>\n<|im_start|>user\n{ask}<|im_end|>\n<|im_start|>assistant\n")
+            for ask in asks[1:]
         )
-        scripts.append(AgentScript(f"agent-{i}", encode(opening), followups))
+        scripts.append(AgentScript(f"agent-{i}", encode(opening), followups, tuple(asks)))
     return scripts
 
 
@@ -402,25 +404,17 @@ def run_demo(config: DemoConfig, progress: ProgressCallback | None = None) -> De
             else None
         ),
         sample_text=tokenizer.decode(list(sample)),
+        sample_question=scripts[0].questions[-1],
         blas=str(blas_info()["blas"]),
     )
 
 
 def resolve_and_load(name: str) -> tuple[Path, Any, Any]:
-    """``(directory, model, tokenizer)`` of a recipe name or a model directory.
+    """``(directory, model, tokenizer)`` of a model reference (``models.locate_and_load``).
 
     Every loading failure is a ModelNotFoundError, mlx-lm's own errors included.
     """
-    path = ensure_model(name) if name in RECIPES else Path(name)
-    try:
-        model, tokenizer = load_model(path)
-    except KvpoolError:
-        raise
-    except Exception as exc:  # mlx-lm's own errors for a malformed directory
-        raise ModelNotFoundError(
-            f"could not load the model in {str(path)!r}: {type(exc).__name__}: {exc}"
-        ) from exc
-    return path, model, tokenizer
+    return locate_and_load(name)
 
 
 def _pool_blocks(config: DemoConfig, spec: ModelCacheSpec, one_agent: int, all_agents: int) -> int:

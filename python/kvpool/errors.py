@@ -50,3 +50,8 @@ class CacheCorruptionError(KvpoolError):
 
 class IncompatibleCacheError(KvpoolError):
     """A saved cache belongs to another model, block size or dtype."""
+
+
+class ModelConversionError(ModelNotFoundError):
+    """A model file could not be fetched or converted (offline, a wrong checksum, a truncated
+    or unsupported GGUF); nothing was left in the model cache."""

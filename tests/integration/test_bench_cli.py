@@ -104,6 +104,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "blas",
         "serve",
         "quant",
+        "quality",
         "redis",
     ]
 

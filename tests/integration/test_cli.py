@@ -189,6 +189,8 @@ def test_console_script(cache_dir: Path) -> None:
             str(script),
             "--no-fast-blas",
             "demo",
+            "--model",
+            "demo",
             "--agents",
             "2",
             "--turns",
@@ -223,3 +225,13 @@ def test_demo_with_quantized_blocks(capsys: pytest.CaptureFixture[str]) -> None:
     assert "q8g64-float32" in data["model"]["cache_spec"]
     turn2 = [r for r in data["cached"]["records"] if r["turn"] == 2]
     assert len(turn2) == 2 and all(r["cached_tokens"] > 0 for r in turn2)
+
+
+def test_demo_with_quantized_blocks_reports_agreement(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--model", "demo", "--agents", "2", "--turns", "2", "--max-tokens", "4"]
+    assert main(["--no-fast-blas", *argv, "--kv-bits", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs identical" not in out
+    (line,) = [line for line in out.splitlines() if line.strip().startswith("agreement")]
+    assert "generations equal to the re-prefill run, first token equal in" in line
+    assert "4-bit blocks at rest are lossy" in line

@@ -30,6 +30,7 @@ from kvpool.benchmarks.measure import round_floats
 from kvpool.benchmarks.records import BenchRecord, to_json
 
 RunFn = Callable[[bool], "BenchRecord | dict[str, Any]"]
+ModelRunFn = Callable[[bool, "str | None"], "BenchRecord | dict[str, Any]"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +41,17 @@ class Benchmark:
     module: str
     summary: str
     uses_mlx: bool = True
+    takes_model: bool = False  # run(quick, model): ``kvpool bench --model`` applies
 
-    def run(self, quick: bool) -> dict[str, Any]:
-        """The benchmark's record as JSON-ready values."""
+    def run(self, quick: bool, model: str | None = None) -> dict[str, Any]:
+        """The benchmark's record as JSON-ready values; ``model`` only if it takes one."""
         module = importlib.import_module(f"kvpool.benchmarks.{self.module}")
-        result = cast(RunFn, module.run)(quick)
+        if model is not None and not self.takes_model:
+            raise ValueError(f"benchmark {self.name!r} does not take a model: this is a bug")
+        if self.takes_model:
+            result = cast(ModelRunFn, module.run)(quick, model)
+        else:
+            result = cast(RunFn, module.run)(quick)
         if isinstance(result, BenchRecord):
             return cast(dict[str, Any], to_json(result))
         return result  # transitional: a benchmark still returning a dict record
@@ -121,6 +128,12 @@ REGISTRY: dict[str, Benchmark] = {
             "quantized blocks: gather, capacity, save/load and quality per format",
         ),
         Benchmark(
+            "quality",
+            "quality",
+            "quantized blocks on a trained model: perplexity, next-token KL per format",
+            takes_model=True,
+        ),
+        Benchmark(
             "redis",
             "redis_tier",
             "a session resumed on another engine from Redis vs prefill; bytes of a shared prompt",
@@ -134,7 +147,7 @@ def _log(stream: IO[str], text: str) -> None:
     stream.flush()
 
 
-def run_one(bench: Benchmark, quick: bool) -> dict[str, Any]:
+def run_one(bench: Benchmark, quick: bool, model: str | None = None) -> dict[str, Any]:
     """Run ``bench`` and wrap its record: name, mode, timing, environment (BLAS included).
 
     A benchmark that raises gives a record with ``error`` set instead.
@@ -143,7 +156,7 @@ def run_one(bench: Benchmark, quick: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     gc.collect()
     try:
-        result = round_floats(bench.run(quick), 4)
+        result = round_floats(bench.run(quick, model), 4)
         error = None
     except Exception as exc:  # one benchmark failing must not lose the others
         result = {}
@@ -175,11 +188,14 @@ def run_benchmarks(
     quick: bool,
     out_dir: Path,
     json_path: Path | None = None,
+    model: str | None = None,
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the named benchmarks in registry order; returns their records.
 
+    ``model`` goes to the benchmarks that take one (``Benchmark.takes_model``); the others
+    keep their fixed models.
     Progress goes to ``stderr``, one JSON line per record to ``stdout``. Records are written
     to ``out_dir/<name>.json`` as they finish; the report is rewritten at the end.
     """
@@ -194,7 +210,7 @@ def run_benchmarks(
     for i, bench in enumerate(chosen, start=1):
         mode = " --quick" if quick else ""
         _log(stderr, f"[{i}/{len(chosen)}] {bench.name}{mode}: {bench.summary} ...")
-        record = run_one(bench, quick)
+        record = run_one(bench, quick, model if bench.takes_model else None)
         records.append(record)
         (out_dir / f"{bench.name}.json").write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(record), file=stdout, flush=True)

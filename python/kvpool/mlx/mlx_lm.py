@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "PoolKVCache",
     "ProbedLayer",
     "batch_generator",
+    "hub_snapshot_path",
     "is_kv_cache",
     "is_rotating_cache",
     "kv_cache",
@@ -272,11 +274,18 @@ def pool_batch_generator(model: Any, **kwargs: Any) -> Any:
 
 
 def load(path: str) -> tuple[Any, Any]:
-    """``mlx_lm.load`` of a local model directory: (model, tokenizer)."""
+    """``mlx_lm.load`` of a local model directory or a Hugging Face repo id: (model, tokenizer)."""
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(path)[:2]
     return model, tokenizer
+
+
+def hub_snapshot_path(repo_id: str) -> Path:
+    """The local snapshot directory of a Hugging Face repo ``mlx_lm.load`` fetched or found."""
+    from mlx_lm.utils import hf_repo_to_path
+
+    return Path(hf_repo_to_path(repo_id))
 
 
 def model_module(model_type: str) -> ModuleType:
