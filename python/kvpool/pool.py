@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch, Reservation
+from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch
 from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
@@ -305,36 +305,6 @@ class BlockPool:
         tables = tuple(t.block_ids for t in handle.tables)
         return self._storage.read_layers(tables, layers, start, stop)
 
-    def reserve_exact(
-        self,
-        agent_id: str,
-        tokens: Sequence[int],
-        *,
-        salt: str = "",
-    ) -> tuple[Reservation, tuple[tuple[int, ...], ...]] | PoolFull:
-        """Blocks for a cache of exactly ``tokens`` that will be written from the host.
-
-        Blocks already in the pool for a prefix of ``tokens`` are shared, not
-        written again: the caller writes positions ``>= num_shared_tokens(res)``
-        only, through the returned tables.
-        """
-        match = self.manager.lookup(tokens, salt=salt, limit=len(tokens))
-        # Only whole shared blocks avoid a write; a partial read buys nothing here.
-        size = self.spec.block_tokens
-        match = self.manager.lookup(tokens, salt=salt, limit=(match.num_tokens // size) * size)
-        res = self.manager.reserve(agent_id, tokens, 0, match, salt=salt)
-        if isinstance(res, PoolFull):
-            return res
-        self.manager.release_pin(res)
-        return res, self.manager.place(res, len(tokens))
-
-    def write_layers(
-        self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV], written_from: int
-    ) -> None:
-        """Write host K/V through ``tables`` at positions ``>= written_from`` only
-        (quantized as it is written, in a quantized pool)."""
-        self._storage.write_layers(tables, self._writable(tables, kvs, written_from))
-
     def read_codes(
         self, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
     ) -> list[LayerCodes]:
@@ -343,48 +313,6 @@ class BlockPool:
         self.check_live(handle)
         tables = tuple(t.block_ids for t in handle.tables)
         return self._storage.read_codes(tables, layers, start, stop)
-
-    def write_codes(
-        self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerCodes], written_from: int
-    ) -> None:
-        """Like :meth:`write_layers`, rows already quantized in the pool's format
-        (from :meth:`read_codes`), written bit for bit."""
-        self._storage.write_codes(tables, self._writable(tables, kvs, written_from))
-
-    def _writable(
-        self, tables: Sequence[Sequence[int]], kvs: Sequence[_Rows], written_from: int
-    ) -> list[_Rows]:
-        """``kvs`` cut to positions ``>= written_from`` in blocks of ``tables`` (not NULL)."""
-        size = self.spec.block_tokens
-        out = []
-        for kv in kvs:
-            table = tables[self._group_of_layer[kv.layer]]
-            lo = max(written_from, kv.start)
-            while lo < kv.start + kv.num_tokens and table[lo // size] < 0:
-                lo = (lo // size + 1) * size
-            skip = lo - kv.start
-            if skip >= kv.num_tokens:
-                continue
-            out.append(kv.drop(skip))
-        return out
-
-    def rollback(self, res: Reservation) -> None:
-        """Give back a :meth:`reserve_exact` reservation."""
-        with self._lock:
-            self.manager.rollback(res)
-
-    def commit_exact(
-        self,
-        res: Reservation,
-        tables: tuple[tuple[int, ...], ...],
-        valid_from: Sequence[int],
-    ) -> CacheHandle:
-        """Commit a :meth:`reserve_exact` reservation whose group ``g`` holds
-        positions ``>= valid_from[g]`` (0 for full-attention groups)."""
-        size = self.spec.block_tokens
-        shared_end = (res.match.num_tokens // size) * size
-        written = [max(v, shared_end) for v in valid_from]
-        return self.manager.commit(res, res.tokens, tables, written)
 
     def write_from_host(
         self, agent_id: str, tokens: Sequence[int], *, salt: str = ""

@@ -134,11 +134,10 @@ def test_fake_codes_round_trip_and_dense_pools_refuse_them() -> None:
     assert window[0].values.scales.dtype == np.float16
     assert codes[0].keys.codes[1, 3, 5] == 103 and codes[0].values.codes[0, 3, 0] == ~np.uint32(103)
     other = BlockPool(small_spec(4), num_blocks=8, storage=FakeStorage)
-    got = other.reserve_exact("a", handle.token_ids)
-    assert not isinstance(got, PoolFull)
-    res, tables = got
-    other.write_codes(tables, [*codes, *window], 0)
-    copy = other.commit_exact(res, tables, [0, 8])
+    write = other.write_from_host("a", handle.token_ids)
+    assert not isinstance(write, PoolFull)
+    write.write([*codes, *window])
+    copy = write.commit([0, 8])
     assert other.read_layers(copy, [0], 0, 11)[0].keys.tobytes() == (
         pool.read_layers(handle, [0], 0, 11)[0].keys.tobytes()
     )
@@ -146,8 +145,10 @@ def test_fake_codes_round_trip_and_dense_pools_refuse_them() -> None:
     bad[0, 0, 0] += 1
     keys = codes[0].keys
     tampered = LayerCodes(0, 0, QuantizedRows(bad, keys.scales, keys.biases), codes[0].values)
-    with pytest.raises(AssertionError, match="not fake codes"):
-        other.write_codes(tables, [tampered], 0)  # negative control: the fake checks codes
+    again = other.write_from_host("b", (7, *handle.token_ids[1:]))
+    assert not isinstance(again, PoolFull)
+    with pytest.raises(AssertionError, match="not fake codes"), again:
+        again.write([tampered])  # negative control: the fake checks codes
     dense = BlockPool(small_spec(None), num_blocks=8, storage=FakeStorage)
     with pytest.raises(InvalidRequestError, match="dense"):
         dense.read_codes(fill(dense, (1, 2, 3)), [0], 0, 3)

@@ -263,19 +263,22 @@ class HostWrite:
     def tokens(self) -> tuple[int, ...]:
         return self._res.tokens
 
-    def write(self, rows: Sequence[LayerKV] | Sequence[LayerCodes]) -> None:
+    def write(self, rows: Sequence[LayerKV | LayerCodes]) -> None:
         """Write host rows (cut to the positions this write owns) into the blocks: dense
         rows quantize on the way in for a quantized pool; codes go in bit for bit."""
+        self._expect_open()
+        dense = [r for r in rows if isinstance(r, LayerKV)]
+        codes = [r for r in rows if isinstance(r, LayerCodes)]
+        if dense:
+            self._storage.write_layers(self.tables, self._writable(dense))
+        if codes:
+            self._storage.write_codes(self.tables, self._writable(codes))
+
+    def _expect_open(self) -> None:
         if self.state is not SequenceState.OPEN:
             raise InvalidRequestError(
-                f"a host write of {self._res.agent_id!r} is {self.state.value}"
+                f"the host write of {self._res.agent_id!r} is {self.state.value}"
             )
-        if not rows:
-            return
-        if isinstance(rows[0], LayerCodes):
-            self._storage.write_codes(self.tables, self._writable(list(rows)))  # type: ignore[arg-type]
-        else:
-            self._storage.write_layers(self.tables, self._writable(list(rows)))  # type: ignore[arg-type]
 
     def _writable(self, rows: list[_Rows]) -> list[_Rows]:
         """``rows`` cut to positions ``>= shared_tokens`` in blocks of the tables (not NULL)."""
@@ -294,10 +297,7 @@ class HostWrite:
     def commit(self, valid_from: Sequence[int] | None = None) -> CacheHandle:
         """The written blocks become the handle of ``tokens``; group ``g`` holds positions
         ``>= valid_from[g]`` (None: all of them, as full-attention groups do)."""
-        if self.state is not SequenceState.OPEN:
-            raise InvalidRequestError(
-                f"a host write of {self._res.agent_id!r} is {self.state.value}"
-            )
+        self._expect_open()
         valid = valid_from if valid_from is not None else [0] * len(self.tables)
         written = [max(v, self.shared_tokens) for v in valid]
         with self._lock:

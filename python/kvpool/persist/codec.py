@@ -3,12 +3,14 @@
 A file holds blocks as they are at rest, never converted:
 
 * dense blocks (every format version): ``layers.{i}.keys`` and ``layers.{i}.values``,
-  ``[n_kv_heads, T, head_dim]`` in the cache dtype, moved with ``read_layers`` /
-  ``write_layers`` (bit for bit);
+  ``[n_kv_heads, T, head_dim]`` in the cache dtype, read with ``read_layers`` (bit for bit);
 * quantized blocks (version 2): for each of ``keys`` and ``values`` three tensors,
   ``.codes`` (U32 ``[n_kv_heads, T, head_dim * bits // 32]``), ``.scales`` and ``.biases``
-  (cache dtype ``[n_kv_heads, T, head_dim // group_size]``), moved with ``read_codes`` /
-  ``write_codes`` (bit for bit: a load gives back exactly the codes that were saved).
+  (cache dtype ``[n_kv_heads, T, head_dim // group_size]``), read with ``read_codes`` (bit
+  for bit: a load gives back exactly the codes that were saved).
+
+Records go back into a pool through :class:`~kvpool.cache.sequence.HostWrite`, which picks
+``write_layers`` or ``write_codes`` by the record's type.
 
 No MLX: codecs work on any :class:`~kvpool.storage.KVStorage`, the fake included.
 """
@@ -67,16 +69,6 @@ class LayerCodec(Protocol):
         """The record of ``arrays`` (in :meth:`parts` order, host dtypes)."""
         ...
 
-    def write(
-        self,
-        pool: BlockPool,
-        tables: Sequence[Sequence[int]],
-        records: Sequence[Any],
-        written_from: int,
-    ) -> None:
-        """Write records through ``tables`` at positions ``>= written_from``."""
-        ...
-
 
 @dataclass(frozen=True, slots=True)
 class DenseCodec:
@@ -98,15 +90,6 @@ class DenseCodec:
     def record(self, layer: int, start: int, arrays: Sequence[HostArray]) -> Any:
         keys, values = arrays
         return LayerKV(layer, start, keys, values)
-
-    def write(
-        self,
-        pool: BlockPool,
-        tables: Sequence[Sequence[int]],
-        records: Sequence[Any],
-        written_from: int,
-    ) -> None:
-        pool.write_layers(tables, records, written_from)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,15 +117,6 @@ class QuantizedCodec:
 
     def record(self, layer: int, start: int, arrays: Sequence[HostArray]) -> Any:
         return LayerCodes(layer, start, QuantizedRows(*arrays[:3]), QuantizedRows(*arrays[3:]))
-
-    def write(
-        self,
-        pool: BlockPool,
-        tables: Sequence[Sequence[int]],
-        records: Sequence[Any],
-        written_from: int,
-    ) -> None:
-        pool.write_codes(tables, records, written_from)
 
 
 def codec_for(fmt: BlockFormat) -> LayerCodec:

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.cache.manager import PoolFull, Reservation
+from kvpool.cache.manager import PoolFull
+from kvpool.cache.sequence import HostWrite
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import CacheCorruptionError, InvalidRequestError
 from kvpool.persist.atomic import _atomic_write
@@ -210,21 +211,18 @@ def load_cache(
     else reads them before the commit), and they are given back on any failure.
     """
     path = Path(path)
-    reservation: list[tuple[Reservation, tuple[tuple[int, ...], ...]]] = []
+    writes: list[HostWrite] = []
 
     def reserve(tokens: tuple[int, ...]) -> None:
-        got = pool.reserve_exact(info.agent_id, tokens, salt=cache_salt)
+        got = pool.write_from_host(info.agent_id, tokens, salt=cache_salt)
         if isinstance(got, PoolFull):
             raise got.error(f"{path}: loading {len(tokens)} tokens")
-        reservation.append(got)
+        writes.append(got)
 
     def sink(record: Any) -> None:
-        res, tables = reservation[0]
-        size = pool.spec.block_tokens
-        codec.write(pool, tables, [record], (res.match.num_tokens // size) * size)
+        writes[0].write([record])
 
     _check_fingerprint(fingerprint)
-    codec = codec_for(pool.spec.format)
     with _open_cache_file(path) as f:
         info = _read_header(f, path)
         info.check_compatible(pool.spec, fingerprint)  # the format too: before any block
@@ -235,12 +233,11 @@ def load_cache(
         try:
             _read_data(f, info, sink, on_tokens=reserve)
         except BaseException:
-            if reservation:
-                pool.rollback(reservation[0][0])
+            if writes:
+                writes[0].abort()
             raise
-    res, tables = reservation[0]
-    valid_from = [info.sliding_valid_from if g.window else 0 for g in pool.spec.groups]
-    return pool.commit_exact(res, tables, valid_from)
+    with writes[0] as write:
+        return write.commit([info.sliding_valid_from if g.window else 0 for g in pool.spec.groups])
 
 
 def verify_cache(path: str | os.PathLike[str]) -> CacheInfo:

@@ -24,8 +24,9 @@ digest is the plain checksum (public ``person``): it catches corruption, not for
 ``"q4g64-float16-v1"``): pools of different formats never read each other's blocks.
 :func:`decode_block` also checks the record's magic and every length against the reading
 pool's format, and the checksum, before it returns anything; a record that fails raises
-:class:`~kvpool.errors.CacheCorruptionError`. :func:`read_block` and :func:`write_block`
-move a block between a pool and a record, whatever the format: the tier never branches on it.
+:class:`~kvpool.errors.CacheCorruptionError`. :func:`read_block` reads a block into a record
+and :meth:`~kvpool.cache.sequence.HostWrite.write` writes a decoded one back, whatever the
+format: the tier never branches on it.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ __all__ = [
     "mac_key",
     "read_block",
     "record_bytes",
-    "write_block",
 ]
 
 CODEC_VERSION = 1
@@ -226,14 +226,3 @@ def read_block(
     layers = list(range(pool.spec.n_layers))
     kvs = codec_for(pool.spec.format).read(pool, handle, layers, start, stop)
     return encode_block(token_ids[start:stop], kvs, key, context)
-
-
-def write_block(
-    pool: BlockPool,
-    tables: Sequence[Sequence[int]],
-    block: DecodedBlock,
-    written_from: int,
-) -> None:
-    """Write a decoded block through ``tables`` at positions ``>= written_from`` (see
-    :meth:`BlockPool.write_layers`); a quantized block's codes are written bit for bit."""
-    codec_for(pool.spec.format).write(pool, tables, block.layers, written_from)

@@ -46,6 +46,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvpool.cache.manager import PoolFull
+from kvpool.cache.sequence import HostWrite
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import (
     CacheCorruptionError,
@@ -62,7 +63,6 @@ from kvpool.tier.codec import (
     mac_key,
     read_block,
     record_bytes,
-    write_block,
 )
 from kvpool.tier.layout import KeySpace, SessionManifest, secret_id
 
@@ -389,16 +389,15 @@ class RedisTier:
 
     def _fill(
         self,
-        pool: BlockPool,
+        target: HostWrite,
         what: str,
         tokens: Sequence[int],
         salt: str,
         chain: Sequence[int],
-        first: int,
-        tables: tuple[tuple[int, ...], ...],
     ) -> bool:
-        """Fetch, check and write blocks ``[first, len(chain))``; False if one is missing."""
-        written_from = first * self.spec.block_tokens
+        """Fetch, check and write the blocks ``target`` does not share yet; False if one is
+        missing."""
+        first = target.shared_tokens // self.spec.block_tokens
         for i in range(first, len(chain), _FETCH_BLOCKS):
             js = range(i, min(i + _FETCH_BLOCKS, len(chain)))
             keys = [self.keys.block_key(salt, chain[j]) for j in js]
@@ -406,7 +405,7 @@ class RedisTier:
                 block = self._checked(record, key, tokens, j)
                 if block is None:
                     return False
-                write_block(pool, tables, block, written_from)
+                target.write(block.layers)
         return True
 
     def load(self, pool: BlockPool, agent_id: str, salt: str = "") -> CacheHandle | None:
@@ -430,22 +429,16 @@ class RedisTier:
         )
         if manifest.salt != salt:  # written under another tenant salt: not this request's
             return None
-        tokens, size = manifest.token_ids, self.spec.block_tokens
-        got = pool.reserve_exact(agent_id, tokens, salt=manifest.salt)
+        tokens = manifest.token_ids
+        got = pool.write_from_host(agent_id, tokens, salt=manifest.salt)
         if isinstance(got, PoolFull):
             raise got.error(f"{self.where}: loading {len(tokens)} tokens of agent {agent_id!r}")
-        res, tables = got
-        try:
-            first = res.match.num_tokens // size
-            if not self._fill(pool, what, tokens, manifest.salt, manifest.chain, first, tables):
+        with got as write:
+            if not self._fill(write, what, tokens, manifest.salt, manifest.chain):
                 self._counts["num_incomplete"] += 1
                 logger.warning("%s: a block of agent %r is gone (evicted?)", self.where, agent_id)
-                pool.rollback(res)
                 return None
-        except BaseException:
-            pool.rollback(res)
-            raise
-        return pool.commit_exact(res, tables, [0] * len(self.spec.groups))
+            return write.commit()
 
     def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
         """One pipelined EXISTS over every manifest and block key of ``handles``."""
@@ -504,38 +497,27 @@ class RedisTier:
         if not run:
             return 0
         end = (first + run) * size
-        got = pool.reserve_exact(_IMPORT_AGENT, full[:end], salt=salt)
+        got = pool.write_from_host(_IMPORT_AGENT, full[:end], salt=salt)
         if isinstance(got, PoolFull):
             return 0  # no room now: the request prefills
-        res, tables = got
-        shared = res.match.num_tokens // size
-        if shared * size >= end:
-            pool.rollback(res)
-            return 0
-        try:
-            ok = self._fill(
-                pool,
-                "importing prefix blocks",
-                full[:end],
-                salt,
-                chain[: first + run],
-                shared,
-                tables,
-            )
-        except CacheCorruptionError as exc:
-            logger.warning("not importing a prefix: %s", exc)
-            ok = False
-        except BaseException:
-            pool.rollback(res)
-            raise
-        if not ok:
-            pool.rollback(res)
-            return 0
-        handle = pool.commit_exact(res, tables, [0] * len(self.spec.groups))
+        with got as write:
+            shared = write.shared_tokens
+            if shared >= end:
+                return 0
+            try:
+                ok = self._fill(
+                    write, "importing prefix blocks", full[:end], salt, chain[: first + run]
+                )
+            except CacheCorruptionError as exc:
+                logger.warning("not importing a prefix: %s", exc)
+                ok = False
+            if not ok:
+                return 0
+            handle = write.commit()
         pool.release(handle)  # its published blocks stay cached for the engine's lookup
         self._counts["num_prefix_imports"] += 1
-        self._counts["prefix_tokens_imported"] += end - shared * size
-        return end - shared * size
+        self._counts["prefix_tokens_imported"] += end - shared
+        return end - shared
 
     def stats(self) -> TierStats:
         # down from a failure until an operation succeeds, not merely until the back-off ends
