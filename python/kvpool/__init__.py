@@ -11,6 +11,7 @@ from kvpool.blas import blas_info, maybe_enable_from_env, use_fast_cpu_blas
 from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
 from kvpool.cache import CacheHandle, CacheUsage, GroupTable
 from kvpool.cache.format import BlockFormat, InvalidBlockFormatError
+from kvpool.cache.spec import BLOCK_TOKENS, AttentionKind, LayerSpec, ModelCacheSpec
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import (
     CacheCorruptionError,
@@ -26,7 +27,6 @@ from kvpool.errors import (
 )
 from kvpool.pool import BlockPool
 from kvpool.sampling import SamplingParams
-from kvpool.spec import BLOCK_TOKENS, AttentionKind, LayerSpec, ModelCacheSpec
 from kvpool.store import AgentCacheStore, StoreStats, Tier
 
 maybe_enable_from_env()  # KVPOOL_FAST_BLAS=1: OpenBLAS for MLX, before MLX loads

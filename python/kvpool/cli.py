@@ -819,10 +819,10 @@ def model_listing() -> dict[str, Any]:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import kvpool
+    from kvpool.cache.spec import ModelCacheSpec
     from kvpool.demo import resolve_and_load
     from kvpool.mlx.slab_kernels import device_report
     from kvpool.models import RECIPES, model_cache_dir
-    from kvpool.spec import ModelCacheSpec
 
     progress = ProgressLine(sys.stderr)
     name = resolve_model_argument(args.model, progress)

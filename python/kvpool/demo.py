@@ -35,12 +35,12 @@ from typing import Any, cast
 
 from kvpool.blas import blas_info
 from kvpool.blocks import CompletedGeneration, TokenEvent
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.errors import InvalidRequestError, PoolExhaustedError
 from kvpool.models import MANIFEST_NAME, locate_and_load
 from kvpool.pool import BlockPool, physical_memory_bytes
-from kvpool.spec import ModelCacheSpec
 
 __all__ = [
     "CACHED",

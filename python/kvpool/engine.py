@@ -55,11 +55,11 @@ import numpy as np
 from kvpool.blocks import CompletedGeneration, TokenEvent
 from kvpool.cache.manager import PoolFull, common_prefix_len
 from kvpool.cache.sequence import SequenceCache
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError, PoolExhaustedError
 from kvpool.pool import BlockPool
 from kvpool.sampling import GREEDY, SamplingParams, make_sampler, make_stop_sequences
-from kvpool.spec import ModelCacheSpec
 from kvpool.validation import validate_agent_id, validate_count, validate_token_ids
 from kvpool.waves import Candidate, next_wave
 

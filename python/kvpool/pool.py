@@ -1,7 +1,7 @@
 """BlockPool: the pool's bookkeeping (a KVCacheManager) and its bytes (a KVStorage).
 
 The :class:`~kvpool.cache.manager.KVCacheManager` is the only owner of blocks;
-the :class:`~kvpool.storage.KVStorage` (MLX slabs by default) holds their K/V.
+the :class:`~kvpool.cache.storage.KVStorage` (MLX slabs by default) holds their K/V.
 The pool puts the two together for its users: the engine, the store and
 persistence call the pool and never touch allocators, leases or slabs.
 
@@ -31,10 +31,10 @@ from typing import TypeVar
 
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch
 from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
+from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
-from kvpool.spec import ModelCacheSpec
-from kvpool.storage import KVStorage, LayerCodes, LayerKV
 
 _Rows = TypeVar("_Rows", LayerKV, LayerCodes)
 

@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.errors import InvalidRequestError
-from kvpool.spec import ModelCacheSpec
-from kvpool.storage import (
+from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.storage import (
     HostArray,
     LayerCodes,
     LayerKV,
@@ -40,6 +39,7 @@ from kvpool.storage import (
     first_writable,
     host_dtype,
 )
+from kvpool.errors import InvalidRequestError
 
 
 @dataclass(slots=True)
@@ -138,7 +138,7 @@ class FakeTokenizer:
 
 
 class FakeStorage:
-    """A :class:`kvpool.storage.KVStorage` that stores token ids per slot.
+    """A :class:`kvpool.cache.storage.KVStorage` that stores token ids per slot.
 
     Reading a slot that was never written raises AssertionError, so tests
     catch gathers of positions the blocks do not hold.

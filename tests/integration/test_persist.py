@@ -31,6 +31,7 @@ from kvpool import (
     ModelCacheSpec,
     persist,
 )
+from kvpool.cache.storage import LayerKV, host_dtype
 from kvpool.mlx import kernels
 from kvpool.models import RECIPES, build_model, load_model
 from kvpool.persist import (
@@ -44,7 +45,6 @@ from kvpool.persist import (
     sliding_valid_from,
     verify_cache,
 )
-from kvpool.storage import LayerKV, host_dtype
 
 FP = "sha256:" + "0f" * 32
 
@@ -392,7 +392,7 @@ _CHILD = r"""
 import os, signal, sys
 from kvpool import BlockPool, ModelCacheSpec, persist
 from kvpool.persist import atomic, files
-from kvpool.storage import LayerKV
+from kvpool.cache.storage import LayerKV
 from kvpool.testing import FakeStorage
 
 path, version, kill_at = sys.argv[1], int(sys.argv[2]), sys.argv[3]

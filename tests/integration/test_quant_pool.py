@@ -23,12 +23,12 @@ from kvpool import (
     InvalidBlockFormatError,
     ModelCacheSpec,
 )
+from kvpool.cache.storage import LayerKV
 from kvpool.mlx import kernels
 from kvpool.mlx.mlx_lm import load_prompt_cache_file
 from kvpool.mlx.slabs import SlabStorage, make_slab_storage
 from kvpool.models import RECIPES, ModelRecipe, build_model, load_model
 from kvpool.persist import export_prompt_cache, load_cache, model_fingerprint, save_cache
-from kvpool.storage import LayerKV
 from kvpool.store import AgentCacheStore
 
 FP = "sha256:" + "12" * 32
@@ -111,7 +111,7 @@ import json, resource, sys
 import mlx.core as mx
 import numpy as np
 from kvpool import BlockPool, ModelCacheSpec
-from kvpool.storage import LayerKV
+from kvpool.cache.storage import LayerKV
 
 def rss():
     with open("/proc/self/statm") as f:

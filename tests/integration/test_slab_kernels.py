@@ -20,6 +20,8 @@ from helpers import LoadedModel, Reference, words
 from test_engine_mlx import run_turns
 
 from kvpool import BlockPool, ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, LayerSpec
+from kvpool.cache.storage import LayerKV
 from kvpool.errors import InvalidRequestError
 from kvpool.mlx.mlx_lm import kv_cache
 from kvpool.mlx.slab_kernels import (
@@ -30,8 +32,6 @@ from kvpool.mlx.slab_kernels import (
     device_report,
 )
 from kvpool.mlx.slabs import DenseSlabStorage, QuantizedSlabStorage, make_slab_storage
-from kvpool.spec import AttentionKind, LayerSpec
-from kvpool.storage import LayerKV
 
 CPP, PORTABLE = ExtensionKernels(), PortableKernels()
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]

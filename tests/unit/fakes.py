@@ -7,7 +7,7 @@ prompts cross blocks), 1 KiB per block.
 
 from __future__ import annotations
 
-from kvpool.spec import ModelCacheSpec
+from kvpool.cache.spec import ModelCacheSpec
 
 B = 4  # tokens per block
 SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)

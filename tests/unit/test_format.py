@@ -18,10 +18,10 @@ from kvpool import (
     InvalidRequestError,
 )
 from kvpool.cache.manager import PoolFull
+from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec
+from kvpool.cache.storage import LayerCodes, LayerKV, QuantizedRows
 from kvpool.cache.tables import CacheHandle
 from kvpool.persist import FORMAT_VERSION, load_cache, read_cache_info, save_cache, verify_cache
-from kvpool.spec import AttentionKind, LayerSpec, ModelCacheSpec
-from kvpool.storage import LayerCodes, LayerKV, QuantizedRows
 from kvpool.testing import FakeStorage
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "v1_agent.kvcache.safetensors"

@@ -15,8 +15,8 @@ from kvpool import (
     ModelCacheSpec,
     PoolAllocationError,
 )
+from kvpool.cache.storage import KVStorage
 from kvpool.pool import MAX_NUM_BLOCKS, check_pool_fits, physical_memory_bytes
-from kvpool.storage import KVStorage
 from kvpool.testing import FakeStorage
 
 HUGE = ModelCacheSpec.uniform(64, 64, 256, dtype="float32", block_tokens=256)  # 2 GiB per block

@@ -11,8 +11,8 @@ from kvpool import (
     ModelCacheSpec,
     PoolExhaustedError,
 )
+from kvpool.cache.storage import LayerKV
 from kvpool.pool import split_budget
-from kvpool.storage import LayerKV
 from kvpool.testing import FakeStorage
 
 # gemma3-style: 5 of 6 layers slide over a 1K window, blocks of 256.

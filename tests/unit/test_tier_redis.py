@@ -19,8 +19,8 @@ from kvpool import (
     LayerSpec,
     ModelCacheSpec,
 )
+from kvpool.cache.storage import LayerCodes, LayerKV, QuantizedRows
 from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, UnsupportedModelError
-from kvpool.storage import LayerCodes, LayerKV, QuantizedRows
 from kvpool.store import AgentCacheStore, Tier
 from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 from kvpool.tier import local_path, open_tier

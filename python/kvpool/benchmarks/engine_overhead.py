@@ -30,10 +30,10 @@ from kvpool.benchmarks.measure import GIB, Summary, median, mlx_cache_limit, per
 from kvpool.benchmarks.records import BenchRecord, Section, Target
 from kvpool.benchmarks.tables import table
 from kvpool.benchmarks.turns import load_recipe, plain_generator, random_tokens
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
-from kvpool.spec import ModelCacheSpec
 
 MODELS = ("smollm2-135m", "llama-8x128")
 # --quick is a smoke run (CI): the small demo model, so batch 32 stays within seconds.

@@ -47,10 +47,10 @@ from kvpool.benchmarks.turns import (
     run_kvpool_turn,
     run_plain_turn,
 )
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
-from kvpool.spec import ModelCacheSpec
 
 MODEL = "llama-8x128"
 AGENTS = 8

@@ -37,9 +37,9 @@ from kvpool.benchmarks.turns import (
     random_tokens,
     run_kvpool_turn,
 )
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
-from kvpool.spec import ModelCacheSpec
 
 MODEL = "demo"
 RESUMES = 7

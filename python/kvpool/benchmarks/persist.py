@@ -38,11 +38,11 @@ import numpy as np
 from kvpool import persist
 from kvpool.benchmarks.records import BenchRecord, Section, Target
 from kvpool.benchmarks.tables import table
+from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.storage import LayerKV, host_dtype
 from kvpool.cache.tables import CacheHandle
 from kvpool.mlx import kernels
 from kvpool.pool import BlockPool
-from kvpool.spec import ModelCacheSpec
-from kvpool.storage import LayerKV, host_dtype
 
 KV_HEADS = 8
 HEAD_DIM = 128

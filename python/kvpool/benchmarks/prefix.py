@@ -36,9 +36,9 @@ from kvpool.benchmarks.turns import (
     run_kvpool_turn,
 )
 from kvpool.cache.manager import KVCacheManager, Reservation
+from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
-from kvpool.spec import AttentionKind, LayerSpec, ModelCacheSpec
 
 MODEL = "llama-8x128"
 CACHE_LIMIT = 2 * GIB

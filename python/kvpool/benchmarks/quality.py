@@ -27,7 +27,7 @@ from kvpool.errors import InvalidRequestError
 if TYPE_CHECKING:  # MLX is imported where the benchmark runs: the report renders without it
     import mlx.core as mx
 
-    from kvpool.storage import LayerKV
+    from kvpool.cache.storage import LayerKV
 
 __all__ = ["RECORD", "SECTION", "QualityRecord", "run"]
 
@@ -100,8 +100,8 @@ def _context_kvs(model: Any, context: list[int]) -> list[LayerKV]:
     import mlx.core as mx
     import numpy as np
 
+    from kvpool.cache.storage import LayerKV
     from kvpool.mlx.mlx_lm import prompt_cache
-    from kvpool.storage import LayerKV
 
     caches = prompt_cache(model)
     model(mx.array([context]), cache=caches)
@@ -141,8 +141,8 @@ def score_text(model: Any, tokenizer: Any, path: Path, shape: Shape) -> TextScor
     """One text through every format of FORMATS (see the module docstring)."""
     import mlx.core as mx
 
+    from kvpool.cache.spec import ModelCacheSpec
     from kvpool.pool import BlockPool
-    from kvpool.spec import ModelCacheSpec
 
     ids = [int(t) for t in tokenizer.encode(path.read_text(encoding="utf-8"))]
     if len(ids) < shape.context + shape.continuation:

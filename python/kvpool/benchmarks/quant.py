@@ -43,14 +43,14 @@ from kvpool.benchmarks.measure import Summary, interleave, mlx_cache_limit, rati
 from kvpool.benchmarks.records import BenchRecord, Section, Target
 from kvpool.benchmarks.tables import mib, table, times
 from kvpool.blocks import CompletedGeneration
+from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.storage import LayerKV
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.mlx import kernels
 from kvpool.mlx.mlx_lm import kv_cache
 from kvpool.models import RECIPES, build_model, ensure_model, load_model
 from kvpool.pool import BlockPool, split_budget
-from kvpool.spec import ModelCacheSpec
-from kvpool.storage import LayerKV
 
 KV_HEADS = 8
 HEAD_DIM = 128

@@ -102,10 +102,10 @@ class _Node:
         directory: Path,
         kv_bits: int | None = None,
     ) -> None:
+        from kvpool.cache.spec import ModelCacheSpec
         from kvpool.engine import BlockPoolBatchEngine
         from kvpool.persist import model_fingerprint
         from kvpool.pool import BlockPool
-        from kvpool.spec import ModelCacheSpec
         from kvpool.store import AgentCacheStore
         from kvpool.tier import open_tier
 

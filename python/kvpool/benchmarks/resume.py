@@ -54,9 +54,9 @@ from kvpool.benchmarks.turns import (
     run_kvpool_turn,
     run_plain_turn,
 )
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
-from kvpool.spec import ModelCacheSpec
 
 MODEL = "llama-8x128"
 CONTEXTS = (512, 2048, 8192)

@@ -25,11 +25,11 @@ import numpy as np
 
 from kvpool.benchmarks.measure import percentile
 from kvpool.blocks import CompletedGeneration, TokenEvent
+from kvpool.cache.storage import LayerKV, host_dtype
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.errors import GenerationError
 from kvpool.pool import BlockPool
-from kvpool.storage import LayerKV, host_dtype
 
 # Byte-level token ids: valid for every recipe's tokenizer, never a special (stop) token.
 PROMPT_VOCAB = 256

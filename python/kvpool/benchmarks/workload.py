@@ -45,10 +45,10 @@ from kvpool.benchmarks.turns import (
     run_plain_turn,
     tokens_unequal,
 )
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
-from kvpool.spec import ModelCacheSpec
 
 MODEL = "llama-8x128"
 AGENT_COUNTS = (4, 16)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvpool.spec import AttentionKind
+from kvpool.cache.spec import AttentionKind
 
 __all__ = ["GroupPolicy"]
 

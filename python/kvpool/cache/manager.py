@@ -37,9 +37,9 @@ from typing import Any
 from kvpool import _blocks
 from kvpool.cache.groups import GroupPolicy
 from kvpool.cache.prefix import block_keys, root_key
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import NULL_BLOCK, CacheHandle, GroupTable
 from kvpool.errors import InvalidRequestError, PoolExhaustedError
-from kvpool.spec import ModelCacheSpec
 
 __all__ = [
     "CacheUsage",

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from kvpool.cache.manager import KVCacheManager, PoolFull, PrefixMatch, Reservation
+from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError
-from kvpool.storage import KVStorage, LayerCodes, LayerKV
 
 __all__ = ["HostWrite", "SequenceCache", "SequenceState", "open_sequence"]
 

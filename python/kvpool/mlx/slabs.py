@@ -31,12 +31,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from kvpool.errors import InvalidRequestError
-from kvpool.mlx import kernels as cpu_kernels
-from kvpool.mlx.mlx_lm import KV_CACHE_STEP, kv_cache, rotating_cache
-from kvpool.mlx.slab_kernels import QuantizedSlab, SlabKernels, default_kernels
-from kvpool.spec import ModelCacheSpec
-from kvpool.storage import (
+from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.storage import (
     HostArray,
     LayerCodes,
     LayerKV,
@@ -44,6 +40,10 @@ from kvpool.storage import (
     first_writable,
     host_dtype,
 )
+from kvpool.errors import InvalidRequestError
+from kvpool.mlx import kernels as cpu_kernels
+from kvpool.mlx.mlx_lm import KV_CACHE_STEP, kv_cache, rotating_cache
+from kvpool.mlx.slab_kernels import QuantizedSlab, SlabKernels, default_kernels
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 """The MLX dtype of each cache dtype name of :mod:`kvpool.cache.format`."""

@@ -27,7 +27,7 @@ Modules, one concept each: :mod:`~kvpool.persist.layout` (names, tensor table, h
 
 MLX is imported only by :func:`model_fingerprint`, :func:`export_prompt_cache` and
 :func:`import_prompt_cache` (the first two need a model or real arrays anyway): saving and
-loading run on any :class:`~kvpool.storage.KVStorage`, including the MLX-free fake.
+loading run on any :class:`~kvpool.cache.storage.KVStorage`, including the MLX-free fake.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ A file holds blocks as they are at rest, never converted:
 Records go back into a pool through :class:`~kvpool.cache.sequence.HostWrite`, which picks
 ``write_layers`` or ``write_codes`` by the record's type.
 
-No MLX: codecs work on any :class:`~kvpool.storage.KVStorage`, the fake included.
+No MLX: codecs work on any :class:`~kvpool.cache.storage.KVStorage`, the fake included.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from kvpool.cache.format import SAFETENSORS_DTYPES, BlockFormat
+from kvpool.cache.spec import LayerSpec
+from kvpool.cache.storage import HostArray, LayerCodes, LayerKV, QuantizedRows
 from kvpool.cache.tables import CacheHandle
-from kvpool.spec import LayerSpec
-from kvpool.storage import HostArray, LayerCodes, LayerKV, QuantizedRows
 
 if TYPE_CHECKING:
     from kvpool.pool import BlockPool

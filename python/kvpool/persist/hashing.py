@@ -11,7 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from kvpool.storage import HostArray
+from kvpool.cache.storage import HostArray
 
 _HASH_THREADS = 2
 _THREAD_HASH_BYTES = 1 << 20  # smaller tensors are hashed inline: a thread costs more

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec
 from kvpool.errors import (
     CacheCorruptionError,
     IncompatibleCacheError,
@@ -37,7 +38,6 @@ from kvpool.errors import (
     KvpoolError,
 )
 from kvpool.persist.codec import TAG_BYTES, codec_for
-from kvpool.spec import AttentionKind, LayerSpec, ModelCacheSpec
 from kvpool.validation import validate_agent_id
 
 FORMAT = "kvpool-agent-cache"

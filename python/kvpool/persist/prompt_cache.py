@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kvpool.cache.format import HOST_DTYPES
+from kvpool.cache.storage import HostArray, LayerKV
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, InvalidRequestError
 from kvpool.persist.atomic import _atomic_write
@@ -26,7 +27,6 @@ from kvpool.persist.layout import (
     _spec_to_json,
 )
 from kvpool.pool import BlockPool
-from kvpool.storage import HostArray, LayerKV
 from kvpool.validation import validate_agent_id, validate_token_ids
 
 

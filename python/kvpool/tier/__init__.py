@@ -10,8 +10,8 @@ from __future__ import annotations
 import urllib.parse
 from pathlib import Path
 
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.errors import InvalidRequestError
-from kvpool.spec import ModelCacheSpec
 from kvpool.tier.base import ColdTier, StoredCache, TierStats, TierUnavailableError
 from kvpool.tier.local import LocalTier
 

@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.storage import HostArray, LayerCodes, LayerKV
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import CacheCorruptionError
 from kvpool.persist.codec import HOST_OF_TAG, LayerCodec, codec_for
 from kvpool.pool import BlockPool
-from kvpool.spec import ModelCacheSpec
-from kvpool.storage import HostArray, LayerCodes, LayerKV
 
 __all__ = [
     "CODEC_VERSION",

@@ -47,6 +47,7 @@ from typing import Any
 
 from kvpool.cache.manager import PoolFull
 from kvpool.cache.sequence import HostWrite
+from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import (
     CacheCorruptionError,
@@ -54,7 +55,6 @@ from kvpool.errors import (
     UnsupportedModelError,
 )
 from kvpool.pool import BlockPool
-from kvpool.spec import ModelCacheSpec
 from kvpool.tier.base import StoredCache, TierStats, TierUnavailableError
 from kvpool.tier.codec import (
     DecodedBlock,
