@@ -501,14 +501,15 @@ def _clip(text: str, limit: int) -> str:
 
 
 def _bench_names(*, takes_model: bool = False) -> list[str]:
-    from kvpool.benchmarks.runner import REGISTRY
+    from kvpool.benchmarks.registry import REGISTRY
 
     return [n for n, b in REGISTRY.items() if b.takes_model or not takes_model]
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kvpool.benchmarks.environment import default_out_dir
-    from kvpool.benchmarks.runner import REGISTRY, run_benchmarks
+    from kvpool.benchmarks.registry import REGISTRY
+    from kvpool.benchmarks.runner import run_benchmarks
 
     if args.list:
         for bench in REGISTRY.values():

@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_one_line_error
 
 from kvpool.benchmarks.environment import default_out_dir, source_tree
-from kvpool.benchmarks.runner import REGISTRY
+from kvpool.benchmarks.registry import REGISTRY
 from kvpool.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

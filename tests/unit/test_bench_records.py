@@ -19,7 +19,7 @@ from kvpool.benchmarks.records import (
     from_json,
     to_json,
 )
-from kvpool.benchmarks.runner import REGISTRY
+from kvpool.benchmarks.registry import REGISTRY
 from kvpool.benchmarks.turns import WayTotals, rotation
 
 ENVIRONMENT = {

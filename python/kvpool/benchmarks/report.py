@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from kvpool.benchmarks.records import BenchRecord, Envelope, Section, from_json
-from kvpool.benchmarks.runner import REGISTRY
+from kvpool.benchmarks.registry import REGISTRY
 from kvpool.benchmarks.tables import table
 
 MARKDOWN_NAME = "results.md"
