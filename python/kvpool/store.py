@@ -661,9 +661,12 @@ class AgentCacheStore:
             self._pending_deletes.discard(agent_id)
 
     def _check_hot(self, entry: _Agent) -> None:
-        """Forget blocks someone released behind the store's back."""
-        if entry.blocks is not None and not self.pool.is_live(entry.blocks):
-            entry.blocks, entry.file_current, entry.loaded_unused = None, False, False
+        """The store's handles are live: only the manager releases blocks, and it releases a
+        store handle only when the store (or the engine's commit of the agent's next turn)
+        asks. A dead handle here indicates a bug; nothing is repaired."""
+        assert entry.blocks is None or self.pool.is_live(entry.blocks), (
+            f"agent {entry.agent_id!r}: the store's handle was released by someone else"
+        )
 
     def _load(self, entry: _Agent, salt: str) -> bool:
         """Load a cold agent into the pool under ``salt``, evicting idle ones for room; False
