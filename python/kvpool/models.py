@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 
+from kvpool.cache.format import DTYPES
 from kvpool.errors import ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -575,9 +576,6 @@ def _fill(plan: _TensorPlan, seed: int) -> np.ndarray[Any, np.dtype[np.float32]]
     return np.full(plan.shape, plan.bound, dtype=np.float32)
 
 
-_SAFETENSORS_DTYPE = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
-
-
 def _encode(values: np.ndarray[Any, np.dtype[np.float32]], dtype: Dtype) -> bytes:
     if dtype == "float32":
         return values.astype("<f4").tobytes()
@@ -597,7 +595,7 @@ def _write_weights(recipe: ModelRecipe, config: dict[str, Any], path: Path) -> N
     then the tensors' bytes back to back in header order.
     """
     plans = _plan_weights(recipe, config)
-    code, itemsize = _SAFETENSORS_DTYPE[recipe.dtype]
+    code, itemsize = DTYPES[recipe.dtype].safetensors, DTYPES[recipe.dtype].nbytes
     header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
     offset = 0
     for plan in plans:

@@ -22,14 +22,48 @@ from typing import Any
 
 from kvpool.errors import InvalidRequestError
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+@dataclass(frozen=True, slots=True)
+class Dtype:
+    """One element type kvpool stores: its size, the numpy dtype that holds it bit for bit
+    on the host (numpy has no bfloat16: its bits go as uint16), its safetensors tag."""
+
+    name: str
+    nbytes: int
+    host: str  # numpy dtype name
+    safetensors: str
+
+    @property
+    def host_le(self) -> str:
+        """The little-endian numpy dtype string (files are little-endian)."""
+        return "<" + {"float32": "f4", "float16": "f2", "uint16": "u2", "uint32": "u4"}[self.host]
+
+
+DTYPES = {
+    d.name: d
+    for d in (
+        Dtype("float32", 4, "float32", "F32"),
+        Dtype("float16", 2, "float16", "F16"),
+        Dtype("bfloat16", 2, "uint16", "BF16"),
+        Dtype("uint32", 4, "uint32", "U32"),  # packed codes of quantized blocks
+    )
+}
+"""The one dtype table: every other table below is derived from it."""
+
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+"""The dtypes a KV cache may have."""
+
+DTYPE_BYTES = {n: DTYPES[n].nbytes for n in CACHE_DTYPES}
 """Bytes of one element of each cache dtype."""
 
-HOST_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+HOST_DTYPES = {n: DTYPES[n].host for n in CACHE_DTYPES}
 """The numpy dtype name holding one element bit for bit (numpy has no bfloat16)."""
 
-SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
+SAFETENSORS_DTYPES = {n: d.safetensors for n, d in DTYPES.items()}
 """safetensors dtype tags of the cache dtypes and of packed codes."""
+
+DTYPE_OF_TAG = {d.safetensors: d for d in DTYPES.values()}
+"""safetensors tag -> dtype."""
 
 QUANT_BITS = (4, 8)
 QUANT_GROUP_SIZES = (32, 64)

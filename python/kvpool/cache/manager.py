@@ -299,7 +299,7 @@ class KVCacheManager:
 
     def root(self, salt: str) -> int:
         """The prefix-key root of tenant ``salt``."""
-        return root_key(f"{self._key_salt}\x00{salt}")
+        return root_key(self._key_salt, salt)
 
     def lookup(
         self,
@@ -570,7 +570,7 @@ class KVCacheManager:
         length = len(tables[0]) * size
         tokens = res.tokens[:length]
         keys = block_keys(tokens, size, self.root(res.salt))
-        old_end = (res.match.num_tokens // size) * size
+        old_end = self.shared_end(res.match)
         groups = []
         for g, (alloc, old) in enumerate(zip(self._allocators, res.match.groups, strict=True)):
             table = list(tables[g])
@@ -588,6 +588,11 @@ class KVCacheManager:
                 shared.append((j, block))
             groups.append(GroupMatch(tuple(shared), (), (), valid))
         res.match = PrefixMatch(length, tuple(groups))
+
+    def shared_end(self, match: PrefixMatch) -> int:
+        """The end of ``match``'s whole blocks: they are shared (read-only), so a request's
+        writes start there."""
+        return match.num_tokens // self.block_tokens * self.block_tokens
 
     def release_pin(self, res: Reservation) -> None:
         """The gather has read the partial blocks: let them go."""
@@ -650,7 +655,7 @@ class KVCacheManager:
         size = self.block_tokens
         length = len(token_ids)
         keys = block_keys(token_ids, size, self.root(res.salt))
-        shared_end = (res.match.num_tokens // size) * size
+        shared_end = self.shared_end(res.match)
         final: list[GroupTable] = []
         for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
             table = list(tables[g])

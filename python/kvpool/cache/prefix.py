@@ -1,7 +1,7 @@
 """Chained block keys: the name under which a full block's K/V is shared.
 
 ``key(block j) = H(key(block j-1), tokens of block j)``, starting from
-``root_key(salt)``. Two prompts get the same key for block ``j`` only if they
+``root_key(model_salt, salt)``. Two prompts get the same key for block ``j`` only if they
 agree on every token up to the end of that block *and* on the salt (model
 fingerprint plus an optional per-tenant ``cache_salt``), so tenants with
 different salts never share a block. Keys are 64-bit: a collision is possible
@@ -27,9 +27,10 @@ def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8, person=_PERSON).digest(), "little")
 
 
-def root_key(salt: str) -> int:
-    """The parent key of every sequence's first block under ``salt``."""
-    return _digest(b"root\x00" + salt.encode("utf-8"))
+def root_key(model_salt: str, salt: str) -> int:
+    """The parent key of every sequence's first block of one model (``model_salt``: its
+    fingerprint, or the pool's key salt) under one tenant ``salt``."""
+    return _digest(b"root\x00" + f"{model_salt}\x00{salt}".encode())
 
 
 def chain_key(parent: int, tokens: Sequence[int]) -> int:

@@ -191,8 +191,7 @@ class SequenceCache:
     def _write_start(self) -> int:
         """Writes go to positions past the reused prefix's whole blocks (shared blocks are
         read-only)."""
-        size = self._manager.block_tokens
-        return (self._res.match.num_tokens // size) * size
+        return self._manager.shared_end(self._res.match)
 
     def __enter__(self) -> SequenceCache:
         return self
@@ -230,8 +229,7 @@ class HostWrite:
         self._lock = lock
         self._res = reservation
         self.tables = tables
-        size = manager.block_tokens
-        self.shared_tokens = (reservation.match.num_tokens // size) * size
+        self.shared_tokens = manager.shared_end(reservation.match)
         self._group_of_layer = storage.spec.group_of_layer()
         self.state = SequenceState.OPEN
 
@@ -248,11 +246,10 @@ class HostWrite:
     ) -> HostWrite | PoolFull:
         """Reserve blocks for exactly ``tokens`` (whole shared blocks reused); PoolFull, and
         nothing changed, if they do not fit."""
-        size = manager.block_tokens
         with lock:
             match = manager.lookup(tokens, salt=salt, limit=len(tokens))
             # Only whole shared blocks avoid a write; a partial read buys nothing here.
-            match = manager.lookup(tokens, salt=salt, limit=(match.num_tokens // size) * size)
+            match = manager.lookup(tokens, salt=salt, limit=manager.shared_end(match))
             res = manager.reserve(agent_id, tokens, 0, match, salt=salt)
             if isinstance(res, PoolFull):
                 return res

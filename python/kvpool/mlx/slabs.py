@@ -42,11 +42,9 @@ from kvpool.cache.storage import (
 )
 from kvpool.errors import InvalidRequestError
 from kvpool.mlx import kernels as cpu_kernels
+from kvpool.mlx.dtypes import mx_dtype
 from kvpool.mlx.mlx_lm import KV_CACHE_STEP, kv_cache, rotating_cache
 from kvpool.mlx.slab_kernels import QuantizedSlab, SlabKernels, default_kernels
-
-MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-"""The MLX dtype of each cache dtype name of :mod:`kvpool.cache.format`."""
 
 
 def headroom_capacity(num_tokens: int, step: int = KV_CACHE_STEP) -> int:
@@ -86,7 +84,7 @@ class SlabStorage(ABC):
         self.format = spec.format
         self.blocks_per_group = tuple(blocks_per_group)
         self.kernels = kernels
-        self._dtype = MX_DTYPES[spec.dtype]
+        self._dtype = mx_dtype(spec.dtype)
         self._group_of_layer = spec.group_of_layer()
         self._groups = spec.groups
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from kvpool.cache.format import SAFETENSORS_DTYPES, BlockFormat
+from kvpool.cache.format import DTYPE_OF_TAG, SAFETENSORS_DTYPES, BlockFormat
 from kvpool.cache.spec import LayerSpec
 from kvpool.cache.storage import HostArray, LayerCodes, LayerKV, QuantizedRows
 from kvpool.cache.tables import CacheHandle
@@ -31,10 +31,10 @@ from kvpool.cache.tables import CacheHandle
 if TYPE_CHECKING:
     from kvpool.pool import BlockPool
 
-HOST_OF_TAG = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "U32": "<u4"}
+HOST_OF_TAG = {tag: d.host_le for tag, d in DTYPE_OF_TAG.items()}
 """safetensors dtype tag -> the little-endian numpy dtype holding it bit for bit."""
 
-TAG_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
+TAG_BYTES = {tag: d.nbytes for tag, d in DTYPE_OF_TAG.items()}
 
 _QUANTIZED_PARTS = ("codes", "scales", "biases")
 

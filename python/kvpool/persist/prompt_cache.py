@@ -186,9 +186,9 @@ def import_prompt_cache(
 
 
 def _mx_dtype(dtype: str) -> Any:
-    import mlx.core as mx
+    from kvpool.mlx.dtypes import mx_dtype
 
-    return {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+    return mx_dtype(dtype)
 
 
 def _host_to_mx(array: HostArray, dtype: str) -> Any:

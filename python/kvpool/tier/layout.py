@@ -95,7 +95,7 @@ class KeySpace:
         return self.fingerprint.split(":")[-1][:16]
 
     def root(self, salt: str) -> int:
-        return root_key(f"{self.fingerprint}\x00{salt}")
+        return root_key(self.fingerprint, salt)
 
     def chain(self, tokens: Sequence[int], salt: str) -> list[int]:
         return session_chain(tokens, self.block_tokens, self.root(salt))
