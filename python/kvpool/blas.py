@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from kvpool import _blocks
 from kvpool.elf import relocation_offsets
 
 __all__ = [
@@ -47,7 +48,8 @@ __all__ = [
 ]
 
 FAST_BLAS_ENV = "KVPOOL_FAST_BLAS"
-SHIM_PATH = Path(__file__).resolve().parent / "libkvpool_blas_shim.so"
+# Installed beside the compiled extensions (in an editable install too, where this file is not)
+SHIM_PATH = Path(_blocks.__file__).resolve().parent / "libkvpool_blas_shim.so"
 
 # What blas_info()["blas"] says.
 OPENBLAS_VIA_SHIM = "openblas (scipy-openblas32 via kvpool shim)"
