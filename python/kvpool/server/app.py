@@ -33,9 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kvpool.blocks import CompletedGeneration
 from kvpool.errors import InvalidRequestError
-from kvpool.server import anthropic_api, openai_api
 from kvpool.server.errors import (
     ApiError,
     anthropic_body,
@@ -46,6 +44,15 @@ from kvpool.server.errors import (
 from kvpool.server.loop import Admitted, Channel, EngineLoop, Event, Finished, Refused, WorkItem
 from kvpool.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvpool.server.params import Body, Generation, Limits, sampling_of, stop_token_ids
+from kvpool.server.responders import (
+    ANTHROPIC,
+    OPENAI,
+    ChatResponder,
+    CompletionResponder,
+    MessagesResponder,
+    Responder,
+    StreamShaper,
+)
 from kvpool.server.sessions import ephemeral_agent_id, validate_session_id
 from kvpool.server.tenants import ApiKeys, Tenant
 
@@ -53,7 +60,6 @@ __all__ = ["ServerState", "create_app"]
 
 logger = logging.getLogger(__name__)
 
-OPENAI, ANTHROPIC = "openai", "anthropic"
 _POLL_S = 0.25  # how often a waiting non-streamed request checks for a disconnect
 
 
@@ -242,32 +248,20 @@ class _Events:
             self._pending.cancel()
 
 
-def _sse(data: Any, event: str | None = None) -> bytes:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
 # -- generation ----------------------------------------------------------------------------
 
 
-_Parser = Callable[[Body], Generation]
-
-
-async def _generate(request: Request, api: str, endpoint: str) -> Response:
+async def _generate(request: Request, responder: Responder) -> Response:
     state: ServerState = request.app.state.kvpool
     t_received = time.perf_counter()
-    parse: _Parser = {
-        "chat": openai_api.parse_chat,
-        "completions": openai_api.parse_completion,
-        "messages": anthropic_api.parse_messages,
-    }[endpoint]
+    api = responder.api
     try:
         if not state.accepting:
             raise shutting_down()
         tenant = _check_auth(state, request)
         body = Body(await _read_json(state, request))
         try:
-            gen = parse(body)
+            gen = responder.parse(body)
         except RecursionError:  # a field nested deeper than Python compares or prints
             raise bad_request("a field of the request body is nested too deeply") from None
         if gen.model not in state.model_names:
@@ -330,9 +324,8 @@ async def _generate(request: Request, api: str, endpoint: str) -> Response:
                     # the engine's own time for this request: clients (kvpool bench serve)
                     # can tell the server's overhead from it
                     timing = {"X-Kvpool-Engine-Ms": f"{c.elapsed_s * 1e3:.3f}"}
-                    return JSONResponse(
-                        _response(endpoint, state, gen, c, stop_names, session_id), headers=timing
-                    )
+                    answer = responder.response(state.model_name, gen, c, stop_names, session_id)
+                    return JSONResponse(answer, headers=timing)
                 if isinstance(event, Refused):
                     return _error_response(event.error, api)
         except _Disconnected:
@@ -343,94 +336,38 @@ async def _generate(request: Request, api: str, endpoint: str) -> Response:
             state.loop.cancel(item)
             events.close()
             raise
-    stream = _stream(endpoint, state, gen, item, events, len(prompt), stop_names)
+    shaper = responder.stream(state.model_name, gen, len(prompt))
+    stream = _stream(shaper, state, gen, item, events, stop_names)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if session_id is not None:
         headers["X-Session-ID"] = session_id
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
 
-def _response(
-    endpoint: str,
-    state: ServerState,
-    gen: Generation,
-    c: CompletedGeneration,
-    stops: dict[int, str],
-    session_id: str | None,
-) -> dict[str, Any]:
-    name, ids = state.model_name, gen.return_token_ids
-    if endpoint == "chat":
-        return openai_api.chat_response(
-            openai_api.new_id("chatcmpl"), name, c, token_ids=ids, session_id=session_id
-        )
-    if endpoint == "completions":
-        return openai_api.completion_response(
-            openai_api.new_id("cmpl"), name, c, token_ids=ids, session_id=session_id
-        )
-    return anthropic_api.message_response(
-        anthropic_api.new_id(), name, c, stops, token_ids=ids, session_id=session_id
-    )
-
-
 async def _stream(
-    endpoint: str,
+    shaper: StreamShaper,
     state: ServerState,
     gen: Generation,
     item: WorkItem,
     events: _Events,
-    prompt_tokens: int,
     stops: dict[int, str],
 ) -> AsyncIterator[bytes]:
     """SSE of one admitted request; cancels it if the client goes away first."""
-    name, created, ids = state.model_name, int(time.time()), gen.return_token_ids
     ended = started = False
     generated: list[int] = []  # token ids so far
     try:
-        if endpoint == "messages":
-            rid = anthropic_api.new_id()
-            yield _sse(anthropic_api.message_start(rid, name, prompt_tokens), "message_start")
-            block = {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            }
-            yield _sse(block, "content_block_start")
-            yield _sse({"type": "ping"}, "ping")
-        else:
-            rid = openai_api.new_id("chatcmpl" if endpoint == "chat" else "cmpl")
-            if endpoint == "chat":
-                yield _sse(
-                    openai_api.chat_chunk(
-                        rid, name, created, delta={"role": "assistant", "content": ""}
-                    )
-                )
+        for chunk in shaper.open():
+            yield chunk
         while True:
             event = await events.next(None)
             if isinstance(event, Refused):
                 ended = True
-                if endpoint == "messages":
-                    yield _sse(anthropic_body(event.error), "error")
-                else:
-                    yield _sse(openai_body(event.error))
+                yield shaper.error(event.error)
                 return
             if isinstance(event, Finished):
                 ended = True
-                c = event.completion
-                if endpoint == "messages":
-                    yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
-                    yield _sse(anthropic_api.message_delta(c, stops), "message_delta")
-                    yield _sse({"type": "message_stop"}, "message_stop")
-                    return
-                reason = openai_api.finish_reason(c)
-                if endpoint == "chat":
-                    yield _sse(openai_api.chat_chunk(rid, name, created, finish=reason))
-                    if gen.include_usage:
-                        yield _sse(openai_api.chat_chunk(rid, name, created, usage_of=c))
-                else:
-                    yield _sse(openai_api.completion_chunk(rid, name, created, finish=reason))
-                    if gen.include_usage:
-                        yield _sse(openai_api.completion_chunk(rid, name, created, usage_of=c))
-                yield b"data: [DONE]\n\n"
+                for chunk in shaper.close(event.completion, stops):
+                    yield chunk
                 return
             if isinstance(event, Admitted):
                 continue
@@ -439,26 +376,10 @@ async def _stream(
             if text and not started:  # the first text: as the whole reply's decode has it
                 started = True
                 text = _first_segment(state.tokenizer, generated, text)
-            token_ids = [event.token] if ids else None
+            token_ids = [event.token] if gen.return_token_ids else None
             if not text and token_ids is None:
                 continue
-            if endpoint == "messages":
-                delta = {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "text_delta", "text": text},
-                }
-                yield _sse(delta, "content_block_delta")
-            elif endpoint == "chat":
-                yield _sse(
-                    openai_api.chat_chunk(
-                        rid, name, created, delta={"content": text}, token_ids=token_ids
-                    )
-                )
-            else:
-                yield _sse(
-                    openai_api.completion_chunk(rid, name, created, text=text, token_ids=token_ids)
-                )
+            yield shaper.text(text, token_ids)
     finally:
         if not ended:
             state.loop.cancel(item)
@@ -677,19 +598,16 @@ def create_app(state: ServerState) -> Starlette:
         state.accepting = False
         await run_in_threadpool(state.loop.stop)
 
-    async def chat(request: Request) -> Response:
-        return await _generate(request, OPENAI, "chat")
+    def generation(responder: Responder) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            return await _generate(request, responder)
 
-    async def completions(request: Request) -> Response:
-        return await _generate(request, OPENAI, "completions")
-
-    async def messages(request: Request) -> Response:
-        return await _generate(request, ANTHROPIC, "messages")
+        return route
 
     routes = [
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/chat/completions", generation(ChatResponder()), methods=["POST"]),
+        Route("/v1/completions", generation(CompletionResponder()), methods=["POST"]),
+        Route("/v1/messages", generation(MessagesResponder()), methods=["POST"]),
         Route("/v1/models", _openai_route(_models), methods=["GET"]),
         Route("/v1/sessions", _openai_route(_list_sessions), methods=["GET"]),
         Route("/v1/sessions/{session_id}", _openai_route(_get_session), methods=["GET"]),
