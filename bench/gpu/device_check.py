@@ -16,6 +16,7 @@ so one failure still returns the rest. Sections:
                 the logits of resumed vs one-shot vs chunked re-prefill (max |delta|)
 * ``decode``    decode tok/s at batch 1 / 8 / 32: kvpool engine vs plain BatchGenerator
 * ``workload``  8 agents x 4 turns at 2K: kvpool vs mlx-lm's LRUPromptCache way vs re-prefill
+* ``persist``   save and load of one 8K agent to a file, against a gather of the same bytes
 
 ``--quick`` shrinks every size so the script runs on a CPU in seconds (a smoke test: its
 figures are not GPU figures).
@@ -609,6 +610,62 @@ def section_workload() -> None:
     )
 
 
+def section_persist() -> None:
+    """What a save and a load of one agent cost where the slabs live (host copies included)."""
+    import tempfile
+    from pathlib import Path
+
+    from kvpool import BlockPool, ModelCacheSpec
+    from kvpool.cache.sequence import SequenceCache
+    from kvpool.mlx.mlx_lm import kv_cache
+    from kvpool.persist import load_cache, save_cache
+
+    layers, heads, dim = (2, 2, 64) if QUICK else (32, 8, 128)
+    n = 600 if QUICK else 8192
+    spec = ModelCacheSpec.uniform(layers, heads, dim, dtype="bfloat16")
+    blocks = spec.blocks_for(n) + 1
+    source, target = (BlockPool(spec, num_blocks=blocks) for _ in range(2))
+    tokens = list(range(1, n + 1))
+    seq = source.open_sequence("agent", tokens, 0)
+    assert isinstance(seq, SequenceCache)
+    seq.read()
+
+    def rows(i: int) -> mx.array:
+        return mx.random.normal((1, heads, n, dim), key=mx.random.key(i)).astype(mx.bfloat16)
+
+    handle = seq.close([kv_cache(rows(2 * i), rows(2 * i + 1), n) for i in range(layers)], tokens)
+    fp = "sha256:" + "ab" * 32
+    nbytes = 2 * layers * heads * n * dim * 2
+    reps = 2 if QUICK else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "agent.kvcache"
+        save_ms, load_ms = [], []
+        for _ in range(reps):
+            t = time.perf_counter()
+            size = save_cache(path, source, handle, fingerprint=fp)
+            save_ms.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            loaded = load_cache(path, target, fingerprint=fp)
+            mx.synchronize()
+            load_ms.append((time.perf_counter() - t) * 1e3)
+            target.release(loaded)
+    gather = timed(
+        lambda: [c.keys for c in source.storage.load([handle.tables[0].block_ids], n)], reps
+    )
+    emit(
+        "persist",
+        f"save and load of one agent ({n} tokens)",
+        kv_bytes=nbytes,
+        file_bytes=size,
+        save_ms=[round(x, 1) for x in save_ms],
+        load_ms=[round(x, 1) for x in load_ms],
+        save_gb_per_s=round(nbytes / (statistics.median(save_ms) / 1e3) / 1e9, 2),
+        load_gb_per_s=round(nbytes / (statistics.median(load_ms) / 1e3) / 1e9, 2),
+        gather_same_bytes=gather,
+        note="save: gather on the device, copy to host 64 MiB at a time, hash, write, fsync",
+    )
+
+
 SECTIONS: dict[str, Callable[[], None]] = {
     "env": section_env,
     "gather": section_gather,
@@ -617,6 +674,7 @@ SECTIONS: dict[str, Callable[[], None]] = {
     "ttft": section_ttft,
     "decode": section_decode,
     "workload": section_workload,
+    "persist": section_persist,
 }
 
 
