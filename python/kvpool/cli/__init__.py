@@ -64,6 +64,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         error_line(f"kvpool {args.command}: interrupted")
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())
