@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -355,6 +356,8 @@ def section_ttft() -> None:
     tok = tokenizer()
     rng = np.random.default_rng(0)
     contexts = (256, 512, 1024) if QUICK else (2048, 8192, 32768)
+    if os.environ.get("TTFT_CONTEXTS"):  # e.g. "2048,8192" for a shorter run
+        contexts = tuple(int(c) for c in os.environ["TTFT_CONTEXTS"].split(","))
     new_tokens, gen = (16, 4) if QUICK else (64, 8)
     engine = engine_for(model, tok, (1 if QUICK else 24) * 2**30)
     plain = plain_generator(model, tok)
