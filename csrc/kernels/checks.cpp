@@ -40,9 +40,9 @@ void check_positions(
   int64_t blocks_needed = (stop + block_tokens - 1) / block_tokens;
   if (static_cast<int64_t>(block_table.size()) < blocks_needed) {
     std::ostringstream msg;
-    msg << "positions [" << start << ", " << stop << ") need "
-        << blocks_needed << " block table entries of " << block_tokens
-        << " tokens; got " << block_table.size() << ".";
+    msg << "positions [" << start << ", " << stop << ") need " << blocks_needed
+        << " block table entries of " << block_tokens << " tokens; got "
+        << block_table.size() << ".";
     fail(op, msg.str());
   }
   for (int64_t i = start / block_tokens; i < blocks_needed; ++i) {

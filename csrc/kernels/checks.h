@@ -30,7 +30,11 @@ void check_positions(
     int block_tokens);
 
 // Checks 0 <= stop - start <= capacity <= INT32_MAX.
-void check_capacity(const char* op, int64_t start, int64_t stop, int64_t capacity);
+void check_capacity(
+    const char* op,
+    int64_t start,
+    int64_t stop,
+    int64_t capacity);
 
 // The block table entries that [start, stop) reads, and start rebased to the
 // first of them.

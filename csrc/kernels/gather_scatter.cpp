@@ -135,7 +135,8 @@ void check_slab(
             shape_str(a) + ".");
   }
   auto dt = a.dtype();
-  if (!any_dtype && dt != mx::float32 && dt != mx::float16 && dt != mx::bfloat16) {
+  if (!any_dtype && dt != mx::float32 && dt != mx::float16 &&
+      dt != mx::bfloat16) {
     std::ostringstream msg;
     msg << name << " must be float32, float16 or bfloat16; got " << dt
         << " with shape " << shape_str(a) << ".";
@@ -260,8 +261,7 @@ class Scatter : public mx::UnaryPrimitive {
         block_ids_(std::move(block_ids)),
         start_(start) {}
 
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
-      override;
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error(
         "[kvpool::Scatter] no GPU kernel; use a CPU stream.");
@@ -383,8 +383,7 @@ std::vector<mx::array> gather(
   int num_blocks = slabs[0].shape(0);
   int block_tokens = slabs[0].shape(2);
   for (size_t i = 1; i < slabs.size(); ++i) {
-    if (slabs[i].shape(0) != num_blocks ||
-        slabs[i].shape(2) != block_tokens) {
+    if (slabs[i].shape(0) != num_blocks || slabs[i].shape(2) != block_tokens) {
       std::ostringstream msg;
       msg << "every slab needs the same num_blocks and block_tokens as slab "
           << "0 " << shape_str(slabs[0]) << "; slab " << i << " got shape "

@@ -188,8 +188,10 @@ __attribute__((target("avx2,f16c"))) inline void load_codes16(
     const __m256i mask = _mm256_set1_epi32(0xF);
     auto w0 = static_cast<int>(codes[(j / 8) * codes_col]);
     auto w1 = static_cast<int>(codes[(j / 8 + 1) * codes_col]);
-    lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w0), shifts), mask);
-    hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w1), shifts), mask);
+    lo = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(w0), shifts), mask);
+    hi = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(w1), shifts), mask);
   }
 }
 
@@ -200,8 +202,7 @@ __attribute__((target("avx2,f16c"))) inline __m256i round_bf16(__m256 x) {
   __m256i odd =
       _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   u = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
-  return _mm256_and_si256(
-      u, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
 }
 
 // static_cast<float>(x) without MLX's branchy software conversion (the same
@@ -258,8 +259,8 @@ store16(T* out, __m256 lo, __m256 hi) {
     __m256i hi_bits = _mm256_srli_epi32(round_bf16(hi), 16);
     // packus packs within 128-bit lanes (lo 0-3, hi 8-11 | lo 4-7, hi
     // 12-15): the permute restores element order.
-    __m256i packed = _mm256_permute4x64_epi64(
-        _mm256_packus_epi32(lo_bits, hi_bits), 0xD8);
+    __m256i packed =
+        _mm256_permute4x64_epi64(_mm256_packus_epi32(lo_bits, hi_bits), 0xD8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), packed);
   }
 }
@@ -299,11 +300,15 @@ __attribute__((target("avx2,f16c"))) void dequant_job_avx2(
         alignas(32) T table[16];
         store16<T>(
             table,
-            dequant8<T>(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vscale, vbias),
             dequant8<T>(
-                _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15), vscale, vbias));
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vscale, vbias),
+            dequant8<T>(
+                _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15),
+                vscale,
+                vbias));
         __m128i t0 = _mm_load_si128(reinterpret_cast<const __m128i*>(table));
-        __m128i t1 = _mm_load_si128(reinterpret_cast<const __m128i*>(table + 8));
+        __m128i t1 =
+            _mm_load_si128(reinterpret_cast<const __m128i*>(table + 8));
         const __m128i low_byte = _mm_set1_epi16(0xFF);
         __m128i table_lo = _mm_packus_epi16(
             _mm_and_si128(t0, low_byte), _mm_and_si128(t1, low_byte));
@@ -419,9 +424,10 @@ int check_quantized_slab(
   const auto& codes = slab.codes;
   const auto& scales = slab.scales;
   const auto& biases = slab.biases;
-  for (auto [part, a] : {std::pair{"codes", &codes},
-                         std::pair{"scales", &scales},
-                         std::pair{"biases", &biases}}) {
+  for (auto [part, a] :
+       {std::pair{"codes", &codes},
+        std::pair{"scales", &scales},
+        std::pair{"biases", &biases}}) {
     if (a->ndim() != 4) {
       fail(
           op,
@@ -577,7 +583,7 @@ void GatherDequantized::eval_cpu(
         pos += run;
       }
       if (capacity_ > length) {
-        DequantJob zeros{};  // codes == nullptr: zero-fill
+        DequantJob zeros{}; // codes == nullptr: zero-fill
         zeros.dst = head_dst + length * head_dim * itemsize;
         zeros.rows = capacity_ - length;
         zeros.head_dim = head_dim;
@@ -589,9 +595,8 @@ void GatherDequantized::eval_cpu(
   }
   // Buffers stay alive until the task ran: MLX holds the inputs' data until
   // the stream has finished this node's tasks.
-  encoder.dispatch([jobs = std::move(jobs), qz = qz_] {
-    run_dequant_jobs(jobs, qz);
-  });
+  encoder.dispatch(
+      [jobs = std::move(jobs), qz = qz_] { run_dequant_jobs(jobs, qz); });
 }
 
 } // namespace
@@ -688,10 +693,7 @@ std::vector<mx::array> gather_dequantized(
   for (size_t i = 0; i < slabs.size(); ++i) {
     const auto& slab = slabs[i];
     shapes.push_back(
-        {1,
-         slab.codes.shape(1),
-         static_cast<int>(capacity),
-         head_dims[i]});
+        {1, slab.codes.shape(1), static_cast<int>(capacity), head_dims[i]});
     dtypes.push_back(slab.scales.dtype());
     inputs.push_back(slab.codes);
     inputs.push_back(slab.scales);
@@ -723,12 +725,12 @@ QuantizedSlab scatter_quantized(
   Quantization qz{bits, group_size};
   int head_dim = check_quantized_slab(op, "slab", slab, qz);
   const auto& codes = slab.codes;
-  if (src.ndim() != 4 || src.shape(0) != 1 ||
-      src.shape(1) != codes.shape(1) || src.shape(3) != head_dim) {
+  if (src.ndim() != 4 || src.shape(0) != 1 || src.shape(1) != codes.shape(1) ||
+      src.shape(3) != head_dim) {
     std::ostringstream msg;
     msg << "src must be [1, " << codes.shape(1) << ", T, " << head_dim
-        << "] to match the slab's codes " << shape_str(codes) << " at "
-        << bits << " bits; got shape " << shape_str(src) << ".";
+        << "] to match the slab's codes " << shape_str(codes) << " at " << bits
+        << " bits; got shape " << shape_str(src) << ".";
     fail(op, msg.str());
   }
   if (src.dtype() != slab.scales.dtype()) {
@@ -749,8 +751,8 @@ QuantizedSlab scatter_quantized(
       detail::used_blocks(block_table, start, stop, block_tokens).first;
   detail::check_distinct_blocks(op, block_ids, start, stop);
 
-  auto parts = mx::quantize(
-      src, group_size, bits, "affine", std::nullopt, stream);
+  auto parts =
+      mx::quantize(src, group_size, bits, "affine", std::nullopt, stream);
   return {
       scatter(slab.codes, parts[0], block_table, start, stream),
       scatter(slab.scales, parts[1], block_table, start, stream),
