@@ -69,22 +69,6 @@ void check_capacity(
   }
 }
 
-std::pair<std::vector<int32_t>, int64_t> used_blocks(
-    const std::vector<int32_t>& block_table,
-    int64_t start,
-    int64_t stop,
-    int block_tokens) {
-  if (stop == start) {
-    return {{}, 0};
-  }
-  int64_t first = start / block_tokens;
-  int64_t last = (stop - 1) / block_tokens;
-  return {
-      std::vector<int32_t>(
-          block_table.begin() + first, block_table.begin() + last + 1),
-      first * block_tokens};
-}
-
 void check_distinct_blocks(
     const char* op,
     const std::vector<int32_t>& block_ids,

@@ -4,7 +4,6 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "mlx/mlx.h"
@@ -35,14 +34,6 @@ void check_capacity(
     int64_t start,
     int64_t stop,
     int64_t capacity);
-
-// The block table entries that [start, stop) reads, and start rebased to the
-// first of them.
-std::pair<std::vector<int32_t>, int64_t> used_blocks(
-    const std::vector<int32_t>& block_table,
-    int64_t start,
-    int64_t stop,
-    int block_tokens);
 
 // Two table entries naming one block would race to write the same slot.
 void check_distinct_blocks(

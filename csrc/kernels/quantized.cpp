@@ -34,7 +34,7 @@
 
 #include "kernels/checks.h"
 #include "kernels/gather_scatter.h"
-#include "kernels/parallel.h"
+#include "kernels/plan.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(KVPOOL_SCALAR_KERNELS)
@@ -71,8 +71,23 @@ struct DequantJob {
   int itemsize;
   mx::Dtype dtype = mx::float32;
 
+  size_t row_bytes() const {
+    return static_cast<size_t>(head_dim) * itemsize;
+  }
   size_t nbytes() const {
-    return static_cast<size_t>(rows) * head_dim * itemsize;
+    return static_cast<size_t>(rows) * row_bytes();
+  }
+  // Rows [r, r + n).
+  DequantJob slice(int64_t r, int64_t n) const {
+    DequantJob piece = *this;
+    piece.rows = n;
+    piece.dst = dst + r * row_bytes();
+    if (codes != nullptr) {
+      piece.codes = codes + r * codes_row;
+      piece.scales = scales + r * scales_row * itemsize;
+      piece.biases = biases + r * biases_row * itemsize;
+    }
+    return piece;
   }
 };
 
@@ -377,37 +392,6 @@ void run_dequant_job(const DequantJob& job, Quantization qz) {
   }
 }
 
-// Appends job, cut by rows into pieces of at most kMaxJobBytes of output.
-void add_job(std::vector<DequantJob>& jobs, const DequantJob& job) {
-  if (job.rows == 0) {
-    return;
-  }
-  size_t row_bytes = static_cast<size_t>(job.head_dim) * job.itemsize;
-  int64_t rows_per_job = std::max<int64_t>(
-      1, static_cast<int64_t>(detail::kMaxJobBytes / row_bytes));
-  for (int64_t r = 0; r < job.rows; r += rows_per_job) {
-    DequantJob piece = job;
-    piece.rows = std::min(rows_per_job, job.rows - r);
-    piece.dst = job.dst + r * row_bytes;
-    if (job.codes != nullptr) {
-      piece.codes = job.codes + r * job.codes_row;
-      piece.scales = job.scales + r * job.scales_row * job.itemsize;
-      piece.biases = job.biases + r * job.biases_row * job.itemsize;
-    }
-    jobs.push_back(piece);
-  }
-}
-
-void run_dequant_jobs(const std::vector<DequantJob>& jobs, Quantization qz) {
-  size_t total = 0;
-  for (const auto& job : jobs) {
-    total += job.nbytes();
-  }
-  detail::run_parallel(jobs.size(), total, [&jobs, qz](size_t i) {
-    run_dequant_job(jobs[i], qz);
-  });
-}
-
 // Validation ----------------------------------------------------------------
 
 bool is_float(mx::Dtype dt) {
@@ -532,8 +516,9 @@ void GatherDequantized::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
+  // Every slab has the same block_tokens (gather_dequantized checks).
+  BlockPlan plan(block_ids_, inputs[0].shape(2), start_, stop_, capacity_);
   std::vector<DequantJob> jobs;
-  int64_t length = stop_ - start_;
   for (size_t i = 0; i < outputs.size(); ++i) {
     const auto& codes = inputs[3 * i];
     const auto& scales = inputs[3 * i + 1];
@@ -546,7 +531,6 @@ void GatherDequantized::eval_cpu(
     encoder.set_output_array(out);
 
     int64_t heads = codes.shape(1);
-    int64_t block_tokens = codes.shape(2);
     int head_dim = out.shape(3);
     int itemsize = static_cast<int>(out.itemsize());
     const auto& cst = codes.strides();
@@ -558,45 +542,40 @@ void GatherDequantized::eval_cpu(
     char* dst = out.data<char>();
     for (int64_t h = 0; h < heads; ++h) {
       char* head_dst = dst + h * capacity_ * head_dim * itemsize;
-      for (int64_t pos = start_; pos < stop_;) {
-        int64_t block = block_ids_[pos / block_tokens];
-        int64_t slot = pos % block_tokens;
-        int64_t run = std::min(block_tokens - slot, stop_ - pos);
-        DequantJob job{
-            head_dst + (pos - start_) * head_dim * itemsize,
-            codes_base + block * cst[0] + h * cst[1] + slot * cst[2],
-            scales_base +
-                (block * sst[0] + h * sst[1] + slot * sst[2]) * itemsize,
-            biases_base +
-                (block * bst[0] + h * bst[1] + slot * bst[2]) * itemsize,
-            run,
-            cst[2],
-            cst[3],
-            sst[2],
-            sst[3],
-            bst[2],
-            bst[3],
-            head_dim,
-            itemsize,
-            out.dtype()};
-        add_job(jobs, job);
-        pos += run;
+      for (const BlockRun& run : plan.runs()) {
+        int64_t b = run.block;
+        int64_t slot = run.slot;
+        add_job(
+            jobs,
+            {head_dst + run.cache_row * head_dim * itemsize,
+             codes_base + b * cst[0] + h * cst[1] + slot * cst[2],
+             scales_base + (b * sst[0] + h * sst[1] + slot * sst[2]) * itemsize,
+             biases_base + (b * bst[0] + h * bst[1] + slot * bst[2]) * itemsize,
+             run.rows,
+             cst[2],
+             cst[3],
+             sst[2],
+             sst[3],
+             bst[2],
+             bst[3],
+             head_dim,
+             itemsize,
+             out.dtype()});
       }
-      if (capacity_ > length) {
-        DequantJob zeros{}; // codes == nullptr: zero-fill
-        zeros.dst = head_dst + length * head_dim * itemsize;
-        zeros.rows = capacity_ - length;
-        zeros.head_dim = head_dim;
-        zeros.itemsize = itemsize;
-        zeros.dtype = out.dtype();
-        add_job(jobs, zeros);
-      }
+      DequantJob zeros{}; // codes == nullptr: zero-fill
+      zeros.dst = head_dst + plan.length() * head_dim * itemsize;
+      zeros.rows = plan.headroom();
+      zeros.head_dim = head_dim;
+      zeros.itemsize = itemsize;
+      zeros.dtype = out.dtype();
+      add_job(jobs, zeros);
     }
   }
   // Buffers stay alive until the task ran: MLX holds the inputs' data until
   // the stream has finished this node's tasks.
-  encoder.dispatch(
-      [jobs = std::move(jobs), qz = qz_] { run_dequant_jobs(jobs, qz); });
+  encoder.dispatch([jobs = std::move(jobs), qz = qz_] {
+    run_jobs(jobs, [qz](const DequantJob& job) { run_dequant_job(job, qz); });
+  });
 }
 
 } // namespace
@@ -685,8 +664,7 @@ std::vector<mx::array> gather_dequantized(
   detail::check_capacity(op, start, stop, capacity);
   auto stream = detail::cpu_stream(op, s);
 
-  auto [block_ids, base] =
-      detail::used_blocks(block_table, start, stop, block_tokens);
+  auto [block_ids, base] = used_blocks(block_table, start, stop, block_tokens);
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
   std::vector<mx::array> inputs;
@@ -747,8 +725,7 @@ QuantizedSlab scatter_quantized(
   if (stop == start) {
     return slab;
   }
-  auto block_ids =
-      detail::used_blocks(block_table, start, stop, block_tokens).first;
+  auto block_ids = used_blocks(block_table, start, stop, block_tokens).first;
   detail::check_distinct_blocks(op, block_ids, start, stop);
 
   auto parts =
