@@ -49,9 +49,12 @@ std::string summary(const std::vector<double>& ms, double bytes) {
   double p50 = percentile(ms, 0.5);
   char buf[256];
   std::snprintf(
-      buf, sizeof(buf),
-      "{\"p50_ms\": %.2f, \"p95_ms\": %.2f, \"gb_per_s\": %.2f}", p50,
-      percentile(ms, 0.95), bytes / (p50 * 1e-3) / 1e9);
+      buf,
+      sizeof(buf),
+      "{\"p50_ms\": %.2f, \"p95_ms\": %.2f, \"gb_per_s\": %.2f}",
+      p50,
+      percentile(ms, 0.95),
+      bytes / (p50 * 1e-3) / 1e9);
   return buf;
 }
 
@@ -86,11 +89,15 @@ std::string bench_quantized(
     for (int m = 0; m < 3; ++m) {
       auto t0 = Clock::now();
       {
-        auto caches = m == 0
-            ? kvpool::gather(slabs, table, 0, kTokens, kTokens)
-            : kvpool::gather_dequantized(
-                  quantized[m - 1], table, 0, kTokens, kTokens,
-                  bit_widths[m - 1], kGroupSize);
+        auto caches = m == 0 ? kvpool::gather(slabs, table, 0, kTokens, kTokens)
+                             : kvpool::gather_dequantized(
+                                   quantized[m - 1],
+                                   table,
+                                   0,
+                                   kTokens,
+                                   kTokens,
+                                   bit_widths[m - 1],
+                                   kGroupSize);
         mx::eval(caches);
       }
       if (i > 0) {
@@ -101,13 +108,19 @@ std::string bench_quantized(
   double dense = percentile(ms[0], 0.5);
   char buf[1024];
   std::snprintf(
-      buf, sizeof(buf),
+      buf,
+      sizeof(buf),
       "{\"group_size\": %d, \"dense\": %s, \"q8\": %s, \"q4\": %s, "
       "\"q8_vs_dense\": %.3f, \"q4_vs_dense\": %.3f, "
       "\"slab_bytes\": {\"dense\": %.0f, \"q8\": %.0f, \"q4\": %.0f}}",
-      kGroupSize, summary(ms[0], bytes).c_str(), summary(ms[1], bytes).c_str(),
-      summary(ms[2], bytes).c_str(), percentile(ms[1], 0.5) / dense,
-      percentile(ms[2], 0.5) / dense, slab_bytes(16), slab_bytes(8),
+      kGroupSize,
+      summary(ms[0], bytes).c_str(),
+      summary(ms[1], bytes).c_str(),
+      summary(ms[2], bytes).c_str(),
+      percentile(ms[1], 0.5) / dense,
+      percentile(ms[2], 0.5) / dense,
+      slab_bytes(16),
+      slab_bytes(8),
       slab_bytes(4));
   return buf;
 }
@@ -125,9 +138,11 @@ int main(int argc, char** argv) {
 
   std::vector<mx::array> slabs;
   for (int i = 0; i < 2 * kLayers; ++i) {
-    slabs.push_back(mx::full(
-        {kSlabBlocks, kHeads, kBlockTokens, kHeadDim},
-        mx::array(static_cast<float>(i % 7)), mx::float16));
+    slabs.push_back(
+        mx::full(
+            {kSlabBlocks, kHeads, kBlockTokens, kHeadDim},
+            mx::array(static_cast<float>(i % 7)),
+            mx::float16));
   }
   mx::eval(slabs);
 
@@ -188,10 +203,19 @@ int main(int argc, char** argv) {
       " \"gather\": %s,\n \"scatter\": %s,\n \"memcpy\": %s,\n"
       " \"gather_quantized\": %s,\n"
       " \"scatter_in_place\": %lld, \"scatter_copied\": %lld}\n",
-      kLayers, kSlabBlocks, kHeads, kBlockTokens, kHeadDim, kBlocks, iters,
-      bytes, summary(gather_ms, bytes).c_str(),
-      summary(scatter_ms, bytes).c_str(), summary(memcpy_ms, bytes).c_str(),
-      quantized.c_str(), static_cast<long long>(stats.num_in_place),
+      kLayers,
+      kSlabBlocks,
+      kHeads,
+      kBlockTokens,
+      kHeadDim,
+      kBlocks,
+      iters,
+      bytes,
+      summary(gather_ms, bytes).c_str(),
+      summary(scatter_ms, bytes).c_str(),
+      summary(memcpy_ms, bytes).c_str(),
+      quantized.c_str(),
+      static_cast<long long>(stats.num_in_place),
       static_cast<long long>(stats.num_copied));
   return stats.num_copied == 0 ? 0 : 1;
 }

@@ -1,4 +1,4 @@
-// libkvpool_blas_shim.so: MLX's BLAS/LAPACK imports, routed to scipy-openblas32.
+// libkvpool_blas_shim.so: MLX's BLAS/LAPACK imports, sent to scipy-openblas32.
 //
 // libmlx.so (mlx[cpu] wheel, Linux) imports 3 cblas_* and 22 LAPACK symbols by
 // their plain names and lists the wheel's bundled reference BLAS/LAPACK as
@@ -34,30 +34,30 @@
 // Every BLAS/LAPACK symbol that libmlx.so 0.32.4 imports
 // (nm -D --undefined-only libmlx.so); tests/integration/test_blas.py checks
 // that this list still covers the installed MLX.
-#define KVPOOL_BLAS_SYMBOLS(X)                                              \
-  X(cblas_cgemm)                                                            \
-  X(cblas_dgemm)                                                            \
-  X(cblas_sgemm)                                                            \
-  X(cgeev_)                                                                 \
-  X(cgesdd_)                                                                \
-  X(cheevd_)                                                                \
-  X(dgeev_)                                                                 \
-  X(dgeqrf_)                                                                \
-  X(dgesdd_)                                                                \
-  X(dgetrf_)                                                                \
-  X(dgetri_)                                                                \
-  X(dorgqr_)                                                                \
-  X(dpotrf_)                                                                \
-  X(dsyevd_)                                                                \
-  X(dtrtri_)                                                                \
-  X(sgeev_)                                                                 \
-  X(sgeqrf_)                                                                \
-  X(sgesdd_)                                                                \
-  X(sgetrf_)                                                                \
-  X(sgetri_)                                                                \
-  X(sorgqr_)                                                                \
-  X(spotrf_)                                                                \
-  X(ssyevd_)                                                                \
+#define KVPOOL_BLAS_SYMBOLS(X) \
+  X(cblas_cgemm)               \
+  X(cblas_dgemm)               \
+  X(cblas_sgemm)               \
+  X(cgeev_)                    \
+  X(cgesdd_)                   \
+  X(cheevd_)                   \
+  X(dgeev_)                    \
+  X(dgeqrf_)                   \
+  X(dgesdd_)                   \
+  X(dgetrf_)                   \
+  X(dgetri_)                   \
+  X(dorgqr_)                   \
+  X(dpotrf_)                   \
+  X(dsyevd_)                   \
+  X(dtrtri_)                   \
+  X(sgeev_)                    \
+  X(sgeqrf_)                   \
+  X(sgesdd_)                   \
+  X(sgetrf_)                   \
+  X(sgetri_)                   \
+  X(sorgqr_)                   \
+  X(spotrf_)                   \
+  X(ssyevd_)                   \
   X(strtri_)
 
 // Prefix of every symbol in scipy-openblas32 (scipy_cblas_sgemm, scipy_sgeev_).
@@ -67,7 +67,7 @@ typedef void (*kvpool_fn)(void);
 
 enum {
 #define X(name) kvpool_index_##name,
-  KVPOOL_BLAS_SYMBOLS(X)
+  KVPOOL_BLAS_SYMBOLS(X) // no separator: each X(name) ends in a comma
 #undef X
   kvpool_num_symbols
 };
@@ -82,19 +82,22 @@ static const char* const symbol_names_[kvpool_num_symbols] = {
 static kvpool_fn targets_[kvpool_num_symbols];
 
 static void die_unresolved(const char* name) {
-  fprintf(stderr,
-          "[kvpool blas shim] %s was called before kvpool_blas_shim_init "
-          "resolved it; load the shim through kvpool.blas.use_fast_cpu_blas()\n",
-          name);
+  fprintf(
+      stderr,
+      "[kvpool blas shim] %s was called before kvpool_blas_shim_init "
+      "resolved it; load the shim through kvpool.blas.use_fast_cpu_blas()\n",
+      name);
   abort();
 }
 
-#define X(name)                                                    \
-  static void unresolved_##name(void) { die_unresolved(#name); }  \
-  static kvpool_fn resolve_##name(void) {                          \
-    kvpool_fn target = targets_[kvpool_index_##name];              \
-    return target ? target : unresolved_##name;                    \
-  }                                                                \
+#define X(name)                                       \
+  static void unresolved_##name(void) {               \
+    die_unresolved(#name);                            \
+  }                                                   \
+  static kvpool_fn resolve_##name(void) {             \
+    kvpool_fn target = targets_[kvpool_index_##name]; \
+    return target ? target : unresolved_##name;       \
+  }                                                   \
   KVPOOL_EXPORT void name(void) __attribute__((ifunc("resolve_" #name)));
 KVPOOL_BLAS_SYMBOLS(X)
 #undef X
@@ -104,8 +107,8 @@ KVPOOL_BLAS_SYMBOLS(X)
 // on success; otherwise the number of symbols left unresolved (or -1 if the
 // library cannot be opened), with a message in err. All-or-nothing: on
 // failure no symbol is resolved.
-KVPOOL_EXPORT int kvpool_blas_shim_init(const char* openblas_path, char* err,
-                                        size_t err_len) {
+KVPOOL_EXPORT int
+kvpool_blas_shim_init(const char* openblas_path, char* err, size_t err_len) {
   void* lib = dlopen(openblas_path, RTLD_NOW | RTLD_GLOBAL);
   if (lib == NULL) {
     snprintf(err, err_len, "cannot open %s: %s", openblas_path, dlerror());
@@ -115,13 +118,17 @@ KVPOOL_EXPORT int kvpool_blas_shim_init(const char* openblas_path, char* err,
   int num_missing = 0;
   for (int i = 0; i < kvpool_num_symbols; ++i) {
     char target_name[64];
-    snprintf(target_name, sizeof target_name, "%s%s", KVPOOL_TARGET_PREFIX,
-             symbol_names_[i]);
+    snprintf(
+        target_name,
+        sizeof target_name,
+        "%s%s",
+        KVPOOL_TARGET_PREFIX,
+        symbol_names_[i]);
     void* address = dlsym(lib, target_name);
     memcpy(&found[i], &address, sizeof address);
     if (address == NULL && num_missing++ == 0) {
-      snprintf(err, err_len, "%s does not define %s", openblas_path,
-               target_name);
+      snprintf(
+          err, err_len, "%s does not define %s", openblas_path, target_name);
     }
   }
   if (num_missing > 0) {

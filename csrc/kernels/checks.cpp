@@ -40,9 +40,9 @@ void check_positions(
   int64_t blocks_needed = (stop + block_tokens - 1) / block_tokens;
   if (static_cast<int64_t>(block_table.size()) < blocks_needed) {
     std::ostringstream msg;
-    msg << "positions [" << start << ", " << stop << ") need "
-        << blocks_needed << " block table entries of " << block_tokens
-        << " tokens; got " << block_table.size() << ".";
+    msg << "positions [" << start << ", " << stop << ") need " << blocks_needed
+        << " block table entries of " << block_tokens << " tokens; got "
+        << block_table.size() << ".";
     fail(op, msg.str());
   }
   for (int64_t i = start / block_tokens; i < blocks_needed; ++i) {
@@ -67,22 +67,6 @@ void check_capacity(
         << " positions (and fit int32); got " << capacity << ".";
     fail(op, msg.str());
   }
-}
-
-std::pair<std::vector<int32_t>, int64_t> used_blocks(
-    const std::vector<int32_t>& block_table,
-    int64_t start,
-    int64_t stop,
-    int block_tokens) {
-  if (stop == start) {
-    return {{}, 0};
-  }
-  int64_t first = start / block_tokens;
-  int64_t last = (stop - 1) / block_tokens;
-  return {
-      std::vector<int32_t>(
-          block_table.begin() + first, block_table.begin() + last + 1),
-      first * block_tokens};
 }
 
 void check_distinct_blocks(

@@ -4,7 +4,6 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "mlx/mlx.h"
@@ -30,15 +29,11 @@ void check_positions(
     int block_tokens);
 
 // Checks 0 <= stop - start <= capacity <= INT32_MAX.
-void check_capacity(const char* op, int64_t start, int64_t stop, int64_t capacity);
-
-// The block table entries that [start, stop) reads, and start rebased to the
-// first of them.
-std::pair<std::vector<int32_t>, int64_t> used_blocks(
-    const std::vector<int32_t>& block_table,
+void check_capacity(
+    const char* op,
     int64_t start,
     int64_t stop,
-    int block_tokens);
+    int64_t capacity);
 
 // Two table entries naming one block would race to write the same slot.
 void check_distinct_blocks(

@@ -19,7 +19,7 @@
 #include "mlx/primitives.h"
 
 #include "kernels/checks.h"
-#include "kernels/parallel.h"
+#include "kernels/plan.h"
 
 namespace kvpool {
 
@@ -29,9 +29,8 @@ using detail::check_positions;
 using detail::cpu_stream;
 using detail::fail;
 using detail::shape_str;
-using detail::used_blocks;
 
-// Copy plan ----------------------------------------------------------------
+// Copy jobs ----------------------------------------------------------------
 
 // One job: `rows` rows of `cols` elements into dense memory at dst (rows are
 // cols * itemsize bytes apart). Source rows are src_row_stride elements
@@ -45,8 +44,21 @@ struct RowCopy {
   int64_t src_col_stride;
   int64_t itemsize;
 
+  size_t row_bytes() const {
+    return static_cast<size_t>(cols * itemsize);
+  }
   size_t nbytes() const {
     return static_cast<size_t>(rows * cols * itemsize);
+  }
+  // Rows [r, r + n).
+  RowCopy slice(int64_t r, int64_t n) const {
+    RowCopy piece = *this;
+    piece.rows = n;
+    piece.dst = dst + r * row_bytes();
+    if (src != nullptr) {
+      piece.src = src + r * src_row_stride * itemsize;
+    }
+    return piece;
   }
 };
 
@@ -87,36 +99,6 @@ void run_job(const RowCopy& job) {
   }
 }
 
-// Appends job, cut by rows into pieces of at most kMaxJobBytes.
-void add_job(std::vector<RowCopy>& jobs, RowCopy job) {
-  if (job.rows == 0 || job.cols == 0) {
-    return;
-  }
-  size_t row_bytes = static_cast<size_t>(job.cols * job.itemsize);
-  int64_t rows_per_job = std::max<int64_t>(
-      1, static_cast<int64_t>(detail::kMaxJobBytes / row_bytes));
-  for (int64_t r = 0; r < job.rows; r += rows_per_job) {
-    RowCopy piece = job;
-    piece.rows = std::min(rows_per_job, job.rows - r);
-    piece.dst = job.dst + r * row_bytes;
-    if (job.src != nullptr) {
-      piece.src = job.src + r * job.src_row_stride * job.itemsize;
-    }
-    jobs.push_back(piece);
-  }
-}
-
-// Runs every job (in any order, so jobs must not overlap) on up to
-// detail::kMaxCopyThreads threads, the calling one included.
-void run_jobs(const std::vector<RowCopy>& jobs) {
-  size_t total = 0;
-  for (const auto& job : jobs) {
-    total += job.nbytes();
-  }
-  detail::run_parallel(
-      jobs.size(), total, [&jobs](size_t i) { run_job(jobs[i]); });
-}
-
 // Validation ---------------------------------------------------------------
 
 // Gather reads float slabs; scatter writes any dtype (float slabs, and the
@@ -135,7 +117,8 @@ void check_slab(
             shape_str(a) + ".");
   }
   auto dt = a.dtype();
-  if (!any_dtype && dt != mx::float32 && dt != mx::float16 && dt != mx::bfloat16) {
+  if (!any_dtype && dt != mx::float32 && dt != mx::float16 &&
+      dt != mx::bfloat16) {
     std::ostringstream msg;
     msg << name << " must be float32, float16 or bfloat16; got " << dt
         << " with shape " << shape_str(a) << ".";
@@ -206,8 +189,9 @@ void Gather::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
+  // Every slab has the same block_tokens (gather checks).
+  BlockPlan plan(block_ids_, inputs[0].shape(2), start_, stop_, capacity_);
   std::vector<RowCopy> jobs;
-  int64_t length = stop_ - start_;
   for (size_t i = 0; i < inputs.size(); ++i) {
     const auto& slab = inputs[i];
     auto& out = outputs[i];
@@ -216,7 +200,6 @@ void Gather::eval_cpu(
     encoder.set_output_array(out);
 
     int64_t heads = slab.shape(1);
-    int64_t block_tokens = slab.shape(2);
     int64_t head_dim = slab.shape(3);
     int64_t itemsize = slab.itemsize();
     const auto& st = slab.strides();
@@ -224,32 +207,21 @@ void Gather::eval_cpu(
     char* dst = out.data<char>();
     for (int64_t h = 0; h < heads; ++h) {
       char* head_dst = dst + h * capacity_ * head_dim * itemsize;
-      for (int64_t pos = start_; pos < stop_;) {
-        int64_t block = block_ids_[pos / block_tokens];
-        int64_t slot = pos % block_tokens;
-        int64_t run = std::min(block_tokens - slot, stop_ - pos);
-        const char* src =
-            base + (block * st[0] + h * st[1] + slot * st[2]) * itemsize;
-        char* row_dst = head_dst + (pos - start_) * head_dim * itemsize;
-        add_job(jobs, {row_dst, src, run, head_dim, st[2], st[3], itemsize});
-        pos += run;
-      }
-      if (capacity_ > length) {
+      for (const BlockRun& run : plan.runs()) {
+        const char* src = base +
+            (run.block * st[0] + h * st[1] + run.slot * st[2]) * itemsize;
+        char* row_dst = head_dst + run.cache_row * head_dim * itemsize;
         add_job(
-            jobs,
-            {head_dst + length * head_dim * itemsize,
-             nullptr,
-             capacity_ - length,
-             head_dim,
-             0,
-             0,
-             itemsize});
+            jobs, {row_dst, src, run.rows, head_dim, st[2], st[3], itemsize});
       }
+      char* zeros = head_dst + plan.length() * head_dim * itemsize;
+      add_job(
+          jobs, {zeros, nullptr, plan.headroom(), head_dim, 0, 0, itemsize});
     }
   }
   // Buffers stay alive until the task ran: MLX holds the inputs' data until
   // the stream has finished this node's tasks.
-  encoder.dispatch([jobs = std::move(jobs)] { run_jobs(jobs); });
+  encoder.dispatch([jobs = std::move(jobs)] { run_jobs(jobs, run_job); });
 }
 
 // Output: the slab with positions [start_, start_ + src.shape(2)) rewritten.
@@ -260,8 +232,7 @@ class Scatter : public mx::UnaryPrimitive {
         block_ids_(std::move(block_ids)),
         start_(start) {}
 
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
-      override;
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error(
         "[kvpool::Scatter] no GPU kernel; use a CPU stream.");
@@ -335,30 +306,27 @@ void Scatter::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.set_output_array(out);
 
   std::vector<RowCopy> write_jobs;
-  int64_t stop = start_ + src.shape(2);
+  BlockPlan plan(block_ids_, block_tokens, start_, start_ + src.shape(2));
   const auto& ss = src.strides();
   const char* src_base = src.data<char>();
   char* dst = out.data<char>();
   for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t pos = start_; pos < stop;) {
-      int64_t block = block_ids_[pos / block_tokens];
-      int64_t slot = pos % block_tokens;
-      int64_t run = std::min(block_tokens - slot, stop - pos);
+    for (const BlockRun& run : plan.runs()) {
       char* row_dst = dst +
-          ((block * heads + h) * block_tokens + slot) * head_dim * itemsize;
+          ((run.block * heads + h) * block_tokens + run.slot) * head_dim *
+              itemsize;
       const char* row_src =
-          src_base + (h * ss[1] + (pos - start_) * ss[2]) * itemsize;
+          src_base + (h * ss[1] + run.cache_row * ss[2]) * itemsize;
       add_job(
           write_jobs,
-          {row_dst, row_src, run, head_dim, ss[2], ss[3], itemsize});
-      pos += run;
+          {row_dst, row_src, run.rows, head_dim, ss[2], ss[3], itemsize});
     }
   }
   // The slab copy must land before the rows overwrite parts of it.
   encoder.dispatch(
       [copy_jobs = std::move(copy_jobs), write_jobs = std::move(write_jobs)] {
-        run_jobs(copy_jobs);
-        run_jobs(write_jobs);
+        run_jobs(copy_jobs, run_job);
+        run_jobs(write_jobs, run_job);
       });
 }
 
@@ -383,8 +351,7 @@ std::vector<mx::array> gather(
   int num_blocks = slabs[0].shape(0);
   int block_tokens = slabs[0].shape(2);
   for (size_t i = 1; i < slabs.size(); ++i) {
-    if (slabs[i].shape(0) != num_blocks ||
-        slabs[i].shape(2) != block_tokens) {
+    if (slabs[i].shape(0) != num_blocks || slabs[i].shape(2) != block_tokens) {
       std::ostringstream msg;
       msg << "every slab needs the same num_blocks and block_tokens as slab "
           << "0 " << shape_str(slabs[0]) << "; slab " << i << " got shape "

@@ -35,10 +35,11 @@ std::vector<mx::array> gather(
 // Writes src [1, n_kv_heads, T, head_dim] (any strides) as positions
 // [start, start + T) into slab through block_table, and returns the updated
 // slab. The slab is 4-D of any dtype (float caches, and the uint32 codes and
-// the scales and biases of quantized slabs); src has the slab's dtype. Only those positions change. The write is in place when MLX finds
-// slab donatable at evaluation time (the caller drops every other reference
-// and rebinds: slab = scatter(slab, ...)); otherwise the slab is copied first
-// and the copy counter is bumped (or, in strict mode, the evaluation fails).
+// the scales and biases of quantized slabs); src has the slab's dtype. Only
+// those positions change. The write is in place when MLX finds slab donatable
+// at evaluation time (the caller drops every other reference and rebinds:
+// slab = scatter(slab, ...)); otherwise the slab is copied first and the copy
+// counter is bumped (or, in strict mode, the evaluation fails).
 // Throws std::invalid_argument "[kvpool::scatter] ..." on bad shapes or ids.
 mx::array scatter(
     const mx::array& slab,
@@ -57,4 +58,4 @@ void reset_scatter_stats();
 // When on, a scatter that would copy its slab fails instead.
 void set_strict_in_place(bool strict);
 
-}  // namespace kvpool
+} // namespace kvpool

@@ -34,7 +34,7 @@
 
 #include "kernels/checks.h"
 #include "kernels/gather_scatter.h"
-#include "kernels/parallel.h"
+#include "kernels/plan.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(KVPOOL_SCALAR_KERNELS)
@@ -71,8 +71,23 @@ struct DequantJob {
   int itemsize;
   mx::Dtype dtype = mx::float32;
 
+  size_t row_bytes() const {
+    return static_cast<size_t>(head_dim) * itemsize;
+  }
   size_t nbytes() const {
-    return static_cast<size_t>(rows) * head_dim * itemsize;
+    return static_cast<size_t>(rows) * row_bytes();
+  }
+  // Rows [r, r + n).
+  DequantJob slice(int64_t r, int64_t n) const {
+    DequantJob piece = *this;
+    piece.rows = n;
+    piece.dst = dst + r * row_bytes();
+    if (codes != nullptr) {
+      piece.codes = codes + r * codes_row;
+      piece.scales = scales + r * scales_row * itemsize;
+      piece.biases = biases + r * biases_row * itemsize;
+    }
+    return piece;
   }
 };
 
@@ -188,8 +203,10 @@ __attribute__((target("avx2,f16c"))) inline void load_codes16(
     const __m256i mask = _mm256_set1_epi32(0xF);
     auto w0 = static_cast<int>(codes[(j / 8) * codes_col]);
     auto w1 = static_cast<int>(codes[(j / 8 + 1) * codes_col]);
-    lo = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w0), shifts), mask);
-    hi = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w1), shifts), mask);
+    lo = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(w0), shifts), mask);
+    hi = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(w1), shifts), mask);
   }
 }
 
@@ -200,8 +217,7 @@ __attribute__((target("avx2,f16c"))) inline __m256i round_bf16(__m256 x) {
   __m256i odd =
       _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   u = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
-  return _mm256_and_si256(
-      u, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm256_and_si256(u, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
 }
 
 // static_cast<float>(x) without MLX's branchy software conversion (the same
@@ -258,8 +274,8 @@ store16(T* out, __m256 lo, __m256 hi) {
     __m256i hi_bits = _mm256_srli_epi32(round_bf16(hi), 16);
     // packus packs within 128-bit lanes (lo 0-3, hi 8-11 | lo 4-7, hi
     // 12-15): the permute restores element order.
-    __m256i packed = _mm256_permute4x64_epi64(
-        _mm256_packus_epi32(lo_bits, hi_bits), 0xD8);
+    __m256i packed =
+        _mm256_permute4x64_epi64(_mm256_packus_epi32(lo_bits, hi_bits), 0xD8);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), packed);
   }
 }
@@ -299,11 +315,15 @@ __attribute__((target("avx2,f16c"))) void dequant_job_avx2(
         alignas(32) T table[16];
         store16<T>(
             table,
-            dequant8<T>(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vscale, vbias),
             dequant8<T>(
-                _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15), vscale, vbias));
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), vscale, vbias),
+            dequant8<T>(
+                _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15),
+                vscale,
+                vbias));
         __m128i t0 = _mm_load_si128(reinterpret_cast<const __m128i*>(table));
-        __m128i t1 = _mm_load_si128(reinterpret_cast<const __m128i*>(table + 8));
+        __m128i t1 =
+            _mm_load_si128(reinterpret_cast<const __m128i*>(table + 8));
         const __m128i low_byte = _mm_set1_epi16(0xFF);
         __m128i table_lo = _mm_packus_epi16(
             _mm_and_si128(t0, low_byte), _mm_and_si128(t1, low_byte));
@@ -372,37 +392,6 @@ void run_dequant_job(const DequantJob& job, Quantization qz) {
   }
 }
 
-// Appends job, cut by rows into pieces of at most kMaxJobBytes of output.
-void add_job(std::vector<DequantJob>& jobs, const DequantJob& job) {
-  if (job.rows == 0) {
-    return;
-  }
-  size_t row_bytes = static_cast<size_t>(job.head_dim) * job.itemsize;
-  int64_t rows_per_job = std::max<int64_t>(
-      1, static_cast<int64_t>(detail::kMaxJobBytes / row_bytes));
-  for (int64_t r = 0; r < job.rows; r += rows_per_job) {
-    DequantJob piece = job;
-    piece.rows = std::min(rows_per_job, job.rows - r);
-    piece.dst = job.dst + r * row_bytes;
-    if (job.codes != nullptr) {
-      piece.codes = job.codes + r * job.codes_row;
-      piece.scales = job.scales + r * job.scales_row * job.itemsize;
-      piece.biases = job.biases + r * job.biases_row * job.itemsize;
-    }
-    jobs.push_back(piece);
-  }
-}
-
-void run_dequant_jobs(const std::vector<DequantJob>& jobs, Quantization qz) {
-  size_t total = 0;
-  for (const auto& job : jobs) {
-    total += job.nbytes();
-  }
-  detail::run_parallel(jobs.size(), total, [&jobs, qz](size_t i) {
-    run_dequant_job(jobs[i], qz);
-  });
-}
-
 // Validation ----------------------------------------------------------------
 
 bool is_float(mx::Dtype dt) {
@@ -419,9 +408,10 @@ int check_quantized_slab(
   const auto& codes = slab.codes;
   const auto& scales = slab.scales;
   const auto& biases = slab.biases;
-  for (auto [part, a] : {std::pair{"codes", &codes},
-                         std::pair{"scales", &scales},
-                         std::pair{"biases", &biases}}) {
+  for (auto [part, a] :
+       {std::pair{"codes", &codes},
+        std::pair{"scales", &scales},
+        std::pair{"biases", &biases}}) {
     if (a->ndim() != 4) {
       fail(
           op,
@@ -526,8 +516,9 @@ void GatherDequantized::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   auto& encoder = mx::cpu::get_command_encoder(stream());
+  // Every slab has the same block_tokens (gather_dequantized checks).
+  BlockPlan plan(block_ids_, inputs[0].shape(2), start_, stop_, capacity_);
   std::vector<DequantJob> jobs;
-  int64_t length = stop_ - start_;
   for (size_t i = 0; i < outputs.size(); ++i) {
     const auto& codes = inputs[3 * i];
     const auto& scales = inputs[3 * i + 1];
@@ -540,7 +531,6 @@ void GatherDequantized::eval_cpu(
     encoder.set_output_array(out);
 
     int64_t heads = codes.shape(1);
-    int64_t block_tokens = codes.shape(2);
     int head_dim = out.shape(3);
     int itemsize = static_cast<int>(out.itemsize());
     const auto& cst = codes.strides();
@@ -552,45 +542,39 @@ void GatherDequantized::eval_cpu(
     char* dst = out.data<char>();
     for (int64_t h = 0; h < heads; ++h) {
       char* head_dst = dst + h * capacity_ * head_dim * itemsize;
-      for (int64_t pos = start_; pos < stop_;) {
-        int64_t block = block_ids_[pos / block_tokens];
-        int64_t slot = pos % block_tokens;
-        int64_t run = std::min(block_tokens - slot, stop_ - pos);
-        DequantJob job{
-            head_dst + (pos - start_) * head_dim * itemsize,
-            codes_base + block * cst[0] + h * cst[1] + slot * cst[2],
-            scales_base +
-                (block * sst[0] + h * sst[1] + slot * sst[2]) * itemsize,
-            biases_base +
-                (block * bst[0] + h * bst[1] + slot * bst[2]) * itemsize,
-            run,
-            cst[2],
-            cst[3],
-            sst[2],
-            sst[3],
-            bst[2],
-            bst[3],
-            head_dim,
-            itemsize,
-            out.dtype()};
-        add_job(jobs, job);
-        pos += run;
+      for (const BlockRun& run : plan.runs()) {
+        int64_t b = run.block;
+        int64_t slot = run.slot;
+        add_job(
+            jobs,
+            {head_dst + run.cache_row * head_dim * itemsize,
+             codes_base + b * cst[0] + h * cst[1] + slot * cst[2],
+             scales_base + (b * sst[0] + h * sst[1] + slot * sst[2]) * itemsize,
+             biases_base + (b * bst[0] + h * bst[1] + slot * bst[2]) * itemsize,
+             run.rows,
+             cst[2],
+             cst[3],
+             sst[2],
+             sst[3],
+             bst[2],
+             bst[3],
+             head_dim,
+             itemsize,
+             out.dtype()});
       }
-      if (capacity_ > length) {
-        DequantJob zeros{};  // codes == nullptr: zero-fill
-        zeros.dst = head_dst + length * head_dim * itemsize;
-        zeros.rows = capacity_ - length;
-        zeros.head_dim = head_dim;
-        zeros.itemsize = itemsize;
-        zeros.dtype = out.dtype();
-        add_job(jobs, zeros);
-      }
+      DequantJob zeros{}; // codes == nullptr: zero-fill
+      zeros.dst = head_dst + plan.length() * head_dim * itemsize;
+      zeros.rows = plan.headroom();
+      zeros.head_dim = head_dim;
+      zeros.itemsize = itemsize;
+      zeros.dtype = out.dtype();
+      add_job(jobs, zeros);
     }
   }
   // Buffers stay alive until the task ran: MLX holds the inputs' data until
   // the stream has finished this node's tasks.
   encoder.dispatch([jobs = std::move(jobs), qz = qz_] {
-    run_dequant_jobs(jobs, qz);
+    run_jobs(jobs, [qz](const DequantJob& job) { run_dequant_job(job, qz); });
   });
 }
 
@@ -680,18 +664,14 @@ std::vector<mx::array> gather_dequantized(
   detail::check_capacity(op, start, stop, capacity);
   auto stream = detail::cpu_stream(op, s);
 
-  auto [block_ids, base] =
-      detail::used_blocks(block_table, start, stop, block_tokens);
+  auto [block_ids, base] = used_blocks(block_table, start, stop, block_tokens);
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
   std::vector<mx::array> inputs;
   for (size_t i = 0; i < slabs.size(); ++i) {
     const auto& slab = slabs[i];
     shapes.push_back(
-        {1,
-         slab.codes.shape(1),
-         static_cast<int>(capacity),
-         head_dims[i]});
+        {1, slab.codes.shape(1), static_cast<int>(capacity), head_dims[i]});
     dtypes.push_back(slab.scales.dtype());
     inputs.push_back(slab.codes);
     inputs.push_back(slab.scales);
@@ -723,12 +703,12 @@ QuantizedSlab scatter_quantized(
   Quantization qz{bits, group_size};
   int head_dim = check_quantized_slab(op, "slab", slab, qz);
   const auto& codes = slab.codes;
-  if (src.ndim() != 4 || src.shape(0) != 1 ||
-      src.shape(1) != codes.shape(1) || src.shape(3) != head_dim) {
+  if (src.ndim() != 4 || src.shape(0) != 1 || src.shape(1) != codes.shape(1) ||
+      src.shape(3) != head_dim) {
     std::ostringstream msg;
     msg << "src must be [1, " << codes.shape(1) << ", T, " << head_dim
-        << "] to match the slab's codes " << shape_str(codes) << " at "
-        << bits << " bits; got shape " << shape_str(src) << ".";
+        << "] to match the slab's codes " << shape_str(codes) << " at " << bits
+        << " bits; got shape " << shape_str(src) << ".";
     fail(op, msg.str());
   }
   if (src.dtype() != slab.scales.dtype()) {
@@ -745,12 +725,11 @@ QuantizedSlab scatter_quantized(
   if (stop == start) {
     return slab;
   }
-  auto block_ids =
-      detail::used_blocks(block_table, start, stop, block_tokens).first;
+  auto block_ids = used_blocks(block_table, start, stop, block_tokens).first;
   detail::check_distinct_blocks(op, block_ids, start, stop);
 
-  auto parts = mx::quantize(
-      src, group_size, bits, "affine", std::nullopt, stream);
+  auto parts =
+      mx::quantize(src, group_size, bits, "affine", std::nullopt, stream);
   return {
       scatter(slab.codes, parts[0], block_table, start, stream),
       scatter(slab.scales, parts[1], block_table, start, stream),

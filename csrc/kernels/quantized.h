@@ -13,14 +13,14 @@ namespace mx = mlx::core;
 // A quantized slab: MLX's affine format (mx::quantize along head_dim) of a
 // dense slab [num_blocks, n_kv_heads, block_tokens, head_dim]:
 //   codes   [num_blocks, n_kv_heads, block_tokens, head_dim * bits / 32]
-//           uint32, element j of a row in bits [(j % (32 / bits)) * bits, +bits)
-//           of word j / (32 / bits)
+//           uint32; element j of a row sits in word j / (32 / bits), bits
+//           [(j % (32 / bits)) * bits, + bits)
 //   scales  [num_blocks, n_kv_heads, block_tokens, head_dim / group_size]
 //   biases  the same shape; scales and biases in the cache dtype (float32,
 //           float16 or bfloat16), which is the dtype of the dense values.
 // Element j of a row stands for scale[g] * q + bias[g], g = j / group_size,
 // computed as mx::dequantize does on the CPU: q converted to the cache dtype,
-// multiplied by the scale (rounded to the cache dtype), plus the bias (rounded).
+// times the scale (rounded to the cache dtype), plus the bias (rounded).
 struct QuantizedSlab {
   mx::array codes;
   mx::array scales;

@@ -16,14 +16,14 @@ namespace {
 int num_passed = 0;
 int num_failed = 0;
 
-#define CHECK(cond)                                                 \
-  do {                                                              \
-    if (cond) {                                                     \
-      ++num_passed;                                                 \
-    } else {                                                        \
-      ++num_failed;                                                 \
-      std::printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);   \
-    }                                                               \
+#define CHECK(cond)                                               \
+  do {                                                            \
+    if (cond) {                                                   \
+      ++num_passed;                                               \
+    } else {                                                      \
+      ++num_failed;                                               \
+      std::printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                             \
   } while (0)
 
 // Runs fn and checks that it throws E whose message contains `part`.
@@ -40,8 +40,8 @@ void check_throws(
       return;
     }
     ++num_failed;
-    std::printf("FAIL %s: message lacks '%s': %s\n", what, part.c_str(),
-                e.what());
+    std::printf(
+        "FAIL %s: message lacks '%s': %s\n", what, part.c_str(), e.what());
     return;
   } catch (const std::exception& e) {
     ++num_failed;
@@ -126,8 +126,8 @@ std::vector<float> host_gather(
 }
 
 HostSlab host_of(const mx::array& slab) {
-  return {slab.shape(0), slab.shape(1), slab.shape(2), slab.shape(3),
-          values(slab)};
+  return {
+      slab.shape(0), slab.shape(1), slab.shape(2), slab.shape(3), values(slab)};
 }
 
 void test_roundtrip(mx::Dtype dtype) {
@@ -308,7 +308,8 @@ void test_errors() {
   auto src = mx::zeros({1, 2, 3, 3}, mx::float32);
   using IA = std::invalid_argument;
   check_throws<IA>(
-      "no slabs", [&] { kvpool::gather({}, {0}, 0, 1, 1); },
+      "no slabs",
+      [&] { kvpool::gather({}, {0}, 0, 1, 1); },
       "[kvpool::gather] need at least one slab");
   check_throws<IA>(
       "3-D slab",
@@ -329,25 +330,32 @@ void test_errors() {
       [&] { kvpool::gather({slab, mx::zeros({4, 2, 8, 3})}, {0}, 0, 1, 1); },
       "slab 1 got shape (4, 2, 8, 3)");
   check_throws<IA>(
-      "id too big", [&] { kvpool::gather({slab}, {0, 4}, 0, 6, 6); },
+      "id too big",
+      [&] { kvpool::gather({slab}, {0, 4}, 0, 6, 6); },
       "block_table[1] = 4 is out of range for a slab of 4 blocks");
   check_throws<IA>(
-      "negative id", [&] { kvpool::gather({slab}, {-1}, 0, 2, 2); },
+      "negative id",
+      [&] { kvpool::gather({slab}, {-1}, 0, 2, 2); },
       "block_table[0] = -1");
   check_throws<IA>(
-      "start > stop", [&] { kvpool::gather({slab}, {0}, 3, 2, 2); },
+      "start > stop",
+      [&] { kvpool::gather({slab}, {0}, 3, 2, 2); },
       "got start 3, stop 2");
   check_throws<IA>(
-      "negative start", [&] { kvpool::gather({slab}, {0}, -1, 2, 3); },
+      "negative start",
+      [&] { kvpool::gather({slab}, {0}, -1, 2, 3); },
       "got start -1");
   check_throws<IA>(
-      "small capacity", [&] { kvpool::gather({slab}, {0, 1}, 1, 6, 4); },
+      "small capacity",
+      [&] { kvpool::gather({slab}, {0, 1}, 1, 6, 4); },
       "stop - start = 5 positions (and fit int32); got 4");
   check_throws<IA>(
-      "short table", [&] { kvpool::gather({slab}, {0}, 0, 5, 5); },
+      "short table",
+      [&] { kvpool::gather({slab}, {0}, 0, 5, 5); },
       "need 2 block table entries of 4 tokens; got 1");
   check_throws<IA>(
-      "scatter short table", [&] { kvpool::scatter(slab, src, {0}, 2); },
+      "scatter short table",
+      [&] { kvpool::scatter(slab, src, {0}, 2); },
       "[kvpool::scatter] positions [2, 5) need 2 block table entries");
   check_throws<IA>(
       "scatter heads",
@@ -365,13 +373,16 @@ void test_errors() {
       },
       "src dtype float16 differs from the slab's float32");
   check_throws<IA>(
-      "scatter id", [&] { kvpool::scatter(slab, src, {7}, 0); },
+      "scatter id",
+      [&] { kvpool::scatter(slab, src, {7}, 0); },
       "block_table[0] = 7 is out of range");
   check_throws<IA>(
-      "scatter duplicate", [&] { kvpool::scatter(slab, src, {1, 1}, 2); },
+      "scatter duplicate",
+      [&] { kvpool::scatter(slab, src, {1, 1}, 2); },
       "block 1 appears twice");
   check_throws<IA>(
-      "scatter negative start", [&] { kvpool::scatter(slab, src, {1}, -1); },
+      "scatter negative start",
+      [&] { kvpool::scatter(slab, src, {1}, -1); },
       "got start -1");
 }
 

@@ -22,14 +22,14 @@ namespace {
 int num_passed = 0;
 int num_failed = 0;
 
-#define CHECK(cond)                                                 \
-  do {                                                              \
-    if (cond) {                                                     \
-      ++num_passed;                                                 \
-    } else {                                                        \
-      ++num_failed;                                                 \
-      std::printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);   \
-    }                                                               \
+#define CHECK(cond)                                               \
+  do {                                                            \
+    if (cond) {                                                   \
+      ++num_passed;                                               \
+    } else {                                                      \
+      ++num_failed;                                               \
+      std::printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                             \
   } while (0)
 
 // Runs fn and checks that it throws std::invalid_argument containing `part`.
@@ -45,8 +45,8 @@ void check_throws(
       return;
     }
     ++num_failed;
-    std::printf("FAIL %s: message lacks '%s': %s\n", what, part.c_str(),
-                e.what());
+    std::printf(
+        "FAIL %s: message lacks '%s': %s\n", what, part.c_str(), e.what());
     return;
   } catch (const std::exception& e) {
     ++num_failed;
@@ -59,7 +59,8 @@ void check_throws(
 
 // The raw bits of every element (2- or 4-byte types), row-major.
 std::vector<uint32_t> raw_bits(const mx::array& a) {
-  auto raw = a.itemsize() == 2 ? mx::view(a, mx::uint16) : mx::view(a, mx::uint32);
+  auto raw =
+      a.itemsize() == 2 ? mx::view(a, mx::uint16) : mx::view(a, mx::uint32);
   auto wide = mx::contiguous(mx::astype(raw, mx::uint32));
   wide.eval();
   const uint32_t* p = wide.data<uint32_t>();
@@ -83,20 +84,23 @@ const char* data_ptr(const mx::array& a) {
 mx::array random_dense(const mx::Shape& shape, mx::Dtype dtype, uint64_t seed) {
   auto a = mx::astype(
       mx::multiply(
-          mx::random::normal(shape, mx::float32, 0.0, 1.0, mx::random::key(seed)),
+          mx::random::normal(
+              shape, mx::float32, 0.0, 1.0, mx::random::key(seed)),
           mx::array(2.0f)),
       dtype);
   a.eval();
   return a;
 }
 
-kvpool::QuantizedSlab quantize(const mx::array& dense, int bits, int group_size) {
+kvpool::QuantizedSlab
+quantize(const mx::array& dense, int bits, int group_size) {
   auto parts = mx::quantize(dense, group_size, bits);
   mx::eval(parts);
   return {parts[0], parts[1], parts[2]};
 }
 
-mx::array dequantize(const kvpool::QuantizedSlab& slab, int bits, int group_size) {
+mx::array
+dequantize(const kvpool::QuantizedSlab& slab, int bits, int group_size) {
   return mx::dequantize(
       slab.codes, slab.scales, slab.biases, group_size, bits, "affine");
 }
@@ -117,7 +121,8 @@ std::vector<uint32_t> host_gather(
   for (int h = 0; h < heads; ++h) {
     for (int pos = start; pos < stop; ++pos) {
       int64_t from = ((static_cast<int64_t>(table[pos / bt]) * heads + h) * bt +
-                      pos % bt) * d;
+                      pos % bt) *
+          d;
       int64_t to = (static_cast<int64_t>(h) * cap + pos - start) * d;
       for (int c = 0; c < d; ++c) {
         out[to + c] = slab[from + c];
@@ -133,11 +138,13 @@ void test_gather_matches_dequantize(
     int group_size,
     int head_dim) {
   mx::Shape shape = {6, 2, 16, head_dim};
-  auto slab = quantize(random_dense(shape, dtype, bits * 100 + head_dim), bits, group_size);
+  auto slab = quantize(
+      random_dense(shape, dtype, bits * 100 + head_dim), bits, group_size);
   auto expect_all = raw_bits(dequantize(slab, bits, group_size));
   // Entry 0 is a placeholder that [19, 70) never reads; 70 ends mid-block.
   std::vector<int32_t> table = {-1, 4, 0, 5, 2};
-  auto outs = kvpool::gather_dequantized({slab}, table, 19, 70, 60, bits, group_size);
+  auto outs =
+      kvpool::gather_dequantized({slab}, table, 19, 70, 60, bits, group_size);
   CHECK(outs.size() == 1);
   CHECK(outs[0].shape() == mx::Shape({1, 2, 60, head_dim}));
   CHECK(outs[0].dtype() == dtype);
@@ -164,10 +171,13 @@ void test_special_values(mx::Dtype dtype, int bits) {
     return mx::array(v.data(), shape, mx::uint32);
   };
   auto as_dtype = [&](const mx::array& u) {
-    return width == 32 ? mx::view(u, dtype) : mx::view(mx::astype(u, mx::uint16), dtype);
+    return width == 32 ? mx::view(u, dtype)
+                       : mx::view(mx::astype(u, mx::uint16), dtype);
   };
   kvpool::QuantizedSlab slab{
-      fill(cshape, 32), as_dtype(fill(sshape, width)), as_dtype(fill(sshape, width))};
+      fill(cshape, 32),
+      as_dtype(fill(sshape, width)),
+      as_dtype(fill(sshape, width))};
   mx::eval({slab.codes, slab.scales, slab.biases});
   std::vector<int32_t> table = {2, 0, 1};
   auto out = kvpool::gather_dequantized({slab}, table, 0, 24, 24, bits, 32)[0];
@@ -205,7 +215,13 @@ void test_multi_slab_and_headroom() {
     CHECK(outs[i].dtype() == slabs[i].scales.dtype());
     CHECK(
         raw_bits(outs[i]) ==
-        host_gather(raw_bits(dequantize(slabs[i], 4, 32)), dense_shape, table, 5, 29, 40));
+        host_gather(
+            raw_bits(dequantize(slabs[i], 4, 32)),
+            dense_shape,
+            table,
+            5,
+            29,
+            40));
   }
   // All headroom: zeros.
   auto empty = kvpool::gather_dequantized({slabs[0]}, {}, 4, 4, 3, 4, 32)[0];
@@ -216,7 +232,8 @@ void test_large_threaded() {
   // About 8 MiB of output: split over threads and many jobs.
   auto slab = quantize(random_dense({16, 8, 64, 128}, mx::float16, 4), 8, 64);
   std::vector<int32_t> table = {9, 3, 15, 0, 7, 12, 1, 4, 8, 2};
-  auto outs = kvpool::gather_dequantized({slab, slab, slab, slab}, table, 5, 600, 700, 8, 64);
+  auto outs = kvpool::gather_dequantized(
+      {slab, slab, slab, slab}, table, 5, 600, 700, 8, 64);
   auto expect = host_gather(
       raw_bits(dequantize(slab, 8, 64)), {16, 8, 64, 128}, table, 5, 600, 700);
   for (const auto& out : outs) {
@@ -225,7 +242,13 @@ void test_large_threaded() {
 }
 
 kvpool::QuantizedSlab zero_slab(
-    int n, int h, int bt, int d, mx::Dtype dtype, int bits, int group_size) {
+    int n,
+    int h,
+    int bt,
+    int d,
+    mx::Dtype dtype,
+    int bits,
+    int group_size) {
   auto [codes_shape, scales_shape] =
       kvpool::quantized_shapes(n, h, bt, d, bits, group_size);
   kvpool::QuantizedSlab slab{
@@ -259,7 +282,8 @@ void test_scatter_in_place(mx::Dtype dtype, int bits, int group_size) {
   for (int k = 0; k < 3; ++k) {
     auto shape = parts[k]->shape();
     std::vector<uint32_t> zeros(parts[k]->size(), 0);
-    auto gathered = host_gather(raw_bits(*parts[k]), shape, table, 300, 700, 400);
+    auto gathered =
+        host_gather(raw_bits(*parts[k]), shape, table, 300, 700, 400);
     CHECK(gathered == raw_bits(want[k]));
     // Clearing the written slots leaves zeros only.
     auto all = raw_bits(*parts[k]);
@@ -267,14 +291,19 @@ void test_scatter_in_place(mx::Dtype dtype, int bits, int group_size) {
     int cols = shape[3];
     for (int h = 0; h < shape[1]; ++h) {
       for (int p = 300; p < 700; ++p) {
-        int64_t at = ((static_cast<int64_t>(table[p / bt]) * shape[1] + h) * bt + p % bt) * cols;
+        int64_t at =
+            ((static_cast<int64_t>(table[p / bt]) * shape[1] + h) * bt +
+             p % bt) *
+            cols;
         std::fill(all.begin() + at, all.begin() + at + cols, 0);
       }
     }
     CHECK(all == zeros);
   }
-  auto out = kvpool::gather_dequantized({slab}, table, 300, 700, 400, bits, group_size)[0];
-  auto reference = mx::dequantize(want[0], want[1], want[2], group_size, bits, "affine");
+  auto out = kvpool::gather_dequantized(
+      {slab}, table, 300, 700, 400, bits, group_size)[0];
+  auto reference =
+      mx::dequantize(want[0], want[1], want[2], group_size, bits, "affine");
   CHECK(raw_bits(out) == raw_bits(reference));
 }
 
@@ -289,7 +318,8 @@ void test_scatter_copies_shared_slab() {
   CHECK(data_ptr(fresh.codes) != data_ptr(old.codes));
   CHECK(raw_bits(old.scales) == std::vector<uint32_t>(old.scales.size(), 0));
   // T == 0 returns the slab itself.
-  auto same = kvpool::scatter_quantized(fresh, mx::zeros({1, 1, 0, 64}, mx::float16), {}, 0, 8, 64);
+  auto same = kvpool::scatter_quantized(
+      fresh, mx::zeros({1, 1, 0, 64}, mx::float16), {}, 0, 8, 64);
   CHECK(same.codes.id() == fresh.codes.id());
   kvpool::reset_scatter_stats();
 }
@@ -301,16 +331,20 @@ void test_errors() {
       [] { kvpool::quantized_shapes(4, 2, 16, 100, 4, 32); },
       "[kvpool::quantized_shapes] head_dim 100 is not a positive multiple of group_size 32");
   check_throws(
-      "bits 3", [] { kvpool::quantized_shapes(4, 2, 16, 128, 3, 64); },
+      "bits 3",
+      [] { kvpool::quantized_shapes(4, 2, 16, 128, 3, 64); },
       "bits must be 4 or 8; got 3");
   check_throws(
-      "group 128", [] { kvpool::quantized_shapes(4, 2, 16, 128, 4, 128); },
+      "group 128",
+      [] { kvpool::quantized_shapes(4, 2, 16, 128, 4, 128); },
       "group_size must be 32 or 64; got 128");
   check_throws(
-      "zero blocks", [] { kvpool::quantized_shapes(0, 2, 16, 128, 4, 64); },
+      "zero blocks",
+      [] { kvpool::quantized_shapes(0, 2, 16, 128, 4, 64); },
       "must be positive; got 0, 2, 16");
   check_throws(
-      "no slabs", [] { kvpool::gather_dequantized({}, {0}, 0, 1, 1, 8, 32); },
+      "no slabs",
+      [] { kvpool::gather_dequantized({}, {0}, 0, 1, 1, 8, 32); },
       "[kvpool::gather_dequantized] need at least one slab");
   check_throws(
       "wrong group size",
@@ -320,14 +354,26 @@ void test_errors() {
       "int codes",
       [&] {
         kvpool::gather_dequantized(
-            {{mx::astype(q.codes, mx::int32), q.scales, q.biases}}, {0}, 0, 1, 1, 8, 32);
+            {{mx::astype(q.codes, mx::int32), q.scales, q.biases}},
+            {0},
+            0,
+            1,
+            1,
+            8,
+            32);
       },
       "slab 0 codes must be uint32; got int32");
   check_throws(
       "mixed dtypes",
       [&] {
         kvpool::gather_dequantized(
-            {{q.codes, q.scales, mx::astype(q.biases, mx::float16)}}, {0}, 0, 1, 1, 8, 32);
+            {{q.codes, q.scales, mx::astype(q.biases, mx::float16)}},
+            {0},
+            0,
+            1,
+            1,
+            8,
+            32);
       },
       "got float32 and float16");
   check_throws(
@@ -340,17 +386,23 @@ void test_errors() {
       "stop - start = 5 positions (and fit int32); got 4");
   check_throws(
       "scatter src head_dim",
-      [&] { kvpool::scatter_quantized(q, mx::zeros({1, 2, 3, 96}), {0}, 0, 8, 32); },
+      [&] {
+        kvpool::scatter_quantized(q, mx::zeros({1, 2, 3, 96}), {0}, 0, 8, 32);
+      },
       "[kvpool::scatter_quantized] src must be [1, 2, T, 64]");
   check_throws(
       "scatter src dtype",
       [&] {
-        kvpool::scatter_quantized(q, mx::zeros({1, 2, 3, 64}, mx::float16), {0}, 0, 8, 32);
+        kvpool::scatter_quantized(
+            q, mx::zeros({1, 2, 3, 64}, mx::float16), {0}, 0, 8, 32);
       },
       "src dtype float16 differs from the slab's float32 scales and biases");
   check_throws(
       "scatter duplicate",
-      [&] { kvpool::scatter_quantized(q, mx::zeros({1, 2, 6, 64}), {1, 1}, 0, 8, 32); },
+      [&] {
+        kvpool::scatter_quantized(
+            q, mx::zeros({1, 2, 6, 64}), {1, 1}, 0, 8, 32);
+      },
       "block 1 appears twice");
 }
 
