@@ -14,11 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from fakes import SPEC, prompt_of
+from fakes import SPEC, fake_engine, prompt_of, run_one
 
 from kvpool import (
     BlockPool,
-    BlockPoolBatchEngine,
     CacheCorruptionError,
     CompletedGeneration,
     InvalidRequestError,
@@ -33,10 +32,8 @@ from kvpool.persist import (
 )
 from kvpool.store import AgentCacheStore, Tier
 from kvpool.testing import (
-    FakeBatchGenerator,
     FakeModel,
     FakeStorage,
-    FakeTokenizer,
     reference_tokens,
 )
 
@@ -45,20 +42,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_store(directory: Path, num_blocks: int = 64) -> AgentCacheStore:
-    pool = BlockPool(SPEC, num_blocks=num_blocks, storage=FakeStorage)
-    engine = BlockPoolBatchEngine(
-        FakeModel(SPEC), FakeTokenizer(), pool, SPEC, batch_gen_factory=FakeBatchGenerator
-    )
-    return AgentCacheStore(engine, directory, fingerprint=FP)
+    return AgentCacheStore(fake_engine(SPEC, num_blocks), directory, fingerprint=FP)
 
 
 def run(
     store: AgentCacheStore, agent: str, prompt: Sequence[int], max_tokens: int = 3
 ) -> CompletedGeneration:
-    uid = store.submit(agent, list(prompt), max_tokens)
-    (done,) = store.drain()
-    assert done.uid == uid and done.error is None, done.error
-    return done
+    return run_one(store, agent, prompt, max_tokens)
 
 
 def set_aside(path: Path) -> Path:

@@ -9,12 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from fakes import SPEC, B, prompt_of
+from fakes import SPEC, B, fake_engine, prompt_of, run_one
 
 from kvpool import (
     AttentionKind,
-    BlockPool,
-    BlockPoolBatchEngine,
     CompletedGeneration,
     InvalidRequestError,
     LayerSpec,
@@ -25,10 +23,7 @@ from kvpool import (
 from kvpool.persist import cache_path, read_cache_info
 from kvpool.store import AgentCacheStore, StoreStats, Tier
 from kvpool.testing import (
-    FakeBatchGenerator,
     FakeModel,
-    FakeStorage,
-    FakeTokenizer,
     reference_tokens,
 )
 
@@ -51,20 +46,14 @@ def make_store(
     **kwargs: int,
 ) -> AgentCacheStore:
     """A store over a fresh engine and pool of fakes (a new pool: nothing carried over)."""
-    pool = BlockPool(spec, num_blocks=num_blocks, storage=FakeStorage)
-    engine = BlockPoolBatchEngine(
-        FakeModel(spec), FakeTokenizer(), pool, spec, batch_gen_factory=FakeBatchGenerator
-    )
+    engine = fake_engine(spec, num_blocks)
     return AgentCacheStore(engine, directory, fingerprint=fingerprint, **kwargs)
 
 
 def run(
     store: AgentCacheStore, agent: str, prompt: Sequence[int], max_tokens: int = 3
 ) -> CompletedGeneration:
-    uid = store.submit(agent, list(prompt), max_tokens)
-    (done,) = store.drain()
-    assert done.uid == uid and done.error is None, done.error
-    return done
+    return run_one(store, agent, prompt, max_tokens)
 
 
 def counters(stats: StoreStats) -> tuple[int, int, int, int]:

@@ -9,12 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from fake_redis import FakeRedis
-from fakes import SPEC, B, prompt_of
+from fakes import SPEC, B, fake_engine, prompt_of, run_one
 
 from kvpool import (
     AttentionKind,
-    BlockPool,
-    BlockPoolBatchEngine,
     CompletedGeneration,
     LayerSpec,
     ModelCacheSpec,
@@ -22,7 +20,6 @@ from kvpool import (
 from kvpool.cache.storage import LayerCodes, LayerKV, QuantizedRows
 from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, UnsupportedModelError
 from kvpool.store import AgentCacheStore, Tier
-from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 from kvpool.tier import local_path, open_tier
 from kvpool.tier.codec import block_format_id, decode_block, encode_block, record_bytes
 from kvpool.tier.layout import KeySpace, SessionManifest
@@ -39,10 +36,7 @@ Q8 = DENSE64.with_format(8)
 def make_store(
     fake: FakeRedis, num_blocks: int = 64, spec: ModelCacheSpec = SPEC, **tier_kw: float
 ) -> AgentCacheStore:
-    pool = BlockPool(spec, num_blocks=num_blocks, storage=FakeStorage)
-    engine = BlockPoolBatchEngine(
-        FakeModel(spec), FakeTokenizer(), pool, spec, batch_gen_factory=FakeBatchGenerator
-    )
+    engine = fake_engine(spec, num_blocks)
     tier = RedisTier(fake, spec=spec, fingerprint=FP, ttl_s=TTL, **tier_kw)  # type: ignore[arg-type]
     return AgentCacheStore(engine, tier, fingerprint=FP)
 
@@ -50,10 +44,7 @@ def make_store(
 def run(
     store: AgentCacheStore, agent: str, prompt: Sequence[int], salt: str = ""
 ) -> CompletedGeneration:
-    uid = store.submit(agent, list(prompt), 3, cache_salt=salt)
-    (done,) = store.drain()
-    assert done.uid == uid and done.error is None, done.error
-    return done
+    return run_one(store, agent, prompt, salt=salt)
 
 
 def fresh(prompt: Sequence[int]) -> tuple[int, ...]:
