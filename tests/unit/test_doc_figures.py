@@ -43,7 +43,9 @@ MARKED = re.compile(
 # A measured figure inside a checked region (a target's bound is not one).
 FIGURE = re.compile(rf"(?<![<>=] )(?<![<>=])(?<![\w.,])(?P<num>{NUMBER})(?:x(?!\w)|%| s\b| ms\b)")
 REGION = re.compile(r"<!-- figures -->(?P<body>.*?)<!-- /figures -->", re.S)
-STEP = re.compile(r"\.?(?P<key>[A-Za-z_]\w*)|\[(?P<index>\d+)\]|\[(?P<field>\w+)=(?P<value>[^\]]+)\]")
+STEP = re.compile(
+    r"\.?(?P<key>[A-Za-z_]\w*)|\[(?P<index>\d+)\]|\[(?P<field>\w+)=(?P<value>[^\]]+)\]"
+)
 
 
 @dataclass(frozen=True)
