@@ -129,3 +129,27 @@ def test_out_must_be_a_directory(capsys: pytest.CaptureFixture[str], tmp_path: P
     not_a_dir.write_text("")
     assert main(["--no-fast-blas", "bench", "bookkeeping", "--out", str(not_a_dir)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "default"),
+    [("resume", "llama-8x128"), ("workload", "llama-8x128"), ("prefix", "llama-8x128")],
+)
+def test_model_runs_a_benchmark_on_the_model_given_and_the_record_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, default: str
+) -> None:
+    """``--model demo`` on benchmarks whose own model is another recipe: the record's config
+    names the model that ran, not the benchmark's default."""
+    argv = ["--no-fast-blas", "bench", name, "--quick", "--out", str(tmp_path), "--model", "demo"]
+    assert main(argv) == 0
+    record: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert (record["bench"], record["error"]) == (name, None)
+    assert record["config"]["model"] == "demo" != default
+    assert json.loads((tmp_path / f"{name}.json").read_text()) == record
+    assert REGISTRY[name].takes_model
+
+
+def test_benchmarks_that_run_a_model_take_one() -> None:
+    """Every benchmark that runs a model takes ``--model``; the others run none."""
+    no_model = {"reconstruct", "persist", "bookkeeping"}
+    assert {n for n, b in REGISTRY.items() if not b.takes_model} == no_model

@@ -56,5 +56,6 @@ def test_quality_on_a_random_weight_recipe_says_so(tmp_path: Path) -> None:
 def test_model_for_benchmarks_that_take_none_is_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["--no-fast-blas", "bench", "workload", "--quick", "--model", "tiny"]) == 2
-    assert_one_line_error(capsys.readouterr(), "--model applies to quality, none of which")
+    argv = ["--no-fast-blas", "bench", "bookkeeping", "persist", "--quick", "--model", "tiny"]
+    assert main(argv) == 2
+    assert_one_line_error(capsys.readouterr(), "none of which is chosen (bookkeeping, persist)")

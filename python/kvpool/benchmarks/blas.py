@@ -61,20 +61,19 @@ class BlasRecord(BenchRecord):
 RECORD = BlasRecord
 
 
-def run(quick: bool) -> BlasRecord:
+def run(quick: bool, model_ref: str | None = None) -> BlasRecord:
     """Every measurement under each variant, and each OpenBLAS variant's speedup over the
     reference BLAS (>1 is faster). The parent's own BLAS does not matter: each variant
-    runs in its own interpreter."""
-    from kvpool.models import ensure_model
-
-    ensure_model(MODEL)  # built once here, not timed in the workers
+    runs in its own interpreter. ``model_ref``: any model reference (default: ``MODEL``)."""
+    name = model_ref or MODEL
+    model_dir = _model_dir(name)  # built or fetched once here, not timed in the workers
     sizes = {
         "matmul_repeats": 3 if quick else 10,
         "prompt_tokens": 128 if quick else 512,
         "decode_tokens": 16 if quick else 64,
     }
     variant_to_result = {
-        variant: _worker(fast_blas, threads, sizes)
+        variant: _worker(fast_blas, threads, sizes, model_dir)
         for variant, (fast_blas, threads) in VARIANTS.items()
     }
     reference = variant_to_result["reference"]
@@ -91,7 +90,7 @@ def run(quick: bool) -> BlasRecord:
         metrics[key] = values | speedups
     openblas = metrics["decode_tok_s"]["speedup_openblas"]
     return BlasRecord(
-        model=MODEL,
+        model=name,
         cpu_count=os.cpu_count(),
         **sizes,
         blas={
@@ -139,8 +138,21 @@ def render_section(r: BlasRecord) -> list[str]:
 SECTION = Section(RECORD, render_section)
 
 
-def _worker(fast_blas: bool, threads: str | None, sizes: dict[str, int]) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "kvpool.benchmarks.blas", "--worker"]
+def _model_dir(name: str) -> str:
+    """The directory the workers load: a recipe is built (no MLX needed), anything else is
+    located (fetched or converted if it must be) by kvpool's loader."""
+    from kvpool.models import RECIPES, ensure_model, locate_and_load
+
+    if name in RECIPES:
+        return str(ensure_model(name))
+    path, _, _ = locate_and_load(name)
+    return str(path)
+
+
+def _worker(
+    fast_blas: bool, threads: str | None, sizes: dict[str, int], model_dir: str
+) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "kvpool.benchmarks.blas", "--worker", f"--model={model_dir}"]
     argv += [f"--{name.replace('_', '-')}={value}" for name, value in sizes.items()]
     if fast_blas:
         argv.append("--fast-blas")
@@ -157,7 +169,12 @@ def _worker(fast_blas: bool, threads: str | None, sizes: dict[str, int]) -> dict
 
 
 def _measure(
-    *, fast_blas: bool, matmul_repeats: int, prompt_tokens: int, decode_tokens: int
+    *,
+    fast_blas: bool,
+    matmul_repeats: int,
+    prompt_tokens: int,
+    decode_tokens: int,
+    model_dir: str = MODEL,
 ) -> dict[str, Any]:
     """In the worker process: choose the BLAS, then import mlx and measure."""
     from kvpool.blas import blas_info, use_fast_cpu_blas
@@ -179,7 +196,7 @@ def _measure(
         mx.eval(a @ b)
         matmul_s.append(time.perf_counter() - start)
 
-    model, _ = load_model(MODEL)
+    model, _ = load_model(model_dir)
     vocab_size = model.args.vocab_size
     prompt = mx.random.randint(0, vocab_size, (1, prompt_tokens), key=mx.random.key(2))
     _prefill(model, prompt_cache(model), prompt[:, :16])  # warm up
@@ -225,12 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--matmul-repeats", type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-tokens", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--decode-tokens", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     result = _measure(
         fast_blas=args.fast_blas,
         matmul_repeats=args.matmul_repeats,
         prompt_tokens=args.prompt_tokens,
         decode_tokens=args.decode_tokens,
+        model_dir=args.model,
     )
     print(json.dumps(result))
 

@@ -184,8 +184,10 @@ def _measure_batch(
     )
 
 
-def run(quick: bool) -> EngineOverheadRecord:
-    models = QUICK_MODELS if quick else MODELS
+def run(quick: bool, model_ref: str | None = None) -> EngineOverheadRecord:
+    """The record; ``model_ref``: any model reference, measured alone (default: ``MODELS``,
+    as in the committed record; ``QUICK_MODELS`` with ``quick``)."""
+    models = (model_ref,) if model_ref else QUICK_MODELS if quick else MODELS
     steps = QUICK_DECODE_STEPS if quick else DECODE_STEPS
     prompt_tokens = QUICK_PROMPT_TOKENS if quick else PROMPT_TOKENS
     results = []

@@ -230,9 +230,12 @@ def _resume_peak(model: Any, tokenizer: Any, context: int) -> ResumePeak:
     )
 
 
-def run(quick: bool) -> MemoryRecord:
+def run(quick: bool, model_ref: str | None = None) -> MemoryRecord:
+    """The record; ``model_ref``: any model reference (default: ``MODEL``, as in the
+    committed record)."""
+    name = model_ref or MODEL
     turns, warmup, period = QUICK if quick else FULL
-    model, tokenizer = load_recipe(MODEL)
+    model, tokenizer = load_recipe(name)
     with mlx_cache_limit(CACHE_LIMIT):
         over_turns = _turns(model, tokenizer, turns, warmup, period)
         resume = _resume_peak(model, tokenizer, QUICK_RESUME_CONTEXT if quick else RESUME_CONTEXT)
@@ -254,7 +257,7 @@ def run(quick: bool) -> MemoryRecord:
             ),
         ),
         config=MemoryConfig(
-            model=MODEL,
+            model=name,
             agents=AGENTS,
             turns=turns,
             warmup_turns=warmup,

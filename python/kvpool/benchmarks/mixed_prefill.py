@@ -84,10 +84,13 @@ def _turn(
     return result
 
 
-def run(quick: bool) -> MixedPrefillRecord:
+def run(quick: bool, model_ref: str | None = None) -> MixedPrefillRecord:
+    """The record; ``model_ref``: any model reference (default: ``MODEL``, as in the
+    committed record)."""
+    name = model_ref or MODEL
     reps = QUICK_REPS if quick else REPS
     lengths = (QUICK_HISTORY, QUICK_NEW_PROMPT) if quick else (HISTORY, NEW_PROMPT)
-    model, tokenizer = load_recipe(MODEL)
+    model, tokenizer = load_recipe(name)
     spec = ModelCacheSpec.from_model(model)
     blocks = RESUMES * spec.blocks_for(lengths[0] + RESUME_NEW + MAX_TOKENS) + spec.blocks_for(
         lengths[1] + MAX_TOKENS
@@ -154,7 +157,7 @@ def run(quick: bool) -> MixedPrefillRecord:
             Target("greedy tokens equal across the ways", "equal", str(tokens_equal), tokens_equal),
         ),
         config=MixedPrefillConfig(
-            model=MODEL,
+            model=name,
             resumes=RESUMES,
             history_tokens=lengths[0],
             resume_new_tokens=RESUME_NEW,

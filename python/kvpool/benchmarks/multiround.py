@@ -218,15 +218,18 @@ def _warm_up(engine: BlockPoolBatchEngine, lru: LruPromptCacheWay, plain: Any) -
     run_plain_turn(plain, [TurnRequest("warm", prompt, 2)])
 
 
-def run(quick: bool) -> MultiroundRecord:
-    model, tokenizer = load_recipe(MODEL)
+def run(quick: bool, model_ref: str | None = None) -> MultiroundRecord:
+    """The record; ``model_ref``: any model reference (default: ``MODEL``, as in the
+    committed record)."""
+    name = model_ref or MODEL
+    model, tokenizer = load_recipe(name)
     with mlx_cache_limit(CACHE_LIMIT):
         scenarios = tuple(
             _scenario(model, tokenizer, shape) for shape in (QUICK if quick else FULL)
         )
     best = scenarios[0]
     return MultiroundRecord(
-        model=MODEL,
+        model=name,
         cache_limit_bytes=CACHE_LIMIT,
         scenarios=scenarios,
         targets=(

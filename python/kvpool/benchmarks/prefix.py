@@ -38,6 +38,7 @@ from kvpool.benchmarks.turns import (
 from kvpool.cache.manager import KVCacheManager, Reservation
 from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec
 from kvpool.engine import BlockPoolBatchEngine
+from kvpool.models import RECIPES
 from kvpool.pool import BlockPool
 
 MODEL = "llama-8x128"
@@ -149,10 +150,13 @@ def _private(rng: random.Random, n: int) -> tuple[int, ...]:
     return random_tokens(rng, n)
 
 
-def run(quick: bool) -> PrefixRecord:
+def run(quick: bool, model_ref: str | None = None) -> PrefixRecord:
+    """The record; ``model_ref``: any model reference (default: ``MODEL``, as in the
+    committed record)."""
+    name = model_ref or MODEL
     sizes = _sizes(quick)
     system_n, private_n = sizes["system"], sizes["private"]
-    model, tokenizer = load_recipe(MODEL)
+    model, tokenizer = load_recipe(name)
     spec = ModelCacheSpec.from_model(model)
     rng = random.Random(0)
     system = random_tokens(rng, system_n)
@@ -179,13 +183,15 @@ def run(quick: bool) -> PrefixRecord:
     windows = _windows()
     return PrefixRecord(
         config=PrefixConfig(
-            model=MODEL,
+            model=name,
             system_tokens=system_n,
             private_tokens=private_n,
             generated_tokens=GENERATED,
             block_tokens=spec.block_tokens,
             bytes_per_block=spec.bytes_per_block,
-            weights="random (real geometry): timings are real, text is not",
+            weights="random (real geometry): timings are real, text is not"
+            if name in RECIPES
+            else "those of the model given",
         ),
         memory=memory,
         new_agent=new_agent,

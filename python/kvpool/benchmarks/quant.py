@@ -51,12 +51,17 @@ from kvpool.benchmarks.records import BenchRecord, Section, Target
 from kvpool.benchmarks.tables import mib, table, times
 
 
-def run(quick: bool) -> QuantRecord:
-    """Gather timings, capacity, save/load and quality per format: one record."""
+def run(quick: bool, model_ref: str | None = None) -> QuantRecord:
+    """Gather timings, capacity, save/load and quality per format: one record. ``model_ref``
+    (any model reference) is the model of the quality part (default: its recipe); gather,
+    capacity and save/load use fixed geometries, and the sensitivity sweep scales a recipe's
+    weights."""
     gather = measure_gather(quick)
     capacity = measure_capacity()
     saved = measure_persist(quick)
-    quality = dataclasses.replace(measure_quality(quick), sensitivity=measure_sensitivity(quick))
+    quality = dataclasses.replace(
+        measure_quality(quick, model_ref), sensitivity=measure_sensitivity(quick)
+    )
     targets = [
         Target(
             f"gather from {n[1:]}-bit slabs vs dense gather (same output)",

@@ -22,7 +22,7 @@ from kvpool.cache.storage import LayerKV
 from kvpool.cache.tables import CacheHandle
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.mlx.mlx_lm import kv_cache
-from kvpool.models import RECIPES, build_model, ensure_model, load_model
+from kvpool.models import RECIPES, build_model, load_model
 from kvpool.pool import BlockPool
 
 QUALITY_MODEL = "demo"  # llama, 4 layers, 2 KV heads x 64, float32, weights scaled x4
@@ -169,11 +169,13 @@ def _compare_resume(
     errors.first_token_equal += int(mx.argmax(ref).item() == mx.argmax(got).item())
 
 
-def measure_quality(quick: bool) -> Quality:
+def measure_quality(quick: bool, model_ref: str | None = None) -> Quality:
     """Agents x turns on a dense pool and on 8-bit and 4-bit pools, same prompts (each
-    turn's prompt is the dense run's context plus new user tokens)."""
+    turn's prompt is the dense run's context plus new user tokens); ``model_ref``: any model
+    reference (default: ``QUALITY_MODEL``)."""
     shape = QUALITY_QUICK if quick else QUALITY_FULL
-    model, tokenizer = load_model(ensure_model(QUALITY_MODEL))
+    model_name = model_ref or QUALITY_MODEL
+    model, tokenizer = load_model(model_name)
     dense_spec = ModelCacheSpec.from_model(model)
     fmts = {"dense": None, "q8": 8, "q4": 4}
     engines = {}
@@ -235,7 +237,7 @@ def measure_quality(quick: bool) -> Quality:
         engine.close()
     by_format = {n: errors[n].result(equal[n], resumed, first_diff[n]) for n in equal}
     return Quality(
-        model=QUALITY_MODEL,
+        model=model_name,
         agents=shape.agents,
         turns=shape.turns,
         resumed_turns=resumed,

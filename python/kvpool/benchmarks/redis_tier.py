@@ -218,12 +218,15 @@ def _dedup(
     )
 
 
-def run(quick: bool) -> RedisRecord:
+def run(quick: bool, model_ref: str | None = None) -> RedisRecord:
+    """The record; ``model_ref``: any model reference (default: ``MODEL``, as in the
+    committed record)."""
+    name = model_ref or MODEL
     if shutil.which("redis-server") is None:
         return RedisRecord(
             targets=(), skipped="redis-server is not installed (apt-get install redis-server)"
         )
-    model, tokenizer = load_recipe(MODEL)
+    model, tokenizer = load_recipe(name)
     context = QUICK_CONTEXT if quick else CONTEXT
     with (
         mlx_cache_limit(GIB),
@@ -252,7 +255,7 @@ def run(quick: bool) -> RedisRecord:
             ),
             Target("tokens equal", "yes", str(resume.tokens_equal), resume.tokens_equal),
         ),
-        model=MODEL,
+        model=name,
         resume=resume,
         dedup=dedup,
     )

@@ -29,6 +29,10 @@ class Benchmark:
     uses_mlx: bool = True
     takes_model: bool = False  # run(quick, model): ``kvpool bench --model`` applies
 
+    # A benchmark that runs a model takes one: ``run(quick, model)`` with ``model=None``
+    # keeps its own fixed model (the one its committed record ran), and the record's config
+    # names the model that ran.
+
     def run(self, quick: bool, model: str | None = None) -> dict[str, Any]:
         """The benchmark's record as JSON-ready values; ``model`` only if it takes one."""
         module = importlib.import_module(f"kvpool.benchmarks.{self.module}")
@@ -55,37 +59,44 @@ REGISTRY: dict[str, Benchmark] = {
             "engine_overhead",
             "engine_overhead",
             "decode tokens/s, BlockPoolBatchEngine vs plain mlx-lm BatchGenerator",
+            takes_model=True,
         ),
         Benchmark(
             "mixed_prefill",
             "mixed_prefill",
             "a long new prompt with short resumes in one step: resumes' TTFT, prefill waves on/off",
+            takes_model=True,
         ),
         Benchmark(
             "resume",
             "resume",
             "time to first token of a next turn: cache in the pool, on disk, in mlx-lm's LRU "
             "prompt cache, re-prefilled",
+            takes_model=True,
         ),
         Benchmark(
             "workload",
             "workload",
             "N agents x T turns end to end, kvpool vs mlx-lm's LRU prompt cache vs re-prefill",
+            takes_model=True,
         ),
         Benchmark(
             "multiround",
             "multiround",
             "multi-round QA (users share a system prompt, arrive staggered): kvpool vs LRU",
+            takes_model=True,
         ),
         Benchmark(
             "prefix",
             "prefix",
             "agents sharing a system prompt: blocks held, new-agent TTFT, prefill once, windows",
+            takes_model=True,
         ),
         Benchmark(
             "memory",
             "memory",
             "pool bytes, RSS and MLX memory over 100 turns; extra memory of one resume",
+            takes_model=True,
         ),
         Benchmark(
             "persist",
@@ -102,16 +113,19 @@ REGISTRY: dict[str, Benchmark] = {
             "blas",
             "blas",
             "MLX's bundled reference BLAS vs OpenBLAS (matmul, prefill, decode)",
+            takes_model=True,
         ),
         Benchmark(
             "serve",
             "serve",
             "kvpool serve vs mlx_lm.server: multi-session multi-turn chat over HTTP",
+            takes_model=True,
         ),
         Benchmark(
             "quant",
             "quant",
             "quantized blocks: gather, capacity, save/load and quality per format",
+            takes_model=True,
         ),
         Benchmark(
             "quality",
@@ -123,6 +137,7 @@ REGISTRY: dict[str, Benchmark] = {
             "redis",
             "redis_tier",
             "a session resumed on another engine from Redis vs prefill; bytes of a shared prompt",
+            takes_model=True,
         ),
     )
 }

@@ -231,9 +231,12 @@ def _measure(ctx: _Context, reps_fast: int, reps_prefill: int) -> dict[str, list
     return samples
 
 
-def run(quick: bool) -> ResumeRecord:
+def run(quick: bool, model_ref: str | None = None) -> ResumeRecord:
+    """The record; ``model_ref``: any model reference (default: ``MODEL``, as in the
+    committed record)."""
+    name = model_ref or MODEL
     contexts = QUICK_CONTEXTS if quick else CONTEXTS
-    model, tokenizer = load_recipe(MODEL)
+    model, tokenizer = load_recipe(name)
     persist, pending = _persist()
     fingerprint = persist.model_fingerprint(model) if persist is not None else None
     plain = plain_generator(model, tokenizer)
@@ -263,7 +266,7 @@ def run(quick: bool) -> ResumeRecord:
     speedup = at_target.speedup_pool_vs_reprefill if at_target is not None else None
     return ResumeRecord(
         config=ResumeConfig(
-            model=MODEL,
+            model=name,
             contexts=contexts,
             new_tokens=NEW_TOKENS,
             max_tokens=1,

@@ -376,13 +376,18 @@ def _compare(cfg: Shape, kv: _Result, mlx: _Result) -> WorkloadResult:
     )
 
 
-def run(quick: bool) -> ServeRecord:
-    from kvpool.models import build_model
+def run(quick: bool, model_ref: str | None = None) -> ServeRecord:
+    """The record; ``model_ref``: any model reference, whose directory both servers load
+    (default: the ``RECIPE`` built into a temporary directory, as in the committed record)."""
+    from kvpool.models import build_model, locate_and_load
 
     workloads = QUICK_WORKLOADS if quick else WORKLOADS
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(RECIPE, Path(tmp) / RECIPE)
+        if model_ref is None:
+            model_dir = build_model(RECIPE, Path(tmp) / RECIPE)
+        else:
+            model_dir, _, _ = locate_and_load(model_ref)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         with _process(_mlx_args(model_dir, port), env, url + "/health"):
@@ -410,7 +415,10 @@ def run(quick: bool) -> ServeRecord:
                f"< {TARGET_OVERHEAD_MS} ms", inside, inside < TARGET_OVERHEAD_MS)
     )  # fmt: skip
     return ServeRecord(
-        model=RECIPE, workloads=tuple(results), overhead=overhead, targets=tuple(targets)
+        model=model_ref or RECIPE,
+        workloads=tuple(results),
+        overhead=overhead,
+        targets=tuple(targets),
     )
 
 

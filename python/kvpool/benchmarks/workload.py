@@ -209,14 +209,17 @@ def _run_agents(model: Any, tokenizer: Any, num_agents: int, shape: Shape) -> Ag
     )
 
 
-def run(quick: bool) -> WorkloadRecord:
+def run(quick: bool, model_ref: str | None = None) -> WorkloadRecord:
+    """The record; ``model_ref``: any model reference (default: ``MODEL``, as in the
+    committed record)."""
+    name = model_ref or MODEL
     shape = QUICK if quick else FULL
-    model, tokenizer = load_recipe(MODEL)
+    model, tokenizer = load_recipe(name)
     with mlx_cache_limit(CACHE_LIMIT):
         results = tuple(_run_agents(model, tokenizer, n, shape) for n in AGENT_COUNTS)
     return WorkloadRecord(
         config=WorkloadConfig(
-            model=MODEL,
+            model=name,
             agent_counts=AGENT_COUNTS,
             turns=shape.turns,
             system_tokens=shape.system_tokens,

@@ -46,10 +46,11 @@ def add_parser(commands: Any) -> None:
     bench.add_argument(
         "--model",
         metavar="MODEL",
-        help="model of the benchmarks that take one ("
+        help="model of the benchmarks that run one ("
         + ", ".join(_bench_names(takes_model=True))
-        + "; default: theirs, the trained default model); the others keep their "
-        "fixed models. Any reference --model of demo takes",
+        + "; default: each one's own, the model of its committed record; quality: the "
+        "trained default model); the record's config names the model that ran. Any "
+        "reference --model of demo takes",
     )
     bench.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     bench.set_defaults(handler=run)
