@@ -63,4 +63,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_line(f"kvpool {args.command}: interrupted")
         return 130
-
