@@ -7,6 +7,7 @@ the saved context is known exactly: a resumed turn must prefill only its new tok
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,21 @@ def test_sigkill_mid_turn_loses_only_that_turn(
             new = len(tokenizer.encode(f" and {n} on."))
             assert prompt - cached <= new + 1, (n, prompt, cached)
         assert server.stop() == 0
+
+
+def test_sessions_that_could_not_be_saved_make_the_exit_code_1(
+    tmp_path: Path, models_dir: Path, tokenizer: Any
+) -> None:
+    cache_dir = tmp_path / "sessions"
+    ctx = _contexts(tokenizer, ["lost"])["lost"]
+    with ServerProcess(cache_dir, models_dir) as server:
+        shutil.rmtree(cache_dir)
+        cache_dir.write_text("not a directory")  # every write under it fails, root's too
+        turn(server, "lost", ctx)  # the request itself is served
+        code = server.stop()
+        log = server.log()
+    assert code == 1, log
+    assert "1 FAILED: lost" in log, log
 
 
 def test_a_port_in_use_is_a_clean_error(tmp_path: Path, models_dir: Path) -> None:

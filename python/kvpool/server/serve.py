@@ -242,7 +242,11 @@ def build_state(config: ServerConfig) -> Any:
 
 
 def serve(config: ServerConfig) -> int:
-    """Run the server until SIGTERM / SIGINT; returns the exit code (0)."""
+    """Run the server until SIGTERM / SIGINT; returns the exit code.
+
+    0: stopped and every session is in the cold tier; 1: stopped, but some sessions could
+    not be written (named on stdout); 2: could not listen.
+    """
     import uvicorn
 
     from kvpool.server.app import create_app
@@ -311,4 +315,4 @@ def serve(config: ServerConfig) -> int:
     else:
         print(f"kvpool serve: stopped; sessions: {report.summary()}", flush=True)
     gc.collect()  # MLX objects in reference cycles go now, not from another thread at exit
-    return 0
+    return 1 if report is None or report.failed else 0
