@@ -16,6 +16,7 @@ so one failure still returns the rest. Sections:
                 the logits of resumed vs one-shot vs chunked re-prefill (max |delta|)
 * ``decode``    decode tok/s at batch 1 / 8 / 32: kvpool engine vs plain BatchGenerator
 * ``workload``  8 agents x 4 turns at 2K: kvpool vs mlx-lm's LRUPromptCache way vs re-prefill
+* ``arrival``   8 agents arriving one by one on a shared 2K system prompt, 3 turns, same three ways
 * ``persist``   save and load of one 8K agent to a file, against a gather of the same bytes
 
 ``--quick`` shrinks every size so the script runs on a CPU in seconds (a smoke test: its
@@ -613,6 +614,38 @@ def section_workload() -> None:
     )
 
 
+def section_arrival() -> None:
+    from kvpool.benchmarks import workload
+    from kvpool.benchmarks.measure import mlx_cache_limit
+
+    model = llama_8b()
+    tok = tokenizer()
+    shape = (
+        workload.Shape(turns=2, system_tokens=64, task_tokens=16, user_tokens=16, max_tokens=4)
+        if QUICK
+        else workload.Shape(
+            turns=3, system_tokens=2048, task_tokens=64, user_tokens=64, max_tokens=16
+        )
+    )
+    with mlx_cache_limit(4 * 2**30 if QUICK else 64 * 2**30):
+        r = workload._run_agents(model, tok, 8, shape, one_by_one=True)
+    emit(
+        "arrival",
+        "8 agents one by one on a shared 2K system prompt x 3 turns, three ways",
+        agents=r.agents,
+        turns=r.turns,
+        total_s={w: round(t.total_s, 3) for w, t in r.ways.items()},
+        mean_ttft_ms={w: t.mean_ttft_ms for w, t in r.ways.items()},
+        kvpool_vs_lru_total=r.kvpool_vs_lru_total,
+        kvpool_vs_plain_total=r.kvpool_vs_plain_total,
+        agent_turns_unequal=r.agent_turns_unequal,
+        per_turn_s=[row.total_s for row in r.per_turn],
+        prefilled_tokens={w: t.prefilled_tokens for w, t in r.ways.items()},
+        of_agent_turns=r.agent_turns,
+        target_vs_lru=0.8,
+    )
+
+
 def section_persist() -> None:
     """What a save and a load of one agent cost where the slabs live (host copies included)."""
     import tempfile
@@ -677,6 +710,7 @@ SECTIONS: dict[str, Callable[[], None]] = {
     "ttft": section_ttft,
     "decode": section_decode,
     "workload": section_workload,
+    "arrival": section_arrival,
     "persist": section_persist,
 }
 

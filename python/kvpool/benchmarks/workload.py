@@ -135,7 +135,26 @@ def _warm_up(engine: BlockPoolBatchEngine, lru: LruPromptCacheWay, plain: Any) -
     lru.run_turn([TurnRequest("warm", prompt, 2)])
 
 
-def _run_agents(model: Any, tokenizer: Any, num_agents: int, shape: Shape) -> AgentsResult:
+def one_at_a_time(
+    serve: Callable[[list[TurnRequest]], TurnResult], requests: list[TurnRequest]
+) -> TurnResult:
+    """``requests`` served one after another (each arrives when the previous finished), as
+    one turn: times add up, each agent's TTFT counts from its own submit."""
+    parts = [serve([r]) for r in requests]
+    return TurnResult(
+        total_s=sum(p.total_s for p in parts),
+        ttft_s={a: t for p in parts for a, t in p.ttft_s.items()},
+        tokens={a: t for p in parts for a, t in p.tokens.items()},
+        completions={a: c for p in parts for a, c in p.completions.items()},
+        cached_tokens={a: n for p in parts for a, n in p.cached_tokens.items()},
+    )
+
+
+def _run_agents(
+    model: Any, tokenizer: Any, num_agents: int, shape: Shape, *, one_by_one: bool = False
+) -> AgentsResult:
+    """``num_agents`` x ``shape.turns``; ``one_by_one``: the agents of a turn arrive one
+    after another (each submitted when the previous finished) instead of together."""
     spec = ModelCacheSpec.from_model(model)
     rng = random.Random(num_agents)
     system = random_tokens(rng, shape.system_tokens)
@@ -160,12 +179,15 @@ def _run_agents(model: Any, tokenizer: Any, num_agents: int, shape: Shape) -> Ag
                 TurnRequest(a, p, shape.max_tokens, caches.get(a), system_tokens=len(system))
                 for a, p in contexts.items()
             ]
-            run: dict[str, Callable[[], TurnResult]] = {
-                "kvpool": lambda r=requests: run_kvpool_turn(engine, r),  # type: ignore[misc]
-                "lru": lambda r=requests: lru.run_turn(r),  # type: ignore[misc]
-                "plain": lambda r=requests: run_plain_turn(plain, r),  # type: ignore[misc]
+            serve: dict[str, Callable[[list[TurnRequest]], TurnResult]] = {
+                "kvpool": lambda r: run_kvpool_turn(engine, r),
+                "lru": lru.run_turn,
+                "plain": lambda r: run_plain_turn(plain, r),
             }
-            turn = {w: run[w]() for w in rotation(t, WAYS)}
+            turn = {
+                w: one_at_a_time(serve[w], requests) if one_by_one else serve[w](requests)
+                for w in rotation(t, WAYS)
+            }
             for w in unequal:
                 unequal[w] += tokens_unequal(turn["kvpool"], turn[w])
             prompt_tokens = sum(len(r.prompt) for r in requests)
