@@ -15,7 +15,17 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu" / "device_check.py"
-SECTIONS = ("env", "gather", "quant", "scatter8", "ttft", "decode", "workload", "arrival", "persist")
+SECTIONS = (
+    "env",
+    "gather",
+    "quant",
+    "scatter8",
+    "ttft",
+    "decode",
+    "workload",
+    "arrival",
+    "persist",
+)
 
 
 def _records(section: str) -> list[dict[str, object]]:
