@@ -31,8 +31,10 @@ def test_readme_and_server_doc_examples_run(
             exec(compile(code, "example", "exec"), {})
         assert server.stop() == 0
     out = capsys.readouterr().out.splitlines()
-    # README's example prints the reply, then the cached token count
-    reply = out[0].rsplit(" ", 1)[0]
+    # README's example prints the reply (it may span lines), then the cached token count;
+    # the second example's lines start with "turn "
+    first = "\n".join(out[: next(i for i, line in enumerate(out) if line.startswith("turn "))])
+    reply = first.rsplit(" ", 1)[0]
     words = re.findall(r"[A-Za-z]{2,}", reply)
     assert len(words) >= 5 and len(" ".join(words)) > len(reply) / 2, reply
     turns = [line for line in out if line.startswith("turn ")]
