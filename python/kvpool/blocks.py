@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import KvpoolError
+from kvpool.logprobs import TokenLogprob
 
 AgentBlocks = CacheHandle
 """The earlier name of :class:`~kvpool.cache.tables.CacheHandle`."""
@@ -18,8 +19,10 @@ AgentBlocks = CacheHandle
 class TokenEvent:
     """One generated token, delivered to a request's ``on_token`` callback.
 
-    ``text`` is the newly completed text (may be empty while a multi-byte
-    character is incomplete); ``index`` counts generated tokens from 0.
+    ``text`` is the newly released text (may be empty while a multi-byte
+    character is incomplete, or while it may begin a stop string); the texts of a
+    request's events concatenate to its completion's ``text``. ``index`` counts
+    generated tokens from 0. ``logprob`` is set when the request asked for logprobs.
     """
 
     uid: int
@@ -27,6 +30,7 @@ class TokenEvent:
     token: int
     text: str
     index: int
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,11 @@ class CompletedGeneration:
 
     ``cached_tokens`` prompt tokens came from the cache, ``prompt_tokens -
     cached_tokens`` were prefilled.
+
+    ``stop`` is the stop string that ended the generation (``finish_reason ==
+    "stop"``; ``text`` ends before it). ``logprobs`` (when asked for) has one entry per
+    generated token that ``text`` shows: a final EOS or stop token, and tokens wholly
+    inside a matched stop string, have none.
     """
 
     uid: int
@@ -53,6 +62,8 @@ class CompletedGeneration:
     ttft_s: float | None = None
     elapsed_s: float = 0.0
     error: KvpoolError | None = field(default=None, compare=False)
+    stop: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def token_count(self) -> int:

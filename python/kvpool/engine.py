@@ -19,6 +19,11 @@ integer array, every id in ``[0, vocab_size)``. ``bytes``, ``bytearray`` and
 ``memoryview`` are refused: they could be text or ids (decode them, or pass
 ``list(data)``).
 
+Stop strings (``SamplingParams.stop``) are matched on the decoded text, across token
+boundaries (:mod:`kvpool.textstream`): the request then ends as if it had reached a stop
+token, its cache holding every token fed so far, and its text ends before the stop string.
+Streamed text holds back what could begin a stop string, so no event ever shows one.
+
 Callbacks: ``on_token`` runs on the driving thread inside ``step``. If it
 raises, only its own request ends (``finish_reason == "error"``, its blocks
 freed, its old cache still valid); the other requests of that step get their
@@ -58,8 +63,10 @@ from kvpool.cache.sequence import SequenceCache
 from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import GenerationError, InvalidRequestError, KvpoolError, PoolExhaustedError
+from kvpool.logprobs import TokenLogprob, token_logprob
 from kvpool.pool import BlockPool
 from kvpool.sampling import GREEDY, SamplingParams, make_sampler, make_stop_sequences
+from kvpool.textstream import TextStream
 from kvpool.validation import validate_agent_id, validate_count, validate_token_ids
 from kvpool.waves import Candidate, next_wave
 
@@ -106,7 +113,8 @@ class _Request:
     state: RequestState = RequestState.QUEUED
     gen_uid: int | None = None
     generated: list[int] = field(default_factory=list)
-    detokenizer: Any = None  # the tokenizer's streaming detokenizer, once on_token needs it
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when sampling.logprobs is set
+    text: TextStream | None = None  # its text as it streams, once on_token or stops need it
     t_first_token: float | None = None
     cached_tokens: int = 0  # prompt tokens taken from the pool, fixed when it starts
     held_steps: int = 0  # steps spent waiting for its prefill wave (see kvpool.waves)
@@ -617,7 +625,7 @@ class BlockPoolBatchEngine:
                 continue  # cancelled (perhaps by a callback earlier in this step)
             finished = response.finish_reason is not None
             try:
-                self._on_token(request, int(response.token), response.finish_reason)
+                self._on_token(request, response)
             except BaseException as exc:
                 if self._running.get(gen_uid) is request:  # not cancelled by the callback
                     if not finished:
@@ -628,10 +636,23 @@ class BlockPoolBatchEngine:
                 continue
             if self._running.get(gen_uid) is not request:
                 continue  # the callback cancelled its own request
-            if finished:
+            stopped = not finished and request.text is not None and request.text.stop is not None
+            if finished or stopped:
                 del self._running[gen_uid]
                 try:
-                    done.append(self._finish(request, response))
+                    if stopped:  # a stop string: end it here, its cache as a finish has it
+                        removed = self._gen.remove([gen_uid], return_prompt_caches=True)
+                        caches, all_tokens = removed[gen_uid]
+                        done.append(self._finish(request, "stop", caches, all_tokens))
+                    else:
+                        done.append(
+                            self._finish(
+                                request,
+                                str(response.finish_reason),
+                                response.prompt_cache,
+                                response.all_tokens,
+                            )
+                        )
                 except BaseException as exc:  # an interrupt, or a failure past _finish's try
                     done.append(self._fail(request, exc, "could not finish"))
                     if not isinstance(exc, Exception):
@@ -639,40 +660,51 @@ class BlockPoolBatchEngine:
         if interrupt is not None:
             raise interrupt
 
-    def _on_token(self, request: _Request, token: int, finish_reason: str | None) -> None:
+    def _on_token(self, request: _Request, response: Any) -> None:
+        """Record one generated token: its logprob, its text (stop strings matched),
+        then the request's callback."""
         if request.t_first_token is None:
             request.t_first_token = time.perf_counter()
+        token, finish_reason = int(response.token), response.finish_reason
         request.generated.append(token)
-        if request.on_token is None:
+        logprob = None
+        if request.sampling.logprobs is not None:
+            logprob = token_logprob(response.logprobs, token, request.sampling.logprobs)
+            request.logprobs.append(logprob)
+        if request.on_token is None and not request.sampling.stop:
             return
-        if request.detokenizer is None:
-            request.detokenizer = self.tokenizer.detokenizer  # a fresh streaming one
-        detokenizer = request.detokenizer
-        if finish_reason != "stop":  # a stop token is not part of the text
-            detokenizer.add_token(token)
-        if finish_reason is not None:
-            detokenizer.finalize()
-        event = TokenEvent(
-            request.uid,
-            request.agent_id,
-            token,
-            str(detokenizer.last_segment),
-            len(request.generated) - 1,
+        if request.text is None:
+            request.text = TextStream(self.tokenizer, request.sampling.stop)
+        # a stop token is not part of the text
+        piece = request.text.add(
+            token, final=finish_reason is not None, is_text=finish_reason != "stop"
         )
-        request.on_token(event)
+        if request.on_token is not None:
+            index = len(request.generated) - 1
+            event = TokenEvent(request.uid, request.agent_id, token, piece, index, logprob)
+            request.on_token(event)
 
-    def _finish(self, request: _Request, response: Any) -> CompletedGeneration:
-        """Write the final cache into the request's blocks; it becomes the agent's handle.
+    def _finish(
+        self, request: _Request, finish_reason: str, caches: Any, fed: Sequence[int]
+    ) -> CompletedGeneration:
+        """Write the final cache (``caches``, holding the ``fed`` tokens) into the request's
+        blocks; it becomes the agent's handle.
 
         Everything that can fail (the text too) happens before the commit: a
         failure rolls the request back and the agent's old cache stays valid.
         """
         generated = tuple(request.generated)
+        stream = request.text
+        stop = stream.stop if stream is not None else None
+        if stop is not None:  # matched on the token that also hit EOS or max_tokens
+            finish_reason = "stop"
         try:
-            text_ids = generated[:-1] if response.finish_reason == "stop" else generated
-            text = self.tokenizer.decode(list(text_ids))
-            caches = response.prompt_cache
-            all_tokens = tuple(int(t) for t in response.all_tokens)
+            if stream is not None and stop is not None:
+                text, num_text = stream.text, stream.tokens_in_text()
+            else:  # the tokenizer's own decode: the text a non-streamed request always had
+                num_text = len(generated) - 1 if finish_reason == "stop" else len(generated)
+                text = self.tokenizer.decode(list(generated[:num_text]))
+            all_tokens = tuple(int(t) for t in fed)
             length = int(caches[0].offset)
             if length != len(all_tokens):
                 raise GenerationError(
@@ -689,13 +721,17 @@ class BlockPoolBatchEngine:
             text=text,
             token_ids=generated,
             blocks=blocks,
-            finish_reason=str(response.finish_reason),
+            finish_reason=finish_reason,
             prompt_tokens=len(request.prompt),
             cached_tokens=request.cached_tokens,
             ttft_s=None
             if request.t_first_token is None
             else request.t_first_token - request.t_submit,
             elapsed_s=time.perf_counter() - request.t_submit,
+            stop=stop,
+            logprobs=tuple(request.logprobs[:num_text])
+            if request.sampling.logprobs is not None
+            else None,
         )
 
     def _drop(self, request: _Request) -> None:

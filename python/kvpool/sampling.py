@@ -9,7 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvpool.errors import InvalidRequestError
+from kvpool.logprobs import MAX_TOP_LOGPROBS
+from kvpool.textstream import MAX_STOP_CHARS
 from kvpool.validation import is_integer
+
+MAX_STOPS = 16  # stop strings per request (each checked against the text per token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +23,10 @@ class SamplingParams:
     ``temperature == 0`` is greedy (the other knobs are then ignored).
     ``top_p == 1``, ``top_k == 0`` and ``min_p == 0`` disable those filters.
     ``stop_token_ids`` end a generation in addition to the tokenizer's EOS.
+    ``stop`` strings end it when the decoded text contains one (across any token
+    boundaries; the text ends before it): at most ``MAX_STOPS``, each 1..``MAX_STOP_CHARS``
+    characters. ``logprobs``: None, or how many of the most likely tokens to report with
+    each generated token's log-probability (0..``MAX_TOP_LOGPROBS``).
     Types are checked (``top_k`` and the stop ids integers, the others finite
     real numbers) and normalised to ``int``/``float``/a tuple of ints; the
     engine checks ``top_k`` and the stop ids against the model's vocabulary.
@@ -29,6 +37,8 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p"):
@@ -48,6 +58,14 @@ class SamplingParams:
         if not all(is_integer(t) and int(t) >= 0 for t in stops):
             raise InvalidRequestError(f"stop_token_ids must be ints >= 0, got {stops}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
+        self._check_stop_strings()
+        if self.logprobs is not None:
+            if not is_integer(self.logprobs) or not 0 <= int(self.logprobs) <= MAX_TOP_LOGPROBS:
+                raise InvalidRequestError(
+                    f"logprobs must be None or an int in [0, {MAX_TOP_LOGPROBS}], "
+                    f"got {self.logprobs!r}"
+                )
+            object.__setattr__(self, "logprobs", int(self.logprobs))
         if not self.temperature >= 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -56,6 +74,21 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.min_p < 1:
             raise InvalidRequestError(f"min_p must be in [0, 1), got {self.min_p}")
+
+    def _check_stop_strings(self) -> None:
+        stop = self.stop
+        if isinstance(stop, str) or not isinstance(stop, Iterable):
+            raise InvalidRequestError(f"stop must be a sequence of strings, got {stop!r}")
+        stop = tuple(stop)
+        if len(stop) > MAX_STOPS:
+            raise InvalidRequestError(f"at most {MAX_STOPS} stop strings, got {len(stop)}")
+        for s in stop:
+            if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+                raise InvalidRequestError(
+                    f"each stop string must be a str of 1..{MAX_STOP_CHARS} characters, "
+                    f"got {s!r:.60}"
+                )
+        object.__setattr__(self, "stop", stop)
 
     @property
     def is_greedy(self) -> bool:

@@ -522,10 +522,11 @@ class FakeBatchGenerator:
             finish = "length"
         if token in seq.stops:
             finish = "stop"
+        logprobs = fake_logprobs(token, self.model.vocab_size)
         if finish is None:
-            return GenerationResponse(seq.uid, token, None, None, None, None)
+            return GenerationResponse(seq.uid, token, logprobs, None, None, None)
         caches = [c.copy() for c in seq.caches]
-        return GenerationResponse(seq.uid, token, None, finish, caches, seq.tokens)
+        return GenerationResponse(seq.uid, token, logprobs, finish, caches, seq.tokens)
 
     def extract_cache(self, uids: Sequence[int]) -> dict[int, tuple[list[Any], list[int]]]:
         wanted = set(uids)
@@ -548,6 +549,16 @@ class FakeBatchGenerator:
     @property
     def num_active(self) -> int:
         return len(self._unprocessed) + len(self._prompt) + len(self._generating)
+
+
+def fake_logprobs(token: int, vocab_size: int) -> np.ndarray:
+    """The fake's distribution for a step that chose ``token``: a log-softmax row in which
+    ``token`` is the most likely, ``(7 * token + 1) % vocab_size`` the runner-up."""
+    scores = np.zeros(vocab_size, dtype=np.float32)
+    scores[(7 * token + 1) % vocab_size] = 2.0
+    scores[token] = 4.0
+    out: np.ndarray = scores - np.log(np.exp(scores).sum(dtype=np.float32))
+    return out
 
 
 def reference_tokens(

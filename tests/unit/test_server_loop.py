@@ -192,7 +192,12 @@ def test_chat_parsing_maps_fields_and_refuses_what_it_cannot_do() -> None:
     assert gen.stop == ["x"] and gen.stream and gen.include_usage
     for bad, fragment in [
         ({"n": 2}, "n=2 is not supported"),
-        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs requires logprobs: true"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be <= 20"),
+        ({"logprobs": 1}, "logprobs must be a boolean"),
+        ({"stop": ["x" * 257]}, "at most 256"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
+        ({"stop": [""]}, "non-empty string"),
         ({"tools": [{}]}, "tool calling"),
         ({"temperature": 3}, "temperature must be in [0.0, 2.0]"),
         ({"max_tokens": 0}, "max_tokens must be >= 1"),

@@ -95,12 +95,12 @@ def usage(c: CompletedGeneration) -> dict[str, int]:
     }
 
 
-def stop_reason(c: CompletedGeneration, stops: dict[int, str]) -> tuple[str, str | None]:
-    """(stop_reason, stop_sequence): ``stops`` maps stop tokens to the strings asked for."""
+def stop_reason(c: CompletedGeneration) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence): the stop sequence that matched, if one did."""
+    if c.stop is not None:
+        return "stop_sequence", c.stop
     if c.finish_reason == "length":
         return "max_tokens", None
-    if c.token_ids and c.token_ids[-1] in stops:
-        return "stop_sequence", stops[c.token_ids[-1]]
     return "end_turn", None
 
 
@@ -108,12 +108,11 @@ def message_response(
     rid: str,
     model: str,
     c: CompletedGeneration,
-    stops: dict[int, str],
     *,
     token_ids: bool,
     session_id: str | None,
 ) -> dict[str, Any]:
-    reason, sequence = stop_reason(c, stops)
+    reason, sequence = stop_reason(c)
     out: dict[str, Any] = {
         "id": rid,
         "type": "message",
@@ -151,8 +150,8 @@ def message_start(rid: str, model: str, prompt_tokens: int) -> dict[str, Any]:
     }
 
 
-def message_delta(c: CompletedGeneration, stops: dict[int, str]) -> dict[str, Any]:
-    reason, sequence = stop_reason(c, stops)
+def message_delta(c: CompletedGeneration) -> dict[str, Any]:
+    reason, sequence = stop_reason(c)
     return {
         "type": "message_delta",
         "delta": {"stop_reason": reason, "stop_sequence": sequence},

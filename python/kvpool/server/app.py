@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kvpool.errors import InvalidRequestError
+from kvpool.logprobs import TokenLogprob
 from kvpool.server.errors import (
     ApiError,
     anthropic_body,
@@ -43,7 +44,7 @@ from kvpool.server.errors import (
 )
 from kvpool.server.loop import Admitted, Channel, EngineLoop, Event, Finished, Refused, WorkItem
 from kvpool.server.metrics import CONTENT_TYPE, ServerMetrics
-from kvpool.server.params import Body, Generation, Limits, sampling_of, stop_token_ids
+from kvpool.server.params import Body, Generation, Limits, sampling_of
 from kvpool.server.responders import (
     ANTHROPIC,
     OPENAI,
@@ -180,10 +181,9 @@ def _session_of(request: Request, data: dict[str, Any], api: str) -> str | None:
     return given[0][1] if given else None
 
 
-def _tokenize(state: ServerState, gen: Generation) -> tuple[list[int], tuple[int, ...]]:
-    """Prompt ids and stop-token ids (runs in a worker thread)."""
+def _tokenize(state: ServerState, gen: Generation) -> list[int]:
+    """The prompt's token ids (runs in a worker thread for long prompts)."""
     tok = state.tokenizer
-    stops = stop_token_ids(tok, gen.stop, gen.stop_param) if gen.stop else ()
     try:
         if gen.messages is not None:
             ids = tok.apply_chat_template(gen.messages, add_generation_prompt=True)
@@ -204,7 +204,7 @@ def _tokenize(state: ServerState, gen: Generation) -> tuple[list[int], tuple[int
     bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
     if bad is not None:
         raise bad_request(f"token id {bad} is outside [0, {vocab})", param="prompt")
-    return ids, stops
+    return ids
 
 
 _SHORT_PROMPT_CHARS = 2048
@@ -276,14 +276,14 @@ async def _generate(request: Request, responder: Responder) -> Response:
         session_id = _session_of(request, body.data, api)
         agent_id = tenant.agent_id(session_id) if session_id is not None else None
         if _is_short(gen):  # cheaper here than the hop to a worker thread
-            prompt, stops = _tokenize(state, gen)
+            prompt = _tokenize(state, gen)
         else:
-            prompt, stops = await run_in_threadpool(_tokenize, state, gen)
+            prompt = await run_in_threadpool(_tokenize, state, gen)
         max_tokens = gen.max_tokens or min(
             state.limits.default_max_tokens, state.limits.max_context_tokens - len(prompt)
         )
         state.limits.check(len(prompt), max(max_tokens, 1), gen.max_tokens_param, gen.prompt_param)
-        sampling = sampling_of(gen, stops)
+        sampling = sampling_of(gen)
     except ApiError as exc:
         state.metrics.refused.labels(str(exc.status)).inc()
         return _error_response(exc, api)
@@ -299,7 +299,6 @@ async def _generate(request: Request, responder: Responder) -> Response:
         t_received=t_received,
         cache_salt=tenant.salt(gen.cache_salt),
     )
-    stop_names = dict(zip(stops, gen.stop, strict=True))
     events = _Events(item.channel)
     state.loop.submit(item)
     try:
@@ -324,7 +323,9 @@ async def _generate(request: Request, responder: Responder) -> Response:
                     # the engine's own time for this request: clients (kvpool bench serve)
                     # can tell the server's overhead from it
                     timing = {"X-Kvpool-Engine-Ms": f"{c.elapsed_s * 1e3:.3f}"}
-                    answer = responder.response(state.model_name, gen, c, stop_names, session_id)
+                    answer = responder.response(
+                        state.model_name, gen, c, state.tokenizer, session_id
+                    )
                     return JSONResponse(answer, headers=timing)
                 if isinstance(event, Refused):
                     return _error_response(event.error, api)
@@ -336,8 +337,8 @@ async def _generate(request: Request, responder: Responder) -> Response:
             state.loop.cancel(item)
             events.close()
             raise
-    shaper = responder.stream(state.model_name, gen, len(prompt))
-    stream = _stream(shaper, state, gen, item, events, stop_names)
+    shaper = responder.stream(state.model_name, gen, len(prompt), state.tokenizer)
+    stream = _stream(shaper, state, gen, item, events)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if session_id is not None:
         headers["X-Session-ID"] = session_id
@@ -350,11 +351,13 @@ async def _stream(
     gen: Generation,
     item: WorkItem,
     events: _Events,
-    stops: dict[int, str],
 ) -> AsyncIterator[bytes]:
-    """SSE of one admitted request; cancels it if the client goes away first."""
-    ended = started = False
-    generated: list[int] = []  # token ids so far
+    """SSE of one admitted request; cancels it if the client goes away first.
+
+    A chunk carries the logprobs of the tokens since the previous chunk (tokens without
+    text, such as the final EOS, carry theirs into the next chunk or none)."""
+    ended = False
+    logprobs: list[TokenLogprob] = []  # of the tokens not yet in a chunk
     try:
         for chunk in shaper.open():
             yield chunk
@@ -366,39 +369,22 @@ async def _stream(
                 return
             if isinstance(event, Finished):
                 ended = True
-                for chunk in shaper.close(event.completion, stops):
+                for chunk in shaper.close(event.completion):
                     yield chunk
                 return
             if isinstance(event, Admitted):
                 continue
-            generated.append(event.token)
-            text = event.text
-            if text and not started:  # the first text: as the whole reply's decode has it
-                started = True
-                text = _first_segment(state.tokenizer, generated, text)
+            if event.logprob is not None:
+                logprobs.append(event.logprob)
             token_ids = [event.token] if gen.return_token_ids else None
-            if not text and token_ids is None:
+            if not event.text and token_ids is None:
                 continue
-            yield shaper.text(text, token_ids)
+            yield shaper.text(event.text, token_ids, logprobs)
+            logprobs = []
     finally:
         if not ended:
             state.loop.cancel(item)
         events.close()
-
-
-def _first_segment(tokenizer: Any, generated: list[int], segment: str) -> str:
-    """The first text of a stream as a non-streamed response has it.
-
-    mlx-lm's streaming detokenizers drop the leading space of a reply's first token, which
-    ``tokenizer.decode`` (the non-streamed text) keeps; the streamed text must be the same.
-    Only whitespace the detokenizer trimmed is put back."""
-    try:
-        whole = str(tokenizer.decode(generated))
-    except Exception:  # a tokenizer that cannot decode a prefix: keep the segment
-        return segment
-    if whole != segment and whole.endswith(segment) and not whole[: -len(segment)].strip():
-        return whole
-    return segment
 
 
 # -- other routes ------------------------------------------------------------------------------

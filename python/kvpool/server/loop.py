@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from kvpool.blocks import CompletedGeneration, TokenEvent
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import InvalidRequestError, KvpoolError, PoolExhaustedError
+from kvpool.logprobs import TokenLogprob
 from kvpool.pool import BlockPool
 from kvpool.sampling import SamplingParams
 from kvpool.server.errors import ApiError, shutting_down
@@ -62,11 +63,13 @@ class Admitted:
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """One generated token and the text it completed (may be empty)."""
+    """One generated token, the text it released (may be empty) and, when asked for, its
+    logprobs."""
 
     token: int
     text: str
     index: int
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,7 +390,7 @@ class EngineLoop:
             item.t_first_token = time.perf_counter()
             self.metrics.ttft.observe(item.t_first_token - item.t_received)
         item.num_tokens += 1
-        item.channel.push(Token(event.token, event.text, event.index))
+        item.channel.push(Token(event.token, event.text, event.index, event.logprob))
 
     def _step(self) -> None:
         try:

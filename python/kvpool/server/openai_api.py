@@ -5,8 +5,14 @@ Accepted beyond the standard fields (as ``extra_body`` of the official client): 
 ``cache_salt`` (vLLM's: prefix caching only among requests of the same salt) and
 ``return_token_ids`` (each choice then carries the generated ``token_ids``). Fields with
 no effect here (``user``, ``metadata``, ``store``) are accepted; anything that would change
-the output and is not implemented (``n > 1``, ``logprobs``, ``tools``, penalties, a chat
-message's ``name``, ...) is refused with a 400 naming it.
+the output and is not implemented (``n > 1``, ``tools``, penalties, a chat message's
+``name``, ...) is refused with a 400 naming it.
+
+``stop``: up to 4 strings of any length, matched on the text across token boundaries.
+Logprobs are the model's own (the log-softmax of its logits, before temperature or
+filters): chat ``logprobs: true`` + ``top_logprobs`` 0..20, completions ``logprobs`` 0..20.
+A token's ``token`` is its text alone (``tokenizer.decode([id])``; a piece of a multi-byte
+character shows as U+FFFD) and ``bytes`` that text's UTF-8.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import uuid
 from typing import Any
 
 from kvpool.blocks import CompletedGeneration
+from kvpool.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from kvpool.server.errors import bad_request
 from kvpool.server.params import Body, Generation, parse_cache_salt, parse_stop
 
@@ -119,8 +126,15 @@ def parse_chat(body: Body) -> Generation:
     gen.messages = out
     _max_tokens(body, gen, "max_completion_tokens", "max_tokens")
     _common(body, gen)
-    body.refuse_unless("logprobs", [False], "logprobs are not implemented")
-    body.refuse_unless("top_logprobs", [0], "logprobs are not implemented")
+    wanted = body.boolean("logprobs")
+    top = body.integer("top_logprobs", minimum=0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise bad_request(
+            f"top_logprobs must be <= {MAX_TOP_LOGPROBS}, got {top}", param="top_logprobs"
+        )
+    if top is not None and not wanted:
+        raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
+    gen.logprobs = (top or 0) if wanted else None
     body.refuse_unless("tools", [[]], "tool calling is not implemented")
     body.refuse_unless("tool_choice", ["none"], "tool calling is not implemented")
     body.refuse_unless(
@@ -154,7 +168,11 @@ def parse_completion(body: Body) -> Generation:
         )
     gen.max_tokens = body.integer("max_tokens", 16, minimum=1)
     _common(body, gen)
-    body.refuse_unless("logprobs", [0], "logprobs are not implemented")
+    gen.logprobs = body.integer("logprobs", minimum=0)
+    if gen.logprobs is not None and gen.logprobs > MAX_TOP_LOGPROBS:
+        raise bad_request(
+            f"logprobs must be <= {MAX_TOP_LOGPROBS}, got {gen.logprobs}", param="logprobs"
+        )
     body.refuse_unless("echo", [False], "echo is not implemented")
     body.refuse_unless("best_of", [1], _UNSUPPORTED)
     body.refuse_unless("suffix", [""], "suffix is not implemented")
@@ -180,13 +198,67 @@ def finish_reason(c: CompletedGeneration) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
 
+def _token_text(tokenizer: Any, token: int) -> str:
+    return str(tokenizer.decode([token]))
+
+
+def _chat_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
+    text = _token_text(tokenizer, token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(
+    tokenizer: Any, entries: tuple[TokenLogprob, ...] | list[TokenLogprob] | None
+) -> dict[str, Any] | None:
+    """A chat choice's ``logprobs``: ``{"content": [...], "refusal": None}``."""
+    if entries is None:
+        return None
+    content = []
+    for e in entries:
+        entry = _chat_entry(tokenizer, e.token, e.logprob)
+        entry["top_logprobs"] = [_chat_entry(tokenizer, t, lp) for t, lp in e.top]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(
+    tokenizer: Any,
+    entries: tuple[TokenLogprob, ...] | list[TokenLogprob] | None,
+    k: int,
+    offset: int = 0,
+) -> dict[str, Any] | None:
+    """A completion choice's legacy ``logprobs``; ``text_offset`` counts characters of the
+    tokens' own texts from ``offset`` (the characters streamed before)."""
+    if entries is None:
+        return None
+    tokens = [_token_text(tokenizer, e.token) for e in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e.top} for e in entries]
+        if k
+        else None,
+        "text_offset": offsets,
+    }
+
+
 def chat_response(
-    rid: str, model: str, c: CompletedGeneration, *, token_ids: bool, session_id: str | None
+    rid: str,
+    model: str,
+    c: CompletedGeneration,
+    tokenizer: Any,
+    *,
+    token_ids: bool,
+    session_id: str | None,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {
         "index": 0,
         "message": {"role": "assistant", "content": c.text},
-        "logprobs": None,
+        "logprobs": chat_logprobs(tokenizer, c.logprobs),
         "finish_reason": finish_reason(c),
     }
     if token_ids:
@@ -203,12 +275,19 @@ def chat_response(
 
 
 def completion_response(
-    rid: str, model: str, c: CompletedGeneration, *, token_ids: bool, session_id: str | None
+    rid: str,
+    model: str,
+    c: CompletedGeneration,
+    tokenizer: Any,
+    k: int,
+    *,
+    token_ids: bool,
+    session_id: str | None,
 ) -> dict[str, Any]:
     choice: dict[str, Any] = {
         "index": 0,
         "text": c.text,
-        "logprobs": None,
+        "logprobs": completion_logprobs(tokenizer, c.logprobs, k),
         "finish_reason": finish_reason(c),
     }
     if token_ids:
@@ -233,6 +312,7 @@ def chat_chunk(
     finish: str | None = None,
     usage_of: CompletedGeneration | None = None,
     token_ids: list[int] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One ``chat.completion.chunk``; with ``usage_of``, the final usage chunk (no choices)."""
     chunk: dict[str, Any] = {
@@ -247,7 +327,7 @@ def chat_chunk(
     choice: dict[str, Any] = {
         "index": 0,
         "delta": delta or {},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish,
     }
     if token_ids is not None:
@@ -265,6 +345,7 @@ def completion_chunk(
     finish: str | None = None,
     usage_of: CompletedGeneration | None = None,
     token_ids: list[int] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": rid,
@@ -275,7 +356,12 @@ def completion_chunk(
     if usage_of is not None:
         chunk["choices"], chunk["usage"] = [], usage(usage_of)
         return chunk
-    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    choice: dict[str, Any] = {
+        "index": 0,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": finish,
+    }
     if token_ids is not None:
         choice["token_ids"] = token_ids
     chunk["choices"] = [choice]

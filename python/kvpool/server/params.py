@@ -16,6 +16,7 @@ from typing import Any
 from kvpool.errors import InvalidRequestError
 from kvpool.sampling import SamplingParams
 from kvpool.server.errors import ApiError, bad_request
+from kvpool.textstream import MAX_STOP_CHARS
 
 __all__ = [
     "Body",
@@ -23,7 +24,6 @@ __all__ = [
     "Limits",
     "parse_cache_salt",
     "sampling_of",
-    "stop_token_ids",
 ]
 
 _MISSING = object()
@@ -186,6 +186,7 @@ class Generation:
     top_k: int = 0
     min_p: float = 0.0
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k: each token's logprob and the top k
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
@@ -210,26 +211,7 @@ def parse_cache_salt(body: Body) -> str:
     return str(value)
 
 
-def stop_token_ids(tokenizer: Any, stops: list[str], param: str) -> tuple[int, ...]:
-    """The token of each stop string; a string that is not exactly one token is refused.
-
-    The engine stops on tokens; matching multi-token strings would need the server to cut
-    generations mid-turn, which this server does not do.
-    """
-    out = []
-    for s in stops:
-        ids = list(tokenizer.encode(s, add_special_tokens=False))
-        if len(ids) != 1 or tokenizer.decode(ids) != s:
-            raise bad_request(
-                f"stop sequence {_short(s)} is {len(ids)} tokens; only stop sequences that are "
-                "exactly one token of this model's tokenizer are supported",
-                param=param,
-            )
-        out.append(int(ids[0]))
-    return tuple(out)
-
-
-def sampling_of(gen: Generation, stop_ids: tuple[int, ...]) -> SamplingParams:
+def sampling_of(gen: Generation) -> SamplingParams:
     """SamplingParams of ``gen``; a seed is refused unless sampling is greedy."""
     if gen.seed is not None and gen.temperature > 0:
         raise bad_request(
@@ -243,7 +225,8 @@ def sampling_of(gen: Generation, stop_ids: tuple[int, ...]) -> SamplingParams:
             top_p=gen.top_p,
             top_k=gen.top_k,
             min_p=gen.min_p,
-            stop_token_ids=stop_ids,
+            stop=tuple(gen.stop),
+            logprobs=gen.logprobs,
         )
     except InvalidRequestError as exc:
         raise bad_request(str(exc)) from exc
@@ -258,4 +241,10 @@ def parse_stop(body: Body, name: str, max_items: int) -> list[str]:
         raise _wrong_type(name, "a non-empty string or an array of them", value)
     if len(items) > max_items:
         raise bad_request(f"{name} holds {len(items)} sequences; at most {max_items}", param=name)
+    too_long = next((s for s in items if len(s) > MAX_STOP_CHARS), None)
+    if too_long is not None:
+        raise bad_request(
+            f"a stop sequence is {len(too_long)} characters long; at most {MAX_STOP_CHARS}",
+            param=name,
+        )
     return list(items)

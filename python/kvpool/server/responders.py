@@ -6,10 +6,11 @@ each, chosen once when the route is made::
 
     parse(body)            -> Generation           the request, validated
     response(...)          -> dict                 the whole answer (not streamed)
-    stream_open()          -> [SSE bytes]          before the first token
-    stream_text(text, ids) -> SSE bytes            one piece of text
-    stream_error(error)    -> SSE bytes            an error after the first byte
-    stream_close(c)        -> [SSE bytes]          the end (finish reason, usage)
+    stream(...)            -> StreamShaper         a streamed answer's events:
+      open()                   -> [SSE bytes]      before the first token
+      text(text, ids, lps)     -> SSE bytes        one piece of text (its logprobs)
+      error(error)             -> SSE bytes        an error after the first byte
+      close(c)                 -> [SSE bytes]      the end (finish reason, usage)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from typing import Any, Protocol
 
 from kvpool.blocks import CompletedGeneration
+from kvpool.logprobs import TokenLogprob
 from kvpool.server import anthropic_api, openai_api
 from kvpool.server.errors import ApiError, anthropic_body, openai_body
 from kvpool.server.params import Body, Generation
@@ -45,11 +47,13 @@ class Responder(Protocol):
         model: str,
         gen: Generation,
         c: CompletedGeneration,
-        stops: dict[int, str],
+        tokenizer: Any,
         session_id: str | None,
     ) -> dict[str, Any]: ...
 
-    def stream(self, model: str, gen: Generation, prompt_tokens: int) -> StreamShaper: ...
+    def stream(
+        self, model: str, gen: Generation, prompt_tokens: int, tokenizer: Any
+    ) -> StreamShaper: ...
 
 
 class StreamShaper(Protocol):
@@ -57,20 +61,23 @@ class StreamShaper(Protocol):
 
     def open(self) -> list[bytes]: ...
 
-    def text(self, text: str, token_ids: list[int] | None) -> bytes: ...
+    def text(
+        self, text: str, token_ids: list[int] | None, logprobs: list[TokenLogprob]
+    ) -> bytes: ...
 
     def error(self, error: ApiError) -> bytes: ...
 
-    def close(self, c: CompletedGeneration, stops: dict[int, str]) -> list[bytes]: ...
+    def close(self, c: CompletedGeneration) -> list[bytes]: ...
 
 
 class _OpenAIStream:
     """OpenAI chunks: ``chat.completion.chunk`` (chat) or ``text_completion`` chunks."""
 
-    def __init__(self, chat: bool, model: str, gen: Generation) -> None:
-        self.chat, self.model, self.gen = chat, model, gen
+    def __init__(self, chat: bool, model: str, gen: Generation, tokenizer: Any) -> None:
+        self.chat, self.model, self.gen, self.tokenizer = chat, model, gen, tokenizer
         self.rid = openai_api.new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
+        self.offset = 0  # characters of the tokens' texts so far (completions' text_offset)
 
     def _chunk(self, **kw: Any) -> bytes:
         make = openai_api.chat_chunk if self.chat else openai_api.completion_chunk
@@ -81,15 +88,22 @@ class _OpenAIStream:
             return []
         return [self._chunk(delta={"role": "assistant", "content": ""})]
 
-    def text(self, text: str, token_ids: list[int] | None) -> bytes:
+    def text(self, text: str, token_ids: list[int] | None, logprobs: list[TokenLogprob]) -> bytes:
+        wanted = self.gen.logprobs is not None
         if self.chat:
-            return self._chunk(delta={"content": text}, token_ids=token_ids)
-        return self._chunk(text=text, token_ids=token_ids)
+            lps = openai_api.chat_logprobs(self.tokenizer, logprobs) if wanted else None
+            return self._chunk(delta={"content": text}, token_ids=token_ids, logprobs=lps)
+        lps = None
+        if wanted:
+            k = self.gen.logprobs or 0
+            lps = openai_api.completion_logprobs(self.tokenizer, logprobs, k, self.offset)
+            self.offset += sum(len(t) for t in lps["tokens"]) if lps else 0
+        return self._chunk(text=text, token_ids=token_ids, logprobs=lps)
 
     def error(self, error: ApiError) -> bytes:
         return sse(openai_body(error))
 
-    def close(self, c: CompletedGeneration, stops: dict[int, str]) -> list[bytes]:
+    def close(self, c: CompletedGeneration) -> list[bytes]:
         out = [self._chunk(finish=openai_api.finish_reason(c))]
         if self.gen.include_usage:
             out.append(self._chunk(usage_of=c))
@@ -110,19 +124,22 @@ class ChatResponder:
         model: str,
         gen: Generation,
         c: CompletedGeneration,
-        stops: dict[int, str],
+        tokenizer: Any,
         session_id: str | None,
     ) -> dict[str, Any]:
         return openai_api.chat_response(
             openai_api.new_id("chatcmpl"),
             model,
             c,
+            tokenizer,
             token_ids=gen.return_token_ids,
             session_id=session_id,
         )
 
-    def stream(self, model: str, gen: Generation, prompt_tokens: int) -> StreamShaper:
-        return _OpenAIStream(True, model, gen)
+    def stream(
+        self, model: str, gen: Generation, prompt_tokens: int, tokenizer: Any
+    ) -> StreamShaper:
+        return _OpenAIStream(True, model, gen, tokenizer)
 
 
 class CompletionResponder:
@@ -138,16 +155,18 @@ class CompletionResponder:
         model: str,
         gen: Generation,
         c: CompletedGeneration,
-        stops: dict[int, str],
+        tokenizer: Any,
         session_id: str | None,
     ) -> dict[str, Any]:
         return openai_api.completion_response(
-            openai_api.new_id("cmpl"), model, c, token_ids=gen.return_token_ids,
-            session_id=session_id,
+            openai_api.new_id("cmpl"), model, c, tokenizer, gen.logprobs or 0,
+            token_ids=gen.return_token_ids, session_id=session_id,
         )  # fmt: skip
 
-    def stream(self, model: str, gen: Generation, prompt_tokens: int) -> StreamShaper:
-        return _OpenAIStream(False, model, gen)
+    def stream(
+        self, model: str, gen: Generation, prompt_tokens: int, tokenizer: Any
+    ) -> StreamShaper:
+        return _OpenAIStream(False, model, gen, tokenizer)
 
 
 class _AnthropicStream:
@@ -172,7 +191,7 @@ class _AnthropicStream:
             sse({"type": "ping"}, "ping"),
         ]
 
-    def text(self, text: str, token_ids: list[int] | None) -> bytes:
+    def text(self, text: str, token_ids: list[int] | None, logprobs: list[TokenLogprob]) -> bytes:
         delta = {
             "type": "content_block_delta",
             "index": 0,
@@ -183,10 +202,10 @@ class _AnthropicStream:
     def error(self, error: ApiError) -> bytes:
         return sse(anthropic_body(error), "error")
 
-    def close(self, c: CompletedGeneration, stops: dict[int, str]) -> list[bytes]:
+    def close(self, c: CompletedGeneration) -> list[bytes]:
         return [
             sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-            sse(anthropic_api.message_delta(c, stops), "message_delta"),
+            sse(anthropic_api.message_delta(c), "message_delta"),
             sse({"type": "message_stop"}, "message_stop"),
         ]
 
@@ -204,13 +223,15 @@ class MessagesResponder:
         model: str,
         gen: Generation,
         c: CompletedGeneration,
-        stops: dict[int, str],
+        tokenizer: Any,
         session_id: str | None,
     ) -> dict[str, Any]:
         return anthropic_api.message_response(
-            anthropic_api.new_id(), model, c, stops, token_ids=gen.return_token_ids,
+            anthropic_api.new_id(), model, c, token_ids=gen.return_token_ids,
             session_id=session_id,
         )  # fmt: skip
 
-    def stream(self, model: str, gen: Generation, prompt_tokens: int) -> StreamShaper:
+    def stream(
+        self, model: str, gen: Generation, prompt_tokens: int, tokenizer: Any
+    ) -> StreamShaper:
         return _AnthropicStream(model, prompt_tokens)

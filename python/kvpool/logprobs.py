@@ -1,0 +1,50 @@
+"""Log-probabilities of generated tokens: the chosen token's and the most likely ones.
+
+The batch generator computes the log-softmax of every row's logits anyway (before any
+temperature or filter: these are the model's own probabilities); a request that asks for
+logprobs reads its row once per token, the others pay nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MAX_TOP_LOGPROBS", "TokenLogprob", "token_logprob"]
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """``token``'s log-probability and the ``k`` most likely tokens (most likely first;
+    ties by token id), all from the same distribution."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def _as_numpy(vector: Any) -> np.ndarray:
+    if isinstance(vector, np.ndarray):
+        return vector.astype(np.float32, copy=False).reshape(-1)
+    from kvpool.mlx.dtypes import float32_numpy  # an mx.array: MLX is loaded already
+
+    return float32_numpy(vector).reshape(-1)
+
+
+def token_logprob(vector: Any, token: int, k: int) -> TokenLogprob:
+    """The log-probability of ``token`` in ``vector`` (a log-softmax row, numpy or MLX)
+    and the ``k`` most likely tokens (``0 <= k <= MAX_TOP_LOGPROBS``)."""
+    if not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"k must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
+    row = _as_numpy(vector)
+    top: tuple[tuple[int, float], ...] = ()
+    if k:
+        k = min(k, row.size)
+        candidates = np.argpartition(-row, k - 1)[:k]
+        ranked = sorted(candidates.tolist(), key=lambda i: (-float(row[i]), i))
+        top = tuple((int(i), float(row[i])) for i in ranked)
+    return TokenLogprob(int(token), float(row[token]), top)
