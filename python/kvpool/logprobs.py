@@ -27,24 +27,19 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def _as_numpy(vector: Any) -> np.ndarray:
-    if isinstance(vector, np.ndarray):
-        return vector.astype(np.float32, copy=False).reshape(-1)
-    from kvpool.mlx.dtypes import float32_numpy  # an mx.array: MLX is loaded already
-
-    return float32_numpy(vector).reshape(-1)
-
-
 def token_logprob(vector: Any, token: int, k: int) -> TokenLogprob:
     """The log-probability of ``token`` in ``vector`` (a log-softmax row, numpy or MLX)
     and the ``k`` most likely tokens (``0 <= k <= MAX_TOP_LOGPROBS``)."""
     if not 0 <= k <= MAX_TOP_LOGPROBS:
         raise ValueError(f"k must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
-    row = _as_numpy(vector)
-    top: tuple[tuple[int, float], ...] = ()
-    if k:
+    if isinstance(vector, np.ndarray):
+        row = vector.astype(np.float32, copy=False).reshape(-1)
+        chosen = float(row[token])
         k = min(k, row.size)
-        candidates = np.argpartition(-row, k - 1)[:k]
-        ranked = sorted(candidates.tolist(), key=lambda i: (-float(row[i]), i))
-        top = tuple((int(i), float(row[i])) for i in ranked)
-    return TokenLogprob(int(token), float(row[token]), top)
+        top = [(int(i), float(row[i])) for i in np.argpartition(-row, k - 1)[:k]] if k else []
+    else:  # an mx.array: MLX is loaded already
+        from kvpool.mlx.logprobs import row_logprobs
+
+        chosen, top = row_logprobs(vector, token, k)
+    top.sort(key=lambda entry: (-entry[1], entry[0]))
+    return TokenLogprob(int(token), chosen, tuple(top))
