@@ -218,7 +218,7 @@ def test_messages_parsing_and_error_shapes() -> None:
               "messages": [{"role": "user", "content": "hi"}], "stop_sequences": ["a"]})
     )  # fmt: skip
     assert gen.messages == [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
-    assert (gen.max_tokens, gen.top_k, gen.stop, gen.stop_param) == (5, 3, ["a"], "stop_sequences")
+    assert (gen.max_tokens, gen.top_k, gen.stop) == (5, 3, ["a"])
     with pytest.raises(ApiError) as info:
         anthropic_api.parse_messages(Body({"model": "m", "messages": []}))
     error = info.value

@@ -39,7 +39,7 @@ def _text_of(content: object, where: str) -> str:
 
 def parse_messages(body: Body) -> Generation:
     """``POST /v1/messages``."""
-    gen = Generation(model=body.string("model", required=True), stop_param="stop_sequences")
+    gen = Generation(model=body.string("model", required=True))
     max_tokens = body.required("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise bad_request("max_tokens must be an integer", param="max_tokens")

@@ -180,7 +180,6 @@ class Generation:
     max_tokens: int | None = None
     max_tokens_param: str = "max_tokens"  # the field names errors point at
     prompt_param: str = "messages"
-    stop_param: str = "stop"
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
