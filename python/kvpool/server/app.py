@@ -84,6 +84,9 @@ class ServerState:
     cache_where: str = ""  # where sessions' caches are (a directory, a Redis URL), for logs
     accepting: bool = True
     model_aliases: tuple[str, ...] = ()
+    # a fresh logits processor enforcing an llguidance grammar (kvpool.grammar); raises
+    # GrammarError. None: this model's tokenizer cannot be used for constrained decoding.
+    constrain: Callable[[str], Any] | None = None
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -207,6 +210,22 @@ def _tokenize(state: ServerState, gen: Generation) -> tuple[list[int], tuple[int
     return ids, stops
 
 
+async def _constraint(state: ServerState, gen: Generation) -> tuple[Any, ...]:
+    """The request's logits processors: one enforcing ``gen.grammar``, if it has one."""
+    if gen.grammar is None:
+        return ()
+    if state.constrain is None:
+        raise bad_request(
+            f"{gen.grammar_param} needs constrained decoding, which this model's tokenizer "
+            "does not support (it is not a Hugging Face fast tokenizer)",
+            param=gen.grammar_param,
+        )
+    try:  # compiling a schema can take milliseconds: not on the event loop
+        return (await run_in_threadpool(state.constrain, gen.grammar),)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), param=gen.grammar_param) from None
+
+
 _SHORT_PROMPT_CHARS = 2048
 
 
@@ -275,6 +294,7 @@ async def _generate(request: Request, responder: Responder) -> Response:
             )
         session_id = _session_of(request, body.data, api)
         agent_id = tenant.agent_id(session_id) if session_id is not None else None
+        processors = await _constraint(state, gen)
         if _is_short(gen):  # cheaper here than the hop to a worker thread
             prompt, stops = _tokenize(state, gen)
         else:
@@ -298,6 +318,7 @@ async def _generate(request: Request, responder: Responder) -> Response:
         channel=Channel(asyncio.get_running_loop()),
         t_received=t_received,
         cache_salt=tenant.salt(gen.cache_salt),
+        logits_processors=processors,
     )
     stop_names = dict(zip(stops, gen.stop, strict=True))
     events = _Events(item.channel)

@@ -11,11 +11,13 @@ message's ``name``, ...) is refused with a 400 naming it.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
 
 from kvpool.blocks import CompletedGeneration
+from kvpool.grammar import GrammarError, json_object_grammar, json_schema_grammar
 from kvpool.server.errors import bad_request
 from kvpool.server.params import Body, Generation, parse_cache_salt, parse_stop
 
@@ -123,12 +125,64 @@ def parse_chat(body: Body) -> Generation:
     body.refuse_unless("top_logprobs", [0], "logprobs are not implemented")
     body.refuse_unless("tools", [[]], "tool calling is not implemented")
     body.refuse_unless("tool_choice", ["none"], "tool calling is not implemented")
-    body.refuse_unless(
-        "response_format", [{"type": "text"}], "structured output is not implemented"
-    )
+    _response_format(body, gen)
     body.refuse_unless("parallel_tool_calls", [], "tool calling is not implemented")
     body.finish()
     return gen
+
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _response_format(body: Body, gen: Generation) -> None:
+    """``response_format``: ``text``, ``json_object`` or ``json_schema`` (always enforced by
+    constrained decoding, ``strict`` or not)."""
+    fmt = body.raw("response_format")
+    if fmt is None:
+        return
+    param = "response_format"
+    if not isinstance(fmt, dict):
+        raise bad_request("response_format must be an object", param=param)
+    kind = fmt.get("type")
+    allowed = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+    if kind not in allowed:
+        raise bad_request(
+            f"response_format.type {kind!r} is not supported (text, json_object, json_schema)",
+            param=param,
+        )
+    extra = set(fmt) - allowed[kind]
+    if extra:
+        raise bad_request(
+            f"response_format has unsupported field(s): {', '.join(sorted(extra))}", param=param
+        )
+    if kind == "text":
+        return
+    if kind == "json_object":
+        gen.grammar = json_object_grammar()
+        return
+    spec = fmt.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise bad_request(f"{where} must be an object", param=param)
+    extra = set(spec) - {"name", "schema", "strict", "description"}
+    if extra:
+        raise bad_request(
+            f"{where} has unsupported field(s): {', '.join(sorted(extra))}", param=param
+        )
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise bad_request(
+            f"{where}.name must be 1-64 characters of a-z, A-Z, 0-9, _ and -", param=param
+        )
+    if not isinstance(spec.get("strict", False), bool | None):
+        raise bad_request(f"{where}.strict must be a boolean", param=param)
+    if not isinstance(spec.get("description", ""), str):
+        raise bad_request(f"{where}.description must be a string", param=param)
+    schema = spec.get("schema", {"type": "object"})
+    try:
+        gen.grammar = json_schema_grammar(schema)
+    except GrammarError as exc:
+        raise bad_request(f"{where}.schema: {exc}", param=param, code="invalid_schema") from None
 
 
 def parse_completion(body: Body) -> Generation:
