@@ -193,10 +193,11 @@ def test_chat_parsing_maps_fields_and_refuses_what_it_cannot_do() -> None:
     for bad, fragment in [
         ({"n": 2}, "n=2 is not supported"),
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{}]}, "tool calling"),
+        ({"tools": [{}]}, "tools[0].type must be 'function'"),
         ({"temperature": 3}, "temperature must be in [0.0, 2.0]"),
         ({"max_tokens": 0}, "max_tokens must be >= 1"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "role 'tool' is not supported"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "role 'function' is not supported"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id must be a string"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text"),
         ({"bogus": 1}, "unsupported field(s): bogus"),
     ]:

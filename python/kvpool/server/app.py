@@ -55,6 +55,7 @@ from kvpool.server.responders import (
 )
 from kvpool.server.sessions import ephemeral_agent_id, validate_session_id
 from kvpool.server.tenants import ApiKeys, Tenant
+from kvpool.server.tools import HERMES, ToolFormat
 
 __all__ = ["ServerState", "create_app"]
 
@@ -87,6 +88,7 @@ class ServerState:
     # a fresh logits processor enforcing an llguidance grammar (kvpool.grammar); raises
     # GrammarError. None: this model's tokenizer cannot be used for constrained decoding.
     constrain: Callable[[str], Any] | None = None
+    tool_format: ToolFormat = HERMES  # how the chat template takes tools (kvpool.server.tools)
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -189,7 +191,8 @@ def _tokenize(state: ServerState, gen: Generation) -> tuple[list[int], tuple[int
     stops = stop_token_ids(tok, gen.stop, gen.stop_param) if gen.stop else ()
     try:
         if gen.messages is not None:
-            ids = tok.apply_chat_template(gen.messages, add_generation_prompt=True)
+            messages, extra = state.tool_format.render(gen.messages, gen.tools)
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         elif gen.text is not None:
@@ -211,7 +214,22 @@ def _tokenize(state: ServerState, gen: Generation) -> tuple[list[int], tuple[int
 
 
 async def _constraint(state: ServerState, gen: Generation) -> tuple[Any, ...]:
-    """The request's logits processors: one enforcing ``gen.grammar``, if it has one."""
+    """The request's logits processors: one enforcing ``gen.grammar`` (a response format,
+    or the tool calls ``tool_choice`` requires), if it has one."""
+    if gen.tools is not None:
+        gen.tools.format = state.tool_format
+        try:
+            grammar = state.tool_format.grammar(gen.tools)
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), param="tool_choice") from None
+        if grammar is not None:
+            if gen.grammar is not None:
+                raise bad_request(
+                    "response_format cannot be combined with a tool_choice that requires a "
+                    "call (the reply is the call)",
+                    param="response_format",
+                )
+            gen.grammar, gen.grammar_param = grammar, "tool_choice"
     if gen.grammar is None:
         return ()
     if state.constrain is None:
@@ -400,7 +418,9 @@ async def _stream(
             token_ids = [event.token] if gen.return_token_ids else None
             if not text and token_ids is None:
                 continue
-            yield shaper.text(text, token_ids)
+            chunk = shaper.text(text, token_ids)
+            if chunk:  # text held back (a tool call's marker may be starting) sends nothing
+                yield chunk
     finally:
         if not ended:
             state.loop.cancel(item)

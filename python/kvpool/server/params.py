@@ -16,6 +16,7 @@ from typing import Any
 from kvpool.errors import InvalidRequestError
 from kvpool.sampling import SamplingParams
 from kvpool.server.errors import ApiError, bad_request
+from kvpool.server.tools import ToolUse
 
 __all__ = [
     "Body",
@@ -194,6 +195,7 @@ class Generation:
     cache_salt: str = ""  # vLLM's field: partitions the prefix cache inside the tenant
     grammar: str | None = None  # constrained decoding (kvpool.grammar); None: free text
     grammar_param: str = "response_format"  # the field a refused grammar is blamed on
+    tools: ToolUse | None = None  # the request's tools (kvpool.server.tools)
 
 
 MAX_CACHE_SALT_LEN = 256

@@ -152,6 +152,7 @@ def build_state(config: ServerConfig) -> Any:
     from kvpool.server.metrics import ServerMetrics
     from kvpool.server.sessions import SessionRegistry
     from kvpool.server.tenants import ApiKeys
+    from kvpool.server.tools import ToolFormat
     from kvpool.tier import local_path, open_tier
 
     keys = ApiKeys.parse(  # before the model loads
@@ -238,6 +239,7 @@ def build_state(config: ServerConfig) -> Any:
     )
     state.cache_where = store.cold.describe()
     state.constrain = _constrainer(tokenizer, state.vocab_size)
+    state.tool_format = ToolFormat.of(tokenizer)
     loop.start()
     return state
 
