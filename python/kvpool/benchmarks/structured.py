@@ -31,14 +31,19 @@ from kvpool.pool import BlockPool
 
 MODEL, QUICK_MODEL = "smollm2-135m-instruct", "demo"
 BATCH_SIZES, QUICK_BATCH_SIZES = (1, 8), (1,)
-MAX_TOKENS, QUICK_MAX_TOKENS = 160, 10
+MAX_TOKENS, QUICK_MAX_TOKENS = 256, 10
 CACHE_LIMIT = 2 * GIB
 TARGET_RATIO = 0.9
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "title": {"type": "string"},
-        "steps": {"type": "array", "items": {"type": "string"}, "minItems": 6},
+        "title": {"type": "string", "maxLength": 40},
+        "steps": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 60},
+            "minItems": 6,
+            "maxItems": 6,
+        },
         "minutes": {"type": "integer"},
     },
     "required": ["title", "steps", "minutes"],
@@ -153,8 +158,9 @@ def _valid(text: str) -> bool:
         and isinstance(value["title"], str)
         and isinstance(value["minutes"], int)
         and isinstance(value["steps"], list)
-        and len(value["steps"]) >= 6
-        and all(isinstance(s, str) for s in value["steps"])
+        and len(value["title"]) <= 40
+        and len(value["steps"]) == 6
+        and all(isinstance(s, str) and len(s) <= 60 for s in value["steps"])
     )
 
 
