@@ -203,7 +203,7 @@ def test_openai_tools_and_history_parse() -> None:
          "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice needs tools", "tool_choice"),
         ({"tools": [_TOOL], "tool_choice": "sometimes"}, "tool_choice 'sometimes'", "tool_choice"),
-        ({"tools": [_TOOL, _TOOL]}, "'get_weather' is defined twice", "tool_choice"),
+        ({"tools": [_TOOL, _TOOL]}, "'get_weather' is defined twice", "tools"),
         ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "name must be 1-64",
          "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f",

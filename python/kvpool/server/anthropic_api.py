@@ -129,7 +129,9 @@ def _tools(body: Body) -> ToolUse | None:
         raise bad_request("tool_choice.name must be a string")
     picked = {"auto": "auto", "none": "none", "any": "required"}.get(kind, name)
     assert isinstance(picked, str)
-    return ToolUse.build(tools, picked, parallel, bad_request, id_prefix="toolu_")
+    return ToolUse.build(
+        tools, picked, parallel, lambda m, field: bad_request(m), id_prefix="toolu_"
+    )
 
 
 def parse_messages(body: Body) -> Generation:

@@ -224,7 +224,7 @@ def _tools(body: Body) -> ToolUse | None:
             f"tool_choice {choice!r} is not supported (none, auto, required, or a function)",
             param="tool_choice",
         )
-    return ToolUse.build(tools, choice, parallel, lambda m: bad_request(m, param="tool_choice"))
+    return ToolUse.build(tools, choice, parallel, lambda m, field: bad_request(m, param=field))
 
 
 def parse_chat(body: Body) -> Generation:

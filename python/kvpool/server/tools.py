@@ -121,21 +121,21 @@ class ToolUse:
         tools: Sequence[Tool],
         choice: str,
         parallel: bool,
-        error: Callable[[str], Exception],
+        error: Callable[[str, str], Exception],
         id_prefix: str = "call_",
     ) -> ToolUse:
-        """Checks names (unique) and the choice; ``error(message)`` is what is raised."""
+        """Checks names (unique) and the choice; ``error(message, field)`` is what is raised
+        (``field``: "tools" or "tool_choice")."""
         names = [t.name for t in tools]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
-            raise error(f"tool name {dup!r} is defined twice")
+            raise error(f"tool name {dup!r} is defined twice", "tools")
         if choice not in ("auto", "none", "required") and choice not in names:
             raise error(
                 f"tool_choice names the function {choice!r}, which is not among the tools "
-                f"({', '.join(names) or 'none'})"
+                f"({', '.join(names) or 'none'})",
+                "tool_choice",
             )
-        if choice == "required" and not tools:
-            raise error("tool_choice requires a tool call but no tools are given")
         return cls(tuple(tools), choice, parallel, id_prefix)
 
 
