@@ -293,3 +293,58 @@ def test_responses_carry_the_calls_in_each_apis_shape() -> None:
                                     tools=ToolUse((WEATHER,), "none"))  # fmt: skip
     assert none["choices"][0]["message"] == {"role": "assistant", "content": CALL}
     assert none["choices"][0]["finish_reason"] == "stop"
+
+
+def _sse_events(chunks: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for chunk in chunks:
+        for event in chunk.decode().split("\n\n"):
+            lines = dict(line.split(": ", 1) for line in event.splitlines() if ": " in line)
+            if "data" in lines and lines["data"] != "[DONE]":
+                out.append((lines.get("event", ""), json.loads(lines["data"])))
+    return out
+
+
+def test_stream_shapers_open_a_block_per_call() -> None:
+    from kvpool.blocks import CompletedGeneration
+    from kvpool.server.params import Generation
+    from kvpool.server.responders import ChatResponder, MessagesResponder
+
+    c = CompletedGeneration(uid=0, agent_id="a", text="", token_ids=(1,), blocks=None,
+                            finish_reason="stop", prompt_tokens=3, cached_tokens=0)  # fmt: skip
+    gen = Generation(model="m", tools=ToolUse((WEATHER,), id_prefix="toolu_"))
+    shaper = MessagesResponder().stream("m", gen, 3)
+    chunks = [*shaper.open()]
+    for piece in ["Sure.", "\n<tool", "_call>\n{\"name\": \"get_weather\", ", '"arguments": {"ci',
+                  'ty": "Oslo"}}\n</tool_call>']:  # fmt: skip
+        chunks.append(shaper.text(piece, None))
+    chunks += shaper.close(c, {})
+    events = _sse_events(chunks)
+    shape = [(name, e.get("index"), (e.get("content_block") or e.get("delta") or {}).get("type"))
+             for name, e in events if name != "ping"]  # fmt: skip
+    assert shape == [
+        ("message_start", None, None),
+        ("content_block_start", 0, "text"),
+        ("content_block_delta", 0, "text_delta"),
+        ("content_block_stop", 0, None),
+        ("content_block_start", 1, "tool_use"),
+        ("content_block_delta", 1, "input_json_delta"),
+        ("content_block_delta", 1, "input_json_delta"),
+        ("content_block_stop", 1, None),
+        ("message_delta", None, None),
+        ("message_stop", None, None),
+    ]
+    partial = "".join(
+        e["delta"].get("partial_json", "") for n, e in events if n == "content_block_delta"
+    )
+    assert json.loads(partial) == {"city": "Oslo"}
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    # OpenAI: the call's name first, then arguments, finish_reason tool_calls
+    gen = Generation(model="m", tools=ToolUse((WEATHER,)))
+    oshaper = ChatResponder().stream("m", gen, 3)
+    chunks = [*oshaper.open(), oshaper.text(CALL, None), *oshaper.close(c, {})]
+    deltas = [e["choices"][0] for _, e in _sse_events(chunks)]
+    calls = [d["delta"]["tool_calls"][0] for d in deltas if d["delta"].get("tool_calls")]
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert "".join(x["function"]["arguments"] for x in calls) == '{"city": "Oslo"}'
+    assert deltas[-1]["finish_reason"] == "tool_calls"
