@@ -72,6 +72,8 @@ from kvpool.waves import Candidate, next_wave
 
 BatchGenFactory = Callable[..., Any]
 TokenCallback = Callable[[TokenEvent], None]
+# mlx-lm's per-sequence logits processor: (tokens so far, logits [1, vocab]) -> logits
+LogitsProcessor = Callable[[Any, Any], Any]
 
 
 class RequestTooLargeError(PoolExhaustedError, InvalidRequestError):
@@ -110,6 +112,7 @@ class _Request:
     sampling: SamplingParams
     on_token: TokenCallback | None
     t_submit: float
+    logits_processors: tuple[LogitsProcessor, ...] = ()  # this request's own (stateful)
     state: RequestState = RequestState.QUEUED
     gen_uid: int | None = None
     generated: list[int] = field(default_factory=list)
@@ -214,6 +217,7 @@ class BlockPoolBatchEngine:
         sampling: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
         cache_salt: str = "",
+        logits_processors: Sequence[LogitsProcessor] = (),
     ) -> int:
         """Queue one turn of ``agent_id``; returns the request's uid.
 
@@ -223,7 +227,10 @@ class BlockPoolBatchEngine:
         the agent's previous completion (or of another agent, to fork it),
         which is released when this turn succeeds. A full hit re-feeds the last
         token. ``on_token`` receives each generated token as it arrives, on the
-        thread that calls ``step``.
+        thread that calls ``step``. ``logits_processors`` are this request's own
+        mlx-lm logits processors (constrained decoding: :mod:`kvpool.mlx.constrain`),
+        called once per decode step in order; they may keep state, so pass fresh ones
+        to every request. One that raises fails the whole batch step.
 
         Raises InvalidRequestError for bad input (a ``cache`` that is not live
         in this pool included; ``sampling`` must be a SamplingParams whose
@@ -239,6 +246,9 @@ class BlockPoolBatchEngine:
         sampling = self._check_sampling(sampling)
         if on_token is not None and not callable(on_token):
             raise InvalidRequestError(f"on_token must be callable or None, got {on_token!r}")
+        processors = tuple(logits_processors)
+        if not all(callable(p) for p in processors):
+            raise InvalidRequestError(f"logits_processors must be callables, got {processors!r}")
         with self._lock:
             if agent_id in self._agent_to_uid:
                 raise InvalidRequestError(
@@ -262,6 +272,7 @@ class BlockPoolBatchEngine:
                 sampling=sampling,
                 on_token=on_token,
                 t_submit=time.perf_counter(),
+                logits_processors=processors,
             )
             self._queue.append(request)
             self._agent_to_uid[agent_id] = request.uid
@@ -547,6 +558,8 @@ class BlockPoolBatchEngine:
             if request.sampling.stop_token_ids:
                 stops = self._eos | set(request.sampling.stop_token_ids)
                 kwargs["stop_sequences"] = [make_stop_sequences(stops)]
+            if request.logits_processors:
+                kwargs["logits_processors"] = [list(request.logits_processors)]
             end = request.prefix_end
             segments = [list(request.prompt[reused:])]
             if end:

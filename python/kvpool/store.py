@@ -74,7 +74,12 @@ from pathlib import Path
 
 from kvpool.blocks import CompletedGeneration
 from kvpool.cache.tables import CacheHandle
-from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError, TokenCallback
+from kvpool.engine import (
+    BlockPoolBatchEngine,
+    LogitsProcessor,
+    RequestTooLargeError,
+    TokenCallback,
+)
 from kvpool.errors import (
     CacheCorruptionError,
     CacheWriteError,
@@ -266,11 +271,13 @@ class AgentCacheStore:
         sampling: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
         cache_salt: str = "",
+        logits_processors: Sequence[LogitsProcessor] = (),
     ) -> int:
         """Submit one turn of ``agent_id`` with its cache (from the pool or disk); returns the uid.
 
         ``prompt`` is the agent's whole context; ``max_tokens``, ``sampling``,
-        ``on_token`` and ``cache_salt`` are the engine's ``submit`` arguments (an agent's
+        ``on_token``, ``cache_salt`` and ``logits_processors`` are the engine's ``submit``
+        arguments (an agent's
         cache computed under another salt is not used: the turn starts from the prefixes
         its own tenant shares). If the pool cannot fit the
         request, least recently used idle agents are written to disk and freed, one at a
@@ -295,6 +302,7 @@ class AgentCacheStore:
                         sampling=sampling,
                         on_token=on_token,
                         cache_salt=cache_salt,
+                        logits_processors=logits_processors,
                     )
                     break
                 except RequestTooLargeError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from fakes import SPEC, B, prompt_of
@@ -395,3 +396,35 @@ def test_prompt_ids_are_bounded_by_the_models_vocabulary_not_the_tokenizers() ->
     )
     unbounded.submit("c", [10**6], max_tokens=1)  # a model that does not say: unchecked
     assert unbounded.has_work
+
+
+def test_logits_processors_reach_the_generator_per_request() -> None:
+    """Each request's own processors go to its row of insert_segments; others get none."""
+    inserted: list[Any] = []
+
+    class Recording(FakeBatchGenerator):
+        def insert_segments(self, *args: Any, **kwargs: Any) -> list[int]:
+            inserted.append(kwargs.get("logits_processors"))
+            return super().insert_segments(*args, **kwargs)
+
+    model = FakeModel(SPEC, vocab_size=1000)
+    pool = BlockPool(SPEC, num_blocks=64, storage=FakeStorage)
+    engine = BlockPoolBatchEngine(
+        model,
+        FakeTokenizer(1000),
+        pool,
+        SPEC,
+        batch_gen_factory=Recording,  # type: ignore[arg-type]
+    )
+
+    def processor(tokens: Any, logits: Any) -> Any:
+        return logits
+
+    engine.submit("a", prompt_of(5), max_tokens=2, logits_processors=[processor])
+    engine.submit("b", prompt_of(6), max_tokens=2)
+    done = engine.drain()
+    assert sorted(c.agent_id for c in done) == ["a", "b"] and all(c.error is None for c in done)
+    assert inserted == [[[processor]], None]
+    with pytest.raises(InvalidRequestError, match="logits_processors must be callables"):
+        engine.submit("c", prompt_of(5), logits_processors=[42])  # type: ignore[list-item]
+    assert not engine.has_work  # the refused request left nothing in flight

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "python" / "kvpool"
 
 # No MLX, mlx-lm or numpy-free guarantees needed here: these must not import mlx at all.
 MLX_FREE = ("kvpool.cache", "kvpool.persist", "kvpool.tier", "kvpool.server", "kvpool.store",
-            "kvpool.engine", "kvpool.pool", "kvpool.testing")  # fmt: skip
+            "kvpool.engine", "kvpool.pool", "kvpool.testing", "kvpool.grammar")  # fmt: skip
 
 
 def module_name(path: Path) -> str:

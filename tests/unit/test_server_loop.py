@@ -198,10 +198,11 @@ def test_chat_parsing_maps_fields_and_refuses_what_it_cannot_do() -> None:
         ({"stop": ["x" * 257]}, "at most 256"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
         ({"stop": [""]}, "non-empty string"),
-        ({"tools": [{}]}, "tool calling"),
+        ({"tools": [{}]}, "tools[0].type must be 'function'"),
         ({"temperature": 3}, "temperature must be in [0.0, 2.0]"),
         ({"max_tokens": 0}, "max_tokens must be >= 1"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "role 'tool' is not supported"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "role 'function' is not supported"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id must be a string"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text"),
         ({"bogus": 1}, "unsupported field(s): bogus"),
     ]:

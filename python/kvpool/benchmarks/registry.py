@@ -139,5 +139,11 @@ REGISTRY: dict[str, Benchmark] = {
             "a session resumed on another engine from Redis vs prefill; bytes of a shared prompt",
             takes_model=True,
         ),
+        Benchmark(
+            "structured",
+            "structured",
+            "decode tokens/s under a JSON schema (llguidance) vs free text, same prompts",
+            takes_model=True,
+        ),
     )
 }

@@ -8,14 +8,16 @@ Usage: ``input_tokens`` counts the prompt tokens that were prefilled,
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 from kvpool.blocks import CompletedGeneration
 from kvpool.server.errors import bad_request
 from kvpool.server.params import Body, Generation, parse_cache_salt, parse_stop
+from kvpool.server.tools import NAME, Tool, ToolCall, ToolUse, check_parameters
 
-__all__ = ["message_response", "parse_messages", "stop_reason", "usage"]
+__all__ = ["message_response", "parse_messages", "stop_reason", "tool_use_json", "usage"]
 
 
 def _text_of(content: object, where: str) -> str:
@@ -35,6 +37,101 @@ def _text_of(content: object, where: str) -> str:
             parts.append(text)
         return "".join(parts)
     raise bad_request(f"{where}.content must be a string or an array of text blocks")
+
+
+def _blocks(role: str, content: object, where: str) -> list[dict[str, Any]]:
+    """One message as chat messages: text, ``tool_use`` blocks (an assistant's calls) and
+    ``tool_result`` blocks (a user turn's results, each a ``tool`` message)."""
+    if not isinstance(content, list) or all(
+        isinstance(b, dict) and b.get("type") == "text" for b in content
+    ):
+        return [{"role": role, "content": _text_of(content, where)}]
+    out: list[dict[str, Any]] = []
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for i, block in enumerate(content):
+        at = f"{where}.content[{i}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(_text_of([block], where))
+        elif kind == "tool_use" and role == "assistant":
+            assert isinstance(block, dict)
+            name, call_id, value = block.get("name"), block.get("id"), block.get("input")
+            if not (isinstance(name, str) and isinstance(call_id, str) and isinstance(value, dict)):
+                raise bad_request(f"{at}: a tool_use block needs id, name and an input object")
+            calls.append(ToolCall(call_id, name, json.dumps(value, ensure_ascii=False)))
+        elif kind == "tool_result" and role == "user":
+            assert isinstance(block, dict)
+            call_id, result = block.get("tool_use_id"), block.get("content", "")
+            if not isinstance(call_id, str):
+                raise bad_request(f"{at}.tool_use_id must be a string")
+            text = _text_of(result, at)
+            if block.get("is_error"):
+                text = f"error: {text}"
+            out.append({"role": "tool", "content": text, "tool_call_id": call_id})
+        else:
+            raise bad_request(
+                f"{at} is of type {kind!r}; {role} messages take text"
+                + (" and tool_use" if role == "assistant" else " and tool_result")
+                + " blocks"
+            )
+    if role == "assistant":
+        message: dict[str, Any] = {"role": role, "content": "".join(texts)}
+        if calls:
+            message["tool_calls"] = calls
+        return [message]
+    if texts:
+        out.append({"role": role, "content": "".join(texts)})
+    return out
+
+
+def _tools(body: Body) -> ToolUse | None:
+    """``tools`` and ``tool_choice`` (``disable_parallel_tool_use`` included)."""
+    raw, choice = body.raw("tools"), body.raw("tool_choice")
+    if choice is not None and not isinstance(choice, dict):
+        raise bad_request("tool_choice must be an object ({type: auto | any | tool | none})")
+    choice = choice or {"type": "auto"}
+    kind = choice.get("type")
+    if kind not in ("auto", "any", "tool", "none"):
+        raise bad_request(f"tool_choice.type {kind!r} is not supported (auto, any, tool, none)")
+    extra = set(choice) - {"type", "name", "disable_parallel_tool_use"}
+    if extra:
+        raise bad_request(f"tool_choice has unsupported field(s): {', '.join(sorted(extra))}")
+    parallel = not choice.get("disable_parallel_tool_use", False)
+    if raw is None or raw == []:
+        if kind in ("any", "tool"):
+            raise bad_request("tool_choice needs tools")
+        return None
+    if not isinstance(raw, list):
+        raise bad_request("tools must be an array")
+    tools = []
+    for i, spec in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(spec, dict):
+            raise bad_request(f"{where} must be an object")
+        extra = set(spec) - {"name", "description", "input_schema", "type", "cache_control"}
+        if extra or spec.get("type", "custom") != "custom":
+            raise bad_request(
+                f"{where}: only custom tools (name, description, input_schema) are supported"
+            )
+        name = spec.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise bad_request(f"{where}.name must be 1-64 characters of a-z, A-Z, 0-9, _ and -")
+        description = spec.get("description", "")
+        if not isinstance(description, str):
+            raise bad_request(f"{where}.description must be a string")
+        if "input_schema" not in spec:
+            raise bad_request(f"{where} is missing input_schema")
+        schema = check_parameters(spec["input_schema"], f"{where}.input_schema", bad_request)
+        tools.append(Tool(name, description, schema))
+    name = choice.get("name") if kind == "tool" else None
+    if kind == "tool" and not isinstance(name, str):
+        raise bad_request("tool_choice.name must be a string")
+    picked = {"auto": "auto", "none": "none", "any": "required"}.get(kind, name)
+    assert isinstance(picked, str)
+    return ToolUse.build(
+        tools, picked, parallel, lambda m, field: bad_request(m), id_prefix="toolu_"
+    )
 
 
 def parse_messages(body: Body) -> Generation:
@@ -65,7 +162,7 @@ def parse_messages(body: Body) -> Generation:
             raise bad_request(f"{where} has unsupported field(s): {', '.join(sorted(extra))}")
         if "content" not in message:
             raise bad_request(f"{where} is missing content")
-        rendered.append({"role": role, "content": _text_of(message["content"], where)})
+        rendered.extend(_blocks(role, message["content"], where))
     gen.messages = rendered
     gen.temperature = body.number("temperature", 1.0, low=0.0, high=1.0) or 0.0
     gen.top_p = body.number("top_p", 1.0, low=1e-9, high=1.0) or 1.0
@@ -75,8 +172,7 @@ def parse_messages(body: Body) -> Generation:
     gen.cache_salt = parse_cache_salt(body)
     gen.return_token_ids = body.boolean("return_token_ids")
     body.ignore("metadata", "session_id", "model")
-    body.refuse_unless("tools", [[]], "tool use is not implemented")
-    body.refuse_unless("tool_choice", [], "tool use is not implemented")
+    gen.tools = _tools(body)
     body.refuse_unless("thinking", [], "extended thinking is not implemented")
     body.finish()
     return gen
@@ -95,12 +191,15 @@ def usage(c: CompletedGeneration) -> dict[str, int]:
     }
 
 
-def stop_reason(c: CompletedGeneration) -> tuple[str, str | None]:
-    """(stop_reason, stop_sequence): the stop sequence that matched, if one did."""
+def stop_reason(c: CompletedGeneration, num_calls: int = 0) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence): the stop sequence that matched, if one did; "tool_use"
+    when the reply ended after ``num_calls`` calls."""
     if c.stop is not None:
         return "stop_sequence", c.stop
     if c.finish_reason == "length":
         return "max_tokens", None
+    if num_calls:
+        return "tool_use", None
     return "end_turn", None
 
 
@@ -111,14 +210,24 @@ def message_response(
     *,
     token_ids: bool,
     session_id: str | None,
+    tools: ToolUse | None = None,
 ) -> dict[str, Any]:
-    reason, sequence = stop_reason(c)
+    """The whole answer; with ``tools``, the calls read from the reply are ``tool_use``
+    blocks after the text (a text block only if there is text, or no call)."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": c.text}]
+    calls: list[ToolCall] = []
+    if tools is not None and tools.parses_calls:
+        text, calls = tools.parse(c.text)
+        if calls:
+            content = [{"type": "text", "text": text}] if text else []
+            content += [tool_use_json(call) for call in calls]
+    reason, sequence = stop_reason(c, len(calls))
     out: dict[str, Any] = {
         "id": rid,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": c.text}],
+        "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
         "usage": usage(c),
@@ -127,6 +236,10 @@ def message_response(
     if token_ids:
         out["token_ids"] = list(c.token_ids)
     return out
+
+
+def tool_use_json(call: ToolCall) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}
 
 
 def message_start(rid: str, model: str, prompt_tokens: int) -> dict[str, Any]:
@@ -150,8 +263,8 @@ def message_start(rid: str, model: str, prompt_tokens: int) -> dict[str, Any]:
     }
 
 
-def message_delta(c: CompletedGeneration) -> dict[str, Any]:
-    reason, sequence = stop_reason(c)
+def message_delta(c: CompletedGeneration, num_calls: int = 0) -> dict[str, Any]:
+    reason, sequence = stop_reason(c, num_calls)
     return {
         "type": "message_delta",
         "delta": {"stop_reason": reason, "stop_sequence": sequence},

@@ -56,6 +56,7 @@ from kvpool.server.responders import (
 )
 from kvpool.server.sessions import ephemeral_agent_id, validate_session_id
 from kvpool.server.tenants import ApiKeys, Tenant
+from kvpool.server.tools import HERMES, ToolFormat
 
 __all__ = ["ServerState", "create_app"]
 
@@ -85,6 +86,10 @@ class ServerState:
     cache_where: str = ""  # where sessions' caches are (a directory, a Redis URL), for logs
     accepting: bool = True
     model_aliases: tuple[str, ...] = ()
+    # a fresh logits processor enforcing an llguidance grammar (kvpool.grammar); raises
+    # GrammarError. None: this model's tokenizer cannot be used for constrained decoding.
+    constrain: Callable[[str], Any] | None = None
+    tool_format: ToolFormat = HERMES  # how the chat template takes tools (kvpool.server.tools)
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -186,7 +191,8 @@ def _tokenize(state: ServerState, gen: Generation) -> list[int]:
     tok = state.tokenizer
     try:
         if gen.messages is not None:
-            ids = tok.apply_chat_template(gen.messages, add_generation_prompt=True)
+            messages, extra = state.tool_format.render(gen.messages, gen.tools)
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, **extra)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
         elif gen.text is not None:
@@ -205,6 +211,37 @@ def _tokenize(state: ServerState, gen: Generation) -> list[int]:
     if bad is not None:
         raise bad_request(f"token id {bad} is outside [0, {vocab})", param="prompt")
     return ids
+
+
+async def _constraint(state: ServerState, gen: Generation) -> tuple[Any, ...]:
+    """The request's logits processors: one enforcing ``gen.grammar`` (a response format,
+    or the tool calls ``tool_choice`` requires), if it has one."""
+    if gen.tools is not None:
+        gen.tools.format = state.tool_format
+        try:
+            grammar = state.tool_format.grammar(gen.tools)
+        except InvalidRequestError as exc:
+            raise bad_request(str(exc), param="tool_choice") from None
+        if grammar is not None:
+            if gen.grammar is not None:
+                raise bad_request(
+                    "response_format cannot be combined with a tool_choice that requires a "
+                    "call (the reply is the call)",
+                    param="response_format",
+                )
+            gen.grammar, gen.grammar_param = grammar, "tool_choice"
+    if gen.grammar is None:
+        return ()
+    if state.constrain is None:
+        raise bad_request(
+            f"{gen.grammar_param} needs constrained decoding, which this model's tokenizer "
+            "does not support (it is not a Hugging Face fast tokenizer)",
+            param=gen.grammar_param,
+        )
+    try:  # compiling a schema can take milliseconds: not on the event loop
+        return (await run_in_threadpool(state.constrain, gen.grammar),)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), param=gen.grammar_param) from None
 
 
 _SHORT_PROMPT_CHARS = 2048
@@ -275,6 +312,7 @@ async def _generate(request: Request, responder: Responder) -> Response:
             )
         session_id = _session_of(request, body.data, api)
         agent_id = tenant.agent_id(session_id) if session_id is not None else None
+        processors = await _constraint(state, gen)
         if _is_short(gen):  # cheaper here than the hop to a worker thread
             prompt = _tokenize(state, gen)
         else:
@@ -298,6 +336,7 @@ async def _generate(request: Request, responder: Responder) -> Response:
         channel=Channel(asyncio.get_running_loop()),
         t_received=t_received,
         cache_salt=tenant.salt(gen.cache_salt),
+        logits_processors=processors,
     )
     events = _Events(item.channel)
     state.loop.submit(item)
@@ -379,8 +418,10 @@ async def _stream(
             token_ids = [event.token] if gen.return_token_ids else None
             if not event.text and token_ids is None:
                 continue
-            yield shaper.text(event.text, token_ids, logprobs)
-            logprobs = []
+            chunk = shaper.text(event.text, token_ids, logprobs)
+            if chunk:  # text held back (a tool call's marker may be starting) sends nothing
+                yield chunk
+                logprobs = []
     finally:
         if not ended:
             state.loop.cancel(item)

@@ -122,6 +122,7 @@ class WorkItem:
     channel: Channel
     t_received: float
     cache_salt: str = ""
+    logits_processors: tuple[Any, ...] = ()  # constrained decoding (fresh per request)
     uid: int | None = None
     t_first_token: float | None = None
     num_tokens: int = 0
@@ -347,6 +348,7 @@ class EngineLoop:
                 sampling=item.sampling,
                 on_token=lambda event: self._on_token(item, event),
                 cache_salt=item.cache_salt,
+                logits_processors=item.logits_processors,
             )
         except RequestTooLargeError as exc:
             self._end(item)

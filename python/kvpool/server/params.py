@@ -16,6 +16,7 @@ from typing import Any
 from kvpool.errors import InvalidRequestError
 from kvpool.sampling import SamplingParams
 from kvpool.server.errors import ApiError, bad_request
+from kvpool.server.tools import ToolUse
 from kvpool.textstream import MAX_STOP_CHARS
 
 __all__ = [
@@ -174,7 +175,7 @@ class Generation:
     """
 
     model: str
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     text: str | None = None
     token_ids: list[int] | None = None
     max_tokens: int | None = None
@@ -192,6 +193,9 @@ class Generation:
     session_id: str | None = None
     return_token_ids: bool = False
     cache_salt: str = ""  # vLLM's field: partitions the prefix cache inside the tenant
+    grammar: str | None = None  # constrained decoding (kvpool.grammar); None: free text
+    grammar_param: str = "response_format"  # the field a refused grammar is blamed on
+    tools: ToolUse | None = None  # the request's tools (kvpool.server.tools)
 
 
 MAX_CACHE_SALT_LEN = 256

@@ -152,6 +152,7 @@ def build_state(config: ServerConfig) -> Any:
     from kvpool.server.metrics import ServerMetrics
     from kvpool.server.sessions import SessionRegistry
     from kvpool.server.tenants import ApiKeys
+    from kvpool.server.tools import ToolFormat
     from kvpool.tier import local_path, open_tier
 
     keys = ApiKeys.parse(  # before the model loads
@@ -237,8 +238,28 @@ def build_state(config: ServerConfig) -> Any:
         cache_dir=cache_dir,
     )
     state.cache_where = store.cold.describe()
+    state.constrain = _constrainer(tokenizer, state.vocab_size)
+    state.tool_format = ToolFormat.of(tokenizer)
     loop.start()
     return state
+
+
+def _constrainer(tokenizer: Any, vocab_size: int | None) -> Any:
+    """``grammar -> a fresh logits processor`` for this tokenizer, or None if it has no
+    Hugging Face fast tokenizer (llguidance's tokenizer is built on the first request)."""
+    from kvpool.grammar import GrammarCompiler
+    from kvpool.mlx.constrain import GrammarLogitsProcessor
+
+    if not GrammarCompiler.supports(tokenizer):
+        return None
+    compiler = GrammarCompiler(
+        tokenizer, vocab_size or int(tokenizer.vocab_size), tokenizer.eos_token_ids
+    )
+
+    def constrain(grammar: str) -> GrammarLogitsProcessor:
+        return GrammarLogitsProcessor(compiler.matcher(grammar))
+
+    return constrain
 
 
 def serve(config: ServerConfig) -> int:
