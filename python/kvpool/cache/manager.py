@@ -281,6 +281,32 @@ class KVCacheManager:
             for alloc, table in zip(self._allocators, handle.tables, strict=True)
         )
 
+    def fork(self, handle: CacheHandle, agent_id: str) -> CacheHandle:
+        """A new live handle of ``agent_id`` holding every block of ``handle`` by reference.
+
+        Zero copy: each block's ``ref_cnt`` goes up by one, no block is allocated and no K/V
+        is written. The shared partial last block (if ``total_tokens % B``) stays read-only
+        like every shared block: a branch that extends it reads its filled positions and
+        writes its own copy at its next commit (the copy any continuation makes), so
+        neither branch sees the other's tokens. Releasing either handle leaves the other
+        intact::
+
+            parent  tokens t0..t9  full group [ 12, 3, 40 ]   (40: 2 of 4 positions)
+            child   tokens t0..t9  full group [ 12, 3, 40 ]   ref_cnt of 12, 3, 40: 2
+        """
+        self.check_live(handle)
+        lease = next(self._owner_ids)
+        try:
+            for alloc, table in zip(self._allocators, handle.tables, strict=True):
+                alloc.share(lease, list(table.held))
+        except BaseException:
+            for alloc in self._allocators:
+                alloc.release(lease)
+            raise
+        child = dataclasses.replace(handle, agent_id=agent_id, handle_id=lease)
+        self._handles[lease] = child
+        return child
+
     @staticmethod
     def _free_last_first(alloc: _blocks.BlockAllocator, owner: int, table: Sequence[int]) -> int:
         """Drop ``owner``'s blocks, the last position first: the cached-free queue then

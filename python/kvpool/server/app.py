@@ -41,6 +41,7 @@ from kvpool.server.errors import (
     openai_body,
     shutting_down,
 )
+from kvpool.server.forks import fork_session
 from kvpool.server.loop import Admitted, Channel, EngineLoop, Event, Finished, Refused, WorkItem
 from kvpool.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvpool.server.params import Body, Generation, Limits, sampling_of, stop_token_ids
@@ -53,7 +54,7 @@ from kvpool.server.responders import (
     Responder,
     StreamShaper,
 )
-from kvpool.server.sessions import ephemeral_agent_id, validate_session_id
+from kvpool.server.sessions import ephemeral_agent_id, new_session_id, validate_session_id
 from kvpool.server.tenants import ApiKeys, Tenant
 
 __all__ = ["ServerState", "create_app"]
@@ -553,6 +554,24 @@ async def _offload_session(request: Request, state: ServerState, tenant: Tenant)
     return JSONResponse({**found, "offloaded": moved})
 
 
+async def _fork_session(request: Request, state: ServerState, tenant: Tenant) -> Response:
+    """``POST /v1/sessions/{id}/fork`` (body ``{"session_id": NEW_ID}`` or none): a new
+    session sharing every block of the parent by reference (:mod:`~kvpool.server.forks`)."""
+    session_id, _ = _path_session(request, tenant)
+    raw = await request.body()
+    data = await _read_json(state, request) if raw.strip() else {}
+    if not isinstance(data, dict) or set(data) - {"session_id"}:
+        raise bad_request('the body must be empty or {"session_id": NEW_ID}', param="session_id")
+    given = data.get("session_id")
+    child = validate_session_id(given, "session_id") if given is not None else new_session_id()
+    found = await _on_loop(
+        state,
+        lambda: fork_session(state.loop, tenant, session_id, child),
+        f"forking session {session_id!r}",
+    )
+    return JSONResponse(found)
+
+
 async def _cache_stats(request: Request, state: ServerState, tenant: Tenant) -> Response:
     snap = await _on_loop(state, state.loop.snapshot)
     return JSONResponse(snap)
@@ -615,6 +634,7 @@ def create_app(state: ServerState) -> Starlette:
         Route(
             "/v1/sessions/{session_id}/offload", _openai_route(_offload_session), methods=["POST"]
         ),
+        Route("/v1/sessions/{session_id}/fork", _openai_route(_fork_session), methods=["POST"]),
         Route("/v1/cache/stats", _openai_route(_cache_stats), methods=["GET"]),
         Route("/metrics", _openai_route(_metrics), methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
