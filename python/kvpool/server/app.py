@@ -54,6 +54,7 @@ from kvpool.server.responders import (
     Responder,
     StreamShaper,
 )
+from kvpool.server.response_store import ResponseStore
 from kvpool.server.sessions import ephemeral_agent_id, new_session_id, validate_session_id
 from kvpool.server.tenants import ApiKeys, Tenant
 
@@ -85,6 +86,7 @@ class ServerState:
     cache_where: str = ""  # where sessions' caches are (a directory, a Redis URL), for logs
     accepting: bool = True
     model_aliases: tuple[str, ...] = ()
+    responses: ResponseStore | None = None  # stored /v1/responses (create_app makes it)
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -617,6 +619,12 @@ def create_app(state: ServerState) -> Starlette:
         state.accepting = False
         await run_in_threadpool(state.loop.stop)
 
+    from kvpool.server import responses_route as rr  # it builds on this module's plumbing
+
+    if state.responses is None:
+        where = state.cache_dir / rr.RESPONSES_DIR if state.cache_dir is not None else None
+        state.responses = ResponseStore(where)
+
     def generation(responder: Responder) -> Callable[[Request], Awaitable[Response]]:
         async def route(request: Request) -> Response:
             return await _generate(request, responder)
@@ -627,6 +635,9 @@ def create_app(state: ServerState) -> Starlette:
         Route("/v1/chat/completions", generation(ChatResponder()), methods=["POST"]),
         Route("/v1/completions", generation(CompletionResponder()), methods=["POST"]),
         Route("/v1/messages", generation(MessagesResponder()), methods=["POST"]),
+        Route("/v1/responses", rr.create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", _openai_route(rr.get_response), methods=["GET"]),
+        Route("/v1/responses/{response_id}", _openai_route(rr.delete_response), methods=["DELETE"]),
         Route("/v1/models", _openai_route(_models), methods=["GET"]),
         Route("/v1/sessions", _openai_route(_list_sessions), methods=["GET"]),
         Route("/v1/sessions/{session_id}", _openai_route(_get_session), methods=["GET"]),
