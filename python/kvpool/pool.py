@@ -262,11 +262,12 @@ class BlockPool:
         with self._lock:
             return self.manager.release(handle)
 
-    def fork(self, handle: CacheHandle, agent_id: str) -> CacheHandle:
-        """A new live handle of ``agent_id`` sharing every block of ``handle`` (no K/V
-        copied: :meth:`~kvpool.cache.manager.KVCacheManager.fork`)."""
+    def fork(self, handle: CacheHandle, agent_id: str, length: int | None = None) -> CacheHandle:
+        """A new live handle of ``agent_id`` sharing every block of ``handle`` (or of its
+        first ``length`` tokens). No K/V copied: see
+        :meth:`~kvpool.cache.manager.KVCacheManager.fork`."""
         with self._lock:
-            return self.manager.fork(handle, agent_id)
+            return self.manager.fork(handle, agent_id, length)
 
     # -- requests -------------------------------------------------------------
 

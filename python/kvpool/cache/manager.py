@@ -281,8 +281,9 @@ class KVCacheManager:
             for alloc, table in zip(self._allocators, handle.tables, strict=True)
         )
 
-    def fork(self, handle: CacheHandle, agent_id: str) -> CacheHandle:
-        """A new live handle of ``agent_id`` holding every block of ``handle`` by reference.
+    def fork(self, handle: CacheHandle, agent_id: str, length: int | None = None) -> CacheHandle:
+        """A new live handle of ``agent_id`` holding every block of ``handle`` by reference
+        (``length``: only its first ``length`` tokens, the blocks that hold them).
 
         Zero copy: each block's ``ref_cnt`` goes up by one, no block is allocated and no K/V
         is written. The shared partial last block (if ``total_tokens % B``) stays read-only
@@ -295,15 +296,31 @@ class KVCacheManager:
             child   tokens t0..t9  full group [ 12, 3, 40 ]   ref_cnt of 12, 3, 40: 2
         """
         self.check_live(handle)
+        n = handle.total_tokens if length is None else length
+        if not 1 <= n <= handle.total_tokens:
+            raise InvalidRequestError(
+                f"a fork of {n} tokens of a {handle.total_tokens}-token cache: it must hold "
+                f"1..{handle.total_tokens}"
+            )
+        num_entries = -(-n // self.block_tokens)
+        tables = tuple(
+            GroupTable(t.block_ids[:num_entries], min(t.valid_from, n)) for t in handle.tables
+        )
         lease = next(self._owner_ids)
         try:
-            for alloc, table in zip(self._allocators, handle.tables, strict=True):
+            for alloc, table in zip(self._allocators, tables, strict=True):
                 alloc.share(lease, list(table.held))
         except BaseException:
             for alloc in self._allocators:
                 alloc.release(lease)
             raise
-        child = dataclasses.replace(handle, agent_id=agent_id, handle_id=lease)
+        child = dataclasses.replace(
+            handle,
+            agent_id=agent_id,
+            token_ids=handle.token_ids[:n],
+            tables=tables,
+            handle_id=lease,
+        )
         self._handles[lease] = child
         return child
 

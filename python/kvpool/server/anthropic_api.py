@@ -2,7 +2,8 @@
 
 Usage: ``input_tokens`` counts the prompt tokens that were prefilled,
 ``cache_read_input_tokens`` those taken from the session's cache (their sum is the prompt),
-``cache_creation_input_tokens`` is 0. In a stream, ``message_start`` carries the prompt size
+``cache_creation_input_tokens`` is 0; with ``cache_control`` breakpoints, Anthropic's split
+(:mod:`kvpool.server.cache_control`). In a stream, ``message_start`` carries the prompt size
 (the split is known only when the turn ends) and ``message_delta`` the final usage.
 """
 
@@ -12,13 +13,16 @@ import uuid
 from typing import Any
 
 from kvpool.blocks import CompletedGeneration
+from kvpool.server.cache_control import CacheBreakpoint, parse_cache_control, usage_split
 from kvpool.server.errors import bad_request
 from kvpool.server.params import Body, Generation, parse_cache_salt, parse_stop
 
 __all__ = ["message_response", "parse_messages", "stop_reason", "usage"]
 
 
-def _text_of(content: object, where: str) -> str:
+def _text_of(content: object, where: str, marks: list[tuple[str, float]] | None = None) -> str:
+    """The text of a string or of text blocks; each block's ``cache_control`` appends
+    (text up to and including it, TTL in seconds) to ``marks``."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -33,6 +37,9 @@ def _text_of(content: object, where: str) -> str:
             if not isinstance(text, str):
                 raise bad_request(f"{where}.content[{i}].text must be a string")
             parts.append(text)
+            control = block.get("cache_control")
+            if control is not None and marks is not None:
+                marks.append(("".join(parts), parse_cache_control(control, f"{where}[{i}]")))
         return "".join(parts)
     raise bad_request(f"{where}.content must be a string or an array of text blocks")
 
@@ -52,7 +59,9 @@ def parse_messages(body: Body) -> Generation:
     rendered = []
     system = body.raw("system")
     if system is not None:
-        rendered.append({"role": "system", "content": _text_of(system, "system")})
+        marks: list[tuple[str, float]] = []
+        rendered.append({"role": "system", "content": _text_of(system, "system", marks)})
+        gen.cache_breakpoints.extend(CacheBreakpoint(0, text, ttl) for text, ttl in marks)
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -65,7 +74,11 @@ def parse_messages(body: Body) -> Generation:
             raise bad_request(f"{where} has unsupported field(s): {', '.join(sorted(extra))}")
         if "content" not in message:
             raise bad_request(f"{where} is missing content")
-        rendered.append({"role": role, "content": _text_of(message["content"], where)})
+        marks = []
+        rendered.append({"role": role, "content": _text_of(message["content"], where, marks)})
+        gen.cache_breakpoints.extend(
+            CacheBreakpoint(len(rendered) - 1, text, ttl) for text, ttl in marks
+        )
     gen.messages = rendered
     gen.temperature = body.number("temperature", 1.0, low=0.0, high=1.0) or 0.0
     gen.top_p = body.number("top_p", 1.0, low=1e-9, high=1.0) or 1.0
@@ -86,13 +99,20 @@ def new_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
 
-def usage(c: CompletedGeneration) -> dict[str, int]:
+def usage(c: CompletedGeneration, cache_end: int | None = None) -> dict[str, int]:
+    """``cache_end``: where the last ``cache_control`` breakpoint ends (None: none)."""
+    fresh, created, read = usage_split(c.prompt_tokens, c.cached_tokens, cache_end)
     return {
-        "input_tokens": c.prompt_tokens - c.cached_tokens,
+        "input_tokens": fresh,
         "output_tokens": c.token_count,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": c.cached_tokens,
+        "cache_creation_input_tokens": created,
+        "cache_read_input_tokens": read,
     }
+
+
+def cache_end(gen: Generation) -> int | None:
+    """The end of the request's last breakpoint in tokens (None without breakpoints)."""
+    return max((bp.end for bp in gen.cache_breakpoints), default=None)
 
 
 def stop_reason(c: CompletedGeneration, stops: dict[int, str]) -> tuple[str, str | None]:
@@ -112,6 +132,7 @@ def message_response(
     *,
     token_ids: bool,
     session_id: str | None,
+    cache_end: int | None = None,
 ) -> dict[str, Any]:
     reason, sequence = stop_reason(c, stops)
     out: dict[str, Any] = {
@@ -122,7 +143,7 @@ def message_response(
         "content": [{"type": "text", "text": c.text}],
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": usage(c),
+        "usage": usage(c, cache_end),
         "session_id": session_id,
     }
     if token_ids:
@@ -151,10 +172,12 @@ def message_start(rid: str, model: str, prompt_tokens: int) -> dict[str, Any]:
     }
 
 
-def message_delta(c: CompletedGeneration, stops: dict[int, str]) -> dict[str, Any]:
+def message_delta(
+    c: CompletedGeneration, stops: dict[int, str], cache_end: int | None = None
+) -> dict[str, Any]:
     reason, sequence = stop_reason(c, stops)
     return {
         "type": "message_delta",
         "delta": {"stop_reason": reason, "stop_sequence": sequence},
-        "usage": usage(c),
+        "usage": usage(c, cache_end),
     }

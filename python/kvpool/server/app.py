@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from kvpool.errors import InvalidRequestError
+from kvpool.server.cache_control import resolve_breakpoints
 from kvpool.server.errors import (
     ApiError,
     anthropic_body,
@@ -203,6 +204,8 @@ def _tokenize(state: ServerState, gen: Generation) -> tuple[list[int], tuple[int
     ids = [int(t) for t in ids or ()]
     if not ids:
         raise bad_request("the prompt is empty after tokenization", param="prompt")
+    if gen.cache_breakpoints and gen.messages is not None:
+        resolve_breakpoints(tok, gen.messages, gen.cache_breakpoints, ids)
     vocab = state.vocab_size
     bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
     if bad is not None:
@@ -302,6 +305,8 @@ async def _generate(request: Request, responder: Responder) -> Response:
         t_received=t_received,
         cache_salt=tenant.salt(gen.cache_salt),
     )
+    if gen.cache_breakpoints:  # pinned when the turn ends (kvpool.server.pins)
+        item.extra["pins"] = [(bp.end, bp.ttl_s) for bp in gen.cache_breakpoints]
     stop_names = dict(zip(stops, gen.stop, strict=True))
     events = _Events(item.channel)
     state.loop.submit(item)

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvpool.errors import InvalidRequestError
 from kvpool.sampling import SamplingParams
+from kvpool.server.cache_control import CacheBreakpoint
 from kvpool.server.errors import ApiError, bad_request
 
 __all__ = [
@@ -192,6 +193,7 @@ class Generation:
     session_id: str | None = None
     return_token_ids: bool = False
     cache_salt: str = ""  # vLLM's field: partitions the prefix cache inside the tenant
+    cache_breakpoints: list[CacheBreakpoint] = field(default_factory=list)  # Anthropic's
 
 
 MAX_CACHE_SALT_LEN = 256

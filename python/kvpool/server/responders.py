@@ -153,8 +153,8 @@ class CompletionResponder:
 class _AnthropicStream:
     """Anthropic's message events: start, one text block, delta, stop."""
 
-    def __init__(self, model: str, prompt_tokens: int) -> None:
-        self.model, self.prompt_tokens = model, prompt_tokens
+    def __init__(self, model: str, prompt_tokens: int, cache_end: int | None = None) -> None:
+        self.model, self.prompt_tokens, self.cache_end = model, prompt_tokens, cache_end
         self.rid = anthropic_api.new_id()
 
     def open(self) -> list[bytes]:
@@ -186,7 +186,7 @@ class _AnthropicStream:
     def close(self, c: CompletedGeneration, stops: dict[int, str]) -> list[bytes]:
         return [
             sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
-            sse(anthropic_api.message_delta(c, stops), "message_delta"),
+            sse(anthropic_api.message_delta(c, stops, self.cache_end), "message_delta"),
             sse({"type": "message_stop"}, "message_stop"),
         ]
 
@@ -209,8 +209,8 @@ class MessagesResponder:
     ) -> dict[str, Any]:
         return anthropic_api.message_response(
             anthropic_api.new_id(), model, c, stops, token_ids=gen.return_token_ids,
-            session_id=session_id,
+            session_id=session_id, cache_end=anthropic_api.cache_end(gen),
         )  # fmt: skip
 
     def stream(self, model: str, gen: Generation, prompt_tokens: int) -> StreamShaper:
-        return _AnthropicStream(model, prompt_tokens)
+        return _AnthropicStream(model, prompt_tokens, anthropic_api.cache_end(gen))
