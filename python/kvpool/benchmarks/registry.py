@@ -127,6 +127,12 @@ REGISTRY: dict[str, Benchmark] = {
             takes_model=True,
         ),
         Benchmark(
+            "responses",
+            "responses",
+            "a /v1/responses chain: tokens prefilled per turn, TTFT vs full history to mlx_lm",
+            takes_model=True,
+        ),
+        Benchmark(
             "quant",
             "quant",
             "quantized blocks: gather, capacity, save/load and quality per format",
