@@ -3,10 +3,13 @@ and reused by a later request; nothing is left held once pins end."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fakes import SPEC, B, fake_engine, prompt_of, run_one
+from server_app import MODEL, ChatTokenizer, app_client
 
 from kvpool import InvalidRequestError
 from kvpool.server.cache_control import usage_split
@@ -97,3 +100,60 @@ def test_usage_split_adds_up_as_anthropic_defines() -> None:
     assert usage_split(400, 120, None) == (280, 0, 120)  # no breakpoint: what was done
     for args in [(400, 0, 366), (400, 399, 366), (400, 100, 366), (50, 10, 80)]:
         assert sum(usage_split(*args)) == args[0]
+
+
+# ------------------------------------------------------------------- through the server
+
+
+def message(client: Any, system: Any, user: Any) -> dict[str, Any]:
+    r = client.post(
+        "/v1/messages",
+        json={
+            "model": MODEL,
+            "max_tokens": 2,
+            "temperature": 0,
+            "system": system,
+            "messages": [{"role": "user", "content": user}],
+        },
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json()["usage"])
+
+
+def test_breakpoints_are_pinned_and_usage_adds_up(tmp_path: Path) -> None:
+    text = "you are a librarian. " * 3
+    marked = [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
+    with app_client(tmp_path, tokenizer=ChatTokenizer()) as client:
+        loop = client.app_state.loop  # type: ignore[attr-defined]
+        end = len(f"<system>{text}|")  # the fake template: one token per character
+        first = message(client, marked, "hi")
+        prompt = end + len("<user>hi|<assistant>")
+        assert first == {
+            "input_tokens": prompt - end,
+            "output_tokens": 2,
+            "cache_creation_input_tokens": end,
+            "cache_read_input_tokens": 0,
+        }
+        assert len(loop.pins) == 1
+        second = message(client, marked, "where are the maps?")
+        assert second["cache_read_input_tokens"] == end
+        assert second["cache_creation_input_tokens"] == 0
+        assert second["input_tokens"] == len("<user>where are the maps?|<assistant>")
+        assert len(loop.pins) == 1  # the same prefix: refreshed, not pinned twice
+        # no breakpoint: what the server did (the prefix cache still read the system turn)
+        plain = message(client, text, "hi")
+        assert plain["cache_creation_input_tokens"] == 0
+        assert plain["input_tokens"] + plain["cache_read_input_tokens"] == prompt
+        bad = client.post(
+            "/v1/messages",
+            json={
+                "model": MODEL,
+                "max_tokens": 2,
+                "system": [{"type": "text", "text": "x", "cache_control": {"type": "forever"}}],
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        # pins end at their TTL
+        assert loop.call(lambda: loop.pins.expire(time.monotonic() + 301)).result() == 1
+        assert len(loop.pins) == 0

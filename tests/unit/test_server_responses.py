@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server_app import MODEL, app_client, auth
+from server_app import MODEL, ChatTokenizer, app_client, auth
 from starlette.testclient import TestClient
 
 from kvpool.server.response_store import ResponseStore
 from kvpool.server.responses_api import continuation_text
-from kvpool.testing import FakeTokenizer
 
 KEYS = ["key-a:alice", "key-m:mallory"]
-
-
-class ChatTokenizer(FakeTokenizer):
-    """FakeTokenizer with a chat template: ``<role>content|`` per message, ``<assistant>``
-    as the generation prompt."""
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return super().encode(text)
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[dict[str, str]],
-        tokenize: bool = True,
-        add_generation_prompt: bool = False,
-    ) -> Any:
-        text = "".join(f"<{m['role']}>{m['content']}|" for m in messages)
-        text += "<assistant>" if add_generation_prompt else ""
-        return self.encode(text) if tokenize else text
 
 
 def create(client: TestClient, key: str = "key-a", **body: Any) -> Any:
