@@ -155,3 +155,32 @@ def test_stored_responses_are_read_back_with_their_heads(tmp_path: Path) -> None
     with app_client(tmp_path, tokenizer=ChatTokenizer()) as client:
         r3 = ok(create(client, input="again", previous_response_id=r2["id"]))
         assert cached(r3) == whole(r2) and r3["session_id"] == r1["session_id"]
+
+
+def test_a_stream_sends_openais_events_and_stores_the_response(tmp_path: Path) -> None:
+    with app_client(tmp_path, tokenizer=ChatTokenizer()) as client:
+        first = ok(create(client, input="hello"))
+        body = {"model": MODEL, "max_output_tokens": 3, "temperature": 0, "stream": True}
+        body |= {"input": "more", "previous_response_id": first["id"]}
+        with client.stream("POST", "/v1/responses", json=body) as r:
+            assert r.status_code == 200
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        kinds = [e["type"] for e in events]
+        assert kinds == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            *["response.output_text.delta"] * (len(kinds) - 8),
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.incomplete",  # 3 tokens ran out
+        ]
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        final = events[-1]["response"]
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert deltas == final["output"][0]["content"][0]["text"] == events[-4]["text"]
+        assert cached(final) == whole(first)
+        stored = client.get(f"/v1/responses/{final['id']}").json()
+        assert stored == final

@@ -289,6 +289,7 @@ class ResponsesStream:
         self._seq = 0
         # called with the completion at the end; returns the final response object
         self.on_finish: Callable[[CompletedGeneration], dict[str, Any]] | None = None
+        self.finished = False  # close() ran: the turn completed
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self._seq, **fields}
@@ -330,6 +331,7 @@ class ResponsesStream:
         return self._event("error", code=error.code, message=error.message, param=error.param)
 
     def close(self, c: CompletedGeneration, stops: dict[int, str]) -> list[bytes]:
+        self.finished = True
         final = self.on_finish(c) if self.on_finish is not None else self.response(c)
         (item,) = final["output"]
         (part,) = item["content"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -128,6 +129,16 @@ async def _drop_fork(state: ServerState, agent_id: str) -> None:
 
     with contextlib.suppress(ApiError):  # shutting down: written with the other sessions
         await _on_loop(state, drop, "dropping a fork")
+
+
+async def _dropping_failed_fork(
+    stream: AsyncIterator[bytes], state: ServerState, shaper: ResponsesStream, agent_id: str
+) -> AsyncIterator[bytes]:
+    """``stream``; a forked turn that ends in an error event drops its fork."""
+    async for chunk in stream:
+        yield chunk
+    if not shaper.finished:
+        await _drop_fork(state, agent_id)
 
 
 async def create_response(request: Request) -> Response:
@@ -248,6 +259,8 @@ async def create_response(request: Request) -> Response:
         raise
     shaper.on_finish = finished
     stream = _stream(shaper, state, gen, item, events, {})
+    if forked:
+        stream = _dropping_failed_fork(stream, state, shaper, agent_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if session_id is not None:
         headers["X-Session-ID"] = session_id
