@@ -7,6 +7,7 @@ under another ``cache_salt`` (nothing of the sessions' blocks is visible to it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,11 @@ def test_a_streamed_turn_equals_the_same_turn_not_streamed(server: ServerProcess
         max_output_tokens=24,
         temperature=0,
     ) as stream:
-        kinds = [event.type for event in stream]
+        events = list(stream)
+        kinds = [event.type for event in events]
         streamed = stream.get_final_response() if kinds[-1] == "response.completed" else None
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response  # type: ignore[union-attr]
     assert kinds[:4] == [
         "response.created",
         "response.in_progress",
@@ -123,9 +127,10 @@ def test_a_streamed_turn_equals_the_same_turn_not_streamed(server: ServerProcess
     whole = first.usage.input_tokens + first.usage.output_tokens
     assert again.usage.input_tokens_details.cached_tokens == again.usage.input_tokens - 1
     assert again.usage.input_tokens > whole
-    if streamed is not None:
-        assert streamed.output_text == again.output_text
-        assert streamed.usage.input_tokens_details.cached_tokens == whole
+    assert text == final.output_text == again.output_text
+    assert final.usage.input_tokens_details.cached_tokens == whole
+    if streamed is not None:  # the helper's accumulated response (when it completed)
+        assert streamed.output_text == text
     stored = client.responses.retrieve(again.id)
     assert stored.output_text == again.output_text
 
@@ -268,3 +273,13 @@ def test_stored_responses_survive_a_restart(tmp_path: Path, smollm2_dir: Path) -
         )
         assert r3.session_id == r2.session_id  # type: ignore[attr-defined]
         assert after.stop() == 0
+
+
+def test_the_server_doc_responses_example_runs(
+    server: ServerProcess, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "SERVER.md").read_text()
+    (example,) = [b for b in re.findall(r"```py\n(.*?)```", doc, flags=re.S) if "responses." in b]
+    exec(compile(example.replace("http://127.0.0.1:8000", server.url), "doc", "exec"), {})
+    text, cached = capsys.readouterr().out.rsplit(" ", 1)
+    assert text.strip() and int(cached) > 30  # the first turn, read from the session
