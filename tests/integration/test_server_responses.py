@@ -135,6 +135,32 @@ def test_a_streamed_turn_equals_the_same_turn_not_streamed(server: ServerProcess
     assert stored.output_text == again.output_text
 
 
+def test_continuing_a_response_whose_session_is_busy_starts_a_new_session(
+    server: ServerProcess,
+) -> None:
+    client = client_of(server)
+    first = ask(client, "Tell me a long story about a cat.")
+    whole = first.usage.input_tokens + first.usage.output_tokens
+    with client.responses.stream(
+        model=model_of(client),
+        input="Go on, at length.",
+        instructions=INSTRUCTIONS,
+        previous_response_id=first.id,
+        max_output_tokens=300,
+        temperature=0,
+    ) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                break  # its session is busy now
+        other = ask(client, "Now a short one.", first)
+        for _ in stream:
+            pass
+    # the first turn's session was checked out: a new session, which found the previous
+    # conversation's blocks through the prefix cache (no fork needed)
+    assert other.session_id not in (None, first.session_id)  # type: ignore[attr-defined]
+    assert other.usage.input_tokens_details.cached_tokens >= whole
+
+
 def test_get_delete_and_errors(server: ServerProcess) -> None:
     client = client_of(server)
     r = ask(client, "Say hello.")

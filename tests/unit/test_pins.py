@@ -140,6 +140,8 @@ def test_breakpoints_are_pinned_and_usage_adds_up(tmp_path: Path) -> None:
         assert second["cache_creation_input_tokens"] == 0
         assert second["input_tokens"] == len("<user>where are the maps?|<assistant>")
         assert len(loop.pins) == 1  # the same prefix: refreshed, not pinned twice
+        pins = client.get("/v1/cache/stats").json()["pins"]
+        assert pins == {"num_live": 1, "num_pinned": 1, "num_dropped": 0}
         # no breakpoint: what the server did (the prefix cache still read the system turn)
         plain = message(client, text, "hi")
         assert plain["cache_creation_input_tokens"] == 0
@@ -157,3 +159,24 @@ def test_breakpoints_are_pinned_and_usage_adds_up(tmp_path: Path) -> None:
         # pins end at their TTL
         assert loop.call(lambda: loop.pins.expire(time.monotonic() + 301)).result() == 1
         assert len(loop.pins) == 0
+
+
+def test_a_pin_gives_way_to_a_request_that_needs_its_blocks(tmp_path: Path) -> None:
+    text = "you are a librarian. " * 2  # a 51-token system turn in the fake template
+    marked = [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
+    with app_client(tmp_path, tokenizer=ChatTokenizer(), num_blocks=20) as client:
+        message(client, marked, "hi")
+        stats = client.get("/v1/cache/stats").json()
+        assert stats["pins"]["num_live"] == 1
+        assert stats["pool"]["num_used"] == -(-len(f"<system>{text}|") // B)  # the pin's
+        # a request that needs more blocks than are left while the pin holds its own
+        r = client.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "z" * 60, "max_tokens": 8, "temperature": 0},
+        )
+        assert r.status_code == 200, r.text
+        assert client.get("/v1/cache/stats").json()["pins"] == {
+            "num_live": 0,
+            "num_pinned": 1,
+            "num_dropped": 1,
+        }

@@ -547,6 +547,11 @@ class EngineLoop:
                     else None
                 ),
             },
+            "pins": {
+                "num_live": len(self.pins),
+                "num_pinned": self.pins.num_pinned,
+                "num_dropped": self.pins.num_dropped,
+            },
             "evictions": stats["num_evictions"],
             "requests_finished": self.num_finished,
             "engine_steps": self.num_steps,

@@ -8,6 +8,8 @@ Where a turn runs (:func:`_place`)::
     previous is its session's head the previous response's session (store: true)
     anything else                  a fork of that session: a new session (store: true) or an
                                    ephemeral agent forgotten at the end (store: false)
+    its session is busy            a new session (or ephemeral agent) without a fork: the
+                                   prefix cache still holds the previous conversation
 
 so a continuation always finds the previous conversation's blocks (by reference after a
 fork) and ``store: false`` changes no stored session. A turn that fails leaves no fork behind.
@@ -97,26 +99,26 @@ async def _place(
             return None, ephemeral_agent_id(), False
         named = given or new_session_id()
         return named, tenant.agent_id(named), False
-    if req.store and _store(state).is_head(prev):
-        return prev.session_id, prev.agent_id, False
+    loop = state.loop
+    head = req.store and _store(state).is_head(prev)
     session = new_session_id() if req.store else None
     child = tenant.agent_id(session) if session is not None else ephemeral_agent_id()
-    loop = state.loop
     salt = tenant.salt(req.gen.cache_salt)
 
-    def fork() -> None:
+    def place() -> str:
         if loop.in_flight(prev.agent_id):
-            raise ApiError(
-                409,
-                "conflict",
-                f"the session of response {prev.id!r} has a request in flight; continue "
-                "from it after that request ends",
-                code="session_busy",
-            )
+            # Another turn runs in that session (its cache is checked out): start a new one,
+            # which finds the previous conversation's blocks through the prefix cache.
+            return "new"
+        if head:
+            return "in place"
         loop.store.fork(prev.agent_id, child, salt=salt)  # None: no cache left, a miss
+        return "forked"
 
-    await _on_loop(state, fork, f"forking the session of {prev.id!r}")
-    return session, child, True
+    where = await _on_loop(state, place, f"continuing {prev.id!r}")
+    if where == "in place":
+        return prev.session_id, prev.agent_id, False
+    return session, child, where == "forked"
 
 
 async def _drop_fork(state: ServerState, agent_id: str) -> None:
