@@ -45,9 +45,10 @@ class PrefixPins:
 
     def pin(self, cache: CacheHandle, length: int, ttl_s: float, now: float) -> None:
         """Pin the first ``length`` tokens of the live handle ``cache`` until ``now + ttl_s``
-        (or refresh the pin of that prefix)."""
+        (or refresh the pin of that prefix). A handle no longer live (the store wrote it to
+        disk for its byte budget) pins nothing."""
         length = min(length, cache.total_tokens)
-        if length < 1:
+        if length < 1 or not self.pool.is_live(cache):
             return
         key = (cache.salt, cache.token_ids[:length])
         found = self._pins.get(key)
