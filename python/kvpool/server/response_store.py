@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class StoredResponse:
     body: dict[str, Any]  # the response object as returned
     finished_at: float
     previous_response_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ResponseStore:
@@ -138,8 +137,3 @@ class ResponseStore:
             except OSError as exc:
                 logger.error("could not delete stored response %s: %s", response_id, exc)
         return True
-
-    def forget_agent(self, agent_id: str) -> None:
-        """The session was deleted: its responses can no longer be continued in place (a
-        continuation starts a new session from their tokens)."""
-        self._agent_to_head.pop(agent_id, None)
