@@ -262,6 +262,13 @@ class BlockPool:
         with self._lock:
             return self.manager.release(handle)
 
+    def fork(self, handle: CacheHandle, agent_id: str, length: int | None = None) -> CacheHandle:
+        """A new live handle of ``agent_id`` sharing every block of ``handle`` (or of its
+        first ``length`` tokens). No K/V copied: see
+        :meth:`~kvpool.cache.manager.KVCacheManager.fork`."""
+        with self._lock:
+            return self.manager.fork(handle, agent_id, length)
+
     # -- requests -------------------------------------------------------------
 
     def lookup(

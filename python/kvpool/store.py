@@ -473,6 +473,49 @@ class AgentCacheStore:
             entry.checked_out = False
             self._check_hot(entry)
 
+    # -- forks ------------------------------------------------------------------
+
+    def fork(self, parent_id: str, child_id: str, *, salt: str = "") -> CacheHandle | None:
+        """Make ``child_id`` a new agent whose cache shares every block of ``parent_id``'s by
+        reference (no K/V copied, :meth:`~kvpool.pool.BlockPool.fork`); returns the child's
+        handle, or None (nothing changed) if the parent has no cache.
+
+        A cold parent is loaded into the pool first (under ``salt``, evicting idle agents as
+        ``get`` does). Both agents then continue independently: a turn of either writes its
+        own blocks past the shared ones, and releasing either leaves the other's intact.
+        Raises InvalidRequestError, nothing changed, if either agent is checked out, the ids
+        are equal, or the child already has a cache.
+        """
+        self._check_thread()
+        validate_agent_id(parent_id)
+        validate_agent_id(child_id)
+        if parent_id == child_id:
+            raise InvalidRequestError(f"cannot fork agent {parent_id!r} into itself")
+        child = self._id_to_agent.get(child_id)
+        if child is not None and (child.checked_out or child.tier is not None):
+            raise InvalidRequestError(f"agent {child_id!r} already exists; fork into a new id")
+        parent = self._id_to_agent.get(parent_id)
+        if parent is None:
+            return None
+        if parent.checked_out:
+            raise InvalidRequestError(f"agent {parent_id!r} is checked out and cannot be forked")
+        self._check_hot(parent)
+        if parent.blocks is None:
+            cold = parent.file_bytes or (
+                self.cold.shared and parent_id not in self._pending_deletes
+            )
+            if not cold or not self._load(parent, salt):
+                return None
+            parent.loaded_unused = True
+        assert parent.blocks is not None, "a loaded agent has blocks: this indicates a bug"
+        handle = self.pool.fork(parent.blocks, child_id)
+        self._id_to_agent.pop(child_id, None)
+        self._id_to_agent[child_id] = _Agent(child_id, blocks=handle)
+        self._id_to_agent.move_to_end(parent_id)
+        self._id_to_agent.move_to_end(child_id)
+        self._enforce_pool_budget()  # may write the least recently used idle cache to disk
+        return handle
+
     # -- moving caches --------------------------------------------------------
 
     def evict(self, agent_id: str) -> bool:

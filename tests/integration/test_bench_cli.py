@@ -100,9 +100,11 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "prefix",
         "memory",
         "persist",
+        "fork",
         "bookkeeping",
         "blas",
         "serve",
+        "responses",
         "quant",
         "quality",
         "redis",
@@ -152,5 +154,5 @@ def test_model_runs_a_benchmark_on_the_model_given_and_the_record_says_so(
 
 def test_benchmarks_that_run_a_model_take_one() -> None:
     """Every benchmark that runs a model takes ``--model``; the others run none."""
-    no_model = {"reconstruct", "persist", "bookkeeping"}
+    no_model = {"reconstruct", "persist", "fork", "bookkeeping"}
     assert {n for n, b in REGISTRY.items() if not b.takes_model} == no_model

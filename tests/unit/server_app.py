@@ -31,6 +31,24 @@ SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=4)
 MODEL = "fake"
 
 
+class ChatTokenizer(FakeTokenizer):
+    """FakeTokenizer with a chat template: ``<role>content|`` per message, ``<assistant>``
+    as the generation prompt."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return super().encode(text)
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, str]],
+        tokenize: bool = True,
+        add_generation_prompt: bool = False,
+    ) -> Any:
+        text = "".join(f"<{m['role']}>{m['content']}|" for m in messages)
+        text += "<assistant>" if add_generation_prompt else ""
+        return self.encode(text) if tokenize else text
+
+
 def make_state(
     cache: Path | AgentCacheStore,
     *,

@@ -104,6 +104,11 @@ REGISTRY: dict[str, Benchmark] = {
             "save and load of a 4K-token agent (32 layers x 8 KV heads x 128) vs raw file I/O",
         ),
         Benchmark(
+            "fork",
+            "fork",
+            "fork of an 8K-token session: time and K/V bytes copied, vs a deep copy",
+        ),
+        Benchmark(
             "bookkeeping",
             "bookkeeping",
             "block allocator ns per block, from Python and from C++",
@@ -119,6 +124,12 @@ REGISTRY: dict[str, Benchmark] = {
             "serve",
             "serve",
             "kvpool serve vs mlx_lm.server: multi-session multi-turn chat over HTTP",
+            takes_model=True,
+        ),
+        Benchmark(
+            "responses",
+            "responses",
+            "a /v1/responses chain: tokens prefilled per turn, TTFT vs full history to mlx_lm",
             takes_model=True,
         ),
         Benchmark(

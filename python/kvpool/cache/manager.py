@@ -281,6 +281,49 @@ class KVCacheManager:
             for alloc, table in zip(self._allocators, handle.tables, strict=True)
         )
 
+    def fork(self, handle: CacheHandle, agent_id: str, length: int | None = None) -> CacheHandle:
+        """A new live handle of ``agent_id`` holding every block of ``handle`` by reference
+        (``length``: only its first ``length`` tokens, the blocks that hold them).
+
+        Zero copy: each block's ``ref_cnt`` goes up by one, no block is allocated and no K/V
+        is written. The shared partial last block (if ``total_tokens % B``) stays read-only
+        like every shared block: a branch that extends it reads its filled positions and
+        writes its own copy at its next commit (the copy any continuation makes), so
+        neither branch sees the other's tokens. Releasing either handle leaves the other
+        intact::
+
+            parent  tokens t0..t9  full group [ 12, 3, 40 ]   (40: 2 of 4 positions)
+            child   tokens t0..t9  full group [ 12, 3, 40 ]   ref_cnt of 12, 3, 40: 2
+        """
+        self.check_live(handle)
+        n = handle.total_tokens if length is None else length
+        if not 1 <= n <= handle.total_tokens:
+            raise InvalidRequestError(
+                f"a fork of {n} tokens of a {handle.total_tokens}-token cache: it must hold "
+                f"1..{handle.total_tokens}"
+            )
+        num_entries = -(-n // self.block_tokens)
+        tables = tuple(
+            GroupTable(t.block_ids[:num_entries], min(t.valid_from, n)) for t in handle.tables
+        )
+        lease = next(self._owner_ids)
+        try:
+            for alloc, table in zip(self._allocators, tables, strict=True):
+                alloc.share(lease, list(table.held))
+        except BaseException:
+            for alloc in self._allocators:
+                alloc.release(lease)
+            raise
+        child = dataclasses.replace(
+            handle,
+            agent_id=agent_id,
+            token_ids=handle.token_ids[:n],
+            tables=tables,
+            handle_id=lease,
+        )
+        self._handles[lease] = child
+        return child
+
     @staticmethod
     def _free_last_first(alloc: _blocks.BlockAllocator, owner: int, table: Sequence[int]) -> int:
         """Drop ``owner``'s blocks, the last position first: the cached-free queue then

@@ -2,7 +2,8 @@
 
 Usage: ``input_tokens`` counts the prompt tokens that were prefilled,
 ``cache_read_input_tokens`` those taken from the session's cache (their sum is the prompt),
-``cache_creation_input_tokens`` is 0. In a stream, ``message_start`` carries the prompt size
+``cache_creation_input_tokens`` is 0; with ``cache_control`` breakpoints, Anthropic's split
+(:mod:`kvpool.server.cache_control`). In a stream, ``message_start`` carries the prompt size
 (the split is known only when the turn ends) and ``message_delta`` the final usage.
 """
 
@@ -13,6 +14,7 @@ import uuid
 from typing import Any
 
 from kvpool.blocks import CompletedGeneration
+from kvpool.server.cache_control import CacheBreakpoint, parse_cache_control, usage_split
 from kvpool.server.errors import bad_request
 from kvpool.server.params import Body, Generation, parse_cache_salt, parse_stop
 from kvpool.server.tools import NAME, Tool, ToolCall, ToolUse, check_parameters
@@ -20,7 +22,9 @@ from kvpool.server.tools import NAME, Tool, ToolCall, ToolUse, check_parameters
 __all__ = ["message_response", "parse_messages", "stop_reason", "tool_use_json", "usage"]
 
 
-def _text_of(content: object, where: str) -> str:
+def _text_of(content: object, where: str, marks: list[tuple[str, float]] | None = None) -> str:
+    """The text of a string or of text blocks; each block's ``cache_control`` appends
+    (text up to and including it, TTL in seconds) to ``marks``."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -35,17 +39,25 @@ def _text_of(content: object, where: str) -> str:
             if not isinstance(text, str):
                 raise bad_request(f"{where}.content[{i}].text must be a string")
             parts.append(text)
+            control = block.get("cache_control")
+            if control is not None and marks is not None:
+                marks.append(("".join(parts), parse_cache_control(control, f"{where}[{i}]")))
         return "".join(parts)
     raise bad_request(f"{where}.content must be a string or an array of text blocks")
 
 
-def _blocks(role: str, content: object, where: str) -> list[dict[str, Any]]:
+def _blocks(
+    role: str, content: object, where: str, marks: list[tuple[str, float]]
+) -> list[dict[str, Any]]:
     """One message as chat messages: text, ``tool_use`` blocks (an assistant's calls) and
-    ``tool_result`` blocks (a user turn's results, each a ``tool`` message)."""
+    ``tool_result`` blocks (a user turn's results, each a ``tool`` message). The
+    ``cache_control`` of a text-only message's blocks go to ``marks`` (see :func:`_text_of`);
+    a message with tool blocks sets no breakpoint (its blocks' ``cache_control`` is a hint
+    this server does not pin)."""
     if not isinstance(content, list) or all(
         isinstance(b, dict) and b.get("type") == "text" for b in content
     ):
-        return [{"role": role, "content": _text_of(content, where)}]
+        return [{"role": role, "content": _text_of(content, where, marks)}]
     out: list[dict[str, Any]] = []
     texts: list[str] = []
     calls: list[ToolCall] = []
@@ -149,7 +161,9 @@ def parse_messages(body: Body) -> Generation:
     rendered = []
     system = body.raw("system")
     if system is not None:
-        rendered.append({"role": "system", "content": _text_of(system, "system")})
+        marks: list[tuple[str, float]] = []
+        rendered.append({"role": "system", "content": _text_of(system, "system", marks)})
+        gen.cache_breakpoints.extend(CacheBreakpoint(0, text, ttl) for text, ttl in marks)
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -162,7 +176,11 @@ def parse_messages(body: Body) -> Generation:
             raise bad_request(f"{where} has unsupported field(s): {', '.join(sorted(extra))}")
         if "content" not in message:
             raise bad_request(f"{where} is missing content")
-        rendered.extend(_blocks(role, message["content"], where))
+        marks = []
+        rendered.extend(_blocks(role, message["content"], where, marks))
+        gen.cache_breakpoints.extend(
+            CacheBreakpoint(len(rendered) - 1, text, ttl) for text, ttl in marks
+        )
     gen.messages = rendered
     gen.temperature = body.number("temperature", 1.0, low=0.0, high=1.0) or 0.0
     gen.top_p = body.number("top_p", 1.0, low=1e-9, high=1.0) or 1.0
@@ -182,13 +200,20 @@ def new_id() -> str:
     return f"msg_{uuid.uuid4().hex[:24]}"
 
 
-def usage(c: CompletedGeneration) -> dict[str, int]:
+def usage(c: CompletedGeneration, cache_end: int | None = None) -> dict[str, int]:
+    """``cache_end``: where the last ``cache_control`` breakpoint ends (None: none)."""
+    fresh, created, read = usage_split(c.prompt_tokens, c.cached_tokens, cache_end)
     return {
-        "input_tokens": c.prompt_tokens - c.cached_tokens,
+        "input_tokens": fresh,
         "output_tokens": c.token_count,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": c.cached_tokens,
+        "cache_creation_input_tokens": created,
+        "cache_read_input_tokens": read,
     }
+
+
+def cache_end(gen: Generation) -> int | None:
+    """The end of the request's last breakpoint in tokens (None without breakpoints)."""
+    return max((bp.end for bp in gen.cache_breakpoints), default=None)
 
 
 def stop_reason(c: CompletedGeneration, num_calls: int = 0) -> tuple[str, str | None]:
@@ -211,6 +236,7 @@ def message_response(
     token_ids: bool,
     session_id: str | None,
     tools: ToolUse | None = None,
+    cache_end: int | None = None,
 ) -> dict[str, Any]:
     """The whole answer; with ``tools``, the calls read from the reply are ``tool_use``
     blocks after the text (a text block only if there is text, or no call)."""
@@ -230,7 +256,7 @@ def message_response(
         "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
-        "usage": usage(c),
+        "usage": usage(c, cache_end),
         "session_id": session_id,
     }
     if token_ids:
@@ -263,10 +289,12 @@ def message_start(rid: str, model: str, prompt_tokens: int) -> dict[str, Any]:
     }
 
 
-def message_delta(c: CompletedGeneration, num_calls: int = 0) -> dict[str, Any]:
+def message_delta(
+    c: CompletedGeneration, num_calls: int = 0, cache_end: int | None = None
+) -> dict[str, Any]:
     reason, sequence = stop_reason(c, num_calls)
     return {
         "type": "message_delta",
         "delta": {"stop_reason": reason, "stop_sequence": sequence},
-        "usage": usage(c),
+        "usage": usage(c, cache_end),
     }

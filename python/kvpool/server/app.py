@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from kvpool.errors import InvalidRequestError
 from kvpool.logprobs import TokenLogprob
+from kvpool.server.cache_control import resolve_breakpoints
 from kvpool.server.errors import (
     ApiError,
     anthropic_body,
@@ -42,6 +43,7 @@ from kvpool.server.errors import (
     openai_body,
     shutting_down,
 )
+from kvpool.server.forks import fork_session
 from kvpool.server.loop import Admitted, Channel, EngineLoop, Event, Finished, Refused, WorkItem
 from kvpool.server.metrics import CONTENT_TYPE, ServerMetrics
 from kvpool.server.params import Body, Generation, Limits, sampling_of
@@ -54,7 +56,8 @@ from kvpool.server.responders import (
     Responder,
     StreamShaper,
 )
-from kvpool.server.sessions import ephemeral_agent_id, validate_session_id
+from kvpool.server.response_store import ResponseStore
+from kvpool.server.sessions import ephemeral_agent_id, new_session_id, validate_session_id
 from kvpool.server.tenants import ApiKeys, Tenant
 from kvpool.server.tools import HERMES, ToolFormat
 
@@ -90,6 +93,7 @@ class ServerState:
     # GrammarError. None: this model's tokenizer cannot be used for constrained decoding.
     constrain: Callable[[str], Any] | None = None
     tool_format: ToolFormat = HERMES  # how the chat template takes tools (kvpool.server.tools)
+    responses: ResponseStore | None = None  # stored /v1/responses (create_app makes it)
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -206,6 +210,8 @@ def _tokenize(state: ServerState, gen: Generation) -> list[int]:
     ids = [int(t) for t in ids or ()]
     if not ids:
         raise bad_request("the prompt is empty after tokenization", param="prompt")
+    if gen.cache_breakpoints and gen.messages is not None:
+        resolve_breakpoints(tok, gen.messages, gen.cache_breakpoints, ids)
     vocab = state.vocab_size
     bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
     if bad is not None:
@@ -338,6 +344,8 @@ async def _generate(request: Request, responder: Responder) -> Response:
         cache_salt=tenant.salt(gen.cache_salt),
         logits_processors=processors,
     )
+    if gen.cache_breakpoints:  # pinned when the turn ends (kvpool.server.pins)
+        item.extra["pins"] = [(bp.end, bp.ttl_s) for bp in gen.cache_breakpoints]
     events = _Events(item.channel)
     state.loop.submit(item)
     try:
@@ -580,6 +588,24 @@ async def _offload_session(request: Request, state: ServerState, tenant: Tenant)
     return JSONResponse({**found, "offloaded": moved})
 
 
+async def _fork_session(request: Request, state: ServerState, tenant: Tenant) -> Response:
+    """``POST /v1/sessions/{id}/fork`` (body ``{"session_id": NEW_ID}`` or none): a new
+    session sharing every block of the parent by reference (:mod:`~kvpool.server.forks`)."""
+    session_id, _ = _path_session(request, tenant)
+    raw = await request.body()
+    data = await _read_json(state, request) if raw.strip() else {}
+    if not isinstance(data, dict) or set(data) - {"session_id"}:
+        raise bad_request('the body must be empty or {"session_id": NEW_ID}', param="session_id")
+    given = data.get("session_id")
+    child = validate_session_id(given, "session_id") if given is not None else new_session_id()
+    found = await _on_loop(
+        state,
+        lambda: fork_session(state.loop, tenant, session_id, child),
+        f"forking session {session_id!r}",
+    )
+    return JSONResponse(found)
+
+
 async def _cache_stats(request: Request, state: ServerState, tenant: Tenant) -> Response:
     snap = await _on_loop(state, state.loop.snapshot)
     return JSONResponse(snap)
@@ -625,6 +651,12 @@ def create_app(state: ServerState) -> Starlette:
         state.accepting = False
         await run_in_threadpool(state.loop.stop)
 
+    from kvpool.server import responses_route as rr  # it builds on this module's plumbing
+
+    if state.responses is None:
+        where = state.cache_dir / rr.RESPONSES_DIR if state.cache_dir is not None else None
+        state.responses = ResponseStore(where)
+
     def generation(responder: Responder) -> Callable[[Request], Awaitable[Response]]:
         async def route(request: Request) -> Response:
             return await _generate(request, responder)
@@ -635,6 +667,9 @@ def create_app(state: ServerState) -> Starlette:
         Route("/v1/chat/completions", generation(ChatResponder()), methods=["POST"]),
         Route("/v1/completions", generation(CompletionResponder()), methods=["POST"]),
         Route("/v1/messages", generation(MessagesResponder()), methods=["POST"]),
+        Route("/v1/responses", rr.create_response, methods=["POST"]),
+        Route("/v1/responses/{response_id}", _openai_route(rr.get_response), methods=["GET"]),
+        Route("/v1/responses/{response_id}", _openai_route(rr.delete_response), methods=["DELETE"]),
         Route("/v1/models", _openai_route(_models), methods=["GET"]),
         Route("/v1/sessions", _openai_route(_list_sessions), methods=["GET"]),
         Route("/v1/sessions/{session_id}", _openai_route(_get_session), methods=["GET"]),
@@ -642,6 +677,7 @@ def create_app(state: ServerState) -> Starlette:
         Route(
             "/v1/sessions/{session_id}/offload", _openai_route(_offload_session), methods=["POST"]
         ),
+        Route("/v1/sessions/{session_id}/fork", _openai_route(_fork_session), methods=["POST"]),
         Route("/v1/cache/stats", _openai_route(_cache_stats), methods=["GET"]),
         Route("/metrics", _openai_route(_metrics), methods=["GET"]),
         Route("/health", _health, methods=["GET"]),

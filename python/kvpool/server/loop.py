@@ -44,6 +44,7 @@ from kvpool.pool import BlockPool
 from kvpool.sampling import SamplingParams
 from kvpool.server.errors import ApiError, shutting_down
 from kvpool.server.metrics import ServerMetrics
+from kvpool.server.pins import PrefixPins
 from kvpool.server.sessions import SessionRegistry
 from kvpool.store import AgentCacheStore, SaveReport
 
@@ -214,6 +215,7 @@ class EngineLoop:
         self.prompt_tokens_total = 0  # of finished requests
         self.cached_tokens_total = 0  # ... of which came from a cache
         self.close_report: SaveReport | None = None  # what the shutdown wrote (None: failed)
+        self.pins = PrefixPins(pool)  # Anthropic cache_control breakpoints (item.extra["pins"])
 
     # -- any thread -----------------------------------------------------------
 
@@ -257,6 +259,8 @@ class EngineLoop:
                     break
                 self._admit_waiting()
                 now = time.monotonic()
+                if self.pins:
+                    self.pins.expire(now)
                 if self.engine.has_work:
                     self._step()
                     self._last_busy = now
@@ -355,6 +359,8 @@ class EngineLoop:
             self._refuse(item, _api_error_of(exc))
             return True
         except PoolExhaustedError:
+            if self.pins.drop_soonest():  # pinned prefixes never make a request wait
+                return self._try_submit(item)
             return False
         except KvpoolError as exc:
             self._end(item)
@@ -411,6 +417,9 @@ class EngineLoop:
             item = self._by_uid.pop(completion.uid, None)
             if item is None:
                 continue
+            if completion.error is None and completion.blocks is not None:
+                for length, ttl_s in item.extra.get("pins", ()):
+                    self.pins.pin(completion.blocks, length, ttl_s, time.monotonic())
             self._end(item)
             if completion.error is not None:
                 self._refuse(item, _api_error_of(completion.error))
@@ -500,6 +509,7 @@ class EngineLoop:
             self._cancel_running(item)
             self._refuse(item, shutting)
         self.stopped.set()
+        self.pins.clear()
         while True:  # answer calls that raced the stop
             try:
                 command = self._commands.get_nowait()
@@ -541,6 +551,11 @@ class EngineLoop:
                     if self.prompt_tokens_total
                     else None
                 ),
+            },
+            "pins": {
+                "num_live": len(self.pins),
+                "num_pinned": self.pins.num_pinned,
+                "num_dropped": self.pins.num_dropped,
             },
             "evictions": stats["num_evictions"],
             "requests_finished": self.num_finished,

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvpool.errors import InvalidRequestError
 from kvpool.sampling import SamplingParams
+from kvpool.server.cache_control import CacheBreakpoint
 from kvpool.server.errors import ApiError, bad_request
 from kvpool.server.tools import ToolUse
 from kvpool.textstream import MAX_STOP_CHARS
@@ -196,6 +197,7 @@ class Generation:
     grammar: str | None = None  # constrained decoding (kvpool.grammar); None: free text
     grammar_param: str = "response_format"  # the field a refused grammar is blamed on
     tools: ToolUse | None = None  # the request's tools (kvpool.server.tools)
+    cache_breakpoints: list[CacheBreakpoint] = field(default_factory=list)  # Anthropic's
 
 
 MAX_CACHE_SALT_LEN = 256

@@ -207,8 +207,10 @@ class _AnthropicStream:
     needs them: a text block for text, a ``tool_use`` block per call (its input streamed
     as ``input_json_delta``), each closed before the next opens."""
 
-    def __init__(self, model: str, gen: Generation, prompt_tokens: int) -> None:
-        self.model, self.prompt_tokens = model, prompt_tokens
+    def __init__(
+        self, model: str, gen: Generation, prompt_tokens: int, cache_end: int | None = None
+    ) -> None:
+        self.model, self.prompt_tokens, self.cache_end = model, prompt_tokens, cache_end
         self.rid = anthropic_api.new_id()
         tools = gen.tools
         self.calls = tools.stream() if tools is not None and tools.parses_calls else None
@@ -267,7 +269,7 @@ class _AnthropicStream:
         return [
             *out,
             sse({"type": "content_block_stop", "index": self.index}, "content_block_stop"),
-            sse(anthropic_api.message_delta(c, num_calls), "message_delta"),
+            sse(anthropic_api.message_delta(c, num_calls, self.cache_end), "message_delta"),
             sse({"type": "message_stop"}, "message_stop"),
         ]
 
@@ -290,10 +292,10 @@ class MessagesResponder:
     ) -> dict[str, Any]:
         return anthropic_api.message_response(
             anthropic_api.new_id(), model, c, token_ids=gen.return_token_ids,
-            session_id=session_id, tools=gen.tools,
+            session_id=session_id, tools=gen.tools, cache_end=anthropic_api.cache_end(gen),
         )  # fmt: skip
 
     def stream(
         self, model: str, gen: Generation, prompt_tokens: int, tokenizer: Any
     ) -> StreamShaper:
-        return _AnthropicStream(model, gen, prompt_tokens)
+        return _AnthropicStream(model, gen, prompt_tokens, anthropic_api.cache_end(gen))

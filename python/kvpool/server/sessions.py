@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,13 @@ from kvpool.errors import KvpoolError
 from kvpool.persist import agent_id_of, read_cache_info
 from kvpool.server.errors import bad_request
 
-__all__ = ["MAX_SESSION_ID_LEN", "SessionInfo", "SessionRegistry", "validate_session_id"]
+__all__ = [
+    "MAX_SESSION_ID_LEN",
+    "SessionInfo",
+    "SessionRegistry",
+    "new_session_id",
+    "validate_session_id",
+]
 
 MAX_SESSION_ID_LEN = 128
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -56,6 +63,11 @@ def validate_session_id(session_id: object, source: str) -> str:
 
 
 _ephemeral_ids = itertools.count()
+
+
+def new_session_id() -> str:
+    """A fresh session id for a session the server names (a fork without a given id)."""
+    return f"s-{uuid.uuid4().hex[:24]}"
 
 
 def ephemeral_agent_id() -> str:
