@@ -134,6 +134,17 @@ class _Request:
         return max(1, len(self.prompt) - self.reused)
 
 
+def cache_length(caches: Sequence[Any], num_tokens: int) -> int:
+    """Positions a sequence's per-layer caches hold: the offset of the first cache that
+    counts positions (attention caches do; a recurrent ``ArraysCache`` has no offset),
+    or ``num_tokens`` (the tokens the generator fed) when no layer counts them."""
+    for cache in caches:
+        offset = getattr(cache, "offset", None)
+        if offset is not None:
+            return int(offset)
+    return num_tokens
+
+
 class BlockPoolBatchEngine:
     """Batched generation for many agents with their KV caches in ``pool``.
 
@@ -574,8 +585,8 @@ class BlockPoolBatchEngine:
                 continue
             end, request.prefix_end = request.prefix_end, 0
             try:
-                caches, _ = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
-                if int(caches[0].offset) == end:
+                caches, tokens = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
+                if cache_length(caches, len(tokens)) == end:
                     request.seq.publish_prefix(caches, end)
             except Exception as exc:  # the leader's blocks are in an unknown state: it fails
                 assert request.gen_uid is not None
@@ -705,7 +716,7 @@ class BlockPoolBatchEngine:
                 num_text = len(generated) - 1 if finish_reason == "stop" else len(generated)
                 text = self.tokenizer.decode(list(generated[:num_text]))
             all_tokens = tuple(int(t) for t in fed)
-            length = int(caches[0].offset)
+            length = cache_length(caches, len(all_tokens))
             if length != len(all_tokens):
                 raise GenerationError(
                     f"final cache holds {length} positions but {len(all_tokens)} tokens"

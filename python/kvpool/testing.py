@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.cache.storage import (
     HostArray,
     LayerCodes,
@@ -160,6 +160,8 @@ class FakeStorage:
         self.spec = spec
         self.blocks_per_group = tuple(blocks_per_group)
         self.slots: list[dict[int, int]] = [{} for _ in spec.layers]  # position slot -> token
+        # recurrent layers: block -> the tokens its state was computed from
+        self.states: list[dict[int, tuple[int, ...]]] = [{} for _ in spec.layers]
         self._group_of_layer = spec.group_of_layer()
         self.num_loads = 0
         self.num_stores = 0
@@ -182,6 +184,16 @@ class FakeStorage:
         self.num_loads += 1
         caches: list[Any] = []
         for i, layer in enumerate(self.spec.layers):
+            if layer.kind is AttentionKind.RECURRENT:
+                block = tables[self._group_of_layer[i]][(num_tokens - 1) // self.spec.block_tokens]
+                assert block in self.states[i], f"layer {i}: block {block} holds no state"
+                state = self.states[i][block]
+                assert len(state) == num_tokens, (
+                    f"layer {i}: block {block} holds the state of {len(state)} tokens, "
+                    f"not {num_tokens}"
+                )
+                caches.append(FakeCache(list(state), num_tokens, None))
+                continue
             held = num_tokens if layer.window is None else min(num_tokens, layer.window - 1)
             tokens = []
             for p in range(num_tokens - held, num_tokens):
@@ -199,6 +211,16 @@ class FakeStorage:
         written_from = [start] * len(self.blocks_per_group)
         for i, cache in enumerate(caches):
             g = self._group_of_layer[i]
+            if self.spec.layers[i].kind is AttentionKind.RECURRENT:
+                table = tables[g]
+                j = len(table) - 1
+                if j < 0 or table[j] < 0 or j * size < start:
+                    written_from[g] = max(written_from[g], len(table) * size)
+                    continue
+                assert len(cache.tokens) == cache.offset, "a state needs every token"
+                self.states[i][table[j]] = tuple(cache.tokens)
+                written_from[g] = max(written_from[g], j * size)
+                continue
             base = cache.offset - len(cache.tokens)
             first = first_writable(tables[g], max(start, base), size)
             written_from[g] = max(written_from[g], first)

@@ -248,6 +248,7 @@ class KVCacheManager:
         self.block_tokens = spec.block_tokens
         self.policies = tuple(GroupPolicy(g.kind, g.window, spec.block_tokens) for g in groups)
         self._allocators = [_blocks.BlockAllocator(n, spec.block_tokens) for n in blocks_per_group]
+        self._has_recurrent = any(p.is_recurrent for p in self.policies)
         self._bytes_per_block = tuple(spec.group_bytes_per_block(g) for g in range(len(groups)))
         self._key_salt = key_salt
         self._owner_ids = itertools.count(1)
@@ -334,6 +335,9 @@ class KVCacheManager:
         p = min(self._reach(ctx), max(limit, 0))
         size = self.block_tokens
         candidates = [p, *(j * size for j in range(p // size, -1, -1) if j * size < p)]
+        if own is not None and self._has_recurrent and ctx.own_common == own.total_tokens < p:
+            # a recurrent group also supplies exactly the end of the agent's own sequence
+            candidates = sorted({*candidates, own.total_tokens}, reverse=True)
         for candidate in candidates:
             plans = [self._plan(g, candidate, ctx) for g in range(len(self.policies))]
             if all(plan is not None for plan in plans):
@@ -344,7 +348,7 @@ class KVCacheManager:
         """Tokens the full-attention groups can supply (the whole prompt if none)."""
         reach = len(ctx.tokens)
         for g, policy in enumerate(self.policies):
-            if policy.window is None:
+            if policy.is_full:
                 reach = min(reach, self._group_reach(g, ctx))
         return reach
 
@@ -406,6 +410,8 @@ class KVCacheManager:
 
     def _plan(self, g: int, p: int, ctx: _Lookup) -> GroupMatch | None:
         """Group ``g``'s part of a match of ``p`` tokens, or None if it cannot supply it."""
+        if self.policies[g].is_recurrent:
+            return self._plan_state(g, p, ctx)
         size = self.block_tokens
         lo = self.policies[g].needed_from(p)
         read = [NULL_BLOCK] * (-(-p // size))
@@ -431,6 +437,33 @@ class KVCacheManager:
             if own is not None and own.tables[g].block_ids[j0 : j0 + 1] == (first,):
                 valid_from = max(valid_from, own.tables[g].valid_from)
         return GroupMatch(tuple(shared), pinned, tuple(read), valid_from)
+
+    def _plan_state(self, g: int, p: int, ctx: _Lookup) -> GroupMatch | None:
+        """A recurrent group's part of a match of ``p`` tokens: the state after exactly
+        ``p`` tokens, from ``own``'s table (its end, or a snapshot at a boundary) or a
+        snapshot published under the block key of ``p`` (``p`` a block boundary). The
+        state's block is shared when ``p`` is a boundary, else pinned until it is read
+        (the request writes its own final state either way)."""
+        if p == 0:
+            return GroupMatch((), (), (), 0)
+        size = self.block_tokens
+        j = (p - 1) // size
+        block = NULL_BLOCK
+        own = ctx.own
+        if (
+            own is not None
+            and ctx.own_common >= p
+            and (own.total_tokens == p or (p % size == 0 and own.total_tokens > p))
+        ):
+            block = own.tables[g].block_ids[j]
+        if block == NULL_BLOCK and p % size == 0 and ctx.shared and j < len(ctx.keys):
+            block = int(self._allocators[g].lookup(ctx.keys[j], list(ctx.tokens[j * size : p])))
+        if block == NULL_BLOCK:
+            return None
+        read = (NULL_BLOCK,) * j + (block,)
+        if p % size:
+            return GroupMatch((), (block,), read, j * size)
+        return GroupMatch(((j, block),), (), read, j * size)
 
     # -- reservations ---------------------------------------------------------
 
@@ -541,14 +574,14 @@ class KVCacheManager:
             )
         starts = [max(first, p.needed_from(length) // size) for p in self.policies]
         for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
-            if policy.window is not None and end - starts[g] > int(alloc.num_free):
+            if not policy.is_full and end - starts[g] > int(alloc.num_free):
                 return None
         tables = []
         for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
             table = [NULL_BLOCK] * end
             for j, block in res.match.groups[g].shared:
                 table[j] = block
-            if policy.window is None:
+            if policy.is_full:
                 blocks, res.fresh[g] = res.fresh[g][: end - first], res.fresh[g][end - first :]
             else:
                 blocks = [int(b) for b in alloc.allocate(res.lease, end - starts[g])]
