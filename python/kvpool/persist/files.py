@@ -28,7 +28,7 @@ import numpy as np
 from kvpool.cache.manager import PoolFull
 from kvpool.cache.sequence import HostWrite
 from kvpool.cache.tables import CacheHandle
-from kvpool.errors import CacheCorruptionError, InvalidRequestError
+from kvpool.errors import CacheCorruptionError, CacheWriteError, InvalidRequestError
 from kvpool.persist.atomic import _atomic_write
 from kvpool.persist.codec import codec_for, host_dtype_of_tag
 from kvpool.persist.hashing import _bytes_of, _hash_async, _Hasher, _sha256
@@ -80,6 +80,10 @@ def save_cache(
     if blocks.total_tokens == 0:
         raise InvalidRequestError(f"the cache of agent {blocks.agent_id!r} holds no tokens")
     spec = pool.spec
+    if spec.has_recurrent:  # the store keeps it hot (or drops it when the pool needs room)
+        raise CacheWriteError(
+            f"{path}: recurrent states ({spec.describe()}) are not written to cache files yet"
+        )
     valid_from = sliding_valid_from(pool, blocks)
     tensors = _plan(spec, blocks.total_tokens, valid_from)
     metadata = {

@@ -17,7 +17,12 @@ import numpy as np
 from kvpool.cache.format import HOST_DTYPES
 from kvpool.cache.storage import HostArray, LayerKV
 from kvpool.cache.tables import CacheHandle
-from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, InvalidRequestError
+from kvpool.errors import (
+    CacheCorruptionError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+    UnsupportedModelError,
+)
 from kvpool.persist.atomic import _atomic_write
 from kvpool.persist.layout import (
     PROMPT_CACHE_FORMAT,
@@ -53,6 +58,10 @@ def export_prompt_cache(
     validate_agent_id(blocks.agent_id)
     pool.check_live(blocks)
     spec, n = pool.spec, blocks.total_tokens
+    if spec.has_recurrent:
+        raise UnsupportedModelError(
+            f"recurrent states ({spec.describe()}) are not exported to prompt caches yet"
+        )
     group_of_layer = spec.group_of_layer()
     caches: list[Any] = []
     for i, layer in enumerate(spec.layers):

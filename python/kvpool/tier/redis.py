@@ -130,6 +130,11 @@ class RedisTier:
                 f"{sorted(set(sliding))} in {len(spec.groups)} layer groups); use a local "
                 "--cache-url (file://...)"
             )
+        if spec.has_recurrent:
+            raise UnsupportedModelError(
+                "the Redis cache tier does not hold recurrent states yet "
+                f"({spec.describe()}); use a local --cache-url (file://...)"
+            )
         if ttl_s is not None and (isinstance(ttl_s, bool) or ttl_s < 1):
             raise InvalidRequestError(f"ttl_s must be >= 1 or None, got {ttl_s!r}")
         self.client = client
