@@ -122,6 +122,9 @@ class _Request:
     # there; its followers, queued with the same uncached prefix, wait for it.
     prefix_end: int = 0
     followers: list[_Request] = field(default_factory=list)
+    # Block boundaries of the prompt where its prefill stops (one segment each) and
+    # publishes the prefix: prefix_end and, for a recurrent model, state snapshots.
+    segment_ends: list[int] = field(default_factory=list)
 
     @property
     def reused(self) -> int:
@@ -159,6 +162,13 @@ class BlockPoolBatchEngine:
     mlx-lm pads a prefill batch to its longest row, so a long new prompt
     batched with short resumes would slow them all. ``False`` inserts every
     request in the step it was submitted, as plain mlx-lm batches them.
+
+    A recurrent model's state (``ArraysCache``) cannot be trimmed to a prefix: the pool
+    keeps it at each sequence's end (the agent's next turn) and at block boundaries where
+    a prefill stopped. ``state_snapshot_blocks=k`` makes every prefill stop every ``k``
+    blocks (a segment of mlx-lm's ``insert_segments``) and publish its prefix there,
+    state included, so later prompts sharing it resume from it; None (the default) stops
+    only at shared-prefix ends of requests queued together.
     """
 
     def __init__(
@@ -175,6 +185,7 @@ class BlockPoolBatchEngine:
         vocab_size: int | None = None,
         prefix_sharing: bool = True,
         prefill_waves: bool = True,
+        state_snapshot_blocks: int | None = None,
     ) -> None:
         if model is None:
             raise InvalidRequestError("model is required")
@@ -196,6 +207,13 @@ class BlockPoolBatchEngine:
         }
         self.prefix_sharing = bool(prefix_sharing)
         self.prefill_waves = bool(prefill_waves)
+        # A recurrent model's prefill stops every this many blocks to snapshot its state
+        # there (published like a shared prefix); None: at shared-prefix ends only.
+        self.state_snapshot_blocks = (
+            None
+            if state_snapshot_blocks is None
+            else validate_count("state_snapshot_blocks", state_snapshot_blocks)
+        )
         self._gen: Any = None
         self._lock = threading.Lock()
         self._uids = itertools.count()
@@ -558,10 +576,9 @@ class BlockPoolBatchEngine:
             if request.sampling.stop_token_ids:
                 stops = self._eos | set(request.sampling.stop_token_ids)
                 kwargs["stop_sequences"] = [make_stop_sequences(stops)]
-            end = request.prefix_end
-            segments = [list(request.prompt[reused:])]
-            if end:
-                segments = [list(request.prompt[reused:end]), list(request.prompt[end:])]
+            request.segment_ends = self._segment_ends(request)
+            bounds = [reused, *request.segment_ends, len(request.prompt)]
+            segments = [list(request.prompt[a:b]) for a, b in itertools.pairwise(bounds)]
             (gen_uid,) = self._generator().insert_segments(
                 [segments],
                 max_tokens=[request.max_tokens],
@@ -575,15 +592,27 @@ class BlockPoolBatchEngine:
         self._running[request.gen_uid] = request
         return None
 
+    def _segment_ends(self, request: _Request) -> list[int]:
+        """Where the request's prefill stops to publish its prefix: its ``prefix_end`` (a
+        leader) and, for a recurrent model, every ``state_snapshot_blocks``-th block
+        boundary past what it reuses (short of its last token)."""
+        ends = {request.prefix_end} if request.prefix_end else set()
+        every = self.state_snapshot_blocks
+        if every and self.prefix_sharing and self.spec.has_recurrent:
+            step = every * self.spec.block_tokens
+            ends.update(range((request.reused // step + 1) * step, len(request.prompt), step))
+        return sorted(e for e in ends if request.reused < e < len(request.prompt))
+
     def _publish_prefixes(self, prompt_responses: Sequence[Any]) -> list[CompletedGeneration]:
-        """Leaders whose prefill reached ``prefix_end`` publish those blocks; their
-        followers then start from them. Returns the followers that failed to start."""
+        """Requests whose prefill reached a segment end publish the prefix there (blocks and,
+        for a recurrent model, a snapshot of its state); a leader's followers then start
+        from it. Returns the followers that failed to start."""
         done: list[CompletedGeneration] = []
         for response in prompt_responses:
             request = self._running.get(int(response.uid))
-            if request is None or not (request.prefix_end and response.end_of_segment):
+            if request is None or not (request.segment_ends and response.end_of_segment):
                 continue
-            end, request.prefix_end = request.prefix_end, 0
+            end = request.segment_ends.pop(0)
             try:
                 caches, tokens = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
                 if cache_length(caches, len(tokens)) == end:
@@ -593,7 +622,9 @@ class BlockPoolBatchEngine:
                 self._gen.remove([request.gen_uid])
                 done.append(self._fail(request, exc, "could not publish the shared prefix"))
                 continue  # _fail queued the followers: they start on their own
-            done.extend(self._release_followers(request))
+            if end == request.prefix_end:
+                request.prefix_end = 0
+                done.extend(self._release_followers(request))
         return done
 
     def _release_followers(self, leader: _Request) -> list[CompletedGeneration]:

@@ -9,7 +9,8 @@ Each layer group (:attr:`ModelCacheSpec.groups`) has its own blocks. Sized by a
 byte budget, a model with one group gets ``max_bytes // bytes_per_block``
 blocks; with sliding-window groups, the budget is split so that every group
 runs out at the same number of agents of ``reference_tokens`` tokens each (a
-sliding group needs only ``ceil(W / B) + 1`` blocks per agent).
+sliding group needs only ``ceil(W / B) + 1`` blocks per agent, a recurrent group 2
+states: its end state and the next turn's, or a snapshot).
 
 The block format (dense, or 8/4-bit affine-quantized at rest) is the spec's
 (:attr:`ModelCacheSpec.format`): byte budgets count bytes at rest, so a 4-bit pool of
@@ -31,7 +32,7 @@ from typing import TypeVar
 
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch
 from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
-from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
@@ -108,6 +109,10 @@ def _default_storage(spec: ModelCacheSpec, blocks_per_group: tuple[int, ...]) ->
     return make_slab_storage(spec, blocks_per_group)
 
 
+RECURRENT_BLOCKS_PER_AGENT = 2
+"""State blocks a reference agent counts for in a recurrent group's share of a budget."""
+
+
 def split_budget(
     spec: ModelCacheSpec, max_bytes: int, reference_tokens: int = DEFAULT_REFERENCE_TOKENS
 ) -> tuple[int, ...]:
@@ -129,7 +134,10 @@ def split_budget(
     per_agent = []
     for group in groups:
         blocks = -(-reference_tokens // size)
-        if group.window is not None:
+        if group.kind is AttentionKind.RECURRENT:
+            # one state at the end, and one for the turn in flight (or a snapshot)
+            blocks = RECURRENT_BLOCKS_PER_AGENT
+        elif group.window is not None:
             blocks = min(blocks, -(-group.window // size) + 1)
         per_agent.append(blocks)
     agent_bytes = sum(n * b for n, b in zip(per_agent, per_block, strict=True))

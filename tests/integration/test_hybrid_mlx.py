@@ -33,10 +33,13 @@ def _model(models: dict[str, Any], name: str) -> Any:
     return models[name]
 
 
-def _engine(model: Any, tokenizer: Any, num_blocks: int = 64) -> tuple[Any, BlockPool]:
+def _engine(
+    model: Any, tokenizer: Any, num_blocks: int = 64, snapshots: int | None = None
+) -> tuple[Any, BlockPool]:
     spec = ModelCacheSpec.from_model(model, block_tokens=BLOCK)
     pool = BlockPool(spec, num_blocks=num_blocks)
-    return BlockPoolBatchEngine(model, tokenizer, pool, spec), pool
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec, state_snapshot_blocks=snapshots)
+    return engine, pool
 
 
 def _ids(rng: random.Random, n: int) -> list[int]:
@@ -182,4 +185,30 @@ def test_a_request_that_does_not_fit_leaves_nothing_behind(
     with pytest.raises(PoolExhaustedError):
         engine.submit("a", _ids(rng, 60), max_tokens=MAX_TOKENS)
     assert pool.usage().num_used == 0
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize(("every", "reused"), [(None, 0), (1, 32), (2, 32), (3, 0)])
+def test_state_snapshots_serve_a_later_agent(
+    every: int | None,
+    reused: int,
+    models: dict[str, Any],
+    tiny_model: LoadedModel,
+    reference_generate: Reference,
+) -> None:
+    """Agent a prefills 45 tokens with a snapshot every ``every`` blocks of 16; agent b comes
+    later with a's first 40: it resumes at the last snapshot below 40 (none at 48 for
+    every 3rd block), token-equal to a fresh run."""
+    model, tokenizer = _model(models, "qwen3_next"), tiny_model[1]
+    engine, pool = _engine(model, tokenizer, snapshots=every)
+    rng = random.Random(6)
+    a = _ids(rng, 45)
+    engine.submit("a", a, max_tokens=MAX_TOKENS)
+    (done_a,) = engine.drain()
+    assert list(done_a.token_ids) == _fresh(reference_generate, model, tokenizer, a)
+    b = [*a[:40], *_ids(rng, 6)]
+    engine.submit("b", b, max_tokens=MAX_TOKENS)
+    (done_b,) = engine.drain()
+    assert done_b.cached_tokens == reused
+    assert list(done_b.token_ids) == _fresh(reference_generate, model, tokenizer, b)
     pool.check_invariants()

@@ -1,0 +1,114 @@
+"""The engine on a recurrent hybrid (fakes): end states resume the agent's next turn, state
+snapshots taken at segment ends let other agents share a prefix, all token-exact."""
+
+from __future__ import annotations
+
+import pytest
+from fakes import B, prompt_of
+
+from kvpool import AttentionKind, BlockPool, BlockPoolBatchEngine, LayerSpec, ModelCacheSpec
+from kvpool.cache import KVCacheManager, Reservation
+from kvpool.cache.spec import StateSpec
+from kvpool.testing import (
+    FakeBatchGenerator,
+    FakeModel,
+    FakeStorage,
+    FakeTokenizer,
+    reference_tokens,
+)
+
+HYBRID = ModelCacheSpec(
+    (
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
+        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
+    ),
+    "float32",
+    B,
+)
+
+
+def _engine(snapshots: int | None, num_blocks: int = 64) -> tuple[BlockPoolBatchEngine, BlockPool]:
+    pool = BlockPool(HYBRID, num_blocks=num_blocks, storage=FakeStorage)
+    engine = BlockPoolBatchEngine(
+        FakeModel(HYBRID), FakeTokenizer(), pool, HYBRID,
+        batch_gen_factory=FakeBatchGenerator, state_snapshot_blocks=snapshots,
+    )  # fmt: skip
+    return engine, pool
+
+
+def test_turns_resume_from_the_end_state() -> None:
+    engine, pool = _engine(None)
+    context, cache = prompt_of(10), None
+    for turn in range(4):
+        engine.submit("a", context, cache, max_tokens=3)
+        (c,) = engine.drain()
+        assert list(c.token_ids) == reference_tokens(engine.model, context, 3)
+        assert c.cached_tokens == (cache.total_tokens if cache is not None else 0)
+        cache = c.blocks
+        context = [*context, *c.token_ids, *prompt_of(1 + turn, seed=turn)]
+    assert cache is not None
+    assert len(cache.tables[1].held) == 1  # one state: at the end
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize(("every", "reused"), [(None, 0), (1, 12), (2, 8), (4, 0)])
+def test_snapshots_let_a_later_agent_share_a_prefix(every: int | None, reused: int) -> None:
+    """Agent a prefills 14 tokens; b arrives later with a's first 13. With snapshots every
+    block (of 4) b resumes at 12, every 2nd at 8, every 4th (16) or none: nothing (the
+    attention blocks alone cannot serve a model with a state)."""
+    engine, pool = _engine(every)
+    a = prompt_of(14)
+    engine.submit("a", a, max_tokens=2)
+    (done_a,) = engine.drain()
+    b = [*a[:13], 99, 98]
+    engine.submit("b", b, max_tokens=3)
+    (done_b,) = engine.drain()
+    assert done_b.cached_tokens == reused
+    assert list(done_b.token_ids) == reference_tokens(engine.model, b, 3)
+    # the snapshots are cached-free once a finished (evictable like any cached block)
+    usage = pool.usage().groups[1]
+    assert usage.num_used == 2  # a's end state and b's
+    assert usage.num_cached == (0 if every in (None, 4) else 12 // (every * B))
+    pool.check_invariants()
+    pool.release(done_a.blocks)
+    pool.release(done_b.blocks)
+    assert pool.num_used == 0
+
+
+def test_snapshots_do_not_change_the_tokens_of_a_batch() -> None:
+    prompts = {f"a{i}": [*prompt_of(9), *prompt_of(3 + 2 * i, seed=i)] for i in range(3)}
+    outs = {}
+    for every in (None, 1):
+        engine, pool = _engine(every)
+        for agent, prompt in prompts.items():
+            engine.submit(agent, prompt, max_tokens=4)
+        outs[every] = {c.agent_id: list(c.token_ids) for c in engine.drain()}
+        pool.check_invariants()
+    assert outs[None] == outs[1]
+    for agent, prompt in prompts.items():
+        assert outs[1][agent] == reference_tokens(FakeModel(HYBRID), prompt, 4)
+
+
+def test_a_snapshot_that_does_not_fit_is_skipped() -> None:
+    """Snapshots take recurrent blocks beyond the request's own end state: with none free
+    ``place_prefix`` says so and changes nothing (the engine's publish returns False and
+    the prefill goes on)."""
+    m = KVCacheManager(HYBRID, [8, 1])
+    res = m.reserve("a", prompt_of(9), 2, m.lookup(prompt_of(9)))
+    assert isinstance(res, Reservation)
+    m.release_pin(res)
+    before = m.usage()
+    assert m.place_prefix(res, 4) is None
+    assert m.usage() == before
+    m.rollback(res)
+    assert m.usage().num_used == 0
+
+
+def test_a_byte_budget_gives_a_recurrent_group_two_states_per_reference_agent() -> None:
+    pool = BlockPool(HYBRID, max_bytes=1 << 20, storage=FakeStorage, reference_tokens=64)
+    full, states = pool.blocks_per_group
+    assert full // states == 64 // B // 2  # 16 blocks of 4 tokens : 2 states, per agent
+    assert sum(n * pool.spec.group_bytes_per_block(g) for g, n in enumerate((full, states))) <= (
+        1 << 20
+    )
