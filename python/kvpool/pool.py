@@ -33,7 +33,7 @@ from typing import TypeVar
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch
 from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
 from kvpool.cache.spec import AttentionKind, ModelCacheSpec
-from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV
+from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV, LayerState
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
 
@@ -321,6 +321,12 @@ class BlockPool:
         self.check_live(handle)
         tables = tuple(t.block_ids for t in handle.tables)
         return self._storage.read_codes(tables, layers, start, stop)
+
+    def read_states(self, handle: CacheHandle, layers: Sequence[int]) -> list[LayerState]:
+        """The end states of recurrent ``layers`` of a live handle, on the host."""
+        self.check_live(handle)
+        tables = tuple(t.block_ids for t in handle.tables)
+        return self._storage.read_states(tables, layers, handle.total_tokens)
 
     def write_from_host(
         self, agent_id: str, tokens: Sequence[int], *, salt: str = ""

@@ -35,6 +35,7 @@ from kvpool.cache.storage import (
     HostArray,
     LayerCodes,
     LayerKV,
+    LayerState,
     QuantizedRows,
     first_writable,
     host_dtype,
@@ -162,6 +163,7 @@ class FakeStorage:
         self.slots: list[dict[int, int]] = [{} for _ in spec.layers]  # position slot -> token
         # recurrent layers: block -> the tokens its state was computed from
         self.states: list[dict[int, tuple[int, ...]]] = [{} for _ in spec.layers]
+        self._state_of_digest: dict[int, tuple[int, ...]] = {}  # read_states' host form
         self._group_of_layer = spec.group_of_layer()
         self.num_loads = 0
         self.num_stores = 0
@@ -240,6 +242,38 @@ class FakeStorage:
                 tokens.append(self.slots[i][slot])
             out.append(LayerKV(i, start, *self._encode(i, tokens)))
         return out
+
+    def read_states(
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], num_tokens: int
+    ) -> list[LayerState]:
+        """A state as host arrays: element 0 of the first array holds the bits of a
+        digest of its tokens (the fake keeps digest -> tokens), the rest stays 0."""
+        out = []
+        for i in layers:
+            block = tables[self._group_of_layer[i]][(num_tokens - 1) // self.spec.block_tokens]
+            state = self.states[i][block]
+            assert len(state) == num_tokens, f"layer {i}: a state of {len(state)} tokens"
+            digest = zlib.crc32(",".join(map(str, state)).encode())
+            self._state_of_digest[digest] = state
+            arrays = []
+            for e, spec in enumerate(self.spec.layers[i].states):
+                array = np.zeros(spec.shape, host_dtype(spec.dtype))
+                if e == 0:
+                    array.reshape(-1).view(np.uint8)[:4] = np.frombuffer(
+                        digest.to_bytes(4, "little"), np.uint8
+                    )
+                arrays.append(array)
+            out.append(LayerState(i, num_tokens, tuple(arrays)))
+        return out
+
+    def write_states(self, tables: Sequence[Sequence[int]], states: Sequence[LayerState]) -> None:
+        for st in states:
+            i = st.layer
+            block = tables[self._group_of_layer[i]][(st.num_tokens - 1) // self.spec.block_tokens]
+            digest = int.from_bytes(st.arrays[0].reshape(-1).view(np.uint8)[:4].tobytes(), "little")
+            tokens = self._state_of_digest.get(digest)
+            assert tokens is not None and len(tokens) == st.num_tokens, "an unknown fake state"
+            self.states[i][block] = tokens
 
     def write_layers(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV]) -> None:
         for kv in kvs:

@@ -4,6 +4,7 @@ mlx-lm run, on the tiny configurations of mlx-lm's own test suite (:mod:`hybrid_
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -13,6 +14,8 @@ from hybrid_configs import HYBRID_CONFIGS, build_hybrid
 
 from kvpool import AttentionKind, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
 from kvpool.errors import PoolExhaustedError
+from kvpool.persist import cache_path, load_cache, model_fingerprint, read_cache_info, save_cache
+from kvpool.store import AgentCacheStore
 
 BLOCK = 16  # small blocks: every turn crosses several of them
 MAX_TOKENS = 8
@@ -212,3 +215,55 @@ def test_state_snapshots_serve_a_later_agent(
     assert done_b.cached_tokens == reused
     assert list(done_b.token_ids) == _fresh(reference_generate, model, tokenizer, b)
     pool.check_invariants()
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "mamba2", "granitemoehybrid"])
+def test_store_evicts_to_disk_and_resumes_from_the_file(
+    name: str,
+    tmp_path: Path,
+    models: dict[str, Any],
+    tiny_model: LoadedModel,
+    reference_generate: Reference,
+) -> None:
+    """The store writes a hybrid agent's cache (KV blocks and end states, format version 3)
+    to disk, frees its blocks, reads it back on the next turn: token-equal, every prompt
+    token but the new ones reused."""
+    model, tokenizer = _model(models, name), tiny_model[1]
+    engine, pool = _engine(model, tokenizer)
+    store = AgentCacheStore(engine, tmp_path, fingerprint=model_fingerprint(model))
+    rng = random.Random(7)
+    context = _ids(rng, 37)
+    store.submit("a", context, max_tokens=MAX_TOKENS)
+    (first,) = store.drain()
+    assert store.evict("a")
+    assert pool.usage().num_used == 0
+    info = read_cache_info(cache_path(tmp_path, "a"))
+    assert info.format_version == 3
+    nxt = [*context, *first.token_ids, *_ids(rng, 1)]
+    store.submit("a", nxt, max_tokens=MAX_TOKENS)
+    (second,) = store.drain()
+    assert second.error is None, second.error
+    assert second.cached_tokens == info.num_tokens
+    assert list(second.token_ids) == _fresh(reference_generate, model, tokenizer, nxt)
+    store.close()
+    pool.check_invariants()
+
+
+def test_a_reloaded_state_is_bit_exact(
+    tmp_path: Path, models: dict[str, Any], tiny_model: LoadedModel
+) -> None:
+    model, tokenizer = _model(models, "qwen3_next"), tiny_model[1]
+    engine, pool = _engine(model, tokenizer)
+    engine.submit("a", _ids(random.Random(8), 30), max_tokens=MAX_TOKENS)
+    (done,) = engine.drain()
+    layers = [i for i, layer in enumerate(pool.spec.layers) if layer.states]
+    before = pool.read_states(done.blocks, layers)
+    save_cache(tmp_path / "a.kvcache.safetensors", pool, done.blocks, fingerprint="fp")
+    pool.release(done.blocks)
+    loaded = load_cache(tmp_path / "a.kvcache.safetensors", pool, fingerprint="fp")
+    after = pool.read_states(loaded, layers)
+    for a, b in zip(before, after, strict=True):
+        assert a.num_tokens == b.num_tokens == loaded.total_tokens
+        for x, y in zip(a.arrays, b.arrays, strict=True):
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+            assert x.any()

@@ -3,12 +3,16 @@ snapshots taken at segment ends let other agents share a prefix, all token-exact
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fakes import B, prompt_of
 
 from kvpool import AttentionKind, BlockPool, BlockPoolBatchEngine, LayerSpec, ModelCacheSpec
 from kvpool.cache import KVCacheManager, Reservation
 from kvpool.cache.spec import StateSpec
+from kvpool.errors import CacheCorruptionError
+from kvpool.persist import load_cache, read_cache_info, save_cache
 from kvpool.testing import (
     FakeBatchGenerator,
     FakeModel,
@@ -112,3 +116,46 @@ def test_a_byte_budget_gives_a_recurrent_group_two_states_per_reference_agent() 
     assert sum(n * pool.spec.group_bytes_per_block(g) for g, n in enumerate((full, states))) <= (
         1 << 20
     )
+
+
+def test_a_saved_hybrid_cache_loads_and_resumes(tmp_path: Path) -> None:
+    """Format version 3: the end states go to the file and back, bit for bit (the fake's
+    digest), and the loaded cache resumes the next turn token-exact."""
+    engine, pool = _engine(None)
+    context = prompt_of(10)
+    engine.submit("a", context, max_tokens=3)
+    (done,) = engine.drain()
+    path = tmp_path / "a.kvcache.safetensors"
+    save_cache(path, pool, done.blocks, fingerprint="fp")
+    info = read_cache_info(path)
+    assert info.format_version == 3 and info.spec == HYBRID
+    assert [t.name for t in info.tensors if t.layer == 1] == [
+        "layers.1.state.0",
+        "layers.1.state.1",
+    ]
+    pool.release(done.blocks)
+    assert pool.num_used == 0
+    loaded = load_cache(path, pool, fingerprint="fp")
+    assert loaded.token_ids == done.blocks.token_ids
+    nxt = [*context, *done.token_ids, 7]
+    engine.submit("a", nxt, loaded, max_tokens=3)
+    (second,) = engine.drain()
+    assert second.cached_tokens == loaded.total_tokens
+    assert list(second.token_ids) == reference_tokens(engine.model, nxt, 3)
+    pool.check_invariants()
+
+
+def test_a_corrupt_state_in_a_file_leaves_nothing_behind(tmp_path: Path) -> None:
+    engine, pool = _engine(None)
+    engine.submit("a", prompt_of(10), max_tokens=3)
+    (done,) = engine.drain()
+    path = tmp_path / "a.kvcache.safetensors"
+    save_cache(path, pool, done.blocks, fingerprint="fp")
+    pool.release(done.blocks)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last tensor: layer 2's last state array
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptionError, match=r"layers\.2\.state\.1"):
+        load_cache(path, pool, fingerprint="fp")
+    assert pool.num_used == 0
+    pool.check_invariants()

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from kvpool.cache.manager import KVCacheManager, PoolFull, PrefixMatch, Reservation
-from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV
+from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV, LayerState
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError
 
@@ -260,16 +260,31 @@ class HostWrite:
     def tokens(self) -> tuple[int, ...]:
         return self._res.tokens
 
-    def write(self, rows: Sequence[LayerKV | LayerCodes]) -> None:
+    def write(self, rows: Sequence[LayerKV | LayerCodes | LayerState]) -> None:
         """Write host rows (cut to the positions this write owns) into the blocks: dense
-        rows quantize on the way in for a quantized pool; codes go in bit for bit."""
+        rows quantize on the way in for a quantized pool; codes go in bit for bit; a
+        recurrent layer's end state goes into its own block (unless the pool already held
+        the state at exactly these tokens: then it is shared, not written)."""
         self._expect_open()
         dense = [r for r in rows if isinstance(r, LayerKV)]
         codes = [r for r in rows if isinstance(r, LayerCodes)]
+        states = [r for r in rows if isinstance(r, LayerState)]
         if dense:
             self._storage.write_layers(self.tables, self._writable(dense))
         if codes:
             self._storage.write_codes(self.tables, self._writable(codes))
+        if (
+            states
+            and (len(self.tokens) - 1) // self._manager.block_tokens * (self._manager.block_tokens)
+            >= self.shared_tokens
+        ):
+            for st in states:
+                if st.num_tokens != len(self.tokens):
+                    raise InvalidRequestError(
+                        f"layer {st.layer}: a state after {st.num_tokens} tokens for a cache "
+                        f"of {len(self.tokens)}"
+                    )
+            self._storage.write_states(self.tables, states)
 
     def _expect_open(self) -> None:
         if self.state is not SequenceState.OPEN:

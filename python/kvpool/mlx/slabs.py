@@ -36,6 +36,7 @@ from kvpool.cache.storage import (
     HostArray,
     LayerCodes,
     LayerKV,
+    LayerState,
     QuantizedRows,
     first_writable,
     host_dtype,
@@ -233,6 +234,26 @@ class SlabStorage(ABC):
             slab[block : block + 1] = state.astype(slab.dtype)  # in place: the only reference
         return j * size
 
+    def read_states(
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], num_tokens: int
+    ) -> list[LayerState]:
+        out = []
+        j = (num_tokens - 1) // self.spec.block_tokens
+        for i in layers:
+            block = mx.array([tables[self._group_of_layer[i]][j]])
+            arrays = _to_host([mx.take(a, block, axis=0) for a in self.states[i]])
+            out.append(LayerState(i, num_tokens, tuple(np.ascontiguousarray(a) for a in arrays)))
+        return out
+
+    def write_states(self, tables: Sequence[Sequence[int]], states: Sequence[LayerState]) -> None:
+        size = self.spec.block_tokens
+        for state in states:
+            i = state.layer
+            block = tables[self._group_of_layer[i]][(state.num_tokens - 1) // size]
+            for slab, host in zip(self.states[i], state.arrays, strict=True):
+                slab[block : block + 1] = self._to_device(host).astype(slab.dtype)
+            self._eval_slabs([i])
+
     def read_layers(
         self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
     ) -> list[LayerKV]:
@@ -271,9 +292,10 @@ class SlabStorage(ABC):
     # -- host conversions --------------------------------------------------------
 
     def _to_device(self, host: HostArray) -> mx.array:
-        """``[H, T, D]`` host array -> ``[1, H, T, D]`` array of the slab dtype (a copy)."""
+        """``[H, T, D]`` host array -> ``[1, H, T, D]`` array of the slab dtype (a copy);
+        uint16 bits are bfloat16 (numpy has none)."""
         array = mx.array(host)[None]
-        if self.spec.dtype == "bfloat16" and array.dtype == mx.uint16:
+        if array.dtype == mx.uint16:
             array = array.view(mx.bfloat16)
         return array
 
