@@ -340,13 +340,14 @@ class BlockPool:
         self,
         agent_id: str,
         tokens: Sequence[int],
-        kvs: Sequence[LayerKV],
+        kvs: Sequence[LayerKV | LayerState],
         *,
         valid_from: int = 0,
         salt: str = "",
     ) -> CacheHandle:
         """A handle of ``tokens`` whose K/V comes from the host (``kvs``: every layer,
-        sliding ones from ``valid_from``); blocks the pool holds for a prefix are
+        sliding ones from ``valid_from``, recurrent ones as their end state); blocks the
+        pool holds for a prefix are
         shared instead. Raises PoolExhaustedError (nothing taken) if it does not fit."""
         got = self.write_from_host(agent_id, tokens, salt=salt)
         if isinstance(got, PoolFull):

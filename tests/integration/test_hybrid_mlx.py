@@ -14,7 +14,15 @@ from hybrid_configs import HYBRID_CONFIGS, build_hybrid
 
 from kvpool import AttentionKind, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
 from kvpool.errors import PoolExhaustedError
-from kvpool.persist import cache_path, load_cache, model_fingerprint, read_cache_info, save_cache
+from kvpool.persist import (
+    cache_path,
+    export_prompt_cache,
+    import_prompt_cache,
+    load_cache,
+    model_fingerprint,
+    read_cache_info,
+    save_cache,
+)
 from kvpool.store import AgentCacheStore
 
 BLOCK = 16  # small blocks: every turn crosses several of them
@@ -267,3 +275,43 @@ def test_a_reloaded_state_is_bit_exact(
         for x, y in zip(a.arrays, b.arrays, strict=True):
             assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
             assert x.any()
+
+
+def test_prompt_cache_export_runs_in_mlx_lm_and_imports_back(
+    tmp_path: Path, models: dict[str, Any], tiny_model: LoadedModel, reference_generate: Reference
+) -> None:
+    """mlx-lm's own prompt-cache file of a hybrid agent (KVCache + ArraysCache layers): mlx-lm
+    resumes from it token-equal, and it imports back into a pool that resumes equally."""
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import ArraysCache, load_prompt_cache
+
+    model, tokenizer = _model(models, "qwen3_5"), tiny_model[1]
+    engine, pool = _engine(model, tokenizer)
+    rng = random.Random(9)
+    context = _ids(rng, 33)
+    engine.submit("a", context, max_tokens=MAX_TOKENS)
+    (done,) = engine.drain()
+    path = tmp_path / "a.safetensors"
+    export_prompt_cache(path, pool, done.blocks)
+    nxt = [*context, *done.token_ids, *_ids(rng, 1)]
+    expected = _fresh(reference_generate, model, tokenizer, nxt)
+    caches = load_prompt_cache(str(path))
+    assert sum(type(c) is ArraysCache for c in caches) == 3
+    held = list(done.blocks.token_ids)
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)])
+    gen.insert([nxt[len(held) :]], [MAX_TOKENS], caches=[caches], all_tokens=[list(held)])
+    got: list[int] = []
+    finished = False
+    while not finished:
+        for r in gen.next()[1]:
+            got.append(int(r.token))
+            finished = finished or r.finish_reason is not None
+    gen.close()
+    assert got == expected
+    pool.release(done.blocks)
+    handle = import_prompt_cache(path, pool)
+    engine.submit("a", nxt, handle, MAX_TOKENS)
+    (second,) = engine.drain()
+    assert second.cached_tokens == len(held)
+    assert list(second.token_ids) == expected
+    pool.check_invariants()
