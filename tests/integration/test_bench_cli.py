@@ -106,6 +106,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "quant",
         "quality",
         "redis",
+        "hybrid",
     ]
 
 

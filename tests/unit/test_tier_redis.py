@@ -132,6 +132,20 @@ def test_sliding_window_models_are_refused_clearly() -> None:
         RedisTier(FakeRedis(), spec=swa, fingerprint=FP)
 
 
+def test_recurrent_models_are_refused_clearly() -> None:
+    from kvpool import StateSpec
+
+    hybrid = ModelCacheSpec(
+        (
+            LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+            LayerSpec.recurrent((StateSpec((2, 8), "float32"),)),
+        ),
+        block_tokens=B,
+    )
+    with pytest.raises(UnsupportedModelError, match="recurrent states"):
+        RedisTier(FakeRedis(), spec=hybrid, fingerprint=FP)
+
+
 def test_cache_url_picks_the_tier(tmp_path: object) -> None:
     assert local_path("file:///var/x") is not None and str(local_path("file:///var/x")) == "/var/x"
     assert str(local_path("some/dir")) == "some/dir"

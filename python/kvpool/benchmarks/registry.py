@@ -139,5 +139,11 @@ REGISTRY: dict[str, Benchmark] = {
             "a session resumed on another engine from Redis vs prefill; bytes of a shared prompt",
             takes_model=True,
         ),
+        Benchmark(
+            "hybrid",
+            "hybrid",
+            "a Qwen3-Next-shaped hybrid: bytes per agent, resume vs re-prefill, state snapshots",
+            takes_model=True,
+        ),
     )
 }
