@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx.nn.layers.embedding import Embedding
+from mlx.nn.layers.linear import Linear
 
 from kvpool.mlx.mlx_lm import model_module
 
@@ -168,7 +169,7 @@ def build_hybrid(name: str, *, seed: int = 0, weight_scale: float = 4.0) -> Any:
     model = module.Model(module.ModelArgs.from_dict(config))
     model.set_dtype(mx.float32)
     for _, layer in model.named_modules():
-        if isinstance(layer, (nn.Linear, nn.Embedding)):
+        if isinstance(layer, (Linear, Embedding)):
             layer.weight = layer.weight * weight_scale
     mx.eval(model.parameters())
     return model

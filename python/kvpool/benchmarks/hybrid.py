@@ -72,7 +72,8 @@ TARGET_SPEEDUP = 10.0
 
 def _build(quick: bool) -> Any:
     import mlx.core as mx
-    import mlx.nn as nn
+    from mlx.nn.layers.embedding import Embedding
+    from mlx.nn.layers.linear import Linear
 
     from kvpool.mlx.mlx_lm import model_module
 
@@ -82,7 +83,7 @@ def _build(quick: bool) -> Any:
     model = module.Model(module.ModelArgs.from_dict(config))
     model.set_dtype(mx.float32)
     for _, layer in model.named_modules():
-        if isinstance(layer, (nn.Linear, nn.Embedding)):
+        if isinstance(layer, (Linear, Embedding)):
             layer.weight = layer.weight * 4.0
     mx.eval(model.parameters())
     return model
