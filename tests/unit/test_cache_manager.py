@@ -251,6 +251,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     states = [g for g, p in enumerate(m.policies) if p.is_recurrent]
     state_of: dict[int, tuple[int, ...]] = {}  # recurrent block -> the tokens its state is of
     num_state_reads = 0
+    num_snapshots = 0
     vocab = 5  # tiny vocabulary: prompts collide and share often
     live: list[CacheHandle] = []
     open_res: list[tuple[Reservation, list[int], int]] = []
@@ -283,6 +284,9 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
             if isinstance(res, Reservation):
                 if rng.random() < 0.5:
                     m.release_pin(res)
+                    if states and rng.random() < 0.5:  # a snapshot mid-prefill
+                        _snapshot(m, res, prompt, rng, state_of)
+                        num_snapshots += 1
                 open_res.append((res, prompt, max_tokens))
         elif op < 0.65 and open_res:  # a request ends: commit (or fail)
             res, prompt, max_tokens = open_res.pop(rng.randrange(len(open_res)))
@@ -318,6 +322,37 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     if states:
         assert usage.groups[states[0]].num_cached > 0  # end states at boundaries stay findable
         assert num_state_reads > 300  # states were reused, from own ends and by key
+        assert num_snapshots > 100
+
+
+def _snapshot(
+    m: KVCacheManager,
+    res: Reservation,
+    prompt: list[int],
+    rng: random.Random,
+    state_of: dict[int, tuple[int, ...]],
+) -> None:
+    """Publish ``prompt[:length]`` (a block boundary past the match) as a running request
+    does at a segment end: its blocks and the state there (recorded in ``state_of``)."""
+    first = res.match.num_tokens // B + 1
+    last = (len(prompt) - 1) // B
+    if first > last:
+        return
+    length = rng.randint(first, last) * B
+    tables = m.place_prefix(res, length)
+    if tables is None:  # a sliding or recurrent group has no free block: skipped
+        return
+    for g, policy in enumerate(m.policies):
+        if policy.is_recurrent:
+            state_of[tables[g][-1]] = tuple(prompt[:length])
+    start = m.shared_end(res.match)
+    written = [
+        max(start, policy.keep_from(length)) if policy.is_recurrent
+        else start if policy.window is None else max(start, length - policy.window)
+        for policy in m.policies
+    ]  # fmt: skip
+    m.commit_prefix(res, tables, written)
+    m.check_invariants()
 
 
 def _check_match(m: KVCacheManager, prompt: list[int], match: object) -> None:
@@ -355,7 +390,7 @@ def _check_published(m: KVCacheManager, live: list[CacheHandle]) -> None:
                 if alloc.has_content(block):
                     assert _block_tokens(m, g, block) == list(handle.token_ids[j * B : (j + 1) * B])
                     found = alloc.lookup(keys[j], list(handle.token_ids[j * B : (j + 1) * B]))
-                    assert found != -1
+                    assert found != -1, (g, j, block, handle.tables)
 
 
 # -- recurrent groups ---------------------------------------------------------

@@ -617,8 +617,13 @@ class KVCacheManager:
                     alloc.free(res.lease, [block])
                     continue
                 parent = keys[j - 1] if j > 0 else self.root(res.salt)
-                alloc.publish(block, parent, list(tokens[j * size : (j + 1) * size]), keys[j])
-                shared.append((j, block))
+                chunk = list(tokens[j * size : (j + 1) * size])
+                canonical = int(alloc.publish(block, parent, chunk, keys[j]))
+                if canonical != block:  # published meanwhile (or before a shorter match)
+                    alloc.share(res.lease, [canonical])
+                    alloc.invalidate(block)
+                    alloc.free(res.lease, [block])
+                shared.append((j, canonical))
             groups.append(GroupMatch(tuple(shared), (), (), valid))
         res.match = PrefixMatch(length, tuple(groups))
 
