@@ -315,3 +315,32 @@ def test_prompt_cache_export_runs_in_mlx_lm_and_imports_back(
     assert second.cached_tokens == len(held)
     assert list(second.token_ids) == expected
     pool.check_invariants()
+
+
+def test_a_quantized_pool_keeps_states_dense(
+    tmp_path: Path, models: dict[str, Any], tiny_model: LoadedModel
+) -> None:
+    """``--kv-bits 8`` quantizes the attention blocks only: the states stay float32 (bit for
+    bit through a file too), and turns resume from the end state."""
+    model, tokenizer = _model(models, "qwen3_next"), tiny_model[1]
+    spec = ModelCacheSpec.from_model(model, block_tokens=BLOCK).with_format(8)
+    pool = BlockPool(spec, num_blocks=64)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    storage: Any = pool.storage
+    layers = [i for i, layer in enumerate(spec.layers) if layer.states]
+    assert all(slab.dtype == mx.float32 for i in layers for slab in storage.states[i])
+    rng = random.Random(10)
+    context = _ids(rng, 35)
+    engine.submit("a", context, max_tokens=MAX_TOKENS)
+    (first,) = engine.drain()
+    nxt = [*context, *first.token_ids, *_ids(rng, 3)]
+    before = pool.read_states(first.blocks, layers)
+    save_cache(tmp_path / "a.kvcache.safetensors", pool, first.blocks, fingerprint="fp")
+    pool.release(first.blocks)
+    loaded = load_cache(tmp_path / "a.kvcache.safetensors", pool, fingerprint="fp")
+    for a, b in zip(before, pool.read_states(loaded, layers), strict=True):
+        assert all(x.tobytes() == y.tobytes() for x, y in zip(a.arrays, b.arrays, strict=True))
+    engine.submit("a", nxt, loaded, MAX_TOKENS)
+    (second,) = engine.drain()
+    assert second.error is None and second.cached_tokens == loaded.total_tokens
+    pool.check_invariants()

@@ -291,7 +291,7 @@ def _read_data(
         assert first.layer is not None
         arrays = [
             _read_tensor(f, info, t, buf).view(host_dtype_of_tag(t.dtype)).reshape(t.shape)
-            for t, buf in zip(group, ring[j % 2], strict=True)
+            for t, buf in zip(group, ring[j % 2][: len(group)], strict=True)
         ]
         checks = [(t, _hash_async(a)) for t, a in zip(group, arrays, strict=True)]
         if pending is not None:
