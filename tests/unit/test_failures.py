@@ -170,3 +170,28 @@ def _check_exact(
     for agent, c in done.items():
         if c.error is None:
             assert list(c.token_ids) == reference_tokens(model, prompts[agent], 3), agent
+
+
+@pytest.mark.parametrize("fail_at", [("store", 1), ("store", 3), ("load", 2)])
+def test_a_failed_state_snapshot_ends_one_request_and_leaks_nothing(
+    fail_at: tuple[str, int],
+) -> None:
+    """A recurrent model with a state snapshot every block: the leader's prefill stops at
+    every boundary of the system prompt. A failure at a snapshot (or a later read) ends one
+    request; the others are exact; nothing is left held."""
+    engine, pool, _ = make(RECURRENT, state_snapshot_blocks=1)
+    model = engine.model
+    FailingStorage.fail_at = fail_at
+    try:
+        for agent, prompt in PROMPTS.items():
+            engine.submit(agent, prompt, max_tokens=3)
+        done = {c.agent_id: c for c in engine.drain()}
+    finally:
+        FailingStorage.fail_at = None
+    assert sum(c.error is not None for c in done.values()) == 1
+    _check_exact(model, done, PROMPTS)
+    pool.check_invariants()
+    for c in done.values():
+        if c.blocks is not None:
+            pool.release(c.blocks)
+    assert pool.num_used == 0 and pool.num_handles == 0
