@@ -43,6 +43,10 @@ from kvpool.cache.storage import (
 from kvpool.errors import InvalidRequestError
 
 
+_FAKE_STATES: dict[int, tuple[int, ...]] = {}
+"""FakeStorage's host form of a state: digest -> the tokens it was computed from."""
+
+
 @dataclass(slots=True)
 class FakeCache:
     """Token ids at positions ``[offset - len(tokens), offset)`` of one layer.
@@ -163,7 +167,6 @@ class FakeStorage:
         self.slots: list[dict[int, int]] = [{} for _ in spec.layers]  # position slot -> token
         # recurrent layers: block -> the tokens its state was computed from
         self.states: list[dict[int, tuple[int, ...]]] = [{} for _ in spec.layers]
-        self._state_of_digest: dict[int, tuple[int, ...]] = {}  # read_states' host form
         self._group_of_layer = spec.group_of_layer()
         self.num_loads = 0
         self.num_stores = 0
@@ -247,14 +250,15 @@ class FakeStorage:
         self, tables: Sequence[Sequence[int]], layers: Sequence[int], num_tokens: int
     ) -> list[LayerState]:
         """A state as host arrays: element 0 of the first array holds the bits of a
-        digest of its tokens (the fake keeps digest -> tokens), the rest stays 0."""
+        digest of its tokens (every FakeStorage of the process shares digest -> tokens, so
+        a state read from one fake pool can be written into another), the rest stays 0."""
         out = []
         for i in layers:
             block = tables[self._group_of_layer[i]][(num_tokens - 1) // self.spec.block_tokens]
             state = self.states[i][block]
             assert len(state) == num_tokens, f"layer {i}: a state of {len(state)} tokens"
             digest = zlib.crc32(",".join(map(str, state)).encode())
-            self._state_of_digest[digest] = state
+            _FAKE_STATES[digest] = state
             arrays = []
             for e, spec in enumerate(self.spec.layers[i].states):
                 array = np.zeros(spec.shape, host_dtype(spec.dtype))
@@ -271,7 +275,7 @@ class FakeStorage:
             i = st.layer
             block = tables[self._group_of_layer[i]][(st.num_tokens - 1) // self.spec.block_tokens]
             digest = int.from_bytes(st.arrays[0].reshape(-1).view(np.uint8)[:4].tobytes(), "little")
-            tokens = self._state_of_digest.get(digest)
+            tokens = _FAKE_STATES.get(digest)
             assert tokens is not None and len(tokens) == st.num_tokens, "an unknown fake state"
             self.states[i][block] = tokens
 

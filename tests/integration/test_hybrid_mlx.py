@@ -344,3 +344,44 @@ def test_a_quantized_pool_keeps_states_dense(
     (second,) = engine.drain()
     assert second.error is None and second.cached_tokens == loaded.total_tokens
     pool.check_invariants()
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "lfm2"])
+def test_a_redis_round_trip_resumes_on_another_engine(
+    name: str,
+    tmp_path: Path,
+    models: dict[str, Any],
+    tiny_model: LoadedModel,
+    reference_generate: Reference,
+) -> None:
+    """Store A writes a hybrid session to a real redis-server (K/V blocks and the end-state
+    record); store B, another pool, resumes from it token-equal with nothing prefilled again."""
+    from redis_process import RedisProcess
+
+    from kvpool.tier.redis import RedisTier
+
+    model, tokenizer = _model(models, name), tiny_model[1]
+    fingerprint = model_fingerprint(model)
+    rng = random.Random(11)
+    context = _ids(rng, 37)
+    with RedisProcess(tmp_path / "redis") as server:
+
+        def store() -> AgentCacheStore:
+            engine, pool = _engine(model, tokenizer)
+            tier = RedisTier.from_url(server.url, spec=pool.spec, fingerprint=fingerprint)
+            return AgentCacheStore(engine, tier, fingerprint=fingerprint)
+
+        a = store()
+        a.submit("s", context, max_tokens=MAX_TOKENS)
+        (first,) = a.drain()
+        assert a.flush() == 1
+        assert len(server.client().keys("kvpool:st:*")) == 1
+        nxt = [*context, *first.token_ids, *_ids(rng, 1)]
+        b = store()
+        b.submit("s", nxt, max_tokens=MAX_TOKENS)
+        (second,) = b.drain()
+        assert second.error is None, second.error
+        assert second.cached_tokens == len(context) + len(first.token_ids)  # all it held
+        assert list(second.token_ids) == _fresh(reference_generate, model, tokenizer, nxt)
+        a.close()
+        b.close()
