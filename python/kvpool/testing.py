@@ -42,7 +42,6 @@ from kvpool.cache.storage import (
 )
 from kvpool.errors import InvalidRequestError
 
-
 _FAKE_STATES: dict[int, tuple[int, ...]] = {}
 """FakeStorage's host form of a state: digest -> the tokens it was computed from."""
 
