@@ -385,3 +385,21 @@ def test_a_redis_round_trip_resumes_on_another_engine(
         assert list(second.token_ids) == _fresh(reference_generate, model, tokenizer, nxt)
         a.close()
         b.close()
+
+
+def test_bench_hybrid_quick_record() -> None:
+    """``kvpool bench hybrid --quick``: resumed tokens equal re-prefilled ones; snapshots
+    every block save prefill and cost state memory; states are a fraction of the K/V an
+    all-attention model would hold."""
+    from kvpool.benchmarks import hybrid
+
+    r = hybrid.run(True)
+    assert r.resume.tokens_equal
+    assert r.resume.speedup is not None and r.resume.speedup > 1
+    rows = {s.snapshot_blocks: s for s in r.shared}
+    assert rows[1].prefilled_tokens < rows[None].prefilled_tokens == rows[None].prompt_tokens
+    assert rows[1].snapshots_cached > 0 == rows[None].snapshots_cached
+    assert rows[1].state_bytes > rows[None].state_bytes
+    b = r.bytes_per_agent
+    assert b.saved_x is not None and b.saved_x > 1 and b.state_bytes > 0
+    assert r.targets[0].met is None  # judged at 2K only
