@@ -168,7 +168,9 @@ class BlockPoolBatchEngine:
     a prefill stopped. ``state_snapshot_blocks=k`` makes every prefill stop every ``k``
     blocks (a segment of mlx-lm's ``insert_segments``) and publish its prefix there,
     state included, so later prompts sharing it resume from it; None (the default) stops
-    only at shared-prefix ends of requests queued together.
+    only at shared-prefix ends of requests queued together. With prefix sharing on, the
+    state after all but a prompt's last token is kept too (cached-free): a chat's next turn
+    re-templates the reply but starts with the previous prompt.
     """
 
     def __init__(
@@ -598,9 +600,14 @@ class BlockPoolBatchEngine:
         boundary past what it reuses (short of its last token)."""
         ends = {request.prefix_end} if request.prefix_end else set()
         every = self.state_snapshot_blocks
-        if every and self.prefix_sharing and self.spec.has_recurrent:
-            step = every * self.spec.block_tokens
-            ends.update(range((request.reused // step + 1) * step, len(request.prompt), step))
+        if self.prefix_sharing and self.spec.has_recurrent:
+            # the state after all but the prompt's last token (mlx-lm feeds that one on its
+            # own anyway): the next turn of a chat re-templates the reply, but its prompt
+            # starts with this one
+            ends.add(len(request.prompt) - 1)
+            if every:
+                step = every * self.spec.block_tokens
+                ends.update(range((request.reused // step + 1) * step, len(request.prompt), step))
         return sorted(e for e in ends if request.reused < e < len(request.prompt))
 
     def _publish_prefixes(self, prompt_responses: Sequence[Any]) -> list[CompletedGeneration]:
@@ -616,7 +623,10 @@ class BlockPoolBatchEngine:
             try:
                 caches, tokens = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
                 if cache_length(caches, len(tokens)) == end:
-                    request.seq.publish_prefix(caches, end)
+                    if end % self.spec.block_tokens == 0:
+                        request.seq.publish_prefix(caches, end)
+                    else:  # a recurrent model's prompt end: its states only
+                        request.seq.snapshot_state(caches, end)
             except Exception as exc:  # the leader's blocks are in an unknown state: it fails
                 assert request.gen_uid is not None
                 self._gen.remove([request.gen_uid])

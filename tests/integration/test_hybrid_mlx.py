@@ -398,7 +398,7 @@ def test_bench_hybrid_quick_record() -> None:
     assert r.resume.speedup is not None and r.resume.speedup > 1
     rows = {s.snapshot_blocks: s for s in r.shared}
     assert rows[1].prefilled_tokens < rows[None].prefilled_tokens == rows[None].prompt_tokens
-    assert rows[1].snapshots_cached > 0 == rows[None].snapshots_cached
+    assert rows[1].snapshots_cached > rows[None].snapshots_cached  # prompt ends: in both
     assert rows[1].state_bytes > rows[None].state_bytes
     b = r.bytes_per_agent
     assert b.saved_x is not None and b.saved_x > 1 and b.state_bytes > 0

@@ -333,7 +333,18 @@ def _snapshot(
     state_of: dict[int, tuple[int, ...]],
 ) -> None:
     """Publish ``prompt[:length]`` (a block boundary past the match) as a running request
-    does at a segment end: its blocks and the state there (recorded in ``state_of``)."""
+    does at a segment end: its blocks and the state there (recorded in ``state_of``); or,
+    half the time, a state alone at any length (a prompt-end snapshot)."""
+    if rng.random() < 0.5 and len(prompt) > res.match.num_tokens + 1:
+        length = rng.randint(res.match.num_tokens + 1, len(prompt) - 1)
+        placed = m.place_state(res, length)
+        if placed is not None:
+            for g, policy in enumerate(m.policies):
+                if policy.is_recurrent:
+                    state_of[placed[g][-1]] = tuple(prompt[:length])
+            m.commit_state(res, placed, length)
+            m.check_invariants()
+        return
     first = res.match.num_tokens // B + 1
     last = (len(prompt) - 1) // B
     if first > last:

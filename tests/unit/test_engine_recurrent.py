@@ -56,28 +56,57 @@ def test_turns_resume_from_the_end_state() -> None:
     pool.check_invariants()
 
 
-@pytest.mark.parametrize(("every", "reused"), [(None, 0), (1, 12), (2, 8), (4, 0)])
+@pytest.mark.parametrize(("every", "reused"), [(None, 0), (1, 8), (2, 8), (4, 0)])
 def test_snapshots_let_a_later_agent_share_a_prefix(every: int | None, reused: int) -> None:
-    """Agent a prefills 14 tokens; b arrives later with a's first 13. With snapshots every
-    block (of 4) b resumes at 12, every 2nd at 8, every 4th (16) or none: nothing (the
-    attention blocks alone cannot serve a model with a state)."""
+    """Agent a prefills 14 tokens; b arrives later with a's first 11. With snapshots every
+    block (of 4) or every 2nd, b resumes at 8; every 4th (16) or none: nothing (the
+    attention blocks alone cannot serve a model with a state; a's prompt-end snapshot is
+    after 13 tokens, not a prefix of b)."""
     engine, pool = _engine(every)
     a = prompt_of(14)
     engine.submit("a", a, max_tokens=2)
     (done_a,) = engine.drain()
-    b = [*a[:13], 99, 98]
+    b = [*a[:11], 99, 98]
     engine.submit("b", b, max_tokens=3)
     (done_b,) = engine.drain()
     assert done_b.cached_tokens == reused
     assert list(done_b.token_ids) == reference_tokens(engine.model, b, 3)
-    # the snapshots are cached-free once a finished (evictable like any cached block)
+    # snapshots are cached-free once a finished (evictable like any cached block): a's at
+    # block boundaries (4, 8, 12 / 8) and each prompt's end (a's after 13 tokens, b's
+    # after 12: a boundary of its own, b[11] differs from a[11])
     usage = pool.usage().groups[1]
     assert usage.num_used == 2  # a's end state and b's
-    assert usage.num_cached == (0 if every in (None, 4) else 12 // (every * B))
+    assert usage.num_cached == {None: 2, 1: 5, 2: 3, 4: 2}[every]
     pool.check_invariants()
     pool.release(done_a.blocks)
     pool.release(done_b.blocks)
     assert pool.num_used == 0
+
+
+def test_a_prompt_end_snapshot_serves_the_next_turn_of_a_chat() -> None:
+    """A chat re-templates the reply, so the next prompt does not continue the cached
+    sequence; it does start with the previous prompt: its end state after all but the
+    last prompt token is kept, and the next turn resumes there (token-exact)."""
+    engine, _ = _engine(None)
+    first = prompt_of(14)
+    engine.submit("a", first, max_tokens=3)
+    (done,) = engine.drain()
+    nxt = [*first, 7, 7, 7, 7, 7]  # the reply as the template re-renders it: not the tokens
+    engine.submit("a", nxt, done.blocks, max_tokens=3)
+    (second,) = engine.drain()
+    assert second.cached_tokens == len(first) - 1
+    assert list(second.token_ids) == reference_tokens(engine.model, nxt, 3)
+    # negative control: without prefix sharing no snapshot is kept, nothing is reused
+    pool2 = BlockPool(HYBRID, num_blocks=64, storage=FakeStorage)
+    plain = BlockPoolBatchEngine(
+        FakeModel(HYBRID), FakeTokenizer(), pool2, HYBRID,
+        batch_gen_factory=FakeBatchGenerator, prefix_sharing=False,
+    )  # fmt: skip
+    plain.submit("a", first, max_tokens=3)
+    (d,) = plain.drain()
+    plain.submit("a", nxt, d.blocks, max_tokens=3)
+    (s2,) = plain.drain()
+    assert s2.cached_tokens == 0
 
 
 def test_snapshots_do_not_change_the_tokens_of_a_batch() -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 from kvpool import _blocks
 from kvpool.cache.groups import GroupPolicy
-from kvpool.cache.prefix import block_keys, root_key
+from kvpool.cache.prefix import block_keys, chain_key, root_key
 from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import NULL_BLOCK, CacheHandle, GroupTable
 from kvpool.errors import InvalidRequestError, PoolExhaustedError
@@ -248,7 +248,11 @@ class KVCacheManager:
         self.block_tokens = spec.block_tokens
         self.policies = tuple(GroupPolicy(g.kind, g.window, spec.block_tokens) for g in groups)
         self._allocators = [_blocks.BlockAllocator(n, spec.block_tokens) for n in blocks_per_group]
-        self._has_recurrent = any(p.is_recurrent for p in self.policies)
+        self._recurrent = [g for g, p in enumerate(self.policies) if p.is_recurrent]
+        self._has_recurrent = bool(self._recurrent)
+        # parent key -> lengths (< B) of prompt-end snapshots published after it (checked
+        # against the allocators on use: an evicted one is simply not found)
+        self._snapshot_lengths: dict[int, set[int]] = {}
         self._bytes_per_block = tuple(spec.group_bytes_per_block(g) for g in range(len(groups)))
         self._key_salt = key_salt
         self._owner_ids = itertools.count(1)
@@ -335,9 +339,13 @@ class KVCacheManager:
         p = min(self._reach(ctx), max(limit, 0))
         size = self.block_tokens
         candidates = [p, *(j * size for j in range(p // size, -1, -1) if j * size < p)]
-        if own is not None and self._has_recurrent and ctx.own_common == own.total_tokens < p:
-            # a recurrent group also supplies exactly the end of the agent's own sequence
-            candidates = sorted({*candidates, own.total_tokens}, reverse=True)
+        if self._has_recurrent:
+            # a recurrent group supplies a prefix only where a state was taken: add the
+            # lengths of the states the pool holds for prefixes of the prompt
+            extra = set(self._state_lengths(ctx, p))
+            if own is not None and ctx.own_common == own.total_tokens < p:
+                extra.add(own.total_tokens)  # the end of the agent's own sequence
+            candidates = sorted({*candidates, *extra}, reverse=True)
         for candidate in candidates:
             plans = [self._plan(g, candidate, ctx) for g in range(len(self.policies))]
             if all(plan is not None for plan in plans):
@@ -438,6 +446,36 @@ class KVCacheManager:
                 valid_from = max(valid_from, own.tables[g].valid_from)
         return GroupMatch(tuple(shared), pinned, tuple(read), valid_from)
 
+    def _state_lengths(self, ctx: _Lookup, p: int) -> list[int]:
+        """Prompt prefix lengths ``<= p``, not block boundaries, at which a recurrent group
+        holds a published snapshot (taken at a prompt's end)."""
+        if not ctx.shared or p == 0:
+            return []
+        size, out = self.block_tokens, []
+        for j in range((p - 1) // size + 1):
+            parent = ctx.keys[j - 1] if j > 0 else ctx.root
+            lengths = self._snapshot_lengths.get(parent)
+            if not lengths:
+                continue
+            start = j * size
+            for n in sorted(lengths):
+                if start + n > p:
+                    break
+                chunk = ctx.tokens[start : start + n]
+                if any(self._exact_state(g, parent, chunk) != NULL_BLOCK for g in self._recurrent):
+                    out.append(start + n)
+        return out
+
+    def _exact_state(self, g: int, parent: int, chunk: Sequence[int]) -> int:
+        """A snapshot of group ``g`` after exactly ``chunk`` following ``parent``'s tokens
+        (published under their own chain key, so only an exact prefix finds it), or NULL."""
+        exact = chain_key(parent, chunk)
+        alloc = self._allocators[g]
+        child, common = alloc.best_child(exact, list(chunk))
+        if child < 0 or common != len(chunk) or len(alloc.content_tokens(child)) != len(chunk):
+            return NULL_BLOCK
+        return int(child)
+
     def _plan_state(self, g: int, p: int, ctx: _Lookup) -> GroupMatch | None:
         """A recurrent group's part of a match of ``p`` tokens: the state after exactly
         ``p`` tokens, from ``own``'s table (its end, or a snapshot at a boundary) or a
@@ -458,6 +496,9 @@ class KVCacheManager:
             block = own.tables[g].block_ids[j]
         if block == NULL_BLOCK and p % size == 0 and ctx.shared and j < len(ctx.keys):
             block = int(self._allocators[g].lookup(ctx.keys[j], list(ctx.tokens[j * size : p])))
+        if block == NULL_BLOCK and p % size and ctx.shared:
+            parent = ctx.keys[j - 1] if j > 0 else ctx.root
+            block = self._exact_state(g, parent, ctx.tokens[j * size : p])
         if block == NULL_BLOCK:
             return None
         read = (NULL_BLOCK,) * j + (block,)
@@ -627,6 +668,53 @@ class KVCacheManager:
             groups.append(GroupMatch(tuple(shared), (), (), valid))
         res.match = PrefixMatch(length, tuple(groups))
 
+    def place_state(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...] | None:
+        """Tables to write a running request's recurrent states after its first ``length``
+        tokens through (a snapshot anywhere, e.g. at its prompt's end): one fresh block in
+        each recurrent group, at entry ``(length - 1) // B``; other groups' tables all NULL.
+        None, and nothing changed, if a recurrent group has no free block."""
+        if not 0 < length <= len(res.tokens):
+            raise InvalidRequestError(f"a state after {length} of {len(res.tokens)} tokens")
+        entries = -(-length // self.block_tokens)
+        recurrent = [g for g, p in enumerate(self.policies) if p.is_recurrent]
+        if any(int(self._allocators[g].num_free) < 1 for g in recurrent):
+            return None
+        tables = []
+        for g in range(len(self.policies)):
+            table = [NULL_BLOCK] * entries
+            if g in recurrent:
+                table[-1] = int(self._allocators[g].allocate(res.lease, 1)[0])
+            tables.append(tuple(table))
+        return tuple(tables)
+
+    def commit_state(self, res: Reservation, tables: Sequence[Sequence[int]], length: int) -> None:
+        """Publish the states written through ``tables`` (from :meth:`place_state`) under
+        the prompt's first ``length`` tokens and let them go: they are cached-free, found
+        by :meth:`lookup` for that exact prefix until an allocation evicts them."""
+        size = self.block_tokens
+        j = (length - 1) // size
+        keys = block_keys(res.tokens[:length], size, self.root(res.salt))
+        parent = keys[j - 1] if j > 0 else self.root(res.salt)
+        chunk = list(res.tokens[j * size : length])
+        partial = length % size != 0
+        if partial:  # findable for exactly this prefix: under the chain key of its tokens
+            self._snapshot_lengths.setdefault(parent, set()).add(len(chunk))
+        for g in self._recurrent:
+            alloc, block = self._allocators[g], tables[g][-1]
+            if partial:
+                canonical = int(alloc.publish(block, chain_key(parent, chunk), chunk, None))
+            else:
+                canonical = int(alloc.publish(block, parent, chunk, keys[j]))
+            if canonical != block:
+                alloc.invalidate(block)
+            alloc.free(res.lease, [block])
+
+    def release_state(self, res: Reservation, tables: Sequence[Sequence[int]]) -> None:
+        """Give back the blocks of :meth:`place_state` unpublished (their write failed)."""
+        for g, policy in enumerate(self.policies):
+            if policy.is_recurrent:
+                self._allocators[g].free(res.lease, [tables[g][-1]])
+
     def shared_end(self, match: PrefixMatch) -> int:
         """The end of ``match``'s whole blocks: they are shared (read-only), so a request's
         writes start there."""
@@ -709,6 +797,11 @@ class KVCacheManager:
                 block = table[j]
                 start, stop = j * size, min((j + 1) * size, length)
                 if block == NULL_BLOCK or start < valid:
+                    continue
+                if policy.is_recurrent and stop - start < size:
+                    # an end state mid-block stays unpublished: the agent's own next turn
+                    # finds it through its handle, and published it would hide the
+                    # prompt-end snapshots of this block from lookups (best_child)
                     continue
                 key = keys[j] if stop - start == size else None
                 parent = keys[j - 1] if j > 0 else self.root(res.salt)

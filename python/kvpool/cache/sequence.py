@@ -163,6 +163,25 @@ class SequenceCache:
             self._manager.commit_prefix(self._res, tables, written_from)
         return True
 
+    def snapshot_state(self, caches: Sequence[Any], length: int) -> bool:
+        """Write and publish the recurrent states of the running sequence's caches (after
+        its first ``length`` tokens: its prompt's end, say) so that a later prompt with that
+        exact prefix resumes from them. False, and nothing changed, without a free block."""
+        self._expect(SequenceState.READ)
+        with self._lock:
+            tables = self._manager.place_state(self._res, length)
+        if tables is None:
+            return False
+        try:
+            self._storage.store(caches, tables, 0)
+        except BaseException:
+            with self._lock:
+                self._manager.release_state(self._res, tables)
+            raise
+        with self._lock:
+            self._manager.commit_state(self._res, tables, length)
+        return True
+
     def close(self, caches: Sequence[Any], token_ids: Sequence[int]) -> CacheHandle:
         """Write the finished sequence's caches (one position per token of ``token_ids``)
         and commit: the reservation becomes the agent's new handle (its old one, if this
