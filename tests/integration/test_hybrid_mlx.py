@@ -403,3 +403,51 @@ def test_bench_hybrid_quick_record() -> None:
     b = r.bytes_per_agent
     assert b.saved_x is not None and b.saved_x > 1 and b.state_bytes > 0
     assert r.targets[0].met is None  # judged at 2K only
+
+
+def test_kvpool_serve_chat_resumes_a_hybrid_session(tmp_path: Path) -> None:
+    """``kvpool serve`` on a hybrid model directory (tiny qwen3_5, the tiny recipe's
+    tokenizer), driven by the official openai client: the second turn of a chat session
+    reuses the whole first prompt but its last token (the prompt-end state snapshot: the
+    re-templated reply does not continue the cached tokens); the same turn after an edited
+    first message reuses only what precedes the edit (control)."""
+    import json
+    import shutil
+
+    import openai
+    from mlx.utils import tree_flatten
+    from server_process import ServerProcess
+
+    from kvpool.models import build_model
+
+    tiny = build_model("tiny", tmp_path / "tiny")
+    out = tmp_path / "qwen3_5"
+    out.mkdir()
+    model = build_hybrid("qwen3_5")
+    eos = json.loads((tiny / "config.json").read_text())["eos_token_id"]
+    config = {**HYBRID_CONFIGS["qwen3_5"], "vocab_size": 512, "eos_token_id": eos}
+    (out / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, out / name)
+    with ServerProcess(tmp_path / "cache", tmp_path / "models", "--model", str(out)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+        def chat(session: str, messages: list[dict[str, str]]) -> Any:
+            return client.chat.completions.create(
+                model=str(out), messages=messages, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
+                extra_headers={"X-Session-ID": session},
+            )  # fmt: skip
+
+        system = {"role": "system", "content": "You plan. the agent cache block pool reads"}
+        messages = [system, {"role": "user", "content": "the pool grows quickly again"}]
+        first = chat("s1", messages)
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content or ""},
+            {"role": "user", "content": "every turn context memory"},
+        ]
+        second = chat("s1", messages)
+        assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
+        edited = [system, {"role": "user", "content": "a different question"}, *messages[2:]]
+        other = chat("s2", edited)
+        assert other.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens // 2
