@@ -11,7 +11,7 @@ from kvpool.blas import blas_info, maybe_enable_from_env, use_fast_cpu_blas
 from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
 from kvpool.cache import CacheHandle, CacheUsage, GroupTable
 from kvpool.cache.format import BlockFormat, InvalidBlockFormatError
-from kvpool.cache.spec import BLOCK_TOKENS, AttentionKind, LayerSpec, ModelCacheSpec
+from kvpool.cache.spec import BLOCK_TOKENS, AttentionKind, LayerSpec, ModelCacheSpec, StateSpec
 from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
 from kvpool.errors import (
     CacheCorruptionError,
@@ -59,6 +59,7 @@ __all__ = [
     "PoolExhaustedError",
     "RequestTooLargeError",
     "SamplingParams",
+    "StateSpec",
     "StoreStats",
     "Tier",
     "TokenEvent",

@@ -471,7 +471,8 @@ def _model_info(name: str, path: Path, model: Any, spec: ModelCacheSpec) -> Mode
     config = json.loads((path / "config.json").read_text())
     hidden = int(config.get("hidden_size", 0))
     heads = int(config.get("num_attention_heads", 0))
-    layer = spec.layers[0]
+    # the first layer with K/V (a hybrid's first layers may be recurrent: no heads)
+    layer = next((x for x in spec.layers if x.n_kv_heads), spec.layers[0])
     leaves = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
     return ModelInfo(
         name=name,

@@ -125,6 +125,9 @@ class _Request:
     # there; its followers, queued with the same uncached prefix, wait for it.
     prefix_end: int = 0
     followers: list[_Request] = field(default_factory=list)
+    # Block boundaries of the prompt where its prefill stops (one segment each) and
+    # publishes the prefix: prefix_end and, for a recurrent model, state snapshots.
+    segment_ends: list[int] = field(default_factory=list)
 
     @property
     def reused(self) -> int:
@@ -135,6 +138,17 @@ class _Request:
     def prefill_tokens(self) -> int:
         """Prompt tokens the batch generator will prefill (at least the last one)."""
         return max(1, len(self.prompt) - self.reused)
+
+
+def cache_length(caches: Sequence[Any], num_tokens: int) -> int:
+    """Positions a sequence's per-layer caches hold: the offset of the first cache that
+    counts positions (attention caches do; a recurrent ``ArraysCache`` has no offset),
+    or ``num_tokens`` (the tokens the generator fed) when no layer counts them."""
+    for cache in caches:
+        offset = getattr(cache, "offset", None)
+        if offset is not None:
+            return int(offset)
+    return num_tokens
 
 
 class BlockPoolBatchEngine:
@@ -151,6 +165,15 @@ class BlockPoolBatchEngine:
     mlx-lm pads a prefill batch to its longest row, so a long new prompt
     batched with short resumes would slow them all. ``False`` inserts every
     request in the step it was submitted, as plain mlx-lm batches them.
+
+    A recurrent model's state (``ArraysCache``) cannot be trimmed to a prefix: the pool
+    keeps it at each sequence's end (the agent's next turn) and at block boundaries where
+    a prefill stopped. ``state_snapshot_blocks=k`` makes every prefill stop every ``k``
+    blocks (a segment of mlx-lm's ``insert_segments``) and publish its prefix there,
+    state included, so later prompts sharing it resume from it; None (the default) stops
+    only at shared-prefix ends of requests queued together. With prefix sharing on, the
+    state after all but a prompt's last token is kept too (cached-free): a chat's next turn
+    re-templates the reply but starts with the previous prompt.
     """
 
     def __init__(
@@ -167,6 +190,7 @@ class BlockPoolBatchEngine:
         vocab_size: int | None = None,
         prefix_sharing: bool = True,
         prefill_waves: bool = True,
+        state_snapshot_blocks: int | None = None,
     ) -> None:
         if model is None:
             raise InvalidRequestError("model is required")
@@ -188,6 +212,13 @@ class BlockPoolBatchEngine:
         }
         self.prefix_sharing = bool(prefix_sharing)
         self.prefill_waves = bool(prefill_waves)
+        # A recurrent model's prefill stops every this many blocks to snapshot its state
+        # there (published like a shared prefix); None: at shared-prefix ends only.
+        self.state_snapshot_blocks = (
+            None
+            if state_snapshot_blocks is None
+            else validate_count("state_snapshot_blocks", state_snapshot_blocks)
+        )
         self._gen: Any = None
         self._lock = threading.Lock()
         self._uids = itertools.count()
@@ -560,10 +591,9 @@ class BlockPoolBatchEngine:
                 kwargs["stop_sequences"] = [make_stop_sequences(stops)]
             if request.logits_processors:
                 kwargs["logits_processors"] = [list(request.logits_processors)]
-            end = request.prefix_end
-            segments = [list(request.prompt[reused:])]
-            if end:
-                segments = [list(request.prompt[reused:end]), list(request.prompt[end:])]
+            request.segment_ends = self._segment_ends(request)
+            bounds = [reused, *request.segment_ends, len(request.prompt)]
+            segments = [list(request.prompt[a:b]) for a, b in itertools.pairwise(bounds)]
             (gen_uid,) = self._generator().insert_segments(
                 [segments],
                 max_tokens=[request.max_tokens],
@@ -577,25 +607,47 @@ class BlockPoolBatchEngine:
         self._running[request.gen_uid] = request
         return None
 
+    def _segment_ends(self, request: _Request) -> list[int]:
+        """Where the request's prefill stops to publish its prefix: its ``prefix_end`` (a
+        leader) and, for a recurrent model, every ``state_snapshot_blocks``-th block
+        boundary past what it reuses (short of its last token)."""
+        ends = {request.prefix_end} if request.prefix_end else set()
+        every = self.state_snapshot_blocks
+        if self.prefix_sharing and self.spec.has_recurrent:
+            # the state after all but the prompt's last token (mlx-lm feeds that one on its
+            # own anyway): the next turn of a chat re-templates the reply, but its prompt
+            # starts with this one
+            ends.add(len(request.prompt) - 1)
+            if every:
+                step = every * self.spec.block_tokens
+                ends.update(range((request.reused // step + 1) * step, len(request.prompt), step))
+        return sorted(e for e in ends if request.reused < e < len(request.prompt))
+
     def _publish_prefixes(self, prompt_responses: Sequence[Any]) -> list[CompletedGeneration]:
-        """Leaders whose prefill reached ``prefix_end`` publish those blocks; their
-        followers then start from them. Returns the followers that failed to start."""
+        """Requests whose prefill reached a segment end publish the prefix there (blocks and,
+        for a recurrent model, a snapshot of its state); a leader's followers then start
+        from it. Returns the followers that failed to start."""
         done: list[CompletedGeneration] = []
         for response in prompt_responses:
             request = self._running.get(int(response.uid))
-            if request is None or not (request.prefix_end and response.end_of_segment):
+            if request is None or not (request.segment_ends and response.end_of_segment):
                 continue
-            end, request.prefix_end = request.prefix_end, 0
+            end = request.segment_ends.pop(0)
             try:
-                caches, _ = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
-                if int(caches[0].offset) == end:
-                    request.seq.publish_prefix(caches, end)
+                caches, tokens = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
+                if cache_length(caches, len(tokens)) == end:
+                    if end % self.spec.block_tokens == 0:
+                        request.seq.publish_prefix(caches, end)
+                    else:  # a recurrent model's prompt end: its states only
+                        request.seq.snapshot_state(caches, end)
             except Exception as exc:  # the leader's blocks are in an unknown state: it fails
                 assert request.gen_uid is not None
                 self._gen.remove([request.gen_uid])
                 done.append(self._fail(request, exc, "could not publish the shared prefix"))
                 continue  # _fail queued the followers: they start on their own
-            done.extend(self._release_followers(request))
+            if end == request.prefix_end:
+                request.prefix_end = 0
+                done.extend(self._release_followers(request))
         return done
 
     def _release_followers(self, leader: _Request) -> list[CompletedGeneration]:
@@ -718,7 +770,7 @@ class BlockPoolBatchEngine:
                 num_text = len(generated) - 1 if finish_reason == "stop" else len(generated)
                 text = self.tokenizer.decode(list(generated[:num_text]))
             all_tokens = tuple(int(t) for t in fed)
-            length = int(caches[0].offset)
+            length = cache_length(caches, len(all_tokens))
             if length != len(all_tokens):
                 raise GenerationError(
                     f"final cache holds {length} positions but {len(all_tokens)} tokens"

@@ -9,7 +9,8 @@ Each layer group (:attr:`ModelCacheSpec.groups`) has its own blocks. Sized by a
 byte budget, a model with one group gets ``max_bytes // bytes_per_block``
 blocks; with sliding-window groups, the budget is split so that every group
 runs out at the same number of agents of ``reference_tokens`` tokens each (a
-sliding group needs only ``ceil(W / B) + 1`` blocks per agent).
+sliding group needs only ``ceil(W / B) + 1`` blocks per agent, a recurrent group 2
+states: its end state and the next turn's, or a snapshot).
 
 The block format (dense, or 8/4-bit affine-quantized at rest) is the spec's
 (:attr:`ModelCacheSpec.format`): byte budgets count bytes at rest, so a 4-bit pool of
@@ -31,8 +32,8 @@ from typing import TypeVar
 
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch
 from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
-from kvpool.cache.spec import ModelCacheSpec
-from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV
+from kvpool.cache.spec import AttentionKind, ModelCacheSpec
+from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV, LayerState
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
 
@@ -108,6 +109,10 @@ def _default_storage(spec: ModelCacheSpec, blocks_per_group: tuple[int, ...]) ->
     return make_slab_storage(spec, blocks_per_group)
 
 
+RECURRENT_BLOCKS_PER_AGENT = 2
+"""State blocks a reference agent counts for in a recurrent group's share of a budget."""
+
+
 def split_budget(
     spec: ModelCacheSpec, max_bytes: int, reference_tokens: int = DEFAULT_REFERENCE_TOKENS
 ) -> tuple[int, ...]:
@@ -129,7 +134,10 @@ def split_budget(
     per_agent = []
     for group in groups:
         blocks = -(-reference_tokens // size)
-        if group.window is not None:
+        if group.kind is AttentionKind.RECURRENT:
+            # one state at the end, and one for the turn in flight (or a snapshot)
+            blocks = RECURRENT_BLOCKS_PER_AGENT
+        elif group.window is not None:
             blocks = min(blocks, -(-group.window // size) + 1)
         per_agent.append(blocks)
     agent_bytes = sum(n * b for n, b in zip(per_agent, per_block, strict=True))
@@ -321,6 +329,12 @@ class BlockPool:
         tables = tuple(t.block_ids for t in handle.tables)
         return self._storage.read_codes(tables, layers, start, stop)
 
+    def read_states(self, handle: CacheHandle, layers: Sequence[int]) -> list[LayerState]:
+        """The end states of recurrent ``layers`` of a live handle, on the host."""
+        self.check_live(handle)
+        tables = tuple(t.block_ids for t in handle.tables)
+        return self._storage.read_states(tables, layers, handle.total_tokens)
+
     def write_from_host(
         self, agent_id: str, tokens: Sequence[int], *, salt: str = ""
     ) -> HostWrite | PoolFull:
@@ -333,13 +347,14 @@ class BlockPool:
         self,
         agent_id: str,
         tokens: Sequence[int],
-        kvs: Sequence[LayerKV],
+        kvs: Sequence[LayerKV | LayerState],
         *,
         valid_from: int = 0,
         salt: str = "",
     ) -> CacheHandle:
         """A handle of ``tokens`` whose K/V comes from the host (``kvs``: every layer,
-        sliding ones from ``valid_from``); blocks the pool holds for a prefix are
+        sliding ones from ``valid_from``, recurrent ones as their end state); blocks the
+        pool holds for a prefix are
         shared instead. Raises PoolExhaustedError (nothing taken) if it does not fit."""
         got = self.write_from_host(agent_id, tokens, salt=salt)
         if isinstance(got, PoolFull):

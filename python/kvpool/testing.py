@@ -30,16 +30,20 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.cache.storage import (
     HostArray,
     LayerCodes,
     LayerKV,
+    LayerState,
     QuantizedRows,
     first_writable,
     host_dtype,
 )
 from kvpool.errors import InvalidRequestError
+
+_FAKE_STATES: dict[int, tuple[int, ...]] = {}
+"""FakeStorage's host form of a state: digest -> the tokens it was computed from."""
 
 
 @dataclass(slots=True)
@@ -160,6 +164,8 @@ class FakeStorage:
         self.spec = spec
         self.blocks_per_group = tuple(blocks_per_group)
         self.slots: list[dict[int, int]] = [{} for _ in spec.layers]  # position slot -> token
+        # recurrent layers: block -> the tokens its state was computed from
+        self.states: list[dict[int, tuple[int, ...]]] = [{} for _ in spec.layers]
         self._group_of_layer = spec.group_of_layer()
         self.num_loads = 0
         self.num_stores = 0
@@ -182,6 +188,16 @@ class FakeStorage:
         self.num_loads += 1
         caches: list[Any] = []
         for i, layer in enumerate(self.spec.layers):
+            if layer.kind is AttentionKind.RECURRENT:
+                block = tables[self._group_of_layer[i]][(num_tokens - 1) // self.spec.block_tokens]
+                assert block in self.states[i], f"layer {i}: block {block} holds no state"
+                state = self.states[i][block]
+                assert len(state) == num_tokens, (
+                    f"layer {i}: block {block} holds the state of {len(state)} tokens, "
+                    f"not {num_tokens}"
+                )
+                caches.append(FakeCache(list(state), num_tokens, None))
+                continue
             held = num_tokens if layer.window is None else min(num_tokens, layer.window - 1)
             tokens = []
             for p in range(num_tokens - held, num_tokens):
@@ -199,6 +215,16 @@ class FakeStorage:
         written_from = [start] * len(self.blocks_per_group)
         for i, cache in enumerate(caches):
             g = self._group_of_layer[i]
+            if self.spec.layers[i].kind is AttentionKind.RECURRENT:
+                table = tables[g]
+                j = len(table) - 1
+                if j < 0 or table[j] < 0 or j * size < start:
+                    written_from[g] = max(written_from[g], len(table) * size)
+                    continue
+                assert len(cache.tokens) == cache.offset, "a state needs every token"
+                self.states[i][table[j]] = tuple(cache.tokens)
+                written_from[g] = max(written_from[g], j * size)
+                continue
             base = cache.offset - len(cache.tokens)
             first = first_writable(tables[g], max(start, base), size)
             written_from[g] = max(written_from[g], first)
@@ -218,6 +244,39 @@ class FakeStorage:
                 tokens.append(self.slots[i][slot])
             out.append(LayerKV(i, start, *self._encode(i, tokens)))
         return out
+
+    def read_states(
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], num_tokens: int
+    ) -> list[LayerState]:
+        """A state as host arrays: element 0 of the first array holds the bits of a
+        digest of its tokens (every FakeStorage of the process shares digest -> tokens, so
+        a state read from one fake pool can be written into another), the rest stays 0."""
+        out = []
+        for i in layers:
+            block = tables[self._group_of_layer[i]][(num_tokens - 1) // self.spec.block_tokens]
+            state = self.states[i][block]
+            assert len(state) == num_tokens, f"layer {i}: a state of {len(state)} tokens"
+            digest = zlib.crc32(",".join(map(str, state)).encode())
+            _FAKE_STATES[digest] = state
+            arrays = []
+            for e, spec in enumerate(self.spec.layers[i].states):
+                array = np.zeros(spec.shape, host_dtype(spec.dtype))
+                if e == 0:
+                    array.reshape(-1).view(np.uint8)[:4] = np.frombuffer(
+                        digest.to_bytes(4, "little"), np.uint8
+                    )
+                arrays.append(array)
+            out.append(LayerState(i, num_tokens, tuple(arrays)))
+        return out
+
+    def write_states(self, tables: Sequence[Sequence[int]], states: Sequence[LayerState]) -> None:
+        for st in states:
+            i = st.layer
+            block = tables[self._group_of_layer[i]][(st.num_tokens - 1) // self.spec.block_tokens]
+            digest = int.from_bytes(st.arrays[0].reshape(-1).view(np.uint8)[:4].tobytes(), "little")
+            tokens = _FAKE_STATES.get(digest)
+            assert tokens is not None and len(tokens) == st.num_tokens, "an unknown fake state"
+            self.states[i][block] = tokens
 
     def write_layers(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV]) -> None:
         for kv in kvs:

@@ -109,6 +109,7 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
         "quality",
         "redis",
         "structured",
+        "hybrid",
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 
@@ -11,6 +12,7 @@ from fakes import SPEC, B
 from kvpool import AttentionKind, InvalidRequestError, LayerSpec, ModelCacheSpec
 from kvpool.cache import NULL_BLOCK, CacheHandle, KVCacheManager, PoolFull, Reservation
 from kvpool.cache.prefix import block_keys
+from kvpool.cache.spec import StateSpec
 
 # Two layer groups: full attention and a sliding window of 6 (not a multiple of B).
 HYBRID = ModelCacheSpec(
@@ -24,13 +26,28 @@ HYBRID = ModelCacheSpec(
 )
 
 
+# Three groups: full attention, a recurrent state, a sliding window of 6.
+RECURRENT = ModelCacheSpec(
+    (
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
+        LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
+    ),
+    "float32",
+    B,
+)
+
+
 def written_from(manager: KVCacheManager, res: Reservation, length: int) -> list[int]:
     """What a storage writes for a finished sequence: positions from the shared end,
     and a sliding layer only its last W (it holds no more)."""
     start = (res.match.num_tokens // B) * B
     out = []
     for policy in manager.policies:
-        out.append(start if policy.window is None else max(start, length - policy.window))
+        if policy.is_recurrent:  # the end state, in the last block's entry
+            out.append(max(start, policy.keep_from(length)))
+        else:
+            out.append(start if policy.window is None else max(start, length - policy.window))
     return out
 
 
@@ -220,9 +237,21 @@ def _block_tokens(m: KVCacheManager, g: int, block: int) -> list[int]:
     return [int(t) for t in m.allocator(g).content_tokens(block)]
 
 
-def test_random_operations_keep_every_invariant() -> None:
+@pytest.mark.parametrize(
+    ("spec", "blocks"),
+    [(HYBRID, [24, 12]), (RECURRENT, [24, 10, 12])],
+    ids=["sliding", "recurrent"],
+)
+def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: list[int]) -> None:
+    """Random requests, commits, rollbacks and releases; after each: the allocators' and the
+    manager's records agree, published blocks are findable, and a recurrent state is handed
+    out only for the exact token prefix it was computed at (the model: block -> prefix)."""
     rng = random.Random(1234)
-    m = KVCacheManager(HYBRID, [24, 12], key_salt="model")
+    m = KVCacheManager(spec, blocks, key_salt="model")
+    states = [g for g, p in enumerate(m.policies) if p.is_recurrent]
+    state_of: dict[int, tuple[int, ...]] = {}  # recurrent block -> the tokens its state is of
+    num_state_reads = 0
+    num_snapshots = 0
     vocab = 5  # tiny vocabulary: prompts collide and share often
     live: list[CacheHandle] = []
     open_res: list[tuple[Reservation, list[int], int]] = []
@@ -237,8 +266,16 @@ def test_random_operations_keep_every_invariant() -> None:
             salt = rng.choice(["", "", "t2"])
             if own is not None and own.salt != salt:
                 own = None
+            if states and own is not None and rng.random() < 0.5:  # the agent's next turn
+                prompt = [*own.token_ids, *(rng.randrange(vocab) for _ in range(rng.randint(1, 5)))]
             match = m.lookup(prompt, salt=salt, own=own)
             _check_match(m, prompt, match)
+            for g in states:
+                read = match.groups[g].read
+                assert len(read) == -(-match.num_tokens // B)
+                if read:  # the state after exactly num_tokens prompt tokens
+                    assert state_of[read[-1]] == tuple(prompt[: match.num_tokens])
+                    num_state_reads += 1
             max_tokens = rng.randint(1, 6)
             res = m.reserve(
                 f"a{rng.randrange(6)}", prompt, max_tokens, match, salt=salt,
@@ -247,6 +284,9 @@ def test_random_operations_keep_every_invariant() -> None:
             if isinstance(res, Reservation):
                 if rng.random() < 0.5:
                     m.release_pin(res)
+                    if states and rng.random() < 0.5:  # a snapshot mid-prefill
+                        _snapshot(m, res, prompt, rng, state_of)
+                        num_snapshots += 1
                 open_res.append((res, prompt, max_tokens))
         elif op < 0.65 and open_res:  # a request ends: commit (or fail)
             res, prompt, max_tokens = open_res.pop(rng.randrange(len(open_res)))
@@ -258,6 +298,12 @@ def test_random_operations_keep_every_invariant() -> None:
                 tables = m.place(res, len(final))
                 replaced = res.replacing
                 handle = m.commit(res, final, tables, written_from(m, res, len(final)))
+                for g in states:  # one state per handle: at its end
+                    (end_state,) = handle.tables[g].held
+                    assert handle.tables[g].block_ids[-1] == end_state
+                    if tables[g][-1] == end_state:  # written (not swapped for a twin)
+                        state_of[end_state] = tuple(final)
+                    assert state_of[end_state] == tuple(final)
                 live.append(handle)
                 if replaced is not None and replaced in live:
                     live.remove(replaced)
@@ -273,6 +319,51 @@ def test_random_operations_keep_every_invariant() -> None:
     usage = m.usage()
     assert usage.num_used == 0 and usage.num_handles == 0  # nothing leaked
     assert usage.num_queries > 1000 and usage.hit_tokens > 0  # the test did share
+    if states:
+        assert usage.groups[states[0]].num_cached > 0  # end states at boundaries stay findable
+        assert num_state_reads > 300  # states were reused, from own ends and by key
+        assert num_snapshots > 100
+
+
+def _snapshot(
+    m: KVCacheManager,
+    res: Reservation,
+    prompt: list[int],
+    rng: random.Random,
+    state_of: dict[int, tuple[int, ...]],
+) -> None:
+    """Publish ``prompt[:length]`` (a block boundary past the match) as a running request
+    does at a segment end: its blocks and the state there (recorded in ``state_of``); or,
+    half the time, a state alone at any length (a prompt-end snapshot)."""
+    if rng.random() < 0.5 and len(prompt) > res.match.num_tokens + 1:
+        length = rng.randint(res.match.num_tokens + 1, len(prompt) - 1)
+        placed = m.place_state(res, length)
+        if placed is not None:
+            for g, policy in enumerate(m.policies):
+                if policy.is_recurrent:
+                    state_of[placed[g][-1]] = tuple(prompt[:length])
+            m.commit_state(res, placed, length)
+            m.check_invariants()
+        return
+    first = res.match.num_tokens // B + 1
+    last = (len(prompt) - 1) // B
+    if first > last:
+        return
+    length = rng.randint(first, last) * B
+    tables = m.place_prefix(res, length)
+    if tables is None:  # a sliding or recurrent group has no free block: skipped
+        return
+    for g, policy in enumerate(m.policies):
+        if policy.is_recurrent:
+            state_of[tables[g][-1]] = tuple(prompt[:length])
+    start = m.shared_end(res.match)
+    written = [
+        max(start, policy.keep_from(length)) if policy.is_recurrent
+        else start if policy.window is None else max(start, length - policy.window)
+        for policy in m.policies
+    ]  # fmt: skip
+    m.commit_prefix(res, tables, written)
+    m.check_invariants()
 
 
 def _check_match(m: KVCacheManager, prompt: list[int], match: object) -> None:
@@ -310,4 +401,94 @@ def _check_published(m: KVCacheManager, live: list[CacheHandle]) -> None:
                 if alloc.has_content(block):
                     assert _block_tokens(m, g, block) == list(handle.token_ids[j * B : (j + 1) * B])
                     found = alloc.lookup(keys[j], list(handle.token_ids[j * B : (j + 1) * B]))
-                    assert found != -1
+                    assert found != -1, (g, j, block, handle.tables)
+
+
+# -- recurrent groups ---------------------------------------------------------
+
+
+def _recurrent() -> KVCacheManager:
+    return KVCacheManager(RECURRENT, [16, 8, 16], key_salt="model")
+
+
+def test_recurrent_group_keeps_one_state_at_the_sequence_end() -> None:
+    m = _recurrent()
+    tokens = list(range(1, 11))  # 10 tokens: 3 blocks of 4
+    handle, reused = turn(m, "a", tokens, [50, 51])  # 12 positions
+    assert reused == 0
+    #            positions 0..3  4..7  8..11
+    # full                 [ x ]  [ x ]  [ x ]
+    # recurrent            [ - ]  [ - ]  [ s ]    the state after 12 tokens
+    assert len(handle.tables[0].held) == 3
+    assert handle.tables[1].block_ids[:2] == (NULL_BLOCK, NULL_BLOCK)
+    assert handle.tables[1].held == (handle.tables[1].block_ids[2],)
+    assert handle.tables[1].valid_from == 8
+
+
+def test_recurrent_group_resumes_at_the_agents_exact_end() -> None:
+    m = _recurrent()
+    handle, _ = turn(m, "a", list(range(1, 10)), [60])  # 10 positions: not a boundary
+    nxt = [*handle.token_ids, 7, 8, 9]
+    match = m.lookup(nxt, own=handle)
+    assert match.num_tokens == 10  # full and sliding could give 12, the state only 10
+    rec = match.groups[1]
+    assert rec.shared == () and rec.pinned == (handle.tables[1].block_ids[2],)
+    _, reused = turn(m, "a", nxt, [1], own=handle)
+    assert reused == 10
+
+
+def test_recurrent_state_is_not_shared_mid_block_with_another_agent() -> None:
+    """Agent b shares a's first 9 tokens, but a's state is after 10: b reuses nothing
+    (an attention-only model would reuse 9 tokens)."""
+    m = _recurrent()
+    a, _ = turn(m, "a", list(range(1, 10)), [60])
+    match = m.lookup([*a.token_ids[:9], 99, 98])
+    assert match.num_tokens == 0
+    plain = KVCacheManager(HYBRID, [16, 16])
+    turn(plain, "a", list(range(1, 10)), [60])
+    assert plain.lookup([*a.token_ids[:9], 99, 98]).num_tokens == 9
+
+
+def test_a_state_at_a_block_boundary_is_shared_by_key() -> None:
+    """A sequence that ends on a block boundary published its state under the block's
+    key: another agent with that exact prefix resumes from it, shared by reference.
+    (Without a sliding layer: its partly written first block is not shareable.)"""
+    m = KVCacheManager(dataclasses.replace(RECURRENT, layers=RECURRENT.layers[:2]), [16, 8])
+    a, _ = turn(m, "a", list(range(1, 8)), [70])  # 8 positions: ends on a boundary
+    state = a.tables[1].block_ids[1]
+    match = m.lookup([*a.token_ids, 5, 6])
+    assert match.num_tokens == 8
+    assert match.groups[1].shared == ((1, state),)
+    b, reused = turn(m, "b", [*a.token_ids, 5, 6], [1])
+    assert reused == 8
+    assert m.ref_cnt(state, 1) == 1  # a's; b holds its own end state
+    assert b.tables[1].held != (state,)
+    # one token less than the boundary: no state for 7 tokens
+    assert m.lookup([*a.token_ids[:7], 42]).num_tokens == 0
+
+
+def test_a_full_hit_cannot_trim_a_state() -> None:
+    """The same prompt again: attention would re-feed the last token (reuse len - 1), a
+    state cannot step back one token, so only a boundary snapshot below it is reused."""
+    m = _recurrent()
+    a, _ = turn(m, "a", list(range(1, 10)), [60])  # 10 positions
+    assert m.lookup(list(a.token_ids), own=a).num_tokens == 0
+    b, _ = turn(m, "b", list(range(1, 8)), [70])  # 8 positions, a boundary
+    assert m.lookup([*b.token_ids, 1], own=b).num_tokens == 8
+
+
+def test_recurrent_pool_full_changes_nothing_and_rollback_frees_everything() -> None:
+    m = KVCacheManager(RECURRENT, [16, 1, 16])
+    a, _ = turn(m, "a", [1, 2, 3], [4])
+    before = m.usage()
+    res = m.reserve("b", [9, 9, 9], 2, m.lookup([9, 9, 9]))
+    assert isinstance(res, PoolFull) and res.group == 1 and res.never_fits is False
+    assert m.usage() == before
+    res = m.reserve("a", [*a.token_ids, 5], 2, m.lookup([*a.token_ids, 5], own=a), replacing=a)
+    assert isinstance(res, PoolFull)  # a's end state is held until the commit
+    m.release(a)
+    res = m.reserve("b", [9, 9, 9], 2, m.lookup([9, 9, 9]))
+    assert isinstance(res, Reservation)
+    m.rollback(res)
+    assert m.usage().num_used == 0
+    m.check_invariants()

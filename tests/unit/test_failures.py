@@ -14,7 +14,16 @@ from typing import Any
 import pytest
 from test_engine import SPEC, prompt_of
 
-from kvpool import BlockPool, BlockPoolBatchEngine, CompletedGeneration, GenerationError
+from kvpool import (
+    AttentionKind,
+    BlockPool,
+    BlockPoolBatchEngine,
+    CompletedGeneration,
+    GenerationError,
+    LayerSpec,
+    ModelCacheSpec,
+)
+from kvpool.cache.spec import StateSpec
 from kvpool.testing import (
     FakeBatchGenerator,
     FakeModel,
@@ -47,8 +56,21 @@ class FailingStorage(FakeStorage):
         return super().store(caches, tables, start)
 
 
-def make(**kwargs: Any) -> tuple[BlockPoolBatchEngine, BlockPool, list[FakeBatchGenerator]]:
-    pool = BlockPool(SPEC, num_blocks=64, storage=FailingStorage)
+# A hybrid: one full-attention layer, one recurrent (its state in a group of its own).
+RECURRENT = ModelCacheSpec(
+    (
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+        LayerSpec.recurrent((StateSpec((2, 8), "float32"),)),
+    ),
+    "float32",
+    SPEC.block_tokens,
+)
+
+
+def make(
+    spec: ModelCacheSpec = SPEC, **kwargs: Any
+) -> tuple[BlockPoolBatchEngine, BlockPool, list[FakeBatchGenerator]]:
+    pool = BlockPool(spec, num_blocks=64, storage=FailingStorage)
     gens: list[FakeBatchGenerator] = []
 
     def factory(model: FakeModel, **kw: object) -> FakeBatchGenerator:
@@ -56,9 +78,9 @@ def make(**kwargs: Any) -> tuple[BlockPoolBatchEngine, BlockPool, list[FakeBatch
         gens.append(gen)
         return gen
 
-    model = FakeModel(SPEC, vocab_size=1000)
+    model = FakeModel(spec, vocab_size=1000)
     engine = BlockPoolBatchEngine(
-        model, FakeTokenizer(1000), pool, SPEC, batch_gen_factory=factory, **kwargs
+        model, FakeTokenizer(1000), pool, spec, batch_gen_factory=factory, **kwargs
     )
     return engine, pool, gens
 
@@ -67,6 +89,7 @@ SYSTEM = prompt_of(16)  # 4 full blocks shared by every agent
 PROMPTS = {f"agent-{i}": [*SYSTEM, *prompt_of(3 + i, seed=20 + i)] for i in range(3)}
 
 
+@pytest.mark.parametrize("spec", [SPEC, RECURRENT], ids=["attention", "recurrent"])
 @pytest.mark.parametrize(
     "fail_at",
     [
@@ -79,9 +102,9 @@ PROMPTS = {f"agent-{i}": [*SYSTEM, *prompt_of(3 + i, seed=20 + i)] for i in rang
     ],
 )
 def test_one_injected_failure_ends_one_request_and_leaks_nothing(
-    fail_at: tuple[str, int] | None,
+    fail_at: tuple[str, int] | None, spec: ModelCacheSpec
 ) -> None:
-    engine, pool, _ = make()
+    engine, pool, _ = make(spec)
     model = engine.model
     FailingStorage.fail_at = fail_at
     try:
@@ -99,14 +122,22 @@ def test_one_injected_failure_ends_one_request_and_leaks_nothing(
     _check_exact(model, done, PROMPTS)
     pool.check_invariants()
     held = [c.blocks for c in done.values() if c.blocks is not None]
-    assert pool.num_used == len({b for h in held for b in h.block_ids})
+    assert pool.num_used == sum(
+        len({b for h in held for b in h.tables[g].held}) for g in range(len(spec.groups))
+    )
     # Turn 2 for everyone: the failed agent starts over, the others resume.
+    contexts: dict[str, list[int]] = {}
     for agent, prompt in PROMPTS.items():
         c = done[agent]
         context = [*prompt, *c.token_ids, 5] if c.error is None else prompt
         engine.submit(agent, context, c.blocks, max_tokens=2)
+        contexts[agent] = context
     second = {c.agent_id: c for c in engine.drain()}
     assert all(c.error is None for c in second.values())
+    for agent, c in second.items():  # resumed (from the end state too) or started over
+        assert list(c.token_ids) == reference_tokens(model, contexts[agent], 2), agent
+        if done[agent].error is None:
+            assert c.cached_tokens == done[agent].blocks.total_tokens
     for c in second.values():
         assert c.blocks is not None
         pool.release(c.blocks)
@@ -139,3 +170,28 @@ def _check_exact(
     for agent, c in done.items():
         if c.error is None:
             assert list(c.token_ids) == reference_tokens(model, prompts[agent], 3), agent
+
+
+@pytest.mark.parametrize("fail_at", [("store", 1), ("store", 3), ("load", 2)])
+def test_a_failed_state_snapshot_ends_one_request_and_leaks_nothing(
+    fail_at: tuple[str, int],
+) -> None:
+    """A recurrent model with a state snapshot every block: the leader's prefill stops at
+    every boundary of the system prompt. A failure at a snapshot (or a later read) ends one
+    request; the others are exact; nothing is left held."""
+    engine, pool, _ = make(RECURRENT, state_snapshot_blocks=1)
+    model = engine.model
+    FailingStorage.fail_at = fail_at
+    try:
+        for agent, prompt in PROMPTS.items():
+            engine.submit(agent, prompt, max_tokens=3)
+        done = {c.agent_id: c for c in engine.drain()}
+    finally:
+        FailingStorage.fail_at = None
+    assert sum(c.error is not None for c in done.values()) == 1
+    _check_exact(model, done, PROMPTS)
+    pool.check_invariants()
+    for c in done.values():
+        if c.blocks is not None:
+            pool.release(c.blocks)
+    assert pool.num_used == 0 and pool.num_handles == 0

@@ -132,6 +132,74 @@ def test_sliding_window_models_are_refused_clearly() -> None:
         RedisTier(FakeRedis(), spec=swa, fingerprint=FP)
 
 
+def _hybrid() -> ModelCacheSpec:
+    from kvpool import StateSpec
+
+    return ModelCacheSpec(
+        (
+            LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+            LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((3,), "float32"))),
+        ),
+        block_tokens=B,
+    )
+
+
+@pytest.mark.parametrize("corrupt", [None, "flip", "delete"])
+def test_a_hybrid_session_continues_on_another_store_from_its_end_state(
+    corrupt: str | None,
+) -> None:
+    """A recurrent model's session: K/V blocks and one end-state record; another store
+    resumes from both. A corrupt state is refused (and deleted), a missing one is a miss:
+    the turn is prefilled, token-exact either way, nothing held."""
+    spec, fake = _hybrid(), FakeRedis()
+    a = make_store(fake, spec=spec)
+    first = run(a, "s", prompt_of(10))
+    assert a.flush() == 1
+    ks = KeySpace(FP, block_format_id(spec), B)
+    context = prompt_of(10) + list(first.token_ids)
+    state_key = ks.state_key("", ks.chain(context, "")[-1])
+    assert sorted(k for k in fake.data if ":st:" in k) == [state_key]
+    if corrupt == "flip":
+        record = bytearray(fake.data[state_key])
+        record[-1] ^= 0x40
+        fake.data[state_key] = bytes(record)
+    elif corrupt == "delete":
+        del fake.data[state_key]
+    turn2 = context + prompt_of(3, seed=9)
+    b = make_store(fake, spec=spec)
+    done = run(b, "s", turn2)
+    reference = run(make_store(FakeRedis(), spec=spec), "ref", turn2).token_ids
+    assert done.token_ids == reference
+    assert done.cached_tokens == (len(context) if corrupt is None else 0)
+    if corrupt == "flip":
+        assert b.stats.tier.num_blocks_corrupt == 1 and state_key not in fake.data
+    b.pool.check_invariants()
+    assert b.pool.usage().num_used == b.pool.num_blocks - b.pool.num_free
+
+
+def test_state_codec_refuses_every_corruption() -> None:
+    from kvpool.cache.storage import LayerState
+    from kvpool.tier.codec import decode_state, encode_state
+
+    spec = _hybrid()
+    state = LayerState(
+        1, 5, (np.arange(16, dtype=np.float32).reshape(2, 8), np.ones(3, np.float32))
+    )
+    record = encode_state(5, [state])
+    (back,) = decode_state(record, spec, 5, "k")
+    assert back.layer == 1 and all(
+        x.tobytes() == y.tobytes() for x, y in zip(back.arrays, state.arrays, strict=True)
+    )
+    for bad, n in (
+        (record[:-1], 5),
+        (record[:-1] + b"x", 5),
+        (record, 6),
+        (b"KVB1" + record[4:], 5),
+    ):
+        with pytest.raises(CacheCorruptionError):
+            decode_state(bad, spec, n, "k")
+
+
 def test_cache_url_picks_the_tier(tmp_path: object) -> None:
     assert local_path("file:///var/x") is not None and str(local_path("file:///var/x")) == "/var/x"
     assert str(local_path("some/dir")) == "some/dir"

@@ -156,5 +156,11 @@ REGISTRY: dict[str, Benchmark] = {
             "decode tokens/s under a JSON schema (llguidance) vs free text, same prompts",
             takes_model=True,
         ),
+        Benchmark(
+            "hybrid",
+            "hybrid",
+            "a Qwen3-Next-shaped hybrid: bytes per agent, resume vs re-prefill, state snapshots",
+            takes_model=True,
+        ),
     )
 }

@@ -20,7 +20,7 @@ from kvpool.cache.manager import (
     Reservation,
 )
 from kvpool.cache.sequence import HostWrite, SequenceCache
-from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec, StateSpec
 from kvpool.cache.tables import NULL_BLOCK, CacheHandle, GroupTable
 
 __all__ = [
@@ -40,4 +40,5 @@ __all__ = [
     "PrefixMatch",
     "Reservation",
     "SequenceCache",
+    "StateSpec",
 ]

@@ -36,7 +36,7 @@ from typing import Any
 
 from kvpool import _blocks
 from kvpool.cache.groups import GroupPolicy
-from kvpool.cache.prefix import block_keys, root_key
+from kvpool.cache.prefix import block_keys, chain_key, root_key
 from kvpool.cache.spec import ModelCacheSpec
 from kvpool.cache.tables import NULL_BLOCK, CacheHandle, GroupTable
 from kvpool.errors import InvalidRequestError, PoolExhaustedError
@@ -248,6 +248,11 @@ class KVCacheManager:
         self.block_tokens = spec.block_tokens
         self.policies = tuple(GroupPolicy(g.kind, g.window, spec.block_tokens) for g in groups)
         self._allocators = [_blocks.BlockAllocator(n, spec.block_tokens) for n in blocks_per_group]
+        self._recurrent = [g for g, p in enumerate(self.policies) if p.is_recurrent]
+        self._has_recurrent = bool(self._recurrent)
+        # parent key -> lengths (< B) of prompt-end snapshots published after it (checked
+        # against the allocators on use: an evicted one is simply not found)
+        self._snapshot_lengths: dict[int, set[int]] = {}
         self._bytes_per_block = tuple(spec.group_bytes_per_block(g) for g in range(len(groups)))
         self._key_salt = key_salt
         self._owner_ids = itertools.count(1)
@@ -377,6 +382,13 @@ class KVCacheManager:
         p = min(self._reach(ctx), max(limit, 0))
         size = self.block_tokens
         candidates = [p, *(j * size for j in range(p // size, -1, -1) if j * size < p)]
+        if self._has_recurrent:
+            # a recurrent group supplies a prefix only where a state was taken: add the
+            # lengths of the states the pool holds for prefixes of the prompt
+            extra = set(self._state_lengths(ctx, p))
+            if own is not None and ctx.own_common == own.total_tokens < p:
+                extra.add(own.total_tokens)  # the end of the agent's own sequence
+            candidates = sorted({*candidates, *extra}, reverse=True)
         for candidate in candidates:
             plans = [self._plan(g, candidate, ctx) for g in range(len(self.policies))]
             if all(plan is not None for plan in plans):
@@ -387,7 +399,7 @@ class KVCacheManager:
         """Tokens the full-attention groups can supply (the whole prompt if none)."""
         reach = len(ctx.tokens)
         for g, policy in enumerate(self.policies):
-            if policy.window is None:
+            if policy.is_full:
                 reach = min(reach, self._group_reach(g, ctx))
         return reach
 
@@ -449,6 +461,8 @@ class KVCacheManager:
 
     def _plan(self, g: int, p: int, ctx: _Lookup) -> GroupMatch | None:
         """Group ``g``'s part of a match of ``p`` tokens, or None if it cannot supply it."""
+        if self.policies[g].is_recurrent:
+            return self._plan_state(g, p, ctx)
         size = self.block_tokens
         lo = self.policies[g].needed_from(p)
         read = [NULL_BLOCK] * (-(-p // size))
@@ -474,6 +488,66 @@ class KVCacheManager:
             if own is not None and own.tables[g].block_ids[j0 : j0 + 1] == (first,):
                 valid_from = max(valid_from, own.tables[g].valid_from)
         return GroupMatch(tuple(shared), pinned, tuple(read), valid_from)
+
+    def _state_lengths(self, ctx: _Lookup, p: int) -> list[int]:
+        """Prompt prefix lengths ``<= p``, not block boundaries, at which a recurrent group
+        holds a published snapshot (taken at a prompt's end)."""
+        if not ctx.shared or p == 0:
+            return []
+        size, out = self.block_tokens, []
+        for j in range((p - 1) // size + 1):
+            parent = ctx.keys[j - 1] if j > 0 else ctx.root
+            lengths = self._snapshot_lengths.get(parent)
+            if not lengths:
+                continue
+            start = j * size
+            for n in sorted(lengths):
+                if start + n > p:
+                    break
+                chunk = ctx.tokens[start : start + n]
+                if any(self._exact_state(g, parent, chunk) != NULL_BLOCK for g in self._recurrent):
+                    out.append(start + n)
+        return out
+
+    def _exact_state(self, g: int, parent: int, chunk: Sequence[int]) -> int:
+        """A snapshot of group ``g`` after exactly ``chunk`` following ``parent``'s tokens
+        (published under their own chain key, so only an exact prefix finds it), or NULL."""
+        exact = chain_key(parent, chunk)
+        alloc = self._allocators[g]
+        child, common = alloc.best_child(exact, list(chunk))
+        if child < 0 or common != len(chunk) or len(alloc.content_tokens(child)) != len(chunk):
+            return NULL_BLOCK
+        return int(child)
+
+    def _plan_state(self, g: int, p: int, ctx: _Lookup) -> GroupMatch | None:
+        """A recurrent group's part of a match of ``p`` tokens: the state after exactly
+        ``p`` tokens, from ``own``'s table (its end, or a snapshot at a boundary) or a
+        snapshot published under the block key of ``p`` (``p`` a block boundary). The
+        state's block is shared when ``p`` is a boundary, else pinned until it is read
+        (the request writes its own final state either way)."""
+        if p == 0:
+            return GroupMatch((), (), (), 0)
+        size = self.block_tokens
+        j = (p - 1) // size
+        block = NULL_BLOCK
+        own = ctx.own
+        if (
+            own is not None
+            and ctx.own_common >= p
+            and (own.total_tokens == p or (p % size == 0 and own.total_tokens > p))
+        ):
+            block = own.tables[g].block_ids[j]
+        if block == NULL_BLOCK and p % size == 0 and ctx.shared and j < len(ctx.keys):
+            block = int(self._allocators[g].lookup(ctx.keys[j], list(ctx.tokens[j * size : p])))
+        if block == NULL_BLOCK and p % size and ctx.shared:
+            parent = ctx.keys[j - 1] if j > 0 else ctx.root
+            block = self._exact_state(g, parent, ctx.tokens[j * size : p])
+        if block == NULL_BLOCK:
+            return None
+        read = (NULL_BLOCK,) * j + (block,)
+        if p % size:
+            return GroupMatch((), (block,), read, j * size)
+        return GroupMatch(((j, block),), (), read, j * size)
 
     # -- reservations ---------------------------------------------------------
 
@@ -584,14 +658,14 @@ class KVCacheManager:
             )
         starts = [max(first, p.needed_from(length) // size) for p in self.policies]
         for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
-            if policy.window is not None and end - starts[g] > int(alloc.num_free):
+            if not policy.is_full and end - starts[g] > int(alloc.num_free):
                 return None
         tables = []
         for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
             table = [NULL_BLOCK] * end
             for j, block in res.match.groups[g].shared:
                 table[j] = block
-            if policy.window is None:
+            if policy.is_full:
                 blocks, res.fresh[g] = res.fresh[g][: end - first], res.fresh[g][end - first :]
             else:
                 blocks = [int(b) for b in alloc.allocate(res.lease, end - starts[g])]
@@ -627,10 +701,62 @@ class KVCacheManager:
                     alloc.free(res.lease, [block])
                     continue
                 parent = keys[j - 1] if j > 0 else self.root(res.salt)
-                alloc.publish(block, parent, list(tokens[j * size : (j + 1) * size]), keys[j])
-                shared.append((j, block))
+                chunk = list(tokens[j * size : (j + 1) * size])
+                canonical = int(alloc.publish(block, parent, chunk, keys[j]))
+                if canonical != block:  # published meanwhile (or before a shorter match)
+                    alloc.share(res.lease, [canonical])
+                    alloc.invalidate(block)
+                    alloc.free(res.lease, [block])
+                shared.append((j, canonical))
             groups.append(GroupMatch(tuple(shared), (), (), valid))
         res.match = PrefixMatch(length, tuple(groups))
+
+    def place_state(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...] | None:
+        """Tables to write a running request's recurrent states after its first ``length``
+        tokens through (a snapshot anywhere, e.g. at its prompt's end): one fresh block in
+        each recurrent group, at entry ``(length - 1) // B``; other groups' tables all NULL.
+        None, and nothing changed, if a recurrent group has no free block."""
+        if not 0 < length <= len(res.tokens):
+            raise InvalidRequestError(f"a state after {length} of {len(res.tokens)} tokens")
+        entries = -(-length // self.block_tokens)
+        recurrent = [g for g, p in enumerate(self.policies) if p.is_recurrent]
+        if any(int(self._allocators[g].num_free) < 1 for g in recurrent):
+            return None
+        tables = []
+        for g in range(len(self.policies)):
+            table = [NULL_BLOCK] * entries
+            if g in recurrent:
+                table[-1] = int(self._allocators[g].allocate(res.lease, 1)[0])
+            tables.append(tuple(table))
+        return tuple(tables)
+
+    def commit_state(self, res: Reservation, tables: Sequence[Sequence[int]], length: int) -> None:
+        """Publish the states written through ``tables`` (from :meth:`place_state`) under
+        the prompt's first ``length`` tokens and let them go: they are cached-free, found
+        by :meth:`lookup` for that exact prefix until an allocation evicts them."""
+        size = self.block_tokens
+        j = (length - 1) // size
+        keys = block_keys(res.tokens[:length], size, self.root(res.salt))
+        parent = keys[j - 1] if j > 0 else self.root(res.salt)
+        chunk = list(res.tokens[j * size : length])
+        partial = length % size != 0
+        if partial:  # findable for exactly this prefix: under the chain key of its tokens
+            self._snapshot_lengths.setdefault(parent, set()).add(len(chunk))
+        for g in self._recurrent:
+            alloc, block = self._allocators[g], tables[g][-1]
+            if partial:
+                canonical = int(alloc.publish(block, chain_key(parent, chunk), chunk, None))
+            else:
+                canonical = int(alloc.publish(block, parent, chunk, keys[j]))
+            if canonical != block:
+                alloc.invalidate(block)
+            alloc.free(res.lease, [block])
+
+    def release_state(self, res: Reservation, tables: Sequence[Sequence[int]]) -> None:
+        """Give back the blocks of :meth:`place_state` unpublished (their write failed)."""
+        for g, policy in enumerate(self.policies):
+            if policy.is_recurrent:
+                self._allocators[g].free(res.lease, [tables[g][-1]])
 
     def shared_end(self, match: PrefixMatch) -> int:
         """The end of ``match``'s whole blocks: they are shared (read-only), so a request's
@@ -714,6 +840,11 @@ class KVCacheManager:
                 block = table[j]
                 start, stop = j * size, min((j + 1) * size, length)
                 if block == NULL_BLOCK or start < valid:
+                    continue
+                if policy.is_recurrent and stop - start < size:
+                    # an end state mid-block stays unpublished: the agent's own next turn
+                    # finds it through its handle, and published it would hide the
+                    # prompt-end snapshots of this block from lookups (best_child)
                     continue
                 key = keys[j] if stop - start == size else None
                 parent = keys[j - 1] if j > 0 else self.root(res.salt)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from kvpool.cache.manager import KVCacheManager, PoolFull, PrefixMatch, Reservation
-from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV
+from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV, LayerState
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError
 
@@ -163,6 +163,25 @@ class SequenceCache:
             self._manager.commit_prefix(self._res, tables, written_from)
         return True
 
+    def snapshot_state(self, caches: Sequence[Any], length: int) -> bool:
+        """Write and publish the recurrent states of the running sequence's caches (after
+        its first ``length`` tokens: its prompt's end, say) so that a later prompt with that
+        exact prefix resumes from them. False, and nothing changed, without a free block."""
+        self._expect(SequenceState.READ)
+        with self._lock:
+            tables = self._manager.place_state(self._res, length)
+        if tables is None:
+            return False
+        try:
+            self._storage.store(caches, tables, 0)
+        except BaseException:
+            with self._lock:
+                self._manager.release_state(self._res, tables)
+            raise
+        with self._lock:
+            self._manager.commit_state(self._res, tables, length)
+        return True
+
     def close(self, caches: Sequence[Any], token_ids: Sequence[int]) -> CacheHandle:
         """Write the finished sequence's caches (one position per token of ``token_ids``)
         and commit: the reservation becomes the agent's new handle (its old one, if this
@@ -260,16 +279,31 @@ class HostWrite:
     def tokens(self) -> tuple[int, ...]:
         return self._res.tokens
 
-    def write(self, rows: Sequence[LayerKV | LayerCodes]) -> None:
+    def write(self, rows: Sequence[LayerKV | LayerCodes | LayerState]) -> None:
         """Write host rows (cut to the positions this write owns) into the blocks: dense
-        rows quantize on the way in for a quantized pool; codes go in bit for bit."""
+        rows quantize on the way in for a quantized pool; codes go in bit for bit; a
+        recurrent layer's end state goes into its own block (unless the pool already held
+        the state at exactly these tokens: then it is shared, not written)."""
         self._expect_open()
         dense = [r for r in rows if isinstance(r, LayerKV)]
         codes = [r for r in rows if isinstance(r, LayerCodes)]
+        states = [r for r in rows if isinstance(r, LayerState)]
         if dense:
             self._storage.write_layers(self.tables, self._writable(dense))
         if codes:
             self._storage.write_codes(self.tables, self._writable(codes))
+        if (
+            states
+            and (len(self.tokens) - 1) // self._manager.block_tokens * (self._manager.block_tokens)
+            >= self.shared_tokens
+        ):
+            for st in states:
+                if st.num_tokens != len(self.tokens):
+                    raise InvalidRequestError(
+                        f"layer {st.layer}: a state after {st.num_tokens} tokens for a cache "
+                        f"of {len(self.tokens)}"
+                    )
+            self._storage.write_states(self.tables, states)
 
     def _expect_open(self) -> None:
         if self.state is not SequenceState.OPEN:

@@ -26,14 +26,40 @@ __all__ = [
     "LayerGroup",
     "LayerSpec",
     "ModelCacheSpec",
+    "StateSpec",
 ]
 
 
 class AttentionKind(enum.Enum):
-    """How a layer attends: to every earlier token, or to a sliding window."""
+    """How a layer sees the past: every earlier token, a sliding window of them, or a
+    recurrent state (mlx-lm's ``ArraysCache``: conv and SSM states, not split by token)."""
 
     GLOBAL = "global"
     SLIDING = "sliding"
+    RECURRENT = "recurrent"
+
+
+@dataclass(frozen=True, slots=True)
+class StateSpec:
+    """One array of a recurrent layer's state: its shape without the batch axis, its dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if not self.shape or min(self.shape) < 1:
+            raise InvalidRequestError(f"a state array needs dimensions >= 1, got {self.shape}")
+        if self.dtype not in DTYPE_BYTES:
+            raise InvalidRequestError(
+                f"state dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +68,8 @@ class LayerSpec:
 
     ``window`` is the number of tokens a sliding layer's cache keeps
     (mlx-lm's ``RotatingKVCache.max_size``); it is None for global layers.
+    A recurrent layer has no K/V (dimensions 0) and ``states``: the arrays of its
+    ``ArraysCache`` (e.g. conv state ``(3, 384)`` and SSM state ``(4, 32, 32)``).
     """
 
     kind: AttentionKind
@@ -49,9 +77,22 @@ class LayerSpec:
     k_head_dim: int
     v_head_dim: int
     window: int | None = None
+    states: tuple[StateSpec, ...] = ()
+
+    @classmethod
+    def recurrent(cls, states: tuple[StateSpec, ...]) -> LayerSpec:
+        """A recurrent layer holding ``states``."""
+        return cls(AttentionKind.RECURRENT, 0, 0, 0, None, states)
 
     def __post_init__(self) -> None:
-        if min(self.n_kv_heads, self.k_head_dim, self.v_head_dim) < 1:
+        if self.kind is AttentionKind.RECURRENT:
+            if not self.states or (self.n_kv_heads, self.k_head_dim, self.v_head_dim) != (0, 0, 0):
+                raise InvalidRequestError(
+                    f"a recurrent layer has states and no K/V dimensions, got {self}"
+                )
+        elif self.states:
+            raise InvalidRequestError(f"only recurrent layers have states, got {self}")
+        elif min(self.n_kv_heads, self.k_head_dim, self.v_head_dim) < 1:
             raise InvalidRequestError(f"layer dimensions must be >= 1, got {self}")
         if (self.kind is AttentionKind.SLIDING) != (self.window is not None):
             raise InvalidRequestError(f"a window is required for sliding layers only, got {self}")
@@ -103,6 +144,8 @@ class ModelCacheSpec:
             raise InvalidRequestError(f"block_tokens must be >= 1, got {self.block_tokens}")
         fmt = self.format  # validates bits and group size
         for i, layer in enumerate(self.layers):
+            if layer.kind is AttentionKind.RECURRENT:
+                continue  # states stay dense: quantized formats apply to K/V blocks
             fmt.check_head_dim(layer.k_head_dim, f"layer {i}: k head dim")
             fmt.check_head_dim(layer.v_head_dim, f"layer {i}: v head dim")
 
@@ -136,14 +179,20 @@ class ModelCacheSpec:
         """Read the geometry from a loaded mlx-lm model.
 
         Runs one token through a fresh cache and reads the K/V shapes back, so
-        any architecture whose caches are ``KVCache`` or ``RotatingKVCache``
-        (keep 0) works; anything else raises :class:`UnsupportedModelError`.
+        any architecture whose caches are ``KVCache``, ``RotatingKVCache``
+        (keep 0) or ``ArraysCache`` works; anything else raises
+        :class:`UnsupportedModelError`.
         """
         from kvpool.mlx.mlx_lm import probe_layers
 
         layers = []
         dtypes = set()
         for i, probed in enumerate(probe_layers(model)):
+            if probed.cache_type == "ArraysCache":
+                if not probed.states:
+                    raise UnsupportedModelError(f"layer {i}: an ArraysCache with no state")
+                layers.append(LayerSpec.recurrent(probed.states))
+                continue
             if probed.cache_type == "KVCache":
                 kind, window = AttentionKind.GLOBAL, None
             elif probed.cache_type == "RotatingKVCache":
@@ -161,6 +210,8 @@ class ModelCacheSpec:
                 LayerSpec(kind, probed.n_kv_heads, probed.k_head_dim, probed.v_head_dim, window)
             )
             dtypes.add(probed.dtype)
+        if not dtypes:  # every layer recurrent: the dtype names the (absent) K/V blocks
+            dtypes = {layers[0].states[0].dtype}
         if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_BYTES:
             raise UnsupportedModelError(f"cache dtypes {sorted(dtypes)} are not supported")
         return cls(tuple(layers), dtypes.pop(), block_tokens)
@@ -202,9 +253,17 @@ class ModelCacheSpec:
         )
 
     def group_bytes_per_block(self, group: int) -> int:
-        """Bytes of K and V one block of layer group ``group`` holds at rest (its layers)."""
+        """Bytes of K and V one block of layer group ``group`` holds at rest (its layers);
+        for a recurrent group, the bytes of one state of every layer (a block is a state)."""
         layers = [self.layers[i] for i in self.groups[group].layers]
+        if self.groups[group].kind is AttentionKind.RECURRENT:
+            return sum(s.nbytes for layer in layers for s in layer.states)
         return self._token_bytes(layers) * self.block_tokens
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one sequence's recurrent states over all layers (0 without recurrent layers)."""
+        return sum(s.nbytes for layer in self.layers for s in layer.states)
 
     def group_of_layer(self) -> tuple[int, ...]:
         """For each layer, the index of its group in :attr:`groups`."""
@@ -224,11 +283,17 @@ class ModelCacheSpec:
         """Blocks needed to hold ``num_tokens`` positions."""
         return -(-num_tokens // self.block_tokens)
 
+    @property
+    def has_recurrent(self) -> bool:
+        """True if some layer keeps a recurrent state."""
+        return any(layer.kind is AttentionKind.RECURRENT for layer in self.layers)
+
     def describe(self) -> str:
         kinds = Counter(layer.kind.value for layer in self.layers)
         parts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+        states = f", {self.state_bytes / 2**20:.2f} MiB/state" if self.has_recurrent else ""
         return (
             f"{self.n_layers} layers ({parts}), {self.format.name}, "
             f"{self.block_tokens} tokens/block, "
-            f"{self.bytes_per_block / 2**20:.2f} MiB/block"
+            f"{self.bytes_per_block / 2**20:.2f} MiB/block{states}"
         )

@@ -33,6 +33,7 @@ __all__ = [
     "KVStorage",
     "LayerCodes",
     "LayerKV",
+    "LayerState",
     "QuantizedRows",
     "first_writable",
     "host_dtype",
@@ -103,6 +104,17 @@ class LayerCodes:
     def drop(self, n: int) -> LayerCodes:
         """The same layer without its first ``n`` positions."""
         return LayerCodes(self.layer, self.start + n, self.keys.drop(n), self.values.drop(n))
+
+
+@dataclass(frozen=True, slots=True)
+class LayerState:
+    """One recurrent layer's state after ``num_tokens`` tokens, on the host: one array per
+    :class:`~kvpool.cache.spec.StateSpec` of the layer (its shape, batch axis left out), in
+    :func:`host_dtype` of the state's dtype. Always dense, whatever the block format."""
+
+    layer: int
+    num_tokens: int
+    arrays: tuple[HostArray, ...]
 
 
 class KVStorage(Protocol):
@@ -176,6 +188,17 @@ class KVStorage(Protocol):
 
     def write_codes(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerCodes]) -> None:
         """The inverse of :meth:`read_codes`, bit for bit (quantized formats only)."""
+        ...
+
+    def read_states(
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], num_tokens: int
+    ) -> list[LayerState]:
+        """The states of recurrent ``layers`` after ``num_tokens`` tokens (held in their
+        group's table entry ``(num_tokens - 1) // block_tokens``), copied to the host."""
+        ...
+
+    def write_states(self, tables: Sequence[Sequence[int]], states: Sequence[LayerState]) -> None:
+        """The inverse of :meth:`read_states`, bit for bit. The caller owns the blocks."""
         ...
 
 

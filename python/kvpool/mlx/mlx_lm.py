@@ -1,7 +1,8 @@
 """Everything kvpool takes from mlx-lm, through its public API (the only importer of mlx-lm).
 
-* caches: mlx-lm's ``KVCache`` / ``RotatingKVCache`` built from their ``state`` (never by
-  setting private fields), told apart by type, saved and loaded in mlx-lm's own format;
+* caches: mlx-lm's ``KVCache`` / ``RotatingKVCache`` / ``ArraysCache`` built from their
+  ``state`` (never by setting private fields), told apart by type, saved and loaded in
+  mlx-lm's own format;
 * the cache geometry of a loaded model (one token through a fresh cache);
 * the ``BatchGenerator`` the engine drives (``kvpool.testing.FakeBatchGenerator`` mirrors
   the same interface), its samplers and stop sequences; the engine's one hands gathered
@@ -25,6 +26,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.models.cache import (
+    ArraysCache,
     BatchKVCache,
     KVCache,
     LRUPromptCache,
@@ -35,14 +37,19 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import make_sampler
 
+from kvpool.cache.spec import StateSpec
+
 __all__ = [
     "KV_CACHE_STEP",
     "PoolBatchGenerator",
     "PoolBatchKVCache",
     "PoolKVCache",
     "ProbedLayer",
+    "arrays_cache",
     "batch_generator",
+    "cache_states",
     "hub_snapshot_path",
+    "is_arrays_cache",
     "is_kv_cache",
     "is_rotating_cache",
     "kv_cache",
@@ -77,6 +84,23 @@ def rotating_cache(keys: mx.array, values: mx.array, offset: int, window: int) -
     position ``offset``."""
     rows = int(keys.shape[2])
     return RotatingKVCache.from_state((keys, values, offset, 0, window, rows))
+
+
+def arrays_cache(states: Sequence[mx.array]) -> Any:
+    """An ``ArraysCache`` holding ``states`` (each ``[1, ...]``), set through its ``state``."""
+    cache = ArraysCache(len(states))
+    cache.state = (list(states), None, None)
+    return cache
+
+
+def is_arrays_cache(cache: object) -> bool:
+    return type(cache) is ArraysCache
+
+
+def cache_states(cache: Any) -> list[mx.array]:
+    """The arrays an ``ArraysCache`` holds (through its ``state``)."""
+    arrays, _, _ = cache.state
+    return list(arrays)
 
 
 def is_kv_cache(cache: object) -> bool:
@@ -132,6 +156,7 @@ class ProbedLayer:
     dtype: str  # "float16", "bfloat16", "float32", ...
     window: int | None  # RotatingKVCache.max_size
     keep: int  # RotatingKVCache.keep (0 elsewhere)
+    states: tuple[StateSpec, ...] = ()  # an ArraysCache's arrays (batch axis left out)
 
 
 def probe_layers(model: Any) -> list[ProbedLayer]:
@@ -140,6 +165,16 @@ def probe_layers(model: Any) -> list[ProbedLayer]:
     model(mx.array([[0]]), cache=caches)
     out = []
     for cache in caches:
+        if is_arrays_cache(cache):
+            arrays = [a for a in cache_states(cache) if a is not None]
+            mx.eval(arrays)
+            states = tuple(
+                StateSpec(tuple(int(d) for d in a.shape[1:]), _dtype_name(a.dtype)) for a in arrays
+            )
+            if len(arrays) != len(cache_states(cache)):
+                states = ()  # a state left unset after a token: not something kvpool can hold
+            out.append(ProbedLayer("ArraysCache", 0, 0, 0, "", None, 0, states))
+            continue
         keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
         if keys is None or values is None:
             out.append(ProbedLayer(type(cache).__name__, 0, 0, 0, "", None, 0))
@@ -152,12 +187,16 @@ def probe_layers(model: Any) -> list[ProbedLayer]:
                 int(keys.shape[1]),
                 int(keys.shape[3]),
                 int(values.shape[3]),
-                str(keys.dtype).removeprefix("mlx.core."),
+                _dtype_name(keys.dtype),
                 int(cache.max_size) if rotating else None,
                 int(cache.keep) if rotating else 0,
             )
         )
     return out
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 # -- generation ---------------------------------------------------------------

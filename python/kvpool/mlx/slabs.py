@@ -31,11 +31,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.cache.storage import (
     HostArray,
     LayerCodes,
     LayerKV,
+    LayerState,
     QuantizedRows,
     first_writable,
     host_dtype,
@@ -43,7 +44,14 @@ from kvpool.cache.storage import (
 from kvpool.errors import InvalidRequestError
 from kvpool.mlx import kernels as cpu_kernels
 from kvpool.mlx.dtypes import mx_dtype
-from kvpool.mlx.mlx_lm import KV_CACHE_STEP, kv_cache, rotating_cache
+from kvpool.mlx.mlx_lm import (
+    KV_CACHE_STEP,
+    arrays_cache,
+    cache_states,
+    is_arrays_cache,
+    kv_cache,
+    rotating_cache,
+)
 from kvpool.mlx.slab_kernels import QuantizedSlab, SlabKernels, default_kernels
 
 
@@ -87,6 +95,25 @@ class SlabStorage(ABC):
         self._dtype = mx_dtype(spec.dtype)
         self._group_of_layer = spec.group_of_layer()
         self._groups = spec.groups
+        # Recurrent layers: one slab [num_blocks, *shape] per state array; block b is
+        # one state (dense, in the state's own dtype, whatever the K/V format).
+        self.states: list[list[mx.array]] = [
+            [
+                mx.zeros(
+                    (self.blocks_per_group[self._group_of_layer[i]], *a.shape), mx_dtype(a.dtype)
+                )
+                for a in layer.states
+            ]
+            for i, layer in enumerate(spec.layers)
+        ]
+
+    def _is_recurrent(self, i: int) -> bool:
+        return self.spec.layers[i].kind is AttentionKind.RECURRENT
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the recurrent state slabs."""
+        return sum(a.nbytes for slabs in self.states for a in slabs)
 
     def _slab_shape(self, i: int) -> tuple[int, int, int]:
         """``(num_blocks, n_kv_heads, block_tokens)`` of layer ``i``'s slabs."""
@@ -120,7 +147,8 @@ class SlabStorage(ABC):
         """The slab arrays of ``layers`` (all when None), to evaluate."""
 
     def _eval_slabs(self, layers: Sequence[int] | None = None) -> None:
-        mx.eval(self._slabs(layers))
+        chosen = range(self.spec.n_layers) if layers is None else layers
+        mx.eval(self._slabs(layers), [self.states[i] for i in chosen])
 
     def _finish_init(self) -> None:
         self._eval_slabs()
@@ -130,6 +158,12 @@ class SlabStorage(ABC):
         caches: list[Any] = [None] * self.spec.n_layers
         for g, group in enumerate(self._groups):
             table = list(tables[g])
+            if group.kind is AttentionKind.RECURRENT:
+                # the state after num_tokens tokens: a copy (the slab may be rewritten)
+                block = mx.array([table[(num_tokens - 1) // self.spec.block_tokens]])
+                for i in group.layers:
+                    caches[i] = arrays_cache([mx.take(a, block, axis=0) for a in self.states[i]])
+                continue
             if group.window is None:
                 out = self._gather(
                     group.layers, table, 0, num_tokens, headroom_capacity(num_tokens)
@@ -146,7 +180,7 @@ class SlabStorage(ABC):
                 out = [_pad_front(a) for a in out]
             for j, i in enumerate(group.layers):
                 caches[i] = rotating_cache(out[2 * j], out[2 * j + 1], num_tokens, group.window)
-        mx.eval([a for c in caches for a in (c.keys, c.values)])
+        mx.eval([cache_states(c) if is_arrays_cache(c) else [c.keys, c.values] for c in caches])
         return caches
 
     def store(
@@ -156,6 +190,9 @@ class SlabStorage(ABC):
         for i, cache in enumerate(caches):
             g = self._group_of_layer[i]
             table = list(tables[g])
+            if self._is_recurrent(i):
+                written_from[g] = max(written_from[g], self._store_state(i, cache, table, start))
+                continue
             offset = int(cache.offset)
             # Global caches hold positions [0, offset) at rows 0..offset-1
             # (rows past offset are headroom); extracted sliding caches hold
@@ -171,6 +208,51 @@ class SlabStorage(ABC):
             self._scatter(i, cache.keys[:, :, rows, :], cache.values[:, :, rows, :], table, first)
         self._eval_slabs()
         return tuple(written_from)
+
+    def _store_state(self, i: int, cache: Any, table: list[int], start: int) -> int:
+        """Write recurrent layer ``i``'s state into the table's last entry (the state at the
+        sequence's end) unless that entry is NULL or before ``start`` (a shared snapshot).
+        Returns the first position the write stands for (``len(table) * B`` if none)."""
+        size = self.spec.block_tokens
+        j = len(table) - 1
+        if j < 0 or table[j] < 0 or j * size < start:
+            return len(table) * size
+        arrays = cache_states(cache)
+        slabs = self.states[i]
+        if len(arrays) != len(slabs) or any(a is None for a in arrays):
+            raise InvalidRequestError(
+                f"layer {i}: a state of {len(arrays)} arrays for {len(slabs)} slabs (or unset)"
+            )
+        block = table[j]
+        for e, state in enumerate(arrays):
+            slab = slabs[e]
+            if tuple(state.shape[1:]) != tuple(slab.shape[1:]) or state.shape[0] != 1:
+                raise InvalidRequestError(
+                    f"layer {i}: state {e} has shape {tuple(state.shape)}, "
+                    f"expected (1, {', '.join(map(str, slab.shape[1:]))})"
+                )
+            slab[block : block + 1] = state.astype(slab.dtype)  # in place: the only reference
+        return j * size
+
+    def read_states(
+        self, tables: Sequence[Sequence[int]], layers: Sequence[int], num_tokens: int
+    ) -> list[LayerState]:
+        out = []
+        j = (num_tokens - 1) // self.spec.block_tokens
+        for i in layers:
+            block = mx.array([tables[self._group_of_layer[i]][j]])
+            arrays = _to_host([mx.take(a, block, axis=0) for a in self.states[i]])
+            out.append(LayerState(i, num_tokens, tuple(np.ascontiguousarray(a) for a in arrays)))
+        return out
+
+    def write_states(self, tables: Sequence[Sequence[int]], states: Sequence[LayerState]) -> None:
+        size = self.spec.block_tokens
+        for state in states:
+            i = state.layer
+            block = tables[self._group_of_layer[i]][(state.num_tokens - 1) // size]
+            for slab, host in zip(self.states[i], state.arrays, strict=True):
+                slab[block : block + 1] = self._to_device(host).astype(slab.dtype)
+            self._eval_slabs([i])
 
     def read_layers(
         self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
@@ -210,9 +292,10 @@ class SlabStorage(ABC):
     # -- host conversions --------------------------------------------------------
 
     def _to_device(self, host: HostArray) -> mx.array:
-        """``[H, T, D]`` host array -> ``[1, H, T, D]`` array of the slab dtype (a copy)."""
+        """``[H, T, D]`` host array -> ``[1, H, T, D]`` array of the slab dtype (a copy);
+        uint16 bits are bfloat16 (numpy has none)."""
         array = mx.array(host)[None]
-        if self.spec.dtype == "bfloat16" and array.dtype == mx.uint16:
+        if array.dtype == mx.uint16:
             array = array.view(mx.bfloat16)
         return array
 
@@ -235,14 +318,14 @@ class DenseSlabStorage(SlabStorage):
         self.k: list[mx.array] = []
         self.v: list[mx.array] = []
         for i, layer in enumerate(spec.layers):
-            shape = self._slab_shape(i)
+            shape = self._slab_shape(i) if not self._is_recurrent(i) else (0, 0, 0)
             self.k.append(mx.zeros((*shape, layer.k_head_dim), dtype=self._dtype))
             self.v.append(mx.zeros((*shape, layer.v_head_dim), dtype=self._dtype))
         self._finish_init()
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.k, *self.v))
+        return sum(a.nbytes for a in (*self.k, *self.v)) + self.state_nbytes
 
     def _slabs(self, layers: Sequence[int] | None = None) -> list[Any]:
         chosen = range(len(self.k)) if layers is None else layers
@@ -273,6 +356,11 @@ class QuantizedSlabStorage(SlabStorage):
         self.qk: list[QuantizedSlab] = []
         self.qv: list[QuantizedSlab] = []
         for i, layer in enumerate(spec.layers):
+            if self._is_recurrent(i):  # no K/V: empty placeholders keep the lists by layer
+                empty = mx.zeros((0,), dtype=mx.uint32)
+                self.qk.append((empty, empty, empty))
+                self.qv.append((empty, empty, empty))
+                continue
             for slabs, dim in ((self.qk, layer.k_head_dim), (self.qv, layer.v_head_dim)):
                 codes, scales = cpu_kernels.quantized_shapes(
                     *self._slab_shape(i), dim, bits=self.bits, group_size=self.group_size
@@ -288,7 +376,7 @@ class QuantizedSlabStorage(SlabStorage):
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for slab in (*self.qk, *self.qv) for a in slab)
+        return sum(a.nbytes for slab in (*self.qk, *self.qv) for a in slab) + self.state_nbytes
 
     def _slabs(self, layers: Sequence[int] | None = None) -> list[Any]:
         chosen = range(len(self.qk)) if layers is None else layers

@@ -7,7 +7,10 @@ A file holds blocks as they are at rest, never converted:
 * quantized blocks (version 2): for each of ``keys`` and ``values`` three tensors,
   ``.codes`` (U32 ``[n_kv_heads, T, head_dim * bits // 32]``), ``.scales`` and ``.biases``
   (cache dtype ``[n_kv_heads, T, head_dim // group_size]``), read with ``read_codes`` (bit
-  for bit: a load gives back exactly the codes that were saved).
+  for bit: a load gives back exactly the codes that were saved);
+* a recurrent layer's end state (version 3), whatever the block format:
+  ``layers.{i}.state.{e}``, one tensor per state array in its own dtype and shape, read with
+  ``read_states`` (bit for bit; states are never quantized).
 
 Records go back into a pool through :class:`~kvpool.cache.sequence.HostWrite`, which picks
 ``write_layers`` or ``write_codes`` by the record's type.
@@ -24,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from kvpool.cache.format import DTYPE_OF_TAG, SAFETENSORS_DTYPES, BlockFormat
-from kvpool.cache.spec import LayerSpec
-from kvpool.cache.storage import HostArray, LayerCodes, LayerKV, QuantizedRows
+from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec
+from kvpool.cache.storage import HostArray, LayerCodes, LayerKV, LayerState, QuantizedRows
 from kvpool.cache.tables import CacheHandle
 
 if TYPE_CHECKING:
@@ -41,11 +44,13 @@ _QUANTIZED_PARTS = ("codes", "scales", "biases")
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """One tensor of a layer: ``layers.{i}.{suffix}``, ``[n_kv_heads, T, last_dim]``."""
+    """One tensor of a layer: ``layers.{i}.{suffix}``, ``[n_kv_heads, T, last_dim]`` (or
+    ``shape`` itself, for a state)."""
 
     suffix: str
     dtype: str  # safetensors tag
     last_dim: int
+    shape: tuple[int, ...] | None = None  # a state's fixed shape (no token axis)
 
 
 class LayerCodec(Protocol):
@@ -119,9 +124,40 @@ class QuantizedCodec:
         return LayerCodes(layer, start, QuantizedRows(*arrays[:3]), QuantizedRows(*arrays[3:]))
 
 
+@dataclass(frozen=True, slots=True)
+class StateCodec:
+    """A recurrent layer's end state: one tensor per state array (``start`` is the number
+    of tokens the state is after)."""
+
+    def parts(self, layer: LayerSpec) -> list[Part]:
+        return [
+            Part(f"state.{e}", SAFETENSORS_DTYPES[st.dtype], 0, st.shape)
+            for e, st in enumerate(layer.states)
+        ]
+
+    def read(
+        self, pool: BlockPool, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
+    ) -> list[Any]:
+        return pool.read_states(handle, layers)
+
+    def arrays(self, record: Any) -> list[HostArray]:
+        assert isinstance(record, LayerState)
+        return list(record.arrays)
+
+    def record(self, layer: int, start: int, arrays: Sequence[HostArray]) -> Any:
+        return LayerState(layer, start, tuple(arrays))
+
+
 def codec_for(fmt: BlockFormat) -> LayerCodec:
     """The codec of blocks in ``fmt``."""
     return QuantizedCodec(fmt) if fmt.is_quantized else DenseCodec(fmt)
+
+
+def layer_codec(spec: ModelCacheSpec, layer: int) -> LayerCodec:
+    """The codec of layer ``layer`` of ``spec``: its state, or its K/V in the blocks' format."""
+    if spec.layers[layer].kind is AttentionKind.RECURRENT:
+        return StateCodec()
+    return codec_for(spec.format)
 
 
 def host_dtype_of_tag(tag: str) -> np.dtype[Any]:

@@ -30,12 +30,11 @@ from kvpool.cache.sequence import HostWrite
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import CacheCorruptionError, InvalidRequestError
 from kvpool.persist.atomic import _atomic_write
-from kvpool.persist.codec import codec_for, host_dtype_of_tag
+from kvpool.persist.codec import host_dtype_of_tag, layer_codec
 from kvpool.persist.hashing import _bytes_of, _hash_async, _Hasher, _sha256
 from kvpool.persist.layout import (
     _DIGEST_PLACEHOLDER,
     FORMAT,
-    FORMAT_VERSION,
     CacheInfo,
     _canonical,
     _encode_header,
@@ -46,6 +45,7 @@ from kvpool.persist.layout import (
     _read_header,
     _spec_to_json,
     _Tensor,
+    version_for,
 )
 from kvpool.pool import BlockPool
 from kvpool.validation import validate_agent_id
@@ -84,7 +84,7 @@ def save_cache(
     tensors = _plan(spec, blocks.total_tokens, valid_from)
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(version_for(spec)),
         "agent_id": blocks.agent_id,
         "num_tokens": str(blocks.total_tokens),
         "sliding_valid_from": str(valid_from),
@@ -157,13 +157,13 @@ def _save_chunks(tensors: Sequence[_Tensor]) -> Iterator[tuple[list[int], int]]:
 def _write_data(
     f: io.BufferedWriter, pool: BlockPool, blocks: CacheHandle, tensors: Sequence[_Tensor]
 ) -> dict[str, str]:
-    codec = codec_for(pool.spec.format)
     by_layer = {group[0].layer: group for group in _layers(tensors)}
     hasher = _Hasher()
     tokens = np.asarray(blocks.token_ids, dtype="<u4")
     hasher.add_group([("token_ids", tokens)])
     f.write(_bytes_of(tokens))
     for layers, start in _save_chunks(tensors):
+        codec = layer_codec(pool.spec, layers[0])  # a chunk's layers share their codec
         records = codec.read(pool, blocks, layers, start, blocks.total_tokens)
         named = []
         for record in records:
@@ -263,7 +263,6 @@ def _read_data(
     tensors on two threads) while layer ``j - 1``, already checked, goes to ``sink``.
     ``sink`` must copy what it keeps: the arrays are reused buffers. Returns the token ids.
     """
-    codec = codec_for(info.spec.format)
     f.seek(info.data_offset)
     tokens_t = info.tensors[0]
     tokens = _read_tensor(f, info, tokens_t, np.empty(tokens_t.end - tokens_t.begin, np.uint8))
@@ -272,8 +271,11 @@ def _read_data(
     if on_tokens is not None:
         on_tokens(token_ids)
     layers = list(_layers(info.tensors))
-    num_parts = len(layers[0])
-    largest = [max(group[k].end - group[k].begin for group in layers) for k in range(num_parts)]
+    num_parts = max(len(group) for group in layers)  # states may have more parts than K/V
+    largest = [
+        max((group[k].end - group[k].begin for group in layers if k < len(group)), default=0)
+        for k in range(num_parts)
+    ]
     # Layer j is read into ring[j % 2]; layer j - 2, its last user, went to sink before.
     ring = [[np.empty(n, np.uint8) for n in largest] for _ in range(2)]
     Checks = list[tuple[_Tensor, Future[str]]]
@@ -289,11 +291,12 @@ def _read_data(
         assert first.layer is not None
         arrays = [
             _read_tensor(f, info, t, buf).view(host_dtype_of_tag(t.dtype)).reshape(t.shape)
-            for t, buf in zip(group, ring[j % 2], strict=True)
+            for t, buf in zip(group, ring[j % 2][: len(group)], strict=True)
         ]
         checks = [(t, _hash_async(a)) for t, a in zip(group, arrays, strict=True)]
         if pending is not None:
             settle(*pending)
+        codec = layer_codec(info.spec, first.layer)
         pending = (codec.record(first.layer, first.start, arrays), checks)
     if pending is not None:
         settle(*pending)

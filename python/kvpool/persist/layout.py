@@ -30,19 +30,21 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec, StateSpec
 from kvpool.errors import (
     CacheCorruptionError,
     IncompatibleCacheError,
     InvalidRequestError,
     KvpoolError,
 )
-from kvpool.persist.codec import TAG_BYTES, codec_for
+from kvpool.persist.codec import TAG_BYTES, layer_codec
 from kvpool.validation import validate_agent_id
 
 FORMAT = "kvpool-agent-cache"
-FORMAT_VERSION = 2
-"""Written by this kvpool; 1 (dense only, no block format in the spec) still reads."""
+FORMAT_VERSION = 3
+"""The newest version this kvpool reads and writes: 3 adds recurrent layers' states. A file
+is written in the lowest version that describes it (:func:`version_for`), so files of
+attention-only models stay version 2; 1 (dense only, no block format in the spec) reads."""
 FILE_SUFFIX = ".kvcache.safetensors"
 PROMPT_CACHE_FORMAT = "kvpool-mlx-prompt-cache"
 
@@ -112,7 +114,14 @@ class _Tensor:
         }
 
 
-def _layer_start(layer: LayerSpec, sliding_valid_from: int) -> int:
+def version_for(spec: ModelCacheSpec) -> int:
+    """The format version a file of ``spec`` is written in: 3 with recurrent layers, else 2."""
+    return 3 if spec.has_recurrent else 2
+
+
+def _layer_start(layer: LayerSpec, sliding_valid_from: int, num_tokens: int) -> int:
+    if layer.kind is AttentionKind.RECURRENT:
+        return num_tokens  # a state: after every token
     return sliding_valid_from if layer.kind is AttentionKind.SLIDING else 0
 
 
@@ -128,19 +137,18 @@ def _plan(spec: ModelCacheSpec, num_tokens: int, sliding_valid_from: int) -> lis
         offset += nbytes
 
     add("token_ids", _TOKEN_DTYPE, (num_tokens,), 4)
-    codec = codec_for(spec.format)
     for i, layer in enumerate(spec.layers):
-        start = _layer_start(layer, sliding_valid_from)
+        start = _layer_start(layer, sliding_valid_from, num_tokens)
         n = num_tokens - start
-        for part in codec.parts(layer):
-            shape = (layer.n_kv_heads, n, part.last_dim)
+        for part in layer_codec(spec, i).parts(layer):
+            shape = part.shape or (layer.n_kv_heads, n, part.last_dim)
             add(f"layers.{i}.{part.suffix}", part.dtype, shape, TAG_BYTES[part.dtype],
                 layer=i, start=start)  # fmt: skip
     return tensors
 
 
 def _spec_to_json(spec: ModelCacheSpec) -> str:
-    layers = [
+    layers: list[dict[str, Any]] = [
         {
             "kind": layer.kind.value,
             "n_kv_heads": layer.n_kv_heads,
@@ -150,6 +158,9 @@ def _spec_to_json(spec: ModelCacheSpec) -> str:
         }
         for layer in spec.layers
     ]
+    for d, layer in zip(layers, spec.layers, strict=True):
+        if layer.states:  # version 3 only: attention-only specs read as before
+            d["states"] = [{"shape": list(st.shape), "dtype": st.dtype} for st in layer.states]
     return _canonical(
         {
             "dtype": spec.dtype,
@@ -175,6 +186,10 @@ def _spec_from_json(text: str, version: int = FORMAT_VERSION) -> ModelCacheSpec:
             int(d["k_head_dim"]),
             int(d["v_head_dim"]),
             None if d["window"] is None else int(d["window"]),
+            tuple(
+                StateSpec(tuple(int(n) for n in st["shape"]), str(st["dtype"]))
+                for st in (d.get("states", ()) if version >= 3 else ())
+            ),
         )
         for d in raw["layers"]
     )

@@ -15,9 +15,13 @@ from typing import Any
 import numpy as np
 
 from kvpool.cache.format import HOST_DTYPES
-from kvpool.cache.storage import HostArray, LayerKV
+from kvpool.cache.storage import HostArray, LayerKV, LayerState
 from kvpool.cache.tables import CacheHandle
-from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, InvalidRequestError
+from kvpool.errors import (
+    CacheCorruptionError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+)
 from kvpool.persist.atomic import _atomic_write
 from kvpool.persist.layout import (
     PROMPT_CACHE_FORMAT,
@@ -40,14 +44,22 @@ def export_prompt_cache(
     """Write ``blocks`` as an mlx-lm prompt cache (``mlx_lm.models.cache.save_prompt_cache``).
 
     ``load_prompt_cache(path)`` returns one ``KVCache`` per global layer (``offset`` = the
-    cache's tokens) and one ``RotatingKVCache`` per sliding layer (its window, in temporal
-    order), ready for mlx-lm generation with the tokens after ``blocks.token_ids``. The token
+    cache's tokens), one ``RotatingKVCache`` per sliding layer (its window, in temporal
+    order) and one ``ArraysCache`` per recurrent layer (its end state), ready for mlx-lm
+    generation with the tokens after ``blocks.token_ids``. The token
     ids, agent id, spec and fingerprint go into the file's metadata (``kvpool_*`` keys) so
     :func:`import_prompt_cache` can restore the cache. Atomic, like :func:`save_cache`.
     """
     import mlx.core as mx
 
-    from kvpool.mlx.mlx_lm import kv_cache, rotating_cache, save_prompt_cache_file
+    from kvpool.mlx.mlx_lm import (
+        arrays_cache,
+        cache_states,
+        is_arrays_cache,
+        kv_cache,
+        rotating_cache,
+        save_prompt_cache_file,
+    )
 
     path = Path(path)
     validate_agent_id(blocks.agent_id)
@@ -56,6 +68,14 @@ def export_prompt_cache(
     group_of_layer = spec.group_of_layer()
     caches: list[Any] = []
     for i, layer in enumerate(spec.layers):
+        if layer.states:
+            (state,) = pool.read_states(blocks, [i])
+            states = [
+                _host_to_mx(a, st.dtype)[None]
+                for a, st in zip(state.arrays, layer.states, strict=True)
+            ]
+            caches.append(arrays_cache(states))
+            continue
         start = 0 if layer.window is None else n - min(n, layer.window)
         held_from = blocks.tables[group_of_layer[i]].valid_from
         if start < held_from:
@@ -71,7 +91,7 @@ def export_prompt_cache(
         else:
             cache = rotating_cache(keys, values, n, layer.window)
         caches.append(cache)
-    mx.eval([a for c in caches for a in (c.keys, c.values)])
+    mx.eval([cache_states(c) if is_arrays_cache(c) else [c.keys, c.values] for c in caches])
     metadata = {
         "kvpool_format": PROMPT_CACHE_FORMAT,
         "kvpool_agent_id": blocks.agent_id,
@@ -97,10 +117,14 @@ def import_prompt_cache(
     ``fingerprint`` given, a file that names another model raises IncompatibleCacheError.
     Layers must match the pool's spec: ``KVCache`` for global layers, ``RotatingKVCache``
     (``keep=0``, the same window) for sliding ones, the spec's heads, head dims and dtype,
-    batch size 1, all at offset ``len(token_ids)``; else IncompatibleCacheError. An
+    batch size 1, all at offset ``len(token_ids)``; ``ArraysCache`` of the spec's state
+    shapes and dtypes for recurrent ones (taken as the state after ``token_ids``: a state
+    does not record its length); else IncompatibleCacheError. An
     unreadable file raises CacheCorruptionError. The pool is unchanged when it raises.
     """
     from kvpool.mlx.mlx_lm import (
+        cache_states,
+        is_arrays_cache,
         is_kv_cache,
         is_rotating_cache,
         load_prompt_cache_file,
@@ -145,8 +169,18 @@ def import_prompt_cache(
         raise InvalidRequestError("token_ids is empty")
     if len(caches) != spec.n_layers:
         raise incompatible(f"{len(caches)} layers, the pool's model has {spec.n_layers}")
-    kvs: list[LayerKV] = []
+    kvs: list[LayerKV | LayerState] = []
     for i, (cache, layer) in enumerate(zip(caches, spec.layers, strict=True)):
+        if layer.states:
+            if not is_arrays_cache(cache):
+                raise incompatible(f"layer {i} is a {type(cache).__name__}, expected ArraysCache")
+            arrays = cache_states(cache)
+            got = [None if a is None else (tuple(a.shape), a.dtype) for a in arrays]
+            want = [((1, *st.shape), _mx_dtype(st.dtype)) for st in layer.states]
+            if got != want:
+                raise incompatible(f"layer {i}: states {got}, expected {want}")
+            kvs.append(LayerState(i, n, tuple(_mx_to_host(a[0]) for a in arrays)))
+            continue
         expected, is_expected = (
             ("KVCache", is_kv_cache)
             if layer.window is None
@@ -181,7 +215,10 @@ def import_prompt_cache(
             raise incompatible(f"layer {i} holds {held} rows for {n} positions")
         kvs.append(LayerKV(i, n - held, _mx_to_host(keys[0]), _mx_to_host(values[0])))
     # Global layers start at 0; the blocks hold sliding positions from the latest start.
-    valid_from = max((kv.start for kv in kvs if spec.layers[kv.layer].window), default=0)
+    valid_from = max(
+        (kv.start for kv in kvs if isinstance(kv, LayerKV) and spec.layers[kv.layer].window),
+        default=0,
+    )
     return pool.write_cache(agent_id, tokens, kvs, valid_from=valid_from)
 
 

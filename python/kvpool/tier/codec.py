@@ -14,6 +14,13 @@ they are at rest (``BlockPool.read_codes``: uint32 codes ``[n_kv_heads, n, head_
 // 32]``, scales and biases ``[n_kv_heads, n, head_dim // group_size]`` in the spec's dtype),
 so a block read back is bit for bit the block written, never re-quantized.
 
+A recurrent layer holds no positions: block records carry the K/V layers only, and a
+session's end state (every recurrent layer's ``ArraysCache`` arrays, dense) is its own
+record, stored under the chain key of the session's tokens::
+
+    magic b"KVS1" | u32 num_tokens | u32 n_layers | 32-byte blake2b of the rest | rest
+    rest = per recurrent layer, per state array: its host array (its own dtype and shape)
+
 :func:`mac_key` turns a deployment's secret (``--cache-secret``) into the key of a keyed
 blake2b: records encoded with it carry a MAC of the rest *and of the Redis key they are
 stored under* (``context``), so nobody without the secret can write a record a reader
@@ -40,8 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from kvpool.cache.spec import ModelCacheSpec
-from kvpool.cache.storage import HostArray, LayerCodes, LayerKV
+from kvpool.cache.format import SAFETENSORS_DTYPES
+from kvpool.cache.spec import AttentionKind, ModelCacheSpec
+from kvpool.cache.storage import HostArray, LayerCodes, LayerKV, LayerState
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import CacheCorruptionError
 from kvpool.persist.codec import HOST_OF_TAG, LayerCodec, codec_for
@@ -52,15 +60,19 @@ __all__ = [
     "DecodedBlock",
     "block_format_id",
     "decode_block",
+    "decode_state",
     "encode_block",
+    "encode_state",
     "mac_key",
     "read_block",
+    "read_state",
     "record_bytes",
 ]
 
 CODEC_VERSION = 1
 _DENSE_MAGIC = b"KVB1"
 _QUANT_MAGIC = b"KVQ1"
+_STATE_MAGIC = b"KVS1"
 _HEAD = struct.Struct("<4sII32s")
 _PERSON = b"kvpool.block.1"
 
@@ -141,17 +153,26 @@ def encode_block(
     return _HEAD.pack(magic, n, len(kvs), _checksum(rest, key, context)) + rest
 
 
+def _kv_layers(spec: ModelCacheSpec) -> list[int]:
+    """The layers a block record holds: every one but the recurrent ones."""
+    return [i for i, x in enumerate(spec.layers) if x.kind is not AttentionKind.RECURRENT]
+
+
+def _state_layers(spec: ModelCacheSpec) -> list[int]:
+    return [i for i, x in enumerate(spec.layers) if x.kind is AttentionKind.RECURRENT]
+
+
 def _layer_arrays(
     spec: ModelCacheSpec, codec: LayerCodec, n: int
 ) -> list[list[tuple[tuple[int, ...], np.dtype[Any]]]]:
-    """Per layer, the (shape, dtype) of each array of its record, in record order (the
+    """Per K/V layer, the (shape, dtype) of each array of its record, in record order (the
     persist codec's parts: the same tensors a cache file holds)."""
     return [
         [
-            ((layer.n_kv_heads, n, part.last_dim), np.dtype(HOST_OF_TAG[part.dtype]))
-            for part in codec.parts(layer)
+            ((spec.layers[i].n_kv_heads, n, part.last_dim), np.dtype(HOST_OF_TAG[part.dtype]))
+            for part in codec.parts(spec.layers[i])
         ]
-        for layer in spec.layers
+        for i in _kv_layers(spec)
     ]
 
 
@@ -180,10 +201,11 @@ def decode_block(
         raise CacheCorruptionError(
             f"{what}: not a {fmt.name} block record (magic {magic!r}, expected {want_magic!r})"
         )
-    if n_layers != spec.n_layers or not 0 < n <= spec.block_tokens:
+    kv_layers = _kv_layers(spec)
+    if n_layers != len(kv_layers) or not 0 < n <= spec.block_tokens:
         raise CacheCorruptionError(
             f"{what}: a block of {n} tokens and {n_layers} layers, expected 1..{spec.block_tokens} "
-            f"tokens and {spec.n_layers} layers"
+            f"tokens and {len(kv_layers)} layers"
         )
     layouts = _layer_arrays(spec, codec, n)
     expected = (
@@ -202,7 +224,7 @@ def decode_block(
     tokens = np.frombuffer(record, dtype="<u4", count=n, offset=_HEAD.size)
     offset = _HEAD.size + 4 * n
     layers: list[BlockLayer] = []
-    for i, arrays in enumerate(layouts):
+    for i, arrays in zip(kv_layers, layouts, strict=True):
         got: list[HostArray] = []
         for shape, dt in arrays:
             count = int(np.prod(shape))
@@ -221,8 +243,73 @@ def read_block(
     key: bytes | None = None,
     context: bytes = b"",
 ) -> bytes:
-    """The record of positions ``[start, stop)`` of every layer of a live handle, in the
-    pool's format (dense K/V, or its quantized blocks' codes bit for bit)."""
-    layers = list(range(pool.spec.n_layers))
+    """The record of positions ``[start, stop)`` of every K/V layer of a live handle, in
+    the pool's format (dense K/V, or its quantized blocks' codes bit for bit)."""
+    layers = _kv_layers(pool.spec)
     kvs = codec_for(pool.spec.format).read(pool, handle, layers, start, stop)
     return encode_block(token_ids[start:stop], kvs, key, context)
+
+
+def encode_state(
+    num_tokens: int, states: Sequence[LayerState], key: bytes | None = None, context: bytes = b""
+) -> bytes:
+    """The record of a session's end state (every recurrent layer, in order)."""
+    parts: list[bytes | memoryview] = []
+    for st in states:
+        assert st.num_tokens == num_tokens, f"layer {st.layer}: a state of {st.num_tokens} tokens"
+        parts.extend(np.ascontiguousarray(a).data.cast("B") for a in st.arrays)
+    rest = b"".join(parts)
+    return _HEAD.pack(_STATE_MAGIC, num_tokens, len(states), _checksum(rest, key, context)) + rest
+
+
+def decode_state(
+    record: bytes,
+    spec: ModelCacheSpec,
+    num_tokens: int,
+    what: str,
+    key: bytes | None = None,
+    context: bytes = b"",
+) -> tuple[LayerState, ...]:
+    """Check and split a record of :func:`encode_state` for a session of ``num_tokens``
+    tokens of a ``spec`` pool; CacheCorruptionError naming ``what`` on any mismatch."""
+    layers = _state_layers(spec)
+    if len(record) < _HEAD.size:
+        raise CacheCorruptionError(f"{what}: a state record of {len(record)} bytes is truncated")
+    magic, n, n_layers, digest = _HEAD.unpack_from(record)
+    if magic != _STATE_MAGIC or n != num_tokens or n_layers != len(layers):
+        raise CacheCorruptionError(
+            f"{what}: not the state record of {num_tokens} tokens and {len(layers)} layers "
+            f"(magic {magic!r}, {n} tokens, {n_layers} layers)"
+        )
+    shapes = [
+        [
+            (st.shape, np.dtype(HOST_OF_TAG[SAFETENSORS_DTYPES[st.dtype]]))
+            for st in spec.layers[i].states
+        ]
+        for i in layers
+    ]
+    expected = _HEAD.size + sum(int(np.prod(sh)) * dt.itemsize for a in shapes for sh, dt in a)
+    if len(record) != expected:
+        raise CacheCorruptionError(
+            f"{what}: a state record of {len(record)} bytes, expected {expected}"
+        )
+    if not hmac.compare_digest(_checksum(memoryview(record)[_HEAD.size :], key, context), digest):
+        kind = "MAC (written without this server's --cache-secret?)" if key else "checksum"
+        raise CacheCorruptionError(f"{what}: the state fails its blake2b {kind}")
+    offset, out = _HEAD.size, []
+    for i, arrays in zip(layers, shapes, strict=True):
+        got = []
+        for shape, dt in arrays:
+            count = int(np.prod(shape))
+            got.append(np.frombuffer(record, dtype=dt, count=count, offset=offset).reshape(shape))
+            offset += count * dt.itemsize
+        out.append(LayerState(i, num_tokens, tuple(got)))
+    return tuple(out)
+
+
+def read_state(
+    pool: BlockPool, handle: CacheHandle, key: bytes | None = None, context: bytes = b""
+) -> bytes:
+    """The record of a live handle's end state (every recurrent layer)."""
+    states = pool.read_states(handle, _state_layers(pool.spec))
+    return encode_state(handle.total_tokens, states, key, context)

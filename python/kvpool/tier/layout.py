@@ -105,6 +105,11 @@ class KeySpace:
             f"{self.prefix}:blk:{self.model}:{self.block_format}:{_short_hash(salt)}:{chain:016x}"
         )
 
+    def state_key(self, salt: str, chain: int) -> str:
+        """Where the end state of a session whose last chain key is ``chain`` lives (a
+        recurrent model's: the state after exactly the tokens the chain names)."""
+        return f"{self.prefix}:st:{self.model}:{self.block_format}:{_short_hash(salt)}:{chain:016x}"
+
     def session_key(self, agent_id: str) -> str:
         return f"{self.prefix}:ses:{self.model}:{self.block_format}:{agent_id}"
 

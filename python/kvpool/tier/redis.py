@@ -32,7 +32,10 @@ different ``--kv-bits`` share a Redis without sharing blocks or sessions.
 
 Sliding-window models are refused (UnsupportedModelError): their sessions hold only the
 window's blocks per layer group, which this layout (one record = one position range of
-every layer) does not describe.
+every layer) does not describe. A model with recurrent layers keeps their state out of the
+block records: a session's end state is one more record (``:st:`` under the chain key of
+its tokens, written before the manifest, read with the blocks); prefix import is off for
+them (blocks without a state at their end serve no lookup).
 """
 
 from __future__ import annotations
@@ -60,8 +63,10 @@ from kvpool.tier.codec import (
     DecodedBlock,
     block_format_id,
     decode_block,
+    decode_state,
     mac_key,
     read_block,
+    read_state,
     record_bytes,
 )
 from kvpool.tier.layout import KeySpace, SessionManifest, secret_id
@@ -306,6 +311,15 @@ class RedisTier:
                 self._trust(block_keys[j])
             self._counts["num_blocks_written"] += len(chunk)
             self._counts["bytes_sent"] += sum(len(rec) for rec in records)
+        sent_state = 0
+        if self.spec.has_recurrent:  # the end state, under the chain key of all the tokens
+            state_key = self.keys.state_key(salt, chain[-1])
+            record = read_state(pool, handle, self._mac, self._context(state_key))
+            with self._redis(f"saving agent {handle.agent_id!r}") as r:
+                r.set(state_key, record, ex=self.ttl_s)
+            self._trust(state_key)
+            sent_state = len(record)
+            self._counts["bytes_sent"] += sent_state
         manifest_key = self.keys.session_key(handle.agent_id)
         manifest = SessionManifest(
             handle.agent_id,
@@ -319,8 +333,13 @@ class RedisTier:
         with self._redis(f"saving agent {handle.agent_id!r}") as r:
             r.set(manifest_key, manifest, ex=self.ttl_s)
         self._counts["bytes_sent"] += len(manifest)
-        return len(manifest) + sum(
-            record_bytes(self.spec, min(size, len(tokens) - j * size)) for j in range(len(chain))
+        return (
+            len(manifest)
+            + sent_state
+            + sum(
+                record_bytes(self.spec, min(size, len(tokens) - j * size))
+                for j in range(len(chain))
+            )
         )
 
     def _unverified(
@@ -434,22 +453,50 @@ class RedisTier:
         if isinstance(got, PoolFull):
             raise got.error(f"{self.where}: loading {len(tokens)} tokens of agent {agent_id!r}")
         with got as write:
-            if not self._fill(write, what, tokens, manifest.salt, manifest.chain):
+            if not self._fill(write, what, tokens, manifest.salt, manifest.chain) or (
+                self.spec.has_recurrent and not self._fill_state(write, what, manifest)
+            ):
                 self._counts["num_incomplete"] += 1
                 logger.warning("%s: a block of agent %r is gone (evicted?)", self.where, agent_id)
                 return None
             return write.commit()
 
+    def _fill_state(self, target: HostWrite, what: str, manifest: SessionManifest) -> bool:
+        """Fetch, check and write a recurrent model's end state; False if it is missing. A
+        state that fails its check is deleted (best effort) and raises CacheCorruptionError."""
+        key = self.keys.state_key(manifest.salt, manifest.chain[-1])
+        (record,) = self._fetch(what, [key])
+        if record is None:
+            return False
+        try:
+            if record is _WRONG_TYPE:
+                raise CacheCorruptionError(f"{key}: a key of another type than a state's")
+            states = decode_state(
+                record, self.spec, len(manifest.token_ids), key, self._mac, self._context(key)
+            )
+        except CacheCorruptionError:
+            self._counts["num_blocks_corrupt"] += 1
+            self._verified.pop(key, None)
+            if not self._failing:
+                with contextlib.suppress(*self._errors):
+                    self.client.delete(key)
+            raise
+        target.write(states)
+        return True
+
     def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
         """One pipelined EXISTS over every manifest and block key of ``handles``."""
         self._check_pool(pool)
-        keys_of = {
-            h.agent_id: [
+        keys_of = {}
+        for h in handles:
+            chain = self.keys.chain(h.token_ids, h.salt)
+            keys = [
                 self.keys.session_key(h.agent_id),
-                *(self.keys.block_key(h.salt, c) for c in self.keys.chain(h.token_ids, h.salt)),
+                *(self.keys.block_key(h.salt, c) for c in chain),
             ]
-            for h in handles
-        }
+            if self.spec.has_recurrent and chain:
+                keys.append(self.keys.state_key(h.salt, chain[-1]))
+            keys_of[h.agent_id] = keys
         with self._redis(f"checking {len(handles)} sessions are still stored") as r:
             pipe = r.pipeline(transaction=False)
             for keys in keys_of.values():
@@ -478,6 +525,8 @@ class RedisTier:
 
     def import_prefix(self, pool: BlockPool, tokens: Sequence[int], salt: str, have: int) -> int:
         self._check_pool(pool)
+        if self.spec.has_recurrent:
+            return 0  # prefix blocks alone serve no lookup: a state is kept per session end
         size = self.spec.block_tokens
         num_full = len(tokens) // size
         first = have // size

@@ -1,0 +1,190 @@
+"""The engine on a recurrent hybrid (fakes): end states resume the agent's next turn, state
+snapshots taken at segment ends let other agents share a prefix, all token-exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fakes import B, prompt_of
+
+from kvpool import AttentionKind, BlockPool, BlockPoolBatchEngine, LayerSpec, ModelCacheSpec
+from kvpool.cache import KVCacheManager, Reservation
+from kvpool.cache.spec import StateSpec
+from kvpool.errors import CacheCorruptionError
+from kvpool.persist import load_cache, read_cache_info, save_cache
+from kvpool.testing import (
+    FakeBatchGenerator,
+    FakeModel,
+    FakeStorage,
+    FakeTokenizer,
+    reference_tokens,
+)
+
+HYBRID = ModelCacheSpec(
+    (
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
+        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
+    ),
+    "float32",
+    B,
+)
+
+
+def _engine(snapshots: int | None, num_blocks: int = 64) -> tuple[BlockPoolBatchEngine, BlockPool]:
+    pool = BlockPool(HYBRID, num_blocks=num_blocks, storage=FakeStorage)
+    engine = BlockPoolBatchEngine(
+        FakeModel(HYBRID), FakeTokenizer(), pool, HYBRID,
+        batch_gen_factory=FakeBatchGenerator, state_snapshot_blocks=snapshots,
+    )  # fmt: skip
+    return engine, pool
+
+
+def test_turns_resume_from_the_end_state() -> None:
+    engine, pool = _engine(None)
+    context, cache = prompt_of(10), None
+    for turn in range(4):
+        engine.submit("a", context, cache, max_tokens=3)
+        (c,) = engine.drain()
+        assert list(c.token_ids) == reference_tokens(engine.model, context, 3)
+        assert c.cached_tokens == (cache.total_tokens if cache is not None else 0)
+        cache = c.blocks
+        context = [*context, *c.token_ids, *prompt_of(1 + turn, seed=turn)]
+    assert cache is not None
+    assert len(cache.tables[1].held) == 1  # one state: at the end
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize(("every", "reused"), [(None, 0), (1, 8), (2, 8), (4, 0)])
+def test_snapshots_let_a_later_agent_share_a_prefix(every: int | None, reused: int) -> None:
+    """Agent a prefills 14 tokens; b arrives later with a's first 11. With snapshots every
+    block (of 4) or every 2nd, b resumes at 8; every 4th (16) or none: nothing (the
+    attention blocks alone cannot serve a model with a state; a's prompt-end snapshot is
+    after 13 tokens, not a prefix of b)."""
+    engine, pool = _engine(every)
+    a = prompt_of(14)
+    engine.submit("a", a, max_tokens=2)
+    (done_a,) = engine.drain()
+    b = [*a[:11], 99, 98]
+    engine.submit("b", b, max_tokens=3)
+    (done_b,) = engine.drain()
+    assert done_b.cached_tokens == reused
+    assert list(done_b.token_ids) == reference_tokens(engine.model, b, 3)
+    # snapshots are cached-free once a finished (evictable like any cached block): a's at
+    # block boundaries (4, 8, 12 / 8) and each prompt's end (a's after 13 tokens, b's
+    # after 12: a boundary of its own, b[11] differs from a[11])
+    usage = pool.usage().groups[1]
+    assert usage.num_used == 2  # a's end state and b's
+    assert usage.num_cached == {None: 2, 1: 5, 2: 3, 4: 2}[every]
+    pool.check_invariants()
+    pool.release(done_a.blocks)
+    pool.release(done_b.blocks)
+    assert pool.num_used == 0
+
+
+def test_a_prompt_end_snapshot_serves_the_next_turn_of_a_chat() -> None:
+    """A chat re-templates the reply, so the next prompt does not continue the cached
+    sequence; it does start with the previous prompt: its end state after all but the
+    last prompt token is kept, and the next turn resumes there (token-exact)."""
+    engine, _ = _engine(None)
+    first = prompt_of(14)
+    engine.submit("a", first, max_tokens=3)
+    (done,) = engine.drain()
+    nxt = [*first, 7, 7, 7, 7, 7]  # the reply as the template re-renders it: not the tokens
+    engine.submit("a", nxt, done.blocks, max_tokens=3)
+    (second,) = engine.drain()
+    assert second.cached_tokens == len(first) - 1
+    assert list(second.token_ids) == reference_tokens(engine.model, nxt, 3)
+    # negative control: without prefix sharing no snapshot is kept, nothing is reused
+    pool2 = BlockPool(HYBRID, num_blocks=64, storage=FakeStorage)
+    plain = BlockPoolBatchEngine(
+        FakeModel(HYBRID), FakeTokenizer(), pool2, HYBRID,
+        batch_gen_factory=FakeBatchGenerator, prefix_sharing=False,
+    )  # fmt: skip
+    plain.submit("a", first, max_tokens=3)
+    (d,) = plain.drain()
+    plain.submit("a", nxt, d.blocks, max_tokens=3)
+    (s2,) = plain.drain()
+    assert s2.cached_tokens == 0
+
+
+def test_snapshots_do_not_change_the_tokens_of_a_batch() -> None:
+    prompts = {f"a{i}": [*prompt_of(9), *prompt_of(3 + 2 * i, seed=i)] for i in range(3)}
+    outs = {}
+    for every in (None, 1):
+        engine, pool = _engine(every)
+        for agent, prompt in prompts.items():
+            engine.submit(agent, prompt, max_tokens=4)
+        outs[every] = {c.agent_id: list(c.token_ids) for c in engine.drain()}
+        pool.check_invariants()
+    assert outs[None] == outs[1]
+    for agent, prompt in prompts.items():
+        assert outs[1][agent] == reference_tokens(FakeModel(HYBRID), prompt, 4)
+
+
+def test_a_snapshot_that_does_not_fit_is_skipped() -> None:
+    """Snapshots take recurrent blocks beyond the request's own end state: with none free
+    ``place_prefix`` says so and changes nothing (the engine's publish returns False and
+    the prefill goes on)."""
+    m = KVCacheManager(HYBRID, [8, 1])
+    res = m.reserve("a", prompt_of(9), 2, m.lookup(prompt_of(9)))
+    assert isinstance(res, Reservation)
+    m.release_pin(res)
+    before = m.usage()
+    assert m.place_prefix(res, 4) is None
+    assert m.usage() == before
+    m.rollback(res)
+    assert m.usage().num_used == 0
+
+
+def test_a_byte_budget_gives_a_recurrent_group_two_states_per_reference_agent() -> None:
+    pool = BlockPool(HYBRID, max_bytes=1 << 20, storage=FakeStorage, reference_tokens=64)
+    full, states = pool.blocks_per_group
+    assert full // states == 64 // B // 2  # 16 blocks of 4 tokens : 2 states, per agent
+    assert sum(n * pool.spec.group_bytes_per_block(g) for g, n in enumerate((full, states))) <= (
+        1 << 20
+    )
+
+
+def test_a_saved_hybrid_cache_loads_and_resumes(tmp_path: Path) -> None:
+    """Format version 3: the end states go to the file and back, bit for bit (the fake's
+    digest), and the loaded cache resumes the next turn token-exact."""
+    engine, pool = _engine(None)
+    context = prompt_of(10)
+    engine.submit("a", context, max_tokens=3)
+    (done,) = engine.drain()
+    path = tmp_path / "a.kvcache.safetensors"
+    save_cache(path, pool, done.blocks, fingerprint="fp")
+    info = read_cache_info(path)
+    assert info.format_version == 3 and info.spec == HYBRID
+    assert [t.name for t in info.tensors if t.layer == 1] == [
+        "layers.1.state.0",
+        "layers.1.state.1",
+    ]
+    pool.release(done.blocks)
+    assert pool.num_used == 0
+    loaded = load_cache(path, pool, fingerprint="fp")
+    assert loaded.token_ids == done.blocks.token_ids
+    nxt = [*context, *done.token_ids, 7]
+    engine.submit("a", nxt, loaded, max_tokens=3)
+    (second,) = engine.drain()
+    assert second.cached_tokens == loaded.total_tokens
+    assert list(second.token_ids) == reference_tokens(engine.model, nxt, 3)
+    pool.check_invariants()
+
+
+def test_a_corrupt_state_in_a_file_leaves_nothing_behind(tmp_path: Path) -> None:
+    engine, pool = _engine(None)
+    engine.submit("a", prompt_of(10), max_tokens=3)
+    (done,) = engine.drain()
+    path = tmp_path / "a.kvcache.safetensors"
+    save_cache(path, pool, done.blocks, fingerprint="fp")
+    pool.release(done.blocks)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last tensor: layer 2's last state array
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptionError, match=r"layers\.2\.state\.1"):
+        load_cache(path, pool, fingerprint="fp")
+    assert pool.num_used == 0
+    pool.check_invariants()
