@@ -174,6 +174,19 @@ async def _read_json(state: ServerState, request: Request) -> Any:
         ) from None
 
 
+def _check_model(state: ServerState, model: str) -> None:
+    """A 404 unless ``model`` names the served model (or one of its aliases)."""
+    if model not in state.model_names:
+        raise ApiError(
+            404,
+            "not_found",
+            f"model {model[:200]!r} is not served here; this server serves "
+            f"{state.model_name!r} (GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+
 def _session_of(request: Request, data: dict[str, Any], api: str) -> str | None:
     """The session id: ``X-Session-ID``, body ``session_id`` or ``prompt_cache_key``."""
     found = [("X-Session-ID header", request.headers.get("x-session-id"))]
@@ -307,15 +320,7 @@ async def _generate(request: Request, responder: Responder) -> Response:
             gen = responder.parse(body)
         except RecursionError:  # a field nested deeper than Python compares or prints
             raise bad_request("a field of the request body is nested too deeply") from None
-        if gen.model not in state.model_names:
-            raise ApiError(
-                404,
-                "not_found",
-                f"model {gen.model[:200]!r} is not served here; this server serves "
-                f"{state.model_name!r} (GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+        _check_model(state, gen.model)
         session_id = _session_of(request, body.data, api)
         agent_id = tenant.agent_id(session_id) if session_id is not None else None
         processors = await _constraint(state, gen)

@@ -31,6 +31,7 @@ from kvpool.blocks import CompletedGeneration
 from kvpool.server.app import (
     ServerState,
     _check_auth,
+    _check_model,
     _Disconnected,
     _error_response,
     _Events,
@@ -158,15 +159,7 @@ async def create_response(request: Request) -> Response:
         except RecursionError:
             raise bad_request("a field of the request body is nested too deeply") from None
         gen = req.gen
-        if gen.model not in state.model_names:
-            raise ApiError(
-                404,
-                "not_found",
-                f"model {gen.model[:200]!r} is not served here; this server serves "
-                f"{state.model_name!r} (GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+        _check_model(state, gen.model)
         given = _session_of(request, body.data, OPENAI)
         prev = None
         if req.previous_response_id is not None:
