@@ -130,6 +130,18 @@ NB_MODULE(_blocks, m) {
           "Drop the block's content; a CACHED block becomes FREE (queue "
           "head). No-op without content.")
       .def(
+          "num_free_tail",
+          &BlockAllocator::num_free_tail,
+          "How many of the highest ids no one holds (the most resize() can "
+          "take away).")
+      .def(
+          "resize",
+          &BlockAllocator::resize,
+          nb::arg("num_blocks"),
+          "Grow (new FREE blocks, taken next) or shrink (the ids taken away "
+          "must be FREE or CACHED; their content is dropped). ValueError, "
+          "nothing changed, otherwise.")
+      .def(
           "free_queue",
           &BlockAllocator::free_queue,
           "The free queue, head (taken first) to tail.")

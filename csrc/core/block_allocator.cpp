@@ -413,6 +413,79 @@ void BlockAllocator::invalidate(int32_t block_id) {
   }
 }
 
+int32_t BlockAllocator::num_free_tail() const {
+  int32_t n = 0;
+  while (n < num_blocks_ && ref_cnt_[num_blocks_ - 1 - n] == 0) {
+    ++n;
+  }
+  return n;
+}
+
+void BlockAllocator::resize(int32_t new_num_blocks) {
+  if (new_num_blocks <= 0) {
+    throw std::invalid_argument(
+        prefix("resize") + "num_blocks must be > 0, got " +
+        std::to_string(new_num_blocks));
+  }
+  const int32_t old_n = num_blocks_;
+  const int32_t new_n = new_num_blocks;
+  for (int32_t b = new_n; b < old_n; ++b) {
+    if (ref_cnt_[b] != 0) {
+      throw std::invalid_argument(
+          prefix("resize") + "cannot shrink to " + std::to_string(new_n) +
+          " blocks: block " + std::to_string(b) + " is held");
+    }
+  }
+  // Everything that can throw (allocations) happens before any state changes.
+  std::vector<int32_t> queue;
+  queue.reserve(
+      static_cast<std::size_t>(num_free_) + std::max(0, new_n - old_n));
+  for (int32_t b = old_n; b < new_n; ++b) {
+    queue.push_back(b); // grown blocks: FREE, at the head, lowest id first
+  }
+  for (int32_t b = next_[old_n]; b != old_n; b = next_[b]) {
+    if (b < new_n) {
+      queue.push_back(b);
+    }
+  }
+  const std::size_t num_slots = static_cast<std::size_t>(new_n) + 1;
+  std::vector<int32_t> prev(num_slots, -1);
+  std::vector<int32_t> next(num_slots, -1);
+  const auto size = static_cast<std::size_t>(new_n);
+  ref_cnt_.reserve(size);
+  marked_.reserve(size);
+  tokens_.reserve(size);
+  parent_key_.reserve(size);
+  key_.reserve(size);
+  has_key_.reserve(size);
+  // No allocation below: the vectors have room, erase and clear don't allocate.
+  for (int32_t b = new_n; b < old_n; ++b) {
+    if (!tokens_[b].empty()) {
+      drop_content(b);
+      --num_cached_;
+      ++num_evictions_;
+    }
+  }
+  ref_cnt_.resize(size, 0);
+  marked_.resize(size, 0);
+  tokens_.resize(size);
+  parent_key_.resize(size, 0);
+  key_.resize(size, 0);
+  has_key_.resize(size, 0);
+  int32_t last = new_n; // the sentinel
+  for (int32_t b : queue) {
+    next[last] = b;
+    prev[b] = last;
+    last = b;
+  }
+  next[last] = new_n;
+  prev[new_n] = last;
+  prev_.swap(prev);
+  next_.swap(next);
+  num_blocks_ = new_n;
+  num_free_ = static_cast<int32_t>(queue.size());
+}
+
 std::vector<int32_t> BlockAllocator::free_queue() const {
   std::vector<int32_t> out;
   out.reserve(num_free_);

@@ -61,7 +61,8 @@ class BlockAllocator {
   int32_t num_used() const;
   // CACHED blocks (ref_cnt 0 with content).
   int32_t num_cached() const;
-  // Cumulative number of CACHED blocks whose content allocate() dropped.
+  // Cumulative number of CACHED blocks whose content allocate() or resize()
+  // dropped.
   int64_t num_evictions() const;
   // Throws std::out_of_range for an id outside [0, num_blocks).
   int32_t ref_cnt(int32_t block_id) const;
@@ -98,6 +99,20 @@ class BlockAllocator {
   std::vector<int32_t> table(int64_t owner) const;
   bool has_owner(int64_t owner) const;
   int32_t num_owners() const;
+
+  // How many of the highest ids, [num_blocks - n, num_blocks), no one holds
+  // (FREE or CACHED): the most resize() can take away. O(n).
+  int32_t num_free_tail() const;
+
+  // Changes the capacity to new_num_blocks (> 0). Growing adds FREE blocks
+  // [num_blocks, new_num_blocks), queued at the head in id order (taken
+  // next). Shrinking takes away [new_num_blocks, num_blocks), which must all
+  // be FREE or CACHED: their content is dropped (num_evictions += 1 for each
+  // CACHED one). Every other block keeps its state, content, tables and
+  // queue position. Throws std::invalid_argument for new_num_blocks <= 0 or
+  // a HELD block in the range taken away (nothing changed; also when an
+  // allocation throws).
+  void resize(int32_t new_num_blocks);
 
   // Records the content of a HELD block that has none yet. key must be given
   // exactly when tokens.size() == block_tokens. If no block is indexed under

@@ -862,6 +862,63 @@ void test_best_child() {
 }
 
 // Negative controls: each corruption must be caught by check_invariants().
+void test_resize() {
+  BlockAllocator a(6, 2);
+  CHECK_EQ(a.num_free_tail(), 6);
+  CHECK_EQ(a.allocate(1, 3), (Ids{0, 1, 2}));
+  a.publish(1, 0, {10, 11}, 101);
+  a.publish(2, 101, {12}, kNoKey);
+  CHECK_EQ(a.allocate(2, 2), (Ids{3, 4}));
+  a.publish(4, 0, {20, 21}, 201);
+  a.free(2, {4, 3});
+  // queue: 3 5 4C   ref: 1 1 1 0 0 0
+  CHECK_EQ(a.free_queue(), (Ids{3, 5, 4}));
+  CHECK_EQ(a.num_free_tail(), 3);
+
+  // Shrinking past a held block changes nothing.
+  Snapshot before = snapshot(a);
+  CHECK_THROWS(std::invalid_argument, a.resize(2), "block 2 is held");
+  CHECK_UNCHANGED(a, before);
+  CHECK_THROWS(std::invalid_argument, a.resize(0), "must be > 0");
+  CHECK_UNCHANGED(a, before);
+
+  // Shrinking to 4 drops 4 (cached: content and index entry go, counted as an
+  // eviction) and 5 (free); the rest keep their state and queue order.
+  a.resize(4);
+  CHECK_OK(a);
+  CHECK_EQ(a.num_blocks(), 4);
+  CHECK_EQ(a.free_queue(), (Ids{3}));
+  CHECK_EQ(a.num_cached(), 0);
+  CHECK_EQ(a.num_evictions(), int64_t{1});
+  CHECK_EQ(a.lookup(201, {20, 21}), -1);
+  CHECK_EQ(a.lookup(101, {10, 11}), 1);
+  CHECK_EQ(a.table(1), (Ids{0, 1, 2}));
+  CHECK_THROWS(std::out_of_range, a.ref_cnt(4), "out of range");
+
+  // Growing adds free blocks at the head, lowest id first.
+  a.resize(7);
+  CHECK_OK(a);
+  CHECK_EQ(a.free_queue(), (Ids{4, 5, 6, 3}));
+  CHECK_EQ(a.num_free(), 4);
+  CHECK_EQ(a.num_free_tail(), 4);
+  CHECK_EQ(a.allocate(3, 2), (Ids{4, 5}));
+  CHECK_EQ(a.num_free_tail(), 1);
+  // Cached blocks survive a resize that does not reach them.
+  a.release(1);
+  // queue: 0 6 3 1C 2C
+  CHECK_EQ(a.free_queue(), (Ids{0, 6, 3, 1, 2}));
+  a.resize(6);
+  CHECK_OK(a);
+  CHECK_EQ(a.free_queue(), (Ids{0, 3, 1, 2}));
+  CHECK_EQ(a.num_cached(), 2);
+  CHECK_EQ(a.lookup(101, {10, 11}), 1);
+  CHECK_EQ(a.best_child(101, {12}), (Child{2, 1}));
+  // A resize to the same size changes nothing.
+  before = snapshot(a);
+  a.resize(6);
+  CHECK_UNCHANGED(a, before);
+}
+
 void test_check_invariants_can_fail() {
   auto expect_bug = [](BlockAllocator& a, const char* what) {
     CHECK_THROWS(
@@ -1159,6 +1216,31 @@ struct Model {
       queue.push_front(b);
     }
   }
+  int32_t free_tail() const {
+    int32_t n = 0;
+    while (n < num_blocks() && ref_cnt[num_blocks() - 1 - n] == 0) {
+      ++n;
+    }
+    return n;
+  }
+  bool can_resize(int32_t n) const {
+    return n > 0 && n >= num_blocks() - free_tail();
+  }
+  void resize(int32_t n) {
+    const int32_t old = num_blocks();
+    for (int32_t b = n; b < old; ++b) {
+      if (content[b]) {
+        drop_content(b);
+        ++num_evictions;
+      }
+      unqueue(b);
+    }
+    ref_cnt.resize(n, 0);
+    content.resize(n);
+    for (int32_t b = n - 1; b >= old; --b) {
+      queue.push_front(b);
+    }
+  }
   Snapshot snapshot() const {
     Snapshot s{
         Ids(queue.begin(), queue.end()),
@@ -1193,6 +1275,8 @@ struct Coverage {
   int num_collision_misses = 0; // key indexed, tokens differ
   int num_best_child_hits = 0;
   int num_invalidated = 0;
+  int num_shrunk = 0; // resize() that took blocks away
+  int num_grown = 0;
 };
 
 // Random ops against the model; every op (valid or not) is followed by a full
@@ -1200,7 +1284,7 @@ struct Coverage {
 // With a mutant model, returns whether a mismatch was found (and checks
 // nothing else).
 bool stress(
-    int32_t num_blocks,
+    int32_t initial_blocks,
     int32_t bt,
     int num_ops,
     uint32_t seed,
@@ -1210,6 +1294,7 @@ bool stress(
     return lo +
         static_cast<int32_t>(rng() % static_cast<uint32_t>(hi - lo + 1));
   };
+  int32_t num_blocks = initial_blocks; // follows resize()
   BlockAllocator a(num_blocks, bt);
   Model m(num_blocks, bt);
   m.mutant = mutant;
@@ -1282,7 +1367,7 @@ bool stress(
 
   for (int op = 0; op < num_ops; ++op) {
     int64_t owner = uniform(0, num_owner_ids - 1);
-    int32_t kind = uniform(0, 19);
+    int32_t kind = uniform(0, 20);
     // What the model says the call must do: succeed, throw PoolExhausted, or
     // throw a caller-mistake error (invalid_argument / out_of_range).
     enum class Expect { kOk, kExhausted, kMistake } expect = Expect::kOk;
@@ -1369,6 +1454,21 @@ bool stress(
         Child got = a.best_child(parent, tokens);
         num_mismatch += got != m.best_child(parent, tokens);
         c.num_best_child_hits += got.first >= 0;
+      } else if (kind == 20) { // resize: mostly within the free tail
+        int32_t tail = m.free_tail();
+        num_mismatch += a.num_free_tail() != tail;
+        int32_t n = uniform(0, 3) == 0
+            ? uniform(-1, num_blocks + 4)
+            : std::max(1, num_blocks - uniform(0, tail)) +
+                uniform(0, 1) * uniform(0, 4);
+        n = std::min(n, 2 * initial_blocks + 4);
+        expect = m.can_resize(n) ? Expect::kOk : Expect::kMistake;
+        c.num_shrunk += expect == Expect::kOk && n < num_blocks;
+        c.num_grown += expect == Expect::kOk && n > num_blocks;
+        a.resize(n);
+        num_mismatch += expect != Expect::kOk;
+        m.resize(n);
+        num_blocks = n;
       } else { // invalidate (rarer: it undoes the cache)
         if (kind == 17) {
           Ids pool =
@@ -1465,7 +1565,7 @@ bool stress(
       "stress(%d blocks x %d tokens, seed %u): %d ops, %d errors (%d "
       "exhausted), %d touches, %lld evictions, %d published (%d not "
       "canonical), %d lookup hits, %d collision misses, %d best_child hits, "
-      "%d invalidated\n",
+      "%d invalidated, %d shrunk, %d grown\n",
       num_blocks,
       bt,
       seed,
@@ -1479,7 +1579,9 @@ bool stress(
       c.num_lookup_hits,
       c.num_collision_misses,
       c.num_best_child_hits,
-      c.num_invalidated);
+      c.num_invalidated,
+      c.num_shrunk,
+      c.num_grown);
   CHECK(c.num_errors > num_ops / 20);
   CHECK(c.num_errors < num_ops / 2);
   CHECK(c.num_exhausted > 0);
@@ -1491,7 +1593,9 @@ bool stress(
     CHECK(c.num_collision_misses > 0);
     CHECK(c.num_best_child_hits > 0);
     CHECK(c.num_invalidated > 0);
+    CHECK(c.num_shrunk > 0);
   }
+  CHECK(c.num_grown > 0);
   return num_mismatch > 0;
 }
 
@@ -1528,6 +1632,7 @@ int main() {
   test_touch_revives_from_middle();
   test_invalidate();
   test_best_child();
+  test_resize();
   test_check_invariants_can_fail();
   test_stress();
   std::printf("%d passed, %d failed\n", num_passed, num_failed);

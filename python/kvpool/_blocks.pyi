@@ -96,6 +96,14 @@ class BlockAllocator:
         Drop the block's content; a CACHED block becomes FREE (queue head). No-op without content.
         """
 
+    def num_free_tail(self) -> int:
+        """How many of the highest ids no one holds (the most resize() can take away)."""
+
+    def resize(self, num_blocks: int) -> None:
+        """
+        Grow (new FREE blocks, taken next) or shrink (the ids taken away must be FREE or CACHED; their content is dropped). ValueError, nothing changed, otherwise.
+        """
+
     def free_queue(self) -> list[int]:
         """The free queue, head (taken first) to tail."""
 

@@ -7,10 +7,23 @@ persistence call the pool and never touch allocators, leases or slabs.
 
 Each layer group (:attr:`ModelCacheSpec.groups`) has its own blocks. Sized by a
 byte budget, a model with one group gets ``max_bytes // bytes_per_block``
-blocks; with sliding-window groups, the budget is split so that every group
-runs out at the same number of agents of ``reference_tokens`` tokens each (a
-sliding group needs only ``ceil(W / B) + 1`` blocks per agent, a recurrent group 2
-states: its end state and the next turn's, or a snapshot).
+blocks; with sliding-window or recurrent groups, the budget is first split so that
+every group runs out at the same number of agents of ``reference_tokens`` tokens
+each (a sliding group needs only ``ceil(W / B) + 1`` blocks per agent, a recurrent
+group 2 states: its end state and the next turn's, or a snapshot).
+
+The split then follows the workload: when a request does not fit one group while
+others hold free blocks at the top of their id range, those blocks are taken away
+(their cached content dropped) and their bytes go to the short group
+(:meth:`BlockPool.open_sequence`, :meth:`BlockPool.write_from_host`). A short group
+grows by what it lacks, and up to doubling when the others can spare it (at most
+half of what they could give), so a shifting workload resizes rarely: each resize
+copies the slabs of the groups involved. Invariant: the groups' blocks never hold
+more than ``max_bytes``. A request is refused (PoolExhaustedError) only when the
+free blocks at the top of the other groups' ranges cannot make up the difference;
+blocks held below them stay where they are (nothing is moved), so a fragmented pool
+can refuse with free bytes in the middle of a group. A pool sized by ``num_blocks``
+keeps its counts.
 
 The block format (dense, or 8/4-bit affine-quantized at rest) is the spec's
 (:attr:`ModelCacheSpec.format`): byte budgets count bytes at rest, so a 4-bit pool of
@@ -24,6 +37,7 @@ Not thread-safe by itself: the engine serialises access under its lock.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -38,6 +52,7 @@ from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
 
 _Rows = TypeVar("_Rows", LayerKV, LayerCodes)
+_Opened = TypeVar("_Opened", SequenceCache, HostWrite)
 
 StorageFactory = Callable[[ModelCacheSpec, tuple[int, ...]], KVStorage]
 
@@ -185,7 +200,8 @@ class BlockPool:
             blocks_per_group = (num_blocks,) * len(spec.groups)
         check_pool_fits(spec, blocks_per_group)
         self.spec = spec
-        self.blocks_per_group = blocks_per_group
+        self.max_bytes = max_bytes
+        self.num_resizes = 0  # budget moves between groups (see the module docstring)
         self._group_of_layer = spec.group_of_layer()
         # guards the manager's bookkeeping; K/V reads and writes of blocks one holds don't need it
         self._lock = threading.RLock()
@@ -206,9 +222,25 @@ class BlockPool:
     # -- capacity -------------------------------------------------------------
 
     @property
+    def blocks_per_group(self) -> tuple[int, ...]:
+        """Each group's blocks now (a budget-sized pool moves them between groups)."""
+        return tuple(self.manager.num_blocks(g) for g in range(len(self.spec.groups)))
+
+    @property
     def num_blocks(self) -> int:
         """Blocks over all groups."""
         return sum(self.blocks_per_group)
+
+    def max_group_blocks(self, group: int) -> int:
+        """The most blocks group ``group`` can ever have: its count in a pool sized by
+        ``num_blocks``; in a budget-sized one, what the budget holds with one block left
+        to every other group."""
+        if self.max_bytes is None:
+            return self.manager.num_blocks(group)
+        others = sum(
+            self.spec.group_bytes_per_block(h) for h in range(len(self.spec.groups)) if h != group
+        )
+        return (self.max_bytes - others) // self.spec.group_bytes_per_block(group)
 
     @property
     def num_free(self) -> int:
@@ -254,6 +286,19 @@ class BlockPool:
     def check_invariants(self) -> None:
         with self._lock:
             self.manager.check_invariants()
+
+    def max_context_tokens(self) -> int:
+        """The longest sequence the pool could hold: the fewest positions any group without
+        a window can get (:meth:`max_group_blocks`); sliding and recurrent groups need a
+        bounded number of blocks whatever the length. All blocks when every group has one."""
+        unbounded = [
+            g
+            for g, group in enumerate(self.spec.groups)
+            if group.window is None and group.kind is not AttentionKind.RECURRENT
+        ]
+        if not unbounded:
+            return self.num_blocks * self.spec.block_tokens
+        return min(self.max_group_blocks(g) for g in unbounded) * self.spec.block_tokens
 
     # -- handles --------------------------------------------------------------
 
@@ -305,10 +350,14 @@ class BlockPool:
         """A :class:`~kvpool.cache.sequence.SequenceCache` holding what a request for
         ``tokens`` needs (the reused prefix and room for ``max_tokens`` more), or
         PoolFull with nothing changed."""
-        return open_sequence(
-            self.manager, self._storage, self._lock, agent_id, tokens, max_tokens,
-            own=own, salt=salt, shared=shared,
-        )  # fmt: skip
+
+        def attempt() -> SequenceCache | PoolFull:
+            return open_sequence(
+                self.manager, self._storage, self._lock, agent_id, tokens, max_tokens,
+                own=own, salt=salt, shared=shared,
+            )  # fmt: skip
+
+        return self._with_room(attempt)
 
     # -- persistence ----------------------------------------------------------
 
@@ -341,7 +390,72 @@ class BlockPool:
         """A :class:`~kvpool.cache.sequence.HostWrite` for a cache of exactly ``tokens``
         written from the host (whole blocks the pool holds for a prefix are shared), or
         PoolFull with nothing changed."""
-        return HostWrite.open(self.manager, self._storage, self._lock, agent_id, tokens, salt=salt)
+        return self._with_room(
+            lambda: HostWrite.open(
+                self.manager, self._storage, self._lock, agent_id, tokens, salt=salt
+            )
+        )
+
+    # -- the budget follows the workload --------------------------------------
+
+    def _with_room(self, attempt: Callable[[], _Opened | PoolFull]) -> _Opened | PoolFull:
+        """``attempt()``, again after moving budget to each group it finds short.
+
+        A group that received budget is never a donor within the same call, so this
+        ends after at most one move per group. A final PoolFull says ``never_fits``
+        only when the group could not hold the request with the whole budget.
+        """
+        protected: set[int] = set()
+        while True:
+            got = attempt()
+            if not isinstance(got, PoolFull):
+                return got
+            if got.group in protected or not self._make_room(got, protected):
+                return self._final(got)
+            protected.add(got.group)
+
+    def _final(self, full: PoolFull) -> PoolFull:
+        if self.max_bytes is None:
+            return full
+        most = self.max_group_blocks(full.group)
+        return dataclasses.replace(full, capacity=most, never_fits=full.needed > most)
+
+    def _make_room(self, full: PoolFull, protected: set[int]) -> bool:
+        """Move budget to ``full.group`` so it has ``full.needed - full.free`` more free
+        blocks, taking free blocks off the top of the other groups (not ``protected``).
+        False, and nothing changed, if they cannot spare enough."""
+        if self.max_bytes is None:
+            return False
+        g = full.group
+        per_block = [self.spec.group_bytes_per_block(h) for h in range(len(self.spec.groups))]
+        short = (full.needed - full.free) * per_block[g]
+        with self._lock:
+            counts = list(self.blocks_per_group)
+            slack = self.max_bytes - sum(n * b for n, b in zip(counts, per_block, strict=True))
+            spare = {
+                h: min(self.manager.free_tail(h), counts[h] - 1)
+                for h in range(len(counts))
+                if h != g and h not in protected
+            }
+            can_give = slack + sum(n * per_block[h] for h, n in spare.items())
+            if short <= 0 or can_give < short:
+                return False
+            want = max(short, min(counts[g] * per_block[g], can_give // 2))
+            got = slack
+            for h in sorted(spare, key=lambda h: spare[h] * per_block[h], reverse=True):
+                if got >= want:
+                    break
+                take = min(spare[h], -(-(want - got) // per_block[h]))
+                counts[h] -= take
+                got += take * per_block[h]
+            counts[g] += got // per_block[g]
+            for h, n in enumerate(counts):
+                if n < self.manager.num_blocks(h):
+                    self.manager.resize_group(h, n)
+            self.manager.resize_group(g, counts[g])
+            self._storage.resize(counts)
+            self.num_resizes += 1
+        return True
 
     def write_cache(
         self,

@@ -176,6 +176,16 @@ class FakeStorage:
             n * self.spec.group_bytes_per_block(g) for g, n in enumerate(self.blocks_per_group)
         )
 
+    def resize(self, blocks_per_group: Sequence[int]) -> None:
+        """At once (no MLX here); a block taken away forgets what it held, so a read of
+        it after it is added back fails as never written."""
+        self.blocks_per_group = tuple(blocks_per_group)
+        size = self.spec.block_tokens
+        for i in range(len(self.spec.layers)):
+            n = self.blocks_per_group[self._group_of_layer[i]]
+            self.slots[i] = {slot: t for slot, t in self.slots[i].items() if slot < n * size}
+            self.states[i] = {b: t for b, t in self.states[i].items() if b < n}
+
     def _slot(self, tables: Sequence[Sequence[int]], layer: int, position: int) -> int:
         size = self.spec.block_tokens
         block = tables[self._group_of_layer[layer]][position // size]

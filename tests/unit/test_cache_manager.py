@@ -243,15 +243,17 @@ def _block_tokens(m: KVCacheManager, g: int, block: int) -> list[int]:
     ids=["sliding", "recurrent"],
 )
 def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: list[int]) -> None:
-    """Random requests, commits, rollbacks and releases; after each: the allocators' and the
-    manager's records agree, published blocks are findable, and a recurrent state is handed
-    out only for the exact token prefix it was computed at (the model: block -> prefix)."""
+    """Random requests, commits, rollbacks, releases and group resizes; after each: the
+    allocators' and the manager's records agree, published blocks are findable, and a
+    recurrent state is handed out only for the exact token prefix it was computed at (the
+    model: block -> prefix)."""
     rng = random.Random(1234)
     m = KVCacheManager(spec, blocks, key_salt="model")
     states = [g for g, p in enumerate(m.policies) if p.is_recurrent]
     state_of: dict[int, tuple[int, ...]] = {}  # recurrent block -> the tokens its state is of
     num_state_reads = 0
     num_snapshots = 0
+    num_resizes = 0
     vocab = 5  # tiny vocabulary: prompts collide and share often
     live: list[CacheHandle] = []
     open_res: list[tuple[Reservation, list[int], int]] = []
@@ -307,6 +309,20 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
                 live.append(handle)
                 if replaced is not None and replaced in live:
                     live.remove(replaced)
+        elif op < 0.70:  # the pool moves budget: a group shrinks off its free top, or grows
+            g = rng.randrange(len(blocks))
+            n, tail = m.num_blocks(g), m.free_tail(g)
+            if tail < n and rng.random() < 0.2:  # past a held block: refused, nothing changed
+                before = m.usage()
+                with pytest.raises(InvalidRequestError, match="is held"):
+                    m.resize_group(g, n - tail - 1)
+                assert m.usage() == before
+            elif rng.random() < 0.5:
+                m.resize_group(g, max(1, n - rng.randint(0, tail)))
+                num_resizes += 1
+            else:
+                m.resize_group(g, min(n + rng.randint(1, 4), 2 * blocks[g]))
+                num_resizes += 1
         elif live:  # a handle is released
             m.release(live.pop(rng.randrange(len(live))))
         m.check_invariants()
@@ -319,6 +335,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     usage = m.usage()
     assert usage.num_used == 0 and usage.num_handles == 0  # nothing leaked
     assert usage.num_queries > 1000 and usage.hit_tokens > 0  # the test did share
+    assert num_resizes > 200
     if states:
         assert usage.groups[states[0]].num_cached > 0  # end states at boundaries stay findable
         assert num_state_reads > 300  # states were reused, from own ends and by key

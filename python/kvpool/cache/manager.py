@@ -880,6 +880,20 @@ class KVCacheManager:
     def num_free(self, group: int = 0) -> int:
         return int(self._allocators[group].num_free)
 
+    def free_tail(self, group: int) -> int:
+        """How many of group ``group``'s highest block ids no one holds: the most
+        :meth:`resize_group` can take away."""
+        return int(self._allocators[group].num_free_tail())
+
+    def resize_group(self, group: int, num_blocks: int) -> None:
+        """Give group ``group`` ``num_blocks`` blocks. Added ones are free; ones taken
+        away must be free or cached (their content is dropped). InvalidRequestError, and
+        nothing changed, otherwise."""
+        try:
+            self._allocators[group].resize(num_blocks)
+        except ValueError as exc:
+            raise InvalidRequestError(f"layer group {group}: {exc}") from exc
+
     def ref_cnt(self, block_id: int, group: int = 0) -> int:
         return int(self._allocators[group].ref_cnt(block_id))
 

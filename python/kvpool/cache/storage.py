@@ -134,6 +134,15 @@ class KVStorage(Protocol):
         """Bytes this storage holds (all blocks, all layers, K and V)."""
         ...
 
+    def resize(self, blocks_per_group: Sequence[int]) -> None:
+        """Hold ``blocks_per_group[g]`` blocks in group ``g`` (the pool moving its budget).
+
+        Any thread may call it; it takes effect before the next of the calls below.
+        Blocks below both sizes keep their contents; blocks taken away are free (no
+        holder); added blocks are written before they are read.
+        """
+        ...
+
     def load(self, tables: Sequence[Sequence[int]], num_tokens: int) -> list[Any]:
         """Per-layer caches for positions ``[0, num_tokens)``.
 

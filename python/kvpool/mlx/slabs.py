@@ -20,12 +20,19 @@ reference to each slab array and rebinds it to the scatter's output
 (``self.k[l] = kernels.scatter(self.k[l], ...)``), so MLX donates the buffer instead of
 copying the slab. Host copies (persistence, the Redis tier) happen only in ``read_*`` and
 ``write_*``, a few layers at a time.
+
+A pool whose budget moves between layer groups resizes them (:meth:`SlabStorage.resize`):
+any thread may ask, and the slabs change at the start of the next K/V call, on the thread
+that runs MLX. Kept blocks keep their rows; the copy is one slab at a time, so the peak is
+the pool plus one layer's slab.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -67,6 +74,18 @@ def _pad_front(array: mx.array) -> mx.array:
     return mx.concatenate([zero, array], axis=2)
 
 
+def resized_slab(slab: mx.array, num_blocks: int, extra: int) -> mx.array:
+    """``slab`` (``num_blocks`` of ``slab.shape[0] - extra`` blocks kept, then ``extra``
+    zero blocks) with ``num_blocks`` blocks: a copy, so a shrunk slab's old buffer goes.
+    Rows of added blocks are zero."""
+    old = slab.shape[0] - extra
+    if num_blocks >= old:  # the old zero blocks become ordinary ones
+        pad = mx.zeros((num_blocks - old, *slab.shape[1:]), slab.dtype)
+        return mx.concatenate([slab, pad]) if num_blocks > old else slab
+    zeros = mx.zeros((extra, *slab.shape[1:]), slab.dtype)
+    return mx.concatenate([slab[:num_blocks], zeros]) if extra else mx.contiguous(slab[:num_blocks])
+
+
 def _to_host(arrays: list[mx.array]) -> list[HostArray]:
     """``[1, H, T, D]`` arrays -> ``[H, T, D]`` numpy arrays (the explicit host copy).
 
@@ -92,6 +111,8 @@ class SlabStorage(ABC):
         self.format = spec.format
         self.blocks_per_group = tuple(blocks_per_group)
         self.kernels = kernels
+        self._resize_lock = threading.Lock()
+        self._wanted: tuple[int, ...] | None = None  # blocks per group asked by resize()
         self._dtype = mx_dtype(spec.dtype)
         self._group_of_layer = spec.group_of_layer()
         self._groups = spec.groups
@@ -106,6 +127,40 @@ class SlabStorage(ABC):
             ]
             for i, layer in enumerate(spec.layers)
         ]
+
+    def resize(self, blocks_per_group: Sequence[int]) -> None:
+        """Hold ``blocks_per_group[g]`` blocks in group ``g`` from the next K/V call on.
+
+        No MLX work here, so any thread may ask (the pool does, under its lock, when its
+        budget moves); the slabs are copied at the start of the next K/V call. Blocks below
+        both sizes keep their rows; added ones are zero; removed ones must be free.
+        """
+        wanted = tuple(blocks_per_group)
+        if len(wanted) != len(self._groups) or min(wanted) < 1:
+            raise InvalidRequestError(f"resize: {wanted} for {len(self._groups)} layer groups")
+        with self._resize_lock:
+            self._wanted = wanted
+
+    def _sync(self) -> None:
+        """Carry out a pending :meth:`resize` (on the thread that runs MLX)."""
+        with self._resize_lock:
+            wanted, self._wanted = self._wanted, None
+        if wanted is None or wanted == self.blocks_per_group:
+            return
+        old = self.blocks_per_group
+        for i in range(self.spec.n_layers):
+            g = self._group_of_layer[i]
+            if wanted[g] != old[g]:
+                self.states[i] = [resized_slab(a, wanted[g], 0) for a in self.states[i]]
+                if not self._is_recurrent(i):
+                    extra = self.kernels.extra_blocks
+                    self._resize_layer(i, partial(resized_slab, num_blocks=wanted[g], extra=extra))
+                self._eval_slabs([i])
+        self.blocks_per_group = wanted
+
+    @abstractmethod
+    def _resize_layer(self, i: int, resize: Callable[[mx.array], mx.array]) -> None:
+        """Replace each K/V slab array ``a`` of layer ``i`` by ``resize(a)``."""
 
     def _is_recurrent(self, i: int) -> bool:
         return self.spec.layers[i].kind is AttentionKind.RECURRENT
@@ -155,6 +210,7 @@ class SlabStorage(ABC):
         self._device = mx.default_device()
 
     def load(self, tables: Sequence[Sequence[int]], num_tokens: int) -> list[Any]:
+        self._sync()
         caches: list[Any] = [None] * self.spec.n_layers
         for g, group in enumerate(self._groups):
             table = list(tables[g])
@@ -186,6 +242,7 @@ class SlabStorage(ABC):
     def store(
         self, caches: Sequence[Any], tables: Sequence[Sequence[int]], start: int
     ) -> tuple[int, ...]:
+        self._sync()
         written_from = [start] * len(self._groups)
         for i, cache in enumerate(caches):
             g = self._group_of_layer[i]
@@ -237,6 +294,7 @@ class SlabStorage(ABC):
     def read_states(
         self, tables: Sequence[Sequence[int]], layers: Sequence[int], num_tokens: int
     ) -> list[LayerState]:
+        self._sync()
         out = []
         j = (num_tokens - 1) // self.spec.block_tokens
         for i in layers:
@@ -246,6 +304,7 @@ class SlabStorage(ABC):
         return out
 
     def write_states(self, tables: Sequence[Sequence[int]], states: Sequence[LayerState]) -> None:
+        self._sync()
         size = self.spec.block_tokens
         for state in states:
             i = state.layer
@@ -257,6 +316,7 @@ class SlabStorage(ABC):
     def read_layers(
         self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
     ) -> list[LayerKV]:
+        self._sync()
         if not layers:
             return []
         n = stop - start
@@ -271,6 +331,7 @@ class SlabStorage(ABC):
         return [LayerKV(i, start, host[2 * j], host[2 * j + 1]) for j, i in enumerate(layers)]
 
     def write_layers(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerKV]) -> None:
+        self._sync()
         for kv in kvs:
             if kv.num_tokens == 0:
                 continue
@@ -331,6 +392,10 @@ class DenseSlabStorage(SlabStorage):
         chosen = range(len(self.k)) if layers is None else layers
         return [s for i in chosen for s in (self.k[i], self.v[i])]
 
+    def _resize_layer(self, i: int, resize: Callable[[mx.array], mx.array]) -> None:
+        self.k[i] = resize(self.k[i])
+        self.v[i] = resize(self.v[i])
+
     def _gather(
         self, layers: Sequence[int], table: list[int], start: int, stop: int, capacity: int
     ) -> list[mx.array]:
@@ -382,6 +447,11 @@ class QuantizedSlabStorage(SlabStorage):
         chosen = range(len(self.qk)) if layers is None else layers
         return [s for i in chosen for s in (self.qk[i], self.qv[i])]
 
+    def _resize_layer(self, i: int, resize: Callable[[mx.array], mx.array]) -> None:
+        k, v = self.qk[i], self.qv[i]
+        self.qk[i] = (resize(k[0]), resize(k[1]), resize(k[2]))
+        self.qv[i] = (resize(v[0]), resize(v[1]), resize(v[2]))
+
     def _gather(
         self, layers: Sequence[int], table: list[int], start: int, stop: int, capacity: int
     ) -> list[mx.array]:
@@ -405,6 +475,7 @@ class QuantizedSlabStorage(SlabStorage):
     def read_codes(
         self, tables: Sequence[Sequence[int]], layers: Sequence[int], start: int, stop: int
     ) -> list[LayerCodes]:
+        self._sync()
         n = max(stop - start, 0)
         out = []
         for i in layers:
@@ -415,6 +486,7 @@ class QuantizedSlabStorage(SlabStorage):
         return out
 
     def write_codes(self, tables: Sequence[Sequence[int]], kvs: Sequence[LayerCodes]) -> None:
+        self._sync()
         for kv in kvs:
             if kv.num_tokens == 0:
                 continue

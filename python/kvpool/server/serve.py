@@ -215,7 +215,7 @@ def build_state(config: ServerConfig) -> Any:
         max_queue=config.max_queue,
         flush_interval_s=config.flush_interval_s,
     )
-    context = pool.num_blocks * spec.block_tokens
+    context = pool.max_context_tokens()
     model_context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
     if isinstance(model_context, int) and model_context > 0:
         context = min(context, model_context)

@@ -1,0 +1,138 @@
+"""Slabs resized when a byte budget moves between layer groups (real MLX, CPU device).
+
+A resize keeps every kept block's bits (dense, quantized and recurrent states; the C++ and
+the portable kernels, whose zero block must stay zero), frees a shrunk slab's old buffer,
+and an engine whose budget moves turn after turn still equals fresh mlx-lm runs.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import LoadedModel, Reference, fresh, words
+
+from kvpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, LayerSpec, StateSpec
+from kvpool.cache.storage import LayerState
+from kvpool.mlx.mlx_lm import arrays_cache, kv_cache
+from kvpool.mlx.slab_kernels import KERNELS_ENV, ExtensionKernels, PortableKernels
+from kvpool.mlx.slabs import make_slab_storage
+
+SLIDING = LayerSpec(AttentionKind.SLIDING, 2, 64, 64, window=24)
+FULL = LayerSpec(AttentionKind.GLOBAL, 2, 64, 64)
+STATE = LayerSpec.recurrent((StateSpec((3, 16), "float32"), StateSpec((2, 8, 8), "float32")))
+SPEC = ModelCacheSpec((SLIDING, FULL, STATE, FULL), "bfloat16", 16)
+N = 40  # positions stored: 3 blocks of 16
+
+
+def _rows(rng: np.random.Generator) -> mx.array:
+    return mx.array(rng.standard_normal((1, 2, 64, 64)).astype(np.float32)).astype(mx.bfloat16)
+
+
+def _snapshot(storage: Any, tables: list[list[int]]) -> list[np.ndarray]:
+    """Every stored bit of the tables' blocks, on the host."""
+    attention = [0, 1, 3]
+    out: list[np.ndarray] = []
+    if storage.format.is_quantized:
+        for c in storage.read_codes(tables, attention, 0, N):
+            out += [getattr(rows, f) for rows in (c.keys, c.values) for f in ("codes", "scales")]
+    else:
+        for kv in storage.read_layers(tables, attention, 0, N):
+            out += [kv.keys, kv.values]
+    (state,) = storage.read_states(tables, [2], N)
+    return [*out, *state.arrays]
+
+
+@pytest.mark.parametrize("kv_bits", [None, 4])
+@pytest.mark.parametrize("kernels", [ExtensionKernels(), PortableKernels()], ids=lambda k: k.name)
+def test_a_resize_keeps_every_kept_block_bit_for_bit(kv_bits: int | None, kernels: Any) -> None:
+    spec = SPEC if kv_bits is None else SPEC.with_format(kv_bits, group_size=32)
+    groups = len(spec.groups)
+    storage: Any = make_slab_storage(spec, (8,) * groups, kernels)
+    rng = np.random.default_rng(3)
+    caches: list[Any] = [kv_cache(_rows(rng), _rows(rng), N) for _ in range(4)]
+    caches[2] = arrays_cache(
+        [mx.array(rng.standard_normal((1, *s.shape)).astype(np.float32)) for s in STATE.states]
+    )
+    tables = [[2, 0, 3]] * groups
+    storage.store(caches, tables, 0)
+    before = _snapshot(storage, tables)
+    nbytes = storage.nbytes
+
+    storage.resize((4,) * groups)  # ids 4..7 go; 0, 2, 3 stay
+    assert storage.blocks_per_group == (8,) * groups  # nothing until the next K/V call
+    after = _snapshot(storage, tables)
+    assert storage.blocks_per_group == (4,) * groups
+    assert storage.nbytes < nbytes
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    storage.resize((11,) * groups)
+    again = _snapshot(storage, tables)
+    assert all(np.array_equal(a, b) for a, b in zip(before, again, strict=True))
+    kv = [a for s in storage._slabs() for a in (s if isinstance(s, tuple) else (s,)) if a.size]
+    assert {a.shape[0] for a in kv} == {11 + kernels.extra_blocks}
+    assert {a.shape[0] for s in storage.states for a in s} == {11}
+    if kernels.extra_blocks:  # the portable gather reads NULL entries from the zero block
+        assert all(not mx.any(a[-1]).item() for a in kv)
+    # The added blocks take writes like any other.
+    moved = [[9, 10, 3]] * groups
+    storage.store(caches, moved, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, _snapshot(storage, moved), strict=True))
+    # Negative control: the snapshot sees a changed bit.
+    storage.write_states(tables, [LayerState(2, N, tuple(a + 1 for a in before[-2:]))])
+    assert not np.array_equal(_snapshot(storage, tables)[-1], before[-1])
+
+
+def test_a_shrunk_slab_gives_its_memory_back() -> None:
+    spec = ModelCacheSpec((FULL,), "float32", 256)
+    storage: Any = make_slab_storage(spec, (64,), ExtensionKernels())
+    mx.synchronize()
+    start = mx.get_active_memory()
+    storage.resize((16,))
+    storage.read_layers([[0]], [0], 0, 1)  # a K/V call carries the resize out
+    mx.synchronize()
+    freed = start - mx.get_active_memory()
+    assert freed >= 48 * spec.bytes_per_block * 0.99, freed
+
+
+@pytest.mark.parametrize("kernels", ["cpu-extension", "mlx-portable"])
+def test_engine_turns_equal_fresh_runs_while_the_budget_moves(
+    tiny_swa_model: LoadedModel,
+    reference_generate: Reference,
+    kernels: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gemma3 with a 64-token window and 256-token blocks: a budget split for 8K agents
+    gives the sliding group a few blocks; five agents of a few hundred tokens need more, turn
+    after turn, and take it from the global group."""
+    monkeypatch.setenv(KERNELS_ENV, kernels)
+    model, tokenizer, _ = tiny_swa_model
+    spec = ModelCacheSpec.from_model(model)
+    per_agent = sum(spec.group_bytes_per_block(g) for g in range(len(spec.groups)))
+    budget = 60 * per_agent
+    pool = BlockPool(spec, max_bytes=budget)
+    first = pool.blocks_per_group[0]
+    assert first < 2 * 5 and spec.groups[0].window == 64  # 2 blocks for each of 5 agents
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    rng = random.Random(5)
+    agents = [f"a{i}" for i in range(5)]
+    contexts = {a: words(rng, tokenizer, 120 + 40 * i) for i, a in enumerate(agents)}
+    caches: dict[str, Any] = dict.fromkeys(agents)
+    for turn in range(3):
+        for a in agents:
+            engine.submit(a, contexts[a], caches[a], 6)
+        for c in engine.drain():
+            assert c.error is None, c.error
+            want = fresh(reference_generate, tiny_swa_model, contexts[c.agent_id], 6)
+            assert list(c.token_ids) == want
+            if turn:
+                assert c.cached_tokens > 0
+            caches[c.agent_id] = c.blocks
+            contexts[c.agent_id] = [*contexts[c.agent_id], *c.token_ids, *words(rng, tokenizer, 30)]
+        assert pool.bytes_total <= budget
+        pool.check_invariants()
+    assert pool.num_resizes > 0
+    assert pool.blocks_per_group[0] > first
