@@ -509,3 +509,26 @@ def test_recurrent_pool_full_changes_nothing_and_rollback_frees_everything() -> 
     m.rollback(res)
     assert m.usage().num_used == 0
     m.check_invariants()
+
+
+def test_the_prompt_end_snapshot_index_stays_bounded() -> None:
+    """Every request publishes a prompt-end snapshot under its own prefix; the index of
+    their (parent, length) keeps at most as many entries as the recurrent group has
+    blocks, and the newest snapshot is still found."""
+    m = _recurrent()
+    most = sum(m.num_blocks(g) for g, p in enumerate(m.policies) if p.is_recurrent)
+    prompts = [[100 + i, 7, 8, 9, 10, 11] for i in range(5 * most)]  # partial at 5 tokens
+    for prompt in prompts:
+        res = m.reserve("a", prompt, 1, m.lookup(prompt))
+        assert isinstance(res, Reservation)
+        m.release_pin(res)
+        placed = m.place_state(res, len(prompt) - 1)
+        assert placed is not None
+        m.commit_state(res, placed, len(prompt) - 1)
+        tables = m.place(res, len(prompt))
+        m.release(m.commit(res, prompt, tables, written_from(m, res, len(prompt))))
+        assert m.num_snapshot_entries <= most
+    assert m.num_snapshot_entries == most
+    newest = prompts[-1]
+    assert m.lookup([*newest[:-1], 99, 98]).num_tokens == len(newest) - 1
+    m.check_invariants()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -251,8 +252,10 @@ class KVCacheManager:
         self._recurrent = [g for g, p in enumerate(self.policies) if p.is_recurrent]
         self._has_recurrent = bool(self._recurrent)
         # parent key -> lengths (< B) of prompt-end snapshots published after it (checked
-        # against the allocators on use: an evicted one is simply not found)
+        # against the allocators on use: an evicted one is simply not found), and the same
+        # (parent, length) entries least recently published first, to bound the index
         self._snapshot_lengths: dict[int, set[int]] = {}
+        self._snapshot_order: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._bytes_per_block = tuple(spec.group_bytes_per_block(g) for g in range(len(groups)))
         self._key_salt = key_salt
         self._owner_ids = itertools.count(1)
@@ -741,7 +744,7 @@ class KVCacheManager:
         chunk = list(res.tokens[j * size : length])
         partial = length % size != 0
         if partial:  # findable for exactly this prefix: under the chain key of its tokens
-            self._snapshot_lengths.setdefault(parent, set()).add(len(chunk))
+            self._index_snapshot(parent, len(chunk))
         for g in self._recurrent:
             alloc, block = self._allocators[g], tables[g][-1]
             if partial:
@@ -751,6 +754,27 @@ class KVCacheManager:
             if canonical != block:
                 alloc.invalidate(block)
             alloc.free(res.lease, [block])
+
+    def _index_snapshot(self, parent: int, length: int) -> None:
+        """Record a prompt-end snapshot's (parent, length). The index keeps at most as many
+        entries as the recurrent groups have blocks (no more snapshots can be live at
+        once); past that the least recently published entry goes: a stale one costs a
+        lookup, a dropped live one a miss."""
+        self._snapshot_lengths.setdefault(parent, set()).add(length)
+        self._snapshot_order[(parent, length)] = None
+        self._snapshot_order.move_to_end((parent, length))
+        most = sum(int(self._allocators[g].num_blocks) for g in self._recurrent)
+        while len(self._snapshot_order) > most:
+            (old_parent, old_length), _ = self._snapshot_order.popitem(last=False)
+            lengths = self._snapshot_lengths[old_parent]
+            lengths.discard(old_length)
+            if not lengths:
+                del self._snapshot_lengths[old_parent]
+
+    @property
+    def num_snapshot_entries(self) -> int:
+        """Entries of the prompt-end snapshot index (bounded: see :meth:`_index_snapshot`)."""
+        return len(self._snapshot_order)
 
     def release_state(self, res: Reservation, tables: Sequence[Sequence[int]]) -> None:
         """Give back the blocks of :meth:`place_state` unpublished (their write failed)."""
