@@ -406,31 +406,39 @@ def test_bench_hybrid_quick_record() -> None:
     assert r.targets[0].met is None  # judged at 2K only
 
 
+def _model_dir(tmp_path: Path, name: str) -> Path:
+    """An mlx-lm model directory of the tiny ``name`` hybrid, with the tiny recipe's
+    tokenizer and chat template (what ``kvpool serve --model DIR`` loads)."""
+    import json
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    from kvpool.models import build_model
+
+    tiny = build_model("tiny", tmp_path / "tiny")
+    out = tmp_path / name
+    out.mkdir()
+    model = build_hybrid(name)
+    eos = json.loads((tiny / "config.json").read_text())["eos_token_id"]
+    config = {**HYBRID_CONFIGS[name], "vocab_size": 512, "eos_token_id": eos}
+    (out / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / file, out / file)
+    return out
+
+
 def test_kvpool_serve_chat_resumes_a_hybrid_session(tmp_path: Path) -> None:
     """``kvpool serve`` on a hybrid model directory (tiny qwen3_5, the tiny recipe's
     tokenizer), driven by the official openai client: the second turn of a chat session
     reuses the whole first prompt but its last token (the prompt-end state snapshot: the
     re-templated reply does not continue the cached tokens); the same turn after an edited
     first message reuses only what precedes the edit (control)."""
-    import json
-    import shutil
-
     import openai
-    from mlx.utils import tree_flatten
     from server_process import ServerProcess
 
-    from kvpool.models import build_model
-
-    tiny = build_model("tiny", tmp_path / "tiny")
-    out = tmp_path / "qwen3_5"
-    out.mkdir()
-    model = build_hybrid("qwen3_5")
-    eos = json.loads((tiny / "config.json").read_text())["eos_token_id"]
-    config = {**HYBRID_CONFIGS["qwen3_5"], "vocab_size": 512, "eos_token_id": eos}
-    (out / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny / name, out / name)
+    out = _model_dir(tmp_path, "qwen3_5")
     with ServerProcess(tmp_path / "cache", tmp_path / "models", "--model", str(out)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
 
@@ -452,3 +460,33 @@ def test_kvpool_serve_chat_resumes_a_hybrid_session(tmp_path: Path) -> None:
         edited = [system, {"role": "user", "content": "a different question"}, *messages[2:]]
         other = chat("s2", edited)
         assert other.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens // 2
+
+
+def test_kvpool_serve_state_snapshot_blocks_lets_another_session_share_a_prefix(
+    tmp_path: Path,
+) -> None:
+    """``kvpool serve --state-snapshot-blocks 1`` on the tiny qwen3_5: session a's prompt
+    (2 blocks of 256 and 40 tokens) leaves a state snapshot at each block boundary, so
+    session b, which shares a's first 532 tokens, prefills only past 512. Without the flag
+    nothing at a block boundary would exist and b would reuse 0 (the engine-level control:
+    ``test_state_snapshots_serve_a_later_agent[None-0]``); a prompt differing from the
+    first token on reuses 0 here too (control)."""
+    from server_process import ServerProcess
+
+    out = _model_dir(tmp_path, "qwen3_5")
+    rng = random.Random(12)
+    a = _ids(rng, 2 * 256 + 40)
+    prompts = {"a": a, "b": [*a[:532], *_ids(rng, 5)], "c": [a[0] + 1, *a[1:532]]}
+    args = ("--model", str(out), "--state-snapshot-blocks", "1")
+    with ServerProcess(tmp_path / "cache", tmp_path / "models", *args) as server:
+        cached = {}
+        with server.client() as client:
+            for session, prompt in prompts.items():
+                r = client.post(
+                    "/v1/completions",
+                    json={"model": str(out), "prompt": prompt, "max_tokens": 2},
+                    headers={"X-Session-ID": session},
+                )
+                assert r.status_code == 200, r.text
+                cached[session] = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == {"a": 0, "b": 512, "c": 0}
