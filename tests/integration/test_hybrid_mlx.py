@@ -388,6 +388,83 @@ def test_a_redis_round_trip_resumes_on_another_engine(
         b.close()
 
 
+@pytest.mark.parametrize("name", ["qwen3_next", "lfm2"])
+def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
+    name: str,
+    tmp_path: Path,
+    models: dict[str, Any],
+    tiny_model: LoadedModel,
+    reference_generate: Reference,
+) -> None:
+    """Engine A (a state snapshot every block of 16) saves session a (45 prompt tokens) to a
+    real redis-server: its K/V blocks, the snapshots at 16 and 32 and its end state. Engine
+    B, an empty pool on the same Redis, gets agent n with a's first 40 tokens: it imports 2
+    blocks and the state at 32 and prefills only the 14 tokens after it, token-equal to a
+    fresh mlx-lm run. Controls: the state at 32 corrupt, nothing is imported (the record is
+    deleted); missing, the one at 16 is; a bad K/V block after the state passed leaves the
+    pool empty."""
+    from redis_process import RedisProcess
+
+    from kvpool.tier.redis import RedisTier
+
+    model, tokenizer = _model(models, name), tiny_model[1]
+    fingerprint = model_fingerprint(model)
+    rng = random.Random(13)
+    a = _ids(rng, 45)
+    new = [*a[:40], *_ids(rng, 6)]
+    expected = _fresh(reference_generate, model, tokenizer, new)
+    with RedisProcess(tmp_path / "redis") as server:
+        client = server.client()
+
+        def store(snapshots: int | None) -> tuple[AgentCacheStore, RedisTier]:
+            engine, pool = _engine(model, tokenizer, snapshots=snapshots)
+            tier = RedisTier.from_url(server.url, spec=pool.spec, fingerprint=fingerprint)
+            return AgentCacheStore(engine, tier, fingerprint=fingerprint), tier
+
+        sa, tier = store(1)
+        sa.submit("a", a, max_tokens=MAX_TOKENS)
+        (done,) = sa.drain()
+        assert sa.flush() == 1
+        chain = tier.keys.chain([*a, *done.token_ids], "")
+        at16, at32, end = (tier.keys.state_key("", chain[j]) for j in (0, 1, -1))
+        assert {k.decode() for k in client.keys("kvpool:st:*")} == {at16, at32, end}
+        good = client.get(at32)
+        for case, reused in (("ok", 32), ("corrupt state", 0), ("missing state", 16)):
+            client.set(at32, good)
+            if case == "corrupt state":
+                client.set(at32, good[:-1] + bytes([good[-1] ^ 1]))
+            elif case == "missing state":
+                client.delete(at32)
+            b, _ = store(None)
+            b.submit("n", new, max_tokens=MAX_TOKENS)
+            (got,) = b.drain()
+            assert got.error is None, got.error
+            assert got.cached_tokens == b.stats.prefix_tokens_imported == reused, case
+            assert list(got.token_ids) == expected, case
+            if case == "corrupt state":
+                assert client.get(at32) is None and b.stats.tier.num_blocks_corrupt == 1
+            if case == "ok":  # B's snapshot at 32 is A's, bit for bit
+                layers = [i for i, layer in enumerate(b.pool.spec.layers) if layer.states]
+                ours = b.pool.read_snapshot(got.blocks, 32, layers)
+                theirs = sa.pool.read_snapshot(done.blocks, 32, layers)
+                assert ours is not None and theirs is not None
+                assert [x.tobytes() for st in ours for x in st.arrays] == [
+                    x.tobytes() for st in theirs for x in st.arrays
+                ]
+            b.pool.check_invariants()
+            b.close()
+        client.set(at32, good)
+        block1 = tier.keys.block_key("", chain[1])
+        bad = client.get(block1)
+        client.set(block1, bad[:-1] + bytes([bad[-1] ^ 1]))
+        b, _ = store(None)
+        assert b.cold.import_prefix(b.pool, new, "", 0) == 0
+        usage = b.pool.usage()
+        assert usage.num_used == 0 and usage.num_cached == 0
+        b.pool.check_invariants()
+        sa.close()
+
+
 def test_bench_hybrid_quick_record() -> None:
     """``kvpool bench hybrid --quick``: resumed tokens equal re-prefilled ones; snapshots
     every block save prefill and cost state memory; states are a fraction of the K/V an
