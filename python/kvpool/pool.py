@@ -45,10 +45,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch
+from kvpool.cache.prefix import block_keys
 from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
 from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV, LayerState
-from kvpool.cache.tables import CacheHandle
+from kvpool.cache.tables import NULL_BLOCK, CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
 
 _Rows = TypeVar("_Rows", LayerKV, LayerCodes)
@@ -476,3 +477,62 @@ class BlockPool:
         with got as write:
             write.write(kvs)
             return write.commit([valid_from if g.window else 0 for g in self.spec.groups])
+
+    # -- recurrent-state snapshots (for a shared tier) ------------------------
+
+    def snapshot_lengths(self, handle: CacheHandle) -> list[int]:
+        """Block boundaries ``b < handle.total_tokens``, shortest first, at which the pool
+        holds a state snapshot of every recurrent group after exactly ``handle.token_ids[:b]``
+        (live or cached-free; what the engine's lookup reuses for that prefix). Changes
+        nothing; empty for a model without recurrent layers."""
+        self.check_live(handle)
+        with self._lock:
+            return sorted(self._snapshots(handle))
+
+    def read_snapshot(
+        self, handle: CacheHandle, length: int, layers: Sequence[int]
+    ) -> list[LayerState] | None:
+        """The states of recurrent ``layers`` after the first ``length`` tokens of a live
+        handle (a block boundary below its end), from the snapshot the pool holds there, on
+        the host; None if it holds none. Read under the pool's lock: a cached-free snapshot
+        cannot be evicted and overwritten meanwhile."""
+        self.check_live(handle)
+        size = self.spec.block_tokens
+        if length % size or not 0 < length < handle.total_tokens:
+            raise InvalidRequestError(
+                f"a snapshot after {length} tokens of a {handle.total_tokens}-token cache: it "
+                f"must be a boundary of its blocks of {size} below its end"
+            )
+        with self._lock:
+            tables = self._snapshots(handle, length).get(length)
+            if tables is None:
+                return None
+            return self._storage.read_states(tables, layers, length)
+
+    def _snapshots(
+        self, handle: CacheHandle, only: int | None = None
+    ) -> dict[int, tuple[tuple[int, ...], ...]]:
+        """Boundary -> tables holding its snapshot (entry ``b // B - 1`` of each recurrent
+        group; other groups empty), for the boundaries of :meth:`snapshot_lengths` (or only
+        ``only``). A snapshot at boundary ``b`` is published in each recurrent group under the
+        block key of ``tokens[:b]`` (``KVCacheManager.commit_prefix`` / ``commit_state``).
+        Caller holds the lock."""
+        size = self.spec.block_tokens
+        recurrent = [
+            g for g, grp in enumerate(self.spec.groups) if grp.kind is AttentionKind.RECURRENT
+        ]
+        tokens = handle.token_ids
+        if not recurrent:
+            return {}
+        last = (handle.total_tokens - 1) // size  # boundaries (j + 1) * B, j < last
+        keys = block_keys(tokens[: last * size], size, self.manager.root(handle.salt))
+        found = {}
+        for j in range(last) if only is None else [only // size - 1]:
+            chunk = list(tokens[j * size : (j + 1) * size])
+            blocks = {g: int(self.manager.allocator(g).lookup(keys[j], chunk)) for g in recurrent}
+            if all(b != NULL_BLOCK for b in blocks.values()):
+                found[(j + 1) * size] = tuple(
+                    (NULL_BLOCK,) * j + (blocks[g],) if g in blocks else ()
+                    for g in range(len(self.spec.groups))
+                )
+        return found

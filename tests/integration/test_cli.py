@@ -137,6 +137,10 @@ def test_info(capsys: pytest.CaptureFixture[str]) -> None:
         (["demo", *SMALL, "--agents", "8", "--pool-mb", "0.75"], "8 agents at once need"),
         (["demo", "--kv-bits", "3"], "argument --kv-bits: invalid choice: 3 (choose from 8, 4)"),
         (["demo", "--kv-group-size", "48"], "argument --kv-group-size: invalid choice: 48"),
+        (
+            ["serve", "--state-snapshot-blocks", "0"],
+            "argument --state-snapshot-blocks: must be >= 1, got 0",
+        ),
         # the tiny model's head dim 16 holds no group of 64 (or 32)
         (
             ["demo", *SMALL, "--kv-bits", "4"],

@@ -388,6 +388,83 @@ def test_a_redis_round_trip_resumes_on_another_engine(
         b.close()
 
 
+@pytest.mark.parametrize("name", ["qwen3_next", "lfm2"])
+def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
+    name: str,
+    tmp_path: Path,
+    models: dict[str, Any],
+    tiny_model: LoadedModel,
+    reference_generate: Reference,
+) -> None:
+    """Engine A (a state snapshot every block of 16) saves session a (45 prompt tokens) to a
+    real redis-server: its K/V blocks, the snapshots at 16 and 32 and its end state. Engine
+    B, an empty pool on the same Redis, gets agent n with a's first 40 tokens: it imports 2
+    blocks and the state at 32 and prefills only the 14 tokens after it, token-equal to a
+    fresh mlx-lm run. Controls: the state at 32 corrupt, nothing is imported (the record is
+    deleted); missing, the one at 16 is; a bad K/V block after the state passed leaves the
+    pool empty."""
+    from redis_process import RedisProcess
+
+    from kvpool.tier.redis import RedisTier
+
+    model, tokenizer = _model(models, name), tiny_model[1]
+    fingerprint = model_fingerprint(model)
+    rng = random.Random(13)
+    a = _ids(rng, 45)
+    new = [*a[:40], *_ids(rng, 6)]
+    expected = _fresh(reference_generate, model, tokenizer, new)
+    with RedisProcess(tmp_path / "redis") as server:
+        client = server.client()
+
+        def store(snapshots: int | None) -> tuple[AgentCacheStore, RedisTier]:
+            engine, pool = _engine(model, tokenizer, snapshots=snapshots)
+            tier = RedisTier.from_url(server.url, spec=pool.spec, fingerprint=fingerprint)
+            return AgentCacheStore(engine, tier, fingerprint=fingerprint), tier
+
+        sa, tier = store(1)
+        sa.submit("a", a, max_tokens=MAX_TOKENS)
+        (done,) = sa.drain()
+        assert sa.flush() == 1
+        chain = tier.keys.chain([*a, *done.token_ids], "")
+        at16, at32, end = (tier.keys.state_key("", chain[j]) for j in (0, 1, -1))
+        assert {k.decode() for k in client.keys("kvpool:st:*")} == {at16, at32, end}
+        good = client.get(at32)
+        for case, reused in (("ok", 32), ("corrupt state", 0), ("missing state", 16)):
+            client.set(at32, good)
+            if case == "corrupt state":
+                client.set(at32, good[:-1] + bytes([good[-1] ^ 1]))
+            elif case == "missing state":
+                client.delete(at32)
+            b, _ = store(None)
+            b.submit("n", new, max_tokens=MAX_TOKENS)
+            (got,) = b.drain()
+            assert got.error is None, got.error
+            assert got.cached_tokens == b.stats.prefix_tokens_imported == reused, case
+            assert list(got.token_ids) == expected, case
+            if case == "corrupt state":
+                assert client.get(at32) is None and b.stats.tier.num_blocks_corrupt == 1
+            if case == "ok":  # B's snapshot at 32 is A's, bit for bit
+                layers = [i for i, layer in enumerate(b.pool.spec.layers) if layer.states]
+                ours = b.pool.read_snapshot(got.blocks, 32, layers)
+                theirs = sa.pool.read_snapshot(done.blocks, 32, layers)
+                assert ours is not None and theirs is not None
+                assert [x.tobytes() for st in ours for x in st.arrays] == [
+                    x.tobytes() for st in theirs for x in st.arrays
+                ]
+            b.pool.check_invariants()
+            b.close()
+        client.set(at32, good)
+        block1 = tier.keys.block_key("", chain[1])
+        bad = client.get(block1)
+        client.set(block1, bad[:-1] + bytes([bad[-1] ^ 1]))
+        b, _ = store(None)
+        assert b.cold.import_prefix(b.pool, new, "", 0) == 0
+        usage = b.pool.usage()
+        assert usage.num_used == 0 and usage.num_cached == 0
+        b.pool.check_invariants()
+        sa.close()
+
+
 def test_bench_hybrid_quick_record() -> None:
     """``kvpool bench hybrid --quick``: resumed tokens equal re-prefilled ones; snapshots
     every block save prefill and cost state memory; states are a fraction of the K/V an
@@ -406,31 +483,39 @@ def test_bench_hybrid_quick_record() -> None:
     assert r.targets[0].met is None  # judged at 2K only
 
 
+def _model_dir(tmp_path: Path, name: str) -> Path:
+    """An mlx-lm model directory of the tiny ``name`` hybrid, with the tiny recipe's
+    tokenizer and chat template (what ``kvpool serve --model DIR`` loads)."""
+    import json
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    from kvpool.models import build_model
+
+    tiny = build_model("tiny", tmp_path / "tiny")
+    out = tmp_path / name
+    out.mkdir()
+    model = build_hybrid(name)
+    eos = json.loads((tiny / "config.json").read_text())["eos_token_id"]
+    config = {**HYBRID_CONFIGS[name], "vocab_size": 512, "eos_token_id": eos}
+    (out / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / file, out / file)
+    return out
+
+
 def test_kvpool_serve_chat_resumes_a_hybrid_session(tmp_path: Path) -> None:
     """``kvpool serve`` on a hybrid model directory (tiny qwen3_5, the tiny recipe's
     tokenizer), driven by the official openai client: the second turn of a chat session
     reuses the whole first prompt but its last token (the prompt-end state snapshot: the
     re-templated reply does not continue the cached tokens); the same turn after an edited
     first message reuses only what precedes the edit (control)."""
-    import json
-    import shutil
-
     import openai
-    from mlx.utils import tree_flatten
     from server_process import ServerProcess
 
-    from kvpool.models import build_model
-
-    tiny = build_model("tiny", tmp_path / "tiny")
-    out = tmp_path / "qwen3_5"
-    out.mkdir()
-    model = build_hybrid("qwen3_5")
-    eos = json.loads((tiny / "config.json").read_text())["eos_token_id"]
-    config = {**HYBRID_CONFIGS["qwen3_5"], "vocab_size": 512, "eos_token_id": eos}
-    (out / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tiny / name, out / name)
+    out = _model_dir(tmp_path, "qwen3_5")
     with ServerProcess(tmp_path / "cache", tmp_path / "models", "--model", str(out)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
 
@@ -452,3 +537,33 @@ def test_kvpool_serve_chat_resumes_a_hybrid_session(tmp_path: Path) -> None:
         edited = [system, {"role": "user", "content": "a different question"}, *messages[2:]]
         other = chat("s2", edited)
         assert other.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens // 2
+
+
+def test_kvpool_serve_state_snapshot_blocks_lets_another_session_share_a_prefix(
+    tmp_path: Path,
+) -> None:
+    """``kvpool serve --state-snapshot-blocks 1`` on the tiny qwen3_5: session a's prompt
+    (2 blocks of 256 and 40 tokens) leaves a state snapshot at each block boundary, so
+    session b, which shares a's first 532 tokens, prefills only past 512. Without the flag
+    nothing at a block boundary would exist and b would reuse 0 (the engine-level control:
+    ``test_state_snapshots_serve_a_later_agent[None-0]``); a prompt differing from the
+    first token on reuses 0 here too (control)."""
+    from server_process import ServerProcess
+
+    out = _model_dir(tmp_path, "qwen3_5")
+    rng = random.Random(12)
+    a = _ids(rng, 2 * 256 + 40)
+    prompts = {"a": a, "b": [*a[:532], *_ids(rng, 5)], "c": [a[0] + 1, *a[1:532]]}
+    args = ("--model", str(out), "--state-snapshot-blocks", "1")
+    with ServerProcess(tmp_path / "cache", tmp_path / "models", *args) as server:
+        cached = {}
+        with server.client() as client:
+            for session, prompt in prompts.items():
+                r = client.post(
+                    "/v1/completions",
+                    json={"model": str(out), "prompt": prompt, "max_tokens": 2},
+                    headers={"X-Session-ID": session},
+                )
+                assert r.status_code == 200, r.text
+                cached[session] = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == {"a": 0, "b": 512, "c": 0}

@@ -11,7 +11,7 @@ from fakes import B, prompt_of
 from kvpool import AttentionKind, BlockPool, BlockPoolBatchEngine, LayerSpec, ModelCacheSpec
 from kvpool.cache import KVCacheManager, Reservation
 from kvpool.cache.spec import StateSpec
-from kvpool.errors import CacheCorruptionError
+from kvpool.errors import CacheCorruptionError, InvalidRequestError
 from kvpool.persist import load_cache, read_cache_info, save_cache
 from kvpool.testing import (
     FakeBatchGenerator,
@@ -188,3 +188,33 @@ def test_a_corrupt_state_in_a_file_leaves_nothing_behind(tmp_path: Path) -> None
         load_cache(path, pool, fingerprint="fp")
     assert pool.num_used == 0
     pool.check_invariants()
+
+
+def test_the_pool_reads_the_snapshots_it_holds_for_a_handles_prefix() -> None:
+    """``snapshot_lengths`` names the block boundaries below a handle's end where every
+    recurrent group holds a published snapshot (what a later lookup reuses); ``read_snapshot``
+    reads one: the state after exactly those tokens (the fake's digest of them), None where
+    the pool holds none; without snapshots there are none (control)."""
+    a = prompt_of(14)
+    lengths = {}
+    for every in (1, 2, None):
+        engine, pool = _engine(every)
+        engine.submit("a", a, max_tokens=3)
+        (done,) = engine.drain()
+        lengths[every] = pool.snapshot_lengths(done.blocks)
+        if every == 2:
+            assert pool.read_snapshot(done.blocks, 4, [1, 2]) is None
+            states = pool.read_snapshot(done.blocks, 8, [1, 2])
+            assert states is not None and [(s.layer, s.num_tokens) for s in states] == [
+                (1, 8),
+                (2, 8),
+            ]
+            other = FakeStorage(HYBRID, (1, 1))
+            other.write_states(((), (-1, 0)), states)  # the fake state: a digest of its tokens
+            assert other.states[1][0] == other.states[2][0] == tuple(a[:8])
+            for bad in (6, 0, 20):
+                with pytest.raises(InvalidRequestError, match="boundary"):
+                    pool.read_snapshot(done.blocks, bad, [1])
+        pool.check_invariants()
+    # none at 16: the state after the generated tokens is the end state (17), mid-block
+    assert lengths == {1: [4, 8, 12], 2: [8], None: []}

@@ -13,6 +13,8 @@ from fakes import SPEC, B, fake_engine, prompt_of, run_one
 
 from kvpool import (
     AttentionKind,
+    BlockPool,
+    BlockPoolBatchEngine,
     CompletedGeneration,
     LayerSpec,
     ModelCacheSpec,
@@ -20,8 +22,15 @@ from kvpool import (
 from kvpool.cache.storage import LayerCodes, LayerKV, QuantizedRows
 from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, UnsupportedModelError
 from kvpool.store import AgentCacheStore, Tier
+from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 from kvpool.tier import local_path, open_tier
-from kvpool.tier.codec import block_format_id, decode_block, encode_block, record_bytes
+from kvpool.tier.codec import (
+    block_format_id,
+    decode_block,
+    decode_state,
+    encode_block,
+    record_bytes,
+)
 from kvpool.tier.layout import KeySpace, SessionManifest
 from kvpool.tier.local import LocalTier
 from kvpool.tier.redis import RedisTier
@@ -175,6 +184,119 @@ def test_a_hybrid_session_continues_on_another_store_from_its_end_state(
         assert b.stats.tier.num_blocks_corrupt == 1 and state_key not in fake.data
     b.pool.check_invariants()
     assert b.pool.usage().num_used == b.pool.num_blocks - b.pool.num_free
+
+
+def hybrid_store(
+    fake: FakeRedis, snapshots: int | None, num_blocks: int = 64, secret: bytes | None = None
+) -> AgentCacheStore:
+    """A store over :func:`_hybrid`'s model whose engine takes a state snapshot every
+    ``snapshots`` blocks (None: at prompts' ends only)."""
+    spec = _hybrid()
+    pool = BlockPool(spec, num_blocks=num_blocks, storage=FakeStorage)
+    engine = BlockPoolBatchEngine(
+        FakeModel(spec), FakeTokenizer(), pool, spec,
+        batch_gen_factory=FakeBatchGenerator, state_snapshot_blocks=snapshots,
+    )  # fmt: skip
+    tier = RedisTier(fake, spec=spec, fingerprint=FP, ttl_s=TTL, secret=secret)
+    return AgentCacheStore(engine, tier, fingerprint=FP)
+
+
+def state_keys(fake: FakeRedis) -> set[str]:
+    return {k for k in fake.data if ":st:" in k}
+
+
+def boundary_state_key(tokens: Sequence[int], boundary: int) -> str:
+    ks = KeySpace(FP, block_format_id(_hybrid()), B)
+    return ks.state_key("", ks.chain(tokens[:boundary], "")[-1])
+
+
+@pytest.mark.parametrize(
+    ("case", "reused"), [("ok", 8), ("flip", 0), ("missing", 4), ("no snapshots", 0)]
+)
+def test_a_hybrid_prefix_comes_in_with_the_snapshot_at_its_last_boundary(
+    case: str, reused: int
+) -> None:
+    """Store A (a snapshot every block of 4) saves session a (14 prompt tokens): Redis gets
+    the states at boundaries 4, 8 and 12 beside the end state. Store B, an empty pool, gets
+    agent n sharing a's first 11 tokens: it imports 2 blocks and the state at 8, and prefills
+    the rest. A state at 8 failing its checksum: nothing imported (deleted, counted); missing:
+    the one at 4; A without snapshots: only the end state, nothing to import. Token-exact."""
+    fake = FakeRedis()
+    a = hybrid_store(fake, None if case == "no snapshots" else 1)
+    prompt = prompt_of(14)
+    done = run(a, "a", prompt)
+    assert a.flush() == 1
+    session = [*prompt, *done.token_ids]  # 17 tokens: its end state is mid-block
+    ends = {boundary_state_key(session, len(session))}
+    snapshots = {boundary_state_key(session, b) for b in (4, 8, 12)}
+    assert state_keys(fake) == (ends if case == "no snapshots" else ends | snapshots)
+    at8 = boundary_state_key(session, 8)
+    if case == "flip":
+        record = bytearray(fake.data[at8])
+        record[-1] ^= 0x40
+        fake.data[at8] = bytes(record)
+    elif case == "missing":
+        del fake.data[at8]
+    b = hybrid_store(fake, None)
+    new = [*prompt[:11], 99, 98]
+    got = run(b, "n", new)
+    assert got.cached_tokens == reused
+    assert b.stats.prefix_tokens_imported == reused
+    assert got.token_ids == run(hybrid_store(FakeRedis(), None), "ref", new).token_ids
+    if case == "flip":
+        assert b.stats.tier.num_blocks_corrupt == 1 and at8 not in fake.data
+    b.pool.check_invariants()
+
+
+def test_snapshots_are_written_once_and_a_planted_one_is_replaced_with_a_secret() -> None:
+    """With a secret: a bad record planted under a snapshot's key before the first write is
+    checked and replaced (SET NX alone would keep it); a second session on the same prefix
+    finds every snapshot there and sends none again."""
+    fake, secret = FakeRedis(), b"s3cret"
+    a = hybrid_store(fake, 1, secret=secret)
+    prompt = prompt_of(14)
+    tier = a.cold
+    assert isinstance(tier, RedisTier)
+    at8 = tier.keys.state_key("", tier.keys.chain(prompt[:8], "")[-1])
+    fake.data[at8] = b"KVS1" + bytes(100)  # planted: fails its MAC
+    run(a, "a", prompt)
+    a.flush()
+    assert a.stats.tier.num_snapshots_written == 3
+    decode_state(fake.data[at8], _hybrid(), 8, at8, tier._mac, at8.encode())  # passes now
+    run(a, "c", [*prompt[:12], 5, 6])  # reuses a's state at 12; its own boundaries are a's
+    a.flush()
+    assert a.stats.tier.num_snapshots_written == 3
+    assert a.stats.tier.num_blocks_corrupt == 1
+
+
+def test_a_failed_hybrid_prefix_import_leaves_nothing_in_the_pool() -> None:
+    """A bad K/V block after the state was checked, or a pool without room: the import
+    returns 0 and the pool holds nothing, neither blocks nor a cached snapshot (control:
+    with the block intact the same call imports 8 tokens)."""
+    fake = FakeRedis()
+    a = hybrid_store(fake, 1)
+    prompt = prompt_of(14)
+    done = run(a, "a", prompt)
+    a.flush()
+    session = [*prompt, *done.token_ids]
+    tier = a.cold
+    assert isinstance(tier, RedisTier)
+    block1 = tier.keys.block_key("", tier.keys.chain(session, "")[1])
+    good = fake.data[block1]
+    new = [*prompt[:11], 99, 98]
+    for case in ("bad block", "no room", "control"):
+        fake.data[block1] = good if case == "control" else good[:-1] + bytes([good[-1] ^ 1])
+        b = hybrid_store(fake, None, num_blocks=2 if case == "no room" else 64)
+        imported = b.cold.import_prefix(b.pool, new, "", 0)
+        usage = b.pool.usage()
+        assert usage.num_used == 0
+        if case == "control":
+            assert imported == 8 and usage.groups[1].num_cached == 1
+            assert b.pool.lookup(new, salt="").num_tokens == 8
+        else:
+            assert imported == 0 and usage.num_cached == 0, case
+            assert b.pool.lookup(new, salt="").num_tokens == 0
+        b.pool.check_invariants()
 
 
 def test_state_codec_refuses_every_corruption() -> None:

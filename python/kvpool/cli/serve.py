@@ -46,6 +46,17 @@ def add_parser(commands: Any) -> None:
     )
     add_format_arguments(serve)
     serve.add_argument(
+        "--state-snapshot-blocks",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="hybrid models (recurrent layers): stop every prefill each N blocks of 256 tokens "
+        "to keep a snapshot of the recurrent state there, so later prompts that share that "
+        "prefix resume from it (also stored in a redis:// --cache-url); each snapshot takes "
+        "one state of the pool (docs/CACHE_MANAGER.md); default: none (states only at "
+        "sessions' ends, prompts' ends and shared prefixes prefilled together)",
+    )
+    serve.add_argument(
         "--cache-dir",
         type=Path,
         metavar="DIR",
@@ -152,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         pool_mb=args.pool_mb,
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,
+        state_snapshot_blocks=args.state_snapshot_blocks,
         cache_dir=args.cache_dir,
         cache_url=args.cache_url,
         api_keys=tuple(args.api_key),

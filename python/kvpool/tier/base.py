@@ -66,6 +66,8 @@ class TierStats:
     num_blocks_deduplicated: int = 0  # blocks a write found already there (not sent)
     num_blocks_corrupt: int = 0  # blocks that failed their checksum (never loaded)
     num_incomplete: int = 0  # manifests found with a block missing (treated as a miss)
+    # hybrid models: block-boundary state snapshots the tier lacked and got (Redis)
+    num_snapshots_written: int = 0
     num_prefix_imports: int = 0  # requests whose prefix blocks came from the tier
     prefix_tokens_imported: int = 0  # tokens of those blocks
     bytes_sent: int = 0  # bytes written to the tier (blocks and manifests)

@@ -15,8 +15,9 @@ they are at rest (``BlockPool.read_codes``: uint32 codes ``[n_kv_heads, n, head_
 so a block read back is bit for bit the block written, never re-quantized.
 
 A recurrent layer holds no positions: block records carry the K/V layers only, and a
-session's end state (every recurrent layer's ``ArraysCache`` arrays, dense) is its own
-record, stored under the chain key of the session's tokens::
+state (every recurrent layer's ``ArraysCache`` arrays, dense) after exactly ``num_tokens``
+tokens is its own record, stored under the chain key of those tokens: a session's end state
+(all its tokens) and the snapshots the pool took at block boundaries of its prefix::
 
     magic b"KVS1" | u32 num_tokens | u32 n_layers | 32-byte blake2b of the rest | rest
     rest = per recurrent layer, per state array: its host array (its own dtype and shape)
@@ -65,8 +66,10 @@ __all__ = [
     "encode_state",
     "mac_key",
     "read_block",
+    "read_snapshot",
     "read_state",
     "record_bytes",
+    "state_record_bytes",
 ]
 
 CODEC_VERSION = 1
@@ -96,6 +99,12 @@ def block_format_id(pool_or_spec: Any) -> str:
 def record_bytes(spec: ModelCacheSpec, num_tokens: int) -> int:
     """Bytes of the record of a block of ``num_tokens`` positions of a ``spec`` pool."""
     return _HEAD.size + 4 * num_tokens + num_tokens * spec.bytes_per_token
+
+
+def state_record_bytes(spec: ModelCacheSpec) -> int:
+    """Bytes of the record of one state of every recurrent layer of a ``spec`` pool (an end
+    state or a snapshot: the same size at any length)."""
+    return _HEAD.size + spec.state_bytes
 
 
 def mac_key(secret: bytes) -> bytes:
@@ -253,7 +262,8 @@ def read_block(
 def encode_state(
     num_tokens: int, states: Sequence[LayerState], key: bytes | None = None, context: bytes = b""
 ) -> bytes:
-    """The record of a session's end state (every recurrent layer, in order)."""
+    """The record of the state after ``num_tokens`` tokens (every recurrent layer, in order):
+    a session's end state or a snapshot."""
     parts: list[bytes | memoryview] = []
     for st in states:
         assert st.num_tokens == num_tokens, f"layer {st.layer}: a state of {st.num_tokens} tokens"
@@ -313,3 +323,16 @@ def read_state(
     """The record of a live handle's end state (every recurrent layer)."""
     states = pool.read_states(handle, _state_layers(pool.spec))
     return encode_state(handle.total_tokens, states, key, context)
+
+
+def read_snapshot(
+    pool: BlockPool,
+    handle: CacheHandle,
+    length: int,
+    key: bytes | None = None,
+    context: bytes = b"",
+) -> bytes | None:
+    """The record of the snapshot the pool holds after the first ``length`` tokens of a live
+    handle (a block boundary below its end); None if it holds none (evicted)."""
+    states = pool.read_snapshot(handle, length, _state_layers(pool.spec))
+    return None if states is None else encode_state(length, states, key, context)

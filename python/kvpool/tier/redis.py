@@ -19,7 +19,8 @@ different ``--kv-bits`` share a Redis without sharing blocks or sessions.
   a manifest with a missing block (evicted) is a miss.
 * **Prefix import**: the published full blocks of a prompt's prefix that the pool lacks are
   fetched the same way and committed as a throwaway handle that is released at once: they
-  stay in the pool as cached prefix blocks, which the engine's own lookup then shares.
+  stay in the pool as cached prefix blocks (and, for a recurrent model, the state at their
+  end as a cached snapshot), which the engine's own lookup then shares.
 * **Memory**: every key gets a TTL (``ttl``, default one day; ``?ttl=0`` for none),
   refreshed whenever a session or block is written or read; bound Redis itself with
   ``maxmemory`` and ``maxmemory-policy allkeys-lru`` (docs/DEPLOY.md). An evicted block
@@ -33,9 +34,12 @@ different ``--kv-bits`` share a Redis without sharing blocks or sessions.
 Sliding-window models are refused (UnsupportedModelError): their sessions hold only the
 window's blocks per layer group, which this layout (one record = one position range of
 every layer) does not describe. A model with recurrent layers keeps their state out of the
-block records: a session's end state is one more record (``:st:`` under the chain key of
-its tokens, written before the manifest, read with the blocks); prefix import is off for
-them (blocks without a state at their end serve no lookup).
+block records: a state after exactly ``n`` tokens is a record of its own (``:st:`` under the
+chain key of those tokens, checked like a block). A session writes its end state (before the
+manifest, read with the blocks) and the block-boundary snapshots the pool holds for its
+prefix (``SET NX``, like blocks); a prefix import then takes the longest run of blocks that
+ends at a boundary with a state and registers that state as the pool's snapshot of exactly
+that prefix (blocks without a state at their end would serve no lookup).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from typing import Any
 from kvpool.cache.manager import PoolFull
 from kvpool.cache.sequence import HostWrite
 from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.storage import LayerState
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import (
     CacheCorruptionError,
@@ -66,8 +71,10 @@ from kvpool.tier.codec import (
     decode_state,
     mac_key,
     read_block,
+    read_snapshot,
     read_state,
     record_bytes,
+    state_record_bytes,
 )
 from kvpool.tier.layout import KeySpace, SessionManifest, secret_id
 
@@ -164,6 +171,7 @@ class RedisTier:
                 "num_blocks_deduplicated",
                 "num_blocks_corrupt",
                 "num_incomplete",
+                "num_snapshots_written",
                 "num_prefix_imports",
                 "prefix_tokens_imported",
                 "bytes_sent",
@@ -312,14 +320,16 @@ class RedisTier:
             self._counts["num_blocks_written"] += len(chunk)
             self._counts["bytes_sent"] += sum(len(rec) for rec in records)
         sent_state = 0
-        if self.spec.has_recurrent:  # the end state, under the chain key of all the tokens
+        if self.spec.has_recurrent:
+            sent_state = self._save_snapshots(pool, handle, chain)
+            # the end state, under the chain key of all the tokens
             state_key = self.keys.state_key(salt, chain[-1])
             record = read_state(pool, handle, self._mac, self._context(state_key))
             with self._redis(f"saving agent {handle.agent_id!r}") as r:
                 r.set(state_key, record, ex=self.ttl_s)
             self._trust(state_key)
-            sent_state = len(record)
-            self._counts["bytes_sent"] += sent_state
+            sent_state += len(record)
+            self._counts["bytes_sent"] += len(record)
         manifest_key = self.keys.session_key(handle.agent_id)
         manifest = SessionManifest(
             handle.agent_id,
@@ -466,23 +476,81 @@ class RedisTier:
         state that fails its check is deleted (best effort) and raises CacheCorruptionError."""
         key = self.keys.state_key(manifest.salt, manifest.chain[-1])
         (record,) = self._fetch(what, [key])
-        if record is None:
+        states = self._checked_state(record, key, len(manifest.token_ids))
+        if states is None:
             return False
+        target.write(states)
+        return True
+
+    def _checked_state(
+        self, record: bytes | None, key: str, num_tokens: int, *, delete: bool = True
+    ) -> tuple[LayerState, ...] | None:
+        """The state after ``num_tokens`` tokens if ``record`` is there and passes; None if
+        it is missing. A record that fails is counted (``num_blocks_corrupt``), deleted (best
+        effort; unless not ``delete``: the caller replaces it), forgotten as checked, and
+        raises CacheCorruptionError."""
+        if record is None:
+            return None
         try:
             if record is _WRONG_TYPE:
                 raise CacheCorruptionError(f"{key}: a key of another type than a state's")
-            states = decode_state(
-                record, self.spec, len(manifest.token_ids), key, self._mac, self._context(key)
-            )
+            states = decode_state(record, self.spec, num_tokens, key, self._mac, self._context(key))
         except CacheCorruptionError:
             self._counts["num_blocks_corrupt"] += 1
             self._verified.pop(key, None)
-            if not self._failing:
+            if delete and not self._failing:  # best effort: not an operation the store sees
                 with contextlib.suppress(*self._errors):
                     self.client.delete(key)
             raise
-        target.write(states)
-        return True
+        if self._mac is not None:
+            self._trust(key)
+        return states
+
+    def _save_snapshots(self, pool: BlockPool, handle: CacheHandle, chain: Sequence[int]) -> int:
+        """Write the block-boundary state snapshots the pool holds for ``handle``'s prefix
+        (:meth:`BlockPool.snapshot_lengths`) that Redis lacks, each under the chain key of
+        its tokens, with ``SET NX`` (with a secret, one found there unchecked is checked
+        first and replaced if it fails); the others get their TTL refreshed. Returns the
+        bytes of these records in Redis."""
+        lengths = pool.snapshot_lengths(handle)
+        if not lengths:
+            return 0
+        size, salt = self.spec.block_tokens, handle.salt
+        keys = [self.keys.state_key(salt, chain[b // size - 1]) for b in lengths]
+        what = f"saving the state snapshots of agent {handle.agent_id!r}"
+        with self._redis(what) as r:
+            pipe = r.pipeline(transaction=False)
+            for key in keys:
+                self._refresh(pipe, key)
+            present = pipe.execute()
+        replace = set()
+        if self._mac is not None:
+            for i, key in enumerate(keys):
+                if not present[i] or key in self._verified:
+                    continue
+                (record,) = self._fetch(what, [key])
+                try:
+                    if self._checked_state(record, key, lengths[i], delete=False) is not None:
+                        continue
+                except CacheCorruptionError as exc:
+                    logger.warning("%s: replacing a state failing its check: %s", self.where, exc)
+                replace.add(i)  # failed, or vanished since: write it
+        held = 0
+        for i, (length, key) in enumerate(zip(lengths, keys, strict=True)):
+            if present[i] and i not in replace:
+                held += state_record_bytes(self.spec)
+                continue
+            record = read_snapshot(pool, handle, length, self._mac, self._context(key))
+            if record is None:  # evicted from the pool since: nothing to send
+                continue
+            with self._redis(what) as r:
+                # a concurrent writer's record is as good (and checked on read)
+                r.set(key, record, nx=i not in replace, ex=self.ttl_s)
+            self._trust(key)
+            self._counts["num_snapshots_written"] += 1
+            self._counts["bytes_sent"] += len(record)
+            held += len(record)
+        return held
 
     def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
         """One pipelined EXISTS over every manifest and block key of ``handles``."""
@@ -524,11 +592,15 @@ class RedisTier:
         return True
 
     def import_prefix(self, pool: BlockPool, tokens: Sequence[int], salt: str, have: int) -> int:
+        """Import the longest run of ``tokens``' whole blocks past ``have`` that Redis holds
+        (for a recurrent model: ending at a block boundary below the prompt's end whose state
+        Redis holds too, imported as a snapshot of exactly that prefix); nothing on any miss,
+        bad record or full pool. Returns the tokens imported."""
         self._check_pool(pool)
-        if self.spec.has_recurrent:
-            return 0  # prefix blocks alone serve no lookup: a state is kept per session end
-        size = self.spec.block_tokens
-        num_full = len(tokens) // size
+        size, recurrent = self.spec.block_tokens, self.spec.has_recurrent
+        # the engine feeds a prompt's last token itself: a state after all of them serves no
+        # lookup, and a recurrent group supplies a prefix only where it has a state
+        num_full = (len(tokens) - 1 if recurrent else len(tokens)) // size
         first = have // size
         if first >= num_full:
             return 0
@@ -539,13 +611,29 @@ class RedisTier:
             pipe = r.pipeline(transaction=False)
             for c in chain[first:]:
                 pipe.exists(self.keys.block_key(salt, c))
-            present = pipe.execute()
+            if recurrent:
+                for c in chain[first:]:
+                    pipe.exists(self.keys.state_key(salt, c))
+            found = pipe.execute()
+        present, with_state = found[: num_full - first], found[num_full - first :]
         run = 0
         while run < len(present) and present[run]:
             run += 1
+        while recurrent and run and not with_state[run - 1]:
+            run -= 1
         if not run:
             return 0
         end = (first + run) * size
+        states: tuple[LayerState, ...] | None = None
+        if recurrent:  # checked before anything is reserved
+            key = self.keys.state_key(salt, chain[first + run - 1])
+            (record,) = self._fetch("importing a prefix state", [key])
+            try:
+                states = self._checked_state(record, key, end)
+            except CacheCorruptionError as exc:
+                logger.warning("not importing a prefix: %s", exc)
+            if states is None:
+                return 0
         got = pool.write_from_host(_IMPORT_AGENT, full[:end], salt=salt)
         if isinstance(got, PoolFull):
             return 0  # no room now: the request prefills
@@ -562,6 +650,8 @@ class RedisTier:
                 ok = False
             if not ok:
                 return 0
+            if states is not None:
+                write.write(states)  # published as the snapshot of exactly full[:end]
             handle = write.commit()
         pool.release(handle)  # its published blocks stay cached for the engine's lookup
         self._counts["num_prefix_imports"] += 1
