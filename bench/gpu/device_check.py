@@ -18,6 +18,8 @@ so one failure still returns the rest. Sections:
 * ``workload``  8 agents x 4 turns at 2K: kvpool vs mlx-lm's LRUPromptCache way vs re-prefill
 * ``arrival``   8 agents arriving one by one on a shared 2K system prompt, 3 turns, same three ways
 * ``persist``   save and load of one 8K agent to a file, against a gather of the same bytes
+* ``resize``    one budget move between layer groups of a 4 GiB gemma3-shaped pool (both groups'
+                slabs copied), against a device copy of the pool's bytes; kept blocks checked
 
 ``--quick`` shrinks every size so the script runs on a CPU in seconds (a smoke test: its
 figures are not GPU figures).
@@ -702,6 +704,58 @@ def section_persist() -> None:
     )
 
 
+def section_resize() -> None:
+    """One budget move between layer groups where the slabs live, vs a copy of the same bytes.
+
+    A gemma3-shaped pool (5 of 6 layers slide over 1K) gives a quarter of its global group's
+    blocks to the sliding group; the slabs of both groups are copied once (kvpool.pool's
+    resize). Kept blocks are checked bit for bit.
+    """
+    from kvpool import AttentionKind, BlockPool, LayerSpec, ModelCacheSpec
+
+    heads, dim, budget = (2, 64, 16 << 20) if QUICK else (8, 128, 4 << 30)
+    spec = ModelCacheSpec(
+        tuple(
+            LayerSpec(AttentionKind.GLOBAL, heads, dim, dim)
+            if i % 6 == 5
+            else LayerSpec(AttentionKind.SLIDING, heads, dim, dim, window=1024)
+            for i in range(12 if QUICK else 48)
+        ),
+        "bfloat16",
+    )
+    pool = BlockPool(spec, max_bytes=budget)
+    storage: Any = pool.storage
+    sliding, full = pool.blocks_per_group
+    layer = next(i for i, x in enumerate(spec.layers) if x.kind is AttentionKind.GLOBAL)
+    probe = [0, full // 2]
+    storage.k[layer] = mx.random.normal(storage.k[layer].shape).astype(mx.bfloat16)
+    mx.eval(storage.k[layer])
+    before = mx.take(storage.k[layer], mx.array(probe), axis=0)
+    moved = full // 4
+    gained = moved * spec.group_bytes_per_block(1) // spec.group_bytes_per_block(0)
+    storage.resize((sliding + gained, full - moved))
+    t = time.perf_counter()
+    storage._sync()
+    mx.synchronize()
+    resize_ms = (time.perf_counter() - t) * 1e3
+    after = mx.take(storage.k[layer], mx.array(probe), axis=0)
+    pool_bytes = pool.bytes_total
+    x = mx.zeros((pool_bytes // 2,), mx.bfloat16)
+    mx.eval(x)
+    copy = timed(lambda: x + 0, 3)
+    emit(
+        "resize",
+        "one budget move between layer groups (both groups' slabs copied)",
+        pool_bytes=pool_bytes,
+        blocks_before=[sliding, full],
+        blocks_after=list(storage.blocks_per_group),
+        resize_ms=round(resize_ms, 1),
+        copy_of_pool_bytes=copy,
+        ratio_to_copy=round(resize_ms / copy["p50_ms"], 2) if copy["p50_ms"] else None,
+        kept_blocks_equal=bool(mx.array_equal(before, after).item()),
+    )
+
+
 SECTIONS: dict[str, Callable[[], None]] = {
     "env": section_env,
     "gather": section_gather,
@@ -712,6 +766,7 @@ SECTIONS: dict[str, Callable[[], None]] = {
     "workload": section_workload,
     "arrival": section_arrival,
     "persist": section_persist,
+    "resize": section_resize,
 }
 
 

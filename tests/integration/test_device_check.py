@@ -25,6 +25,7 @@ SECTIONS = (
     "workload",
     "arrival",
     "persist",
+    "resize",
 )
 
 
