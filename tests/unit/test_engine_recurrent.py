@@ -191,10 +191,11 @@ def test_a_corrupt_state_in_a_file_leaves_nothing_behind(tmp_path: Path) -> None
 
 
 def test_the_pool_reads_the_snapshots_it_holds_for_a_handles_prefix() -> None:
-    """``snapshot_lengths`` names the block boundaries below a handle's end where every
-    recurrent group holds a published snapshot (what a later lookup reuses); ``read_snapshot``
-    reads one: the state after exactly those tokens (the fake's digest of them), None where
-    the pool holds none; without snapshots there are none (control)."""
+    """``snapshot_lengths`` names the lengths below a handle's end where every recurrent
+    group holds a published snapshot (what a later lookup reuses): block boundaries and the
+    prompt's end; ``read_snapshot`` reads one: the state after exactly those tokens (the
+    fake's digest of them), None where the pool holds none; without boundary snapshots only
+    the prompt-end one is there (control)."""
     a = prompt_of(14)
     lengths = {}
     for every in (1, 2, None):
@@ -204,17 +205,21 @@ def test_the_pool_reads_the_snapshots_it_holds_for_a_handles_prefix() -> None:
         lengths[every] = pool.snapshot_lengths(done.blocks)
         if every == 2:
             assert pool.read_snapshot(done.blocks, 4, [1, 2]) is None
-            states = pool.read_snapshot(done.blocks, 8, [1, 2])
-            assert states is not None and [(s.layer, s.num_tokens) for s in states] == [
-                (1, 8),
-                (2, 8),
-            ]
-            other = FakeStorage(HYBRID, (1, 1))
-            other.write_states(((), (-1, 0)), states)  # the fake state: a digest of its tokens
-            assert other.states[1][0] == other.states[2][0] == tuple(a[:8])
-            for bad in (6, 0, 20):
-                with pytest.raises(InvalidRequestError, match="boundary"):
+            assert pool.read_snapshot(done.blocks, 6, [1, 2]) is None
+            for length in (8, 13):
+                states = pool.read_snapshot(done.blocks, length, [1, 2])
+                assert states is not None and [(s.layer, s.num_tokens) for s in states] == [
+                    (1, length),
+                    (2, length),
+                ]
+                other = FakeStorage(HYBRID, (1, 1))
+                other.write_states(((), (-1,) * ((length - 1) // B) + (0,)), states)
+                # the fake state: a digest of its tokens
+                assert other.states[1][0] == other.states[2][0] == tuple(a[:length])
+            for bad in (0, 17, 20):
+                with pytest.raises(InvalidRequestError, match=r"must hold 1\.\.16"):
                     pool.read_snapshot(done.blocks, bad, [1])
         pool.check_invariants()
-    # none at 16: the state after the generated tokens is the end state (17), mid-block
-    assert lengths == {1: [4, 8, 12], 2: [8], None: []}
+    # none at 16: the state after the generated tokens is the end state (17), mid-block;
+    # 13: the prompt's end (all but its last token)
+    assert lengths == {1: [4, 8, 12, 13], 2: [8, 13], None: [13]}
