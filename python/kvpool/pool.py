@@ -44,12 +44,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from kvpool.cache.manager import CacheUsage, KVCacheManager, PoolFull, PrefixMatch
-from kvpool.cache.prefix import block_keys
+from kvpool.cache.manager import (
+    CacheUsage,
+    HeldSnapshots,
+    KVCacheManager,
+    PoolFull,
+    PrefixMatch,
+)
 from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
 from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV, LayerState
-from kvpool.cache.tables import NULL_BLOCK, CacheHandle
+from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
 
 _Rows = TypeVar("_Rows", LayerKV, LayerCodes)
@@ -478,61 +483,78 @@ class BlockPool:
             write.write(kvs)
             return write.commit([valid_from if g.window else 0 for g in self.spec.groups])
 
-    # -- recurrent-state snapshots (for a shared tier) ------------------------
+    # -- recurrent-state snapshots (files, a shared tier) ---------------------
 
     def snapshot_lengths(self, handle: CacheHandle) -> list[int]:
-        """Block boundaries ``b < handle.total_tokens``, shortest first, at which the pool
-        holds a state snapshot of every recurrent group after exactly ``handle.token_ids[:b]``
-        (live or cached-free; what the engine's lookup reuses for that prefix). Changes
-        nothing; empty for a model without recurrent layers."""
+        """Prefix lengths ``0 < b < handle.total_tokens``, shortest first, at which the pool
+        holds a state snapshot of every recurrent group after exactly
+        ``handle.token_ids[:b]``: block boundaries and prompt ends (see
+        :meth:`~kvpool.cache.manager.KVCacheManager.snapshot_tables`). Changes nothing;
+        empty for a model without recurrent layers."""
         self.check_live(handle)
         with self._lock:
-            return sorted(self._snapshots(handle))
+            return list(self.manager.snapshot_tables(handle))
 
     def read_snapshot(
         self, handle: CacheHandle, length: int, layers: Sequence[int]
     ) -> list[LayerState] | None:
         """The states of recurrent ``layers`` after the first ``length`` tokens of a live
-        handle (a block boundary below its end), from the snapshot the pool holds there, on
+        handle (``0 < length < total_tokens``), from the snapshot the pool holds there, on
         the host; None if it holds none. Read under the pool's lock: a cached-free snapshot
         cannot be evicted and overwritten meanwhile."""
         self.check_live(handle)
-        size = self.spec.block_tokens
-        if length % size or not 0 < length < handle.total_tokens:
+        if not 0 < length < handle.total_tokens:
             raise InvalidRequestError(
                 f"a snapshot after {length} tokens of a {handle.total_tokens}-token cache: it "
-                f"must be a boundary of its blocks of {size} below its end"
+                f"must hold 1..{handle.total_tokens - 1}"
             )
         with self._lock:
-            tables = self._snapshots(handle, length).get(length)
+            tables = self.manager.snapshot_tables(handle, only=length).get(length)
             if tables is None:
                 return None
             return self._storage.read_states(tables, layers, length)
 
-    def _snapshots(
-        self, handle: CacheHandle, only: int | None = None
-    ) -> dict[int, tuple[tuple[int, ...], ...]]:
-        """Boundary -> tables holding its snapshot (entry ``b // B - 1`` of each recurrent
-        group; other groups empty), for the boundaries of :meth:`snapshot_lengths` (or only
-        ``only``). A snapshot at boundary ``b`` is published in each recurrent group under the
-        block key of ``tokens[:b]`` (``KVCacheManager.commit_prefix`` / ``commit_state``).
-        Caller holds the lock."""
-        size = self.spec.block_tokens
+    def hold_snapshots(self, handle: CacheHandle) -> HeldSnapshots:
+        """Hold the snapshots of :meth:`snapshot_lengths` until :meth:`release_snapshots`,
+        so :meth:`read_snapshot` finds each of them (a file lists them before writing)."""
+        self.check_live(handle)
+        with self._lock:
+            return self.manager.hold_snapshots(handle)
+
+    def release_snapshots(self, held: HeldSnapshots) -> None:
+        with self._lock:
+            self.manager.release_snapshots(held)
+
+    def write_snapshot(self, handle: CacheHandle, states: Sequence[LayerState]) -> bool:
+        """Register ``states`` (every recurrent layer's, after the same ``length < total``
+        tokens of a live handle) as the pool's snapshot of that prefix, published as a
+        prompt's is; the handle's K/V is not touched. True if the pool holds it now (also
+        when it held one already: then nothing is written); False, and nothing changed,
+        without a free block in a recurrent group."""
+        lengths = {st.num_tokens for st in states}
+        layers = sorted(st.layer for st in states)
         recurrent = [
-            g for g, grp in enumerate(self.spec.groups) if grp.kind is AttentionKind.RECURRENT
+            i for i, layer in enumerate(self.spec.layers) if layer.kind is AttentionKind.RECURRENT
         ]
-        tokens = handle.token_ids
-        if not recurrent:
-            return {}
-        last = (handle.total_tokens - 1) // size  # boundaries (j + 1) * B, j < last
-        keys = block_keys(tokens[: last * size], size, self.manager.root(handle.salt))
-        found = {}
-        for j in range(last) if only is None else [only // size - 1]:
-            chunk = list(tokens[j * size : (j + 1) * size])
-            blocks = {g: int(self.manager.allocator(g).lookup(keys[j], chunk)) for g in recurrent}
-            if all(b != NULL_BLOCK for b in blocks.values()):
-                found[(j + 1) * size] = tuple(
-                    (NULL_BLOCK,) * j + (blocks[g],) if g in blocks else ()
-                    for g in range(len(self.spec.groups))
-                )
-        return found
+        if len(lengths) != 1 or layers != recurrent:
+            raise InvalidRequestError(
+                f"a snapshot needs the states of layers {recurrent} after one length, got "
+                f"layers {layers} after {sorted(lengths)}"
+            )
+        (length,) = lengths
+        with self._lock:
+            self.check_live(handle)
+            if self.manager.snapshot_tables(handle, only=length):
+                return True
+            snap = self.manager.place_snapshot(handle, length)
+        if snap is None:
+            return False
+        try:
+            self._storage.write_states(snap.tables, states)
+        except BaseException:
+            with self._lock:
+                self.manager.abort_snapshot(snap)
+            raise
+        with self._lock:
+            self.manager.commit_snapshot(snap)
+        return True

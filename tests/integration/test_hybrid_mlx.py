@@ -226,6 +226,45 @@ def test_state_snapshots_serve_a_later_agent(
     pool.check_invariants()
 
 
+@pytest.mark.parametrize("name", ["qwen3_next", "lfm2"])
+@pytest.mark.parametrize(("every", "reused"), [(1, 32), (None, 0)])
+def test_a_file_carries_state_snapshots_to_a_fresh_pool(
+    name: str,
+    every: int | None,
+    reused: int,
+    tmp_path: Path,
+    models: dict[str, Any],
+    tiny_model: LoadedModel,
+    reference_generate: Reference,
+) -> None:
+    """Format version 4: agent a (45 tokens, a snapshot every ``every`` blocks of 16) is
+    saved, its file loaded into a fresh pool; b, with a's first 40 tokens, resumes at the
+    snapshot after 32 and c, with a's first 44 (its prompt's end), at 44, each token-equal
+    to a fresh mlx-lm run. Without boundary snapshots (control) b reuses nothing."""
+    model, tokenizer = _model(models, name), tiny_model[1]
+    engine, pool = _engine(model, tokenizer, snapshots=every)
+    rng = random.Random(8)
+    a = _ids(rng, 45)
+    engine.submit("a", a, max_tokens=MAX_TOKENS)
+    (done_a,) = engine.drain()
+    path, fp = tmp_path / "a.kvcache.safetensors", model_fingerprint(model)
+    save_cache(path, pool, done_a.blocks, fingerprint=fp)
+    info = read_cache_info(path)
+    assert info.format_version == 4
+    assert info.snapshot_lengths == ((16, 32, 44) if every else (44,))
+    other, other_pool = _engine(model, tokenizer)
+    load_cache(path, other_pool, fingerprint=fp)
+    for agent, prompt, cached in (
+        ("b", [*a[:40], *_ids(rng, 6)], reused),
+        ("c", [*a[:44], *_ids(rng, 3)], 44),
+    ):
+        other.submit(agent, prompt, max_tokens=MAX_TOKENS)
+        (done,) = other.drain()
+        assert done.cached_tokens == cached
+        assert list(done.token_ids) == _fresh(reference_generate, model, tokenizer, prompt)
+    other_pool.check_invariants()
+
+
 @pytest.mark.parametrize("name", ["qwen3_next", "mamba2", "granitemoehybrid"])
 def test_store_evicts_to_disk_and_resumes_from_the_file(
     name: str,
@@ -234,9 +273,9 @@ def test_store_evicts_to_disk_and_resumes_from_the_file(
     tiny_model: LoadedModel,
     reference_generate: Reference,
 ) -> None:
-    """The store writes a hybrid agent's cache (KV blocks and end states, format version 3)
-    to disk, frees its blocks, reads it back on the next turn: token-equal, every prompt
-    token but the new ones reused."""
+    """The store writes a hybrid agent's cache (KV blocks, end states and the prompt-end
+    snapshot, format version 4: through save_cache) to disk, frees its blocks, reads it back
+    on the next turn: token-equal, every prompt token but the new ones reused."""
     model, tokenizer = _model(models, name), tiny_model[1]
     engine, pool = _engine(model, tokenizer)
     store = AgentCacheStore(engine, tmp_path, fingerprint=model_fingerprint(model))
@@ -247,7 +286,7 @@ def test_store_evicts_to_disk_and_resumes_from_the_file(
     assert store.evict("a")
     assert pool.usage().num_used == 0
     info = read_cache_info(cache_path(tmp_path, "a"))
-    assert info.format_version == 3
+    assert info.format_version == 4 and info.snapshot_lengths == (36,)
     nxt = [*context, *first.token_ids, *_ids(rng, 1)]
     store.submit("a", nxt, max_tokens=MAX_TOKENS)
     (second,) = store.drain()

@@ -253,6 +253,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     state_of: dict[int, tuple[int, ...]] = {}  # recurrent block -> the tokens its state is of
     num_state_reads = 0
     num_snapshots = 0
+    num_live_snapshots = 0  # place_snapshot + commit_snapshot on a live handle
     num_resizes = 0
     vocab = 5  # tiny vocabulary: prompts collide and share often
     live: list[CacheHandle] = []
@@ -323,6 +324,24 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
             else:
                 m.resize_group(g, min(n + rng.randint(1, 4), 2 * blocks[g]))
                 num_resizes += 1
+        elif op < 0.74 and states and live:  # a snapshot of a live handle's prefix
+            handle = rng.choice(live)
+            if handle.total_tokens > 1:
+                length = rng.randint(1, handle.total_tokens - 1)
+                snap = m.place_snapshot(handle, length)
+                if snap is not None:
+                    assert len(snap.tables[states[0]]) == -(-length // B)
+                    if rng.random() < 0.2:
+                        m.abort_snapshot(snap)
+                    else:
+                        for g in states:
+                            state_of[snap.tables[g][-1]] = tuple(handle.token_ids[:length])
+                        m.commit_snapshot(snap)
+                        num_live_snapshots += 1
+                        assert length in m.snapshot_tables(handle, only=length)
+            for length, tables in m.snapshot_tables(handle).items():
+                for g in states:  # every snapshot found is of exactly that prefix
+                    assert state_of[tables[g][-1]] == tuple(handle.token_ids[:length])
         elif live:  # a handle is released
             m.release(live.pop(rng.randrange(len(live))))
         m.check_invariants()
@@ -340,6 +359,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
         assert usage.groups[states[0]].num_cached > 0  # end states at boundaries stay findable
         assert num_state_reads > 300  # states were reused, from own ends and by key
         assert num_snapshots > 100
+        assert num_live_snapshots > 100
 
 
 def _snapshot(
@@ -531,4 +551,77 @@ def test_the_prompt_end_snapshot_index_stays_bounded() -> None:
     assert m.num_snapshot_entries == most
     newest = prompts[-1]
     assert m.lookup([*newest[:-1], 99, 98]).num_tokens == len(newest) - 1
+    m.check_invariants()
+
+
+def test_a_snapshot_of_a_live_handle_is_reused_for_exactly_its_prefix() -> None:
+    """``place_snapshot`` + ``commit_snapshot`` publish a state after a prefix of a live
+    handle (mid-block or at a boundary) as a prompt-end snapshot is: a later prompt with
+    exactly that prefix resumes there, one that differs inside it does not; the handle's
+    own tables are untouched and nothing stays held."""
+    m = KVCacheManager(dataclasses.replace(RECURRENT, layers=RECURRENT.layers[:2]), [16, 8])
+    a, _ = turn(m, "a", list(range(1, 11)), [60])  # 11 tokens, end state mid-block
+    tables_before, used_before = a.tables, m.usage().num_used
+    assert m.lookup([*a.token_ids[:6], 99]).num_tokens == 0  # control: no state there yet
+    assert m.lookup([*a.token_ids[:8], 99, 98]).num_tokens == 0
+    for length in (6, 8):
+        snap = m.place_snapshot(a, length)
+        assert snap is not None and snap.tokens == a.token_ids[:length]
+        # 6 or 8 tokens: 2 entries; the state in the last one of the recurrent group
+        #   full       [ - ]  [ - ]
+        #   recurrent  [ - ]  [ s ]
+        assert snap.tables[0] == (NULL_BLOCK, NULL_BLOCK)
+        assert snap.tables[1][0] == NULL_BLOCK and snap.tables[1][1] != NULL_BLOCK
+        m.commit_snapshot(snap)
+        with pytest.raises(InvalidRequestError, match="already committed"):
+            m.commit_snapshot(snap)
+    assert a.tables == tables_before and m.usage().num_used == used_before
+    assert list(m.snapshot_tables(a)) == [6, 8]
+    assert m.lookup([*a.token_ids[:6], 99]).num_tokens == 6
+    assert m.lookup([*a.token_ids[:8], 99, 98]).num_tokens == 8
+    assert m.lookup([*a.token_ids[:5], 77, 99]).num_tokens == 0  # differs at 5: no state
+    assert m.lookup([*a.token_ids[:7], 99]).num_tokens == 6  # the longest exact one below
+    # abort: nothing published, nothing held
+    before = m.usage()
+    snap = m.place_snapshot(a, 7)
+    assert snap is not None
+    m.abort_snapshot(snap)
+    m.abort_snapshot(snap)  # a no-op
+    assert m.usage() == before and 7 not in m.snapshot_tables(a)
+    m.check_invariants()
+    for bad in (0, 11):
+        with pytest.raises(InvalidRequestError, match=r"must hold 1\.\.10"):
+            m.place_snapshot(a, bad)
+    m.release(a)
+    with pytest.raises(InvalidRequestError, match="not live"):
+        m.place_snapshot(a, 4)
+    assert m.usage().num_used == 0
+
+
+def test_a_snapshot_without_a_free_state_block_changes_nothing() -> None:
+    m = KVCacheManager(dataclasses.replace(RECURRENT, layers=RECURRENT.layers[:2]), [16, 1])
+    a, _ = turn(m, "a", list(range(1, 11)), [60])  # its end state takes the only one
+    before = m.usage()
+    assert m.place_snapshot(a, 4) is None
+    assert m.usage() == before
+    m.check_invariants()
+
+
+def test_held_snapshots_survive_allocations_until_released() -> None:
+    """``hold_snapshots`` takes a reference on each snapshot of a handle's prefix: an
+    allocation that would evict them (cached-free, least recently freed first) cannot."""
+    m = KVCacheManager(dataclasses.replace(RECURRENT, layers=RECURRENT.layers[:2]), [16, 3])
+    a, _ = turn(m, "a", list(range(1, 11)), [60])
+    for length in (4, 8):
+        snap = m.place_snapshot(a, length)
+        assert snap is not None
+        m.commit_snapshot(snap)
+    held = m.hold_snapshots(a)
+    assert held.lengths == (4, 8)
+    assert m.place_snapshot(a, 9) is None  # both cached-free ones are held: none free
+    m.release_snapshots(held)
+    snap = m.place_snapshot(a, 9)  # now one is evicted for it
+    assert snap is not None
+    m.commit_snapshot(snap)
+    assert len(m.snapshot_tables(a)) == 2  # one of 4, 8 gone, 9 there
     m.check_invariants()

@@ -46,10 +46,12 @@ __all__ = [
     "CacheUsage",
     "GroupMatch",
     "GroupUsage",
+    "HeldSnapshots",
     "KVCacheManager",
     "PoolFull",
     "PrefixMatch",
     "Reservation",
+    "StateLease",
 ]
 
 
@@ -133,6 +135,33 @@ class Reservation:
     fresh: list[list[int]]
     replacing: CacheHandle | None
     open: bool = True
+
+
+@dataclass(slots=True)
+class StateLease:
+    """Blocks taken for one state snapshot of a live handle's prefix, between
+    :meth:`KVCacheManager.place_snapshot` and ``commit_snapshot``/``abort_snapshot``.
+
+    ``tables`` has ``ceil(len(tokens) / B)`` entries per group: the state's block at the
+    last entry of each recurrent group, NULL elsewhere (as :meth:`~KVCacheManager.place_state`
+    hands out). ``tokens`` are exactly the prefix the state follows.
+    """
+
+    tokens: tuple[int, ...]
+    salt: str
+    lease: int
+    tables: tuple[tuple[int, ...], ...]
+    open: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HeldSnapshots:
+    """The state snapshots of a handle's prefix held under ``lease`` (so no allocation
+    evicts them) from :meth:`KVCacheManager.hold_snapshots` until ``release_snapshots``.
+    ``lengths``: the prefix lengths they follow, shortest first."""
+
+    lease: int
+    lengths: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -721,15 +750,19 @@ class KVCacheManager:
         None, and nothing changed, if a recurrent group has no free block."""
         if not 0 < length <= len(res.tokens):
             raise InvalidRequestError(f"a state after {length} of {len(res.tokens)} tokens")
-        entries = -(-length // self.block_tokens)
-        recurrent = [g for g, p in enumerate(self.policies) if p.is_recurrent]
-        if any(int(self._allocators[g].num_free) < 1 for g in recurrent):
+        return self._take_state_blocks(res.lease, length)
+
+    def _take_state_blocks(self, owner: int, length: int) -> tuple[tuple[int, ...], ...] | None:
+        """One block of each recurrent group for ``owner`` at entry ``(length - 1) // B``
+        (other entries and groups NULL); None, and nothing taken, if one has none free."""
+        if any(int(self._allocators[g].num_free) < 1 for g in self._recurrent):
             return None
+        entries = -(-length // self.block_tokens)
         tables = []
         for g in range(len(self.policies)):
             table = [NULL_BLOCK] * entries
-            if g in recurrent:
-                table[-1] = int(self._allocators[g].allocate(res.lease, 1)[0])
+            if g in self._recurrent:
+                table[-1] = int(self._allocators[g].allocate(owner, 1)[0])
             tables.append(tuple(table))
         return tuple(tables)
 
@@ -737,11 +770,22 @@ class KVCacheManager:
         """Publish the states written through ``tables`` (from :meth:`place_state`) under
         the prompt's first ``length`` tokens and let them go: they are cached-free, found
         by :meth:`lookup` for that exact prefix until an allocation evicts them."""
-        size = self.block_tokens
+        self._publish_state(res.lease, res.tokens[:length], res.salt, tables)
+
+    def _publish_state(
+        self, owner: int, tokens: Sequence[int], salt: str, tables: Sequence[Sequence[int]]
+    ) -> None:
+        """Publish ``owner``'s state blocks (entry ``(len(tokens) - 1) // B`` of each
+        recurrent group's table) as the states after exactly ``tokens`` and drop them to
+        cached-free. At a block boundary a state goes under the block key of ``tokens``;
+        mid-block under the chain key of its own tokens (only that exact prefix finds it),
+        indexed by :meth:`_index_snapshot`. A state already published there wins: ours is
+        invalidated."""
+        size, length = self.block_tokens, len(tokens)
         j = (length - 1) // size
-        keys = block_keys(res.tokens[:length], size, self.root(res.salt))
-        parent = keys[j - 1] if j > 0 else self.root(res.salt)
-        chunk = list(res.tokens[j * size : length])
+        keys = block_keys(tokens, size, self.root(salt))
+        parent = keys[j - 1] if j > 0 else self.root(salt)
+        chunk = list(tokens[j * size : length])
         partial = length % size != 0
         if partial:  # findable for exactly this prefix: under the chain key of its tokens
             self._index_snapshot(parent, len(chunk))
@@ -753,7 +797,7 @@ class KVCacheManager:
                 canonical = int(alloc.publish(block, parent, chunk, keys[j]))
             if canonical != block:
                 alloc.invalidate(block)
-            alloc.free(res.lease, [block])
+            alloc.free(owner, [block])
 
     def _index_snapshot(self, parent: int, length: int) -> None:
         """Record a prompt-end snapshot's (parent, length). The index keeps at most as many
@@ -781,6 +825,111 @@ class KVCacheManager:
         for g, policy in enumerate(self.policies):
             if policy.is_recurrent:
                 self._allocators[g].free(res.lease, [tables[g][-1]])
+
+    # -- state snapshots of a live handle's prefix -----------------------------
+
+    def snapshot_tables(
+        self, handle: CacheHandle, only: int | None = None
+    ) -> dict[int, tuple[tuple[int, ...], ...]]:
+        """Length -> tables of each state snapshot the pool holds (live or cached-free) of
+        every recurrent group after exactly ``handle.token_ids[:length]``, ``0 < length <
+        handle.total_tokens``: block boundaries (published under the block key of the
+        prefix) and prompt-end snapshots mid-block (under the chain key of their tokens);
+        what :meth:`lookup` reuses for that prefix. Tables as :meth:`place_state` hands
+        them out. ``only``: that length alone (absent if none). Shortest first; empty for
+        a model without recurrent layers or when ``handle`` is not live. Changes nothing."""
+        if not self._recurrent or not self.is_live(handle):
+            return {}
+        size, tokens = self.block_tokens, handle.token_ids
+        last = handle.total_tokens - 1  # lengths 1 .. last
+        if only is not None and not 0 < only <= last:
+            return {}
+        root = self.root(handle.salt)
+        keys = block_keys(tokens[: last // size * size], size, root)
+        found: dict[int, tuple[tuple[int, ...], ...]] = {}
+        entries = range(-(-last // size)) if only is None else [(only - 1) // size]
+        for j in entries:
+            parent = keys[j - 1] if j > 0 else root
+            lengths = sorted(self._snapshot_lengths.get(parent, ()))
+            if (j + 1) * size <= last:
+                lengths.append(size)
+            for n in lengths:
+                length = j * size + n
+                if length > last or (only is not None and length != only):
+                    continue
+                chunk = tokens[j * size : length]
+                blocks = {
+                    g: self._exact_state(g, parent, chunk)
+                    if n < size
+                    else int(self._allocators[g].lookup(keys[j], list(chunk)))
+                    for g in self._recurrent
+                }
+                if NULL_BLOCK not in blocks.values():
+                    found[length] = self._state_tables(length, blocks)
+        return found
+
+    def _state_tables(self, length: int, blocks: dict[int, int]) -> tuple[tuple[int, ...], ...]:
+        """Tables of ``ceil(length / B)`` entries with ``blocks[g]`` last in group ``g``."""
+        entries = -(-length // self.block_tokens)
+        return tuple(
+            (NULL_BLOCK,) * (entries - 1) + (blocks.get(g, NULL_BLOCK),)
+            for g in range(len(self.policies))
+        )
+
+    def hold_snapshots(self, handle: CacheHandle) -> HeldSnapshots:
+        """Hold every snapshot of :meth:`snapshot_tables` (a reference each, cached-free
+        ones revived) until :meth:`release_snapshots`: a reader of several is sure to find
+        them all."""
+        found = self.snapshot_tables(handle)
+        lease = next(self._owner_ids)
+        for tables in found.values():
+            for g in self._recurrent:
+                self._allocators[g].share(lease, [tables[g][-1]])
+        return HeldSnapshots(lease, tuple(found))
+
+    def release_snapshots(self, held: HeldSnapshots) -> None:
+        """Let go of what :meth:`hold_snapshots` held (published: they stay cached)."""
+        for alloc in self._allocators:
+            alloc.release(held.lease)
+
+    def place_snapshot(self, handle: CacheHandle, length: int) -> StateLease | None:
+        """Blocks to write the states after the first ``length`` tokens of a live handle
+        into (``0 < length < total_tokens``; its K/V is not touched), to be published by
+        :meth:`commit_snapshot` exactly as :meth:`commit_state` publishes a prompt's; or
+        :meth:`abort_snapshot`. None, and nothing changed, if a recurrent group has no free
+        block."""
+        self.check_live(handle)
+        if not self._recurrent:
+            raise InvalidRequestError("a state snapshot of a model without recurrent layers")
+        if not 0 < length < handle.total_tokens:
+            raise InvalidRequestError(
+                f"a snapshot after {length} tokens of a {handle.total_tokens}-token cache: it "
+                f"must hold 1..{handle.total_tokens - 1}"
+            )
+        lease = next(self._owner_ids)
+        tables = self._take_state_blocks(lease, length)
+        if tables is None:
+            return None
+        return StateLease(handle.token_ids[:length], handle.salt, lease, tables)
+
+    def commit_snapshot(self, snap: StateLease) -> None:
+        """Publish the states written through ``snap.tables``: cached-free, found by
+        :meth:`lookup` for exactly ``snap.tokens`` until an allocation evicts them."""
+        if not snap.open:
+            raise InvalidRequestError("this snapshot was already committed or aborted")
+        snap.open = False
+        self._publish_state(snap.lease, snap.tokens, snap.salt, snap.tables)
+        for alloc in self._allocators:
+            alloc.release(snap.lease)
+
+    def abort_snapshot(self, snap: StateLease) -> None:
+        """Give back the blocks of :meth:`place_snapshot` unpublished (a no-op once
+        committed or aborted)."""
+        if not snap.open:
+            return
+        snap.open = False
+        for alloc in self._allocators:
+            alloc.release(snap.lease)
 
     def shared_end(self, match: PrefixMatch) -> int:
         """The end of ``match``'s whole blocks: they are shared (read-only), so a request's

@@ -250,6 +250,14 @@ class HostWrite:
         self.tables = tables
         self.shared_tokens = manager.shared_end(reservation.match)
         self._group_of_layer = storage.spec.group_of_layer()
+        self._states_missing: set[int] = (
+            set()
+        )  # recurrent layers whose end state commit still needs
+        size = manager.block_tokens
+        if (len(reservation.tokens) - 1) // size * size >= self.shared_tokens:
+            self._states_missing = {
+                i for i, layer in enumerate(storage.spec.layers) if layer.states
+            }  # the end state's block is fresh: not shared from the pool
         self.state = SequenceState.OPEN
 
     @classmethod
@@ -292,11 +300,7 @@ class HostWrite:
             self._storage.write_layers(self.tables, self._writable(dense))
         if codes:
             self._storage.write_codes(self.tables, self._writable(codes))
-        if (
-            states
-            and (len(self.tokens) - 1) // self._manager.block_tokens * (self._manager.block_tokens)
-            >= self.shared_tokens
-        ):
+        if states and self._states_missing:  # else the pool shares the state it holds
             for st in states:
                 if st.num_tokens != len(self.tokens):
                     raise InvalidRequestError(
@@ -304,6 +308,7 @@ class HostWrite:
                         f"of {len(self.tokens)}"
                     )
             self._storage.write_states(self.tables, states)
+            self._states_missing -= {st.layer for st in states}
 
     def _expect_open(self) -> None:
         if self.state is not SequenceState.OPEN:
@@ -327,8 +332,15 @@ class HostWrite:
 
     def commit(self, valid_from: Sequence[int] | None = None) -> CacheHandle:
         """The written blocks become the handle of ``tokens``; group ``g`` holds positions
-        ``>= valid_from[g]`` (None: all of them, as full-attention groups do)."""
+        ``>= valid_from[g]`` (None: all of them, as full-attention groups do).
+        InvalidRequestError, and the write still open, if a recurrent layer's end state was
+        not written into its fresh block (it would be published holding nothing)."""
         self._expect_open()
+        if self._states_missing:
+            raise InvalidRequestError(
+                f"the host write of {self._res.agent_id!r} ({len(self.tokens)} tokens) has no "
+                f"end state for recurrent layers {sorted(self._states_missing)}"
+            )
         valid = valid_from if valid_from is not None else [0] * len(self.tables)
         written = [max(v, self.shared_tokens) for v in valid]
         with self._lock:

@@ -10,7 +10,8 @@ A file holds blocks as they are at rest, never converted:
   for bit: a load gives back exactly the codes that were saved);
 * a recurrent layer's end state (version 3), whatever the block format:
   ``layers.{i}.state.{e}``, one tensor per state array in its own dtype and shape, read with
-  ``read_states`` (bit for bit; states are never quantized).
+  ``read_states`` (bit for bit; states are never quantized); version 4 adds snapshots, the
+  same tensors after fewer tokens (``snapshots.{L}.layers.{i}.state.{e}``, persist.layout).
 
 Records go back into a pool through :class:`~kvpool.cache.sequence.HostWrite`, which picks
 ``write_layers`` or ``write_codes`` by the record's type.

@@ -7,6 +7,10 @@
   another model (fingerprint) or another layout (geometry, block size, dtype, block format)
   raises :class:`IncompatibleCacheError` before a block is taken. The pool is unchanged when
   either is raised.
+* Snapshots (version 4): a recurrent model's file also holds the state snapshots the pool
+  holds for the handle's prefix (:meth:`BlockPool.snapshot_lengths`), checked like every
+  tensor; :func:`load_cache` registers each one after the handle (skipped when the pool has
+  no free state block), having checked them all before it takes a block.
 * Bounded memory: K/V move layer by layer through the format's codec
   (:mod:`kvpool.persist.codec`), hashed on two threads while the next layer is written or
   read, so saving or loading an agent never holds a second copy of it in memory.
@@ -30,7 +34,7 @@ from kvpool.cache.sequence import HostWrite
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import CacheCorruptionError, InvalidRequestError
 from kvpool.persist.atomic import _atomic_write
-from kvpool.persist.codec import host_dtype_of_tag, layer_codec
+from kvpool.persist.codec import StateCodec, host_dtype_of_tag, layer_codec
 from kvpool.persist.hashing import _bytes_of, _hash_async, _Hasher, _sha256
 from kvpool.persist.layout import (
     _DIGEST_PLACEHOLDER,
@@ -70,8 +74,10 @@ def save_cache(
 
     ``fingerprint`` identifies the model (:func:`model_fingerprint`): a non-empty string,
     else InvalidRequestError (a file without one could never be loaded). The blocks are
-    only read: the agent's cache stays in the pool. A failed write (a full disk) raises
-    CacheWriteError and leaves the old file intact.
+    only read: the agent's cache stays in the pool. So are the state snapshots the pool
+    holds for its prefix (a recurrent model's; held meanwhile so none is evicted), which
+    the file lists too (version 4). A failed write (a full disk) raises CacheWriteError and
+    leaves the old file intact.
     """
     path = Path(path)
     _check_fingerprint(fingerprint)
@@ -79,12 +85,23 @@ def save_cache(
     pool.check_live(blocks)
     if blocks.total_tokens == 0:
         raise InvalidRequestError(f"the cache of agent {blocks.agent_id!r} holds no tokens")
+    held = pool.hold_snapshots(blocks)
+    try:
+        return _save_held(path, pool, blocks, fingerprint, held.lengths)
+    finally:
+        pool.release_snapshots(held)
+
+
+def _save_held(
+    path: Path, pool: BlockPool, blocks: CacheHandle, fingerprint: str, snapshots: tuple[int, ...]
+) -> int:
+    """:func:`save_cache` with the snapshots after ``snapshots`` tokens held in the pool."""
     spec = pool.spec
     valid_from = sliding_valid_from(pool, blocks)
-    tensors = _plan(spec, blocks.total_tokens, valid_from)
+    tensors = _plan(spec, blocks.total_tokens, valid_from, snapshots)
     metadata = {
         "format": FORMAT,
-        "format_version": str(version_for(spec)),
+        "format_version": str(version_for(spec, len(snapshots))),
         "agent_id": blocks.agent_id,
         "num_tokens": str(blocks.total_tokens),
         "sliding_valid_from": str(valid_from),
@@ -94,6 +111,8 @@ def save_cache(
         "tensor_sha256": _canonical(dict.fromkeys((t.name for t in tensors), _DIGEST_PLACEHOLDER)),
         "header_sha256": _DIGEST_PLACEHOLDER,
     }
+    if snapshots:
+        metadata["snapshot_lengths"] = _canonical(list(snapshots))
     # Digests are fixed-length hex, so the header's length is known before the data is
     # hashed: the data goes first, the header is written over the reserved space last.
     header_len = len(_encode_header(metadata, tensors))
@@ -129,10 +148,30 @@ def _created_by() -> str:
 
 
 def _layers(tensors: Sequence[_Tensor]) -> Iterator[list[_Tensor]]:
-    """The layer tensors grouped by layer, in file order (token_ids skipped)."""
-    for _, group in itertools.groupby((t for t in tensors if t.layer is not None),
-                                      key=lambda t: t.layer):  # fmt: skip
+    """The cache's layer tensors grouped by layer, in file order (token_ids and snapshots
+    skipped)."""
+    for _, group in itertools.groupby(
+        (t for t in tensors if t.layer is not None and not t.snapshot), key=lambda t: t.layer
+    ):
         yield list(group)
+
+
+def _snapshots(tensors: Sequence[_Tensor]) -> Iterator[tuple[int, list[_Tensor]]]:
+    """(length, its tensors: every recurrent layer's state arrays) per snapshot, in file
+    order."""
+    for length, group in itertools.groupby(
+        (t for t in tensors if t.snapshot), key=lambda t: t.start
+    ):
+        yield length, list(group)
+
+
+def _snapshot_states(length: int, tensors: Sequence[_Tensor], arrays: Sequence[Any]) -> list[Any]:
+    """One snapshot's arrays (in ``tensors`` order) as a LayerState per recurrent layer."""
+    states = []
+    for layer, group in itertools.groupby(zip(tensors, arrays, strict=True),
+                                          key=lambda ta: ta[0].layer):  # fmt: skip
+        states.append(StateCodec().record(layer, length, [a for _, a in group]))
+    return states
 
 
 def _save_chunks(tensors: Sequence[_Tensor]) -> Iterator[tuple[list[int], int]]:
@@ -181,6 +220,19 @@ def _write_data(
                 f.write(_bytes_of(array))
         hasher.add_group(named)
         del records, named
+    state_layers = sorted({t.layer for t in tensors if t.snapshot and t.layer is not None})
+    for length, expected_ts in _snapshots(tensors):
+        states = pool.read_snapshot(blocks, length, state_layers)
+        assert states is not None, "a held snapshot is gone: this indicates a bug"
+        arrays = [a for st in states for a in StateCodec().arrays(st)]
+        named = []
+        for array, expected in zip(arrays, expected_ts, strict=True):
+            assert array.shape == expected.shape and array.dtype == host_dtype_of_tag(
+                expected.dtype
+            ), f"storage returned {array.shape} {array.dtype} for {expected}: this indicates a bug"
+            named.append((expected.name, array))
+            f.write(_bytes_of(array))
+        hasher.add_group(named)
     return hasher.digests()
 
 
@@ -200,15 +252,20 @@ def load_cache(
     Pass the result as ``cache`` to the engine's ``submit`` (``pool.release(handle)``
     frees it). Blocks the pool already holds for a prefix of the file's tokens (under
     ``cache_salt``) are shared instead of written again. ``agent_id``, if given, must be
-    the file's.
+    the file's. The state snapshots a version-4 file holds are registered after the handle
+    (:meth:`BlockPool.write_snapshot`: published as a prompt's are, so a later prompt with
+    exactly that prefix resumes there); one the pool has no free state block for is
+    skipped.
 
     Raises CacheCorruptionError (the file fails a check), IncompatibleCacheError (another
     model or layout), PoolExhaustedError (too few free blocks), FileNotFoundError. A path
     that is not a regular file (a FIFO, a directory) is a CacheCorruptionError, refused
     without a blocking read. The pool is unchanged when it raises: the header is checked
-    before any block is taken; each
-    layer's sha256 is checked before it is written into the blocks this call took (nobody
-    else reads them before the commit), and they are given back on any failure.
+    before any block is taken, and so are the snapshots' tensors (read once more to be
+    written, and checked again); each layer's sha256 is checked before it is written into
+    the blocks this call took (nobody else reads them before the commit), and they are given
+    back on any failure. (Snapshots registered before a later failure stay cached: they are
+    checked states of their prefixes, as any published block.)
     """
     path = Path(path)
     writes: list[HostWrite] = []
@@ -230,14 +287,24 @@ def load_cache(
             raise CacheCorruptionError(
                 f"{path}: holds the cache of agent {info.agent_id!r}, not {agent_id!r}"
             )
+        _read_snapshots(f, info, lambda states: None)  # all checked before a block is taken
+        _check_end(f, info)
         try:
             _read_data(f, info, sink, on_tokens=reserve)
         except BaseException:
             if writes:
                 writes[0].abort()
             raise
-    with writes[0] as write:
-        return write.commit([info.sliding_valid_from if g.window else 0 for g in pool.spec.groups])
+        with writes[0] as write:
+            handle = write.commit(
+                [info.sliding_valid_from if g.window else 0 for g in pool.spec.groups]
+            )
+        try:
+            _read_snapshots(f, info, lambda states: pool.write_snapshot(handle, states))
+        except BaseException:
+            pool.release(handle)
+            raise
+    return handle
 
 
 def verify_cache(path: str | os.PathLike[str]) -> CacheInfo:
@@ -246,6 +313,8 @@ def verify_cache(path: str | os.PathLike[str]) -> CacheInfo:
     with _open_cache_file(path) as f:
         info = _read_header(f, path)
         _read_data(f, info, lambda record: None)
+        _read_snapshots(f, info, lambda states: None)
+        _check_end(f, info)
     return info
 
 
@@ -300,9 +369,35 @@ def _read_data(
         pending = (codec.record(first.layer, first.start, arrays), checks)
     if pending is not None:
         settle(*pending)
+    return token_ids
+
+
+def _read_snapshots(
+    f: io.BufferedReader, info: CacheInfo, sink: Callable[[list[Any]], object]
+) -> None:
+    """Read each snapshot's tensors (after the layers), check their sha256 and hand the
+    snapshot's states (a LayerState per recurrent layer) to ``sink``, one snapshot at a
+    time. ``sink`` must copy what it keeps: the arrays are reused buffers."""
+    snapshots = list(_snapshots(info.tensors))
+    if not snapshots:
+        return
+    f.seek(info.data_offset + snapshots[0][1][0].begin)
+    buffers = [np.empty(t.end - t.begin, np.uint8) for t in snapshots[0][1]]
+    for length, tensors in snapshots:
+        arrays = [
+            _read_tensor(f, info, t, buf).view(host_dtype_of_tag(t.dtype)).reshape(t.shape)
+            for t, buf in zip(tensors, buffers, strict=True)
+        ]
+        for tensor, array in zip(tensors, arrays, strict=True):
+            _check_digest(info, tensor, _sha256(array))
+        sink(_snapshot_states(length, tensors, arrays))
+
+
+def _check_end(f: io.BufferedReader, info: CacheInfo) -> None:
+    """After the last tensor: no byte more (the size was checked with the header)."""
+    f.seek(info.data_offset + info.tensors[-1].end)
     if f.read(1):
         raise CacheCorruptionError(f"{info.path}: the file grew while it was read")
-    return token_ids
 
 
 def _check_digest(info: CacheInfo, tensor: _Tensor, digest: str) -> None:

@@ -5,6 +5,8 @@ A file is a safetensors file (``docs/CACHE_FORMAT.md`` describes it byte by byte
     u64 header length | JSON header (padded with spaces to 8 bytes) | tensor data
     tensors, in file order:  token_ids                U32 [num_tokens]
                              layers.{i}.<part>        one per codec part (persist.codec)
+                             snapshots.{L}.layers.{i}.state.{e}   (version 4) the states of
+                                                      every recurrent layer i after L tokens
 
 The header's metadata holds the format version, the cache spec (geometry, dtype, block
 size, block format), the model fingerprint, a sha256 per tensor and a sha256 of the header.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -41,10 +44,12 @@ from kvpool.persist.codec import TAG_BYTES, layer_codec
 from kvpool.validation import validate_agent_id
 
 FORMAT = "kvpool-agent-cache"
-FORMAT_VERSION = 3
-"""The newest version this kvpool reads and writes: 3 adds recurrent layers' states. A file
-is written in the lowest version that describes it (:func:`version_for`), so files of
-attention-only models stay version 2; 1 (dense only, no block format in the spec) reads."""
+FORMAT_VERSION = 4
+"""The newest version this kvpool reads and writes: 3 adds recurrent layers' end states, 4
+state snapshots of the cache's prefix. A file is written in the lowest version that
+describes it (:func:`version_for`), so files of attention-only models stay version 2 and
+those of recurrent models without snapshots 3; 1 (dense only, no block format in the spec)
+reads."""
 FILE_SUFFIX = ".kvcache.safetensors"
 PROMPT_CACHE_FORMAT = "kvpool-mlx-prompt-cache"
 
@@ -103,7 +108,8 @@ class _Tensor:
     begin: int
     end: int
     layer: int | None = None  # None for token_ids
-    start: int = 0  # first position held (layers)
+    start: int = 0  # first position held (K/V); the tokens a state follows (states)
+    snapshot: bool = False  # a state snapshot's (version 4), not the cache's own layers
     sha256: str = ""  # hex digest of the data, once known
 
     def header_entry(self) -> dict[str, Any]:
@@ -114,8 +120,11 @@ class _Tensor:
         }
 
 
-def version_for(spec: ModelCacheSpec) -> int:
-    """The format version a file of ``spec`` is written in: 3 with recurrent layers, else 2."""
+def version_for(spec: ModelCacheSpec, num_snapshots: int = 0) -> int:
+    """The format version a file of ``spec`` is written in: 4 with state snapshots, 3 with
+    recurrent layers, else 2."""
+    if num_snapshots:
+        return 4
     return 3 if spec.has_recurrent else 2
 
 
@@ -125,8 +134,15 @@ def _layer_start(layer: LayerSpec, sliding_valid_from: int, num_tokens: int) -> 
     return sliding_valid_from if layer.kind is AttentionKind.SLIDING else 0
 
 
-def _plan(spec: ModelCacheSpec, num_tokens: int, sliding_valid_from: int) -> list[_Tensor]:
-    """Every tensor of the file, in file order, with its offsets."""
+def _plan(
+    spec: ModelCacheSpec,
+    num_tokens: int,
+    sliding_valid_from: int,
+    snapshot_lengths: Sequence[int] = (),
+) -> list[_Tensor]:
+    """Every tensor of the file, in file order, with its offsets: token ids, each layer's
+    K/V or end state, then for each snapshot length (ascending) every recurrent layer's
+    state after that many tokens."""
     tensors: list[_Tensor] = []
     offset = 0
 
@@ -144,7 +160,28 @@ def _plan(spec: ModelCacheSpec, num_tokens: int, sliding_valid_from: int) -> lis
             shape = part.shape or (layer.n_kv_heads, n, part.last_dim)
             add(f"layers.{i}.{part.suffix}", part.dtype, shape, TAG_BYTES[part.dtype],
                 layer=i, start=start)  # fmt: skip
+    for length in snapshot_lengths:
+        for i, layer in enumerate(spec.layers):
+            if layer.kind is not AttentionKind.RECURRENT:
+                continue
+            for part in layer_codec(spec, i).parts(layer):
+                assert part.shape is not None, "a state has a fixed shape: this indicates a bug"
+                add(f"snapshots.{length}.layers.{i}.{part.suffix}", part.dtype, part.shape,
+                    TAG_BYTES[part.dtype], layer=i, start=length, snapshot=True)  # fmt: skip
     return tensors
+
+
+def _snapshot_lengths_from_json(text: str, num_tokens: int) -> tuple[int, ...]:
+    """A version-4 header's snapshot lengths: strictly increasing, each in ``1 .. num_tokens
+    - 1``; ValueError otherwise."""
+    raw = _parse_json(text)
+    if not isinstance(raw, list) or not all(type(n) is int for n in raw):
+        raise ValueError(f"snapshot_lengths is not a list of integers: {text[:80]!r}")
+    if any(not 0 < n < num_tokens for n in raw) or any(a >= b for a, b in itertools.pairwise(raw)):
+        raise ValueError(
+            f"snapshot_lengths must increase strictly within 1..{num_tokens - 1}, got {raw[:20]}"
+        )
+    return tuple(raw)
 
 
 def _spec_to_json(spec: ModelCacheSpec) -> str:
@@ -268,6 +305,7 @@ class CacheInfo:
     file_bytes: int
     data_offset: int  # where the data section starts
     tensors: tuple[_Tensor, ...]  # in file order, with their recorded sha256
+    snapshot_lengths: tuple[int, ...] = ()  # version 4: the state snapshots it holds
 
     @property
     def num_blocks(self) -> int:
@@ -390,13 +428,18 @@ def _read_header(f: io.BufferedReader, path: Path) -> CacheInfo:
         spec = _spec_from_json(meta["spec"], version)
         fingerprint = meta["model_fingerprint"]
         digests = _parse_json(meta["tensor_sha256"])
+        snapshots: tuple[int, ...] = ()
+        if version >= 4:
+            snapshots = _snapshot_lengths_from_json(meta["snapshot_lengths"], num_tokens)
+            if snapshots and not spec.has_recurrent:
+                raise ValueError("state snapshots of a model without recurrent layers")
     except IncompatibleCacheError:
         raise
     except (KeyError, ValueError, TypeError, AttributeError, RecursionError, KvpoolError) as exc:
         raise corrupt(f"bad metadata: {exc!r}") from exc
     if not 0 <= valid_from <= num_tokens or num_tokens < 1:
         raise corrupt(f"num_tokens {num_tokens}, sliding_valid_from {valid_from}")
-    expected = _plan(spec, num_tokens, valid_from)
+    expected = _plan(spec, num_tokens, valid_from, snapshots)
     found = {k: v for k, v in header.items() if k != "__metadata__"}
     for tensor in expected:
         entry = found.pop(tensor.name, None)
@@ -416,5 +459,5 @@ def _read_header(f: io.BufferedReader, path: Path) -> CacheInfo:
     tensors = tuple(dataclasses.replace(t, sha256=digests[t.name]) for t in expected)
     return CacheInfo(
         path, agent_id, num_tokens, valid_from, spec, fingerprint, version, size, data_offset,
-        tensors,
+        tensors, snapshots,
     )  # fmt: skip

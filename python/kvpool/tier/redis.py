@@ -508,14 +508,15 @@ class RedisTier:
 
     def _save_snapshots(self, pool: BlockPool, handle: CacheHandle, chain: Sequence[int]) -> int:
         """Write the block-boundary state snapshots the pool holds for ``handle``'s prefix
-        (:meth:`BlockPool.snapshot_lengths`) that Redis lacks, each under the chain key of
-        its tokens, with ``SET NX`` (with a secret, one found there unchecked is checked
-        first and replaced if it fails); the others get their TTL refreshed. Returns the
-        bytes of these records in Redis."""
-        lengths = pool.snapshot_lengths(handle)
+        (those of :meth:`BlockPool.snapshot_lengths` at a boundary) that Redis lacks, each
+        under the chain key of its tokens, with ``SET NX`` (with a secret, one found there
+        unchecked is checked first and replaced if it fails); the others get their TTL
+        refreshed. Returns the bytes of these records in Redis."""
+        size, salt = self.spec.block_tokens, handle.salt
+        # a state record is keyed by the chain key of whole blocks: boundaries only
+        lengths = [b for b in pool.snapshot_lengths(handle) if b % size == 0]
         if not lengths:
             return 0
-        size, salt = self.spec.block_tokens, handle.salt
         keys = [self.keys.state_key(salt, chain[b // size - 1]) for b in lengths]
         what = f"saving the state snapshots of agent {handle.agent_id!r}"
         with self._redis(what) as r:
