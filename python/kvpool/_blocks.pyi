@@ -97,7 +97,9 @@ class BlockAllocator:
         """
 
     def num_free_tail(self) -> int:
-        """How many of the highest ids no one holds (the most resize() can take away)."""
+        """
+        How many of the highest ids no one holds (the most resize() can take away).
+        """
 
     def resize(self, num_blocks: int) -> None:
         """
