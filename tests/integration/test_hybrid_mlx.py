@@ -1,5 +1,6 @@
 """Recurrent-state hybrids (#23) on real mlx-lm: every resumed turn equals a fresh, uncached
-mlx-lm run, on the tiny configurations of mlx-lm's own test suite (:mod:`hybrid_configs`)."""
+mlx-lm run, on the tiny configurations of mlx-lm's own test suite and three built from
+mlx-lm modules' ``ModelArgs`` (:mod:`hybrid_configs`)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ MAX_TOKENS = 8
 
 # mlx-lm 0.32.2's own BatchGenerator gives a left-padded row other tokens than the same
 # prompt alone on these (checked below): their agents take turns one at a time.
-UNBATCHABLE = {"nemotron_h", "mamba", "jamba", "bailing_moe_linear"}
+UNBATCHABLE = {"nemotron_h", "mamba", "jamba", "bailing_moe_linear", "olmo_hybrid"}
 
 
 @pytest.fixture(scope="module")
