@@ -390,14 +390,16 @@ def test_a_redis_round_trip_resumes_on_another_engine(
 
 
 def test_bench_hybrid_quick_record() -> None:
-    """``kvpool bench hybrid --quick``: resumed tokens equal re-prefilled ones; snapshots
-    every block save prefill and cost state memory; states are a fraction of the K/V an
-    all-attention model would hold."""
+    """``kvpool bench hybrid --quick``: resumed tokens (from the pool and from mlx-lm's
+    LRUPromptCache holding the same cache) equal re-prefilled ones; snapshots every block
+    save prefill and cost state memory; states are a fraction of the K/V an all-attention
+    model would hold."""
     from kvpool.benchmarks import hybrid
 
     r = hybrid.run(True)
-    assert r.resume.tokens_equal
+    assert r.resume.tokens_equal and r.resume.lru_tokens_equal
     assert r.resume.speedup is not None and r.resume.speedup > 1
+    assert r.resume.lru.n == r.resume.pool.n == 1 and r.resume.pool_vs_lru is not None
     rows = {s.snapshot_blocks: s for s in r.shared}
     assert rows[1].prefilled_tokens < rows[None].prefilled_tokens == rows[None].prompt_tokens
     assert rows[1].snapshots_cached > rows[None].snapshots_cached  # prompt ends: in both

@@ -5,7 +5,10 @@
   (from the spec: exact arithmetic, nothing run).
 * **Resume**: an agent of ``context`` tokens (2K; 256 with ``--quick``) sends a next turn
   of 32 new tokens. TTFT from the pool (its blocks and its end state) against a re-prefill
-  of the whole prompt by a fresh engine with nothing cached; the tokens must be equal.
+  of the whole prompt by a fresh engine with nothing cached, and against mlx-lm's
+  ``LRUPromptCache`` resumed the way ``mlx_lm.server`` does (:mod:`kvpool.benchmarks.peer`)
+  holding the same cache (the pool's, as mlx-lm caches); the three in rotation, timed by one
+  clock. Each way's tokens are compared with the re-prefill's.
 * **Shared system prompt**: 16 agents (3 quick) arrive one after another, each with a
   system prompt of ``context`` tokens and 32 tokens of its own. Prefilled tokens, wall time
   and the recurrent group's memory at the end, with state snapshots every block, every 4th
@@ -23,12 +26,14 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvpool.benchmarks.measure import GIB, Summary, at_least, mlx_cache_limit, ratio
+from kvpool.benchmarks.peer import LruPromptCacheWay, caches_from_pool
 from kvpool.benchmarks.records import BenchRecord, Section
 from kvpool.benchmarks.tables import mib, table, times
+from kvpool.benchmarks.turns import WAYS, TurnRequest, TurnResult, rotation, run_kvpool_turn
 from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
@@ -121,20 +126,50 @@ def _bytes(spec: ModelCacheSpec) -> AgentBytes:
 
 def _resume(model: Any, tokenizer: Any, spec: ModelCacheSpec, context: int, reps: int) -> Resume:
     rng = random.Random(1)
-    pool_s, reprefill_s, equal = [], [], True
+    lru = LruPromptCacheWay(model, tokenizer)
+    lru.run_turn([TurnRequest("warm", tuple(_tokens(random.Random(0), 16)), 2)])  # its generator
+    ttft: dict[str, list[float]] = {way: [] for way in WAYS}
+    unequal = dict.fromkeys(WAYS, 0)
     for r in range(reps):
         engine = _engine(model, tokenizer, spec)
         first = _turn(engine, f"a{r}", _tokens(rng, context))
-        prompt = [*first.blocks.token_ids, first.token_ids[-1], *_tokens(rng, NEW_TOKENS - 1)]
-        resumed = _turn(engine, f"a{r}", prompt, first.blocks)
-        fresh = _turn(_engine(model, tokenizer, spec, prefix_sharing=False), "x", prompt)
-        assert resumed.ttft_s is not None and fresh.ttft_s is not None
-        pool_s.append(resumed.ttft_s)
-        reprefill_s.append(fresh.ttft_s)
-        equal = equal and resumed.token_ids == fresh.token_ids
-        engine.pool.release(resumed.blocks)
-    pool, reprefill = Summary.of(pool_s), Summary.of(reprefill_s)
-    return Resume(context, pool, reprefill, ratio(reprefill.p50_ms, pool.p50_ms, 1), equal)
+        held = first.blocks
+        prompt = (*held.token_ids, first.token_ids[-1], *_tokens(rng, NEW_TOKENS - 1))
+        # The LRU way holds the same cache (the pool's, as mlx-lm caches): what mlx_lm.server
+        # would have stored after the first turn.
+        lru.forget()
+        lru.hold(held.token_ids, caches_from_pool(engine.pool, held))
+        fresh = _engine(model, tokenizer, spec, prefix_sharing=False)
+        request = TurnRequest("a", prompt, MAX_TOKENS)
+        results: dict[str, TurnResult] = {}
+        for way in rotation(r, WAYS):
+            if way == "kvpool":
+                result = run_kvpool_turn(engine, [replace(request, cache=held)])
+            elif way == "lru":
+                result = lru.run_turn([request])
+            else:  # re-prefill: a fresh engine, nothing cached
+                result = run_kvpool_turn(fresh, [request])
+            results[way] = result
+            ttft[way].append(result.ttft_s["a"])
+        assert results["lru"].cached_tokens["a"] == len(held.token_ids), "this indicates a bug"
+        for way in WAYS:
+            unequal[way] += int(results[way].tokens != results["plain"].tokens)
+        resumed = results["kvpool"].completions["a"].blocks
+        assert resumed is not None, "this indicates a bug"
+        engine.pool.release(resumed)
+        engine.pool.release(held)  # another agent's: the resumed turn left it live
+    lru.close()
+    pool, reprefill, peer = (Summary.of(ttft[w]) for w in ("kvpool", "plain", "lru"))
+    return Resume(
+        context_tokens=context,
+        pool=pool,
+        reprefill=reprefill,
+        speedup=ratio(reprefill.p50_ms, pool.p50_ms, 1),
+        tokens_equal=unequal["kvpool"] == 0,
+        lru=peer,
+        pool_vs_lru=ratio(pool.p50_ms, peer.p50_ms),
+        lru_tokens_equal=unequal["lru"] == 0,
+    )
 
 
 def _shared(
@@ -222,11 +257,18 @@ class AgentBytes:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
+    """A next turn's TTFT from the pool, re-prefilled, and from mlx-lm's ``LRUPromptCache``
+    holding the same cache (``lru``); ``*tokens_equal``: that way generated the re-prefill's
+    tokens in every repetition."""
+
     context_tokens: int
     pool: Summary
     reprefill: Summary
     speedup: float | None  # re-prefill TTFT p50 / the pool's
     tokens_equal: bool
+    lru: Summary
+    pool_vs_lru: float | None  # the pool's TTFT p50 / the LRU way's (< 1: kvpool is faster)
+    lru_tokens_equal: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +320,9 @@ def render_section(r: HybridRecord) -> list[str]:
         "",
         f"Next turn of {c.new_tokens} tokens after {x.context_tokens}: TTFT "
         f"{x.pool.p50_ms:.1f} ms from the pool vs {x.reprefill.p50_ms:.1f} ms re-prefilling "
-        f"({times(x.speedup)}; tokens equal: {x.tokens_equal}).",
+        f"({times(x.speedup)}; tokens equal: {x.tokens_equal}) and {x.lru.p50_ms:.1f} ms from "
+        f"mlx-lm's LRUPromptCache (kvpool / LRU {times(x.pool_vs_lru)}; its tokens equal the "
+        f"re-prefill's: {x.lru_tokens_equal}).",
         "",
         *table(
             ("snapshots", "agents", "prompt tokens", "prefilled", "wall s", "end states",
