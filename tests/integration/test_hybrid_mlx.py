@@ -399,7 +399,8 @@ def test_bench_hybrid_quick_record() -> None:
     r = hybrid.run(True)
     assert r.resume.tokens_equal and r.resume.lru_tokens_equal
     assert r.resume.speedup is not None and r.resume.speedup > 1
-    assert r.resume.lru.n == r.resume.pool.n == 1 and r.resume.pool_vs_lru is not None
+    assert r.resume.lru.n == r.resume.pool.n == r.resume.reprefill.n == 1
+    assert r.resume.pool_vs_lru is not None
     rows = {s.snapshot_blocks: s for s in r.shared}
     assert rows[1].prefilled_tokens < rows[None].prefilled_tokens == rows[None].prompt_tokens
     assert rows[1].snapshots_cached > rows[None].snapshots_cached  # prompt ends: in both

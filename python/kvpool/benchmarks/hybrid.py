@@ -7,8 +7,9 @@
   of 32 new tokens. TTFT from the pool (its blocks and its end state) against a re-prefill
   of the whole prompt by a fresh engine with nothing cached, and against mlx-lm's
   ``LRUPromptCache`` resumed the way ``mlx_lm.server`` does (:mod:`kvpool.benchmarks.peer`)
-  holding the same cache (the pool's, as mlx-lm caches); the three in rotation, timed by one
-  clock. Each way's tokens are compared with the re-prefill's.
+  holding the same cache (the pool's, as mlx-lm caches); timed by one clock, in rotation,
+  3 samples of the pool and the LRU way per re-prefill (3 re-prefills; 1 and 1 quick).
+  Each sample's tokens are compared with the re-prefill's.
 * **Shared system prompt**: 16 agents (3 quick) arrive one after another, each with a
   system prompt of ``context`` tokens and 32 tokens of its own. Prefilled tokens, wall time
   and the recurrent group's memory at the end, with state snapshots every block, every 4th
@@ -70,6 +71,7 @@ CONTEXT, QUICK_CONTEXT = 2048, 256
 NEW_TOKENS = 32
 MAX_TOKENS = 4
 REPS, QUICK_REPS = 3, 1
+FAST_REPS, QUICK_FAST_REPS = 3, 1  # pool and LRU samples per repetition (one re-prefill each)
 AGENTS, QUICK_AGENTS = 16, 3
 SNAPSHOTS: tuple[int | None, ...] = (1, 4, None)
 TARGET_SPEEDUP = 10.0
@@ -124,40 +126,46 @@ def _bytes(spec: ModelCacheSpec) -> AgentBytes:
     )
 
 
-def _resume(model: Any, tokenizer: Any, spec: ModelCacheSpec, context: int, reps: int) -> Resume:
+def _resume(
+    model: Any, tokenizer: Any, spec: ModelCacheSpec, context: int, reps: int, fast: int
+) -> Resume:
     rng = random.Random(1)
     lru = LruPromptCacheWay(model, tokenizer)
     lru.run_turn([TurnRequest("warm", tuple(_tokens(random.Random(0), 16)), 2)])  # its generator
     ttft: dict[str, list[float]] = {way: [] for way in WAYS}
     unequal = dict.fromkeys(WAYS, 0)
     for r in range(reps):
-        engine = _engine(model, tokenizer, spec)
+        # No prefix sharing: a repeated resume would find the previous one's blocks.
+        engine = _engine(model, tokenizer, spec, prefix_sharing=False)
         first = _turn(engine, f"a{r}", _tokens(rng, context))
         held = first.blocks
         prompt = (*held.token_ids, first.token_ids[-1], *_tokens(rng, NEW_TOKENS - 1))
         # The LRU way holds the same cache (the pool's, as mlx-lm caches): what mlx_lm.server
         # would have stored after the first turn.
-        lru.forget()
-        lru.hold(held.token_ids, caches_from_pool(engine.pool, held))
+        lru_held = caches_from_pool(engine.pool, held)
         fresh = _engine(model, tokenizer, spec, prefix_sharing=False)
         request = TurnRequest("a", prompt, MAX_TOKENS)
-        results: dict[str, TurnResult] = {}
-        for way in rotation(r, WAYS):
+        pairs = [w for i in range(fast) for w in rotation(r + i, ("kvpool", "lru"))]
+        results: list[tuple[str, TurnResult]] = []
+        for way in rotation(r, ["plain", *pairs]):  # the re-prefill in another place each time
             if way == "kvpool":
                 result = run_kvpool_turn(engine, [replace(request, cache=held)])
+                resumed = result.completions["a"].blocks
+                assert resumed is not None, "this indicates a bug"
+                engine.pool.release(resumed)
             elif way == "lru":
+                lru.forget()  # else the previous sample's finished sequence is a longer hit
+                lru.hold(held.token_ids, lru_held)  # fetch_nearest_cache copies what it returns
                 result = lru.run_turn([request])
             else:  # re-prefill: a fresh engine, nothing cached
                 result = run_kvpool_turn(fresh, [request])
-            results[way] = result
+            assert result.cached_tokens["a"] == (0 if way == "plain" else len(held.token_ids))
+            results.append((way, result))
             ttft[way].append(result.ttft_s["a"])
-        assert results["lru"].cached_tokens["a"] == len(held.token_ids), "this indicates a bug"
-        for way in WAYS:
-            unequal[way] += int(results[way].tokens != results["plain"].tokens)
-        resumed = results["kvpool"].completions["a"].blocks
-        assert resumed is not None, "this indicates a bug"
-        engine.pool.release(resumed)
-        engine.pool.release(held)  # another agent's: the resumed turn left it live
+        (plain,) = (x for w, x in results if w == "plain")
+        for way, result in results:
+            unequal[way] += int(result.tokens != plain.tokens)
+        engine.pool.release(held)
     lru.close()
     pool, reprefill, peer = (Summary.of(ttft[w]) for w in ("kvpool", "plain", "lru"))
     return Resume(
@@ -218,7 +226,8 @@ def run(quick: bool, model_ref: str | None = None) -> HybridRecord:
         raise ValueError(f"{name}: no recurrent layers ({spec.describe()})")
     context = QUICK_CONTEXT if quick else CONTEXT
     with mlx_cache_limit(2 * GIB):
-        resume = _resume(model, tokenizer, spec, context, QUICK_REPS if quick else REPS)
+        reps = (QUICK_REPS, QUICK_FAST_REPS) if quick else (REPS, FAST_REPS)
+        resume = _resume(model, tokenizer, spec, context, *reps)
         shared = _shared(model, tokenizer, spec, context, QUICK_AGENTS if quick else AGENTS)
     judged = resume.speedup if context == CONTEXT else None
     return HybridRecord(
