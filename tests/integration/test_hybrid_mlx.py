@@ -1,5 +1,5 @@
 """Recurrent-state hybrids (#23) on real mlx-lm: every resumed turn equals a fresh, uncached
-mlx-lm run, on the tiny configurations of mlx-lm's own test suite and three built from
+mlx-lm run, on the tiny configurations of mlx-lm's own test suite and five built from
 mlx-lm modules' ``ModelArgs`` (:mod:`hybrid_configs`)."""
 
 from __future__ import annotations
