@@ -4,11 +4,15 @@ Each entry is the configuration mlx-lm's own test suite builds its tiny instance
 architecture from (random weights), with one change: ``vocab_size`` is the tiny recipe's
 512, so that the tiny tokenizer can decode whatever the model generates. Four are also made
 smaller than mlx-lm's (widths of 256, jamba's ``mamba_expand`` 2 and ``mamba_d_state`` 16),
-to keep the suite's time: the layer kinds and their order are mlx-lm's.
+to keep the suite's time: the layer kinds and their order are mlx-lm's. Five that mlx-lm's
+suite does not build (``olmo_hybrid``, ``gear``, ``bailing_hybrid``, ``bailing_moe_v3``,
+``kimi_k3``) are made here from their modules' ``ModelArgs``, with the layer kinds their
+``make_cache`` knows.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import mlx.core as mx
@@ -280,13 +284,158 @@ HYBRID_CONFIGS: dict[str, dict[str, Any]] = {
         "group_norm_size": 1,
         "max_position_embeddings": 1000,
     },
+    "rwkv7": {
+        "model_type": "rwkv7",
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "norm_eps": 1e-5,
+        "head_dim": 32,
+        "num_hidden_layers": 4,
+        "a_low_rank_dim": 16,
+        "v_low_rank_dim": 16,
+        "gate_low_rank_dim": 16,
+        "decay_low_rank_dim": 16,
+    },
+    "lfm2-vl": {  # lfm2 as the language model of a vision-language wrapper (mlx-lm's config)
+        "model_type": "lfm2-vl",
+        "num_hidden_layers": 4,
+        "text_config": {
+            "model_type": "lfm2",
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1000,
+            "norm_eps": 1e-5,
+            "conv_bias": False,
+            "conv_L_cache": 3,
+            "block_dim": 128,
+            "block_ff_dim": 128,
+            "block_multiple_of": 4,
+            "block_ffn_dim_multiplier": 2,
+            "block_auto_adjust_ff_dim": True,
+            "layer_types": ["full_attention", "", "full_attention", ""],
+            "rope_theta": 1000,
+        },
+    },
+    # Not in mlx-lm's test suite: built from each module's ModelArgs, with every layer kind
+    # its make_cache knows, in the order its ModelArgs and layers give them (gear has none).
+    "olmo_hybrid": {  # full attention every 4th layer (ModelArgs' default layer_types)
+        "model_type": "olmo_hybrid",
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 1000,
+        "linear_num_key_heads": 4,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 32,
+        "linear_value_head_dim": 32,
+        "linear_conv_kernel_dim": 4,
+        "linear_allow_neg_eigval": True,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+    },
+    # conv mixers between full and sliding-window attention layers; untied embeddings: tied,
+    # with Gear's sqrt(hidden) embedding scale, random weights only echo the last token
+    "gear": {
+        "model_type": "gear",
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "layer_types": ["conv_mixer", "sliding_attention", "conv_mixer", "full_attention"],
+        "sliding_window": 32,
+        "conv_L_cache": 3,
+        "max_position_embeddings": 1000,
+        "tie_word_embeddings": False,
+    },
+    "bailing_hybrid": {  # layer_group_size 2: linear attention, then multi-latent attention
+        "model_type": "bailing_hybrid",
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_shared_experts": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "layer_group_size": 2,
+        "group_norm_size": 1,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000.0,
+        "max_position_embeddings": 1000,
+        "routed_scaling_factor": 1.0,
+        "head_dim": 32,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+    },
+    "bailing_moe_v3": {  # ModelArgs' layer_group_size 4: 3 KDA layers, then multi-latent attention
+        "model_type": "bailing_moe_v3",
+        "hidden_size": 128,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 64,
+        "moe_shared_expert_intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "layer_group_size": 4,
+        "head_dim": 32,
+        "q_lora_rank": None,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 16,
+        "rope_theta": 1000.0,
+        "max_position_embeddings": 1000,
+    },
+    "kimi_k3": {  # KDA layers 1-3 (kda_layers count from 1), then multi-latent attention
+        "model_type": "kimi_k3",
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 128,
+        "linear_attn_config": {
+            "num_heads": 4,
+            "head_dim": 32,
+            "short_conv_kernel_size": 4,
+            "kda_layers": [1, 2, 3],
+        },
+        "max_position_embeddings": 1000,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 16,
+        "num_experts": 4,
+        "num_experts_per_token": 2,
+        "moe_intermediate_size": 64,
+        "first_k_dense_replace": 1,
+    },
 }
 
 
 def build_hybrid(name: str, *, seed: int = 0, weight_scale: float = 4.0) -> Any:
     """The tiny model of ``name`` in float32, Linear and Embedding weights scaled by
     ``weight_scale`` (random default weights repeat one token whatever the context)."""
-    config = {**HYBRID_CONFIGS[name], "vocab_size": VOCAB_SIZE}
+    config = {**copy.deepcopy(HYBRID_CONFIGS[name]), "vocab_size": VOCAB_SIZE}
     module = model_module(config["model_type"])
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))

@@ -1,5 +1,6 @@
 """Recurrent-state hybrids (#23) on real mlx-lm: every resumed turn equals a fresh, uncached
-mlx-lm run, on the tiny configurations of mlx-lm's own test suite (:mod:`hybrid_configs`)."""
+mlx-lm run, on the tiny configurations of mlx-lm's own test suite and five built from
+mlx-lm modules' ``ModelArgs`` (:mod:`hybrid_configs`)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ MAX_TOKENS = 8
 
 # mlx-lm 0.32.2's own BatchGenerator gives a left-padded row other tokens than the same
 # prompt alone on these (checked below): their agents take turns one at a time.
-UNBATCHABLE = {"nemotron_h", "mamba", "jamba", "bailing_moe_linear"}
+UNBATCHABLE = {"nemotron_h", "mamba", "jamba", "bailing_moe_linear", "olmo_hybrid"}
 
 
 @pytest.fixture(scope="module")
@@ -505,14 +506,17 @@ def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
 
 
 def test_bench_hybrid_quick_record() -> None:
-    """``kvpool bench hybrid --quick``: resumed tokens equal re-prefilled ones; snapshots
-    every block save prefill and cost state memory; states are a fraction of the K/V an
-    all-attention model would hold."""
+    """``kvpool bench hybrid --quick``: resumed tokens (from the pool and from mlx-lm's
+    LRUPromptCache holding the same cache) equal re-prefilled ones; snapshots every block
+    save prefill and cost state memory; states are a fraction of the K/V an all-attention
+    model would hold."""
     from kvpool.benchmarks import hybrid
 
     r = hybrid.run(True)
-    assert r.resume.tokens_equal
+    assert r.resume.tokens_equal and r.resume.lru_tokens_equal
     assert r.resume.speedup is not None and r.resume.speedup > 1
+    assert r.resume.lru.n == r.resume.pool.n == r.resume.reprefill.n == 1
+    assert r.resume.pool_vs_lru is not None
     rows = {s.snapshot_blocks: s for s in r.shared}
     assert rows[1].prefilled_tokens < rows[None].prefilled_tokens == rows[None].prompt_tokens
     assert rows[1].snapshots_cached > rows[None].snapshots_cached  # prompt ends: in both

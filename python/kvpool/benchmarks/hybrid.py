@@ -5,7 +5,11 @@
   (from the spec: exact arithmetic, nothing run).
 * **Resume**: an agent of ``context`` tokens (2K; 256 with ``--quick``) sends a next turn
   of 32 new tokens. TTFT from the pool (its blocks and its end state) against a re-prefill
-  of the whole prompt by a fresh engine with nothing cached; the tokens must be equal.
+  of the whole prompt by a fresh engine with nothing cached, and against mlx-lm's
+  ``LRUPromptCache`` resumed the way ``mlx_lm.server`` does (:mod:`kvpool.benchmarks.peer`)
+  holding the same cache (the pool's, as mlx-lm caches); timed by one clock, in rotation,
+  3 samples of the pool and the LRU way per re-prefill (3 re-prefills; 1 and 1 quick).
+  Each sample's tokens are compared with the re-prefill's.
 * **Shared system prompt**: 16 agents (3 quick) arrive one after another, each with a
   system prompt of ``context`` tokens and 32 tokens of its own. Prefilled tokens, wall time
   and the recurrent group's memory at the end, with state snapshots every block, every 4th
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kvpool.benchmarks.measure import GIB, Summary, at_least, mlx_cache_limit, ratio
+from kvpool.benchmarks.peer import LruPromptCacheWay, caches_from_pool
 from kvpool.benchmarks.records import BenchRecord, Section
 from kvpool.benchmarks.tables import mib, table, times
+from kvpool.benchmarks.turns import WAYS, TurnRequest, TurnResult, rotation, run_kvpool_turn
 from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.engine import BlockPoolBatchEngine
 from kvpool.pool import BlockPool
@@ -65,6 +71,7 @@ CONTEXT, QUICK_CONTEXT = 2048, 256
 NEW_TOKENS = 32
 MAX_TOKENS = 4
 REPS, QUICK_REPS = 3, 1
+FAST_REPS, QUICK_FAST_REPS = 3, 1  # pool and LRU samples per repetition (one re-prefill each)
 AGENTS, QUICK_AGENTS = 16, 3
 SNAPSHOTS: tuple[int | None, ...] = (1, 4, None)
 TARGET_SPEEDUP = 10.0
@@ -119,22 +126,58 @@ def _bytes(spec: ModelCacheSpec) -> AgentBytes:
     )
 
 
-def _resume(model: Any, tokenizer: Any, spec: ModelCacheSpec, context: int, reps: int) -> Resume:
+def _resume(
+    model: Any, tokenizer: Any, spec: ModelCacheSpec, context: int, reps: int, fast: int
+) -> Resume:
     rng = random.Random(1)
-    pool_s, reprefill_s, equal = [], [], True
+    lru = LruPromptCacheWay(model, tokenizer)
+    lru.run_turn([TurnRequest("warm", tuple(_tokens(random.Random(0), 16)), 2)])  # its generator
+    ttft: dict[str, list[float]] = {way: [] for way in WAYS}
+    unequal = dict.fromkeys(WAYS, 0)
     for r in range(reps):
-        engine = _engine(model, tokenizer, spec)
+        # No prefix sharing: a repeated resume would find the previous one's blocks.
+        engine = _engine(model, tokenizer, spec, prefix_sharing=False)
         first = _turn(engine, f"a{r}", _tokens(rng, context))
-        prompt = [*first.blocks.token_ids, first.token_ids[-1], *_tokens(rng, NEW_TOKENS - 1)]
-        resumed = _turn(engine, f"a{r}", prompt, first.blocks)
-        fresh = _turn(_engine(model, tokenizer, spec, prefix_sharing=False), "x", prompt)
-        assert resumed.ttft_s is not None and fresh.ttft_s is not None
-        pool_s.append(resumed.ttft_s)
-        reprefill_s.append(fresh.ttft_s)
-        equal = equal and resumed.token_ids == fresh.token_ids
-        engine.pool.release(resumed.blocks)
-    pool, reprefill = Summary.of(pool_s), Summary.of(reprefill_s)
-    return Resume(context, pool, reprefill, ratio(reprefill.p50_ms, pool.p50_ms, 1), equal)
+        held = first.blocks
+        prompt = (*held.token_ids, first.token_ids[-1], *_tokens(rng, NEW_TOKENS - 1))
+        # The LRU way holds the same cache (the pool's, as mlx-lm caches): what mlx_lm.server
+        # would have stored after the first turn.
+        lru_held = caches_from_pool(engine.pool, held)
+        fresh = _engine(model, tokenizer, spec, prefix_sharing=False)
+        request = TurnRequest("a", prompt, MAX_TOKENS)
+        pairs = [w for i in range(fast) for w in rotation(r + i, ("kvpool", "lru"))]
+        results: list[tuple[str, TurnResult]] = []
+        for way in rotation(r, ["plain", *pairs]):  # the re-prefill in another place each time
+            if way == "kvpool":
+                result = run_kvpool_turn(engine, [replace(request, cache=held)])
+                resumed = result.completions["a"].blocks
+                assert resumed is not None, "this indicates a bug"
+                engine.pool.release(resumed)
+            elif way == "lru":
+                lru.forget()  # else the previous sample's finished sequence is a longer hit
+                lru.hold(held.token_ids, lru_held)  # fetch_nearest_cache copies what it returns
+                result = lru.run_turn([request])
+            else:  # re-prefill: a fresh engine, nothing cached
+                result = run_kvpool_turn(fresh, [request])
+            assert result.cached_tokens["a"] == (0 if way == "plain" else len(held.token_ids))
+            results.append((way, result))
+            ttft[way].append(result.ttft_s["a"])
+        (plain,) = (x for w, x in results if w == "plain")
+        for way, result in results:
+            unequal[way] += int(result.tokens != plain.tokens)
+        engine.pool.release(held)
+    lru.close()
+    pool, reprefill, peer = (Summary.of(ttft[w]) for w in ("kvpool", "plain", "lru"))
+    return Resume(
+        context_tokens=context,
+        pool=pool,
+        reprefill=reprefill,
+        speedup=ratio(reprefill.p50_ms, pool.p50_ms, 1),
+        tokens_equal=unequal["kvpool"] == 0,
+        lru=peer,
+        pool_vs_lru=ratio(pool.p50_ms, peer.p50_ms),
+        lru_tokens_equal=unequal["lru"] == 0,
+    )
 
 
 def _shared(
@@ -183,7 +226,8 @@ def run(quick: bool, model_ref: str | None = None) -> HybridRecord:
         raise ValueError(f"{name}: no recurrent layers ({spec.describe()})")
     context = QUICK_CONTEXT if quick else CONTEXT
     with mlx_cache_limit(2 * GIB):
-        resume = _resume(model, tokenizer, spec, context, QUICK_REPS if quick else REPS)
+        reps = (QUICK_REPS, QUICK_FAST_REPS) if quick else (REPS, FAST_REPS)
+        resume = _resume(model, tokenizer, spec, context, *reps)
         shared = _shared(model, tokenizer, spec, context, QUICK_AGENTS if quick else AGENTS)
     judged = resume.speedup if context == CONTEXT else None
     return HybridRecord(
@@ -222,11 +266,18 @@ class AgentBytes:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
+    """A next turn's TTFT from the pool, re-prefilled, and from mlx-lm's ``LRUPromptCache``
+    holding the same cache (``lru``); ``*tokens_equal``: that way generated the re-prefill's
+    tokens in every repetition."""
+
     context_tokens: int
     pool: Summary
     reprefill: Summary
     speedup: float | None  # re-prefill TTFT p50 / the pool's
     tokens_equal: bool
+    lru: Summary
+    pool_vs_lru: float | None  # the pool's TTFT p50 / the LRU way's (< 1: kvpool is faster)
+    lru_tokens_equal: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +329,9 @@ def render_section(r: HybridRecord) -> list[str]:
         "",
         f"Next turn of {c.new_tokens} tokens after {x.context_tokens}: TTFT "
         f"{x.pool.p50_ms:.1f} ms from the pool vs {x.reprefill.p50_ms:.1f} ms re-prefilling "
-        f"({times(x.speedup)}; tokens equal: {x.tokens_equal}).",
+        f"({times(x.speedup)}; tokens equal: {x.tokens_equal}) and {x.lru.p50_ms:.1f} ms from "
+        f"mlx-lm's LRUPromptCache (kvpool / LRU {times(x.pool_vs_lru)}; its tokens equal the "
+        f"re-prefill's: {x.lru_tokens_equal}).",
         "",
         *table(
             ("snapshots", "agents", "prompt tokens", "prefilled", "wall s", "end states",

@@ -151,18 +151,9 @@ class LruPromptCacheWay:
 
 
 def caches_from_pool(pool: BlockPool, handle: Any) -> list[Any]:
-    """A live pool handle's K/V as mlx-lm per-layer ``KVCache`` objects (full-attention
-    models): what the peer would hold for the same conversation."""
-    import mlx.core as mx
+    """A live pool handle's cache as mlx-lm per-layer caches (``KVCache``,
+    ``RotatingKVCache``, ``ArraysCache``): what the peer would hold for the same
+    conversation."""
+    from kvpool.persist import prompt_cache_layers
 
-    from kvpool.mlx.mlx_lm import kv_cache
-
-    n = len(handle.token_ids)
-    layers = range(len(pool.spec.layers))
-    caches = []
-    for kv in pool.read_layers(handle, layers, 0, n):
-        keys, values = mx.array(kv.keys), mx.array(kv.values)
-        if pool.spec.dtype == "bfloat16":  # the host holds bfloat16's bits as uint16
-            keys, values = keys.view(mx.bfloat16), values.view(mx.bfloat16)
-        caches.append(kv_cache(keys[None], values[None], n))
-    return caches
+    return prompt_cache_layers(pool, handle)

@@ -25,9 +25,10 @@ Modules, one concept each: :mod:`~kvpool.persist.layout` (names, tensor table, h
 :mod:`~kvpool.persist.files` (save, load, verify), :mod:`~kvpool.persist.fingerprint`,
 :mod:`~kvpool.persist.prompt_cache` (mlx-lm prompt-cache interop).
 
-MLX is imported only by :func:`model_fingerprint`, :func:`export_prompt_cache` and
-:func:`import_prompt_cache` (the first two need a model or real arrays anyway): saving and
-loading run on any :class:`~kvpool.cache.storage.KVStorage`, including the MLX-free fake.
+MLX is imported only by :func:`model_fingerprint`, :func:`export_prompt_cache`,
+:func:`prompt_cache_layers` and :func:`import_prompt_cache` (the first three need a model or
+real arrays anyway): saving and loading run on any :class:`~kvpool.cache.storage.KVStorage`,
+including the MLX-free fake.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ from kvpool.persist.layout import (
     cache_path,
     read_cache_info,
 )
-from kvpool.persist.prompt_cache import export_prompt_cache, import_prompt_cache
+from kvpool.persist.prompt_cache import (
+    export_prompt_cache,
+    import_prompt_cache,
+    prompt_cache_layers,
+)
 
 __all__ = [
     "FILE_SUFFIX",
@@ -66,6 +71,7 @@ __all__ = [
     "import_prompt_cache",
     "load_cache",
     "model_fingerprint",
+    "prompt_cache_layers",
     "read_cache_info",
     "remove_stale_temp_files",
     "save_cache",

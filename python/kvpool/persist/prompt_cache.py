@@ -50,6 +50,25 @@ def export_prompt_cache(
     ids, agent id, spec and fingerprint go into the file's metadata (``kvpool_*`` keys) so
     :func:`import_prompt_cache` can restore the cache. Atomic, like :func:`save_cache`.
     """
+    from kvpool.mlx.mlx_lm import save_prompt_cache_file
+
+    path = Path(path)
+    validate_agent_id(blocks.agent_id)
+    caches = prompt_cache_layers(pool, blocks)
+    metadata = {
+        "kvpool_format": PROMPT_CACHE_FORMAT,
+        "kvpool_agent_id": blocks.agent_id,
+        "kvpool_token_ids": _canonical(list(blocks.token_ids)),
+        "kvpool_spec": _spec_to_json(pool.spec),
+        "kvpool_model_fingerprint": fingerprint or "",
+    }
+    _atomic_write(path, lambda tmp: save_prompt_cache_file(str(tmp), caches, metadata))
+
+
+def prompt_cache_layers(pool: BlockPool, blocks: CacheHandle) -> list[Any]:
+    """``blocks`` as mlx-lm's per-layer caches, in memory and evaluated: what
+    :func:`export_prompt_cache` writes (``KVCache`` / ``RotatingKVCache`` / ``ArraysCache``
+    per layer, batch size 1, at ``blocks.total_tokens``)."""
     import mlx.core as mx
 
     from kvpool.mlx.mlx_lm import (
@@ -58,11 +77,8 @@ def export_prompt_cache(
         is_arrays_cache,
         kv_cache,
         rotating_cache,
-        save_prompt_cache_file,
     )
 
-    path = Path(path)
-    validate_agent_id(blocks.agent_id)
     pool.check_live(blocks)
     spec, n = pool.spec, blocks.total_tokens
     group_of_layer = spec.group_of_layer()
@@ -92,14 +108,7 @@ def export_prompt_cache(
             cache = rotating_cache(keys, values, n, layer.window)
         caches.append(cache)
     mx.eval([cache_states(c) if is_arrays_cache(c) else [c.keys, c.values] for c in caches])
-    metadata = {
-        "kvpool_format": PROMPT_CACHE_FORMAT,
-        "kvpool_agent_id": blocks.agent_id,
-        "kvpool_token_ids": _canonical(list(blocks.token_ids)),
-        "kvpool_spec": _spec_to_json(spec),
-        "kvpool_model_fingerprint": fingerprint or "",
-    }
-    _atomic_write(path, lambda tmp: save_prompt_cache_file(str(tmp), caches, metadata))
+    return caches
 
 
 def import_prompt_cache(
