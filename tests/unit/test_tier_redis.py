@@ -20,7 +20,7 @@ from kvpool import (
     ModelCacheSpec,
 )
 from kvpool.cache.storage import LayerCodes, LayerKV, QuantizedRows
-from kvpool.errors import CacheCorruptionError, IncompatibleCacheError, UnsupportedModelError
+from kvpool.errors import CacheCorruptionError, IncompatibleCacheError
 from kvpool.store import AgentCacheStore, Tier
 from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 from kvpool.tier import local_path, open_tier
@@ -129,16 +129,76 @@ def test_manifest_round_trip_and_checks() -> None:
         SessionManifest.decode(data, KeySpace("sha256:" + "cd" * 32, ks.block_format, B), "a", "m")
 
 
-def test_sliding_window_models_are_refused_clearly() -> None:
-    swa = ModelCacheSpec(
-        (
-            LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
-            LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
-        ),
-        block_tokens=B,
-    )
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
-        RedisTier(FakeRedis(), spec=swa, fingerprint=FP)
+SWA = ModelCacheSpec(
+    (
+        LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+    ),
+    block_tokens=B,
+)
+
+
+def _window_keys(fake: FakeRedis) -> set[str]:
+    return {k for k in fake.data if ":blk:" in k and ":g" in k}
+
+
+@pytest.mark.parametrize("corrupt", [None, "flip", "delete"])
+def test_a_sliding_window_session_continues_on_another_store(corrupt: str | None) -> None:
+    """A gemma-style model (window 6, blocks of 4): block records hold the global layer, and
+    the sliding group's rows are records of their own, only for the positions its window
+    holds at the session's end. Another store resumes from both; a corrupt window record is
+    refused (deleted), a missing one is a miss: prefilled, token-exact either way."""
+    fake = FakeRedis()
+    a = make_store(fake, spec=SWA)
+    first = run(a, "s", prompt_of(14))
+    assert a.flush() == 1
+    context = prompt_of(14) + list(first.token_ids)  # 17 tokens
+    handle = first.blocks
+    (sliding,) = [g for g, grp in enumerate(SWA.groups) if grp.window]
+    valid_from = handle.tables[sliding].valid_from
+    assert 0 < valid_from <= len(context) - 5  # the window: the last 5 positions, at least
+    ks = KeySpace(FP, block_format_id(SWA), B)
+    chain = ks.chain(context, "")
+    want = {
+        ks.window_key("", chain[j], sliding, max(j * B, valid_from) - j * B)
+        for j in range(valid_from // B, len(chain))
+    }
+    assert _window_keys(fake) == want  # nothing before the window
+    assert len(blocks_of(fake)) == len(chain) + len(want)
+    victim = sorted(want)[0]
+    if corrupt == "flip":
+        record = bytearray(fake.data[victim])
+        record[-1] ^= 0x40
+        fake.data[victim] = bytes(record)
+    elif corrupt == "delete":
+        del fake.data[victim]
+    turn2 = context + prompt_of(3, seed=9)
+    b = make_store(fake, spec=SWA)
+    done = run(b, "s", turn2)
+    reference = run(make_store(FakeRedis(), spec=SWA), "ref", turn2).token_ids
+    assert done.token_ids == reference
+    assert done.cached_tokens == (len(context) if corrupt is None else 0)
+    if corrupt == "flip":
+        assert b.stats.tier.num_blocks_corrupt == 1 and victim not in fake.data
+    b.pool.check_invariants()
+
+
+def test_a_sliding_window_prefix_is_not_imported() -> None:
+    """The documented limit: Redis holds a session's window rows only at its end, so a new
+    agent sharing a saved session's system prompt imports nothing (its turn is prefilled,
+    token-exact), where an attention-only model would import the prompt's blocks."""
+    for spec, imported in ((SWA, 0), (SPEC, 12)):
+        fake = FakeRedis()
+        a = make_store(fake, spec=spec)
+        system = prompt_of(12, seed=3)
+        run(a, "a", system + prompt_of(5, seed=4))
+        assert a.flush() == 1
+        b = make_store(fake, spec=spec)
+        new = system + prompt_of(4, seed=5)
+        got = run(b, "n", new)
+        assert got.cached_tokens == imported == b.stats.prefix_tokens_imported
+        assert got.token_ids == run(make_store(FakeRedis(), spec=spec), "ref", new).token_ids
+        b.pool.check_invariants()
 
 
 def _hybrid() -> ModelCacheSpec:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,6 +231,10 @@ class ModelCacheSpec:
             s.n_kv_heads * (fmt.row_bytes(s.k_head_dim) + fmt.row_bytes(s.v_head_dim))
             for s in layers
         )
+
+    def layers_bytes_per_token(self, layers: Sequence[int]) -> int:
+        """Bytes of K and V one position takes at rest in ``layers`` (indices)."""
+        return self._token_bytes([self.layers[i] for i in layers])
 
     @property
     def bytes_per_token(self) -> int:

@@ -96,9 +96,11 @@ def block_format_id(pool_or_spec: Any) -> str:
     return f"dense-{spec.dtype}-v{CODEC_VERSION}"
 
 
-def record_bytes(spec: ModelCacheSpec, num_tokens: int) -> int:
-    """Bytes of the record of a block of ``num_tokens`` positions of a ``spec`` pool."""
-    return _HEAD.size + 4 * num_tokens + num_tokens * spec.bytes_per_token
+def record_bytes(spec: ModelCacheSpec, num_tokens: int, group: int | None = None) -> int:
+    """Bytes of the record of a block of ``num_tokens`` positions of a ``spec`` pool
+    (:func:`record_layers` of ``group``)."""
+    per_token = spec.layers_bytes_per_token(record_layers(spec, group))
+    return _HEAD.size + 4 * num_tokens + num_tokens * per_token
 
 
 def state_record_bytes(spec: ModelCacheSpec) -> int:
@@ -171,8 +173,17 @@ def _state_layers(spec: ModelCacheSpec) -> list[int]:
     return [i for i, x in enumerate(spec.layers) if x.kind is AttentionKind.RECURRENT]
 
 
+def record_layers(spec: ModelCacheSpec, group: int | None = None) -> list[int]:
+    """The layers of one record: sliding-window group ``group``'s, or (None) those of every
+    group without a window and not recurrent (a block record)."""
+    if group is not None:
+        return list(spec.groups[group].layers)
+    windowed = {i for g in spec.groups if g.window is not None for i in g.layers}
+    return [i for i in _kv_layers(spec) if i not in windowed]
+
+
 def _layer_arrays(
-    spec: ModelCacheSpec, codec: LayerCodec, n: int
+    spec: ModelCacheSpec, codec: LayerCodec, n: int, layers: Sequence[int]
 ) -> list[list[tuple[tuple[int, ...], np.dtype[Any]]]]:
     """Per K/V layer, the (shape, dtype) of each array of its record, in record order (the
     persist codec's parts: the same tensors a cache file holds)."""
@@ -181,7 +192,7 @@ def _layer_arrays(
             ((spec.layers[i].n_kv_heads, n, part.last_dim), np.dtype(HOST_OF_TAG[part.dtype]))
             for part in codec.parts(spec.layers[i])
         ]
-        for i in _kv_layers(spec)
+        for i in layers
     ]
 
 
@@ -192,10 +203,11 @@ def decode_block(
     what: str,
     key: bytes | None = None,
     context: bytes = b"",
+    group: int | None = None,
 ) -> DecodedBlock:
     """Check and split a record written by :func:`encode_block` for positions from ``start``
     of a pool of ``spec`` (its format decides the record's magic and lengths), with the same
-    ``key`` and ``context``.
+    ``key`` and ``context``, holding :func:`record_layers` of ``group``.
 
     Raises CacheCorruptionError naming ``what`` (the key) on any mismatch. The arrays are
     views of ``record`` (read-only).
@@ -210,13 +222,13 @@ def decode_block(
         raise CacheCorruptionError(
             f"{what}: not a {fmt.name} block record (magic {magic!r}, expected {want_magic!r})"
         )
-    kv_layers = _kv_layers(spec)
+    kv_layers = record_layers(spec, group)
     if n_layers != len(kv_layers) or not 0 < n <= spec.block_tokens:
         raise CacheCorruptionError(
             f"{what}: a block of {n} tokens and {n_layers} layers, expected 1..{spec.block_tokens} "
             f"tokens and {len(kv_layers)} layers"
         )
-    layouts = _layer_arrays(spec, codec, n)
+    layouts = _layer_arrays(spec, codec, n, kv_layers)
     expected = (
         _HEAD.size
         + 4 * n
@@ -251,10 +263,12 @@ def read_block(
     stop: int,
     key: bytes | None = None,
     context: bytes = b"",
+    group: int | None = None,
 ) -> bytes:
-    """The record of positions ``[start, stop)`` of every K/V layer of a live handle, in
-    the pool's format (dense K/V, or its quantized blocks' codes bit for bit)."""
-    layers = _kv_layers(pool.spec)
+    """The record of positions ``[start, stop)`` of :func:`record_layers` of ``group`` of a
+    live handle, in the pool's format (dense K/V, or its quantized blocks' codes bit for
+    bit)."""
+    layers = record_layers(pool.spec, group)
     kvs = codec_for(pool.spec.format).read(pool, handle, layers, start, stop)
     return encode_block(token_ids[start:stop], kvs, key, context)
 

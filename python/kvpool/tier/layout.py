@@ -105,6 +105,12 @@ class KeySpace:
             f"{self.prefix}:blk:{self.model}:{self.block_format}:{_short_hash(salt)}:{chain:016x}"
         )
 
+    def window_key(self, salt: str, chain: int, group: int, offset: int = 0) -> str:
+        """Where sliding-window group ``group``'s rows of a block live from row ``offset``
+        on (block keys hold the other layers): a session holds them only for the positions
+        its window covers."""
+        return f"{self.block_key(salt, chain)}:g{group}:{offset}"
+
     def state_key(self, salt: str, chain: int) -> str:
         """Where the end state of a session whose last chain key is ``chain`` lives (a
         recurrent model's: the state after exactly the tokens the chain names)."""
@@ -128,6 +134,8 @@ class SessionManifest:
     fingerprint: str
     block_format: str
     block_tokens: int
+    valid_from: tuple[int, ...] = ()  # per layer group: its first stored position; empty:
+    # every group holds every position (a model without sliding-window groups)
 
     def encode(self, key: bytes | None = None, context: bytes = b"") -> bytes:
         """The manifest's JSON; with ``key`` (:func:`~kvpool.tier.codec.mac_key`) a last
@@ -143,6 +151,8 @@ class SessionManifest:
             "token_ids": list(self.token_ids),
             "blocks": [f"{k:016x}" for k in self.chain],
         }
+        if self.valid_from:
+            body["valid_from"] = list(self.valid_from)
         if key is not None:
             body["mac"] = _manifest_mac(_dump(body), key, context)
         return _dump(body)
@@ -210,6 +220,11 @@ class SessionManifest:
             raise CacheCorruptionError(
                 f"{what}: its {len(chain)} block keys do not match its {len(tokens)} tokens"
             )
+        valid_from = body.get("valid_from", [])
+        if not isinstance(valid_from, list) or not all(
+            isinstance(v, int) and 0 <= v < len(tokens) for v in valid_from
+        ):
+            raise CacheCorruptionError(f"{what}: a malformed valid_from {valid_from!r}")
         return cls(
             agent_id,
             tuple(tokens),
@@ -218,4 +233,5 @@ class SessionManifest:
             keys.fingerprint,
             keys.block_format,
             keys.block_tokens,
+            tuple(valid_from),
         )

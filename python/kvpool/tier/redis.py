@@ -31,14 +31,19 @@ different ``--kv-bits`` share a Redis without sharing blocks or sessions.
   ``backoff_s`` up to ``max_backoff_s``; after the first success ``epoch`` bumps, so the
   store writes every hot session again (Redis may have restarted empty).
 
-Sliding-window models are refused (UnsupportedModelError): their sessions hold only the
-window's blocks per layer group, which this layout (one record = one position range of
-every layer) does not describe. A model with recurrent layers keeps their state out of the
-block records: a state after exactly ``n`` tokens is a record of its own (``:st:`` under the
-chain key of those tokens, checked like a block). A session writes its end state (before the
-manifest, read with the blocks) and the block-boundary snapshots the pool holds for its
-prefix (``SET NX``, like blocks); a prefix import then takes the longest run of blocks that
-ends at a boundary with a state and registers that state as the pool's snapshot of exactly
+A sliding-window layer group's rows are records of their own (``:g<group>:<row>`` after the
+block key: that block's positions from ``row`` on, of that group's layers), written only
+for the positions the session's window holds (its ``valid_from`` per group, in the
+manifest); block records then hold the layers of the groups without a window. Prefix import
+is off for sliding-window models: a prefix's next token attends window rows that Redis holds
+only where a saved session's window ended.
+
+A model with recurrent layers keeps their state out of the block records: a state after
+exactly ``n`` tokens is a record of its own (``:st:`` under the chain key of those tokens,
+checked like a block). A session writes its end state (before the manifest, read with the
+blocks) and the block-boundary snapshots the pool holds for its prefix (``SET NX``, like
+blocks); a prefix import then takes the longest run of blocks that ends at a boundary with a
+state and registers that state as the pool's snapshot of exactly
 that prefix (blocks without a state at their end would serve no lookup).
 """
 
@@ -50,8 +55,10 @@ import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from kvpool.cache.groups import GroupPolicy
 from kvpool.cache.manager import PoolFull
 from kvpool.cache.sequence import HostWrite
 from kvpool.cache.spec import ModelCacheSpec
@@ -60,7 +67,6 @@ from kvpool.cache.tables import CacheHandle
 from kvpool.errors import (
     CacheCorruptionError,
     InvalidRequestError,
-    UnsupportedModelError,
 )
 from kvpool.pool import BlockPool
 from kvpool.tier.base import StoredCache, TierStats, TierUnavailableError
@@ -84,6 +90,20 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 86400
 _FETCH_BLOCKS = 8  # blocks per pipelined round trip when reading or writing
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """One record of a session: positions ``[start, stop)`` of block ``j``, of the layers
+    of every group without a window (``group`` None) or of sliding-window group ``group``."""
+
+    j: int
+    key: str
+    start: int
+    stop: int
+    group: int | None = None
+
+
 _IMPORT_AGENT = "_kvpool-import"  # the throwaway handle prefix imports commit
 _MAX_VERIFIED = 1 << 16  # block keys remembered as checked (with a secret), least recent out
 _WRONG_TYPE = b""  # what a GET of a key of another type (a list) reads as: a bad record
@@ -135,17 +155,12 @@ class RedisTier:
         where: str = "redis",
         secret: bytes | None = None,
     ) -> None:
-        sliding = [g.window for g in spec.groups if g.window is not None]
-        if sliding:
-            raise UnsupportedModelError(
-                f"the Redis cache tier does not hold sliding-window models yet (windows "
-                f"{sorted(set(sliding))} in {len(spec.groups)} layer groups); use a local "
-                "--cache-url (file://...)"
-            )
         if ttl_s is not None and (isinstance(ttl_s, bool) or ttl_s < 1):
             raise InvalidRequestError(f"ttl_s must be >= 1 or None, got {ttl_s!r}")
         self.client = client
         self.spec = spec
+        self._windowed = [g for g, group in enumerate(spec.groups) if group.window is not None]
+        self._policies = [GroupPolicy(g.kind, g.window, spec.block_tokens) for g in spec.groups]
         self._mac = mac_key(secret) if secret else None
         block_format = block_format_id(spec)
         if self._mac is not None:  # keyed and unkeyed servers (or two secrets) keep apart
@@ -291,32 +306,43 @@ class RedisTier:
         if not tokens:
             raise InvalidRequestError(f"the cache of agent {handle.agent_id!r} holds no tokens")
         chain = self.keys.chain(tokens, salt)
-        block_keys = [self.keys.block_key(salt, c) for c in chain]
+        valid_from = tuple(
+            t.valid_from if g in self._windowed else 0 for g, t in enumerate(handle.tables)
+        )
+        recs = self._records(salt, tokens, chain, valid_from)
         with self._redis(f"saving agent {handle.agent_id!r}") as r:
             pipe = r.pipeline(transaction=False)
-            for key in block_keys:
-                self._refresh(pipe, key)
+            for rec in recs:
+                self._refresh(pipe, rec.key)
             present = pipe.execute()
-        missing = [j for j, there in enumerate(present) if not there]
-        replace = self._unverified(block_keys, present, tokens) if self._mac else set()
-        self._counts["num_blocks_deduplicated"] += len(block_keys) - len(missing) - len(replace)
+        missing = [i for i, there in enumerate(present) if not there]
+        replace = self._unverified(recs, present, tokens) if self._mac else set()
+        self._counts["num_blocks_deduplicated"] += len(recs) - len(missing) - len(replace)
         todo = sorted({*missing, *replace})
         for i in range(0, len(todo), _FETCH_BLOCKS):
-            chunk = todo[i : i + _FETCH_BLOCKS]
-            records = []
-            for j in chunk:
-                start, stop = j * size, min((j + 1) * size, len(tokens))
-                context = self._context(block_keys[j])
-                records.append(read_block(pool, handle, tokens, start, stop, self._mac, context))
+            chunk = [recs[t] for t in todo[i : i + _FETCH_BLOCKS]]
+            records = [
+                read_block(
+                    pool,
+                    handle,
+                    tokens,
+                    rec.start,
+                    rec.stop,
+                    self._mac,
+                    self._context(rec.key),
+                    rec.group,
+                )
+                for rec in chunk
+            ]
             with self._redis(f"saving agent {handle.agent_id!r}") as r:
                 pipe = r.pipeline(transaction=False)
-                for j, record in zip(chunk, records, strict=True):
+                for t, record in zip(todo[i : i + _FETCH_BLOCKS], records, strict=True):
                     # a bad record found there is replaced; a missing one is set only if
                     # still missing (a concurrent writer's is as good, and checked on read)
-                    pipe.set(block_keys[j], record, nx=j not in replace, ex=self.ttl_s)
+                    pipe.set(recs[t].key, record, nx=t not in replace, ex=self.ttl_s)
                 pipe.execute()
-            for j in chunk:
-                self._trust(block_keys[j])
+            for rec in chunk:
+                self._trust(rec.key)
             self._counts["num_blocks_written"] += len(chunk)
             self._counts["bytes_sent"] += sum(len(rec) for rec in records)
         sent_state = 0
@@ -339,6 +365,7 @@ class RedisTier:
             self.keys.fingerprint,
             self.keys.block_format,
             size,
+            valid_from if self._windowed else (),
         ).encode(self._mac, self._context(manifest_key))
         with self._redis(f"saving agent {handle.agent_id!r}") as r:
             r.set(manifest_key, manifest, ex=self.ttl_s)
@@ -346,31 +373,52 @@ class RedisTier:
         return (
             len(manifest)
             + sent_state
-            + sum(
-                record_bytes(self.spec, min(size, len(tokens) - j * size))
-                for j in range(len(chain))
-            )
+            + sum(record_bytes(self.spec, rec.stop - rec.start, rec.group) for rec in recs)
         )
 
+    def _records(
+        self,
+        salt: str,
+        tokens: Sequence[int],
+        chain: Sequence[int],
+        valid_from: Sequence[int] = (),
+        first: int = 0,
+    ) -> list[_Record]:
+        """The records of ``tokens``' blocks ``first..``: one per block with the layers of
+        the groups without a window, and one per block and sliding-window group for the
+        positions from ``valid_from[g]`` on (its first block's record starts there)."""
+        size, n = self.spec.block_tokens, len(tokens)
+        recs = [
+            _Record(j, self.keys.block_key(salt, chain[j]), j * size, min((j + 1) * size, n))
+            for j in range(first, len(chain))
+        ]
+        for g in self._windowed:
+            v = valid_from[g] if valid_from else 0
+            for j in range(max(first, v // size), len(chain)):
+                start = max(j * size, v)
+                key = self.keys.window_key(salt, chain[j], g, start - j * size)
+                recs.append(_Record(j, key, start, min((j + 1) * size, n), g))
+        return recs
+
     def _unverified(
-        self, block_keys: Sequence[str], present: Sequence[object], tokens: Sequence[int]
+        self, recs: Sequence[_Record], present: Sequence[object], tokens: Sequence[int]
     ) -> set[int]:
-        """With a secret: the indices of blocks found present that fail their check (planted,
-        corrupt, another type): they are replaced, never trusted. Blocks this tier wrote or
-        checked before are not fetched again."""
+        """With a secret: the indices of records found present that fail their check
+        (planted, corrupt, another type): they are replaced, never trusted. Records this
+        tier wrote or checked before are not fetched again."""
         known = self._verified
-        check = [j for j, there in enumerate(present) if there and block_keys[j] not in known]
+        check = [i for i, there in enumerate(present) if there and recs[i].key not in known]
         bad: set[int] = set()
-        for i in range(0, len(check), _FETCH_BLOCKS):
-            js = check[i : i + _FETCH_BLOCKS]
-            keys = [block_keys[j] for j in js]
-            for j, key, record in zip(js, keys, self._fetch("checking blocks", keys), strict=True):
+        for c in range(0, len(check), _FETCH_BLOCKS):
+            idx = check[c : c + _FETCH_BLOCKS]
+            keys = [recs[i].key for i in idx]
+            for i, record in zip(idx, self._fetch("checking blocks", keys), strict=True):
                 try:
-                    if self._checked(record, key, tokens, j, delete=False) is not None:
+                    if self._checked(record, recs[i], tokens, delete=False) is not None:
                         continue
                 except CacheCorruptionError as exc:
                     logger.warning("%s: replacing a block failing its check: %s", self.where, exc)
-                bad.add(j)  # failed, or vanished since: write it
+                bad.add(i)  # failed, or vanished since: write it
         return bad
 
     def _fetch(self, what: str, keys: Sequence[str]) -> list[bytes | None]:
@@ -387,20 +435,21 @@ class RedisTier:
         return records
 
     def _checked(
-        self, record: bytes | None, key: str, tokens: Sequence[int], j: int, *, delete: bool = True
+        self, record: bytes | None, rec: _Record, tokens: Sequence[int], *, delete: bool = True
     ) -> DecodedBlock | None:
-        """Block ``j`` if ``record`` is there and passes; None if it is missing.
+        """The block of ``rec`` if ``record`` is there and passes; None if it is missing.
 
         A record that fails is counted, deleted (best effort; unless not ``delete``: the
         caller replaces it), forgotten as checked, and raises CacheCorruptionError."""
         if record is None:
             return None
-        size = self.spec.block_tokens
-        start, stop = j * size, min((j + 1) * size, len(tokens))
+        key, start, stop = rec.key, rec.start, rec.stop
         try:
             if record is _WRONG_TYPE:
                 raise CacheCorruptionError(f"{key}: a key of another type than a block's")
-            block = decode_block(record, self.spec, start, key, self._mac, self._context(key))
+            block = decode_block(
+                record, self.spec, start, key, self._mac, self._context(key), rec.group
+            )
             if block.token_ids != tuple(tokens[start:stop]):
                 raise CacheCorruptionError(
                     f"{key}: holds other tokens than positions {start}..{stop} of the sequence"
@@ -423,15 +472,17 @@ class RedisTier:
         tokens: Sequence[int],
         salt: str,
         chain: Sequence[int],
+        valid_from: Sequence[int] = (),
     ) -> bool:
-        """Fetch, check and write the blocks ``target`` does not share yet; False if one is
-        missing."""
+        """Fetch, check and write the records of the blocks ``target`` does not share yet
+        (sliding-window groups from ``valid_from``); False if one is missing."""
         first = target.shared_tokens // self.spec.block_tokens
-        for i in range(first, len(chain), _FETCH_BLOCKS):
-            js = range(i, min(i + _FETCH_BLOCKS, len(chain)))
-            keys = [self.keys.block_key(salt, chain[j]) for j in js]
-            for j, key, record in zip(js, keys, self._fetch(what, keys), strict=True):
-                block = self._checked(record, key, tokens, j)
+        recs = self._records(salt, tokens, chain, valid_from, first)
+        for i in range(0, len(recs), _FETCH_BLOCKS):
+            chunk = recs[i : i + _FETCH_BLOCKS]
+            records = self._fetch(what, [rec.key for rec in chunk])
+            for rec, record in zip(chunk, records, strict=True):
+                block = self._checked(record, rec, tokens)
                 if block is None:
                     return False
                 target.write(block.layers)
@@ -458,18 +509,23 @@ class RedisTier:
         )
         if manifest.salt != salt:  # written under another tenant salt: not this request's
             return None
-        tokens = manifest.token_ids
+        tokens, valid_from = manifest.token_ids, manifest.valid_from
+        if len(valid_from) != (len(self.spec.groups) if self._windowed else 0):
+            raise CacheCorruptionError(
+                f"{self.where} {key}: valid_from {list(valid_from)} for "
+                f"{len(self.spec.groups)} layer groups"
+            )
         got = pool.write_from_host(agent_id, tokens, salt=manifest.salt)
         if isinstance(got, PoolFull):
             raise got.error(f"{self.where}: loading {len(tokens)} tokens of agent {agent_id!r}")
         with got as write:
-            if not self._fill(write, what, tokens, manifest.salt, manifest.chain) or (
+            if not self._fill(write, what, tokens, manifest.salt, manifest.chain, valid_from) or (
                 self.spec.has_recurrent and not self._fill_state(write, what, manifest)
             ):
                 self._counts["num_incomplete"] += 1
                 logger.warning("%s: a block of agent %r is gone (evicted?)", self.where, agent_id)
                 return None
-            return write.commit()
+            return write.commit(valid_from or None)
 
     def _fill_state(self, target: HostWrite, what: str, manifest: SessionManifest) -> bool:
         """Fetch, check and write a recurrent model's end state; False if it is missing. A
@@ -559,9 +615,10 @@ class RedisTier:
         keys_of = {}
         for h in handles:
             chain = self.keys.chain(h.token_ids, h.salt)
+            valid_from = [t.valid_from for t in h.tables] if self._windowed else []
             keys = [
                 self.keys.session_key(h.agent_id),
-                *(self.keys.block_key(h.salt, c) for c in chain),
+                *(rec.key for rec in self._records(h.salt, h.token_ids, chain, valid_from)),
             ]
             if self.spec.has_recurrent and chain:
                 keys.append(self.keys.state_key(h.salt, chain[-1]))
@@ -598,6 +655,8 @@ class RedisTier:
         Redis holds too, imported as a snapshot of exactly that prefix); nothing on any miss,
         bad record or full pool. Returns the tokens imported."""
         self._check_pool(pool)
+        if self._windowed:
+            return 0  # window records exist only where a saved session's window ended
         size, recurrent = self.spec.block_tokens, self.spec.has_recurrent
         # the engine feeds a prompt's last token itself: a state after all of them serves no
         # lookup, and a recurrent group supplies a prefix only where it has a state
