@@ -432,10 +432,13 @@ HYBRID_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_hybrid(name: str, *, seed: int = 0, weight_scale: float = 4.0) -> Any:
-    """The tiny model of ``name`` in float32, Linear and Embedding weights scaled by
-    ``weight_scale`` (random default weights repeat one token whatever the context)."""
-    config = {**copy.deepcopy(HYBRID_CONFIGS[name]), "vocab_size": VOCAB_SIZE}
+def build_tiny(config: dict[str, Any], *, seed: int = 0, weight_scale: float = 4.0) -> Any:
+    """The model of ``config`` with the tiny vocabulary (in ``text_config`` too) in float32,
+    Linear and Embedding weights scaled by ``weight_scale`` (random default weights repeat
+    one token whatever the context)."""
+    config = {**copy.deepcopy(config), "vocab_size": VOCAB_SIZE}
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["vocab_size"] = VOCAB_SIZE
     module = model_module(config["model_type"])
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -445,3 +448,8 @@ def build_hybrid(name: str, *, seed: int = 0, weight_scale: float = 4.0) -> Any:
             layer.weight = layer.weight * weight_scale
     mx.eval(model.parameters())
     return model
+
+
+def build_hybrid(name: str, *, seed: int = 0, weight_scale: float = 4.0) -> Any:
+    """The tiny model of ``name``, as :func:`build_tiny` makes it."""
+    return build_tiny(HYBRID_CONFIGS[name], seed=seed, weight_scale=weight_scale)

@@ -3,7 +3,8 @@ mlx-lm's sources: it fails when the table is stale (``KVPOOL_WRITE_COVERAGE=1`` 
 
 Static, not a run: an architecture module's kind is the cache classes its source (and the
 modules it takes its model from) names, and kvpool's rule for each. The architectures
-run token-equal against mlx-lm by ``test_hybrid_mlx.py`` are marked.
+run token-equal against mlx-lm by ``test_hybrid_mlx.py`` and ``test_attention_archs.py``
+are marked.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import mlx_lm.models
 import pytest
+from attention_configs import ATTENTION_CONFIGS
 from hybrid_configs import HYBRID_CONFIGS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "COVERAGE.md"
@@ -32,6 +34,11 @@ RULES = (
     ("MambaCache", "supported", "recurrent state (ArraysCache) + attention"),
     ("RotatingKVCache", "supported", "KVCache / RotatingKVCache (sliding window)"),
 )
+# "checked here": the architectures a test runs token-equal against fresh mlx-lm runs
+CHECKED = {
+    **dict.fromkeys(HYBRID_CONFIGS, "greedy-equal (test_hybrid_mlx)"),
+    **dict.fromkeys(ATTENTION_CONFIGS, "greedy-equal (test_attention_archs)"),
+}
 NOT_MODULES = {"base", "cache", "rope_utils", "switch_layers", "activations", "bitlinear_layers"}
 
 
@@ -63,7 +70,7 @@ def coverage_rows() -> list[tuple[str, str, str, str]]:
             if name in names:
                 verdict, why = v, w
                 break
-        verified = "greedy-equal (test_hybrid_mlx)" if path.stem in HYBRID_CONFIGS else "-"
+        verified = CHECKED.get(path.stem, "-")
         rows.append((path.stem, verdict, why, verified))
     return rows
 
