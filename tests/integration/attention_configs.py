@@ -10,8 +10,9 @@ builds them at full size or from the module's defaults), to keep the suite's tim
 kinds and their order are mlx-lm's.
 
 Not here: ``bitnet`` (its kernel is Metal-only), ``olmo`` (needs the ``hf_olmo`` package),
-``phi3small`` (its run crashes the process: heap corruption); the supported attention-only
-architectures mlx-lm's suite has no configuration of (docs/COVERAGE.md lists them).
+``phi3small`` (mlx-lm's own generation crashes the process on it: heap corruption); the
+supported attention-only architectures mlx-lm's suite has no configuration of
+(docs/COVERAGE.md lists them).
 """
 
 from __future__ import annotations
