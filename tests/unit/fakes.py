@@ -10,11 +10,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvpool import AgentCacheStore, BlockPool, BlockPoolBatchEngine, CompletedGeneration
-from kvpool.cache.spec import ModelCacheSpec
+from kvpool.cache.spec import AttentionKind, LayerSpec, ModelCacheSpec, StateSpec
 from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 
 B = 4  # tokens per block
 SPEC = ModelCacheSpec.uniform(2, 2, 8, dtype="float32", block_tokens=B)
+HYBRID = ModelCacheSpec(  # a global layer and two recurrent ones (conv and SSM-like states)
+    (
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
+        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
+    ),
+    "float32",
+    B,
+)
 
 
 def prompt_of(n: int, seed: int = 1) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from fakes import B, prompt_of
+from fakes import HYBRID, B, prompt_of
 
 from kvpool import (
     AttentionKind,
@@ -21,7 +21,6 @@ from kvpool import (
     ModelCacheSpec,
     PoolExhaustedError,
 )
-from kvpool.cache.spec import StateSpec
 from kvpool.errors import InvalidRequestError
 from kvpool.testing import (
     FakeBatchGenerator,
@@ -36,15 +35,6 @@ WINDOWED = ModelCacheSpec(
         LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
         LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=4),
         LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=4),
-    ),
-    "float32",
-    B,
-)
-HYBRID = ModelCacheSpec(
-    (
-        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
-        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
-        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
     ),
     "float32",
     B,

@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fakes import B, prompt_of
+from fakes import HYBRID, B, prompt_of
 
-from kvpool import AttentionKind, BlockPool, BlockPoolBatchEngine, LayerSpec, ModelCacheSpec
+from kvpool import BlockPool, BlockPoolBatchEngine
 from kvpool.cache import KVCacheManager, PoolFull, Reservation
-from kvpool.cache.spec import StateSpec
 from kvpool.cache.storage import LayerState
 from kvpool.errors import CacheCorruptionError, InvalidRequestError
 from kvpool.persist import load_cache, read_cache_info, save_cache
@@ -20,16 +19,6 @@ from kvpool.testing import (
     FakeStorage,
     FakeTokenizer,
     reference_tokens,
-)
-
-HYBRID = ModelCacheSpec(
-    (
-        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
-        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
-        LayerSpec.recurrent((StateSpec((2, 8), "float32"), StateSpec((2, 4, 4), "float32"))),
-    ),
-    "float32",
-    B,
 )
 
 

@@ -129,6 +129,16 @@ def test_manifest_round_trip_and_checks() -> None:
         SessionManifest.decode(data, KeySpace("sha256:" + "cd" * 32, ks.block_format, B), "a", "m")
 
 
+def _damage(fake: FakeRedis, key: str, how: str | None) -> None:
+    """Flip a bit of the record under ``key`` ("flip"), delete it ("delete"), or neither."""
+    if how == "flip":
+        record = bytearray(fake.data[key])
+        record[-1] ^= 0x40
+        fake.data[key] = bytes(record)
+    elif how == "delete":
+        del fake.data[key]
+
+
 SWA = ModelCacheSpec(
     (
         LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=6),
@@ -166,12 +176,7 @@ def test_a_sliding_window_session_continues_on_another_store(corrupt: str | None
     assert _window_keys(fake) == want  # nothing before the window
     assert len(blocks_of(fake)) == len(chain) + len(want)
     victim = sorted(want)[0]
-    if corrupt == "flip":
-        record = bytearray(fake.data[victim])
-        record[-1] ^= 0x40
-        fake.data[victim] = bytes(record)
-    elif corrupt == "delete":
-        del fake.data[victim]
+    _damage(fake, victim, corrupt)
     turn2 = context + prompt_of(3, seed=9)
     b = make_store(fake, spec=SWA)
     done = run(b, "s", turn2)
@@ -228,12 +233,7 @@ def test_a_hybrid_session_continues_on_another_store_from_its_end_state(
     context = prompt_of(10) + list(first.token_ids)
     state_key = ks.state_key("", ks.chain(context, "")[-1])
     assert sorted(k for k in fake.data if ":st:" in k) == [state_key]
-    if corrupt == "flip":
-        record = bytearray(fake.data[state_key])
-        record[-1] ^= 0x40
-        fake.data[state_key] = bytes(record)
-    elif corrupt == "delete":
-        del fake.data[state_key]
+    _damage(fake, state_key, corrupt)
     turn2 = context + prompt_of(3, seed=9)
     b = make_store(fake, spec=spec)
     done = run(b, "s", turn2)
