@@ -142,6 +142,15 @@ NB_MODULE(_blocks, m) {
           "must be FREE or CACHED; their content is dropped). ValueError, "
           "nothing changed, otherwise.")
       .def(
+          "relocate",
+          &BlockAllocator::relocate,
+          nb::arg("from_id"),
+          nb::arg("to_id"),
+          "Move HELD block from_id to FREE or CACHED to_id (whose content is "
+          "dropped): references, owners' tables and content go with it; "
+          "from_id becomes FREE. The caller moves the bytes. ValueError, "
+          "nothing changed, otherwise.")
+      .def(
           "free_queue",
           &BlockAllocator::free_queue,
           "The free queue, head (taken first) to tail.")

@@ -486,6 +486,52 @@ void BlockAllocator::resize(int32_t new_num_blocks) {
   num_free_ = static_cast<int32_t>(queue.size());
 }
 
+void BlockAllocator::relocate(int32_t from, int32_t to) {
+  check_range("relocate", from);
+  check_range("relocate", to);
+  if (ref_cnt_[from] == 0) {
+    throw std::invalid_argument(
+        prefix("relocate") + "block " + std::to_string(from) +
+        " is not held: only a held block is moved");
+  }
+  if (ref_cnt_[to] != 0) {
+    throw std::invalid_argument(
+        prefix("relocate") + "block " + std::to_string(to) +
+        " is held: a block moves to a free or cached one");
+  }
+  // No allocation below: ids are swapped in place, the index entry and the
+  // child list entry are overwritten, token vectors are swapped.
+  if (!tokens_[to].empty()) { // CACHED: its content goes
+    drop_content(to);
+    --num_cached_;
+    ++num_evictions_;
+  }
+  unlink_free(to);
+  for (auto& [owner, table] : owner_to_table_) {
+    std::replace(table.begin(), table.end(), from, to);
+  }
+  ref_cnt_[to] = ref_cnt_[from];
+  ref_cnt_[from] = 0;
+  if (!tokens_[from].empty()) {
+    tokens_[to].swap(tokens_[from]);
+    parent_key_[to] = parent_key_[from];
+    key_[to] = key_[from];
+    has_key_[to] = has_key_[from];
+    if (has_key_[to]) {
+      auto it = key_to_block_.find(key_[to]);
+      if (it != key_to_block_.end() && it->second == from) {
+        it->second = to;
+      }
+    }
+    auto& kids = parent_to_children_.find(parent_key_[to])->second;
+    std::replace(kids.begin(), kids.end(), from, to);
+    parent_key_[from] = 0;
+    key_[from] = 0;
+    has_key_[from] = 0;
+  }
+  push_free_head(from);
+}
+
 std::vector<int32_t> BlockAllocator::free_queue() const {
   std::vector<int32_t> out;
   out.reserve(num_free_);

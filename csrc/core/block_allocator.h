@@ -114,6 +114,17 @@ class BlockAllocator {
   // allocation throws).
   void resize(int32_t new_num_blocks);
 
+  // Moves HELD block `from` to id `to`, which must be FREE or CACHED (a
+  // CACHED one's content is dropped: num_evictions += 1): `to` takes over
+  // from's reference count, its place in every owner's table and its content
+  // (index and child entries included); `from` becomes FREE at the head of
+  // the free queue. The caller moves the block's bytes and every block id it
+  // keeps outside this class. Lets resize() take away the top ids of a pool
+  // whose held blocks sit there. O(owners x table length). Throws
+  // std::out_of_range for an unknown id, std::invalid_argument if `from` is
+  // not HELD, `to` is HELD or from == to (nothing changed).
+  void relocate(int32_t from, int32_t to);
+
   // Records the content of a HELD block that has none yet. key must be given
   // exactly when tokens.size() == block_tokens. If no block is indexed under
   // key, this block becomes key's canonical block; if one is, this block

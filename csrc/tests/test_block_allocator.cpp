@@ -919,6 +919,73 @@ void test_resize() {
   CHECK_UNCHANGED(a, before);
 }
 
+void test_relocate() {
+  BlockAllocator a(6, 2);
+  CHECK_EQ(a.allocate(1, 3), (Ids{0, 1, 2}));
+  a.publish(1, 0, {10, 11}, 101);
+  a.publish(2, 101, {12}, kNoKey);
+  a.share(2, {1, 2});
+  CHECK_EQ(a.allocate(3, 2), (Ids{3, 4}));
+  a.publish(4, 0, {20, 21}, 201);
+  a.free(3, {4});
+  // queue: 5 4C   ref: 1 2 2 1 0 0   tables: 1 [0 1 2], 2 [1 2], 3 [3]
+
+  // Errors change nothing: from not held, to held, unknown ids.
+  Snapshot before = snapshot(a);
+  CHECK_THROWS(std::invalid_argument, a.relocate(5, 4), "is not held");
+  CHECK_UNCHANGED(a, before);
+  CHECK_THROWS(std::invalid_argument, a.relocate(1, 0), "is held");
+  CHECK_UNCHANGED(a, before);
+  CHECK_THROWS(std::invalid_argument, a.relocate(1, 1), "is held");
+  CHECK_UNCHANGED(a, before);
+  CHECK_THROWS(std::out_of_range, a.relocate(1, 6), "out of range");
+  CHECK_THROWS(std::out_of_range, a.relocate(-1, 5), "out of range");
+  CHECK_UNCHANGED(a, before);
+
+  // A shared block with content moves to a free id: both tables, its
+  // references, its key and its child entry follow; 1 is free at the head.
+  a.relocate(1, 5);
+  CHECK_OK(a);
+  CHECK_EQ(a.table(1), (Ids{0, 5, 2}));
+  CHECK_EQ(a.table(2), (Ids{5, 2}));
+  CHECK_EQ(a.ref_cnt(5), 2);
+  CHECK_EQ(a.ref_cnt(1), 0);
+  CHECK_EQ(a.lookup(101, {10, 11}), 5);
+  CHECK_EQ(a.best_child(0, {10, 11}), (Child{5, 2}));
+  CHECK(!a.has_content(1));
+  CHECK_EQ(a.free_queue(), (Ids{1, 4}));
+  CHECK_EQ(a.num_evictions(), int64_t{0});
+
+  // Onto a cached block: its content goes (an eviction).
+  a.relocate(2, 4);
+  CHECK_OK(a);
+  CHECK_EQ(a.table(1), (Ids{0, 5, 4}));
+  CHECK_EQ(a.lookup(201, {20, 21}), -1);
+  CHECK_EQ(a.best_child(101, {12}), (Child{4, 1}));
+  CHECK_EQ(a.num_cached(), 0);
+  CHECK_EQ(a.num_evictions(), int64_t{1});
+  CHECK_EQ(a.free_queue(), (Ids{2, 1}));
+
+  // What it is for: the held blocks at the top move down, then a resize
+  // takes the top away.
+  CHECK_THROWS(std::invalid_argument, a.resize(4), "is held");
+  a.relocate(5, 1);
+  a.relocate(4, 2);
+  CHECK_EQ(a.num_free_tail(), 2);
+  a.resize(4);
+  CHECK_OK(a);
+  CHECK_EQ(a.table(1), (Ids{0, 1, 2}));
+  CHECK_EQ(a.table(2), (Ids{1, 2}));
+  CHECK_EQ(a.lookup(101, {10, 11}), 1);
+  // Releasing every owner leaves content cached, nothing held.
+  a.release(1);
+  a.release(2);
+  a.release(3);
+  CHECK_OK(a);
+  CHECK_EQ(a.num_used(), 0);
+  CHECK_EQ(a.num_cached(), 2);
+}
+
 void test_check_invariants_can_fail() {
   auto expect_bug = [](BlockAllocator& a, const char* what) {
     CHECK_THROWS(
@@ -1241,6 +1308,30 @@ struct Model {
       queue.push_front(b);
     }
   }
+  bool can_relocate(int32_t from, int32_t to) const {
+    return in_range(from) && in_range(to) && ref_cnt[from] > 0 &&
+        ref_cnt[to] == 0;
+  }
+  void relocate(int32_t from, int32_t to) {
+    if (content[to]) {
+      drop_content(to);
+      ++num_evictions;
+    }
+    unqueue(to);
+    for (auto& [owner, t] : tables) {
+      std::replace(t.begin(), t.end(), from, to);
+    }
+    ref_cnt[to] = ref_cnt[from];
+    ref_cnt[from] = 0;
+    content[to] = content[from];
+    content[from].reset();
+    Key key = content[to] ? content[to]->key : kNoKey;
+    auto it = key ? key_to_block.find(*key) : key_to_block.end();
+    if (it != key_to_block.end() && it->second == from) {
+      it->second = to;
+    }
+    queue.push_front(from);
+  }
   Snapshot snapshot() const {
     Snapshot s{
         Ids(queue.begin(), queue.end()),
@@ -1277,6 +1368,7 @@ struct Coverage {
   int num_invalidated = 0;
   int num_shrunk = 0; // resize() that took blocks away
   int num_grown = 0;
+  int num_relocated = 0;
 };
 
 // Random ops against the model; every op (valid or not) is followed by a full
@@ -1367,7 +1459,7 @@ bool stress(
 
   for (int op = 0; op < num_ops; ++op) {
     int64_t owner = uniform(0, num_owner_ids - 1);
-    int32_t kind = uniform(0, 20);
+    int32_t kind = uniform(0, 21);
     // What the model says the call must do: succeed, throw PoolExhausted, or
     // throw a caller-mistake error (invalid_argument / out_of_range).
     enum class Expect { kOk, kExhausted, kMistake } expect = Expect::kOk;
@@ -1469,6 +1561,16 @@ bool stress(
         num_mismatch += expect != Expect::kOk;
         m.resize(n);
         num_blocks = n;
+      } else if (kind == 21) { // relocate: mostly a held block to a free one
+        Ids held = blocks_where([&](int32_t b) { return m.ref_cnt[b] > 0; });
+        Ids free = blocks_where([&](int32_t b) { return m.ref_cnt[b] == 0; });
+        int32_t from = uniform(0, 9) == 0 ? pick_one(free) : pick_one(held);
+        int32_t to = uniform(0, 9) == 0 ? pick_one(held) : pick_one(free);
+        expect = m.can_relocate(from, to) ? Expect::kOk : Expect::kMistake;
+        a.relocate(from, to);
+        num_mismatch += expect != Expect::kOk;
+        m.relocate(from, to);
+        ++c.num_relocated;
       } else { // invalidate (rarer: it undoes the cache)
         if (kind == 17) {
           Ids pool =
@@ -1565,7 +1667,7 @@ bool stress(
       "stress(%d blocks x %d tokens, seed %u): %d ops, %d errors (%d "
       "exhausted), %d touches, %lld evictions, %d published (%d not "
       "canonical), %d lookup hits, %d collision misses, %d best_child hits, "
-      "%d invalidated, %d shrunk, %d grown\n",
+      "%d invalidated, %d shrunk, %d grown, %d relocated\n",
       num_blocks,
       bt,
       seed,
@@ -1581,7 +1683,8 @@ bool stress(
       c.num_best_child_hits,
       c.num_invalidated,
       c.num_shrunk,
-      c.num_grown);
+      c.num_grown,
+      c.num_relocated);
   CHECK(c.num_errors > num_ops / 20);
   CHECK(c.num_errors < num_ops / 2);
   CHECK(c.num_exhausted > 0);
@@ -1594,6 +1697,7 @@ bool stress(
     CHECK(c.num_best_child_hits > 0);
     CHECK(c.num_invalidated > 0);
     CHECK(c.num_shrunk > 0);
+    CHECK(c.num_relocated > 0);
   }
   CHECK(c.num_grown > 0);
   return num_mismatch > 0;
@@ -1633,6 +1737,7 @@ int main() {
   test_invalidate();
   test_best_child();
   test_resize();
+  test_relocate();
   test_check_invariants_can_fail();
   test_stress();
   std::printf("%d passed, %d failed\n", num_passed, num_failed);

@@ -106,6 +106,11 @@ class BlockAllocator:
         Grow (new FREE blocks, taken next) or shrink (the ids taken away must be FREE or CACHED; their content is dropped). ValueError, nothing changed, otherwise.
         """
 
+    def relocate(self, from_id: int, to_id: int) -> None:
+        """
+        Move HELD block from_id to FREE or CACHED to_id (whose content is dropped): references, owners' tables and content go with it; from_id becomes FREE. The caller moves the bytes. ValueError, nothing changed, otherwise.
+        """
+
     def free_queue(self) -> list[int]:
         """The free queue, head (taken first) to tail."""
 

@@ -13,17 +13,19 @@ each (a sliding group needs only ``ceil(W / B) + 1`` blocks per agent, a recurre
 group 2 states: its end state and the next turn's, or a snapshot).
 
 The split then follows the workload: when a request does not fit one group while
-others hold free blocks at the top of their id range, those blocks are taken away
-(their cached content dropped) and their bytes go to the short group
-(:meth:`BlockPool.open_sequence`, :meth:`BlockPool.write_from_host`). A short group
-grows by what it lacks, and up to doubling when the others can spare it (at most
-half of what they could give), so a shifting workload resizes rarely: each resize
-copies the slabs of the groups involved. Invariant: the groups' blocks never hold
-more than ``max_bytes``. A request is refused (PoolExhaustedError) only when the
-free blocks at the top of the other groups' ranges cannot make up the difference;
-blocks held below them stay where they are (nothing is moved), so a fragmented pool
-can refuse with free bytes in the middle of a group. A pool sized by ``num_blocks``
-keeps its counts.
+others hold free blocks, the top of their id range is taken away and its bytes go to
+the short group (:meth:`BlockPool.open_sequence`, :meth:`BlockPool.write_from_host`).
+Blocks that live handles hold there first move down to free ids (their handles are
+re-pointed, :meth:`KVCacheManager.resize_group`); cached content there, or on the free
+ids they move to, is dropped. A short group grows by what it lacks, and up to doubling
+when the others can spare it (at most half of what they could give), so a shifting
+workload resizes rarely: each resize copies the slabs of the groups involved.
+Invariant: the groups' blocks never hold more than ``max_bytes``. A request is refused
+(PoolExhaustedError) only when the other groups' free blocks cannot make up the
+difference, or when the ones they could give sit below a block that a request in
+flight, a pin or a snapshot lease holds (those never move: a gather may be reading
+them); that lasts only until the request ends. A pool sized by ``num_blocks`` keeps
+its counts.
 
 The block format (dense, or 8/4-bit affine-quantized at rest) is the spec's
 (:attr:`ModelCacheSpec.format`): byte budgets count bytes at rest, so a 4-bit pool of
@@ -208,6 +210,7 @@ class BlockPool:
         self.spec = spec
         self.max_bytes = max_bytes
         self.num_resizes = 0  # budget moves between groups (see the module docstring)
+        self.num_blocks_moved = 0  # held blocks moved down to free ids by those moves
         self._group_of_layer = spec.group_of_layer()
         # guards the manager's bookkeeping; K/V reads and writes of blocks one holds don't need it
         self._lock = threading.RLock()
@@ -428,7 +431,8 @@ class BlockPool:
 
     def _make_room(self, full: PoolFull, protected: set[int]) -> bool:
         """Move budget to ``full.group`` so it has ``full.needed - full.free`` more free
-        blocks, taking free blocks off the top of the other groups (not ``protected``).
+        blocks, taking blocks off the top of the other groups (not ``protected``) after
+        moving the ones handles hold there down (:meth:`KVCacheManager.spare_blocks`).
         False, and nothing changed, if they cannot spare enough."""
         if self.max_bytes is None:
             return False
@@ -439,7 +443,7 @@ class BlockPool:
             counts = list(self.blocks_per_group)
             slack = self.max_bytes - sum(n * b for n, b in zip(counts, per_block, strict=True))
             spare = {
-                h: min(self.manager.free_tail(h), counts[h] - 1)
+                h: self.manager.spare_blocks(h)
                 for h in range(len(counts))
                 if h != g and h not in protected
             }
@@ -455,12 +459,14 @@ class BlockPool:
                 counts[h] -= take
                 got += take * per_block[h]
             counts[g] += got // per_block[g]
+            moves: list[dict[int, int]] = [{} for _ in counts]
             for h, n in enumerate(counts):
                 if n < self.manager.num_blocks(h):
-                    self.manager.resize_group(h, n)
+                    moves[h] = self.manager.resize_group(h, n)
             self.manager.resize_group(g, counts[g])
-            self._storage.resize(counts)
+            self._storage.resize(counts, moves)
             self.num_resizes += 1
+            self.num_blocks_moved += sum(len(m) for m in moves)
         return True
 
     def write_cache(

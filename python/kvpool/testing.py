@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -176,11 +176,26 @@ class FakeStorage:
             n * self.spec.group_bytes_per_block(g) for g, n in enumerate(self.blocks_per_group)
         )
 
-    def resize(self, blocks_per_group: Sequence[int]) -> None:
-        """At once (no MLX here); a block taken away forgets what it held, so a read of
-        it after it is added back fails as never written."""
-        self.blocks_per_group = tuple(blocks_per_group)
+    def resize(
+        self, blocks_per_group: Sequence[int], moves: Sequence[Mapping[int, int]] = ()
+    ) -> None:
+        """At once (no MLX here): moved blocks first, then the sizes; a block taken away
+        forgets what it held, so a read of it after it is added back fails as never
+        written."""
         size = self.spec.block_tokens
+        for i in range(len(self.spec.layers)):
+            group_moves = moves[self._group_of_layer[i]] if moves else {}
+            for src, dst in group_moves.items():
+                for r in range(size):
+                    token = self.slots[i].pop(src * size + r, None)
+                    self.slots[i].pop(dst * size + r, None)
+                    if token is not None:
+                        self.slots[i][dst * size + r] = token
+                state = self.states[i].pop(src, None)
+                self.states[i].pop(dst, None)
+                if state is not None:
+                    self.states[i][dst] = state
+        self.blocks_per_group = tuple(blocks_per_group)
         for i in range(len(self.spec.layers)):
             n = self.blocks_per_group[self._group_of_layer[i]]
             self.slots[i] = {slot: t for slot, t in self.slots[i].items() if slot < n * size}

@@ -21,17 +21,20 @@ from hybrid_configs import HYBRID_CONFIGS
 DOC = Path(__file__).resolve().parents[2] / "docs" / "COVERAGE.md"
 BEGIN, END = "<!-- coverage -->", "<!-- /coverage -->"
 MODELS = Path(mlx_lm.models.__file__).parent
-CACHE_NAMES = ("CacheList", "ChunkedKVCache", "ArraysCache", "MambaCache", "RotatingKVCache")
+CACHE_NAMES = (
+    "CacheList", "ChunkedKVCache", "ArraysCache", "MambaCache", "RotatingKVCache", "KVCache"
+)  # fmt: skip
 IMPORT = re.compile(r"^from \.(?: import (\w+)|(\w+) import)", re.M)
 KEEP = re.compile(r"keep=(?!0\b)[\w.]+")
 
+RECURRENT = "recurrent state (ArraysCache) + attention"
 # kvpool's rule per cache class, first match wins
 RULES = (
     ("CacheList", "refused", "CacheList: several caches per layer"),
     ("ChunkedKVCache", "refused", "ChunkedKVCache: mlx-lm cannot batch it with history"),
     ("keep>0", "refused", "RotatingKVCache keep > 0: attention sinks"),
-    ("ArraysCache", "supported", "recurrent state (ArraysCache) + attention"),
-    ("MambaCache", "supported", "recurrent state (ArraysCache) + attention"),
+    ("ArraysCache", "supported", RECURRENT),
+    ("MambaCache", "supported", RECURRENT),
     ("RotatingKVCache", "supported", "KVCache / RotatingKVCache (sliding window)"),
 )
 # "checked here": the architectures a test runs token-equal against fresh mlx-lm runs
@@ -70,6 +73,8 @@ def coverage_rows() -> list[tuple[str, str, str, str]]:
             if name in names:
                 verdict, why = v, w
                 break
+        if why == RECURRENT and not names & {"KVCache", "RotatingKVCache"}:
+            why = "recurrent state (ArraysCache) only"
         verified = CHECKED.get(path.stem, "-")
         rows.append((path.stem, verdict, why, verified))
     return rows
@@ -108,3 +113,9 @@ def test_known_architectures_classify_as_kvpool_treats_them(module: str, verdict
     """Negative control for the static rule: kinds kvpool refuses come out refused, through
     the modules an architecture takes its model from (glm_moe_dsa -> deepseek_v32)."""
     assert dict((a, v) for a, v, _, _ in coverage_rows())[module] == verdict
+
+
+def test_recurrent_models_without_attention_layers_say_so() -> None:
+    kinds = {a: w for a, _, w, _ in coverage_rows()}
+    assert {a for a, w in kinds.items() if w.endswith("only")} == {"mamba", "mamba2", "rwkv7"}
+    assert kinds["qwen3_next"] == kinds["jamba"] == RECURRENT

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import LoadedModel, Reference, fresh, words
 
-from kvpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+from kvpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec, PoolExhaustedError
 from kvpool.cache.spec import AttentionKind, LayerSpec, StateSpec
 from kvpool.cache.storage import LayerState
 from kvpool.mlx.mlx_lm import arrays_cache, kv_cache
@@ -86,6 +86,38 @@ def test_a_resize_keeps_every_kept_block_bit_for_bit(kv_bits: int | None, kernel
     assert not np.array_equal(_snapshot(storage, tables)[-1], before[-1])
 
 
+@pytest.mark.parametrize("kv_bits", [None, 4])
+@pytest.mark.parametrize("kernels", [ExtensionKernels(), PortableKernels()], ids=lambda k: k.name)
+def test_blocks_moved_by_a_shrink_keep_every_bit(kv_bits: int | None, kernels: Any) -> None:
+    """A shrink that moves blocks 6 and 7 down to 1 and 0 (the pool moving blocks handles
+    hold off the ids taken away): they read back bit for bit at their new ids."""
+    spec = SPEC if kv_bits is None else SPEC.with_format(kv_bits, group_size=32)
+    groups = len(spec.groups)
+    storage: Any = make_slab_storage(spec, (8,) * groups, kernels)
+    rng = np.random.default_rng(4)
+    caches: list[Any] = [kv_cache(_rows(rng), _rows(rng), N) for _ in range(4)]
+    caches[2] = arrays_cache(
+        [mx.array(rng.standard_normal((1, *s.shape)).astype(np.float32)) for s in STATE.states]
+    )
+    tables = [[2, 6, 7]] * groups
+    storage.store(caches, tables, 0)
+    before = _snapshot(storage, tables)
+    storage.resize((4,) * groups, [{6: 1, 7: 0}] * groups)
+    moved = [[2, 1, 0]] * groups
+    after = _snapshot(storage, moved)
+    assert storage.blocks_per_group == (4,) * groups
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    kv = [a for s in storage._slabs() for a in (s if isinstance(s, tuple) else (s,)) if a.size]
+    if kernels.extra_blocks:  # the zero block stays zero
+        assert all(not mx.any(a[-1]).item() for a in kv)
+    # Negative control: without the moves, blocks 1 and 0 hold something else.
+    other: Any = make_slab_storage(spec, (8,) * groups, kernels)
+    other.store(caches, tables, 0)
+    other.resize((4,) * groups)
+    unmoved = _snapshot(other, moved)
+    assert not all(np.array_equal(a, b) for a, b in zip(before, unmoved, strict=True))
+
+
 def test_a_shrunk_slab_gives_its_memory_back() -> None:
     spec = ModelCacheSpec((FULL,), "float32", 256)
     storage: Any = make_slab_storage(spec, (64,), ExtensionKernels())
@@ -136,3 +168,56 @@ def test_engine_turns_equal_fresh_runs_while_the_budget_moves(
         pool.check_invariants()
     assert pool.num_resizes > 0
     assert pool.blocks_per_group[0] > first
+
+
+def test_an_agent_whose_blocks_moved_resumes_equal_to_a_fresh_run(
+    tiny_swa_model: LoadedModel, reference_generate: Reference
+) -> None:
+    """gemma3 (64-token window, 256-token blocks) in a fragmented pool: long agents fill the
+    global group, all but the one holding its highest block are let go, and short agents
+    then need sliding-window blocks: the global group's bytes go to them after the kept
+    agent's blocks move down. Every turn equals a fresh mlx-lm run, the kept agent's next
+    turn included, which reads its whole cache from the moved blocks."""
+    model, tokenizer, _ = tiny_swa_model
+    spec = ModelCacheSpec.from_model(model)
+    per_agent = sum(spec.group_bytes_per_block(g) for g in range(len(spec.groups)))
+    pool = BlockPool(spec, max_bytes=40 * per_agent)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    rng = random.Random(6)
+    longs = []
+    for i in range(40):
+        prompt = words(rng, tokenizer, 1200)
+        try:
+            engine.submit(f"long{i}", prompt, None, 6)
+        except PoolExhaustedError:
+            break
+        (done,) = engine.drain()
+        assert done.error is None, done.error
+        longs.append((prompt, done))
+    assert len(longs) > 3
+    top = max(b for _, d in longs for b in d.blocks.tables[1].held)
+    (kept,) = [(p, d) for p, d in longs if top in d.blocks.tables[1].held]
+    for _, done in longs:
+        if done is not kept[1]:
+            pool.release(done.blocks)
+    shorts = []
+    for i in range(16):
+        prompt = words(rng, tokenizer, 300)
+        engine.submit(f"short{i}", prompt, None, 6)
+        (done,) = engine.drain()
+        assert done.error is None, done.error
+        assert list(done.token_ids) == fresh(reference_generate, tiny_swa_model, prompt, 6)
+        shorts.append(done)
+        pool.check_invariants()
+    assert pool.num_blocks_moved > 0
+    prompt, done = kept
+    assert max(done.blocks.tables[1].held) < top
+    for short in shorts:
+        pool.release(short.blocks)
+    nxt = [*prompt, *done.token_ids, *words(rng, tokenizer, 20)]
+    engine.submit(done.agent_id, nxt, done.blocks, 6)
+    (again,) = engine.drain()
+    assert again.error is None, again.error
+    assert again.cached_tokens == done.blocks.total_tokens
+    assert list(again.token_ids) == fresh(reference_generate, tiny_swa_model, nxt, 6)
+    pool.check_invariants()

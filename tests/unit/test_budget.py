@@ -116,10 +116,66 @@ def test_a_request_larger_than_the_whole_budget_never_fits() -> None:
     assert pool.usage() == before and pool.num_resizes == 0
 
 
-def test_a_block_held_at_the_top_of_a_group_keeps_its_bytes_there() -> None:
-    """The documented limit, and a control for the test above: nothing held is moved, so
-    a held block at the top of the donor group blocks the move (refused with free bytes);
-    once it is let go the same request fits."""
+def test_blocks_handles_hold_at_the_top_of_a_group_move_down() -> None:
+    """A fragmented pool: long agents fill the global group, all but the one holding its
+    highest block let go. Short agents then need sliding-window blocks the group lacks: the global
+    group's bytes go to it anyway, after the kept agent's blocks move down to free ids; it
+    is refused only when the bytes run out, and the kept agent resumes its cache intact."""
+    budget = 50 * WINDOWED.group_bytes_per_block(0)
+    pool = BlockPool(WINDOWED, max_bytes=budget, storage=FakeStorage)
+    engine = _engine(WINDOWED, pool)
+    long_agents = []
+    for a in range(100):
+        prompt = prompt_of(7 * B, seed=100 + a)
+        try:
+            engine.submit(f"long{a}", prompt, max_tokens=MAX_TOKENS)
+        except PoolExhaustedError:
+            break
+        (done,) = engine.drain()
+        long_agents.append((prompt, done))
+    assert len(long_agents) > 3
+    top = max(b for _, d in long_agents for b in d.blocks.tables[0].held)
+    (kept,) = [(p, d) for p, d in long_agents if top in d.blocks.tables[0].held]
+    for _, done in long_agents:
+        if done is not kept[1]:
+            pool.release(done.blocks)
+    tail = pool.manager.allocator(0).num_free_tail()  # all a shrink could take unmoved
+    assert pool.manager.num_free(0) > pool.blocks_per_group[0] // 2 > 4 * tail
+    assert pool.manager.spare_blocks(0) == pool.manager.num_free(0)
+    needs = _bytes(pool, _one_turn_needs(WINDOWED))
+    shorts = []
+    for a in range(1000):
+        prompt = prompt_of(PROMPT, seed=a)
+        try:
+            engine.submit(f"a{a}", prompt, max_tokens=MAX_TOKENS)
+        except PoolExhaustedError:
+            break
+        (done,) = engine.drain()
+        assert list(done.token_ids) == reference_tokens(engine.model, prompt, MAX_TOKENS)
+        shorts.append(done)
+        assert pool.bytes_total <= budget
+        pool.check_invariants()
+    free_bytes = budget - pool.bytes_used
+    assert free_bytes < needs, f"refused with {free_bytes} bytes free, {needs} needed"
+    assert pool.num_blocks_moved > 0 and len(shorts) > 5
+    # the kept agent's blocks moved, and its next turn reads them all back
+    prompt, done = kept
+    assert max(done.blocks.tables[0].held) < top
+    nxt = [*prompt, *done.token_ids, 7]
+    for short in shorts:
+        pool.release(short.blocks)  # room for its next turn
+    engine.submit(done.agent_id, nxt, done.blocks, max_tokens=MAX_TOKENS)
+    (again,) = engine.drain()
+    assert again.cached_tokens == done.blocks.total_tokens
+    assert list(again.token_ids) == reference_tokens(engine.model, nxt, MAX_TOKENS)
+    pool.check_invariants()
+
+
+def test_a_block_a_request_holds_at_the_top_of_a_group_keeps_its_bytes_there() -> None:
+    """The limit that stays, and a control for the test above: a block that something other
+    than handles holds (a request in flight, here a raw holder) never moves, so at the top
+    of the donor group it blocks the move (refused with free bytes); once it is let go the
+    same request fits."""
     budget = 50 * WINDOWED.group_bytes_per_block(0)
     pool = BlockPool(WINDOWED, max_bytes=budget, storage=FakeStorage)
     n0, n1 = pool.blocks_per_group
@@ -127,7 +183,7 @@ def test_a_block_held_at_the_top_of_a_group_keeps_its_bytes_there() -> None:
     alloc = pool.manager.allocator(0)
     ids = alloc.allocate(999, n0)  # a holder outside the manager, for the test only
     alloc.free(999, [b for b in ids if b != n0 - 1])
-    assert pool.manager.free_tail(0) == 0 and pool.num_free >= n0 - 1
+    assert pool.manager.spare_blocks(0) == 0 and pool.num_free >= n0 - 1
     full = pool.open_sequence("a", prompt_of(PROMPT), MAX_TOKENS)
     assert not hasattr(full, "abort") and not full.never_fits  # type: ignore[union-attr]
     assert pool.blocks_per_group == (n0, n1) and pool.num_resizes == 0
@@ -149,12 +205,12 @@ def test_a_pool_sized_by_num_blocks_keeps_its_counts() -> None:
     assert pool.blocks_per_group == (2, 2) and pool.num_resizes == 0
 
 
-def test_a_held_block_cannot_be_resized_away() -> None:
+def test_blocks_a_request_holds_cannot_be_resized_away() -> None:
     pool = BlockPool(WINDOWED, num_blocks=4, storage=FakeStorage)
     seq = pool.open_sequence("a", prompt_of(PROMPT), MAX_TOKENS)
     assert hasattr(seq, "abort")
     before = pool.usage()
-    with pytest.raises(InvalidRequestError, match="is held"):
+    with pytest.raises(InvalidRequestError, match="take 3 of its 4 blocks away, at most 2"):
         pool.manager.resize_group(0, 1)
     assert pool.usage() == before
     seq.abort()  # type: ignore[union-attr]

@@ -243,10 +243,10 @@ def _block_tokens(m: KVCacheManager, g: int, block: int) -> list[int]:
     ids=["sliding", "recurrent"],
 )
 def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: list[int]) -> None:
-    """Random requests, commits, rollbacks, releases and group resizes; after each: the
-    allocators' and the manager's records agree, published blocks are findable, and a
-    recurrent state is handed out only for the exact token prefix it was computed at (the
-    model: block -> prefix)."""
+    """Random requests, commits, rollbacks, releases and group resizes (moving the blocks
+    only live handles hold); after each: the allocators' and the manager's records agree,
+    published blocks are findable, and a recurrent state is handed out only for the exact
+    token prefix it was computed at (the model: block -> prefix)."""
     rng = random.Random(1234)
     m = KVCacheManager(spec, blocks, key_salt="model")
     states = [g for g, p in enumerate(m.policies) if p.is_recurrent]
@@ -255,6 +255,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     num_snapshots = 0
     num_live_snapshots = 0  # place_snapshot + commit_snapshot on a live handle
     num_resizes = 0
+    num_moved = 0  # held blocks moved down by a shrink
     vocab = 5  # tiny vocabulary: prompts collide and share often
     live: list[CacheHandle] = []
     open_res: list[tuple[Reservation, list[int], int]] = []
@@ -310,17 +311,22 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
                 live.append(handle)
                 if replaced is not None and replaced in live:
                     live.remove(replaced)
-        elif op < 0.70:  # the pool moves budget: a group shrinks off its free top, or grows
+        elif op < 0.70:  # the pool moves budget: a group shrinks (held blocks move), or grows
             g = rng.randrange(len(blocks))
-            n, tail = m.num_blocks(g), m.free_tail(g)
-            if tail < n and rng.random() < 0.2:  # past a held block: refused, nothing changed
-                before = m.usage()
-                with pytest.raises(InvalidRequestError, match="is held"):
-                    m.resize_group(g, n - tail - 1)
-                assert m.usage() == before
+            n, spare = m.num_blocks(g), m.spare_blocks(g)
+            if spare < n - 1 and rng.random() < 0.2:  # more than it can spare: refused
+                before, tables = m.usage(), [h.tables for h in live]
+                with pytest.raises(InvalidRequestError, match="at most"):
+                    m.resize_group(g, n - spare - 1)
+                assert m.usage() == before and [h.tables for h in live] == tables
             elif rng.random() < 0.5:
-                m.resize_group(g, max(1, n - rng.randint(0, tail)))
+                moves = m.resize_group(g, max(1, n - rng.randint(0, spare)))
+                assert all(old >= m.num_blocks(g) > new for old, new in moves.items())
+                if g in states:  # a moved state keeps its prefix
+                    for old, new in moves.items():
+                        state_of[new] = state_of.pop(old)
                 num_resizes += 1
+                num_moved += len(moves)
             else:
                 m.resize_group(g, min(n + rng.randint(1, 4), 2 * blocks[g]))
                 num_resizes += 1
@@ -355,6 +361,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     assert usage.num_used == 0 and usage.num_handles == 0  # nothing leaked
     assert usage.num_queries > 1000 and usage.hit_tokens > 0  # the test did share
     assert num_resizes > 200
+    assert num_moved > 100
     if states:
         assert usage.groups[states[0]].num_cached > 0  # end states at boundaries stay findable
         assert num_state_reads > 300  # states were reused, from own ends and by key

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +39,7 @@ from kvpool import _blocks
 from kvpool.cache.groups import GroupPolicy
 from kvpool.cache.prefix import block_keys, chain_key, root_key
 from kvpool.cache.spec import ModelCacheSpec
-from kvpool.cache.tables import NULL_BLOCK, CacheHandle, GroupTable
+from kvpool.cache.tables import NULL_BLOCK, CacheHandle, GroupTable, repoint_blocks
 from kvpool.errors import InvalidRequestError, PoolExhaustedError
 
 __all__ = [
@@ -1053,19 +1053,61 @@ class KVCacheManager:
     def num_free(self, group: int = 0) -> int:
         return int(self._allocators[group].num_free)
 
-    def free_tail(self, group: int) -> int:
-        """How many of group ``group``'s highest block ids no one holds: the most
-        :meth:`resize_group` can take away."""
-        return int(self._allocators[group].num_free_tail())
+    def spare_blocks(self, group: int) -> int:
+        """The most blocks :meth:`resize_group` can take away from group ``group``: no
+        more than it has free (cached ones included), one block always stays, and none
+        at or below the highest block that something other than live handles holds (a
+        request, a pin, a snapshot lease): only blocks live handles alone hold can move.
+        O(blocks the live handles hold + the blocks it looks at)."""
+        alloc = self._allocators[group]
+        n = int(alloc.num_blocks)
+        most = min(int(alloc.num_free), n - 1)
+        refs = self._handle_refs(group)
+        for k in range(most):
+            b = n - 1 - k
+            if int(alloc.ref_cnt(b)) > refs.get(b, 0):
+                return k
+        return most
 
-    def resize_group(self, group: int, num_blocks: int) -> None:
-        """Give group ``group`` ``num_blocks`` blocks. Added ones are free; ones taken
-        away must be free or cached (their content is dropped). InvalidRequestError, and
-        nothing changed, otherwise."""
-        try:
-            self._allocators[group].resize(num_blocks)
-        except ValueError as exc:
-            raise InvalidRequestError(f"layer group {group}: {exc}") from exc
+    def _handle_refs(self, group: int) -> Counter[int]:
+        """Block id -> how many live handles hold it in group ``group``."""
+        refs: Counter[int] = Counter()
+        for handle in self._handles.values():
+            refs.update(handle.tables[group].held)
+        return refs
+
+    def resize_group(self, group: int, num_blocks: int) -> dict[int, int]:
+        """Give group ``group`` ``num_blocks`` blocks. Added ones are free. To take ids
+        ``[num_blocks, n)`` away, the blocks there that live handles hold first move to
+        free ids below (free ones first, then the least recently used cached ones, whose
+        content goes) and those handles' tables are re-pointed; the cached content of the
+        ids taken away goes. Returns the moves (old id -> new id): the caller moves their
+        bytes before the next read. InvalidRequestError, and nothing changed, if it would
+        take more than :meth:`spare_blocks`."""
+        alloc = self._allocators[group]
+        n = int(alloc.num_blocks)
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise InvalidRequestError(f"layer group {group} needs >= 1 block, got {num_blocks!r}")
+        if num_blocks >= n:
+            alloc.resize(num_blocks)
+            return {}
+        spare = self.spare_blocks(group)
+        if n - num_blocks > spare:
+            raise InvalidRequestError(
+                f"layer group {group}: cannot take {n - num_blocks} of its {n} blocks away, "
+                f"at most {spare} (its free blocks, above what requests and leases hold)"
+            )
+        movers = [b for b in range(num_blocks, n) if int(alloc.ref_cnt(b)) > 0]
+        targets = [int(b) for b in alloc.free_queue() if b < num_blocks][: len(movers)]
+        moves = dict(zip(movers, targets, strict=True))
+        for old, new in moves.items():
+            alloc.relocate(old, new)
+        if moves:
+            for handle in self._handles.values():
+                if any(b in moves for b in handle.tables[group].block_ids):
+                    repoint_blocks(handle, group, moves)
+        alloc.resize(num_blocks)
+        return moves
 
     def ref_cnt(self, block_id: int, group: int = 0) -> int:
         return int(self._allocators[group].ref_cnt(block_id))

@@ -16,7 +16,7 @@ blocks as they are at rest (codes, scales, biases), bit for bit, for persistence
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -134,12 +134,18 @@ class KVStorage(Protocol):
         """Bytes this storage holds (all blocks, all layers, K and V)."""
         ...
 
-    def resize(self, blocks_per_group: Sequence[int]) -> None:
-        """Hold ``blocks_per_group[g]`` blocks in group ``g`` (the pool moving its budget).
+    def resize(
+        self, blocks_per_group: Sequence[int], moves: Sequence[Mapping[int, int]] = ()
+    ) -> None:
+        """Hold ``blocks_per_group[g]`` blocks in group ``g`` (the pool moving its budget),
+        after copying block ``old``'s rows to block ``new`` in every layer of group ``g``
+        for each ``old -> new`` of ``moves[g]`` (empty: none; a group with moves shrinks,
+        and every ``new`` is below its new size).
 
-        Any thread may call it; it takes effect before the next of the calls below.
-        Blocks below both sizes keep their contents; blocks taken away are free (no
-        holder); added blocks are written before they are read.
+        Any thread may call it; it takes effect before the next of the calls below, in
+        the order of the calls. Blocks below both sizes keep their contents (moved ones:
+        their source's); blocks taken away are free (no holder); added blocks are written
+        before they are read.
         """
         ...
 

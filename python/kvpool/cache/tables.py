@@ -10,6 +10,10 @@ prompt of 8 tokens (``B = 4``) share its blocks by reference::
 
 Handles are unforgeable: only the :class:`~kvpool.cache.manager.KVCacheManager`
 that made one accepts it, and only while it is live (not released or superseded).
+A handle's agent, tokens and salt never change; its block ids may: when a pool moves
+budget between layer groups it can move a block only live handles hold to another id
+(:meth:`~kvpool.cache.manager.KVCacheManager.shrink_group`), and re-points their
+tables. So read ``tables`` when you use them, never keep block ids across pool calls.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 from kvpool.errors import InvalidRequestError
 
-__all__ = ["NULL_BLOCK", "CacheHandle", "GroupTable"]
+__all__ = ["NULL_BLOCK", "CacheHandle", "GroupTable", "repoint_blocks"]
 
 NULL_BLOCK = -1
 """A table entry whose block the group no longer holds (fell out of its window)."""
@@ -40,6 +44,10 @@ class GroupTable:
     def held(self) -> tuple[int, ...]:
         """The block ids actually held (NULL entries left out)."""
         return tuple(b for b in self.block_ids if b != NULL_BLOCK)
+
+    def moved(self, moves: dict[int, int]) -> GroupTable:
+        """This table with every block id ``b`` in ``moves`` replaced by ``moves[b]``."""
+        return GroupTable(tuple(moves.get(b, b) for b in self.block_ids), self.valid_from)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -80,3 +88,12 @@ class CacheHandle:
     def num_blocks(self) -> int:
         """Blocks held over all groups."""
         return sum(len(t.held) for t in self.tables)
+
+
+def repoint_blocks(handle: CacheHandle, group: int, moves: dict[int, int]) -> None:
+    """Re-point ``handle``'s table of ``group`` after the manager moved its blocks
+    (``moves``: old id -> new id). Only the manager calls this, after the allocator
+    moved them: the handle stays the same object, so every holder sees the new ids."""
+    tables = list(handle.tables)
+    tables[group] = tables[group].moved(moves)
+    object.__setattr__(handle, "tables", tuple(tables))  # frozen for everyone else

@@ -23,15 +23,16 @@ copying the slab. Host copies (persistence, the Redis tier) happen only in ``rea
 
 A pool whose budget moves between layer groups resizes them (:meth:`SlabStorage.resize`):
 any thread may ask, and the slabs change at the start of the next K/V call, on the thread
-that runs MLX. Kept blocks keep their rows; the copy is one slab at a time, so the peak is
-the pool plus one layer's slab.
+that runs MLX. Kept blocks keep their rows, and blocks the pool moved down from the ids taken
+away (:meth:`~kvpool.cache.manager.KVCacheManager.resize_group`) get theirs; the copy is
+one slab at a time, so the peak is the pool plus one layer's slab.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -74,11 +75,23 @@ def _pad_front(array: mx.array) -> mx.array:
     return mx.concatenate([zero, array], axis=2)
 
 
-def resized_slab(slab: mx.array, num_blocks: int, extra: int) -> mx.array:
+def resized_slab(
+    slab: mx.array, num_blocks: int, extra: int, moves: Mapping[int, int] | None = None
+) -> mx.array:
     """``slab`` (``num_blocks`` of ``slab.shape[0] - extra`` blocks kept, then ``extra``
     zero blocks) with ``num_blocks`` blocks: a copy, so a shrunk slab's old buffer goes.
-    Rows of added blocks are zero."""
+    Rows of added blocks are zero. ``moves`` (old -> new, a shrink only, every new id
+    below ``num_blocks``): block ``new`` of the result holds block ``old``'s rows."""
     old = slab.shape[0] - extra
+    if moves:
+        if num_blocks >= old or max(moves.values()) >= num_blocks:
+            raise InvalidRequestError(f"moves {dict(moves)} in a resize {old} -> {num_blocks}")
+        rows = list(range(num_blocks))
+        for src, dst in moves.items():
+            rows[dst] = src
+        kept = mx.take(slab, mx.array(rows, dtype=mx.int32), axis=0)
+        zeros = mx.zeros((extra, *slab.shape[1:]), slab.dtype)
+        return mx.concatenate([kept, zeros]) if extra else kept
     if num_blocks >= old:  # the old zero blocks become ordinary ones
         pad = mx.zeros((num_blocks - old, *slab.shape[1:]), slab.dtype)
         return mx.concatenate([slab, pad]) if num_blocks > old else slab
@@ -112,7 +125,8 @@ class SlabStorage(ABC):
         self.blocks_per_group = tuple(blocks_per_group)
         self.kernels = kernels
         self._resize_lock = threading.Lock()
-        self._wanted: tuple[int, ...] | None = None  # blocks per group asked by resize()
+        # resize() calls not carried out yet: (blocks per group, moves per group)
+        self._pending: list[tuple[tuple[int, ...], tuple[dict[int, int], ...]]] = []
         self._dtype = mx_dtype(spec.dtype)
         self._group_of_layer = spec.group_of_layer()
         self._groups = spec.groups
@@ -128,35 +142,44 @@ class SlabStorage(ABC):
             for i, layer in enumerate(spec.layers)
         ]
 
-    def resize(self, blocks_per_group: Sequence[int]) -> None:
-        """Hold ``blocks_per_group[g]`` blocks in group ``g`` from the next K/V call on.
+    def resize(
+        self, blocks_per_group: Sequence[int], moves: Sequence[Mapping[int, int]] = ()
+    ) -> None:
+        """Hold ``blocks_per_group[g]`` blocks in group ``g`` from the next K/V call on,
+        block ``new`` of group ``g`` holding block ``old``'s rows for each ``old -> new``
+        of ``moves[g]`` (see :meth:`KVStorage.resize`).
 
         No MLX work here, so any thread may ask (the pool does, under its lock, when its
-        budget moves); the slabs are copied at the start of the next K/V call. Blocks below
-        both sizes keep their rows; added ones are zero; removed ones must be free.
+        budget moves); the slabs are copied at the start of the next K/V call, every
+        resize asked since in turn. Blocks below both sizes keep their rows; added ones
+        are zero; removed ones must be free.
         """
         wanted = tuple(blocks_per_group)
         if len(wanted) != len(self._groups) or min(wanted) < 1:
             raise InvalidRequestError(f"resize: {wanted} for {len(self._groups)} layer groups")
+        moved = tuple(dict(m) for m in moves) or tuple({} for _ in wanted)
+        if len(moved) != len(wanted):
+            raise InvalidRequestError(f"resize: moves for {len(moved)} of {len(wanted)} groups")
         with self._resize_lock:
-            self._wanted = wanted
+            self._pending.append((wanted, moved))
 
     def _sync(self) -> None:
-        """Carry out a pending :meth:`resize` (on the thread that runs MLX)."""
+        """Carry out the pending :meth:`resize` calls, oldest first (on the thread that
+        runs MLX)."""
         with self._resize_lock:
-            wanted, self._wanted = self._wanted, None
-        if wanted is None or wanted == self.blocks_per_group:
-            return
-        old = self.blocks_per_group
-        for i in range(self.spec.n_layers):
-            g = self._group_of_layer[i]
-            if wanted[g] != old[g]:
-                self.states[i] = [resized_slab(a, wanted[g], 0) for a in self.states[i]]
+            pending, self._pending = self._pending, []
+        for wanted, moves in pending:
+            old = self.blocks_per_group
+            for i in range(self.spec.n_layers):
+                g = self._group_of_layer[i]
+                if wanted[g] == old[g] and not moves[g]:
+                    continue
+                change = partial(resized_slab, num_blocks=wanted[g], moves=moves[g])
+                self.states[i] = [change(a, extra=0) for a in self.states[i]]
                 if not self._is_recurrent(i):
-                    extra = self.kernels.extra_blocks
-                    self._resize_layer(i, partial(resized_slab, num_blocks=wanted[g], extra=extra))
+                    self._resize_layer(i, partial(change, extra=self.kernels.extra_blocks))
                 self._eval_slabs([i])
-        self.blocks_per_group = wanted
+            self.blocks_per_group = wanted
 
     @abstractmethod
     def _resize_layer(self, i: int, resize: Callable[[mx.array], mx.array]) -> None:
