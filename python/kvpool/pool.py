@@ -374,24 +374,27 @@ class BlockPool:
         self, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
     ) -> list[LayerKV]:
         """Positions ``[start, stop)`` of ``layers`` of a live handle, on the host."""
-        self.check_live(handle)
-        tables = tuple(t.block_ids for t in handle.tables)
-        return self._storage.read_layers(tables, layers, start, stop)
+        with self._lock:  # the pool may move a handle's blocks (resize_group)
+            self.check_live(handle)
+            tables = tuple(t.block_ids for t in handle.tables)
+            return self._storage.read_layers(tables, layers, start, stop)
 
     def read_codes(
         self, handle: CacheHandle, layers: Sequence[int], start: int, stop: int
     ) -> list[LayerCodes]:
         """Positions ``[start, stop)`` of ``layers`` of a live handle as its quantized
         blocks hold them (codes, scales, biases), on the host. Quantized pools only."""
-        self.check_live(handle)
-        tables = tuple(t.block_ids for t in handle.tables)
-        return self._storage.read_codes(tables, layers, start, stop)
+        with self._lock:  # the pool may move a handle's blocks (resize_group)
+            self.check_live(handle)
+            tables = tuple(t.block_ids for t in handle.tables)
+            return self._storage.read_codes(tables, layers, start, stop)
 
     def read_states(self, handle: CacheHandle, layers: Sequence[int]) -> list[LayerState]:
         """The end states of recurrent ``layers`` of a live handle, on the host."""
-        self.check_live(handle)
-        tables = tuple(t.block_ids for t in handle.tables)
-        return self._storage.read_states(tables, layers, handle.total_tokens)
+        with self._lock:  # the pool may move a handle's blocks (resize_group)
+            self.check_live(handle)
+            tables = tuple(t.block_ids for t in handle.tables)
+            return self._storage.read_states(tables, layers, handle.total_tokens)
 
     def write_from_host(
         self, agent_id: str, tokens: Sequence[int], *, salt: str = ""
