@@ -1058,15 +1058,18 @@ class KVCacheManager:
         more than it has free (cached ones included), one block always stays, and none
         at or below the highest block that something other than live handles holds (a
         request, a pin, a snapshot lease): only blocks live handles alone hold can move.
-        O(blocks the live handles hold + the blocks it looks at)."""
+        O(blocks it looks at), plus O(blocks the live handles hold) once it meets a held one."""
         alloc = self._allocators[group]
         n = int(alloc.num_blocks)
         most = min(int(alloc.num_free), n - 1)
-        refs = self._handle_refs(group)
+        refs: Counter[int] | None = None  # counted at the first held block met, if any
         for k in range(most):
             b = n - 1 - k
-            if int(alloc.ref_cnt(b)) > refs.get(b, 0):
-                return k
+            held = int(alloc.ref_cnt(b))
+            if held:
+                refs = self._handle_refs(group) if refs is None else refs
+                if held > refs.get(b, 0):
+                    return k
         return most
 
     def _handle_refs(self, group: int) -> Counter[int]:
