@@ -363,7 +363,7 @@ class BlockPool:
         def attempt() -> SequenceCache | PoolFull:
             return open_sequence(
                 self.manager, self._storage, self._lock, agent_id, tokens, max_tokens,
-                own=own, salt=salt, shared=shared,
+                own=own, salt=salt, shared=shared, room=self._make_room_for,
             )  # fmt: skip
 
         return self._with_room(attempt)
@@ -425,6 +425,10 @@ class BlockPool:
             if got.group in protected or not self._make_room(got, protected):
                 return self._final(got)
             protected.add(got.group)
+
+    def _make_room_for(self, full: PoolFull) -> bool:
+        """:meth:`_make_room` for a running sequence's prefix or snapshot (one move)."""
+        return self._make_room(full, set())
 
     def _final(self, full: PoolFull) -> PoolFull:
         if self.max_bytes is None:
@@ -539,7 +543,7 @@ class BlockPool:
         tokens of a live handle) as the pool's snapshot of that prefix, published as a
         prompt's is; the handle's K/V is not touched. True if the pool holds it now (also
         when it held one already: then nothing is written); False, and nothing changed,
-        without a free block in a recurrent group."""
+        without a free block in a recurrent group (after moving budget to it, if it can)."""
         lengths = {st.num_tokens for st in states}
         layers = sorted(st.layer for st in states)
         recurrent = [
@@ -556,7 +560,9 @@ class BlockPool:
             if self.manager.snapshot_tables(handle, only=length):
                 return True
             snap = self.manager.place_snapshot(handle, length)
-        if snap is None:
+            if isinstance(snap, PoolFull) and self._make_room_for(snap):
+                snap = self.manager.place_snapshot(handle, length)
+        if isinstance(snap, PoolFull):
             return False
         try:
             self._storage.write_states(snap.tables, states)

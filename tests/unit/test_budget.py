@@ -226,3 +226,37 @@ def test_the_longest_context_is_what_the_budget_can_give_the_global_group() -> N
     assert pool.max_context_tokens() == pool.max_group_blocks(g) * B >= pool.blocks_per_group[g] * B
     fixed = BlockPool(WINDOWED, num_blocks=5, storage=FakeStorage)
     assert fixed.max_context_tokens() == 5 * B
+
+
+@pytest.mark.parametrize("budget", [True, False], ids=["max_bytes", "num_blocks"])
+def test_snapshots_taken_mid_prefill_get_budget_moved_to_them(budget: bool) -> None:
+    """A hybrid model's recurrent group has exactly the one free state block a request's
+    own end state needs: the boundary snapshots it takes while prefilling need more. A
+    byte budget moves bytes from the global group to them (a later agent on the same
+    prefix resumes at its last boundary); a pool sized by num_blocks skips them (the
+    control: the later agent prefills everything)."""
+    if budget:
+        pool = BlockPool(
+            HYBRID, max_bytes=50 * HYBRID.group_bytes_per_block(0), storage=FakeStorage
+        )
+    else:
+        pool = BlockPool(HYBRID, num_blocks=16, storage=FakeStorage)
+    engine = BlockPoolBatchEngine(
+        FakeModel(HYBRID), FakeTokenizer(), pool, HYBRID,
+        batch_gen_factory=FakeBatchGenerator, state_snapshot_blocks=1,
+    )  # fmt: skip
+    states = pool.manager.allocator(1)
+    states.allocate(999, states.num_free - 1)  # a holder outside the manager, for the test
+    a = prompt_of(14)
+    engine.submit("a", a, max_tokens=2)
+    (done_a,) = engine.drain()
+    assert list(done_a.token_ids) == reference_tokens(engine.model, a, 2)
+    assert (pool.num_resizes > 0) == budget
+    states.release(999)  # room for b's own state
+    b = [*a[:11], 99, 98]
+    engine.submit("b", b, max_tokens=3)
+    (done_b,) = engine.drain()
+    assert done_b.cached_tokens == (8 if budget else 0)
+    assert list(done_b.token_ids) == reference_tokens(engine.model, b, 3)
+    assert pool.bytes_total <= (pool.max_bytes or pool.bytes_total)
+    pool.check_invariants()

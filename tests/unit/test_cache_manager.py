@@ -11,6 +11,7 @@ from fakes import SPEC, B
 
 from kvpool import AttentionKind, InvalidRequestError, LayerSpec, ModelCacheSpec
 from kvpool.cache import NULL_BLOCK, CacheHandle, KVCacheManager, PoolFull, Reservation
+from kvpool.cache.manager import StateLease
 from kvpool.cache.prefix import block_keys
 from kvpool.cache.spec import StateSpec
 
@@ -335,7 +336,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
             if handle.total_tokens > 1:
                 length = rng.randint(1, handle.total_tokens - 1)
                 snap = m.place_snapshot(handle, length)
-                if snap is not None:
+                if isinstance(snap, StateLease):
                     assert len(snap.tables[states[0]]) == -(-length // B)
                     if rng.random() < 0.2:
                         m.abort_snapshot(snap)
@@ -382,7 +383,7 @@ def _snapshot(
     if rng.random() < 0.5 and len(prompt) > res.match.num_tokens + 1:
         length = rng.randint(res.match.num_tokens + 1, len(prompt) - 1)
         placed = m.place_state(res, length)
-        if placed is not None:
+        if not isinstance(placed, PoolFull):
             for g, policy in enumerate(m.policies):
                 if policy.is_recurrent:
                     state_of[placed[g][-1]] = tuple(prompt[:length])
@@ -395,7 +396,7 @@ def _snapshot(
         return
     length = rng.randint(first, last) * B
     tables = m.place_prefix(res, length)
-    if tables is None:  # a sliding or recurrent group has no free block: skipped
+    if isinstance(tables, PoolFull):  # a sliding or recurrent group has no free block: skipped
         return
     for g, policy in enumerate(m.policies):
         if policy.is_recurrent:
@@ -550,7 +551,7 @@ def test_the_prompt_end_snapshot_index_stays_bounded() -> None:
         assert isinstance(res, Reservation)
         m.release_pin(res)
         placed = m.place_state(res, len(prompt) - 1)
-        assert placed is not None
+        assert not isinstance(placed, PoolFull)
         m.commit_state(res, placed, len(prompt) - 1)
         tables = m.place(res, len(prompt))
         m.release(m.commit(res, prompt, tables, written_from(m, res, len(prompt))))
@@ -573,7 +574,7 @@ def test_a_snapshot_of_a_live_handle_is_reused_for_exactly_its_prefix() -> None:
     assert m.lookup([*a.token_ids[:8], 99, 98]).num_tokens == 0
     for length in (6, 8):
         snap = m.place_snapshot(a, length)
-        assert snap is not None and snap.tokens == a.token_ids[:length]
+        assert isinstance(snap, StateLease) and snap.tokens == a.token_ids[:length]
         # 6 or 8 tokens: 2 entries; the state in the last one of the recurrent group
         #   full       [ - ]  [ - ]
         #   recurrent  [ - ]  [ s ]
@@ -591,7 +592,7 @@ def test_a_snapshot_of_a_live_handle_is_reused_for_exactly_its_prefix() -> None:
     # abort: nothing published, nothing held
     before = m.usage()
     snap = m.place_snapshot(a, 7)
-    assert snap is not None
+    assert isinstance(snap, StateLease)
     m.abort_snapshot(snap)
     m.abort_snapshot(snap)  # a no-op
     assert m.usage() == before and 7 not in m.snapshot_tables(a)
@@ -609,7 +610,8 @@ def test_a_snapshot_without_a_free_state_block_changes_nothing() -> None:
     m = KVCacheManager(dataclasses.replace(RECURRENT, layers=RECURRENT.layers[:2]), [16, 1])
     a, _ = turn(m, "a", list(range(1, 11)), [60])  # its end state takes the only one
     before = m.usage()
-    assert m.place_snapshot(a, 4) is None
+    full = m.place_snapshot(a, 4)
+    assert isinstance(full, PoolFull) and full.group == 1 and (full.needed, full.free) == (1, 0)
     assert m.usage() == before
     m.check_invariants()
 
@@ -621,14 +623,14 @@ def test_held_snapshots_survive_allocations_until_released() -> None:
     a, _ = turn(m, "a", list(range(1, 11)), [60])
     for length in (4, 8):
         snap = m.place_snapshot(a, length)
-        assert snap is not None
+        assert isinstance(snap, StateLease)
         m.commit_snapshot(snap)
     held = m.hold_snapshots(a)
     assert held.lengths == (4, 8)
-    assert m.place_snapshot(a, 9) is None  # both cached-free ones are held: none free
+    assert isinstance(m.place_snapshot(a, 9), PoolFull)  # both cached-free ones are held
     m.release_snapshots(held)
     snap = m.place_snapshot(a, 9)  # now one is evicted for it
-    assert snap is not None
+    assert isinstance(snap, StateLease)
     m.commit_snapshot(snap)
     assert len(m.snapshot_tables(a)) == 2  # one of 4, 8 gone, 9 there
     m.check_invariants()

@@ -10,6 +10,7 @@ from fakes import HYBRID, B, prompt_of
 
 from kvpool import BlockPool, BlockPoolBatchEngine
 from kvpool.cache import KVCacheManager, PoolFull, Reservation
+from kvpool.cache.manager import StateLease
 from kvpool.cache.storage import LayerState
 from kvpool.errors import CacheCorruptionError, InvalidRequestError
 from kvpool.persist import load_cache, read_cache_info, save_cache
@@ -122,7 +123,7 @@ def test_a_snapshot_that_does_not_fit_is_skipped() -> None:
     assert isinstance(res, Reservation)
     m.release_pin(res)
     before = m.usage()
-    assert m.place_prefix(res, 4) is None
+    assert isinstance(m.place_prefix(res, 4), PoolFull)
     assert m.usage() == before
     m.rollback(res)
     assert m.usage().num_used == 0
@@ -317,7 +318,7 @@ def test_snapshots_that_do_not_fit_are_skipped_on_load(
     leases = []  # held state blocks: leave the loaded end state's and ``spare`` more
     while pool.manager.num_free(1) > 1 + spare:
         snap = pool.manager.place_snapshot(x.blocks, 1 + len(leases))
-        assert snap is not None
+        assert isinstance(snap, StateLease)
         leases.append(snap)
     loaded = load_cache(path, pool, fingerprint="fp")
     assert pool.snapshot_lengths(loaded) == kept

@@ -634,6 +634,13 @@ class KVCacheManager:
             agent_id, tuple(tokens), max_tokens, salt, match, lease, pin, fresh_ids, replacing
         )
 
+    def _full(self, g: int, needed: int) -> PoolFull:
+        """Group ``g`` has fewer than ``needed`` free blocks (a snapshot or a published
+        prefix: the group could hold it if it had the room)."""
+        alloc = self._allocators[g]
+        capacity = int(alloc.num_blocks)
+        return PoolFull(g, needed, int(alloc.num_free), capacity, needed > capacity)
+
     def _fresh_needed(self, g: int, total: int, matched: int) -> int:
         """Fresh blocks group ``g`` needs for a final cache of up to ``total`` positions
         written from the end of the matched prefix's whole blocks."""
@@ -673,12 +680,12 @@ class KVCacheManager:
         res.match = match
         return True
 
-    def place_prefix(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...] | None:
+    def place_prefix(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...] | PoolFull:
         """Tables to write a running request's first ``length`` positions through
         (``length`` a block boundary past its match), so that :meth:`commit_prefix`
         can publish them before the request ends. Full groups use the request's own
         fresh blocks; a sliding group takes extra blocks for the positions its window
-        holds at ``length`` (the final write still needs its own). None, and nothing
+        holds at ``length`` (the final write still needs its own). PoolFull, and nothing
         changed, if a sliding group has too few free blocks."""
         size = self.block_tokens
         first = res.match.num_tokens // size
@@ -691,7 +698,7 @@ class KVCacheManager:
         starts = [max(first, p.needed_from(length) // size) for p in self.policies]
         for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
             if not policy.is_full and end - starts[g] > int(alloc.num_free):
-                return None
+                return self._full(g, end - starts[g])
         tables = []
         for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
             table = [NULL_BLOCK] * end
@@ -743,20 +750,21 @@ class KVCacheManager:
             groups.append(GroupMatch(tuple(shared), (), (), valid))
         res.match = PrefixMatch(length, tuple(groups))
 
-    def place_state(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...] | None:
+    def place_state(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...] | PoolFull:
         """Tables to write a running request's recurrent states after its first ``length``
         tokens through (a snapshot anywhere, e.g. at its prompt's end): one fresh block in
         each recurrent group, at entry ``(length - 1) // B``; other groups' tables all NULL.
-        None, and nothing changed, if a recurrent group has no free block."""
+        PoolFull, and nothing changed, if a recurrent group has no free block."""
         if not 0 < length <= len(res.tokens):
             raise InvalidRequestError(f"a state after {length} of {len(res.tokens)} tokens")
         return self._take_state_blocks(res.lease, length)
 
-    def _take_state_blocks(self, owner: int, length: int) -> tuple[tuple[int, ...], ...] | None:
+    def _take_state_blocks(self, owner: int, length: int) -> tuple[tuple[int, ...], ...] | PoolFull:
         """One block of each recurrent group for ``owner`` at entry ``(length - 1) // B``
-        (other entries and groups NULL); None, and nothing taken, if one has none free."""
-        if any(int(self._allocators[g].num_free) < 1 for g in self._recurrent):
-            return None
+        (other entries and groups NULL); PoolFull, and nothing taken, if one has none free."""
+        for g in self._recurrent:
+            if int(self._allocators[g].num_free) < 1:
+                return self._full(g, 1)
         entries = -(-length // self.block_tokens)
         tables = []
         for g in range(len(self.policies)):
@@ -892,12 +900,12 @@ class KVCacheManager:
         for alloc in self._allocators:
             alloc.release(held.lease)
 
-    def place_snapshot(self, handle: CacheHandle, length: int) -> StateLease | None:
+    def place_snapshot(self, handle: CacheHandle, length: int) -> StateLease | PoolFull:
         """Blocks to write the states after the first ``length`` tokens of a live handle
         into (``0 < length < total_tokens``; its K/V is not touched), to be published by
         :meth:`commit_snapshot` exactly as :meth:`commit_state` publishes a prompt's; or
-        :meth:`abort_snapshot`. None, and nothing changed, if a recurrent group has no free
-        block."""
+        :meth:`abort_snapshot`. PoolFull, and nothing changed, if a recurrent group has no
+        free block."""
         self.check_live(handle)
         if not self._recurrent:
             raise InvalidRequestError("a state snapshot of a model without recurrent layers")
@@ -908,8 +916,8 @@ class KVCacheManager:
             )
         lease = next(self._owner_ids)
         tables = self._take_state_blocks(lease, length)
-        if tables is None:
-            return None
+        if isinstance(tables, PoolFull):
+            return tables
         return StateLease(handle.token_ids[:length], handle.salt, lease, tables)
 
     def commit_snapshot(self, snap: StateLease) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from kvpool.cache.manager import KVCacheManager, PoolFull, PrefixMatch, Reservation
@@ -31,7 +31,13 @@ from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV, LayerState
 from kvpool.cache.tables import CacheHandle
 from kvpool.errors import InvalidRequestError
 
-__all__ = ["HostWrite", "SequenceCache", "SequenceState", "open_sequence"]
+__all__ = ["HostWrite", "MakeRoom", "SequenceCache", "SequenceState", "open_sequence"]
+
+MakeRoom = Callable[[PoolFull], bool]
+"""Moves budget so that the group a PoolFull names has what it lacked (the pool's; called
+under its lock); False, and nothing changed, if it cannot."""
+
+_Placed = TypeVar("_Placed")
 
 
 class SequenceState(enum.Enum):
@@ -52,11 +58,13 @@ def open_sequence(
     own: CacheHandle | None = None,
     salt: str = "",
     shared: bool = True,
+    room: MakeRoom | None = None,
 ) -> SequenceCache | PoolFull:
     """Reserve what a request for ``tokens`` (+ ``max_tokens``) needs, reusing the longest
     prefix the pool holds (``own``: the agent's cache, also replaced at close when it is
     the same agent's). PoolFull, and nothing changed, if it does not fit even without the
-    partly matching block (whose tokens it would then prefill)."""
+    partly matching block (whose tokens it would then prefill). ``room`` is asked for the
+    blocks a prefix or snapshot published while the sequence runs lacks."""
     with lock:
         if own is not None:
             manager.check_live(own)
@@ -74,7 +82,7 @@ def open_sequence(
             )
         if isinstance(res, PoolFull):
             return res
-        return SequenceCache(manager, storage, lock, res, shared)
+        return SequenceCache(manager, storage, lock, res, shared, room)
 
 
 class SequenceCache:
@@ -91,12 +99,14 @@ class SequenceCache:
         lock: threading.RLock,
         reservation: Reservation,
         shared: bool,
+        room: MakeRoom | None = None,
     ) -> None:
         self._manager = manager
         self._storage = storage
         self._lock = lock
         self._res = reservation
         self._shared = shared
+        self._room = room
         self.state = SequenceState.OPEN
 
     @property
@@ -152,10 +162,9 @@ class SequenceCache:
         """Write and publish the first ``length`` positions (a block boundary) from the
         running sequence's caches, so that sequences waiting for the same prefix share
         them. False, and nothing changed, if the pool cannot hold the sliding groups'
-        copies now."""
+        copies now, even after moving budget to them."""
         self._expect(SequenceState.READ)
-        with self._lock:
-            tables = self._manager.place_prefix(self._res, length)
+        tables = self._placed(lambda: self._manager.place_prefix(self._res, length))
         if tables is None:
             return False
         written_from = self._storage.store(caches, tables, self._write_start())
@@ -166,10 +175,10 @@ class SequenceCache:
     def snapshot_state(self, caches: Sequence[Any], length: int) -> bool:
         """Write and publish the recurrent states of the running sequence's caches (after
         its first ``length`` tokens: its prompt's end, say) so that a later prompt with that
-        exact prefix resumes from them. False, and nothing changed, without a free block."""
+        exact prefix resumes from them. False, and nothing changed, without a free block
+        (after moving budget to the recurrent groups, if the pool can)."""
         self._expect(SequenceState.READ)
-        with self._lock:
-            tables = self._manager.place_state(self._res, length)
+        tables = self._placed(lambda: self._manager.place_state(self._res, length))
         if tables is None:
             return False
         try:
@@ -181,6 +190,15 @@ class SequenceCache:
         with self._lock:
             self._manager.commit_state(self._res, tables, length)
         return True
+
+    def _placed(self, place: Callable[[], _Placed | PoolFull]) -> _Placed | None:
+        """``place()`` under the lock, once more after ``room`` moved budget to the group it
+        found short; None, and nothing changed, if it still does not fit."""
+        with self._lock:
+            got = place()
+            if isinstance(got, PoolFull) and self._room is not None and self._room(got):
+                got = place()
+        return None if isinstance(got, PoolFull) else got
 
     def close(self, caches: Sequence[Any], token_ids: Sequence[int]) -> CacheHandle:
         """Write the finished sequence's caches (one position per token of ``token_ids``)
