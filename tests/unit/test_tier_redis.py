@@ -216,12 +216,24 @@ SWA8 = ModelCacheSpec(  # window 8, two blocks: the fake caches hold exactly the
 )
 
 
-def _swa_sessions(fake: FakeRedis, secret: bytes | None = None) -> tuple[list[int], list[str]]:
+Q8_SWA8 = ModelCacheSpec(  # SWA8 with heads of 64, quantized to 8 bits at rest
+    (
+        LayerSpec(AttentionKind.SLIDING, 2, 64, 64, window=8),
+        LayerSpec(AttentionKind.GLOBAL, 2, 64, 64),
+    ),
+    "float16",
+    B,
+).with_format(8)
+
+
+def _swa_sessions(
+    fake: FakeRedis, secret: bytes | None = None, spec: ModelCacheSpec = SWA8
+) -> tuple[list[int], list[str]]:
     """Store A serves two agents arriving together with a 13-token system prompt: the
     leader publishes the prefix at 12, leaving the sliding group's blocks 1 and 2 (the
     window at 12 starts at 5) cached in the pool; both sessions are saved. Returns the
     system prompt and the keys of those two window records (row 0)."""
-    a = make_store(fake, spec=SWA8, secret=secret)  # type: ignore[arg-type]
+    a = make_store(fake, spec=spec, secret=secret)  # type: ignore[arg-type]
     system = prompt_of(13, seed=3)
     a.submit("a", [*system, *prompt_of(5, seed=4)], 3)
     a.submit("b", [*system, *prompt_of(6, seed=6)], 3)
@@ -234,25 +246,29 @@ def _swa_sessions(fake: FakeRedis, secret: bytes | None = None) -> tuple[list[in
     return system, [tier.keys.window_key("", chain[j], 0, 0) for j in (1, 2)]
 
 
-@pytest.mark.parametrize(("damage", "imported"), [(None, 12), ("flip", 0), ("delete", 0)])
+@pytest.mark.parametrize(
+    ("damage", "imported", "spec"),
+    [(None, 12, SWA8), ("flip", 0, SWA8), ("delete", 0, SWA8), (None, 12, Q8_SWA8)],
+)
 def test_a_sliding_window_prefix_a_leader_published_is_imported_by_another_store(
-    damage: str | None, imported: int
+    damage: str | None, imported: int, spec: ModelCacheSpec
 ) -> None:
     """The window blocks a published prefix leaves in store A's pool go to Redis at row 0
     of their block (where the importer looks, no scan), once; store B (an empty pool)
     imports the 3 global blocks and both window blocks and its new agent reuses all 12
-    tokens, token-exact. A window record failing its checksum (deleted, counted) or
-    missing: nothing imported, the turn prefilled, token-exact."""
+    tokens, token-exact (a quantized pool's too: codes bit for bit). A window record
+    failing its checksum (deleted, counted) or missing: nothing imported, the turn
+    prefilled, token-exact."""
     fake = FakeRedis()
-    system, windows = _swa_sessions(fake)
-    ks = KeySpace(FP, block_format_id(SWA8), B)
+    system, windows = _swa_sessions(fake, spec=spec)
+    ks = KeySpace(FP, block_format_id(spec), B)
     assert set(windows) <= _window_keys(fake)  # beside the sessions' own, from block 3 on
     _damage(fake, windows[1], damage)
-    b = make_store(fake, spec=SWA8)
+    b = make_store(fake, spec=spec)
     new = [*system, *prompt_of(4, seed=5)]
     got = run(b, "n", new)
     assert got.cached_tokens == imported == b.stats.prefix_tokens_imported
-    assert got.token_ids == run(make_store(FakeRedis(), spec=SWA8), "ref", new).token_ids
+    assert got.token_ids == run(make_store(FakeRedis(), spec=spec), "ref", new).token_ids
     if damage == "flip":
         assert b.stats.tier.num_blocks_corrupt == 1 and windows[1] not in fake.data
     b.pool.check_invariants()
