@@ -56,7 +56,7 @@ from kvpool.cache.manager import (
 from kvpool.cache.sequence import HostWrite, SequenceCache, open_sequence
 from kvpool.cache.spec import AttentionKind, ModelCacheSpec
 from kvpool.cache.storage import KVStorage, LayerCodes, LayerKV, LayerState
-from kvpool.cache.tables import CacheHandle
+from kvpool.cache.tables import NULL_BLOCK, CacheHandle
 from kvpool.errors import InvalidRequestError, PoolAllocationError
 
 _Rows = TypeVar("_Rows", LayerKV, LayerCodes)
@@ -495,6 +495,39 @@ class BlockPool:
         with got as write:
             write.write(kvs)
             return write.commit([valid_from if g.window else 0 for g in self.spec.groups])
+
+    # -- sliding-window blocks of a prefix (a shared tier) ----------------------
+
+    def window_lengths(self, handle: CacheHandle) -> list[int]:
+        """Block boundaries ``0 < e <= handle.total_tokens``, shortest first, at which the
+        pool holds every whole block each sliding-window group needs for a lookup of
+        exactly ``handle.token_ids[:e]`` (see
+        :meth:`~kvpool.cache.manager.KVCacheManager.window_lengths`). Changes nothing;
+        empty for a model without sliding-window layers."""
+        self.check_live(handle)
+        with self._lock:
+            return self.manager.window_lengths(handle)
+
+    def read_window(
+        self, handle: CacheHandle, group: int, j: int, layers: Sequence[int]
+    ) -> list[LayerKV] | list[LayerCodes] | None:
+        """Whole block ``j`` of ``layers`` (of sliding-window group ``group``) from the block
+        the pool holds for it under the block key of a live handle's tokens, on the host, as
+        the blocks hold them (codes for a quantized pool); None if it holds none. Read under
+        the pool's lock: a cached-free block cannot be evicted and overwritten meanwhile."""
+        self.check_live(handle)
+        size = self.spec.block_tokens
+        with self._lock:
+            block = self.manager.window_block(handle, group, j)
+            if block == NULL_BLOCK:
+                return None
+            tables = tuple(
+                (NULL_BLOCK,) * j + (block if g == group else NULL_BLOCK,)
+                for g in range(len(self.spec.groups))
+            )
+            if self.spec.format.is_quantized:
+                return self._storage.read_codes(tables, layers, j * size, (j + 1) * size)
+            return self._storage.read_layers(tables, layers, j * size, (j + 1) * size)
 
     # -- recurrent-state snapshots (files, a shared tier) ---------------------
 

@@ -188,10 +188,11 @@ def test_a_sliding_window_session_continues_on_another_store(corrupt: str | None
     b.pool.check_invariants()
 
 
-def test_a_sliding_window_prefix_is_not_imported() -> None:
-    """The documented limit: Redis holds a session's window rows only at its end, so a new
-    agent sharing a saved session's system prompt imports nothing (its turn is prefilled,
-    token-exact), where an attention-only model would import the prompt's blocks."""
+def test_a_sliding_window_prefix_no_pool_held_is_not_imported() -> None:
+    """A session served alone leaves its sliding group's rows in the pool only for its own
+    window, at its end: nothing at its system prompt's boundaries, so Redis gets no window
+    there and a new agent sharing that system prompt imports nothing (its turn is
+    prefilled, token-exact), where an attention-only model imports the prompt's blocks."""
     for spec, imported in ((SWA, 0), (SPEC, 12)):
         fake = FakeRedis()
         a = make_store(fake, spec=spec)
@@ -204,6 +205,118 @@ def test_a_sliding_window_prefix_is_not_imported() -> None:
         assert got.cached_tokens == imported == b.stats.prefix_tokens_imported
         assert got.token_ids == run(make_store(FakeRedis(), spec=spec), "ref", new).token_ids
         b.pool.check_invariants()
+
+
+SWA8 = ModelCacheSpec(  # window 8, two blocks: the fake caches hold exactly the window
+    (
+        LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=8),
+        LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+    ),
+    block_tokens=B,
+)
+
+
+Q8_SWA8 = ModelCacheSpec(  # SWA8 with heads of 64, quantized to 8 bits at rest
+    (
+        LayerSpec(AttentionKind.SLIDING, 2, 64, 64, window=8),
+        LayerSpec(AttentionKind.GLOBAL, 2, 64, 64),
+    ),
+    "float16",
+    B,
+).with_format(8)
+
+
+def _swa_sessions(
+    fake: FakeRedis, secret: bytes | None = None, spec: ModelCacheSpec = SWA8
+) -> tuple[list[int], list[str]]:
+    """Store A serves two agents arriving together with a 13-token system prompt: the
+    leader publishes the prefix at 12, leaving the sliding group's blocks 1 and 2 (the
+    window at 12 starts at 5) cached in the pool; both sessions are saved. Returns the
+    system prompt and the keys of those two window records (row 0)."""
+    a = make_store(fake, spec=spec, secret=secret)  # type: ignore[arg-type]
+    system = prompt_of(13, seed=3)
+    a.submit("a", [*system, *prompt_of(5, seed=4)], 3)
+    a.submit("b", [*system, *prompt_of(6, seed=6)], 3)
+    assert sorted(c.cached_tokens for c in a.drain()) == [0, 12]  # a leader and a follower
+    assert a.flush() == 2
+    assert a.stats.tier.num_blocks_written == len(blocks_of(fake))  # each record once
+    tier = a.cold
+    assert isinstance(tier, RedisTier)
+    chain = tier.keys.chain(system[:12], "")
+    return system, [tier.keys.window_key("", chain[j], 0, 0) for j in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("damage", "imported", "spec"),
+    [(None, 12, SWA8), ("flip", 0, SWA8), ("delete", 0, SWA8), (None, 12, Q8_SWA8)],
+)
+def test_a_sliding_window_prefix_a_leader_published_is_imported_by_another_store(
+    damage: str | None, imported: int, spec: ModelCacheSpec
+) -> None:
+    """The window blocks a published prefix leaves in store A's pool go to Redis at row 0
+    of their block (where the importer looks, no scan), once; store B (an empty pool)
+    imports the 3 global blocks and both window blocks and its new agent reuses all 12
+    tokens, token-exact (a quantized pool's too: codes bit for bit). A window record
+    failing its checksum (deleted, counted) or missing: nothing imported, the turn
+    prefilled, token-exact."""
+    fake = FakeRedis()
+    system, windows = _swa_sessions(fake, spec=spec)
+    ks = KeySpace(FP, block_format_id(spec), B)
+    assert set(windows) <= _window_keys(fake)  # beside the sessions' own, from block 3 on
+    _damage(fake, windows[1], damage)
+    b = make_store(fake, spec=spec)
+    new = [*system, *prompt_of(4, seed=5)]
+    got = run(b, "n", new)
+    assert got.cached_tokens == imported == b.stats.prefix_tokens_imported
+    assert got.token_ids == run(make_store(FakeRedis(), spec=spec), "ref", new).token_ids
+    if damage == "flip":
+        assert b.stats.tier.num_blocks_corrupt == 1 and windows[1] not in fake.data
+    b.pool.check_invariants()
+    assert [h.agent_id for h in b.pool.manager.handles] == ["n"]
+    assert ks.block_key("", ks.chain(system[:12], "")[2]) in fake.data
+
+
+def test_a_failed_sliding_window_prefix_import_leaves_nothing_in_the_pool() -> None:
+    """A bad window record, a missing one, or a pool without room: the import returns 0
+    and the pool holds nothing, neither blocks nor cached ones (control: with the records
+    intact the same call imports 12 tokens, which the pool's lookup then supplies)."""
+    fake = FakeRedis()
+    system, windows = _swa_sessions(fake)
+    good = fake.data[windows[0]]
+    new = [*system, 99, 98]
+    for case in ("bad window", "missing window", "no room", "control"):
+        fake.data[windows[0]] = good
+        _damage(fake, windows[0], {"bad window": "flip", "missing window": "delete"}.get(case))
+        b = make_store(fake, num_blocks=2 if case == "no room" else 64, spec=SWA8)
+        got = b.cold.import_prefix(b.pool, new, "", 0)
+        usage = b.pool.usage()
+        assert usage.num_used == 0 and usage.num_handles == 0
+        if case == "control":
+            assert got == 12 and usage.groups[0].num_cached == 2
+            assert b.pool.lookup(new, salt="").num_tokens == 12
+        else:
+            assert got == 0 and usage.num_cached == 0, case
+            assert b.pool.lookup(new, salt="").num_tokens == 0
+        b.pool.check_invariants()
+
+
+def test_window_records_are_written_once_and_a_planted_one_is_replaced_with_a_secret() -> None:
+    """With a secret: a bad record planted under a window block's key before the first
+    write is checked and replaced (SET NX alone would keep it), the second session on the
+    same prefix sends neither window block again, and a store with the same secret imports
+    the prefix (one without it: nothing)."""
+    fake, secret = FakeRedis(), b"s3cret"
+    probe = RedisTier(fake, spec=SWA8, fingerprint=FP, secret=secret)  # type: ignore[arg-type]
+    chain = probe.keys.chain(prompt_of(12, seed=3), "")
+    planted = probe.keys.window_key("", chain[2], 0, 0)
+    fake.data[planted] = b"KVB1" + bytes(100)  # fails its MAC
+    system, windows = _swa_sessions(fake, secret)
+    assert planted == windows[1]
+    decode_block(fake.data[planted], SWA8, 8, planted, probe._mac, planted.encode(), 0)
+    b = make_store(fake, spec=SWA8, secret=secret)  # type: ignore[arg-type]
+    assert run(b, "n", [*system, *prompt_of(4, seed=5)]).cached_tokens == 12
+    unkeyed = make_store(fake, spec=SWA8)  # another deployment's (or a forger's) records
+    assert run(unkeyed, "n", [*system, *prompt_of(4, seed=5)]).cached_tokens == 0
 
 
 def _hybrid() -> ModelCacheSpec:

@@ -876,6 +876,49 @@ class KVCacheManager:
                     found[length] = self._state_tables(length, blocks)
         return found
 
+    def window_lengths(self, handle: CacheHandle) -> list[int]:
+        """Block boundaries ``0 < e <= handle.total_tokens``, shortest first, at which the
+        pool holds (live or cached-free, published under the block keys of
+        ``handle.token_ids``) every block each sliding-window group needs for a lookup of
+        exactly ``token_ids[:e]``: those of positions ``needed_from(e)`` to ``e``, whole.
+        What a leader's published prefix and a sequence's window leave behind. Empty for a
+        model without sliding-window groups or when ``handle`` is not live. Changes nothing."""
+        sliding = self._sliding()
+        if not sliding or not self.is_live(handle):
+            return []
+        size, tokens = self.block_tokens, handle.token_ids
+        num = len(tokens) // size
+        keys = block_keys(tokens, size, self.root(handle.salt))
+        held = {
+            g: [
+                int(self._allocators[g].lookup(keys[j], list(tokens[j * size : (j + 1) * size])))
+                != NULL_BLOCK
+                for j in range(num)
+            ]
+            for g in sliding
+        }
+        return [
+            k * size
+            for k in range(1, num + 1)
+            if all(
+                all(held[g][self.policies[g].needed_from(k * size) // size : k]) for g in sliding
+            )
+        ]
+
+    def window_block(self, handle: CacheHandle, group: int, j: int) -> int:
+        """The block the pool holds (live or cached-free) for whole block ``j`` of a live
+        handle's tokens in group ``group``, published under its block key; NULL if none."""
+        size, tokens = self.block_tokens, handle.token_ids
+        if not 0 <= j < len(tokens) // size:
+            return NULL_BLOCK
+        key = block_keys(tokens[: (j + 1) * size], size, self.root(handle.salt))[j]
+        chunk = list(tokens[j * size : (j + 1) * size])
+        return int(self._allocators[group].lookup(key, chunk))
+
+    def _sliding(self) -> list[int]:
+        """The sliding-window groups."""
+        return [g for g, p in enumerate(self.policies) if p.window is not None]
+
     def _state_tables(self, length: int, blocks: dict[int, int]) -> tuple[tuple[int, ...], ...]:
         """Tables of ``ceil(length / B)`` entries with ``blocks[g]`` last in group ``g``."""
         entries = -(-length // self.block_tokens)
@@ -991,6 +1034,8 @@ class KVCacheManager:
         token_ids: Sequence[int],
         tables: Sequence[Sequence[int]],
         written_from: Sequence[int],
+        *,
+        whole_blocks: bool = False,
     ) -> CacheHandle:
         """Turn ``res`` into the handle of ``token_ids``, whose K/V was written
         through ``tables`` (from :meth:`place`) at positions ``>= written_from[g]``.
@@ -999,6 +1044,11 @@ class KVCacheManager:
         window, publishes every fully written block under its prefix key (a block
         whose key another block already holds is swapped for that one), and
         releases ``res.replacing`` if it is still live.
+
+        A sliding group keeps positions from ``keep_from(len(token_ids))`` on; with
+        ``whole_blocks`` (a host write of whole blocks: a prefix import) from the start of
+        the block holding that position, when written from there, so that this block is
+        published too (lookups of exactly these tokens need it: their window starts in it).
         """
         if not res.open:
             raise InvalidRequestError("this reservation was already committed or rolled back")
@@ -1011,7 +1061,8 @@ class KVCacheManager:
             table = list(tables[g])
             gm = res.match.groups[g]
             valid = gm.valid_from if written_from[g] <= shared_end else written_from[g]
-            valid = max(valid, policy.keep_from(length))
+            keep = policy.keep_from(length)
+            valid = max(valid, keep // size * size if whole_blocks else keep)
             for j in range(min(valid // size, len(table))):  # out of the window, or unwritten
                 table[j] = NULL_BLOCK
             placed = {b for b in table if b != NULL_BLOCK}

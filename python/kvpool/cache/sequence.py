@@ -348,9 +348,15 @@ class HostWrite:
                 out.append(kv.drop(skip))
         return out
 
-    def commit(self, valid_from: Sequence[int] | None = None) -> CacheHandle:
+    def commit(
+        self, valid_from: Sequence[int] | None = None, *, whole_blocks: bool = False
+    ) -> CacheHandle:
         """The written blocks become the handle of ``tokens``; group ``g`` holds positions
-        ``>= valid_from[g]`` (None: all of them, as full-attention groups do).
+        ``>= valid_from[g]`` (None: all of them, as full-attention groups do), a sliding
+        group at most its window (from ``keep_from``); with ``whole_blocks`` (the rows were
+        written from ``valid_from[g]``, a block start) from the start of the window's first
+        block, which is then published too (a prefix import: see
+        :meth:`KVCacheManager.commit`).
         InvalidRequestError, and the write still open, if a recurrent layer's end state was
         not written into its fresh block (it would be published holding nothing)."""
         self._expect_open()
@@ -362,7 +368,9 @@ class HostWrite:
         valid = valid_from if valid_from is not None else [0] * len(self.tables)
         written = [max(v, self.shared_tokens) for v in valid]
         with self._lock:
-            handle = self._manager.commit(self._res, self._res.tokens, self.tables, written)
+            handle = self._manager.commit(
+                self._res, self._res.tokens, self.tables, written, whole_blocks=whole_blocks
+            )
         self.state = SequenceState.CLOSED
         return handle
 

@@ -68,6 +68,7 @@ __all__ = [
     "read_block",
     "read_snapshot",
     "read_state",
+    "read_window",
     "record_bytes",
     "state_record_bytes",
 ]
@@ -350,3 +351,21 @@ def read_snapshot(
     handle (a block boundary below its end); None if it holds none (evicted)."""
     states = pool.read_snapshot(handle, length, _state_layers(pool.spec))
     return None if states is None else encode_state(length, states, key, context)
+
+
+def read_window(
+    pool: BlockPool,
+    handle: CacheHandle,
+    group: int,
+    j: int,
+    key: bytes | None = None,
+    context: bytes = b"",
+) -> bytes | None:
+    """The record of whole block ``j`` of sliding-window group ``group``'s layers from the
+    block the pool holds for it under the block key of a live handle's tokens (a window
+    block a published prefix left behind), in the pool's format; None if it holds none."""
+    kvs = pool.read_window(handle, group, j, record_layers(pool.spec, group))
+    if kvs is None:
+        return None
+    size = pool.spec.block_tokens
+    return encode_block(handle.token_ids[j * size : (j + 1) * size], kvs, key, context)

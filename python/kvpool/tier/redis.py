@@ -20,7 +20,8 @@ different ``--kv-bits`` share a Redis without sharing blocks or sessions.
 * **Prefix import**: the published full blocks of a prompt's prefix that the pool lacks are
   fetched the same way and committed as a throwaway handle that is released at once: they
   stay in the pool as cached prefix blocks (and, for a recurrent model, the state at their
-  end as a cached snapshot), which the engine's own lookup then shares.
+  end as a cached snapshot; for a sliding-window model, the window at their end), which the
+  engine's own lookup then shares.
 * **Memory**: every key gets a TTL (``ttl``, default one day; ``?ttl=0`` for none),
   refreshed whenever a session or block is written or read; bound Redis itself with
   ``maxmemory`` and ``maxmemory-policy allkeys-lru`` (docs/DEPLOY.md). An evicted block
@@ -32,11 +33,20 @@ different ``--kv-bits`` share a Redis without sharing blocks or sessions.
   store writes every hot session again (Redis may have restarted empty).
 
 A sliding-window layer group's rows are records of their own (``:g<group>:<row>`` after the
-block key: that block's positions from ``row`` on, of that group's layers), written only
-for the positions the session's window holds (its ``valid_from`` per group, in the
-manifest); block records then hold the layers of the groups without a window. Prefix import
-is off for sliding-window models: a prefix's next token attends window rows that Redis holds
-only where a saved session's window ended.
+block key: that block's positions from ``row`` on, of that group's layers); block records
+then hold the layers of the groups without a window. A session writes them for the
+positions its window holds (its ``valid_from`` per group, in the manifest) and, like
+snapshots, the whole window blocks the pool holds for its prefix at block boundaries
+(``SET NX``, checked on read like every block): a lookup of exactly ``e`` tokens needs each
+sliding group's blocks from the one holding ``needed_from(e)`` to ``e``, whole (the pool
+shares only whole published blocks), which a leader's published prefix leaves cached in the
+pool (:meth:`BlockPool.window_lengths`). These are records at row 0, so the importer names
+them without a scan (a session's records of blocks wholly inside its window are the same
+keys). A prefix import then takes the longest run of blocks ending at a boundary where Redis
+holds every sliding group's window too, and commits its first window block whole so that it
+is published (``whole_blocks``). A session served alone leaves no window at its prefix's
+boundaries (the pool then holds none either): a new agent sharing only its system prompt
+imports nothing.
 
 A model with recurrent layers keeps their state out of the block records: a state after
 exactly ``n`` tokens is a record of its own (``:st:`` under the chain key of those tokens,
@@ -79,6 +89,7 @@ from kvpool.tier.codec import (
     read_block,
     read_snapshot,
     read_state,
+    read_window,
     record_bytes,
     state_record_bytes,
 )
@@ -346,8 +357,10 @@ class RedisTier:
             self._counts["num_blocks_written"] += len(chunk)
             self._counts["bytes_sent"] += sum(len(rec) for rec in records)
         sent_state = 0
+        if self._windowed:
+            sent_state += self._save_windows(pool, handle, chain, {rec.key for rec in recs})
         if self.spec.has_recurrent:
-            sent_state = self._save_snapshots(pool, handle, chain)
+            sent_state += self._save_snapshots(pool, handle, chain)
             # the end state, under the chain key of all the tokens
             state_key = self.keys.state_key(salt, chain[-1])
             record = read_state(pool, handle, self._mac, self._context(state_key))
@@ -609,6 +622,73 @@ class RedisTier:
             held += len(record)
         return held
 
+    def _window_records(self, salt: str, chain: Sequence[int], end: int) -> list[_Record]:
+        """The records a prefix import at block boundary ``end`` needs from every
+        sliding-window group: its whole blocks (row 0) from the one holding the first
+        position a lookup of exactly ``end`` tokens needs (:meth:`GroupPolicy.needed_from`)
+        to ``end``. The pool shares only whole published blocks, so none starts mid-block;
+        a session's records of the blocks wholly inside its window are the same keys."""
+        size = self.spec.block_tokens
+        return [
+            _Record(j, self.keys.window_key(salt, chain[j], g, 0), j * size, (j + 1) * size, g)
+            for g in self._windowed
+            for j in range(self._policies[g].needed_from(end) // size, end // size)
+        ]
+
+    def _save_windows(
+        self, pool: BlockPool, handle: CacheHandle, chain: Sequence[int], written: set[str]
+    ) -> int:
+        """Write the sliding-window blocks the pool holds for ``handle``'s prefix at the
+        block boundaries where it holds a whole window (:meth:`BlockPool.window_lengths`:
+        what a leader's published prefix left behind), as :meth:`_window_records` (row 0),
+        that Redis lacks, with ``SET NX`` (with a secret, one found there unchecked is
+        checked first and replaced if it fails); the others get their TTL refreshed.
+        ``written``: the session's own record keys, already handled. Returns the bytes of
+        these records in Redis."""
+        tokens, salt, size = handle.token_ids, handle.salt, self.spec.block_tokens
+        recs: dict[str, _Record] = {}
+        for end in pool.window_lengths(handle):
+            for rec in self._window_records(salt, chain, end):
+                if rec.key not in written:
+                    recs.setdefault(rec.key, rec)
+        if not recs:
+            return 0
+        todo_recs = list(recs.values())
+        what = f"saving the window blocks of agent {handle.agent_id!r}"
+        with self._redis(what) as r:
+            pipe = r.pipeline(transaction=False)
+            for rec in todo_recs:
+                self._refresh(pipe, rec.key)
+            present = pipe.execute()
+        replace = self._unverified(todo_recs, present, tokens) if self._mac else set()
+        there = [i for i, found in enumerate(present) if found and i not in replace]
+        self._counts["num_blocks_deduplicated"] += len(there)
+        held = sum(record_bytes(self.spec, size, todo_recs[i].group) for i in there)
+        todo = [i for i in range(len(todo_recs)) if i not in set(there)]
+        for c in range(0, len(todo), _FETCH_BLOCKS):
+            chunk: list[tuple[int, bytes]] = []
+            for i in todo[c : c + _FETCH_BLOCKS]:
+                rec = todo_recs[i]
+                assert rec.group is not None
+                key, context = self._mac, self._context(rec.key)
+                record = read_window(pool, handle, rec.group, rec.j, key, context)
+                if record is not None:  # else evicted from the pool since: nothing to send
+                    chunk.append((i, record))
+            if not chunk:
+                continue
+            with self._redis(what) as r:
+                pipe = r.pipeline(transaction=False)
+                for i, record in chunk:
+                    # a concurrent writer's record is as good (and checked on read)
+                    pipe.set(todo_recs[i].key, record, nx=i not in replace, ex=self.ttl_s)
+                pipe.execute()
+            for i, record in chunk:
+                self._trust(todo_recs[i].key)
+                held += len(record)
+                self._counts["bytes_sent"] += len(record)
+            self._counts["num_blocks_written"] += len(chunk)
+        return held
+
     def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
         """One pipelined EXISTS over every manifest and block key of ``handles``."""
         self._check_pool(pool)
@@ -650,13 +730,13 @@ class RedisTier:
         return True
 
     def import_prefix(self, pool: BlockPool, tokens: Sequence[int], salt: str, have: int) -> int:
-        """Import the longest run of ``tokens``' whole blocks past ``have`` that Redis holds
-        (for a recurrent model: ending at a block boundary below the prompt's end whose state
-        Redis holds too, imported as a snapshot of exactly that prefix); nothing on any miss,
-        bad record or full pool. Returns the tokens imported."""
+        """Import the longest run of ``tokens``' whole blocks past ``have`` that Redis holds,
+        ending at a block boundary where it holds what the pool needs there besides: for a
+        recurrent model the state (below the prompt's end), imported as a snapshot of
+        exactly that prefix; for a sliding-window model every sliding group's whole blocks
+        of the window (:meth:`_window_records`), published with the prefix. Nothing on any
+        miss, bad record or full pool. Returns the tokens imported."""
         self._check_pool(pool)
-        if self._windowed:
-            return 0  # window records exist only where a saved session's window ended
         size, recurrent = self.spec.block_tokens, self.spec.has_recurrent
         # the engine feeds a prompt's last token itself: a state after all of them serves no
         # lookup, and a recurrent group supplies a prefix only where it has a state
@@ -666,7 +746,17 @@ class RedisTier:
             return 0
         full = tokens[: num_full * size]
         chain = self.keys.chain(full, salt)
-        what = f"looking up {num_full - first} prefix blocks"
+        n = num_full - first
+        # the window records any boundary past ``first`` needs (blocks before it: shared)
+        windows = list(
+            dict.fromkeys(
+                rec.key
+                for k in range(first + 1, num_full + 1)
+                for rec in self._window_records(salt, chain, k * size)
+                if rec.j >= first
+            )
+        )
+        what = f"looking up {n} prefix blocks"
         with self._redis(what) as r:
             pipe = r.pipeline(transaction=False)
             for c in chain[first:]:
@@ -674,12 +764,25 @@ class RedisTier:
             if recurrent:
                 for c in chain[first:]:
                     pipe.exists(self.keys.state_key(salt, c))
+            for key in windows:
+                pipe.exists(key)
             found = pipe.execute()
-        present, with_state = found[: num_full - first], found[num_full - first :]
+        present = found[:n]
+        with_state = found[n : 2 * n] if recurrent else []
+        window_there = dict(zip(windows, found[len(found) - len(windows) :], strict=True))
+
+        def has_windows(k: int) -> bool:
+            """Redis holds the window records a boundary of ``k`` blocks needs."""
+            return all(
+                window_there[rec.key]
+                for rec in self._window_records(salt, chain, k * size)
+                if rec.j >= first
+            )
+
         run = 0
-        while run < len(present) and present[run]:
+        while run < n and present[run]:
             run += 1
-        while recurrent and run and not with_state[run - 1]:
+        while run and ((recurrent and not with_state[run - 1]) or not has_windows(first + run)):
             run -= 1
         if not run:
             return 0
@@ -694,6 +797,12 @@ class RedisTier:
                 logger.warning("not importing a prefix: %s", exc)
             if states is None:
                 return 0
+        # a sliding group holds its window's whole blocks: from the start of the block
+        # holding the first position a lookup of exactly ``end`` tokens needs
+        valid_from = [
+            policy.needed_from(end) // size * size if g in self._windowed else 0
+            for g, policy in enumerate(self._policies)
+        ]
         got = pool.write_from_host(_IMPORT_AGENT, full[:end], salt=salt)
         if isinstance(got, PoolFull):
             return 0  # no room now: the request prefills
@@ -703,7 +812,12 @@ class RedisTier:
                 return 0
             try:
                 ok = self._fill(
-                    write, "importing prefix blocks", full[:end], salt, chain[: first + run]
+                    write,
+                    "importing prefix blocks",
+                    full[:end],
+                    salt,
+                    chain[: first + run],
+                    valid_from if self._windowed else (),
                 )
             except CacheCorruptionError as exc:
                 logger.warning("not importing a prefix: %s", exc)
@@ -712,7 +826,8 @@ class RedisTier:
                 return 0
             if states is not None:
                 write.write(states)  # published as the snapshot of exactly full[:end]
-            handle = write.commit()
+            # whole blocks: the sliding groups' first blocks are published too
+            handle = write.commit(valid_from, whole_blocks=True)
         pool.release(handle)  # its published blocks stay cached for the engine's lookup
         self._counts["num_prefix_imports"] += 1
         self._counts["prefix_tokens_imported"] += end - shared
