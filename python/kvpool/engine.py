@@ -168,12 +168,16 @@ class BlockPoolBatchEngine:
 
     A recurrent model's state (``ArraysCache``) cannot be trimmed to a prefix: the pool
     keeps it at each sequence's end (the agent's next turn) and at block boundaries where
-    a prefill stopped. ``state_snapshot_blocks=k`` makes every prefill stop every ``k``
-    blocks (a segment of mlx-lm's ``insert_segments``) and publish its prefix there,
-    state included, so later prompts sharing it resume from it; None (the default) stops
-    only at shared-prefix ends of requests queued together. With prefix sharing on, the
-    state after all but a prompt's last token is kept too (cached-free): a chat's next turn
-    re-templates the reply but starts with the previous prompt.
+    a prefill stopped. A sliding-window group keeps only its last window when a sequence
+    ends, so a prefix needs the window there too. ``state_snapshot_blocks=k`` makes every
+    prefill of such a model stop every ``k`` blocks (a segment of mlx-lm's
+    ``insert_segments``) and publish its prefix there, state or window included, so later
+    prompts sharing it resume from it; None (the default) stops only at shared-prefix ends
+    of requests queued together and, with prefix sharing on, at a prompt's end: a
+    recurrent model keeps the state after all but its last token (cached-free: a chat's
+    next turn re-templates the reply but starts with the previous prompt), a sliding-window
+    model the window at its last block boundary (an agent arriving later on the same
+    system prompt resumes there when that boundary is inside the system prompt).
     """
 
     def __init__(
@@ -609,19 +613,42 @@ class BlockPoolBatchEngine:
 
     def _segment_ends(self, request: _Request) -> list[int]:
         """Where the request's prefill stops to publish its prefix: its ``prefix_end`` (a
-        leader) and, for a recurrent model, every ``state_snapshot_blocks``-th block
-        boundary past what it reuses (short of its last token)."""
+        leader); for a sliding-window model, its prompt's last block boundary; for a
+        recurrent model, its prompt's end; for both, every ``state_snapshot_blocks``-th
+        block boundary past what it reuses (short of its last token)."""
         ends = {request.prefix_end} if request.prefix_end else set()
-        every = self.state_snapshot_blocks
-        if self.prefix_sharing and self.spec.has_recurrent:
+        size, every = self.spec.block_tokens, self.state_snapshot_blocks
+        if not self.prefix_sharing:
+            return sorted(e for e in ends if request.reused < e < len(request.prompt))
+        more: set[int] = set()
+        if self.spec.has_window:
+            # a sliding group keeps only its last window when the request ends: the window
+            # at the prompt's last block boundary is what a later prompt sharing these
+            # blocks (an agent on the same system prompt) needs from it
+            more.add((len(request.prompt) - 1) // size * size)
+        if self.spec.has_recurrent:
             # the state after all but the prompt's last token (mlx-lm feeds that one on its
             # own anyway): the next turn of a chat re-templates the reply, but its prompt
             # starts with this one
-            ends.add(len(request.prompt) - 1)
-            if every:
-                step = every * self.spec.block_tokens
-                ends.update(range((request.reused // step + 1) * step, len(request.prompt), step))
+            more.add(len(request.prompt) - 1)
+        if every and (self.spec.has_window or self.spec.has_recurrent):
+            step = every * size
+            more.update(range((request.reused // step + 1) * step, len(request.prompt), step))
+        ends.update(e for e in more if self._windows_whole_at(request, e))
         return sorted(e for e in ends if request.reused < e < len(request.prompt))
+
+    def _windows_whole_at(self, request: _Request, end: int) -> bool:
+        """Whether every sliding group's cache holds, when the prefill reaches ``end``, the
+        first row of each block its window at ``end`` needs (so the pool can publish them).
+        A resumed sliding cache comes from the pool with its last ``window - 1`` rows and a
+        prefill keeps every row it adds; a prefix whose blocks are not whole would be
+        written, then refused (:meth:`KVCacheManager.commit_prefix`)."""
+        size, reused = self.spec.block_tokens, request.reused
+        return all(
+            reused - min(reused, group.window - 1) <= max(0, end - group.window + 1) // size * size
+            for group in self.spec.groups
+            if group.window is not None and end % size == 0
+        )
 
     def _publish_prefixes(self, prompt_responses: Sequence[Any]) -> list[CompletedGeneration]:
         """Requests whose prefill reached a segment end publish the prefix there (blocks and,

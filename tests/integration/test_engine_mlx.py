@@ -13,6 +13,8 @@ from helpers import LoadedModel, Reference, fresh, make_engine, words
 
 from kvpool import (
     AgentBlocks,
+    BlockPool,
+    BlockPoolBatchEngine,
     CompletedGeneration,
     ModelCacheSpec,
     PoolExhaustedError,
@@ -102,6 +104,41 @@ def test_sliding_window_model_resumes(
     assert spec.max_window is not None and spec.max_window < 256
     turns = run_turns(tiny_swa_model, reference_generate, {"a": 200, "b": 330}, [3, 70, 150], 10)
     assert all(c.cached_tokens > 0 for c in turns[-1].values())
+
+
+@pytest.mark.parametrize(
+    ("block_tokens", "every", "shared"), [(256, None, 768), (16, 4, 900), (16, None, 0)]
+)
+def test_agents_arriving_one_by_one_share_a_system_prompt_on_a_sliding_window_model(
+    tiny_swa_model: LoadedModel,
+    reference_generate: Reference,
+    block_tokens: int,
+    every: int | None,
+    shared: int,
+) -> None:
+    """gemma3 (window 64): agents on a 900-token system prompt, served one at a time. A
+    sliding group keeps only its last window when a request ends, so each prefill also
+    publishes the window at its prompt's last block boundary (768 with blocks of 256: inside
+    the system prompt) and, with ``state_snapshot_blocks``, every so many blocks (64
+    tokens): the next agent resumes there (with blocks of 16, at the whole system prompt:
+    the window at 896 plus the block the prompt's end published, read token-granular),
+    token-equal to a fresh mlx-lm run. With blocks of 16 and no snapshots the prompt's last
+    boundary (912) is past the system prompt: nothing is reused (the control)."""
+    model, tokenizer, _ = tiny_swa_model
+    spec = ModelCacheSpec.from_model(model, block_tokens=block_tokens)
+    pool = BlockPool(spec, num_blocks=24 * 4096 // block_tokens)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec, state_snapshot_blocks=every)
+    rng = random.Random(11)
+    tokenizer = tiny_swa_model[1]
+    system = words(rng, tokenizer, 900)
+    for i in range(3):
+        prompt = [*system, *words(rng, tokenizer, 25)]
+        engine.submit(f"a{i}", prompt, None, 6)
+        (done,) = engine.drain()
+        assert done.error is None, done.error
+        assert done.cached_tokens == (shared if i else 0)
+        assert list(done.token_ids) == fresh(reference_generate, tiny_swa_model, prompt, 6)
+    pool.check_invariants()
 
 
 def rss_bytes() -> int:

@@ -42,9 +42,12 @@ def test_a_sliding_window_session_resumes_on_another_engine(
         assert a.flush() == 1
         client = server.client()
         window_keys = client.keys("kvpool:blk:*:g*")
-        assert len(window_keys) == 1  # the window: the last 63 positions, all in block 2
-        assert len(client.keys("kvpool:blk:*")) == 3 + 1
-        if drop_window_rows:  # negative control: a session without its window is a miss
+        # the sliding group's windows: the session's last 63 positions (block 2), and the
+        # window at the prompt's last block boundary (512: block 1), published for agents
+        # that share that prefix
+        assert len(window_keys) == 2
+        assert len(client.keys("kvpool:blk:*")) == 3 + 2
+        if drop_window_rows:  # negative control: a session without its windows is a miss
             client.delete(*window_keys)
         nxt = [*context, *first.token_ids, *words(rng, tokenizer, 5)]
         b = store()

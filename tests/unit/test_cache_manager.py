@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 from collections.abc import Sequence
 
 import pytest
@@ -255,6 +256,8 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     num_state_reads = 0
     num_snapshots = 0
     num_live_snapshots = 0  # place_snapshot + commit_snapshot on a live handle
+    num_states_left_cached = 0  # releases after which the state group held cached blocks
+    prefixes: Counter[bool | None] = Counter()  # mid-prefill prefixes: published, refused
     num_resizes = 0
     num_moved = 0  # held blocks moved down by a shrink
     vocab = 5  # tiny vocabulary: prompts collide and share often
@@ -290,7 +293,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
                 if rng.random() < 0.5:
                     m.release_pin(res)
                     if states and rng.random() < 0.5:  # a snapshot mid-prefill
-                        _snapshot(m, res, prompt, rng, state_of)
+                        prefixes[_snapshot(m, res, prompt, rng, state_of)] += 1
                         num_snapshots += 1
                 open_res.append((res, prompt, max_tokens))
         elif op < 0.65 and open_res:  # a request ends: commit (or fail)
@@ -351,6 +354,8 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
                     assert state_of[tables[g][-1]] == tuple(handle.token_ids[:length])
         elif live:  # a handle is released
             m.release(live.pop(rng.randrange(len(live))))
+            if states and m.usage().groups[states[0]].num_cached > 0:
+                num_states_left_cached += 1
         m.check_invariants()
         _check_published(m, live)
     for res, _, _ in open_res:
@@ -364,9 +369,12 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     assert num_resizes > 200
     assert num_moved > 100
     if states:
-        assert usage.groups[states[0]].num_cached > 0  # end states at boundaries stay findable
+        assert num_states_left_cached > 50  # end states at boundaries stay findable
         assert num_state_reads > 300  # states were reused, from own ends and by key
         assert num_snapshots > 100
+        # prefixes published, and refused where a sliding group's write left a block the
+        # request keeps partly written (with the block given back: nothing leaked, above)
+        assert prefixes[True] > 20 and prefixes[False] > 0, prefixes
         assert num_live_snapshots > 100
 
 
@@ -376,10 +384,11 @@ def _snapshot(
     prompt: list[int],
     rng: random.Random,
     state_of: dict[int, tuple[int, ...]],
-) -> None:
+) -> bool | None:
     """Publish ``prompt[:length]`` (a block boundary past the match) as a running request
     does at a segment end: its blocks and the state there (recorded in ``state_of``); or,
-    half the time, a state alone at any length (a prompt-end snapshot)."""
+    half the time, a state alone at any length (a prompt-end snapshot). Returns whether a
+    prefix was published (None: no prefix tried)."""
     if rng.random() < 0.5 and len(prompt) > res.match.num_tokens + 1:
         length = rng.randint(res.match.num_tokens + 1, len(prompt) - 1)
         placed = m.place_state(res, length)
@@ -389,15 +398,15 @@ def _snapshot(
                     state_of[placed[g][-1]] = tuple(prompt[:length])
             m.commit_state(res, placed, length)
             m.check_invariants()
-        return
+        return None
     first = res.match.num_tokens // B + 1
     last = (len(prompt) - 1) // B
     if first > last:
-        return
+        return None
     length = rng.randint(first, last) * B
     tables = m.place_prefix(res, length)
     if isinstance(tables, PoolFull):  # a sliding or recurrent group has no free block: skipped
-        return
+        return None
     for g, policy in enumerate(m.policies):
         if policy.is_recurrent:
             state_of[tables[g][-1]] = tuple(prompt[:length])
@@ -407,8 +416,9 @@ def _snapshot(
         else start if policy.window is None else max(start, length - policy.window)
         for policy in m.policies
     ]  # fmt: skip
-    m.commit_prefix(res, tables, written)
+    published = m.commit_prefix(res, tables, written)
     m.check_invariants()
+    return published
 
 
 def _check_match(m: KVCacheManager, prompt: list[int], match: object) -> None:
@@ -634,3 +644,43 @@ def test_held_snapshots_survive_allocations_until_released() -> None:
     m.commit_snapshot(snap)
     assert len(m.snapshot_tables(a)) == 2  # one of 4, 8 gone, 9 there
     m.check_invariants()
+
+
+@pytest.mark.parametrize(("prompt_len", "published"), [(11, False), (14, True)])
+def test_a_prefix_whose_sliding_block_is_partly_written_is_refused_if_the_request_keeps_it(
+    prompt_len: int, published: bool
+) -> None:
+    """A resumed request (its own 6 tokens, mid-block) publishes the prefix at 8 or 12 mid-
+    prefill, and its sliding cache wrote block 1 only from position 7 (it no longer held
+    rows 4..6). A block written in part cannot be shared: when the request's final cache
+    keeps it (prompt of 11: the window keeps positions from 5) the prefix is refused, its
+    blocks given back and the match unchanged, so the final write covers block 1; when it
+    does not (prompt of 14: from 8), the block is freed and the rest published."""
+    m = KVCacheManager(HYBRID, [16, 16])
+    own, _ = turn(m, "a", list(range(5)), [5])
+    prompt = list(range(prompt_len))
+    match = m.lookup(prompt, own=own)
+    assert match.num_tokens == 6
+    res = m.reserve("a", prompt, 1, match, replacing=own)
+    assert isinstance(res, Reservation)
+    m.release_pin(res)
+    used = m.usage().num_used
+    length = 8 if prompt_len < 12 else 12
+    tables = m.place_prefix(res, length)
+    assert not isinstance(tables, PoolFull)
+    assert m.commit_prefix(res, tables, [4, 7]) is published
+    m.check_invariants()
+    if published:
+        assert res.match.num_tokens == 12
+        assert m.lookup([*range(12), 99]).num_tokens < 12  # block 1 was not published
+    else:
+        assert res.match is match and m.usage().num_used == used
+    final = [*prompt, 50]
+    handle = m.commit(res, final, m.place(res, len(final)), written_from(m, res, len(final)))
+    m.check_invariants()  # the handle holds a block wherever it says positions are valid
+    assert NULL_BLOCK not in handle.tables[1].block_ids[handle.tables[1].valid_from // B :]
+    again = m.lookup([*final, 60], own=handle)
+    assert again.num_tokens == len(final)  # the agent's next turn reuses all of it
+    m.release(handle)
+    m.check_invariants()
+    assert m.usage().num_used == 0

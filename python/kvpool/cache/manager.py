@@ -718,25 +718,49 @@ class KVCacheManager:
         res: Reservation,
         tables: Sequence[Sequence[int]],
         written_from: Sequence[int],
-    ) -> None:
+    ) -> bool:
         """Publish the prefix written through ``tables`` (from :meth:`place_prefix`) and
         make it the request's match: the blocks stay the request's, others can share
-        them now, and its final write starts after them."""
+        them now, and its final write starts after them.
+
+        A block written only in part (a sliding cache that no longer held its first rows)
+        is not shareable: it is freed if the request's own cache will not keep it (it lies
+        before ``keep_from`` of the prompt's length), else the prefix is refused: False,
+        with its blocks given back (a full group's to the request's fresh blocks, the
+        others' freed) and the match unchanged, since the final write would not cover it."""
         size = self.block_tokens
+        old_end = self.shared_end(res.match)
+        valids = [
+            old.valid_from if written_from[g] <= old_end else written_from[g]
+            for g, old in enumerate(res.match.groups)
+        ]
+        partial = [
+            [
+                j
+                for j in range(old_end // size, len(tables[g]))
+                if tables[g][j] != NULL_BLOCK and j * size < valids[g]
+            ]
+            for g in range(len(self.policies))
+        ]
+        if any(
+            (j + 1) * size > policy.keep_from(len(res.tokens))
+            for policy, js in zip(self.policies, partial, strict=True)
+            for j in js
+        ):
+            self._give_back_prefix(res, tables)
+            return False
         length = len(tables[0]) * size
         tokens = res.tokens[:length]
         keys = block_keys(tokens, size, self.root(res.salt))
-        old_end = self.shared_end(res.match)
         groups = []
         for g, (alloc, old) in enumerate(zip(self._allocators, res.match.groups, strict=True)):
             table = list(tables[g])
-            valid = old.valid_from if written_from[g] <= old_end else written_from[g]
             shared = list(old.shared)
             for j in range(old_end // size, len(table)):
                 block = table[j]
                 if block == NULL_BLOCK:
                     continue
-                if j * size < valid:  # partly written: not shareable, not needed later
+                if j in partial[g]:  # not shareable, not needed later
                     alloc.free(res.lease, [block])
                     continue
                 parent = keys[j - 1] if j > 0 else self.root(res.salt)
@@ -747,8 +771,20 @@ class KVCacheManager:
                     alloc.invalidate(block)
                     alloc.free(res.lease, [block])
                 shared.append((j, canonical))
-            groups.append(GroupMatch(tuple(shared), (), (), valid))
+            groups.append(GroupMatch(tuple(shared), (), (), valids[g]))
         res.match = PrefixMatch(length, tuple(groups))
+        return True
+
+    def _give_back_prefix(self, res: Reservation, tables: Sequence[Sequence[int]]) -> None:
+        """Undo :meth:`place_prefix`: a full group's blocks go back to the front of the
+        request's fresh blocks (where they came from), the others' are freed."""
+        first = self.shared_end(res.match) // self.block_tokens
+        for g, (alloc, policy) in enumerate(zip(self._allocators, self.policies, strict=True)):
+            blocks = [b for b in tables[g][first:] if b != NULL_BLOCK]
+            if policy.is_full:
+                res.fresh[g] = [*blocks, *res.fresh[g]]
+            elif blocks:
+                alloc.free(res.lease, blocks)
 
     def place_state(self, res: Reservation, length: int) -> tuple[tuple[int, ...], ...] | PoolFull:
         """Tables to write a running request's recurrent states after its first ``length``
@@ -1205,4 +1241,16 @@ class KVCacheManager:
                 assert held == sorted(table.held), (
                     f"handle {handle_id} group {g}: allocator holds {held}, table {table.held}: "
                     "this indicates a bug"
+                )
+                if self.policies[g].is_recurrent:
+                    continue
+                size, n = self.block_tokens, handle.total_tokens
+                holes = [
+                    j
+                    for j in range(table.valid_from // size, -(-n // size))
+                    if table.block_ids[j] == NULL_BLOCK
+                ]
+                assert not holes, (
+                    f"handle {handle_id} group {g}: positions {table.valid_from}..{n} valid, "
+                    f"but entries {holes} hold no block: this indicates a bug"
                 )

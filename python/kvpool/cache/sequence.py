@@ -162,15 +162,15 @@ class SequenceCache:
         """Write and publish the first ``length`` positions (a block boundary) from the
         running sequence's caches, so that sequences waiting for the same prefix share
         them. False, and nothing changed, if the pool cannot hold the sliding groups'
-        copies now, even after moving budget to them."""
+        copies now, even after moving budget to them, or if a sliding cache no longer
+        holds the first rows of a block the prefix needs (written, then given back)."""
         self._expect(SequenceState.READ)
         tables = self._placed(lambda: self._manager.place_prefix(self._res, length))
         if tables is None:
             return False
         written_from = self._storage.store(caches, tables, self._write_start())
         with self._lock:
-            self._manager.commit_prefix(self._res, tables, written_from)
-        return True
+            return self._manager.commit_prefix(self._res, tables, written_from)
 
     def snapshot_state(self, caches: Sequence[Any], length: int) -> bool:
         """Write and publish the recurrent states of the running sequence's caches (after

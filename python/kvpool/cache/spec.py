@@ -293,6 +293,11 @@ class ModelCacheSpec:
         """True if some layer keeps a recurrent state."""
         return any(layer.kind is AttentionKind.RECURRENT for layer in self.layers)
 
+    @property
+    def has_window(self) -> bool:
+        """True if some layer group attends a sliding window (keeps only its last blocks)."""
+        return any(group.window is not None for group in self.groups)
+
     def describe(self) -> str:
         kinds = Counter(layer.kind.value for layer in self.layers)
         parts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))

@@ -50,11 +50,12 @@ def add_parser(commands: Any) -> None:
         type=int_at_least(1),
         default=None,
         metavar="N",
-        help="hybrid models (recurrent layers): stop every prefill each N blocks of 256 tokens "
-        "to keep a snapshot of the recurrent state there, so later prompts that share that "
-        "prefix resume from it (also stored in a redis:// --cache-url); each snapshot takes "
-        "one state of the pool (docs/CACHE_MANAGER.md); default: none (states only at "
-        "sessions' ends, prompts' ends and shared prefixes prefilled together)",
+        help="hybrid and sliding-window models: stop every prefill each N blocks of 256 "
+        "tokens to keep a snapshot of the recurrent state or the sliding window there, so "
+        "later prompts that share that prefix resume from it (also stored in a redis:// "
+        "--cache-url); each snapshot takes one state, or a window's blocks, of the pool "
+        "(docs/CACHE_MANAGER.md); default: none (only at sessions' ends, prompts' ends and "
+        "shared prefixes prefilled together)",
     )
     serve.add_argument(
         "--cache-dir",

@@ -48,7 +48,7 @@ class ServerConfig:
     pool_mb: int = 256
     kv_bits: int | None = None  # blocks at rest: None dense, 8 or 4 affine-quantized
     kv_group_size: int = 64
-    state_snapshot_blocks: int | None = None  # a recurrent model's state every N blocks
+    state_snapshot_blocks: int | None = None  # a state / window snapshot every N blocks
     cache_dir: Path | None = None
     cache_url: str | None = None  # wins over cache_dir; file:///path, a path, redis://...
     api_keys: tuple[str, ...] = ()  # "KEY" (the default tenant) or "KEY:TENANT"; none: open
@@ -174,9 +174,10 @@ def build_state(config: ServerConfig) -> Any:
         max_batch_size=config.max_batch_size,
         state_snapshot_blocks=config.state_snapshot_blocks,
     )
-    if config.state_snapshot_blocks is not None and not spec.has_recurrent:
+    if config.state_snapshot_blocks is not None and not (spec.has_recurrent or spec.has_window):
         logger.warning(
-            "--state-snapshot-blocks has no effect: %s has no recurrent layers", config.model
+            "--state-snapshot-blocks has no effect: %s has no recurrent or sliding-window layers",
+            config.model,
         )
     fingerprint = model_fingerprint(model)
     names = _model_names(config)
