@@ -684,3 +684,26 @@ def test_a_prefix_whose_sliding_block_is_partly_written_is_refused_if_the_reques
     m.release(handle)
     m.check_invariants()
     assert m.usage().num_used == 0
+
+
+def test_window_blocks_are_found_for_each_handle_asked_about_in_turn() -> None:
+    """``window_lengths`` and ``window_block`` name the sliding blocks the pool holds under
+    each handle's own block keys (kept for the last handle asked about: asking about
+    another must not reuse them). Window 8 (a multiple of B): a 16-token sequence keeps
+    whole blocks 2 and 3, the window at 16."""
+    spec = ModelCacheSpec(
+        (
+            LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
+            LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=8),
+        ),
+        "float32",
+        B,
+    )
+    m = KVCacheManager(spec, [16, 16])
+    a, _ = turn(m, "a", list(range(15)), [15])
+    b, _ = turn(m, "b", list(range(100, 115)), [115])
+    for handle in (a, b, a, b):
+        assert m.window_lengths(handle) == [16]
+        for j in (2, 3):
+            assert m.window_block(handle, 1, j) == handle.tables[1].block_ids[j] != NULL_BLOCK
+        assert m.window_block(handle, 1, 1) == NULL_BLOCK  # out of the window: not kept

@@ -285,6 +285,7 @@ class KVCacheManager:
         # (parent, length) entries least recently published first, to bound the index
         self._snapshot_lengths: dict[int, set[int]] = {}
         self._snapshot_order: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._keys_memo: tuple[CacheHandle, list[int]] | None = None  # see _handle_keys
         self._bytes_per_block = tuple(spec.group_bytes_per_block(g) for g in range(len(groups)))
         self._key_salt = key_salt
         self._owner_ids = itertools.count(1)
@@ -924,7 +925,7 @@ class KVCacheManager:
             return []
         size, tokens = self.block_tokens, handle.token_ids
         num = len(tokens) // size
-        keys = block_keys(tokens, size, self.root(handle.salt))
+        keys = self._handle_keys(handle)
         held = {
             g: [
                 int(self._allocators[g].lookup(keys[j], list(tokens[j * size : (j + 1) * size])))
@@ -947,9 +948,18 @@ class KVCacheManager:
         size, tokens = self.block_tokens, handle.token_ids
         if not 0 <= j < len(tokens) // size:
             return NULL_BLOCK
-        key = block_keys(tokens[: (j + 1) * size], size, self.root(handle.salt))[j]
+        key = self._handle_keys(handle)[j]
         chunk = list(tokens[j * size : (j + 1) * size])
         return int(self._allocators[group].lookup(key, chunk))
+
+    def _handle_keys(self, handle: CacheHandle) -> list[int]:
+        """The block keys of ``handle``'s tokens, kept for the last handle asked about (a
+        tier reads a handle's window blocks one by one: each would hash its whole prefix)."""
+        memo = self._keys_memo
+        if memo is None or memo[0] is not handle:
+            keys = block_keys(handle.token_ids, self.block_tokens, self.root(handle.salt))
+            memo = self._keys_memo = (handle, keys)
+        return memo[1]
 
     def _sliding(self) -> list[int]:
         """The sliding-window groups."""
