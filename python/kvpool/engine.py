@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from kvpool.blocks import CompletedGeneration, TokenEvent
+from kvpool.cache.groups import GroupPolicy
 from kvpool.cache.manager import PoolFull, common_prefix_len
 from kvpool.cache.sequence import SequenceCache
 from kvpool.cache.spec import ModelCacheSpec
@@ -613,29 +614,34 @@ class BlockPoolBatchEngine:
 
     def _segment_ends(self, request: _Request) -> list[int]:
         """Where the request's prefill stops to publish its prefix: its ``prefix_end`` (a
-        leader); for a sliding-window model, its prompt's last block boundary; for a
-        recurrent model, its prompt's end; for both, every ``state_snapshot_blocks``-th
-        block boundary past what it reuses (short of its last token)."""
+        leader) and, with prefix sharing on, the :meth:`_snapshot_ends` whose windows the
+        pool can take (short of its last token)."""
         ends = {request.prefix_end} if request.prefix_end else set()
-        size, every = self.spec.block_tokens, self.state_snapshot_blocks
-        if not self.prefix_sharing:
-            return sorted(e for e in ends if request.reused < e < len(request.prompt))
-        more: set[int] = set()
+        if self.prefix_sharing:
+            snapshots = self._snapshot_ends(request)
+            ends.update(e for e in snapshots if self._windows_whole_at(request, e))
+        return sorted(e for e in ends if request.reused < e < len(request.prompt))
+
+    def _snapshot_ends(self, request: _Request) -> set[int]:
+        """For a sliding-window model, the prompt's last block boundary; for a recurrent
+        model, the prompt's end; for both, every ``state_snapshot_blocks``-th block boundary
+        past what the request reuses."""
+        size, n, every = self.spec.block_tokens, len(request.prompt), self.state_snapshot_blocks
+        ends: set[int] = set()
         if self.spec.has_window:
             # a sliding group keeps only its last window when the request ends: the window
             # at the prompt's last block boundary is what a later prompt sharing these
             # blocks (an agent on the same system prompt) needs from it
-            more.add((len(request.prompt) - 1) // size * size)
+            ends.add((n - 1) // size * size)
         if self.spec.has_recurrent:
             # the state after all but the prompt's last token (mlx-lm feeds that one on its
             # own anyway): the next turn of a chat re-templates the reply, but its prompt
             # starts with this one
-            more.add(len(request.prompt) - 1)
+            ends.add(n - 1)
         if every and (self.spec.has_window or self.spec.has_recurrent):
             step = every * size
-            more.update(range((request.reused // step + 1) * step, len(request.prompt), step))
-        ends.update(e for e in more if self._windows_whole_at(request, e))
-        return sorted(e for e in ends if request.reused < e < len(request.prompt))
+            ends.update(range((request.reused // step + 1) * step, n, step))
+        return ends
 
     def _windows_whole_at(self, request: _Request, end: int) -> bool:
         """Whether every sliding group's cache holds, when the prefill reaches ``end``, the
@@ -644,11 +650,15 @@ class BlockPoolBatchEngine:
         prefill keeps every row it adds; a prefix whose blocks are not whole would be
         written, then refused (:meth:`KVCacheManager.commit_prefix`)."""
         size, reused = self.spec.block_tokens, request.reused
-        return all(
-            reused - min(reused, group.window - 1) <= max(0, end - group.window + 1) // size * size
-            for group in self.spec.groups
-            if group.window is not None and end % size == 0
-        )
+        if end % size:  # a recurrent prompt-end snapshot: no window published
+            return True
+        for group in self.spec.groups:
+            if group.window is None:
+                continue
+            policy = GroupPolicy(group.kind, group.window, size)
+            if reused - min(reused, group.window - 1) > policy.needed_from(end) // size * size:
+                return False
+        return True
 
     def _publish_prefixes(self, prompt_responses: Sequence[Any]) -> list[CompletedGeneration]:
         """Requests whose prefill reached a segment end publish the prefix there (blocks and,

@@ -735,19 +735,16 @@ class KVCacheManager:
             old.valid_from if written_from[g] <= old_end else written_from[g]
             for g, old in enumerate(res.match.groups)
         ]
-        partial = [
-            [
+        partial = [  # per group, the entries written only in part
+            {
                 j
-                for j in range(old_end // size, len(tables[g]))
-                if tables[g][j] != NULL_BLOCK and j * size < valids[g]
-            ]
-            for g in range(len(self.policies))
+                for j in range(old_end // size, len(table))
+                if table[j] != NULL_BLOCK and j * size < valid
+            }
+            for table, valid in zip(tables, valids, strict=True)
         ]
-        if any(
-            (j + 1) * size > policy.keep_from(len(res.tokens))
-            for policy, js in zip(self.policies, partial, strict=True)
-            for j in js
-        ):
+        kept = [policy.keep_from(len(res.tokens)) for policy in self.policies]
+        if any((j + 1) * size > kept[g] for g, js in enumerate(partial) for j in js):
             self._give_back_prefix(res, tables)
             return False
         length = len(tables[0]) * size
