@@ -18,7 +18,9 @@ never written): headroom rows of a gather read it, so one MLX gather fills a who
     positions   start .. stop-1 | stop .. start+capacity-1
     (block, slot) from table     | (zero block, 0)  -> rows of zeros
 
-so a gather is one device kernel per slab, and a scatter one in-place update per slab.
+so a gather is one device kernel per slab. A scatter is one in-place update per block run
+(positions in one block, or whole blocks of consecutive ids): an end-of-turn store of a few
+rows is one slice update per slab, with no index arrays.
 """
 
 from __future__ import annotations
@@ -220,13 +222,17 @@ class RowIndex:
 
 @dataclass(frozen=True, slots=True)
 class ScatterPlan:
-    """Where a scatter's rows go: whole blocks ``[whole_from, whole_to)`` by block id, and
-    each partial block's positions ``[lo, hi)`` by (block, slot)."""
+    """Where a scatter's rows go, relative to its first row.
 
-    block_ids: mx.array | None
-    whole_from: int
-    whole_to: int
-    parts: list[tuple[int, int, RowIndex]]
+    ``runs``: ``(lo, hi, block, slot)``: rows ``[lo, hi)`` land in ``block`` from ``slot``
+    on (inside one block), or, when ``slot == 0`` and ``hi - lo`` spans several blocks,
+    in whole blocks ``block, block + 1, ...`` (consecutive ids): one slice update each.
+    ``indexed``: ``(lo, hi, block_ids)``: whole blocks whose ids are not one consecutive
+    run, written by one block-indexed update.
+    """
+
+    runs: tuple[tuple[int, int, int, int], ...]
+    indexed: tuple[int, int, mx.array] | None
 
 
 @functools.lru_cache(maxsize=16)
@@ -238,9 +244,11 @@ def _heads(n: int) -> mx.array:
 class PortableKernels:
     """MLX operations on the default stream: one ``gather`` or in-place ``scatter`` per slab.
 
-    Runs on any MLX device; on a GPU nothing leaves device memory. A scatter is
-    ``slab[blocks, heads, slots] = rows``, which MLX evaluates in place when the slab is
-    donatable (the caller holds its only reference), as for the C++ scatter.
+    Runs on any MLX device; on a GPU nothing leaves device memory. A gather is
+    ``slab[blocks, heads, slots]``; a scatter is slice updates (``slab[b : b + k, :, s0 : s1]
+    = rows``) and, for whole blocks of scattered ids, one ``slab[block_ids] = rows``. MLX
+    evaluates them in place when the slab is donatable (the caller holds its only
+    reference), as for the C++ scatter.
     """
 
     name = "mlx-portable"
@@ -289,8 +297,10 @@ class PortableKernels:
         return [self._take(s, index) for s in slabs]
 
     def scatter(self, slab: mx.array, rows: mx.array, table: Sequence[int], first: int) -> mx.array:
-        """Whole blocks in one block-indexed update; the partial blocks at either end (at
-        most ``block_tokens - 1`` rows each) in one position-indexed update each."""
+        """Basic-indexed slice updates where the rows go to one block or to consecutive
+        block ids (an end-of-turn store's few rows: one update per slab); whole blocks of
+        scattered ids in one block-indexed update. Each is in place when the slab is
+        donatable, and no index array is built for a slice update."""
         n = rows.shape[2]
         if n == 0:
             return slab
@@ -300,44 +310,48 @@ class PortableKernels:
                 f"Received shape {rows.shape}."
             )
         plan = self._scatter_plan(slab, table, first, n)
-        heads, size = slab.shape[1], slab.shape[2]
-        if plan.block_ids is not None:
-            whole = rows[0, :, plan.whole_from - first : plan.whole_to - first, :]
-            slab[plan.block_ids] = whole.reshape(heads, -1, size, slab.shape[3]).transpose(
-                1, 0, 2, 3
-            )
-        for lo, hi, index in plan.parts:
-            slab[index.blocks, _heads(heads), index.slots] = rows[0, :, lo - first : hi - first]
+        heads, size, dim = slab.shape[1], slab.shape[2], slab.shape[3]
+        for lo, hi, block, slot in plan.runs:
+            part = rows if hi - lo == n else rows[:, :, lo:hi, :]
+            if slot + hi - lo <= size:
+                slab[block : block + 1, :, slot : slot + hi - lo, :] = part
+            else:
+                k = (hi - lo) // size
+                slab[block : block + k] = part.reshape(heads, k, size, dim).transpose(1, 0, 2, 3)
+        if plan.indexed is not None:
+            lo, hi, block_ids = plan.indexed
+            whole = rows[:, :, lo:hi, :].reshape(heads, -1, size, dim)  # [1, H, ..]: no squeeze
+            slab[block_ids] = whole.transpose(1, 0, 2, 3)
         return slab
 
     def _scatter_plan(
         self, slab: mx.array, table: Sequence[int], first: int, n: int
     ) -> ScatterPlan:
-        """The index arrays of a scatter, reused by the next slabs of the same call pattern
-        (every layer of a group writes the same positions through the same table)."""
+        """The updates of a scatter (checked against the table and slab once), reused by the
+        next slabs of the same call pattern (every layer of a group writes the same positions
+        through the same table)."""
         size, zero_block = slab.shape[2], slab.shape[0] - 1
         key = (tuple(table), first, n, size, zero_block)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         stop = first + n
-        whole_from, whole_to = -(-first // size) * size, stop // size * size
-        block_ids = None
-        if whole_from < whole_to:
-            used = blocks_of(
-                table, whole_from, whole_to, block_tokens=size, zero_block=zero_block,
-                op="scatter",
-            )  # fmt: skip
-            block_ids = mx.array(used[::size].astype(np.int32))
-            ranges = [(first, whole_from), (whole_to, stop)]
-        else:
-            ranges = [(first, stop)]
-        parts = [
-            (lo, hi, self._index(slab, table, lo, hi, hi - lo, "scatter"))
-            for lo, hi in ranges
-            if lo < hi
-        ]
-        plan = ScatterPlan(block_ids, whole_from, whole_to, parts)
+        used = blocks_of(table, first, stop, block_tokens=size, zero_block=zero_block, op="scatter")
+        # one (lo, hi, block, slot) per block touched, rows relative to first
+        pieces = []
+        for j in range(first // size, (stop - 1) // size + 1):
+            lo, hi = max(first, j * size), min(stop, (j + 1) * size)
+            pieces.append((lo - first, hi - first, int(used[lo - first]), lo - j * size))
+        whole = [p for p in pieces if p[1] - p[0] == size]
+        runs = [p for p in pieces if p[1] - p[0] < size]
+        indexed = None
+        if whole:
+            ids = [p[2] for p in whole]
+            if ids == list(range(ids[0], ids[0] + len(ids))):
+                runs.append((whole[0][0], whole[-1][1], ids[0], 0))
+            else:
+                indexed = (whole[0][0], whole[-1][1], mx.array(ids, dtype=mx.int32))
+        plan = ScatterPlan(tuple(runs), indexed)
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.pop(next(iter(self._plans)))
         self._plans[key] = plan
