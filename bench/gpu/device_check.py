@@ -611,6 +611,7 @@ def section_workload() -> None:
         agent_turns_unequal=r.agent_turns_unequal,
         per_turn_s=[row.total_s for row in r.per_turn],
         prefilled_tokens={w: t.prefilled_tokens for w, t in r.ways.items()},
+        parts_s={w: t.parts_s for w, t in r.ways.items()},
         of_agent_turns=r.agent_turns,
         target_vs_lru=0.8,
     )
@@ -643,6 +644,7 @@ def section_arrival() -> None:
         agent_turns_unequal=r.agent_turns_unequal,
         per_turn_s=[row.total_s for row in r.per_turn],
         prefilled_tokens={w: t.prefilled_tokens for w, t in r.ways.items()},
+        parts_s={w: t.parts_s for w, t in r.ways.items()},
         of_agent_turns=r.agent_turns,
         target_vs_lru=0.8,
     )

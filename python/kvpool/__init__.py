@@ -12,7 +12,7 @@ from kvpool.blocks import AgentBlocks, CompletedGeneration, TokenEvent
 from kvpool.cache import CacheHandle, CacheUsage, GroupTable
 from kvpool.cache.format import BlockFormat, InvalidBlockFormatError
 from kvpool.cache.spec import BLOCK_TOKENS, AttentionKind, LayerSpec, ModelCacheSpec, StateSpec
-from kvpool.engine import BlockPoolBatchEngine, RequestTooLargeError
+from kvpool.engine import BlockPoolBatchEngine, EngineTimes, RequestTooLargeError
 from kvpool.errors import (
     CacheCorruptionError,
     CacheWriteError,
@@ -46,6 +46,7 @@ __all__ = [
     "CacheUsage",
     "CacheWriteError",
     "CompletedGeneration",
+    "EngineTimes",
     "GenerationError",
     "GroupTable",
     "IncompatibleCacheError",

@@ -47,6 +47,7 @@ and the old handle stays valid. The engine makes no other call on the pool.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import threading
@@ -152,6 +153,33 @@ def cache_length(caches: Sequence[Any], num_tokens: int) -> int:
     return num_tokens
 
 
+@dataclass(slots=True)
+class EngineTimes:
+    """Wall seconds the driving thread spent in each part of the engine's steps since the
+    engine was made; every part ends synchronized (the K/V reads and writes evaluate their
+    arrays, a batch step returns tokens), so the parts hold the device's time too.
+
+    ``read_s``: gathering reused prefixes into caches (``SequenceCache.read``);
+    ``generate_s``: ``BatchGenerator.next`` (prefill and decode); ``write_s``: writing
+    caches into the pool (a finished turn, a published prefix or state snapshot);
+    ``steps``: batch steps run.
+    """
+
+    read_s: float = 0.0
+    generate_s: float = 0.0
+    write_s: float = 0.0
+    steps: int = 0
+
+    def minus(self, earlier: EngineTimes) -> EngineTimes:
+        """What was spent since ``earlier`` (a snapshot of the same engine)."""
+        return EngineTimes(
+            self.read_s - earlier.read_s,
+            self.generate_s - earlier.generate_s,
+            self.write_s - earlier.write_s,
+            self.steps - earlier.steps,
+        )
+
+
 class BlockPoolBatchEngine:
     """Batched generation for many agents with their KV caches in ``pool``.
 
@@ -240,6 +268,7 @@ class BlockPoolBatchEngine:
         self._driver: int | None = None  # the thread that drives step/cancel/drain/close
         self._in_step = False  # inside step(): a callback must not step again
         self._carried: list[CompletedGeneration] = []  # endings a raising step could not return
+        self._times = EngineTimes()  # written by the driving thread only
 
     # -- public API -----------------------------------------------------------
 
@@ -433,6 +462,12 @@ class BlockPoolBatchEngine:
         with self._lock:
             return len(self._agent_to_uid)
 
+    @property
+    def times(self) -> EngineTimes:
+        """Where the steps' time went so far (see :class:`EngineTimes`); subtract an earlier
+        snapshot (:meth:`EngineTimes.minus`) for one stretch of work."""
+        return dataclasses.replace(self._times)
+
     # -- submit helpers (called under the lock) -------------------------------
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -586,7 +621,9 @@ class BlockPoolBatchEngine:
     def _start(self, request: _Request) -> CompletedGeneration | None:
         """Gather the reused prefix and insert the rest; None on success."""
         try:
+            t0 = time.perf_counter()
             caches = request.seq.read()
+            self._times.read_s += time.perf_counter() - t0
             reused = request.cached_tokens = request.reused
             kwargs: dict[str, Any] = {}
             if not request.sampling.is_greedy:
@@ -673,10 +710,12 @@ class BlockPoolBatchEngine:
             try:
                 caches, tokens = self._gen.extract_cache([request.gen_uid])[request.gen_uid]
                 if cache_length(caches, len(tokens)) == end:
+                    t0 = time.perf_counter()
                     if end % self.spec.block_tokens == 0:
                         request.seq.publish_prefix(caches, end)
                     else:  # a recurrent model's prompt end: its states only
                         request.seq.snapshot_state(caches, end)
+                    self._times.write_s += time.perf_counter() - t0
             except Exception as exc:  # the leader's blocks are in an unknown state: it fails
                 assert request.gen_uid is not None
                 self._gen.remove([request.gen_uid])
@@ -706,6 +745,7 @@ class BlockPoolBatchEngine:
         responses are still delivered, then it is re-raised. Leaders whose
         prefill reached their shared prefix publish it first.
         """
+        t0 = time.perf_counter()
         try:
             prompt_responses, responses = self._gen.next()
         except BaseException as exc:
@@ -718,6 +758,8 @@ class BlockPoolBatchEngine:
             if not isinstance(exc, Exception):
                 raise
             return
+        self._times.generate_s += time.perf_counter() - t0
+        self._times.steps += 1
         done.extend(self._publish_prefixes(prompt_responses))
         interrupt: BaseException | None = None
         for response in responses:
@@ -812,7 +854,9 @@ class BlockPoolBatchEngine:
                 raise GenerationError(
                     f"final cache holds {length} positions but {len(all_tokens)} tokens"
                 )
+            t0 = time.perf_counter()
             blocks = request.seq.close(caches, all_tokens)
+            self._times.write_s += time.perf_counter() - t0
             with self._lock:
                 del self._agent_to_uid[request.agent_id]
         except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -428,3 +429,58 @@ def test_logits_processors_reach_the_generator_per_request() -> None:
     with pytest.raises(InvalidRequestError, match="logits_processors must be callables"):
         engine.submit("c", prompt_of(5), logits_processors=[42])  # type: ignore[list-item]
     assert not engine.has_work  # the refused request left nothing in flight
+
+
+class SlowStorage(FakeStorage):
+    """FakeStorage whose reads and writes of K/V each take at least ``DELAY_S``."""
+
+    DELAY_S = 0.03
+
+    def load(self, tables: Any, num_tokens: int) -> Any:
+        time.sleep(self.DELAY_S)
+        return super().load(tables, num_tokens)
+
+    def store(self, caches: Any, tables: Any, start: int) -> Any:
+        time.sleep(self.DELAY_S)
+        return super().store(caches, tables, start)
+
+
+def test_engine_times_say_where_the_steps_went() -> None:
+    """Each part of EngineTimes gets its own work: a slow read lands in read_s, a slow write
+    in write_s, and every batch step is counted once."""
+    model, pool = (
+        FakeModel(SPEC, vocab_size=1000),
+        BlockPool(SPEC, num_blocks=64, storage=SlowStorage),
+    )
+    nexts = []
+
+    def factory(model: FakeModel, **kw: object) -> FakeBatchGenerator:
+        gen = FakeBatchGenerator(model, **kw)  # type: ignore[arg-type]
+        step = gen.next
+
+        def counted() -> Any:
+            nexts.append(1)
+            return step()
+
+        gen.next = counted  # type: ignore[method-assign]
+        return gen
+
+    engine = BlockPoolBatchEngine(model, FakeTokenizer(1000), pool, SPEC, batch_gen_factory=factory)
+    start = engine.times
+    assert (start.read_s, start.generate_s, start.write_s, start.steps) == (0.0, 0.0, 0.0, 0)
+    engine.submit("a", prompt_of(10), max_tokens=5)
+    (first,) = engine.drain()
+    after_first = engine.times
+    # a first turn reuses nothing (no load), and writes its cache once
+    assert after_first.read_s < SlowStorage.DELAY_S <= after_first.write_s
+    assert after_first.steps == len(nexts) > 0
+    engine.submit("a", [*prompt_of(10), *first.token_ids, 7, 8], first.blocks, max_tokens=3)
+    (second,) = engine.drain()
+    turn = engine.times.minus(after_first)
+    assert second.error is None and second.cached_tokens > 0
+    assert turn.read_s >= SlowStorage.DELAY_S and turn.write_s >= SlowStorage.DELAY_S
+    assert turn.steps == len(nexts) - after_first.steps
+    assert turn.generate_s > 0
+    snapshot = engine.times
+    snapshot.steps += 1
+    assert engine.times.steps == snapshot.steps - 1  # a copy: the engine's own is untouched

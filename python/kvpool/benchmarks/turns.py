@@ -54,13 +54,18 @@ class TurnRequest:
 @dataclass(frozen=True, slots=True)
 class TurnResult:
     """A finished turn. ``ttft_s``, ``tokens`` and ``cached_tokens`` are keyed by agent id;
-    ``cached_tokens[a]`` prompt tokens came from a cache (the rest were prefilled)."""
+    ``cached_tokens[a]`` prompt tokens came from a cache (the rest were prefilled);
+    ``parts_s`` splits ``total_s`` (see :func:`add_parts`)."""
 
     total_s: float
     ttft_s: dict[str, float]
     tokens: dict[str, tuple[int, ...]]
     completions: dict[str, CompletedGeneration]  # kvpool only: each agent's new cache
     cached_tokens: dict[str, int] = field(default_factory=dict)
+    # where the turn's time went, in seconds, by the same names for every way:
+    # "cache_in" (caches made ready to resume from), "generate" (BatchGenerator.next),
+    # "cache_out" (finished caches kept); the rest of total_s is the way's own bookkeeping
+    parts_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_ttft_s(self) -> float:
@@ -101,17 +106,30 @@ class WayTotals:
     p50_ttft_ms: float
     p95_ttft_ms: float
     prefilled_tokens: int
+    parts_s: dict[str, float] = field(default_factory=dict)  # summed TurnResult.parts_s
 
     @classmethod
     def of(cls, results: Sequence[TurnResult], prefilled_tokens: int) -> WayTotals:
         ttfts = [t for r in results for t in r.ttft_s.values()]
+        parts: dict[str, float] = {}
+        for r in results:
+            add_parts(parts, r.parts_s)
         return cls(
             total_s=round(sum(r.total_s for r in results), 3),
             mean_ttft_ms=round(sum(ttfts) / len(ttfts) * 1e3, 1),
             p50_ttft_ms=round(percentile(ttfts, 50) * 1e3, 1),
             p95_ttft_ms=round(percentile(ttfts, 95) * 1e3, 1),
             prefilled_tokens=prefilled_tokens,
+            parts_s={k: round(v, 3) for k, v in parts.items()},
         )
+
+
+def add_parts(into: dict[str, float], parts: dict[str, float]) -> dict[str, float]:
+    """``into`` with each of ``parts`` added to its own name (the names of
+    :attr:`TurnResult.parts_s`); returns ``into``."""
+    for name, seconds in parts.items():
+        into[name] = into.get(name, 0.0) + seconds
+    return into
 
 
 @functools.lru_cache(maxsize=4)
@@ -152,6 +170,7 @@ def run_kvpool_turn(
         first.setdefault(event.agent_id, time.perf_counter())
 
     start = time.perf_counter() if t0 is None else t0
+    before = engine.times
     for r in requests:
         engine.submit(
             r.agent_id, r.prompt, r.cache, r.max_tokens, on_token=on_token, cache_salt=r.cache_salt
@@ -163,12 +182,18 @@ def run_kvpool_turn(
                 raise done.error
             completions[done.agent_id] = done
     total = time.perf_counter() - start
+    spent = engine.times.minus(before)
     return TurnResult(
         total_s=total,
         ttft_s={a: t - start for a, t in first.items()},
         tokens={a: c.token_ids for a, c in completions.items()},
         completions=completions,
         cached_tokens={a: c.cached_tokens for a, c in completions.items()},
+        parts_s={
+            "cache_in": spent.read_s,
+            "generate": spent.generate_s,
+            "cache_out": spent.write_s,
+        },
     )
 
 
@@ -183,9 +208,12 @@ def run_plain_turn(generator: Any, requests: Sequence[TurnRequest]) -> TurnResul
     first: dict[str, float] = {}
     tokens: dict[str, list[int]] = {r.agent_id: [] for r in requests}
     running = set(uid_to_agent)
+    generate = 0.0
     while running:
+        step = time.perf_counter()
         _, responses = generator.next()
         now = time.perf_counter()
+        generate += now - step
         for response in responses:
             agent = uid_to_agent.get(int(response.uid))
             if agent is None:
@@ -203,6 +231,7 @@ def run_plain_turn(generator: Any, requests: Sequence[TurnRequest]) -> TurnResul
         tokens={a: tuple(t) for a, t in tokens.items()},
         completions={},
         cached_tokens={r.agent_id: 0 for r in requests},
+        parts_s={"generate": generate},
     )
 
 

@@ -21,6 +21,7 @@ Target: kvpool's total time at most 0.8x of the LRU way's.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from kvpool.benchmarks.turns import (
     TurnRequest,
     TurnResult,
     WayTotals,
+    add_parts,
     load_recipe,
     next_context,
     plain_generator,
@@ -147,6 +149,7 @@ def one_at_a_time(
         tokens={a: t for p in parts for a, t in p.tokens.items()},
         completions={a: c for p in parts for a, c in p.completions.items()},
         cached_tokens={a: n for p in parts for a, n in p.cached_tokens.items()},
+        parts_s=functools.reduce(add_parts, (p.parts_s for p in parts), {}),
     )
 
 
