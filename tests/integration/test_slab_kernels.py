@@ -173,9 +173,15 @@ def test_scatter_writes_in_place_and_a_held_slab_is_copied() -> None:
     for first in (0, 5):
         assert peak_over_active(functools.partial(rebind, first)) < 8 << 20, first
     held = state["slab"]
-    copy_peak = peak_over_active(lambda: PORTABLE.scatter(mx.array(held), rows, [4, 9, 2], 5))
-    assert copy_peak >= held.nbytes
     assert bool(mx.all(held[4, :, 5:] == 1).item()) and bool(mx.all(held[2, :, :170] == 1).item())
+    # a view shares the slab's buffer (mx.array(held) would not: it copies on its own)
+    view = held.reshape(held.shape)
+    mx.eval(view)
+    twos = mx.full(rows.shape, 2, dtype=rows.dtype)
+    copy_peak = peak_over_active(lambda: PORTABLE.scatter(held, twos, [4, 9, 2], 5))
+    assert copy_peak >= held.nbytes
+    assert bool(mx.all(held[9] == 2).item()), "the scatter wrote its own copy"
+    assert bool(mx.all(view[9] == 1).item()), "the view saw a write into a shared buffer"
 
 
 # ----------------------------------------------------------------------------- storage
