@@ -221,3 +221,53 @@ def test_an_agent_whose_blocks_moved_resumes_equal_to_a_fresh_run(
     assert again.cached_tokens == done.blocks.total_tokens
     assert list(again.token_ids) == fresh(reference_generate, tiny_swa_model, nxt, 6)
     pool.check_invariants()
+
+
+def test_a_running_request_whose_unwritten_blocks_moved_equals_a_fresh_run(
+    tiny_swa_model: LoadedModel, reference_generate: Reference
+) -> None:
+    """gemma3: a request in flight holds the top blocks of the global group, nothing written
+    into them yet (a short prompt, a long generation). Short agents arriving meanwhile need
+    sliding-window blocks: the global group's bytes go to them, the running request's blocks
+    moving down under it. Its tokens, and its next turn read from the moved blocks, equal
+    fresh mlx-lm runs."""
+    model, tokenizer, _ = tiny_swa_model
+    spec = ModelCacheSpec.from_model(model)
+    (g,) = [g for g, group in enumerate(spec.groups) if group.window is None]
+    per_agent = sum(spec.group_bytes_per_block(k) for k in range(len(spec.groups)))
+    pool = BlockPool(spec, max_bytes=40 * per_agent)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    rng = random.Random(8)
+    n = pool.blocks_per_group[g]
+    alloc = pool.manager.allocator(g)
+    alloc.allocate(999, n - 4)  # a holder outside the manager: the request gets the top ids
+    prompt, max_tokens = words(rng, tokenizer, 100), 3 * spec.block_tokens
+    engine.submit("long", prompt, None, max_tokens)
+    alloc.release(999)
+    engine.step()  # running; its fresh blocks sit at the top of the global group
+    assert engine.is_in_flight("long")
+    shorts = {}
+    for i in range(12):
+        short = words(rng, tokenizer, 300)
+        try:
+            engine.submit(f"short{i}", short, None, 6)
+        except PoolExhaustedError:
+            break
+        shorts[f"short{i}"] = short
+        pool.check_invariants()
+    assert pool.num_blocks_moved > 0 and pool.blocks_per_group[g] < n - 2 and len(shorts) > 3
+    done = {d.agent_id: d for d in engine.drain()}
+    assert all(d.error is None for d in done.values()), [d.error for d in done.values()]
+    long = done["long"]
+    assert max(long.blocks.tables[g].held) < n - 4
+    assert list(long.token_ids) == fresh(reference_generate, tiny_swa_model, prompt, max_tokens)
+    for agent, short in shorts.items():
+        assert list(done[agent].token_ids) == fresh(reference_generate, tiny_swa_model, short, 6)
+        pool.release(done[agent].blocks)
+    nxt = [*prompt, *long.token_ids, *words(rng, tokenizer, 20)]
+    engine.submit("long", nxt, long.blocks, 6)
+    (again,) = engine.drain()
+    assert again.error is None, again.error
+    assert again.cached_tokens == long.blocks.total_tokens
+    assert list(again.token_ids) == fresh(reference_generate, tiny_swa_model, nxt, 6)
+    pool.check_invariants()

@@ -260,3 +260,70 @@ def test_snapshots_taken_mid_prefill_get_budget_moved_to_them(budget: bool) -> N
     assert list(done_b.token_ids) == reference_tokens(engine.model, b, 3)
     assert pool.bytes_total <= (pool.max_bytes or pool.bytes_total)
     pool.check_invariants()
+
+
+def test_a_running_requests_unwritten_blocks_move_and_its_turn_ends_intact() -> None:
+    """A request in flight holds the top blocks of the global group, none written yet (its
+    final cache goes in when it ends): short agents arriving meanwhile still get the global
+    group's bytes, its blocks moving down under it, and its cache comes out whole."""
+    budget = 50 * WINDOWED.group_bytes_per_block(0)
+    pool = BlockPool(WINDOWED, max_bytes=budget, storage=FakeStorage)
+    engine = _engine(WINDOWED, pool)
+    n0 = pool.blocks_per_group[0]
+    alloc = pool.manager.allocator(0)
+    low = alloc.allocate(999, n0 - 10)  # a holder outside the manager, for the test only
+    prompt = prompt_of(3, seed=7)  # no block boundary to publish a prefix at
+    max_tokens = 3 * B + 1
+    engine.submit("long", prompt, max_tokens=max_tokens)
+    alloc.release(999)
+    assert min(low) == 0 and max(low) == n0 - 11
+    engine.step()  # running, its fresh blocks at the top of group 0, nothing written
+    assert engine.is_in_flight("long")
+    assert pool.manager.spare_blocks(0) == pool.manager.num_free(0)
+    shorts = []
+    for a in range(1000):
+        try:
+            engine.submit(f"a{a}", prompt_of(PROMPT, seed=a), max_tokens=MAX_TOKENS)
+        except PoolExhaustedError:
+            break
+        shorts.append(a)
+        pool.check_invariants()
+    assert pool.blocks_per_group[0] < n0 - 4, "the global group gave no bytes"
+    assert pool.num_blocks_moved > 0 and len(shorts) > 5
+    done = {d.agent_id: d for d in engine.drain()}
+    pool.check_invariants()
+    long = done["long"]
+    assert long.error is None, long.error
+    assert list(long.token_ids) == reference_tokens(engine.model, prompt, max_tokens)
+    for a in shorts:
+        assert list(done[f"a{a}"].token_ids) == reference_tokens(
+            engine.model, prompt_of(PROMPT, seed=a), MAX_TOKENS
+        )
+        pool.release(done[f"a{a}"].blocks)
+    # its next turn reads back every block it wrote where the moves put them
+    nxt = [*prompt, *long.token_ids, 7]
+    engine.submit("long", nxt, long.blocks, max_tokens=MAX_TOKENS)
+    (again,) = engine.drain()
+    assert again.cached_tokens == long.blocks.total_tokens
+    assert list(again.token_ids) == reference_tokens(engine.model, nxt, MAX_TOKENS)
+
+
+def test_a_request_writing_its_final_cache_keeps_its_blocks_where_they_are() -> None:
+    """Once a request's final write has its tables (place), its fresh blocks are being
+    written outside the pool's lock: a shrink must not move them (the control for the test
+    above); before that, the same blocks can move."""
+    pool = BlockPool(WINDOWED, num_blocks=8, storage=FakeStorage)
+    m = pool.manager
+    m.allocator(0).allocate(999, 6)  # ids 0..5 held: the request gets the top ones
+    seq = pool.open_sequence("a", prompt_of(PROMPT), MAX_TOKENS)
+    assert hasattr(seq, "abort")
+    m.allocator(0).release(999)
+    res = seq._res  # type: ignore[union-attr]
+    top = max(res.fresh[0])
+    assert top == 7 and m.spare_blocks(0) == m.num_free(0) == 6
+    m.place(res, PROMPT + MAX_TOKENS)
+    assert res.writing and m.spare_blocks(0) == 0
+    with pytest.raises(InvalidRequestError, match="at most 0"):
+        m.resize_group(0, 4)
+    seq.abort()  # type: ignore[union-attr]
+    pool.check_invariants()

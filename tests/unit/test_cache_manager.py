@@ -260,6 +260,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     prefixes: Counter[bool | None] = Counter()  # mid-prefill prefixes: published, refused
     num_resizes = 0
     num_moved = 0  # held blocks moved down by a shrink
+    num_fresh_moved = 0  # of them, requests' fresh blocks (not written yet)
     vocab = 5  # tiny vocabulary: prompts collide and share often
     live: list[CacheHandle] = []
     open_res: list[tuple[Reservation, list[int], int]] = []
@@ -324,11 +325,14 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
                     m.resize_group(g, n - spare - 1)
                 assert m.usage() == before and [h.tables for h in live] == tables
             elif rng.random() < 0.5:
+                fresh = {b for res, _, _ in open_res for b in res.fresh[g]}
                 moves = m.resize_group(g, max(1, n - rng.randint(0, spare)))
+                num_fresh_moved += len(fresh & set(moves))
                 assert all(old >= m.num_blocks(g) > new for old, new in moves.items())
-                if g in states:  # a moved state keeps its prefix
-                    for old, new in moves.items():
-                        state_of[new] = state_of.pop(old)
+                if g in states:  # a moved state keeps its prefix (a request's fresh
+                    for old, new in moves.items():  # blocks move too: no state in them yet)
+                        if old in state_of:
+                            state_of[new] = state_of.pop(old)
                 num_resizes += 1
                 num_moved += len(moves)
             else:
@@ -368,6 +372,7 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
     assert usage.num_queries > 1000 and usage.hit_tokens > 0  # the test did share
     assert num_resizes > 200
     assert num_moved > 100
+    assert num_fresh_moved > 20
     if states:
         assert num_states_left_cached > 50  # end states at boundaries stay findable
         assert num_state_reads > 300  # states were reused, from own ends and by key

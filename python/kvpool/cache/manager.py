@@ -122,7 +122,9 @@ class Reservation:
 
     ``lease`` owns the shared and fresh blocks in every group, ``pin`` the
     partially read ones until :meth:`KVCacheManager.release_pin`. ``fresh[g]``
-    are group ``g``'s blocks not yet placed at a position.
+    are group ``g``'s blocks not yet placed at a position. Until ``writing`` (set by
+    :meth:`KVCacheManager.place`, the final write's tables), nothing is written into the
+    fresh blocks, so a resize may move them (it re-points ``fresh``).
     """
 
     agent_id: str
@@ -135,6 +137,7 @@ class Reservation:
     fresh: list[list[int]]
     replacing: CacheHandle | None
     open: bool = True
+    writing: bool = False
 
 
 @dataclass(slots=True)
@@ -290,6 +293,7 @@ class KVCacheManager:
         self._key_salt = key_salt
         self._owner_ids = itertools.count(1)
         self._handles: dict[int, CacheHandle] = {}  # handle id (its lease) -> the live handle
+        self._reservations: dict[int, Reservation] = {}  # lease -> an open reservation
         self._counters = _Counters()
 
     # -- handles --------------------------------------------------------------
@@ -631,9 +635,11 @@ class KVCacheManager:
         self._counters.num_queries += 1
         self._counters.query_tokens += len(tokens)
         self._counters.hit_tokens += match.num_tokens
-        return Reservation(
+        res = Reservation(
             agent_id, tuple(tokens), max_tokens, salt, match, lease, pin, fresh_ids, replacing
         )
+        self._reservations[lease] = res
+        return res
 
     def _full(self, g: int, needed: int) -> PoolFull:
         """Group ``g`` has fewer than ``needed`` free blocks (a snapshot or a published
@@ -1040,6 +1046,7 @@ class KVCacheManager:
         if not res.open:
             return
         res.open = False
+        self._reservations.pop(res.lease, None)
         for alloc in self._allocators:
             alloc.release(res.lease)
             alloc.release(res.pin)
@@ -1048,8 +1055,10 @@ class KVCacheManager:
         """Per group, the table a final cache of ``length`` positions is written
         through: shared blocks where the match put them, fresh blocks at every
         later position the group keeps, NULL elsewhere. Writes go to positions
-        ``>= match.num_tokens // B * B`` only (shared blocks are read-only)."""
+        ``>= match.num_tokens // B * B`` only (shared blocks are read-only). From here on
+        the fresh blocks stay where they are (``res.writing``)."""
         size = self.block_tokens
+        res.writing = True
         num_entries = -(-length // size)
         first_fresh = res.match.num_tokens // size
         tables = []
@@ -1133,6 +1142,7 @@ class KVCacheManager:
         for alloc in self._allocators:
             alloc.release(res.pin)
         res.open = False
+        self._reservations.pop(res.lease, None)
         handle = CacheHandle(
             res.agent_id, tuple(token_ids), tuple(final), size, res.salt, res.lease
         )
@@ -1158,9 +1168,10 @@ class KVCacheManager:
     def spare_blocks(self, group: int) -> int:
         """The most blocks :meth:`resize_group` can take away from group ``group``: no
         more than it has free (cached ones included), one block always stays, and none
-        at or below the highest block that something other than live handles holds (a
-        request, a pin, a snapshot lease): only blocks live handles alone hold can move.
-        O(blocks it looks at), plus O(blocks the live handles hold) once it meets a held one."""
+        at or below the highest block that something else than live handles and requests'
+        unwritten fresh blocks holds (a request's shared or placed blocks, a pin, a snapshot
+        lease): only blocks those alone hold can move. O(blocks it looks at), plus
+        O(blocks the handles and requests hold) once it meets a held one."""
         alloc = self._allocators[group]
         n = int(alloc.num_blocks)
         most = min(int(alloc.num_free), n - 1)
@@ -1169,26 +1180,31 @@ class KVCacheManager:
             b = n - 1 - k
             held = int(alloc.ref_cnt(b))
             if held:
-                refs = self._handle_refs(group) if refs is None else refs
+                refs = self._movable_refs(group) if refs is None else refs
                 if held > refs.get(b, 0):
                     return k
         return most
 
-    def _handle_refs(self, group: int) -> Counter[int]:
-        """Block id -> how many live handles hold it in group ``group``."""
+    def _movable_refs(self, group: int) -> Counter[int]:
+        """Block id -> the references to it in group ``group`` that a move can re-point:
+        live handles' and open requests' fresh blocks not being written."""
         refs: Counter[int] = Counter()
         for handle in self._handles.values():
             refs.update(handle.tables[group].held)
+        for res in self._reservations.values():
+            if not res.writing:
+                refs.update(res.fresh[group])
         return refs
 
     def resize_group(self, group: int, num_blocks: int) -> dict[int, int]:
         """Give group ``group`` ``num_blocks`` blocks. Added ones are free. To take ids
-        ``[num_blocks, n)`` away, the blocks there that live handles hold first move to
-        free ids below (free ones first, then the least recently used cached ones, whose
-        content goes) and those handles' tables are re-pointed; the cached content of the
-        ids taken away goes. Returns the moves (old id -> new id): the caller moves their
-        bytes before the next read. InvalidRequestError, and nothing changed, if it would
-        take more than :meth:`spare_blocks`."""
+        ``[num_blocks, n)`` away, the blocks there that live handles or requests' unwritten
+        fresh blocks hold first move to free ids below (free ones first, then the least
+        recently used cached ones, whose content goes) and those handles' tables and
+        requests' fresh blocks are re-pointed; the cached content of the ids taken away
+        goes. Returns the moves (old id -> new id): the caller moves their bytes before the
+        next read. InvalidRequestError, and nothing changed, if it would take more than
+        :meth:`spare_blocks`."""
         alloc = self._allocators[group]
         n = int(alloc.num_blocks)
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
@@ -1200,7 +1216,8 @@ class KVCacheManager:
         if n - num_blocks > spare:
             raise InvalidRequestError(
                 f"layer group {group}: cannot take {n - num_blocks} of its {n} blocks away, "
-                f"at most {spare} (its free blocks, above what requests and leases hold)"
+                f"at most {spare} (its free blocks, above what requests, pins and leases hold "
+                "in place)"
             )
         movers = [b for b in range(num_blocks, n) if int(alloc.ref_cnt(b)) > 0]
         targets = [int(b) for b in alloc.free_queue() if b < num_blocks][: len(movers)]
@@ -1211,6 +1228,8 @@ class KVCacheManager:
             for handle in self._handles.values():
                 if any(b in moves for b in handle.tables[group].block_ids):
                     repoint_blocks(handle, group, moves)
+            for res in self._reservations.values():
+                res.fresh[group] = [moves.get(b, b) for b in res.fresh[group]]
         alloc.resize(num_blocks)
         return moves
 
@@ -1242,6 +1261,14 @@ class KVCacheManager:
         """Raise AssertionError if the manager's records and the allocators disagree."""
         for a in self._allocators:
             a.check_invariants()
+        for lease, res in self._reservations.items():
+            assert res.open and res.lease == lease, f"reservation {lease} is closed: a bug"
+            for g, a in enumerate(self._allocators):
+                leased = {int(b) for b in a.table(lease)}
+                assert set(res.fresh[g]) <= leased, (
+                    f"reservation {lease} group {g}: fresh {res.fresh[g]} not all held by its "
+                    f"lease ({sorted(leased)}): this indicates a bug"
+                )
         for handle_id, handle in self._handles.items():
             for g, (a, table) in enumerate(zip(self._allocators, handle.tables, strict=True)):
                 held = sorted(int(b) for b in a.table(handle_id))
