@@ -271,3 +271,58 @@ def test_a_running_request_whose_unwritten_blocks_moved_equals_a_fresh_run(
     assert again.cached_tokens == long.blocks.total_tokens
     assert list(again.token_ids) == fresh(reference_generate, tiny_swa_model, nxt, 6)
     pool.check_invariants()
+
+
+def test_a_resumed_turn_in_flight_whose_read_blocks_moved_equals_a_fresh_run(
+    tiny_swa_model: LoadedModel, reference_generate: Reference
+) -> None:
+    """gemma3: an agent's next turn is running; the blocks it resumed from (read already,
+    shared with its old handle) sit at the top of the global group. Short agents arriving
+    meanwhile take the group's bytes, those blocks moving under the running turn. Its
+    tokens and its following turn equal fresh mlx-lm runs."""
+    model, tokenizer, _ = tiny_swa_model
+    spec = ModelCacheSpec.from_model(model)
+    (g,) = [g for g, group in enumerate(spec.groups) if group.window is None]
+    per_agent = sum(spec.group_bytes_per_block(k) for k in range(len(spec.groups)))
+    pool = BlockPool(spec, max_bytes=40 * per_agent)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    rng = random.Random(9)
+    n = pool.blocks_per_group[g]
+    alloc = pool.manager.allocator(g)
+    alloc.allocate(999, n - 8)  # a holder outside the manager: the agent gets the top ids
+    prompt = words(rng, tokenizer, 900)
+    engine.submit("long", prompt, None, 6)
+    (first,) = engine.drain()
+    alloc.release(999)
+    read = set(first.blocks.tables[g].held)
+    assert first.error is None and min(read) >= n - 8
+    nxt = [*prompt, *first.token_ids, *words(rng, tokenizer, 20)]
+    engine.submit("long", nxt, first.blocks, 2 * spec.block_tokens)
+    engine.step()  # its prefix is read
+    assert engine.is_in_flight("long")
+    shorts = {}
+    for i in range(12):
+        short = words(rng, tokenizer, 300)
+        try:
+            engine.submit(f"short{i}", short, None, 6)
+        except PoolExhaustedError:
+            break
+        shorts[f"short{i}"] = short
+        pool.check_invariants()
+    assert read - set(range(pool.blocks_per_group[g])), "none of the blocks it read moved"
+    done = {d.agent_id: d for d in engine.drain()}
+    assert all(d.error is None for d in done.values()), [d.error for d in done.values()]
+    second = done["long"]
+    assert second.cached_tokens > 0
+    want = fresh(reference_generate, tiny_swa_model, nxt, 2 * spec.block_tokens)
+    assert list(second.token_ids) == want
+    for agent, short in shorts.items():
+        assert list(done[agent].token_ids) == fresh(reference_generate, tiny_swa_model, short, 6)
+        pool.release(done[agent].blocks)
+    third = [*nxt, *second.token_ids, *words(rng, tokenizer, 20)]
+    engine.submit("long", third, second.blocks, 6)
+    (again,) = engine.drain()
+    assert again.error is None, again.error
+    assert again.cached_tokens == second.blocks.total_tokens
+    assert list(again.token_ids) == fresh(reference_generate, tiny_swa_model, third, 6)
+    pool.check_invariants()

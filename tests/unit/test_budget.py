@@ -327,3 +327,50 @@ def test_a_request_writing_its_final_cache_keeps_its_blocks_where_they_are() -> 
         m.resize_group(0, 4)
     seq.abort()  # type: ignore[union-attr]
     pool.check_invariants()
+
+
+def test_a_resumed_turn_in_flight_lets_the_blocks_it_read_move() -> None:
+    """An agent's next turn is running: the blocks of its cache it resumed from (shared
+    with its old handle, read already) sit at the top of the global group. Short agents
+    arriving meanwhile still get the group's bytes: those blocks move under the running
+    turn and the handle it replaces, and the turn's cache comes out whole."""
+    budget = 50 * WINDOWED.group_bytes_per_block(0)
+    pool = BlockPool(WINDOWED, max_bytes=budget, storage=FakeStorage)
+    engine = _engine(WINDOWED, pool)
+    n0 = pool.blocks_per_group[0]
+    alloc = pool.manager.allocator(0)
+    alloc.allocate(999, n0 - 10)  # a holder outside the manager: the agent gets the top ids
+    prompt = prompt_of(3 * B, seed=7)
+    engine.submit("long", prompt, max_tokens=2)
+    (first,) = engine.drain()
+    alloc.release(999)
+    shared = set(first.blocks.tables[0].held)
+    assert min(shared) >= n0 - 10
+    nxt = [*prompt, *first.token_ids, 7]
+    engine.submit("long", nxt, first.blocks, max_tokens=3 * B)
+    engine.step()  # read: its prefix came from the blocks at the top
+    assert engine.is_in_flight("long")
+    assert pool.manager.spare_blocks(0) == pool.manager.num_free(0)
+    shorts = []
+    for a in range(1000):
+        try:
+            engine.submit(f"a{a}", prompt_of(PROMPT, seed=a), max_tokens=MAX_TOKENS)
+        except PoolExhaustedError:
+            break
+        shorts.append(a)
+        pool.check_invariants()
+    assert len(shorts) >= 3 and pool.num_blocks_moved > 0
+    assert shared - set(range(pool.blocks_per_group[0])), "none of the blocks it read moved"
+    done = {d.agent_id: d for d in engine.drain()}
+    pool.check_invariants()
+    second = done["long"]
+    assert second.error is None, second.error
+    assert second.cached_tokens == first.blocks.total_tokens
+    assert list(second.token_ids) == reference_tokens(engine.model, nxt, 3 * B)
+    for a in shorts:
+        pool.release(done[f"a{a}"].blocks)
+    third = [*nxt, *second.token_ids, 9]
+    engine.submit("long", third, second.blocks, max_tokens=MAX_TOKENS)
+    (again,) = engine.drain()
+    assert again.cached_tokens == second.blocks.total_tokens
+    assert list(again.token_ids) == reference_tokens(engine.model, third, MAX_TOKENS)

@@ -326,8 +326,12 @@ def test_random_operations_keep_every_invariant(spec: ModelCacheSpec, blocks: li
                 assert m.usage() == before and [h.tables for h in live] == tables
             elif rng.random() < 0.5:
                 fresh = {b for res, _, _ in open_res for b in res.fresh[g]}
+                unread = {
+                    b for res, _, _ in open_res if not res.read for b in res.match.groups[g].read
+                }
                 moves = m.resize_group(g, max(1, n - rng.randint(0, spare)))
                 num_fresh_moved += len(fresh & set(moves))
+                assert not unread & set(moves), "a block a request has yet to read moved"
                 assert all(old >= m.num_blocks(g) > new for old, new in moves.items())
                 if g in states:  # a moved state keeps its prefix (a request's fresh
                     for old, new in moves.items():  # blocks move too: no state in them yet)

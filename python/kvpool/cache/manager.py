@@ -116,6 +116,20 @@ class PoolFull:
         )
 
 
+def _moved_match(match: PrefixMatch, group: int, moves: dict[int, int]) -> PrefixMatch:
+    """``match`` with group ``group``'s block ids moved (old id -> new id)."""
+    gm = match.groups[group]
+    moved = GroupMatch(
+        tuple((j, moves.get(b, b)) for j, b in gm.shared),
+        tuple(moves.get(b, b) for b in gm.pinned),
+        tuple(moves.get(b, b) if b != NULL_BLOCK else b for b in gm.read),
+        gm.valid_from,
+    )
+    groups = list(match.groups)
+    groups[group] = moved
+    return PrefixMatch(match.num_tokens, tuple(groups))
+
+
 @dataclass(slots=True)
 class Reservation:
     """Blocks held for one request between ``reserve`` and ``commit``/``rollback``.
@@ -124,7 +138,9 @@ class Reservation:
     partially read ones until :meth:`KVCacheManager.release_pin`. ``fresh[g]``
     are group ``g``'s blocks not yet placed at a position. Until ``writing`` (set by
     :meth:`KVCacheManager.place`, the final write's tables), nothing is written into the
-    fresh blocks, so a resize may move them (it re-points ``fresh``).
+    fresh blocks, so a resize may move them (it re-points ``fresh``); once ``read`` (the
+    gather is done: :meth:`KVCacheManager.release_pin`), the match's shared blocks too (it
+    re-points ``match``): nothing reads or writes them outside the pool's lock until then.
     """
 
     agent_id: str
@@ -138,6 +154,7 @@ class Reservation:
     replacing: CacheHandle | None
     open: bool = True
     writing: bool = False
+    read: bool = False
 
 
 @dataclass(slots=True)
@@ -1037,7 +1054,8 @@ class KVCacheManager:
         return match.num_tokens // self.block_tokens * self.block_tokens
 
     def release_pin(self, res: Reservation) -> None:
-        """The gather has read the partial blocks: let them go."""
+        """The gather has read the partial blocks: let them go (``res.read``)."""
+        res.read = True
         for alloc in self._allocators:
             alloc.release(res.pin)
 
@@ -1168,10 +1186,10 @@ class KVCacheManager:
     def spare_blocks(self, group: int) -> int:
         """The most blocks :meth:`resize_group` can take away from group ``group``: no
         more than it has free (cached ones included), one block always stays, and none
-        at or below the highest block that something else than live handles and requests'
-        unwritten fresh blocks holds (a request's shared or placed blocks, a pin, a snapshot
-        lease): only blocks those alone hold can move. O(blocks it looks at), plus
-        O(blocks the handles and requests hold) once it meets a held one."""
+        at or below the highest block that something holds in place (see
+        :meth:`_movable_refs`: a request not yet gathered or writing its final cache, a block
+        being published, a pin, a snapshot lease). O(blocks it looks at), plus O(blocks the
+        handles and requests hold) once it meets a held one."""
         alloc = self._allocators[group]
         n = int(alloc.num_blocks)
         most = min(int(alloc.num_free), n - 1)
@@ -1187,24 +1205,27 @@ class KVCacheManager:
 
     def _movable_refs(self, group: int) -> Counter[int]:
         """Block id -> the references to it in group ``group`` that a move can re-point:
-        live handles' and open requests' fresh blocks not being written."""
+        live handles', and open requests' not writing their final cache: their fresh
+        blocks, and their match's shared blocks once read (see :class:`Reservation`)."""
         refs: Counter[int] = Counter()
         for handle in self._handles.values():
             refs.update(handle.tables[group].held)
         for res in self._reservations.values():
             if not res.writing:
                 refs.update(res.fresh[group])
+                if res.read:
+                    refs.update(b for _, b in res.match.groups[group].shared)
         return refs
 
     def resize_group(self, group: int, num_blocks: int) -> dict[int, int]:
         """Give group ``group`` ``num_blocks`` blocks. Added ones are free. To take ids
-        ``[num_blocks, n)`` away, the blocks there that live handles or requests' unwritten
-        fresh blocks hold first move to free ids below (free ones first, then the least
-        recently used cached ones, whose content goes) and those handles' tables and
-        requests' fresh blocks are re-pointed; the cached content of the ids taken away
-        goes. Returns the moves (old id -> new id): the caller moves their bytes before the
-        next read. InvalidRequestError, and nothing changed, if it would take more than
-        :meth:`spare_blocks`."""
+        ``[num_blocks, n)`` away, the blocks there that only live handles and requests
+        hold (where :meth:`_movable_refs` counts them) first move to free ids below (free
+        ones first, then the least recently used cached ones, whose content goes) and those
+        handles' tables and requests' fresh blocks and matches are re-pointed; the cached
+        content of the ids taken away goes. Returns the moves (old id -> new id): the caller
+        moves their bytes before the next read. InvalidRequestError, and nothing changed, if
+        it would take more than :meth:`spare_blocks`."""
         alloc = self._allocators[group]
         n = int(alloc.num_blocks)
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
@@ -1230,6 +1251,8 @@ class KVCacheManager:
                     repoint_blocks(handle, group, moves)
             for res in self._reservations.values():
                 res.fresh[group] = [moves.get(b, b) for b in res.fresh[group]]
+                if res.read:
+                    res.match = _moved_match(res.match, group, moves)
         alloc.resize(num_blocks)
         return moves
 
