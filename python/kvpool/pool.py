@@ -15,17 +15,18 @@ group 2 states: its end state and the next turn's, or a snapshot).
 The split then follows the workload: when a request does not fit one group while
 others hold free blocks, the top of their id range is taken away and its bytes go to
 the short group (:meth:`BlockPool.open_sequence`, :meth:`BlockPool.write_from_host`).
-Blocks that live handles hold there first move down to free ids (their handles are
-re-pointed, :meth:`KVCacheManager.resize_group`); cached content there, or on the free
-ids they move to, is dropped. A short group grows by what it lacks, and up to doubling
+Blocks that live handles or running requests hold there first move down to free ids
+(their handles, and the requests' fresh blocks and gathered matches, are re-pointed:
+:meth:`KVCacheManager.resize_group`); cached content there, or on the free ids they move
+to, is dropped. A short group grows by what it lacks, and up to doubling
 when the others can spare it (at most half of what they could give), so a shifting
 workload resizes rarely: each resize copies the slabs of the groups involved.
 Invariant: the groups' blocks never hold more than ``max_bytes``. A request is refused
 (PoolExhaustedError) only when the other groups' free blocks cannot make up the
-difference, or when the ones they could give sit below a block that a request in
-flight, a pin or a snapshot lease holds (those never move: a gather may be reading
-them); that lasts only until the request ends. A pool sized by ``num_blocks`` keeps
-its counts.
+difference, or when the ones they could give sit below a block held in place: by a
+request not yet gathered or writing its final cache, a prefix or state being published,
+a pin or a snapshot lease (a gather or a write may be using it outside the lock); that
+lasts only until that step is done. A pool sized by ``num_blocks`` keeps its counts.
 
 The block format (dense, or 8/4-bit affine-quantized at rest) is the spec's
 (:attr:`ModelCacheSpec.format`): byte budgets count bytes at rest, so a 4-bit pool of
@@ -439,7 +440,8 @@ class BlockPool:
     def _make_room(self, full: PoolFull, protected: set[int]) -> bool:
         """Move budget to ``full.group`` so it has ``full.needed - full.free`` more free
         blocks, taking blocks off the top of the other groups (not ``protected``) after
-        moving the ones handles hold there down (:meth:`KVCacheManager.spare_blocks`).
+        moving the ones handles and requests hold there down, where they can move
+        (:meth:`KVCacheManager.spare_blocks`).
         False, and nothing changed, if they cannot spare enough."""
         if self.max_bytes is None:
             return False
