@@ -223,6 +223,32 @@ def test_an_agent_whose_blocks_moved_resumes_equal_to_a_fresh_run(
     pool.check_invariants()
 
 
+def _gemma3_engine(loaded: LoadedModel) -> tuple[BlockPoolBatchEngine, int, int]:
+    """An engine on a byte budget of 40 agents' blocks, its global group, and that group's
+    block count."""
+    model, tokenizer, _ = loaded
+    spec = ModelCacheSpec.from_model(model)
+    (g,) = [g for g, group in enumerate(spec.groups) if group.window is None]
+    per_agent = sum(spec.group_bytes_per_block(k) for k in range(len(spec.groups)))
+    pool = BlockPool(spec, max_bytes=40 * per_agent)
+    return BlockPoolBatchEngine(model, tokenizer, pool, spec), g, pool.blocks_per_group[g]
+
+
+def _shorts_arriving(engine: BlockPoolBatchEngine, rng: random.Random) -> dict[str, list[int]]:
+    """Up to 12 agents of 300 words (6 tokens each) submitted while they fit, checking the
+    pool's invariants after each: agent id -> prompt."""
+    shorts = {}
+    for i in range(12):
+        short = words(rng, engine.tokenizer, 300)
+        try:
+            engine.submit(f"short{i}", short, None, 6)
+        except PoolExhaustedError:
+            break
+        shorts[f"short{i}"] = short
+        engine.pool.check_invariants()
+    return shorts
+
+
 def test_a_running_request_whose_unwritten_blocks_moved_equals_a_fresh_run(
     tiny_swa_model: LoadedModel, reference_generate: Reference
 ) -> None:
@@ -231,14 +257,9 @@ def test_a_running_request_whose_unwritten_blocks_moved_equals_a_fresh_run(
     sliding-window blocks: the global group's bytes go to them, the running request's blocks
     moving down under it. Its tokens, and its next turn read from the moved blocks, equal
     fresh mlx-lm runs."""
-    model, tokenizer, _ = tiny_swa_model
-    spec = ModelCacheSpec.from_model(model)
-    (g,) = [g for g, group in enumerate(spec.groups) if group.window is None]
-    per_agent = sum(spec.group_bytes_per_block(k) for k in range(len(spec.groups)))
-    pool = BlockPool(spec, max_bytes=40 * per_agent)
-    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    engine, g, n = _gemma3_engine(tiny_swa_model)
+    pool, spec, tokenizer = engine.pool, engine.spec, engine.tokenizer
     rng = random.Random(8)
-    n = pool.blocks_per_group[g]
     alloc = pool.manager.allocator(g)
     alloc.allocate(999, n - 4)  # a holder outside the manager: the request gets the top ids
     prompt, max_tokens = words(rng, tokenizer, 100), 3 * spec.block_tokens
@@ -246,15 +267,7 @@ def test_a_running_request_whose_unwritten_blocks_moved_equals_a_fresh_run(
     alloc.release(999)
     engine.step()  # running; its fresh blocks sit at the top of the global group
     assert engine.is_in_flight("long")
-    shorts = {}
-    for i in range(12):
-        short = words(rng, tokenizer, 300)
-        try:
-            engine.submit(f"short{i}", short, None, 6)
-        except PoolExhaustedError:
-            break
-        shorts[f"short{i}"] = short
-        pool.check_invariants()
+    shorts = _shorts_arriving(engine, rng)
     assert pool.num_blocks_moved > 0 and pool.blocks_per_group[g] < n - 2 and len(shorts) > 3
     done = {d.agent_id: d for d in engine.drain()}
     assert all(d.error is None for d in done.values()), [d.error for d in done.values()]
@@ -280,14 +293,9 @@ def test_a_resumed_turn_in_flight_whose_read_blocks_moved_equals_a_fresh_run(
     shared with its old handle) sit at the top of the global group. Short agents arriving
     meanwhile take the group's bytes, those blocks moving under the running turn. Its
     tokens and its following turn equal fresh mlx-lm runs."""
-    model, tokenizer, _ = tiny_swa_model
-    spec = ModelCacheSpec.from_model(model)
-    (g,) = [g for g, group in enumerate(spec.groups) if group.window is None]
-    per_agent = sum(spec.group_bytes_per_block(k) for k in range(len(spec.groups)))
-    pool = BlockPool(spec, max_bytes=40 * per_agent)
-    engine = BlockPoolBatchEngine(model, tokenizer, pool, spec)
+    engine, g, n = _gemma3_engine(tiny_swa_model)
+    pool, spec, tokenizer = engine.pool, engine.spec, engine.tokenizer
     rng = random.Random(9)
-    n = pool.blocks_per_group[g]
     alloc = pool.manager.allocator(g)
     alloc.allocate(999, n - 8)  # a holder outside the manager: the agent gets the top ids
     prompt = words(rng, tokenizer, 900)
@@ -300,15 +308,7 @@ def test_a_resumed_turn_in_flight_whose_read_blocks_moved_equals_a_fresh_run(
     engine.submit("long", nxt, first.blocks, 2 * spec.block_tokens)
     engine.step()  # its prefix is read
     assert engine.is_in_flight("long")
-    shorts = {}
-    for i in range(12):
-        short = words(rng, tokenizer, 300)
-        try:
-            engine.submit(f"short{i}", short, None, 6)
-        except PoolExhaustedError:
-            break
-        shorts[f"short{i}"] = short
-        pool.check_invariants()
+    shorts = _shorts_arriving(engine, rng)
     assert read - set(range(pool.blocks_per_group[g])), "none of the blocks it read moved"
     done = {d.agent_id: d for d in engine.drain()}
     assert all(d.error is None for d in done.values()), [d.error for d in done.values()]

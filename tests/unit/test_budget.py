@@ -262,6 +262,20 @@ def test_snapshots_taken_mid_prefill_get_budget_moved_to_them(budget: bool) -> N
     pool.check_invariants()
 
 
+def _shorts_arriving(engine: BlockPoolBatchEngine) -> list[int]:
+    """Submit short agents ``a0, a1, ...`` (prompt seed = number) while they fit, checking
+    the pool's invariants after each; their numbers."""
+    shorts = []
+    for a in range(1000):
+        try:
+            engine.submit(f"a{a}", prompt_of(PROMPT, seed=a), max_tokens=MAX_TOKENS)
+        except PoolExhaustedError:
+            break
+        shorts.append(a)
+        engine.pool.check_invariants()
+    return shorts
+
+
 def test_a_running_requests_unwritten_blocks_move_and_its_turn_ends_intact() -> None:
     """A request in flight holds the top blocks of the global group, none written yet (its
     final cache goes in when it ends): short agents arriving meanwhile still get the global
@@ -280,14 +294,7 @@ def test_a_running_requests_unwritten_blocks_move_and_its_turn_ends_intact() -> 
     engine.step()  # running, its fresh blocks at the top of group 0, nothing written
     assert engine.is_in_flight("long")
     assert pool.manager.spare_blocks(0) == pool.manager.num_free(0)
-    shorts = []
-    for a in range(1000):
-        try:
-            engine.submit(f"a{a}", prompt_of(PROMPT, seed=a), max_tokens=MAX_TOKENS)
-        except PoolExhaustedError:
-            break
-        shorts.append(a)
-        pool.check_invariants()
+    shorts = _shorts_arriving(engine)
     assert pool.blocks_per_group[0] < n0 - 4, "the global group gave no bytes"
     assert pool.num_blocks_moved > 0 and len(shorts) > 5
     done = {d.agent_id: d for d in engine.drain()}
@@ -351,14 +358,7 @@ def test_a_resumed_turn_in_flight_lets_the_blocks_it_read_move() -> None:
     engine.step()  # read: its prefix came from the blocks at the top
     assert engine.is_in_flight("long")
     assert pool.manager.spare_blocks(0) == pool.manager.num_free(0)
-    shorts = []
-    for a in range(1000):
-        try:
-            engine.submit(f"a{a}", prompt_of(PROMPT, seed=a), max_tokens=MAX_TOKENS)
-        except PoolExhaustedError:
-            break
-        shorts.append(a)
-        pool.check_invariants()
+    shorts = _shorts_arriving(engine)
     assert len(shorts) >= 3 and pool.num_blocks_moved > 0
     assert shared - set(range(pool.blocks_per_group[0])), "none of the blocks it read moved"
     done = {d.agent_id: d for d in engine.drain()}

@@ -122,7 +122,7 @@ def _moved_match(match: PrefixMatch, group: int, moves: dict[int, int]) -> Prefi
     moved = GroupMatch(
         tuple((j, moves.get(b, b)) for j, b in gm.shared),
         tuple(moves.get(b, b) for b in gm.pinned),
-        tuple(moves.get(b, b) if b != NULL_BLOCK else b for b in gm.read),
+        tuple(moves.get(b, b) for b in gm.read),  # NULL entries are no ids: kept
         gm.valid_from,
     )
     groups = list(match.groups)
