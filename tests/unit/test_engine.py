@@ -36,14 +36,20 @@ from kvpool.testing import (
 class Harness:
     """An engine over fakes, plus the generator instances it created."""
 
-    def __init__(self, spec: ModelCacheSpec = SPEC, num_blocks: int = 64, **kwargs: object) -> None:
+    def __init__(
+        self,
+        spec: ModelCacheSpec = SPEC,
+        num_blocks: int = 64,
+        gen_class: type[FakeBatchGenerator] = FakeBatchGenerator,
+        **kwargs: object,
+    ) -> None:
         self.model = FakeModel(spec, vocab_size=1000)
         self.tokenizer = FakeTokenizer(1000)
         self.pool = BlockPool(spec, num_blocks=num_blocks, storage=FakeStorage)
         self.gens: list[FakeBatchGenerator] = []
 
         def factory(model: FakeModel, **kw: object) -> FakeBatchGenerator:
-            gen = FakeBatchGenerator(model, **kw)  # type: ignore[arg-type]
+            gen = gen_class(model, **kw)  # type: ignore[arg-type]
             self.gens.append(gen)
             return gen
 
@@ -484,3 +490,26 @@ def test_engine_times_say_where_the_steps_went() -> None:
     snapshot = engine.times
     snapshot.steps += 1
     assert engine.times.steps == snapshot.steps - 1  # a copy: the engine's own is untouched
+
+
+def test_a_resumed_sliding_prompt_stops_only_where_its_windows_are_whole() -> None:
+    """A resumed sliding cache holds its last ``window - 1`` rows: a snapshot end whose
+    window needs rows before those is not a segment end (the pool would refuse its
+    blocks), while a fresh prompt stops at its last block boundary to publish it."""
+    seen: list[list[int]] = []
+
+    class Recording(FakeBatchGenerator):
+        def insert_segments(self, segments: Any, *args: Any, **kwargs: Any) -> list[int]:
+            seen.append([len(s) for s in segments[0]])
+            return super().insert_segments(segments, *args, **kwargs)
+
+    h = Harness(SLIDING, gen_class=Recording)
+    first = h.run("a", prompt_of(18), max_tokens=4)  # 22 tokens cached
+    assert first.blocks is not None
+    tokens = [*first.blocks.token_ids, *prompt_of(3, seed=5)]  # 25: last boundary 24
+    again = h.run("a", tokens, first.blocks, max_tokens=3)
+    # turn 1 stops at 16 (its last block boundary); turn 2 resumes at 22 with rows 17..21,
+    # but the window at 24 needs row 19's block from row 16: no stop there
+    assert seen == [[16, 2], [3]]
+    assert again.cached_tokens == 22
+    assert list(again.token_ids) == reference_tokens(h.model, tokens, 3)
