@@ -50,7 +50,10 @@ _FAKE_STATES: dict[int, tuple[int, ...]] = {}
 class FakeCache:
     """Token ids at positions ``[offset - len(tokens), offset)`` of one layer.
 
-    ``window`` (sliding layers) caps how many positions are kept.
+    ``window`` (sliding layers) bounds the positions kept as mlx-lm's RotatingKVCache
+    does: an update of ``S`` tokens keeps at most ``window - 1`` of the old ones and all
+    ``S`` new ones (every new token sees a whole window), so a cache holds ``window`` rows
+    after a decode step and up to ``window - 1 + S`` after a prefill chunk.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -58,10 +61,16 @@ class FakeCache:
     window: int | None = None
 
     def append(self, new: Sequence[int]) -> None:
+        if self.window is not None and len(self.tokens) > self.window - 1:
+            del self.tokens[: len(self.tokens) - (self.window - 1)]
         self.tokens.extend(new)
         self.offset += len(new)
-        if self.window is not None and len(self.tokens) > self.window:
-            del self.tokens[: len(self.tokens) - self.window]
+
+    @property
+    def visible(self) -> list[int]:
+        """What the next token attends to: every position, or a sliding layer's last
+        ``window``."""
+        return self.tokens if self.window is None else self.tokens[-self.window :]
 
     def copy(self) -> FakeCache:
         return FakeCache(list(self.tokens), self.offset, self.window)
@@ -89,7 +98,7 @@ class FakeModel:
     def next_token(self, caches: Sequence[FakeCache]) -> int:
         h = 0
         for i, cache in enumerate(caches):
-            data = f"{i}:{cache.offset}:{','.join(map(str, cache.tokens))}".encode()
+            data = f"{i}:{cache.offset}:{','.join(map(str, cache.visible))}".encode()
             h = zlib.crc32(data, h)
         return h % self.vocab_size
 

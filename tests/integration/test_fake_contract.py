@@ -152,3 +152,42 @@ def test_the_engines_generator_follows_mlx_lms_own(tiny_model: LoadedModel) -> N
     assert scenario(model, PoolBatchGenerator, cache_for) == scenario(model, real, cache_for)
     ours = segments_scenario(model, PoolBatchGenerator, cache_for)
     assert ours == segments_scenario(model, real, cache_for)
+
+
+def _rows(cache: Any) -> int:
+    """Positions a layer's cache holds: a fake's token ids, an mlx-lm cache's K rows."""
+    if isinstance(cache, FakeCache):
+        return len(cache.tokens)
+    keys = cache.state[0]
+    return int(keys.shape[2])
+
+
+def window_scenario(model: Any, factory: Callable[..., Any]) -> Trace:
+    """Rows each layer's cache holds where a segment ends and where a request finishes:
+    a sliding layer keeps ``window - 1`` old rows and all of a prefill chunk's, then
+    ``window`` once decoding (what the engine's store and publish read)."""
+    gen = factory(model, stop_tokens=None, prefill_step_size=48, prefill_batch_size=2)
+    prompt = [1 + (i * 7) % 500 for i in range(150)]
+    gen.insert_segments([[prompt[:100], prompt[100:]], [prompt[:60]]], max_tokens=[5, 12])
+    trace: Trace = []
+    for call in range(30):
+        prompt_responses, generation_responses = gen.next()
+        for r in prompt_responses:
+            if r.end_of_segment and not r.end_of_prompt:
+                caches, _ = gen.extract_cache([r.uid])[r.uid]
+                trace.append(("segment", call, r.uid, tuple(_rows(c) for c in caches)))
+        for r in generation_responses:
+            if r.finish_reason is not None:
+                trace.append(("finish", call, r.uid, tuple(_rows(c) for c in r.prompt_cache)))
+    return trace
+
+
+def test_fake_sliding_caches_hold_the_rows_mlx_lms_hold(tiny_swa_model: LoadedModel) -> None:
+    model, real, _ = real_parts(tiny_swa_model)
+    fake_model, fake, _ = fake_parts(tiny_swa_model)
+    trace = window_scenario(model, real)
+    assert window_scenario(fake_model, fake) == trace
+    # window 64: the segment ending at 100 after chunks of 48, 48 and 4 holds 63 + 4 rows
+    # in its sliding layers, all 100 in its global ones; decoding leaves exactly 64
+    assert ("segment", 2, 0, (67, 100, 67, 100)) in trace
+    assert any(e[0] == "finish" and e[3][0] == 64 for e in trace)

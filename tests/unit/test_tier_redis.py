@@ -174,11 +174,11 @@ def test_a_sliding_window_session_continues_on_another_store(corrupt: str | None
         ks.window_key("", chain[j], sliding, max(j * B, valid_from) - j * B)
         for j in range(valid_from // B, len(chain))
     }
-    # and block 2 whole: the window the prompt's last boundary (12) published leaves it
-    # cached, so the session also sends boundary 16's window (whole blocks 2 and 3)
-    whole = ks.window_key("", chain[2], sliding, 0)
-    assert _window_keys(fake) == want | {whole}  # nothing else before the window
-    assert len(blocks_of(fake)) == len(chain) + len(want) + 1
+    # and blocks 1 and 2 whole: the prefill stopped at the prompt's last boundary (12)
+    # holding all 12 rows and published the window there (rows 7..11), which stays cached
+    whole = {ks.window_key("", chain[j], sliding, 0) for j in (1, 2)}
+    assert _window_keys(fake) == want | whole  # nothing else before the window
+    assert len(blocks_of(fake)) == len(chain) + len(want) + len(whole)
     victim = sorted(want)[0]
     _damage(fake, victim, corrupt)
     turn2 = context + prompt_of(3, seed=9)
@@ -197,12 +197,11 @@ def test_a_sliding_window_session_continues_on_another_store(corrupt: str | None
 
 def test_a_sliding_window_prefix_no_pool_held_is_not_imported() -> None:
     """A session served alone leaves its sliding group's rows in the pool for its own window
-    at its end and for the window at its prompt's last block boundary; with the fakes'
-    caches of exactly the window (6 rows, blocks of 4) that one is not whole (block 1 from
-    row 3), so Redis gets no window at the system prompt's boundaries and a new agent
-    sharing it imports nothing (its turn is prefilled, token-exact), where an
-    attention-only model imports the prompt's blocks. (mlx-lm's caches hold more rows
-    mid-prefill: tests/integration/test_redis_sliding.py imports there.)"""
+    at its end and for the window at its prompt's last block boundary (16, past the
+    system prompt's 12): Redis gets no window at the system prompt's boundaries, so a new
+    agent sharing it imports nothing (its turn is prefilled, token-exact), where an
+    attention-only model imports the prompt's blocks. (Agents that arrive together
+    publish their shared prefix: tests/integration/test_redis_sliding.py imports that.)"""
     for spec, imported in ((SWA, 0), (SPEC, 12)):
         fake = FakeRedis()
         a = make_store(fake, spec=spec)
@@ -217,7 +216,7 @@ def test_a_sliding_window_prefix_no_pool_held_is_not_imported() -> None:
         b.pool.check_invariants()
 
 
-SWA8 = ModelCacheSpec(  # window 8, two blocks: the fake caches hold exactly the window
+SWA8 = ModelCacheSpec(  # window 8: its window at a block boundary is two whole blocks
     (
         LayerSpec(AttentionKind.SLIDING, 2, 8, 8, window=8),
         LayerSpec(AttentionKind.GLOBAL, 2, 8, 8),
