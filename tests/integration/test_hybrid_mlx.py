@@ -422,8 +422,11 @@ def test_a_redis_round_trip_resumes_on_another_engine(
     tiny_model: LoadedModel,
     reference_generate: Reference,
 ) -> None:
-    """Store A writes a hybrid session to a real redis-server (K/V blocks and the end-state
-    record); store B, another pool, resumes from it token-equal with nothing prefilled again."""
+    """Store A writes a hybrid session to a real redis-server (K/V blocks, the end-state
+    record and the prompt-end snapshot's); store B, another pool, resumes from it
+    token-equal with nothing prefilled again. Store C gets the session's next turn with the
+    reply re-templated (other tokens than were generated): the prompt-end snapshot comes
+    with the session and C prefills only from the prompt's last token on."""
     from redis_process import RedisProcess
 
     from kvpool.tier.redis import RedisTier
@@ -443,7 +446,20 @@ def test_a_redis_round_trip_resumes_on_another_engine(
         a.submit("s", context, max_tokens=MAX_TOKENS)
         (first,) = a.drain()
         assert a.flush() == 1
-        assert len(server.client().keys("kvpool:st:*")) == 1
+        assert len(server.client().keys("kvpool:st:*")) == 2  # the end and the prompt's end
+        retemplated = [*context, *_ids(random.Random(99), 4), *_ids(rng, 3)]
+        assert retemplated[len(context)] != first.token_ids[0]
+        client = server.client()
+        (manifest_key,) = client.keys("kvpool:ses:*")
+        manifest = client.get(manifest_key)  # A's: C's close writes C's session over it
+        c = store()
+        c.submit("s", retemplated, max_tokens=MAX_TOKENS)
+        (turn,) = c.drain()
+        assert turn.error is None, turn.error
+        assert turn.cached_tokens == len(context) - 1 and c.stats.tier.num_snapshots_read == 1
+        assert list(turn.token_ids) == _fresh(reference_generate, model, tokenizer, retemplated)
+        c.close()
+        client.set(manifest_key, manifest)
         nxt = [*context, *first.token_ids, *_ids(rng, 1)]
         b = store()
         b.submit("s", nxt, max_tokens=MAX_TOKENS)
@@ -464,7 +480,8 @@ def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
     reference_generate: Reference,
 ) -> None:
     """Engine A (a state snapshot every block of 16) saves session a (45 prompt tokens) to a
-    real redis-server: its K/V blocks, the snapshots at 16 and 32 and its end state. Engine
+    real redis-server: its K/V blocks, the snapshots at 16, 32 and 44 (its prompt's end) and
+    its end state. Engine
     B, an empty pool on the same Redis, gets agent n with a's first 40 tokens: it imports 2
     blocks and the state at 32 and prefills only the 14 tokens after it, token-equal to a
     fresh mlx-lm run. Controls: the state at 32 corrupt, nothing is imported (the record is
@@ -494,7 +511,8 @@ def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
         assert sa.flush() == 1
         chain = tier.keys.chain([*a, *done.token_ids], "")
         at16, at32, end = (tier.keys.state_key("", chain[j]) for j in (0, 1, -1))
-        assert {k.decode() for k in client.keys("kvpool:st:*")} == {at16, at32, end}
+        at44 = tier.keys.state_key("", tier.keys.chain(a[:44], "")[-1])
+        assert {k.decode() for k in client.keys("kvpool:st:*")} == {at16, at32, at44, end}
         good = client.get(at32)
         for case, reused in (("ok", 32), ("corrupt state", 0), ("missing state", 16)):
             client.set(at32, good)
@@ -503,7 +521,8 @@ def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
             elif case == "missing state":
                 client.delete(at32)
             b, _ = store(None)
-            b.submit("n", new, max_tokens=MAX_TOKENS)
+            agent = "n-" + case.replace(" ", "-")  # one per case: no session of n to load
+            b.submit(agent, new, max_tokens=MAX_TOKENS)
             (got,) = b.drain()
             assert got.error is None, got.error
             assert got.cached_tokens == b.stats.prefix_tokens_imported == reused, case
@@ -607,6 +626,52 @@ def test_kvpool_serve_chat_resumes_a_hybrid_session(tmp_path: Path) -> None:
         edited = [system, {"role": "user", "content": "a different question"}, *messages[2:]]
         other = chat("s2", edited)
         assert other.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens // 2
+
+
+def test_a_chat_turn_on_another_kvpool_serve_resumes_at_the_prompt_end_from_redis(
+    tmp_path: Path,
+) -> None:
+    """Two ``kvpool serve`` processes on the tiny qwen3_5 share one redis-server: turn 1 of
+    a chat on A, turn 2 (the reply re-templated) on B, through the official openai client.
+    A's session in Redis carries its prompt-end snapshot, so B reuses the first prompt but
+    its last token, as A itself would; B's answer equals A's for the same messages in a
+    session A never saw (a fresh prefill there)."""
+    import openai
+    from redis_process import RedisProcess, require_redis_server
+    from server_process import ServerProcess, wait_until
+
+    require_redis_server()
+    out = _model_dir(tmp_path, "qwen3_5")
+    with RedisProcess(tmp_path / "redis") as redis_server:
+        shared = ("--model", str(out), "--cache-url", redis_server.url, "--flush-interval", "0.5")
+        with (
+            ServerProcess(tmp_path / "a", tmp_path / "models", *shared) as a,
+            ServerProcess(tmp_path / "b", tmp_path / "models", *shared) as b,
+        ):
+
+            def chat(server: ServerProcess, session: str, messages: list[dict[str, str]]) -> Any:
+                client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+                return client.chat.completions.create(
+                    model=str(out), messages=messages, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
+                    extra_headers={"X-Session-ID": session},
+                )  # fmt: skip
+
+            system = {"role": "system", "content": "You plan. the agent cache block pool reads"}
+            messages = [system, {"role": "user", "content": "the pool grows quickly again"}]
+            first = chat(a, "s1", messages)
+            wait_until(
+                lambda: redis_server.client().keys("kvpool:ses:*"), 60.0, "A's session in Redis"
+            )
+            messages += [
+                {"role": "assistant", "content": first.choices[0].message.content or ""},
+                {"role": "user", "content": "every turn context memory"},
+            ]
+            second = chat(b, "s1", messages)
+            details = second.usage.prompt_tokens_details
+            assert details.cached_tokens == first.usage.prompt_tokens - 1
+            fresh = chat(a, "s-ref", messages)
+            assert fresh.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
+            assert second.choices[0].message.content == fresh.choices[0].message.content
 
 
 def test_kvpool_serve_state_snapshot_blocks_lets_another_session_share_a_prefix(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from kvpool import (
     LayerSpec,
     ModelCacheSpec,
 )
+from kvpool.cache.manager import StateLease
 from kvpool.cache.storage import LayerCodes, LayerKV, QuantizedRows
 from kvpool.errors import CacheCorruptionError, IncompatibleCacheError
 from kvpool.store import AgentCacheStore, Tier
@@ -127,6 +129,22 @@ def test_manifest_round_trip_and_checks() -> None:
         SessionManifest.decode(data[:-3], ks, "a", "m")
     with pytest.raises(IncompatibleCacheError, match="fingerprint"):
         SessionManifest.decode(data, KeySpace("sha256:" + "cd" * 32, ks.block_format, B), "a", "m")
+    with_snapshots = dataclasses.replace(manifest, snapshots=(4, 9))
+    assert SessionManifest.decode(with_snapshots.encode(), ks, "a", "m") == with_snapshots
+    assert "snapshots" not in body  # none: the field is left out, as older kvpools wrote
+    for bad in ([9, 4], [4, 4], [0], [10], [True], ["4"], 4):
+        body = json.loads(with_snapshots.encode())
+        body["snapshots"] = bad
+        with pytest.raises(CacheCorruptionError, match="malformed snapshot lengths"):
+            SessionManifest.decode(json.dumps(body).encode(), ks, "a", "m")
+
+
+def test_a_prefix_chain_key_is_the_key_a_session_of_those_tokens_ends_with() -> None:
+    ks = keyspace()
+    tokens = prompt_of(11)
+    chain = ks.chain(tokens, "s")
+    for n in range(1, 12):
+        assert ks.prefix_chain_key("s", tokens, chain, n) == ks.chain(tokens[:n], "s")[-1], n
 
 
 def _damage(fake: FakeRedis, key: str, how: str | None) -> None:
@@ -344,9 +362,10 @@ def _hybrid() -> ModelCacheSpec:
 def test_a_hybrid_session_continues_on_another_store_from_its_end_state(
     corrupt: str | None,
 ) -> None:
-    """A recurrent model's session: K/V blocks and one end-state record; another store
-    resumes from both. A corrupt state is refused (and deleted), a missing one is a miss:
-    the turn is prefilled, token-exact either way, nothing held."""
+    """A recurrent model's session: K/V blocks, its end-state record and its prompt-end
+    snapshot's; another store resumes from blocks and end state. A corrupt end state is
+    refused (and deleted), a missing one is a miss: the turn is prefilled, token-exact either
+    way, nothing held."""
     spec, fake = _hybrid(), FakeRedis()
     a = make_store(fake, spec=spec)
     first = run(a, "s", prompt_of(10))
@@ -354,7 +373,8 @@ def test_a_hybrid_session_continues_on_another_store_from_its_end_state(
     ks = KeySpace(FP, block_format_id(spec), B)
     context = prompt_of(10) + list(first.token_ids)
     state_key = ks.state_key("", ks.chain(context, "")[-1])
-    assert sorted(k for k in fake.data if ":st:" in k) == [state_key]
+    prompt_end = ks.state_key("", ks.chain(context[:9], "")[-1])
+    assert {k for k in fake.data if ":st:" in k} == {state_key, prompt_end}
     _damage(fake, state_key, corrupt)
     turn2 = context + prompt_of(3, seed=9)
     b = make_store(fake, spec=spec)
@@ -399,17 +419,19 @@ def test_a_hybrid_prefix_comes_in_with_the_snapshot_at_its_last_boundary(
     case: str, reused: int
 ) -> None:
     """Store A (a snapshot every block of 4) saves session a (14 prompt tokens): Redis gets
-    the states at boundaries 4, 8 and 12 beside the end state. Store B, an empty pool, gets
-    agent n sharing a's first 11 tokens: it imports 2 blocks and the state at 8, and prefills
-    the rest. A state at 8 failing its checksum: nothing imported (deleted, counted); missing:
-    the one at 4; A without snapshots: only the end state, nothing to import. Token-exact."""
+    the states at boundaries 4, 8 and 12 beside the end state and the prompt end's (13).
+    Store B, an empty pool, gets agent n sharing a's first 11 tokens: it imports 2 blocks and
+    the state at 8, and prefills the rest. A state at 8 failing its checksum: nothing
+    imported (deleted, counted); missing: the one at 4; A without snapshots: only the end
+    and prompt-end states, nothing to import (a prefix comes in at block boundaries only).
+    Token-exact."""
     fake = FakeRedis()
     a = hybrid_store(fake, None if case == "no snapshots" else 1)
     prompt = prompt_of(14)
     done = run(a, "a", prompt)
     assert a.flush() == 1
     session = [*prompt, *done.token_ids]  # 17 tokens: its end state is mid-block
-    ends = {boundary_state_key(session, len(session))}
+    ends = {boundary_state_key(session, n) for n in (len(session), len(prompt) - 1)}
     snapshots = {boundary_state_key(session, b) for b in (4, 8, 12)}
     assert state_keys(fake) == (ends if case == "no snapshots" else ends | snapshots)
     at8 = boundary_state_key(session, 8)
@@ -430,10 +452,81 @@ def test_a_hybrid_prefix_comes_in_with_the_snapshot_at_its_last_boundary(
     b.pool.check_invariants()
 
 
+@pytest.mark.parametrize(
+    ("case", "reused"),
+    [("ok", 9), ("flip", 0), ("delete", 0), ("older manifest", 0)],
+)
+def test_a_hybrid_chat_turn_on_another_store_resumes_at_the_prompts_end(
+    case: str, reused: int
+) -> None:
+    """A chat's next turn re-templates the reply, so its tokens leave the session inside
+    it: on the same server the prompt-end snapshot (after all but the prompt's last token)
+    serves it. Written with the session and listed in its manifest, it comes with the
+    session to store B, which reuses those 9 tokens. A snapshot record failing its check
+    (deleted, counted), a missing one or a manifest that lists none (an older kvpool's):
+    the session still loads, and the turn is prefilled (its recurrent layers have no state
+    inside the reply). Token-exact."""
+    fake = FakeRedis()
+    prompt, at9 = _chat_session(fake)
+    _damage(fake, at9, {"flip": "flip", "delete": "delete"}.get(case))
+    if case == "older manifest":
+        manifest_key = KeySpace(FP, block_format_id(_hybrid()), B).session_key("s")
+        body = json.loads(fake.data[manifest_key])
+        del body["snapshots"]
+        fake.data[manifest_key] = json.dumps(body).encode()
+    b = hybrid_store(fake, None)
+    turn2 = [*prompt, 7, 7, 7, *prompt_of(3, seed=9)]  # the reply re-templated: 7s
+    got = run(b, "s", turn2)
+    assert got.error is None
+    assert got.cached_tokens == reused
+    assert b.stats.tier.num_snapshots_read == (1 if case == "ok" else 0)
+    assert got.token_ids == run(hybrid_store(FakeRedis(), None), "ref", turn2).token_ids
+    if case == "flip":
+        assert b.stats.tier.num_blocks_corrupt == 1 and at9 not in fake.data
+    b.pool.check_invariants()
+
+
+def _chat_session(fake: FakeRedis) -> tuple[list[int], str]:
+    """Store A serves agent s a 10-token prompt and saves the session; returns the prompt
+    and the key of its prompt-end snapshot (after 9 tokens), which the manifest lists."""
+    a = hybrid_store(fake, None)
+    prompt = prompt_of(10)
+    first = run(a, "s", prompt)
+    assert a.flush() == 1
+    at9 = boundary_state_key([*prompt, *first.token_ids], 9)
+    assert at9 in fake.data
+    manifest_key = KeySpace(FP, block_format_id(_hybrid()), B).session_key("s")
+    assert json.loads(fake.data[manifest_key])["snapshots"] == [9]
+    return prompt, at9
+
+
+def test_a_session_loads_without_its_snapshots_when_the_pool_has_no_state_block() -> None:
+    """Every state block but the session's end state's is leased: the load registers no
+    snapshot (nothing written, nothing leaked) and returns the session whole."""
+    fake = FakeRedis()
+    _chat_session(fake)
+    b = hybrid_store(fake, None, num_blocks=8)
+    run(b, "x", prompt_of(6, seed=3))  # a live handle to lease against
+    (x,) = b.pool.manager.handles
+    leases = []
+    while b.pool.manager.num_free(1) > 1:
+        lease = b.pool.manager.place_snapshot(x, 1 + len(leases))
+        assert isinstance(lease, StateLease)
+        leases.append(lease)
+    handle = b.cold.load(b.pool, "s")
+    assert leases and handle is not None and handle.total_tokens == 13
+    assert b.pool.snapshot_lengths(handle) == []
+    assert b.stats.tier.num_snapshots_read == 0
+    for lease in leases:
+        b.pool.manager.abort_snapshot(lease)
+    b.pool.release(handle)
+    b.pool.check_invariants()
+
+
 def test_snapshots_are_written_once_and_a_planted_one_is_replaced_with_a_secret() -> None:
     """With a secret: a bad record planted under a snapshot's key before the first write is
     checked and replaced (SET NX alone would keep it); a second session on the same prefix
-    finds every snapshot there and sends none again."""
+    finds every boundary snapshot there and sends only its own prompt end's."""
     fake, secret = FakeRedis(), b"s3cret"
     a = hybrid_store(fake, 1, secret=secret)
     prompt = prompt_of(14)
@@ -443,11 +536,11 @@ def test_snapshots_are_written_once_and_a_planted_one_is_replaced_with_a_secret(
     fake.data[at8] = b"KVS1" + bytes(100)  # planted: fails its MAC
     run(a, "a", prompt)
     a.flush()
-    assert a.stats.tier.num_snapshots_written == 3
+    assert a.stats.tier.num_snapshots_written == 4  # at 4, 8, 12 and the prompt's end, 13
     decode_state(fake.data[at8], _hybrid(), 8, at8, tier._mac, at8.encode())  # passes now
     run(a, "c", [*prompt[:12], 5, 6])  # reuses a's state at 12; its own boundaries are a's
     a.flush()
-    assert a.stats.tier.num_snapshots_written == 3
+    assert a.stats.tier.num_snapshots_written == 5  # c's prompt end: other tokens than a's
     assert a.stats.tier.num_blocks_corrupt == 1
 
 

@@ -66,8 +66,10 @@ class TierStats:
     num_blocks_deduplicated: int = 0  # blocks a write found already there (not sent)
     num_blocks_corrupt: int = 0  # blocks that failed their checksum (never loaded)
     num_incomplete: int = 0  # manifests found with a block missing (treated as a miss)
-    # hybrid models: block-boundary state snapshots the tier lacked and got (Redis)
+    # hybrid models (Redis): state snapshots (block boundaries, prompt ends) the tier lacked
+    # and got, and those a session's load registered in the pool
     num_snapshots_written: int = 0
+    num_snapshots_read: int = 0
     num_prefix_imports: int = 0  # requests whose prefix blocks came from the tier
     prefix_tokens_imported: int = 0  # tokens of those blocks
     bytes_sent: int = 0  # bytes written to the tier (blocks and manifests)

@@ -348,7 +348,8 @@ def read_snapshot(
     context: bytes = b"",
 ) -> bytes | None:
     """The record of the snapshot the pool holds after the first ``length`` tokens of a live
-    handle (a block boundary below its end); None if it holds none (evicted)."""
+    handle (below its end: a block boundary or a prompt's end); None if it holds none
+    (evicted)."""
     states = pool.read_snapshot(handle, length, _state_layers(pool.spec))
     return None if states is None else encode_state(length, states, key, context)
 

@@ -4,6 +4,8 @@ Blocks are content-addressed and stored once for every session and server::
 
     kvpool:blk:<model>:<block format>:<tenant>:<chain key>    one block record (tier.codec)
     kvpool:ses:<model>:<block format>:<agent id>               one session manifest (JSON)
+    kvpool:st:<model>:<block format>:<tenant>:<chain key>     a recurrent model's state after
+                                                               exactly the tokens the key names
 
 ``<model>`` is the first 16 hex digits of the model fingerprint, ``<tenant>`` a 64-bit
 blake2b of the ``cache_salt`` (tenants never share a key), ``<block format>`` is
@@ -15,7 +17,10 @@ its tokens, compared token for token before it is used. Both keys carry the bloc
 servers whose pools hold blocks in different formats (dense, ``--kv-bits 4``, ``8``) keep
 separate blocks and sessions in one Redis and never read each other's (a miss, a prefill).
 
-A manifest names a session's blocks in order (``block_keys``) and its tokens; it is written
+A manifest names a session's blocks in order (``block_keys``), its tokens and, for a
+recurrent model, the prefix lengths whose state was written with it (``snapshots``: block
+boundaries and prompt ends, the state under the chain key of exactly those tokens, a partial
+last block's key where the length is mid-block); it is written
 after its blocks, in one SET, so a reader sees the old manifest or the new one, never a mix.
 With a deployment secret (``--cache-secret``) its last field ``mac`` is a keyed blake2b of
 the rest and of its key, and ``<block format>`` carries the secret's id (``...+m<8 hex>``):
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -111,6 +117,19 @@ class KeySpace:
         its window covers."""
         return f"{self.block_key(salt, chain)}:g{group}:{offset}"
 
+    def prefix_chain_key(
+        self, salt: str, tokens: Sequence[int], chain: Sequence[int], length: int
+    ) -> int:
+        """The last chain key of ``tokens[:length]`` (``0 < length <= len(tokens)``), from
+        ``chain`` (``tokens``' own) at a block boundary, else hashing only the last partial
+        block: the key a session of exactly those tokens ends with."""
+        size = self.block_tokens
+        whole = length // size
+        if length % size == 0:
+            return chain[whole - 1]
+        parent = chain[whole - 1] if whole else self.root(salt)
+        return chain_key(parent, tokens[whole * size : length])
+
     def state_key(self, salt: str, chain: int) -> str:
         """Where the end state of a session whose last chain key is ``chain`` lives (a
         recurrent model's: the state after exactly the tokens the chain names)."""
@@ -136,6 +155,9 @@ class SessionManifest:
     block_tokens: int
     valid_from: tuple[int, ...] = ()  # per layer group: its first stored position; empty:
     # every group holds every position (a model without sliding-window groups)
+    snapshots: tuple[int, ...] = ()  # ascending prefix lengths (0 < n < len(token_ids)) at
+    # which a recurrent model's state was written with the session (KeySpace.state_key of
+    # KeySpace.prefix_chain_key); empty: none (and every manifest of an older kvpool)
 
     def encode(self, key: bytes | None = None, context: bytes = b"") -> bytes:
         """The manifest's JSON; with ``key`` (:func:`~kvpool.tier.codec.mac_key`) a last
@@ -153,6 +175,8 @@ class SessionManifest:
         }
         if self.valid_from:
             body["valid_from"] = list(self.valid_from)
+        if self.snapshots:
+            body["snapshots"] = list(self.snapshots)
         if key is not None:
             body["mac"] = _manifest_mac(_dump(body), key, context)
         return _dump(body)
@@ -225,6 +249,13 @@ class SessionManifest:
             isinstance(v, int) and 0 <= v < len(tokens) for v in valid_from
         ):
             raise CacheCorruptionError(f"{what}: a malformed valid_from {valid_from!r}")
+        snapshots = body.get("snapshots", [])
+        if (
+            not isinstance(snapshots, list)
+            or not all(type(n) is int and 0 < n < len(tokens) for n in snapshots)
+            or any(a >= b for a, b in itertools.pairwise(snapshots))
+        ):
+            raise CacheCorruptionError(f"{what}: malformed snapshot lengths {snapshots!r}")
         return cls(
             agent_id,
             tuple(tokens),
@@ -234,4 +265,5 @@ class SessionManifest:
             keys.block_format,
             keys.block_tokens,
             tuple(valid_from),
+            tuple(snapshots),
         )

@@ -51,10 +51,13 @@ imports nothing.
 A model with recurrent layers keeps their state out of the block records: a state after
 exactly ``n`` tokens is a record of its own (``:st:`` under the chain key of those tokens,
 checked like a block). A session writes its end state (before the manifest, read with the
-blocks) and the block-boundary snapshots the pool holds for its prefix (``SET NX``, like
-blocks); a prefix import then takes the longest run of blocks that ends at a boundary with a
-state and registers that state as the pool's snapshot of exactly
-that prefix (blocks without a state at their end would serve no lookup).
+blocks) and the snapshots the pool holds for its prefix, block boundaries and prompt ends
+(``SET NX``, like blocks; the manifest lists their lengths). Loading the session registers
+those the pool lacks as its snapshots, best effort (a chat's next turn, which re-templates
+the reply, resumes at the previous prompt's end on any server); a prefix import takes the
+longest run of blocks that ends at a boundary with a state and registers that state as the
+pool's snapshot of exactly that prefix (blocks without a state at their end would serve no
+lookup).
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ class RedisTier:
                 "num_blocks_corrupt",
                 "num_incomplete",
                 "num_snapshots_written",
+                "num_snapshots_read",
                 "num_prefix_imports",
                 "prefix_tokens_imported",
                 "bytes_sent",
@@ -357,10 +361,12 @@ class RedisTier:
             self._counts["num_blocks_written"] += len(chunk)
             self._counts["bytes_sent"] += sum(len(rec) for rec in records)
         sent_state = 0
+        snapshots: tuple[int, ...] = ()
         if self._windowed:
             sent_state += self._save_windows(pool, handle, chain, {rec.key for rec in recs})
         if self.spec.has_recurrent:
-            sent_state += self._save_snapshots(pool, handle, chain)
+            held, snapshots = self._save_snapshots(pool, handle, chain)
+            sent_state += held
             # the end state, under the chain key of all the tokens
             state_key = self.keys.state_key(salt, chain[-1])
             record = read_state(pool, handle, self._mac, self._context(state_key))
@@ -379,6 +385,7 @@ class RedisTier:
             self.keys.block_format,
             size,
             valid_from if self._windowed else (),
+            snapshots,
         ).encode(self._mac, self._context(manifest_key))
         with self._redis(f"saving agent {handle.agent_id!r}") as r:
             r.set(manifest_key, manifest, ex=self.ttl_s)
@@ -538,7 +545,54 @@ class RedisTier:
                 self._counts["num_incomplete"] += 1
                 logger.warning("%s: a block of agent %r is gone (evicted?)", self.where, agent_id)
                 return None
-            return write.commit(valid_from or None)
+            handle = write.commit(valid_from or None)
+        if manifest.snapshots:
+            try:
+                self._load_snapshots(pool, handle, manifest)
+            except BaseException:
+                pool.release(handle)
+                raise
+        return handle
+
+    def _load_snapshots(
+        self, pool: BlockPool, handle: CacheHandle, manifest: SessionManifest
+    ) -> None:
+        """Register the state snapshots a session was written with that the pool lacks
+        (:meth:`BlockPool.write_snapshot`, shortest first: each is cached-free once
+        published, so a pool short of state blocks keeps the longest), a few records at a
+        time. Best effort: the session is loaded already, so a missing record is skipped, one
+        failing its check is deleted, counted and skipped, and an outage or a pool without a
+        free state block ends the loading there (logged)."""
+        salt, tokens, chain = manifest.salt, manifest.token_ids, manifest.chain
+        held = set(pool.snapshot_lengths(handle))
+        lengths = [n for n in manifest.snapshots if n not in held]
+        what = f"loading the state snapshots of agent {manifest.agent_id!r}"
+        for c in range(0, len(lengths), _FETCH_BLOCKS):
+            chunk = lengths[c : c + _FETCH_BLOCKS]
+            keys = [
+                self.keys.state_key(salt, self.keys.prefix_chain_key(salt, tokens, chain, n))
+                for n in chunk
+            ]
+            try:
+                records = self._fetch(what, keys)
+            except TierUnavailableError as exc:
+                logger.warning("%s: not all snapshots loaded: %s", self.where, exc)
+                return
+            for n, key, record in zip(chunk, keys, records, strict=True):
+                try:
+                    states = self._checked_state(record, key, n)
+                except CacheCorruptionError as exc:
+                    logger.warning("%s: skipping a snapshot: %s", self.where, exc)
+                    continue
+                if states is None:
+                    continue  # evicted from Redis: that prefix is prefilled
+                if not pool.write_snapshot(handle, states):
+                    logger.warning(
+                        "%s: no free state block for the snapshots of agent %r past %d tokens",
+                        self.where, manifest.agent_id, n,
+                    )  # fmt: skip
+                    return
+                self._counts["num_snapshots_read"] += 1
 
     def _fill_state(self, target: HostWrite, what: str, manifest: SessionManifest) -> bool:
         """Fetch, check and write a recurrent model's end state; False if it is missing. A
@@ -575,18 +629,24 @@ class RedisTier:
             self._trust(key)
         return states
 
-    def _save_snapshots(self, pool: BlockPool, handle: CacheHandle, chain: Sequence[int]) -> int:
-        """Write the block-boundary state snapshots the pool holds for ``handle``'s prefix
-        (those of :meth:`BlockPool.snapshot_lengths` at a boundary) that Redis lacks, each
-        under the chain key of its tokens, with ``SET NX`` (with a secret, one found there
+    def _save_snapshots(
+        self, pool: BlockPool, handle: CacheHandle, chain: Sequence[int]
+    ) -> tuple[int, tuple[int, ...]]:
+        """Write the state snapshots the pool holds for ``handle``'s prefix
+        (:meth:`BlockPool.snapshot_lengths`: block boundaries and prompt ends) that Redis
+        lacks, each under the chain key of exactly its tokens
+        (:meth:`KeySpace.prefix_chain_key`), with ``SET NX`` (with a secret, one found there
         unchecked is checked first and replaced if it fails); the others get their TTL
-        refreshed. Returns the bytes of these records in Redis."""
-        size, salt = self.spec.block_tokens, handle.salt
-        # a state record is keyed by the chain key of whole blocks: boundaries only
-        lengths = [b for b in pool.snapshot_lengths(handle) if b % size == 0]
+        refreshed. Returns the bytes of these records in Redis and their lengths (what the
+        manifest lists)."""
+        salt, tokens = handle.salt, handle.token_ids
+        lengths = pool.snapshot_lengths(handle)
         if not lengths:
-            return 0
-        keys = [self.keys.state_key(salt, chain[b // size - 1]) for b in lengths]
+            return 0, ()
+        keys = [
+            self.keys.state_key(salt, self.keys.prefix_chain_key(salt, tokens, chain, n))
+            for n in lengths
+        ]
         what = f"saving the state snapshots of agent {handle.agent_id!r}"
         with self._redis(what) as r:
             pipe = r.pipeline(transaction=False)
@@ -605,10 +665,11 @@ class RedisTier:
                 except CacheCorruptionError as exc:
                     logger.warning("%s: replacing a state failing its check: %s", self.where, exc)
                 replace.add(i)  # failed, or vanished since: write it
-        held = 0
+        held, stored = 0, []
         for i, (length, key) in enumerate(zip(lengths, keys, strict=True)):
             if present[i] and i not in replace:
                 held += state_record_bytes(self.spec)
+                stored.append(length)
                 continue
             record = read_snapshot(pool, handle, length, self._mac, self._context(key))
             if record is None:  # evicted from the pool since: nothing to send
@@ -620,7 +681,8 @@ class RedisTier:
             self._counts["num_snapshots_written"] += 1
             self._counts["bytes_sent"] += len(record)
             held += len(record)
-        return held
+            stored.append(length)
+        return held, tuple(stored)
 
     def _window_records(self, salt: str, chain: Sequence[int], end: int) -> list[_Record]:
         """The records a prefix import at block boundary ``end`` needs from every
