@@ -26,6 +26,7 @@ from kvpool.errors import CacheCorruptionError, IncompatibleCacheError
 from kvpool.store import AgentCacheStore, Tier
 from kvpool.testing import FakeBatchGenerator, FakeModel, FakeStorage, FakeTokenizer
 from kvpool.tier import local_path, open_tier
+from kvpool.tier.base import TierUnavailableError
 from kvpool.tier.codec import (
     block_format_id,
     decode_block,
@@ -521,6 +522,38 @@ def test_a_session_loads_without_its_snapshots_when_the_pool_has_no_state_block(
         b.pool.manager.abort_snapshot(lease)
     b.pool.release(handle)
     b.pool.check_invariants()
+
+
+def test_redis_failing_mid_load_leaves_nothing_or_the_whole_session() -> None:
+    """Redis goes down after ``n`` commands of a hybrid session's load, for every ``n``:
+    before the session is committed the load raises TierUnavailableError and the pool holds
+    nothing; while its snapshots come in it returns the session whole, with the snapshots
+    registered so far. Nothing leaks either way."""
+    fake = FakeRedis()
+    _chat_session(fake)
+    outcomes = set()
+    for n in range(100):
+        b = hybrid_store(fake, None)
+        tier = b.cold
+        assert isinstance(tier, RedisTier)
+        fake.fail_after = n
+        try:
+            handle = tier.load(b.pool, "s")
+        except TierUnavailableError:
+            assert b.pool.usage().num_used == 0
+            outcomes.add("refused")
+        else:
+            fake.fail_after = None
+            assert handle is not None and handle.total_tokens == 13
+            registered = b.pool.snapshot_lengths(handle)
+            outcomes.add(f"loaded with {registered}")
+            b.pool.release(handle)
+            if registered:
+                break
+        finally:
+            fake.fail_after = None
+        b.pool.check_invariants()
+    assert outcomes == {"refused", "loaded with []", "loaded with [9]"}
 
 
 def test_snapshots_are_written_once_and_a_planted_one_is_replaced_with_a_secret() -> None:
