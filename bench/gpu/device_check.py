@@ -80,7 +80,7 @@ def section_env() -> None:
         "env",
         "environment",
         python=platform.python_version(),
-        mlx=mx.__version__,
+        mlx=getattr(mx, "__version__", "unknown"),  # not in the type stubs
         cuda=bool(getattr(mx, "cuda", None) and mx.cuda.is_available()),
         metal=mx.metal.is_available(),
         **device_report(),
@@ -361,7 +361,7 @@ def section_ttft() -> None:
     model = llama_8b()
     tok = tokenizer()
     rng = np.random.default_rng(0)
-    contexts = (256, 512, 1024) if QUICK else (2048, 8192, 32768)
+    contexts: tuple[int, ...] = (256, 512, 1024) if QUICK else (2048, 8192, 32768)
     if os.environ.get("TTFT_CONTEXTS"):  # e.g. "2048,8192" for a shorter run
         contexts = tuple(int(c) for c in os.environ["TTFT_CONTEXTS"].split(","))
     new_tokens, gen = (16, 4) if QUICK else (64, 8)
@@ -437,8 +437,11 @@ def _logit_divergence(model: Any, rng: np.random.Generator, n: int) -> None:
         [[*context, *new][i : i + step] for i in range(0, n + len(new), step)]
     )
 
+    def top(logits: mx.array) -> int:
+        return int(np.asarray(mx.argmax(logits)))
+
     def delta(a: mx.array, b: mx.array) -> float:
-        return round(float(mx.max(mx.abs(a - b)).item()), 5)
+        return round(float(np.asarray(mx.max(mx.abs(a - b)))), 5)
 
     emit(
         "ttft",
@@ -449,9 +452,8 @@ def _logit_divergence(model: Any, rng: np.random.Generator, n: int) -> None:
         resumed_vs_reprefill_chunked_by_step=delta(resumed, chunked_whole),
         one_shot_vs_reprefill_chunked_by_step=delta(one_shot, chunked_whole),
         argmax_equal={
-            "resumed/one_shot": int(mx.argmax(resumed).item()) == int(mx.argmax(one_shot).item()),
-            "resumed/chunked_then_new": int(mx.argmax(resumed).item())
-            == int(mx.argmax(chunked_then_new).item()),
+            "resumed/one_shot": top(resumed) == top(one_shot),
+            "resumed/chunked_then_new": top(resumed) == top(chunked_then_new),
         },
     )
 
@@ -462,6 +464,7 @@ def _logit_divergence(model: Any, rng: np.random.Generator, n: int) -> None:
 def section_scatter8() -> None:
     from kvpool import BlockPool, ModelCacheSpec
     from kvpool.mlx.mlx_lm import kv_cache
+    from kvpool.mlx.slabs import DenseSlabStorage
 
     layers, heads, dim = (2, 2, 64) if QUICK else (32, 8, 128)
     n, agents = (300, 8) if QUICK else (2048, 8)
@@ -508,7 +511,9 @@ def section_scatter8() -> None:
     peak_over = max(0, mx.get_peak_memory() - active)
     one_slab = pool.storage.nbytes // (2 * layers)
     # control: while a view shares layer 0's K slab's buffer, a store must copy that slab
-    alias = pool.storage.k[0].reshape(pool.storage.k[0].shape)
+    storage = pool.storage
+    assert isinstance(storage, DenseSlabStorage)
+    alias = storage.k[0].reshape(storage.k[0].shape)
     mx.eval(alias)
     mx.reset_peak_memory()
     active = mx.get_active_memory()
@@ -525,7 +530,7 @@ def section_scatter8() -> None:
         tokens_each=n,
         store=t,
         store_last_80_tokens_each=turn,
-        kernels=pool.storage.kernels.name,
+        kernels=storage.kernels.name,
         round_trip_equal=equal,
         last_80_peak_bytes_over_active=int(peak_over),
         one_slab_bytes=int(one_slab),
