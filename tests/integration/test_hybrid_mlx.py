@@ -595,35 +595,48 @@ def _model_dir(tmp_path: Path, name: str) -> Path:
     return out
 
 
+SYSTEM = {"role": "system", "content": "You plan. the agent cache block pool reads"}
+
+
+def _chat(server: Any, model_dir: Path, session: str, messages: list[dict[str, str]]) -> Any:
+    """One greedy chat turn of ``session`` through the official openai client."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    return client.chat.completions.create(
+        model=str(model_dir), messages=messages, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
+        extra_headers={"X-Session-ID": session},
+    )  # fmt: skip
+
+
+def _reply_and_ask(reply: Any, question: str) -> list[dict[str, str]]:
+    """The assistant's reply as the next turn's message (re-templated) and a new question."""
+    return [
+        {"role": "assistant", "content": reply.choices[0].message.content or ""},
+        {"role": "user", "content": question},
+    ]
+
+
 def test_kvpool_serve_chat_resumes_a_hybrid_session(tmp_path: Path) -> None:
     """``kvpool serve`` on a hybrid model directory (tiny qwen3_5, the tiny recipe's
     tokenizer), driven by the official openai client: the second turn of a chat session
     reuses the whole first prompt but its last token (the prompt-end state snapshot: the
     re-templated reply does not continue the cached tokens); the same turn after an edited
     first message reuses only what precedes the edit (control)."""
-    import openai
     from server_process import ServerProcess
 
     out = _model_dir(tmp_path, "qwen3_5")
     with ServerProcess(tmp_path / "cache", tmp_path / "models", "--model", str(out)) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
 
         def chat(session: str, messages: list[dict[str, str]]) -> Any:
-            return client.chat.completions.create(
-                model=str(out), messages=messages, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
-                extra_headers={"X-Session-ID": session},
-            )  # fmt: skip
+            return _chat(server, out, session, messages)
 
-        system = {"role": "system", "content": "You plan. the agent cache block pool reads"}
-        messages = [system, {"role": "user", "content": "the pool grows quickly again"}]
+        messages = [SYSTEM, {"role": "user", "content": "the pool grows quickly again"}]
         first = chat("s1", messages)
-        messages += [
-            {"role": "assistant", "content": first.choices[0].message.content or ""},
-            {"role": "user", "content": "every turn context memory"},
-        ]
+        messages += _reply_and_ask(first, "every turn context memory")
         second = chat("s1", messages)
         assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens - 1
-        edited = [system, {"role": "user", "content": "a different question"}, *messages[2:]]
+        edited = [SYSTEM, {"role": "user", "content": "a different question"}, *messages[2:]]
         other = chat("s2", edited)
         assert other.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens // 2
 
@@ -636,7 +649,6 @@ def test_a_chat_turn_on_another_kvpool_serve_resumes_at_the_prompt_end_from_redi
     A's session in Redis carries its prompt-end snapshot, so B reuses the first prompt but
     its last token, as A itself would; B's answer equals A's for the same messages in a
     session A never saw (a fresh prefill there)."""
-    import openai
     from redis_process import RedisProcess, require_redis_server
     from server_process import ServerProcess, wait_until
 
@@ -650,22 +662,14 @@ def test_a_chat_turn_on_another_kvpool_serve_resumes_at_the_prompt_end_from_redi
         ):
 
             def chat(server: ServerProcess, session: str, messages: list[dict[str, str]]) -> Any:
-                client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
-                return client.chat.completions.create(
-                    model=str(out), messages=messages, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
-                    extra_headers={"X-Session-ID": session},
-                )  # fmt: skip
+                return _chat(server, out, session, messages)
 
-            system = {"role": "system", "content": "You plan. the agent cache block pool reads"}
-            messages = [system, {"role": "user", "content": "the pool grows quickly again"}]
+            messages = [SYSTEM, {"role": "user", "content": "the pool grows quickly again"}]
             first = chat(a, "s1", messages)
             wait_until(
                 lambda: redis_server.client().keys("kvpool:ses:*"), 60.0, "A's session in Redis"
             )
-            messages += [
-                {"role": "assistant", "content": first.choices[0].message.content or ""},
-                {"role": "user", "content": "every turn context memory"},
-            ]
+            messages += _reply_and_ask(first, "every turn context memory")
             second = chat(b, "s1", messages)
             details = second.usage.prompt_tokens_details
             assert details.cached_tokens == first.usage.prompt_tokens - 1
