@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
     else:
+        width = max(len(key) for key in data)
         for key, value in data.items():
             shown = ", ".join(value) if isinstance(value, list) else value
-            print(f"{key:<16} {shown}")
+            print(f"{key:<{width}} {shown}")
     return EXIT_OK
 
 
