@@ -524,6 +524,36 @@ def test_a_session_loads_without_its_snapshots_when_the_pool_has_no_state_block(
     b.pool.check_invariants()
 
 
+@pytest.mark.parametrize(("case", "reused"), [("ok", 16), ("latest gone", 9)])
+def test_a_loaded_session_brings_only_its_longest_snapshot(case: str, reused: int) -> None:
+    """Two turns on store A leave prompt-end snapshots at 9 and 16 in Redis, both listed.
+    Store B registers only the longest (one record, one state block) and turn 3, its reply
+    re-templated, resumes at 16; with that record gone it falls back to the one at 9."""
+    fake = FakeRedis()
+    a = hybrid_store(fake, None)
+    first = run(a, "s", prompt_of(10))
+    a.flush()
+    prompt2 = [*prompt_of(10), *first.token_ids, *prompt_of(4, seed=2)]  # 17 tokens
+    second = run(a, "s", prompt2)
+    assert second.cached_tokens == 13
+    assert a.flush() == 1
+    ks = KeySpace(FP, block_format_id(_hybrid()), B)
+    assert json.loads(fake.data[ks.session_key("s")])["snapshots"] == [9, 16]
+    if case == "latest gone":
+        del fake.data[boundary_state_key(prompt2, 16)]
+    b = hybrid_store(fake, None)
+    handle = b.cold.load(b.pool, "s")
+    assert handle is not None
+    assert b.pool.snapshot_lengths(handle) == [reused]
+    assert b.stats.tier.num_snapshots_read == 1
+    b.pool.release(handle)
+    turn3 = [*prompt2, 7, 7, 7, *prompt_of(2, seed=5)]
+    got = run(b, "s", turn3)
+    assert got.cached_tokens == reused
+    assert got.token_ids == run(hybrid_store(FakeRedis(), None), "ref", turn3).token_ids
+    b.pool.check_invariants()
+
+
 def test_redis_failing_mid_load_leaves_nothing_or_the_whole_session() -> None:
     """Redis goes down after ``n`` commands of a hybrid session's load, for every ``n``:
     before the session is committed the load raises TierUnavailableError and the pool holds

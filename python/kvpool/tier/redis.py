@@ -53,8 +53,9 @@ exactly ``n`` tokens is a record of its own (``:st:`` under the chain key of tho
 checked like a block). A session writes its end state (before the manifest, read with the
 blocks) and the snapshots the pool holds for its prefix, block boundaries and prompt ends
 (``SET NX``, like blocks; the manifest lists their lengths). Loading the session registers
-those the pool lacks as its snapshots, best effort (a chat's next turn, which re-templates
-the reply, resumes at the previous prompt's end on any server); a prefix import takes the
+the longest of them Redis still holds as the pool's snapshot, best effort (a chat's next
+turn, which re-templates the reply, resumes at the previous prompt's end on any server); a
+prefix import takes the
 longest run of blocks that ends at a boundary with a state and registers that state as the
 pool's snapshot of exactly that prefix (blocks without a state at their end would serve no
 lookup).
@@ -557,42 +558,38 @@ class RedisTier:
     def _load_snapshots(
         self, pool: BlockPool, handle: CacheHandle, manifest: SessionManifest
     ) -> None:
-        """Register the state snapshots a session was written with that the pool lacks
-        (:meth:`BlockPool.write_snapshot`, shortest first: each is cached-free once
-        published, so a pool short of state blocks keeps the longest), a few records at a
-        time. Best effort: the session is loaded already, so a missing record is skipped, one
-        failing its check is deleted, counted and skipped, and an outage or a pool without a
-        free state block ends the loading there (logged)."""
+        """Register the longest state snapshot the session was written with that Redis still
+        holds and that passes its check (:meth:`BlockPool.write_snapshot`): one record and
+        one state block, where a chat's next turn resumes (its previous prompt's end), not
+        every snapshot the session ever had (each is a whole state: 73.7 MiB for
+        Qwen3-Next-80B). Nothing if the pool holds one as long already. Best effort: the
+        session is loaded already, so a missing record falls back to the next shorter one, a
+        record failing its check is deleted, counted and skipped likewise, and an outage or a
+        pool without a free state block ends it (logged)."""
         salt, tokens, chain = manifest.salt, manifest.token_ids, manifest.chain
-        held = set(pool.snapshot_lengths(handle))
-        lengths = [n for n in manifest.snapshots if n not in held]
-        what = f"loading the state snapshots of agent {manifest.agent_id!r}"
-        for c in range(0, len(lengths), _FETCH_BLOCKS):
-            chunk = lengths[c : c + _FETCH_BLOCKS]
-            keys = [
-                self.keys.state_key(salt, self.keys.prefix_chain_key(salt, tokens, chain, n))
-                for n in chunk
-            ]
+        longest_held = max(pool.snapshot_lengths(handle), default=0)
+        what = f"loading a state snapshot of agent {manifest.agent_id!r}"
+        for n in sorted((n for n in manifest.snapshots if n > longest_held), reverse=True):
+            key = self.keys.state_key(salt, self.keys.prefix_chain_key(salt, tokens, chain, n))
             try:
-                records = self._fetch(what, keys)
+                (record,) = self._fetch(what, [key])
+                states = self._checked_state(record, key, n)
             except TierUnavailableError as exc:
-                logger.warning("%s: not all snapshots loaded: %s", self.where, exc)
+                logger.warning("%s: no snapshot loaded: %s", self.where, exc)
                 return
-            for n, key, record in zip(chunk, keys, records, strict=True):
-                try:
-                    states = self._checked_state(record, key, n)
-                except CacheCorruptionError as exc:
-                    logger.warning("%s: skipping a snapshot: %s", self.where, exc)
-                    continue
-                if states is None:
-                    continue  # evicted from Redis: that prefix is prefilled
-                if not pool.write_snapshot(handle, states):
-                    logger.warning(
-                        "%s: no free state block for the snapshots of agent %r past %d tokens",
-                        self.where, manifest.agent_id, n,
-                    )  # fmt: skip
-                    return
+            except CacheCorruptionError as exc:
+                logger.warning("%s: skipping a snapshot: %s", self.where, exc)
+                continue
+            if states is None:
+                continue  # evicted from Redis: a shorter one may be there
+            if pool.write_snapshot(handle, states):
                 self._counts["num_snapshots_read"] += 1
+            else:
+                logger.warning(
+                    "%s: no free state block for the snapshot of agent %r after %d tokens",
+                    self.where, manifest.agent_id, n,
+                )  # fmt: skip
+            return
 
     def _fill_state(self, target: HostWrite, what: str, manifest: SessionManifest) -> bool:
         """Fetch, check and write a recurrent model's end state; False if it is missing. A
