@@ -249,6 +249,31 @@ def _shorts_arriving(engine: BlockPoolBatchEngine, rng: random.Random) -> dict[s
     return shorts
 
 
+def _shorts_equal_fresh_and_next_turn_resumes_whole(
+    engine: BlockPoolBatchEngine,
+    loaded: LoadedModel,
+    reference: Reference,
+    rng: random.Random,
+    shorts: dict[str, list[int]],
+    done: dict[str, Any],
+    prompt: list[int],
+) -> None:
+    """The short agents' turns equal fresh mlx-lm runs (their blocks are released), and
+    the "long" agent's next turn after ``prompt`` and its reply reads back its whole cache
+    from wherever the moves put it, equal to a fresh run."""
+    for agent, short in shorts.items():
+        assert list(done[agent].token_ids) == fresh(reference, loaded, short, 6)
+        engine.pool.release(done[agent].blocks)
+    long = done["long"]
+    nxt = [*prompt, *long.token_ids, *words(rng, engine.tokenizer, 20)]
+    engine.submit("long", nxt, long.blocks, 6)
+    (again,) = engine.drain()
+    assert again.error is None, again.error
+    assert again.cached_tokens == long.blocks.total_tokens
+    assert list(again.token_ids) == fresh(reference, loaded, nxt, 6)
+    engine.pool.check_invariants()
+
+
 def test_a_running_request_whose_unwritten_blocks_moved_equals_a_fresh_run(
     tiny_swa_model: LoadedModel, reference_generate: Reference
 ) -> None:
@@ -274,16 +299,9 @@ def test_a_running_request_whose_unwritten_blocks_moved_equals_a_fresh_run(
     long = done["long"]
     assert max(long.blocks.tables[g].held) < n - 4
     assert list(long.token_ids) == fresh(reference_generate, tiny_swa_model, prompt, max_tokens)
-    for agent, short in shorts.items():
-        assert list(done[agent].token_ids) == fresh(reference_generate, tiny_swa_model, short, 6)
-        pool.release(done[agent].blocks)
-    nxt = [*prompt, *long.token_ids, *words(rng, tokenizer, 20)]
-    engine.submit("long", nxt, long.blocks, 6)
-    (again,) = engine.drain()
-    assert again.error is None, again.error
-    assert again.cached_tokens == long.blocks.total_tokens
-    assert list(again.token_ids) == fresh(reference_generate, tiny_swa_model, nxt, 6)
-    pool.check_invariants()
+    _shorts_equal_fresh_and_next_turn_resumes_whole(
+        engine, tiny_swa_model, reference_generate, rng, shorts, done, prompt
+    )
 
 
 def test_a_resumed_turn_in_flight_whose_read_blocks_moved_equals_a_fresh_run(
@@ -316,13 +334,6 @@ def test_a_resumed_turn_in_flight_whose_read_blocks_moved_equals_a_fresh_run(
     assert second.cached_tokens > 0
     want = fresh(reference_generate, tiny_swa_model, nxt, 2 * spec.block_tokens)
     assert list(second.token_ids) == want
-    for agent, short in shorts.items():
-        assert list(done[agent].token_ids) == fresh(reference_generate, tiny_swa_model, short, 6)
-        pool.release(done[agent].blocks)
-    third = [*nxt, *second.token_ids, *words(rng, tokenizer, 20)]
-    engine.submit("long", third, second.blocks, 6)
-    (again,) = engine.drain()
-    assert again.error is None, again.error
-    assert again.cached_tokens == second.blocks.total_tokens
-    assert list(again.token_ids) == fresh(reference_generate, tiny_swa_model, third, 6)
-    pool.check_invariants()
+    _shorts_equal_fresh_and_next_turn_resumes_whole(
+        engine, tiny_swa_model, reference_generate, rng, shorts, done, nxt
+    )

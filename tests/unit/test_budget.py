@@ -17,6 +17,7 @@ from kvpool import (
     AttentionKind,
     BlockPool,
     BlockPoolBatchEngine,
+    CompletedGeneration,
     LayerSpec,
     ModelCacheSpec,
     PoolExhaustedError,
@@ -276,6 +277,18 @@ def _shorts_arriving(engine: BlockPoolBatchEngine) -> list[int]:
     return shorts
 
 
+def _next_turn_resumes_whole(
+    engine: BlockPoolBatchEngine, prompt: list[int], long: CompletedGeneration, new_token: int
+) -> None:
+    """The "long" agent's next turn (``prompt``, its reply ``long``, ``new_token``) reads
+    back every block it wrote where the moves put them, equal to the reference."""
+    nxt = [*prompt, *long.token_ids, new_token]
+    engine.submit("long", nxt, long.blocks, max_tokens=MAX_TOKENS)
+    (again,) = engine.drain()
+    assert again.cached_tokens == long.blocks.total_tokens
+    assert list(again.token_ids) == reference_tokens(engine.model, nxt, MAX_TOKENS)
+
+
 def test_a_running_requests_unwritten_blocks_move_and_its_turn_ends_intact() -> None:
     """A request in flight holds the top blocks of the global group, none written yet (its
     final cache goes in when it ends): short agents arriving meanwhile still get the global
@@ -308,11 +321,7 @@ def test_a_running_requests_unwritten_blocks_move_and_its_turn_ends_intact() -> 
         )
         pool.release(done[f"a{a}"].blocks)
     # its next turn reads back every block it wrote where the moves put them
-    nxt = [*prompt, *long.token_ids, 7]
-    engine.submit("long", nxt, long.blocks, max_tokens=MAX_TOKENS)
-    (again,) = engine.drain()
-    assert again.cached_tokens == long.blocks.total_tokens
-    assert list(again.token_ids) == reference_tokens(engine.model, nxt, MAX_TOKENS)
+    _next_turn_resumes_whole(engine, prompt, long, 7)
 
 
 def test_a_request_writing_its_final_cache_keeps_its_blocks_where_they_are() -> None:
@@ -369,8 +378,4 @@ def test_a_resumed_turn_in_flight_lets_the_blocks_it_read_move() -> None:
     assert list(second.token_ids) == reference_tokens(engine.model, nxt, 3 * B)
     for a in shorts:
         pool.release(done[f"a{a}"].blocks)
-    third = [*nxt, *second.token_ids, 9]
-    engine.submit("long", third, second.blocks, max_tokens=MAX_TOKENS)
-    (again,) = engine.drain()
-    assert again.cached_tokens == second.blocks.total_tokens
-    assert list(again.token_ids) == reference_tokens(engine.model, third, MAX_TOKENS)
+    _next_turn_resumes_whole(engine, nxt, second, 9)
