@@ -256,11 +256,11 @@ Q8_SWA8 = ModelCacheSpec(  # SWA8 with heads of 64, quantized to 8 bits at rest
 
 def _swa_sessions(
     fake: FakeRedis, secret: bytes | None = None, spec: ModelCacheSpec = SWA8
-) -> tuple[list[int], list[str]]:
+) -> tuple[AgentCacheStore, list[int], list[str]]:
     """Store A serves two agents arriving together with a 13-token system prompt: the
     leader publishes the prefix at 12, leaving the sliding group's blocks 1 and 2 (the
-    window at 12 starts at 5) cached in the pool; both sessions are saved. Returns the
-    system prompt and the keys of those two window records (row 0)."""
+    window at 12 starts at 5) cached in the pool; both sessions are saved. Returns store
+    A, the system prompt and the keys of those two window records (row 0)."""
     a = make_store(fake, spec=spec, secret=secret)  # type: ignore[arg-type]
     system = prompt_of(13, seed=3)
     a.submit("a", [*system, *prompt_of(5, seed=4)], 3)
@@ -271,7 +271,7 @@ def _swa_sessions(
     tier = a.cold
     assert isinstance(tier, RedisTier)
     chain = tier.keys.chain(system[:12], "")
-    return system, [tier.keys.window_key("", chain[j], 0, 0) for j in (1, 2)]
+    return a, system, [tier.keys.window_key("", chain[j], 0, 0) for j in (1, 2)]
 
 
 @pytest.mark.parametrize(
@@ -288,7 +288,7 @@ def test_a_sliding_window_prefix_a_leader_published_is_imported_by_another_store
     failing its checksum (deleted, counted) or missing: nothing imported, the turn
     prefilled, token-exact."""
     fake = FakeRedis()
-    system, windows = _swa_sessions(fake, spec=spec)
+    _, system, windows = _swa_sessions(fake, spec=spec)
     ks = KeySpace(FP, block_format_id(spec), B)
     assert set(windows) <= _window_keys(fake)  # beside the sessions' own, from block 3 on
     _damage(fake, windows[1], damage)
@@ -304,12 +304,31 @@ def test_a_sliding_window_prefix_a_leader_published_is_imported_by_another_store
     assert ks.block_key("", ks.chain(system[:12], "")[2]) in fake.data
 
 
+def test_a_window_record_redis_evicted_is_written_again_after_the_check() -> None:
+    """Redis evicts a window record of store A's published prefix (LRU; the sessions' own
+    keys stay): the scheduled check finds the sessions that left it, and the next flush
+    sends that record alone again, so store B imports the whole prefix (without the
+    check nothing would send it until a session's next save, and B would prefill)."""
+    fake = FakeRedis()
+    a, system, windows = _swa_sessions(fake)
+    assert a.check_saved() == 0
+    del fake.data[windows[1]]
+    assert a.check_saved() == 2  # both sessions' prefix held those windows
+    written = a.stats.tier.num_blocks_written
+    assert a.flush() == 2
+    assert windows[1] in fake.data and a.stats.tier.num_blocks_written == written + 1
+    assert a.check_saved() == 0
+    b = make_store(fake, spec=SWA8)
+    new = [*system, *prompt_of(4, seed=5)]
+    assert run(b, "n", new).cached_tokens == 12
+
+
 def test_a_failed_sliding_window_prefix_import_leaves_nothing_in_the_pool() -> None:
     """A bad window record, a missing one, or a pool without room: the import returns 0
     and the pool holds nothing, neither blocks nor cached ones (control: with the records
     intact the same call imports 12 tokens, which the pool's lookup then supplies)."""
     fake = FakeRedis()
-    system, windows = _swa_sessions(fake)
+    _, system, windows = _swa_sessions(fake)
     good = fake.data[windows[0]]
     new = [*system, 99, 98]
     for case in ("bad window", "missing window", "no room", "control"):
@@ -338,7 +357,7 @@ def test_window_records_are_written_once_and_a_planted_one_is_replaced_with_a_se
     chain = probe.keys.chain(prompt_of(12, seed=3), "")
     planted = probe.keys.window_key("", chain[2], 0, 0)
     fake.data[planted] = b"KVB1" + bytes(100)  # fails its MAC
-    system, windows = _swa_sessions(fake, secret)
+    _, system, windows = _swa_sessions(fake, secret)
     assert planted == windows[1]
     decode_block(fake.data[planted], SWA8, 8, planted, probe._mac, planted.encode(), 0)
     b = make_store(fake, spec=SWA8, secret=secret)  # type: ignore[arg-type]
@@ -499,6 +518,29 @@ def _chat_session(fake: FakeRedis) -> tuple[list[int], str]:
     manifest_key = KeySpace(FP, block_format_id(_hybrid()), B).session_key("s")
     assert json.loads(fake.data[manifest_key])["snapshots"] == [9]
     return prompt, at9
+
+
+def test_a_snapshot_redis_evicted_is_written_again_after_the_check() -> None:
+    """Redis evicts a hot hybrid session's prompt-end snapshot (LRU; its other keys stay):
+    the scheduled check finds it, and the next flush sends that record alone again, so a
+    re-templated turn on store B resumes at the prompt's end (without the check nothing
+    would send it until the session's next save, and B would prefill the turn)."""
+    fake = FakeRedis()
+    a = hybrid_store(fake, None)
+    prompt = prompt_of(10)
+    first = run(a, "s", prompt)
+    assert a.flush() == 1 and a.check_saved() == 0
+    at9 = boundary_state_key([*prompt, *first.token_ids], 9)
+    del fake.data[at9]
+    assert a.check_saved() == 1
+    blocks, snapshots = a.stats.tier.num_blocks_written, a.stats.tier.num_snapshots_written
+    assert a.flush() == 1
+    assert at9 in fake.data and a.stats.tier.num_snapshots_written == snapshots + 1
+    assert a.stats.tier.num_blocks_written == blocks and a.check_saved() == 0
+    b = hybrid_store(fake, None)
+    turn2 = [*prompt, 7, 7, 7, *prompt_of(3, seed=9)]
+    got = run(b, "s", turn2)
+    assert got.cached_tokens == 9 and b.stats.tier.num_snapshots_read == 1
 
 
 def test_a_session_loads_without_its_snapshots_when_the_pool_has_no_state_block() -> None:

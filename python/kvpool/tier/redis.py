@@ -636,14 +636,10 @@ class RedisTier:
         unchecked is checked first and replaced if it fails); the others get their TTL
         refreshed. Returns the bytes of these records in Redis and their lengths (what the
         manifest lists)."""
-        salt, tokens = handle.salt, handle.token_ids
         lengths = pool.snapshot_lengths(handle)
         if not lengths:
             return 0, ()
-        keys = [
-            self.keys.state_key(salt, self.keys.prefix_chain_key(salt, tokens, chain, n))
-            for n in lengths
-        ]
+        keys = self._snapshot_keys(handle, chain, lengths)
         what = f"saving the state snapshots of agent {handle.agent_id!r}"
         with self._redis(what) as r:
             pipe = r.pipeline(transaction=False)
@@ -681,6 +677,28 @@ class RedisTier:
             stored.append(length)
         return held, tuple(stored)
 
+    def _snapshot_keys(
+        self, handle: CacheHandle, chain: Sequence[int], lengths: Sequence[int]
+    ) -> list[str]:
+        """The state keys of ``handle``'s snapshots after ``lengths`` tokens: each under the
+        chain key of exactly its tokens (``chain``: the chain of all of them)."""
+        salt, tokens = handle.salt, handle.token_ids
+        return [
+            self.keys.state_key(salt, self.keys.prefix_chain_key(salt, tokens, chain, n))
+            for n in lengths
+        ]
+
+    def _prefix_window_records(
+        self, pool: BlockPool, handle: CacheHandle, chain: Sequence[int]
+    ) -> dict[str, _Record]:
+        """The window records (:meth:`_window_records`) of every block boundary where the
+        pool holds ``handle``'s whole windows (:meth:`BlockPool.window_lengths`), by key."""
+        recs: dict[str, _Record] = {}
+        for end in pool.window_lengths(handle):
+            for rec in self._window_records(handle.salt, chain, end):
+                recs.setdefault(rec.key, rec)
+        return recs
+
     def _window_records(self, salt: str, chain: Sequence[int], end: int) -> list[_Record]:
         """The records a prefix import at block boundary ``end`` needs from every
         sliding-window group: its whole blocks (row 0) from the one holding the first
@@ -704,15 +722,11 @@ class RedisTier:
         checked first and replaced if it fails); the others get their TTL refreshed.
         ``written``: the session's own record keys, already handled. Returns the bytes of
         these records in Redis."""
-        tokens, salt, size = handle.token_ids, handle.salt, self.spec.block_tokens
-        recs: dict[str, _Record] = {}
-        for end in pool.window_lengths(handle):
-            for rec in self._window_records(salt, chain, end):
-                if rec.key not in written:
-                    recs.setdefault(rec.key, rec)
-        if not recs:
+        tokens, size = handle.token_ids, self.spec.block_tokens
+        recs = self._prefix_window_records(pool, handle, chain)
+        todo_recs = [rec for key, rec in recs.items() if key not in written]
+        if not todo_recs:
             return 0
-        todo_recs = list(recs.values())
         what = f"saving the window blocks of agent {handle.agent_id!r}"
         with self._redis(what) as r:
             pipe = r.pipeline(transaction=False)
@@ -749,7 +763,11 @@ class RedisTier:
         return held
 
     def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
-        """One pipelined EXISTS over every manifest and block key of ``handles``."""
+        """One pipelined EXISTS over every key a save of ``handles`` writes: the manifest,
+        the blocks, the end state, and the prefix's state snapshots and window blocks the
+        pool holds (gone from Redis, they would be sent again only at the session's next
+        save; meanwhile a load falls back to a shorter snapshot, an import to a shorter
+        prefix)."""
         self._check_pool(pool)
         keys_of = {}
         for h in handles:
@@ -761,7 +779,10 @@ class RedisTier:
             ]
             if self.spec.has_recurrent and chain:
                 keys.append(self.keys.state_key(h.salt, chain[-1]))
-            keys_of[h.agent_id] = keys
+                keys += self._snapshot_keys(h, chain, pool.snapshot_lengths(h))
+            if self._windowed:
+                keys += self._prefix_window_records(pool, h, chain)
+            keys_of[h.agent_id] = list(dict.fromkeys(keys))
         with self._redis(f"checking {len(handles)} sessions are still stored") as r:
             pipe = r.pipeline(transaction=False)
             for keys in keys_of.values():
