@@ -465,7 +465,7 @@ class RedisTier:
         if record is None:
             return None
         key, start, stop = rec.key, rec.start, rec.stop
-        try:
+        with self._checking(key, delete):
             if record is _WRONG_TYPE:
                 raise CacheCorruptionError(f"{key}: a key of another type than a block's")
             block = decode_block(
@@ -475,6 +475,16 @@ class RedisTier:
                 raise CacheCorruptionError(
                     f"{key}: holds other tokens than positions {start}..{stop} of the sequence"
                 )
+        return block
+
+    @contextlib.contextmanager
+    def _checking(self, key: str, delete: bool) -> Iterator[None]:
+        """Around the check of the record under ``key``: one that fails (raises
+        CacheCorruptionError, re-raised) is counted (``num_blocks_corrupt``), forgotten as
+        checked and deleted (best effort; unless not ``delete``: the caller replaces it);
+        one that passes is trusted (with a secret: not checked again)."""
+        try:
+            yield
         except CacheCorruptionError:
             self._counts["num_blocks_corrupt"] += 1
             self._verified.pop(key, None)
@@ -484,7 +494,6 @@ class RedisTier:
             raise
         if self._mac is not None:
             self._trust(key)
-        return block
 
     def _fill(
         self,
@@ -611,19 +620,10 @@ class RedisTier:
         raises CacheCorruptionError."""
         if record is None:
             return None
-        try:
+        with self._checking(key, delete):
             if record is _WRONG_TYPE:
                 raise CacheCorruptionError(f"{key}: a key of another type than a state's")
             states = decode_state(record, self.spec, num_tokens, key, self._mac, self._context(key))
-        except CacheCorruptionError:
-            self._counts["num_blocks_corrupt"] += 1
-            self._verified.pop(key, None)
-            if delete and not self._failing:  # best effort: not an operation the store sees
-                with contextlib.suppress(*self._errors):
-                    self.client.delete(key)
-            raise
-        if self._mac is not None:
-            self._trust(key)
         return states
 
     def _save_snapshots(
