@@ -11,6 +11,8 @@ so one failure still returns the rest. Sections:
                 checked bit for bit against the C++ kernels on the CPU
 * ``quant``     the same gather from 4-bit blocks (dequantized inside)
 * ``scatter8``  end-of-turn store of 8 agents' 2K caches (Llama-3.1-8B geometry) into the pool
+* ``store_ways`` the store of 8 agents' last 80 tokens three ways: kvpool's, one evaluation for
+                all agents, one advanced-index scatter per slab (slabs checked equal)
 * ``ttft``      resumed turn (64 new tokens) vs re-prefill at 2K / 8K / 32K on a
                 Llama-3.1-8B-shaped bf16 model with random weights, greedy tokens compared, and
                 the logits of resumed vs one-shot vs chunked re-prefill (max |delta|)
@@ -461,7 +463,9 @@ def _logit_divergence(model: Any, rng: np.random.Generator, n: int) -> None:
 # ----------------------------------------------------------------------------- scatter8
 
 
-def section_scatter8() -> None:
+def _eight_agents() -> tuple[Any, Any, list[list[Any]], list[list[list[int]]], int]:
+    """A Llama-3.1-8B-geometry bf16 pool with room for 8 agents' 2K caches (dense slabs),
+    the agents' mlx-lm caches (random rows, evaluated) and their block tables."""
     from kvpool import BlockPool, ModelCacheSpec
     from kvpool.mlx.mlx_lm import kv_cache
     from kvpool.mlx.slabs import DenseSlabStorage
@@ -471,6 +475,7 @@ def section_scatter8() -> None:
     spec = ModelCacheSpec.uniform(layers, heads, dim, dtype="bfloat16")
     blocks = spec.blocks_for(n)
     pool = BlockPool(spec, num_blocks=agents * blocks + 1)
+    assert isinstance(pool.storage, DenseSlabStorage)
     caps = ((n // 256) + 1) * 256
     caches = [
         [
@@ -489,6 +494,14 @@ def section_scatter8() -> None:
     ]
     mx.eval([[c.keys, c.values] for cs in caches for c in cs])
     tables = [[list(range(a * blocks, (a + 1) * blocks))] for a in range(agents)]
+    return pool, pool.storage, caches, tables, n
+
+
+def section_scatter8() -> None:
+    from kvpool.mlx.slabs import DenseSlabStorage
+
+    pool, _, caches, tables, n = _eight_agents()
+    agents, layers = len(caches), len(caches[0])
 
     def store_all() -> list[mx.array]:
         for a in range(agents):
@@ -536,6 +549,88 @@ def section_scatter8() -> None:
         one_slab_bytes=int(one_slab),
         last_80_control_copy_peak_bytes=int(control_over),
         last_80_in_place=bool(peak_over < one_slab <= control_over),
+        target_ms=10.0,
+    )
+
+
+# ----------------------------------------------------------------------------- store_ways
+
+
+def section_store_ways() -> None:
+    """Three ways to store 8 agents' last 80 tokens (what `scatter8`'s ``last_80`` times),
+    to choose the next change to the end-of-turn store from figures: kvpool's (per agent:
+    a slice update per layer's K and V slab, then one evaluation), the same slice updates
+    of every agent under one evaluation (what storing at the end of the engine's step
+    would give), and one advanced-index scatter of every agent's rows per slab (their
+    rows concatenated; the index arrays shared by every slab). Each way's slabs are
+    checked equal to kvpool's, and its peak memory over what was allocated before tells
+    whether it wrote in place."""
+    pool, storage, caches, tables, n = _eight_agents()
+    agents, layers = len(caches), len(caches[0])
+    first, size = n - 80, pool.spec.block_tokens
+
+    def per_agent() -> list[mx.array]:
+        for a in range(agents):
+            storage.store(caches[a], tables[a], first)
+        return []
+
+    def one_eval() -> list[mx.array]:
+        for a in range(agents):
+            for i, c in enumerate(caches[a]):
+                rows = slice(first, n)
+                keys, values = c.keys[:, :, rows, :], c.values[:, :, rows, :]
+                storage._scatter(i, keys, values, tables[a][0], first)
+        return [*storage.k, *storage.v]
+
+    positions = range(first, n)
+    block_ids = mx.array([tables[a][0][p // size] for a in range(agents) for p in positions])
+    slots = mx.array([p % size for _ in range(agents) for p in positions])
+    heads, dim = storage.k[0].shape[1], storage.k[0].shape[3]
+    index = (
+        block_ids[:, None, None],
+        mx.arange(heads)[None, :, None],
+        slots[:, None, None],
+        mx.arange(dim)[None, None, :],
+    )
+
+    def batched() -> list[mx.array]:
+        for i in range(layers):
+            for slabs, part in ((storage.k, "keys"), (storage.v, "values")):
+                rows = [getattr(caches[a][i], part)[0, :, first:n, :] for a in range(agents)]
+                slabs[i][index] = mx.concatenate(rows, axis=1).transpose(1, 0, 2)
+        return [*storage.k, *storage.v]
+
+    reps = 3 if QUICK else 10
+    figures: dict[str, Any] = {}
+    reference: list[mx.array] = []
+    for name, way in (("per_agent", per_agent), ("one_eval", one_eval), ("batched", batched)):
+        for slabs in (storage.k, storage.v):  # zero the rows: each way writes them anew
+            for i in range(layers):
+                slabs[i] = mx.zeros_like(slabs[i])
+        mx.eval(storage.k, storage.v)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        active = mx.get_active_memory()
+        figures[name] = timed(way, reps)
+        # in place: far less than one slab (``scatter8`` has the control that tells)
+        figures[f"{name}_peak_bytes_over_active"] = max(0, mx.get_peak_memory() - active)
+        snapshot = [mx.array(a) for a in (*storage.k, *storage.v)]
+        mx.eval(snapshot)
+        if not reference:
+            reference = snapshot
+        figures[f"{name}_equal"] = all(
+            bool(mx.array_equal(x, y).item()) for x, y in zip(snapshot, reference, strict=True)
+        )
+        del snapshot
+    emit(
+        "store_ways",
+        "end-of-turn store of 8 agents x last 80 tokens, three ways",
+        agents=agents,
+        tokens_each=n,
+        slabs=2 * layers,
+        one_slab_bytes=int(storage.k[0].nbytes),
+        kernels=storage.kernels.name,
+        **figures,
         target_ms=10.0,
     )
 
@@ -791,6 +886,7 @@ SECTIONS: dict[str, Callable[[], None]] = {
     "gather": section_gather,
     "quant": section_quant,
     "scatter8": section_scatter8,
+    "store_ways": section_store_ways,
     "ttft": section_ttft,
     "decode": section_decode,
     "workload": section_workload,

@@ -14,7 +14,7 @@ set -uo pipefail
 BUNDLE=${1:?usage: bench/gpu/run.sh BUNDLE_DIR [SECTION ...]}
 shift
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(env gather quant scatter8 ttft decode workload arrival persist resize)
+[ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(env gather quant scatter8 store_ways ttft decode workload arrival persist resize)
 SITE=${SITE:-/tmp/kvpool-site}
 OUT=${OUT:-build/gpu-check}
 SECTION_TIMEOUT=${SECTION_TIMEOUT:-150}

@@ -20,6 +20,7 @@ SECTIONS = (
     "gather",
     "quant",
     "scatter8",
+    "store_ways",
     "ttft",
     "decode",
     "workload",
