@@ -471,6 +471,15 @@ def test_a_redis_round_trip_resumes_on_another_engine(
         b.close()
 
 
+def _snapshot_bytes(store: AgentCacheStore, done: Any, length: int) -> list[bytes]:
+    """The bytes of the state snapshot ``store``'s pool holds after ``length`` tokens of
+    ``done``'s cache (every recurrent layer's arrays, in order)."""
+    layers = [i for i, layer in enumerate(store.pool.spec.layers) if layer.states]
+    states = store.pool.read_snapshot(done.blocks, length, layers)
+    assert states is not None, f"no snapshot after {length} tokens"
+    return [x.tobytes() for st in states for x in st.arrays]
+
+
 @pytest.mark.parametrize("name", ["qwen3_next", "lfm2"])
 def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
     name: str,
@@ -530,15 +539,10 @@ def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
             if case == "corrupt state":
                 assert client.get(at32) is None and b.stats.tier.num_blocks_corrupt == 1
             if case == "ok":  # B's snapshot at 32 is A's, bit for bit
-                layers = [i for i, layer in enumerate(b.pool.spec.layers) if layer.states]
-                ours = b.pool.read_snapshot(got.blocks, 32, layers)
-                theirs = sa.pool.read_snapshot(done.blocks, 32, layers)
-                assert ours is not None and theirs is not None
-                assert [x.tobytes() for st in ours for x in st.arrays] == [
-                    x.tobytes() for st in theirs for x in st.arrays
-                ]
+                assert _snapshot_bytes(b, got, 32) == _snapshot_bytes(sa, done, 32)
             b.pool.check_invariants()
-            b.close()
+            # not closed: a close saves its agent, whose prompt end (the same prompt) the
+            # next case would import
         client.set(at32, good)
         block1 = tier.keys.block_key("", chain[1])
         bad = client.get(block1)
@@ -549,6 +553,63 @@ def test_a_redis_prefix_import_resumes_another_agent_at_a_state_snapshot(
         assert usage.num_used == 0 and usage.num_cached == 0
         b.pool.check_invariants()
         sa.close()
+
+
+@pytest.mark.parametrize("name", ["qwen3_next", "lfm2"])
+def test_a_redis_prefix_import_resumes_another_agent_at_a_sessions_prompt_end(
+    name: str,
+    tmp_path: Path,
+    models: dict[str, Any],
+    tiny_model: LoadedModel,
+    reference_generate: Reference,
+) -> None:
+    """Engine A saves session s (37 prompt tokens, blocks of 16) to a real redis-server with
+    its prompt end (the state after 36 tokens, mid-block), the K/V rows of that block
+    (32..36) and the listing of its length. Engine B, an empty pool on the same Redis, gets
+    a new agent whose prompt is s's prompt and more: it imports those 36 tokens (the state
+    bit-equal to A's snapshot) and prefills the rest, token-equal to a fresh mlx-lm run.
+    Control: with the rows record deleted nothing is imported, and the answer is the same."""
+    from redis_process import RedisProcess
+
+    from kvpool.tier.redis import RedisTier
+
+    model, tokenizer = _model(models, name), tiny_model[1]
+    fingerprint = model_fingerprint(model)
+    rng = random.Random(17)
+    context = _ids(rng, 37)
+    new = [*context, *_ids(rng, 5)]
+    expected = _fresh(reference_generate, model, tokenizer, new)
+    with RedisProcess(tmp_path / "redis") as server:
+        client = server.client()
+
+        def store() -> tuple[AgentCacheStore, RedisTier]:
+            engine, pool = _engine(model, tokenizer)
+            tier = RedisTier.from_url(server.url, spec=pool.spec, fingerprint=fingerprint)
+            return AgentCacheStore(engine, tier, fingerprint=fingerprint), tier
+
+        a, tier = store()
+        a.submit("s", context, max_tokens=MAX_TOKENS)
+        (done,) = a.drain()
+        assert a.flush() == 1
+        chain36 = tier.keys.chain(context[:36], "")
+        rows = tier.keys.block_key("", chain36[-1])
+        assert client.smembers(tier.keys.prompt_ends_key("", chain36[1])) == {b"4"}
+        for case, reused in (("ok", 36), ("rows deleted", 0)):
+            if case == "rows deleted":
+                client.delete(rows)
+            b, _ = store()
+            agent = "t-" + case.replace(" ", "-")
+            b.submit(agent, new, max_tokens=MAX_TOKENS)
+            (got,) = b.drain()
+            assert got.error is None, got.error
+            assert got.cached_tokens == b.stats.prefix_tokens_imported == reused, case
+            assert list(got.token_ids) == expected, case
+            if case == "ok":
+                assert _snapshot_bytes(b, got, 36) == _snapshot_bytes(a, done, 36)
+            b.pool.check_invariants()
+            # not closed: a close saves its agent, whose prompt end (the same prompt) the
+            # next case would import
+        a.close()
 
 
 def test_bench_hybrid_quick_record() -> None:
@@ -598,14 +659,17 @@ def _model_dir(tmp_path: Path, name: str) -> Path:
 SYSTEM = {"role": "system", "content": "You plan. the agent cache block pool reads"}
 
 
-def _chat(server: Any, model_dir: Path, session: str, messages: list[dict[str, str]]) -> Any:
-    """One greedy chat turn of ``session`` through the official openai client."""
+def _chat(
+    server: Any, model_dir: Path, session: str | None, messages: list[dict[str, str]]
+) -> Any:
+    """One greedy chat turn of ``session`` (None: a request without one) through the
+    official openai client."""
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
     return client.chat.completions.create(
         model=str(model_dir), messages=messages, max_tokens=MAX_TOKENS, temperature=0,  # type: ignore[arg-type]
-        extra_headers={"X-Session-ID": session},
+        extra_headers={"X-Session-ID": session} if session is not None else None,
     )  # fmt: skip
 
 
@@ -644,11 +708,12 @@ def test_kvpool_serve_chat_resumes_a_hybrid_session(tmp_path: Path) -> None:
 def test_a_chat_turn_on_another_kvpool_serve_resumes_at_the_prompt_end_from_redis(
     tmp_path: Path,
 ) -> None:
-    """Two ``kvpool serve`` processes on the tiny qwen3_5 share one redis-server: turn 1 of
-    a chat on A, turn 2 (the reply re-templated) on B, through the official openai client.
-    A's session in Redis carries its prompt-end snapshot, so B reuses the first prompt but
-    its last token, as A itself would; B's answer equals A's for the same messages in a
-    session A never saw (a fresh prefill there)."""
+    """Three ``kvpool serve`` processes on the tiny qwen3_5 share one redis-server: turn 1
+    of a chat on A, turn 2 (the reply re-templated) on B, through the official openai
+    client. A's session in Redis carries its prompt-end snapshot, so B reuses the first
+    prompt but its last token, as A itself would; B's answer equals A's for the same
+    messages in another session. C gets the same messages without a session: it imports
+    A's prompt end as a prefix and reuses as much, with the same answer."""
     from redis_process import RedisProcess, require_redis_server
     from server_process import ServerProcess, wait_until
 
@@ -659,6 +724,7 @@ def test_a_chat_turn_on_another_kvpool_serve_resumes_at_the_prompt_end_from_redi
         with (
             ServerProcess(tmp_path / "a", tmp_path / "models", *shared) as a,
             ServerProcess(tmp_path / "b", tmp_path / "models", *shared) as b,
+            ServerProcess(tmp_path / "c", tmp_path / "models", *shared) as c,
         ):
 
             def chat(server: ServerProcess, session: str, messages: list[dict[str, str]]) -> Any:
@@ -676,6 +742,10 @@ def test_a_chat_turn_on_another_kvpool_serve_resumes_at_the_prompt_end_from_redi
             fresh = chat(a, "s-ref", messages)
             assert fresh.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
             assert second.choices[0].message.content == fresh.choices[0].message.content
+            stateless = chat(c, None, messages)
+            details = stateless.usage.prompt_tokens_details
+            assert details.cached_tokens == first.usage.prompt_tokens - 1
+            assert stateless.choices[0].message.content == fresh.choices[0].message.content
 
 
 def test_kvpool_serve_state_snapshot_blocks_lets_another_session_share_a_prefix(

@@ -4,7 +4,8 @@
 ``redis.ConnectionError`` (as a killed server does) until ``fail_after = None``. A pipeline's
 commands run one by one at ``execute``, so a failure can land in the middle of one (what a
 server killed mid-write leaves). ``log`` records every command name and key. ``lpush``
-makes a list key: ``get`` of it raises WRONGTYPE, as Redis does (``set`` replaces it).
+makes a list key and ``sadd`` a set key: ``get`` of either raises WRONGTYPE, as Redis does,
+and so do ``sadd``/``smembers`` of a key of another type (``set`` replaces any).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class FakeRedis:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
         self.lists: dict[str, list[bytes]] = {}
+        self.sets: dict[str, set[bytes]] = {}
         self.ttl: dict[str, int] = {}
         self.fail_after: int | None = None
         self.log: list[tuple[str, str]] = []
@@ -30,17 +32,37 @@ class FakeRedis:
             self.fail_after -= 1
         self.log.append((name, key))
 
-    def get(self, key: str) -> bytes | None:
-        self._tick("get", key)
-        if key in self.lists:
+    def _other_type(self, key: str, *kinds: dict[str, Any]) -> None:
+        if any(key in kind for kind in kinds):
             raise redis.ResponseError(
                 "WRONGTYPE Operation against a key holding the wrong kind of value"
             )
+
+    def _has(self, key: str) -> bool:
+        return key in self.data or key in self.lists or key in self.sets
+
+    def get(self, key: str) -> bytes | None:
+        self._tick("get", key)
+        self._other_type(key, self.lists, self.sets)
         return self.data.get(key)
+
+    def sadd(self, key: str, *members: object) -> int:
+        self._tick("sadd", key)
+        self._other_type(key, self.data, self.lists)
+        found = self.sets.setdefault(key, set())
+        new = {str(m).encode() if not isinstance(m, bytes) else m for m in members} - found
+        found |= new
+        return len(new)
+
+    def smembers(self, key: str) -> set[bytes]:
+        self._tick("smembers", key)
+        self._other_type(key, self.data, self.lists)
+        return set(self.sets.get(key, ()))
 
     def lpush(self, key: str, value: bytes) -> int:
         self._tick("lpush", key)
         self.data.pop(key, None)
+        self.sets.pop(key, None)
         self.lists.setdefault(key, []).insert(0, value)
         return len(self.lists[key])
 
@@ -48,14 +70,16 @@ class FakeRedis:
         self._tick("flushall", "")
         self.data.clear()
         self.lists.clear()
+        self.sets.clear()
         self.ttl.clear()
         return True
 
     def set(self, key: str, value: bytes, nx: bool = False, ex: int | None = None) -> bool | None:
         self._tick("set", key)
-        if nx and (key in self.data or key in self.lists):
+        if nx and self._has(key):
             return None
         self.lists.pop(key, None)
+        self.sets.pop(key, None)
         self.data[key] = bytes(value)
         self.bytes_in += len(value)
         if ex is not None:
@@ -66,11 +90,11 @@ class FakeRedis:
 
     def exists(self, key: str) -> int:
         self._tick("exists", key)
-        return int(key in self.data or key in self.lists)
+        return int(self._has(key))
 
     def expire(self, key: str, seconds: int) -> bool:
         self._tick("expire", key)
-        if key not in self.data and key not in self.lists:
+        if not self._has(key):
             return False
         self.ttl[key] = seconds
         return True
@@ -78,7 +102,7 @@ class FakeRedis:
     def delete(self, key: str) -> int:
         self._tick("delete", key)
         self.ttl.pop(key, None)
-        found = self.lists.pop(key, None) is not None
+        found = self.lists.pop(key, None) is not None or self.sets.pop(key, None) is not None
         return int(self.data.pop(key, None) is not None or found)
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:

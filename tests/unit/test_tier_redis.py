@@ -384,8 +384,8 @@ def test_a_hybrid_session_continues_on_another_store_from_its_end_state(
 ) -> None:
     """A recurrent model's session: K/V blocks, its end-state record and its prompt-end
     snapshot's; another store resumes from blocks and end state. A corrupt end state is
-    refused (and deleted), a missing one is a miss: the turn is prefilled, token-exact either
-    way, nothing held."""
+    refused (and deleted), a missing one is a miss: the session's prompt end (9 tokens) still
+    comes in as a prefix and the rest is prefilled, token-exact either way, nothing held."""
     spec, fake = _hybrid(), FakeRedis()
     a = make_store(fake, spec=spec)
     first = run(a, "s", prompt_of(10))
@@ -401,7 +401,8 @@ def test_a_hybrid_session_continues_on_another_store_from_its_end_state(
     done = run(b, "s", turn2)
     reference = run(make_store(FakeRedis(), spec=spec), "ref", turn2).token_ids
     assert done.token_ids == reference
-    assert done.cached_tokens == (len(context) if corrupt is None else 0)
+    assert done.cached_tokens == (len(context) if corrupt is None else 9)
+    assert b.stats.prefix_tokens_imported == (0 if corrupt is None else 9)
     if corrupt == "flip":
         assert b.stats.tier.num_blocks_corrupt == 1 and state_key not in fake.data
     b.pool.check_invariants()
@@ -474,7 +475,7 @@ def test_a_hybrid_prefix_comes_in_with_the_snapshot_at_its_last_boundary(
 
 @pytest.mark.parametrize(
     ("case", "reused"),
-    [("ok", 9), ("flip", 0), ("delete", 0), ("older manifest", 0)],
+    [("ok", 9), ("flip", 0), ("delete", 0), ("older manifest", 9)],
 )
 def test_a_hybrid_chat_turn_on_another_store_resumes_at_the_prompts_end(
     case: str, reused: int
@@ -483,9 +484,10 @@ def test_a_hybrid_chat_turn_on_another_store_resumes_at_the_prompts_end(
     it: on the same server the prompt-end snapshot (after all but the prompt's last token)
     serves it. Written with the session and listed in its manifest, it comes with the
     session to store B, which reuses those 9 tokens. A snapshot record failing its check
-    (deleted, counted), a missing one or a manifest that lists none (an older kvpool's):
-    the session still loads, and the turn is prefilled (its recurrent layers have no state
-    inside the reply). Token-exact."""
+    (deleted, counted) or a missing one: the session still loads, and the turn is
+    prefilled (its recurrent layers have no state inside the reply). A manifest that lists
+    none (an older kvpool's): the session loads without it, and the prompt end comes in as a
+    prefix instead (what another agent with that prompt would get). Token-exact."""
     fake = FakeRedis()
     prompt, at9 = _chat_session(fake)
     _damage(fake, at9, {"flip": "flip", "delete": "delete"}.get(case))
@@ -500,6 +502,7 @@ def test_a_hybrid_chat_turn_on_another_store_resumes_at_the_prompts_end(
     assert got.error is None
     assert got.cached_tokens == reused
     assert b.stats.tier.num_snapshots_read == (1 if case == "ok" else 0)
+    assert b.stats.prefix_tokens_imported == (9 if case == "older manifest" else 0)
     assert got.token_ids == run(hybrid_store(FakeRedis(), None), "ref", turn2).token_ids
     if case == "flip":
         assert b.stats.tier.num_blocks_corrupt == 1 and at9 not in fake.data
@@ -520,27 +523,149 @@ def _chat_session(fake: FakeRedis) -> tuple[list[int], str]:
     return prompt, at9
 
 
-def test_a_snapshot_redis_evicted_is_written_again_after_the_check() -> None:
-    """Redis evicts a hot hybrid session's prompt-end snapshot (LRU; its other keys stay):
-    the scheduled check finds it, and the next flush sends that record alone again, so a
-    re-templated turn on store B resumes at the prompt's end (without the check nothing
-    would send it until the session's next save, and B would prefill the turn)."""
+@pytest.mark.parametrize("evicted", ["state", "rows", "listing"])
+def test_a_prompt_end_redis_evicted_is_written_again_after_the_check(evicted: str) -> None:
+    """Redis evicts one key of a hot hybrid session's prompt end (LRU; the others stay): its
+    state, its partial block's rows or the set listing it. The scheduled check finds it and
+    the next flush writes it alone again, so a new agent on store B imports the prompt end
+    (without the check nothing would send it until the session's next save)."""
     fake = FakeRedis()
     a = hybrid_store(fake, None)
     prompt = prompt_of(10)
     first = run(a, "s", prompt)
     assert a.flush() == 1 and a.check_saved() == 0
     at9 = boundary_state_key([*prompt, *first.token_ids], 9)
-    del fake.data[at9]
+    rows, listing = _prompt_end_keys(prompt)
+    stats = a.stats.tier
+    if evicted == "listing":
+        del fake.sets[listing]
+    else:
+        del fake.data[at9 if evicted == "state" else rows]
     assert a.check_saved() == 1
-    blocks, snapshots = a.stats.tier.num_blocks_written, a.stats.tier.num_snapshots_written
-    assert a.flush() == 1
-    assert at9 in fake.data and a.stats.tier.num_snapshots_written == snapshots + 1
-    assert a.stats.tier.num_blocks_written == blocks and a.check_saved() == 0
+    assert a.flush() == 1 and a.check_saved() == 0
+    assert at9 in fake.data and rows in fake.data and fake.sets[listing] == {b"1"}
+    after = a.stats.tier
+    assert after.num_snapshots_written == stats.num_snapshots_written + (evicted == "state")
+    assert after.num_blocks_written == stats.num_blocks_written + (evicted == "rows")
     b = hybrid_store(fake, None)
-    turn2 = [*prompt, 7, 7, 7, *prompt_of(3, seed=9)]
-    got = run(b, "s", turn2)
-    assert got.cached_tokens == 9 and b.stats.tier.num_snapshots_read == 1
+    got = run(b, "t", [*prompt, 7, 7, 7, *prompt_of(3, seed=9)])
+    assert got.cached_tokens == 9 == b.stats.prefix_tokens_imported
+
+
+def _prompt_end_keys(prompt: Sequence[int]) -> tuple[str, str]:
+    """The keys of the K/V rows of the prompt end after ``prompt[:9]`` (its partial block
+    8..9: the last block record of a session of exactly those tokens) and of the set that
+    lists its length (1) after block 1."""
+    ks = KeySpace(FP, block_format_id(_hybrid()), B)
+    chain = ks.chain(prompt[:9], "")
+    return ks.block_key("", chain[-1]), ks.prompt_ends_key("", chain[1])
+
+
+@pytest.mark.parametrize(
+    ("damage", "imported"),
+    [
+        (None, 9),
+        ("flip state", 0),
+        ("delete state", 0),
+        ("flip rows", 0),
+        ("delete rows", 0),
+        ("unlisted", 0),
+        ("junk listed", 9),
+        ("listing of another type", 0),
+    ],
+)
+def test_a_new_agent_on_another_store_imports_a_sessions_prompt_end(
+    damage: str | None, imported: int
+) -> None:
+    """Session s on store A leaves its prompt end (after 9 of its 10 tokens, mid-block) in
+    Redis: the state, the K/V rows of its partial block, and its length in the set of the
+    prompt ends after block 1. A new agent on store B whose prompt starts with those tokens
+    imports the 9 as a prefix (the rows as cached blocks, the state as the pool's snapshot
+    of exactly them) and prefills the rest, token-exact. A state or rows record failing its
+    check (deleted, counted), gone, or not listed: nothing imported, nothing left in the
+    pool. Junk listed beside it is ignored; a listing key of another type is a miss, not an
+    outage."""
+    fake = FakeRedis()
+    prompt, at9 = _chat_session(fake)
+    rows, listing = _prompt_end_keys(prompt)
+    assert fake.sets[listing] == {b"1"} and rows in fake.data
+    target = at9 if damage and damage.endswith("state") else rows
+    if damage and damage.split()[0] in ("flip", "delete"):
+        _damage(fake, target, damage.split()[0])
+    elif damage == "unlisted":
+        del fake.sets[listing]
+    elif damage == "junk listed":  # 3: a length with no records; the others are no lengths
+        fake.sets[listing] |= {b"x", b"0", b"4", b"999", b"-1", b"3"}
+    elif damage == "listing of another type":
+        del fake.sets[listing]
+        fake.data[listing] = b"junk"
+    b = hybrid_store(fake, None)
+    new = [*prompt, 7, 7, 7, *prompt_of(3, seed=9)]  # a new agent, the 10 tokens first
+    got = run(b, "t", new)
+    assert got.error is None
+    assert got.cached_tokens == imported == b.stats.prefix_tokens_imported
+    assert got.token_ids == run(hybrid_store(FakeRedis(), None), "ref", new).token_ids
+    tier = b.stats.tier
+    assert tier.available and tier.num_errors == 0
+    if damage and damage.startswith("flip"):
+        assert tier.num_blocks_corrupt == 1 and target not in fake.data
+    b.pool.check_invariants()
+    assert [h.agent_id for h in b.pool.manager.handles] == ["t"]
+
+
+@pytest.mark.parametrize(("damage", "imported"), [(None, 9), ("flip", 8), ("delete", 8)])
+def test_a_prompt_end_that_fails_falls_back_to_the_last_boundary_snapshot(
+    damage: str | None, imported: int
+) -> None:
+    """Store A takes a snapshot at every block boundary too (4 and 8): with the prompt end's
+    rows bad or gone, the new agent on store B imports up to 8, token-exact."""
+    fake = FakeRedis()
+    a = hybrid_store(fake, 1)
+    prompt = prompt_of(10)
+    run(a, "s", prompt)
+    assert a.flush() == 1
+    rows, _ = _prompt_end_keys(prompt)
+    _damage(fake, rows, damage)
+    b = hybrid_store(fake, None)
+    new = [*prompt, 7, 7, 7, *prompt_of(3, seed=9)]
+    got = run(b, "t", new)
+    assert got.cached_tokens == imported == b.stats.prefix_tokens_imported
+    assert got.token_ids == run(hybrid_store(FakeRedis(), None), "ref", new).token_ids
+    b.pool.check_invariants()
+
+
+def test_redis_failing_mid_prompt_end_import_leaves_nothing_in_the_pool() -> None:
+    """Redis goes down after ``n`` commands of the import of a prompt end, for every ``n``:
+    the import raises TierUnavailableError or imports all 9 tokens; the pool holds nothing
+    but that prefix's cached blocks either way (no handle, nothing leased). A pool without
+    room for it imports nothing and holds nothing."""
+    fake = FakeRedis()
+    prompt, _ = _chat_session(fake)
+    new = [*prompt, 7, 7, 7, *prompt_of(3, seed=9)]
+    outcomes = set()
+    for n in range(40):
+        b = hybrid_store(fake, None)
+        fake.fail_after = n
+        got = None
+        try:
+            got = b.cold.import_prefix(b.pool, new, "", 0)
+        except TierUnavailableError:
+            outcomes.add("refused")
+        else:
+            outcomes.add(f"imported {got}")
+        finally:
+            fake.fail_after = None
+        usage = b.pool.usage()
+        assert usage.num_used == 0 and usage.num_handles == 0
+        b.pool.check_invariants()
+        if got == 9 and "refused" in outcomes:
+            assert b.pool.lookup(new, salt="").num_tokens == 9
+            break
+    assert outcomes == {"refused", "imported 9"}
+    small = hybrid_store(fake, None, num_blocks=2)  # no room for the prefix: nothing
+    assert small.cold.import_prefix(small.pool, new, "", 0) == 0
+    assert small.pool.usage().num_used == 0 and small.pool.usage().num_cached == 0
+    small.pool.check_invariants()
 
 
 def test_a_session_loads_without_its_snapshots_when_the_pool_has_no_state_block() -> None:

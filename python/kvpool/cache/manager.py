@@ -1106,6 +1106,7 @@ class KVCacheManager:
         written_from: Sequence[int],
         *,
         whole_blocks: bool = False,
+        publish_state: bool = False,
     ) -> CacheHandle:
         """Turn ``res`` into the handle of ``token_ids``, whose K/V was written
         through ``tables`` (from :meth:`place`) at positions ``>= written_from[g]``.
@@ -1119,6 +1120,9 @@ class KVCacheManager:
         ``whole_blocks`` (a host write of whole blocks: a prefix import) from the start of
         the block holding that position, when written from there, so that this block is
         published too (lookups of exactly these tokens need it: their window starts in it).
+        A recurrent end state mid-block stays unpublished unless ``publish_state`` (a
+        prefix import ending at a prompt's end): then it is published as the snapshot of
+        exactly ``token_ids``, as :meth:`commit_state` publishes a prompt's.
         """
         if not res.open:
             raise InvalidRequestError("this reservation was already committed or rolled back")
@@ -1143,20 +1147,27 @@ class KVCacheManager:
                 start, stop = j * size, min((j + 1) * size, length)
                 if block == NULL_BLOCK or start < valid:
                     continue
-                if policy.is_recurrent and stop - start < size:
-                    # an end state mid-block stays unpublished: the agent's own next turn
-                    # finds it through its handle, and published it would hide the
-                    # prompt-end snapshots of this block from lookups (best_child)
-                    continue
                 key = keys[j] if stop - start == size else None
                 parent = keys[j - 1] if j > 0 else self.root(res.salt)
-                canonical = int(alloc.publish(block, parent, list(token_ids[start:stop]), key))
+                chunk = list(token_ids[start:stop])
+                if policy.is_recurrent and stop - start < size:
+                    # an end state mid-block stays unpublished: the agent's own next turn
+                    # finds it through its handle, and published under ``parent`` it would
+                    # hide the prompt-end snapshots of this block from lookups (best_child);
+                    # as a snapshot it goes under the chain key of its own tokens
+                    if not publish_state:
+                        continue
+                    parent = chain_key(parent, chunk)
+                canonical = int(alloc.publish(block, parent, chunk, key))
                 if canonical != block:  # computed twice: keep one copy
                     alloc.share(res.lease, [canonical])
                     alloc.invalidate(block)
                     alloc.free(res.lease, [block])
                     table[j] = canonical
             final.append(GroupTable(tuple(table), min(valid, length)))
+        if publish_state and length % size and self._has_recurrent:
+            j = length // size
+            self._index_snapshot(keys[j - 1] if j else self.root(res.salt), length - j * size)
         for alloc in self._allocators:
             alloc.release(res.pin)
         res.open = False

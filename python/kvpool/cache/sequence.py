@@ -349,14 +349,20 @@ class HostWrite:
         return out
 
     def commit(
-        self, valid_from: Sequence[int] | None = None, *, whole_blocks: bool = False
+        self,
+        valid_from: Sequence[int] | None = None,
+        *,
+        whole_blocks: bool = False,
+        publish_state: bool = False,
     ) -> CacheHandle:
         """The written blocks become the handle of ``tokens``; group ``g`` holds positions
         ``>= valid_from[g]`` (None: all of them, as full-attention groups do), a sliding
         group at most its window (from ``keep_from``); with ``whole_blocks`` (the rows were
         written from ``valid_from[g]``, a block start) from the start of the window's first
         block, which is then published too (a prefix import: see
-        :meth:`KVCacheManager.commit`).
+        :meth:`KVCacheManager.commit`); with ``publish_state`` a recurrent end state
+        mid-block is published as the snapshot of exactly ``tokens`` (a prefix import
+        ending at a prompt's end).
         InvalidRequestError, and the write still open, if a recurrent layer's end state was
         not written into its fresh block (it would be published holding nothing)."""
         self._expect_open()
@@ -369,7 +375,12 @@ class HostWrite:
         written = [max(v, self.shared_tokens) for v in valid]
         with self._lock:
             handle = self._manager.commit(
-                self._res, self._res.tokens, self.tables, written, whole_blocks=whole_blocks
+                self._res,
+                self._res.tokens,
+                self.tables,
+                written,
+                whole_blocks=whole_blocks,
+                publish_state=publish_state,
             )
         self.state = SequenceState.CLOSED
         return handle

@@ -6,6 +6,8 @@ Blocks are content-addressed and stored once for every session and server::
     kvpool:ses:<model>:<block format>:<agent id>               one session manifest (JSON)
     kvpool:st:<model>:<block format>:<tenant>:<chain key>     a recurrent model's state after
                                                                exactly the tokens the key names
+    kvpool:pe:<model>:<block format>:<tenant>:<chain key>     lengths of the prompt-end snapshots
+                                                               in the block after that key (a set)
 
 ``<model>`` is the first 16 hex digits of the model fingerprint, ``<tenant>`` a 64-bit
 blake2b of the ``cache_salt`` (tenants never share a key), ``<block format>`` is
@@ -137,6 +139,13 @@ class KeySpace:
 
     def session_key(self, agent_id: str) -> str:
         return f"{self.prefix}:ses:{self.model}:{self.block_format}:{agent_id}"
+
+    def prompt_ends_key(self, salt: str, parent: int) -> str:
+        """Where the lengths (``1..B-1``, a set) of the prompt-end snapshots inside the block
+        after the chain key ``parent`` (the root for block 0) are listed: how a prefix
+        import names their records without a scan. Hints only: each record is checked."""
+        tenant = _short_hash(salt)
+        return f"{self.prefix}:pe:{self.model}:{self.block_format}:{tenant}:{parent:016x}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,11 +54,15 @@ checked like a block). A session writes its end state (before the manifest, read
 blocks) and the snapshots the pool holds for its prefix, block boundaries and prompt ends
 (``SET NX``, like blocks; the manifest lists their lengths). Loading the session registers
 the longest of them Redis still holds as the pool's snapshot, best effort (a chat's next
-turn, which re-templates the reply, resumes at the previous prompt's end on any server); a
-prefix import takes the
-longest run of blocks that ends at a boundary with a state and registers that state as the
-pool's snapshot of exactly that prefix (blocks without a state at their end would serve no
-lookup).
+turn, which re-templates the reply, resumes at the previous prompt's end on any server).
+A prompt end (mid-block) also gets the K/V rows of its partial block, under the key a
+session of exactly its tokens ends with, and its length in a set per block
+(:meth:`KeySpace.prompt_ends_key`; a model without sliding groups). A prefix import takes
+the longest of: a run of blocks that ends at a boundary with a state, or such a run and a
+listed prompt end's partial block; it registers that state as the pool's snapshot of
+exactly that prefix (blocks without a state at their end would serve no lookup). So a new
+agent whose prompt starts with another session's prompt resumes where that one's prompt
+ended, on any server.
 """
 
 from __future__ import annotations
@@ -142,6 +146,22 @@ def _raise_outage(results: Sequence[object]) -> list[object]:
         if isinstance(result, Exception) and not _is_wrong_type(result):
             raise result
     return [_WRONG_TYPE if _is_wrong_type(r) else r for r in results]
+
+
+def _prompt_end_lengths(listed: object, size: int) -> list[int]:
+    """The lengths ``1..size-1`` in a :meth:`KeySpace.prompt_ends_key` set as SMEMBERS
+    returns it (anything else, e.g. a key of another type or a bad member, lists none)."""
+    if not isinstance(listed, set | frozenset | list | tuple):
+        return []
+    out = []
+    for member in listed:
+        try:
+            length = int(member)
+        except (TypeError, ValueError):
+            continue
+        if 0 < length < size:
+            out.append(length)
+    return out
 
 
 class RedisTier:
@@ -368,6 +388,8 @@ class RedisTier:
         if self.spec.has_recurrent:
             held, snapshots = self._save_snapshots(pool, handle, chain)
             sent_state += held
+            if not self._windowed:
+                sent_state += self._save_prompt_ends(pool, handle, chain, snapshots)
             # the end state, under the chain key of all the tokens
             state_key = self.keys.state_key(salt, chain[-1])
             record = read_state(pool, handle, self._mac, self._context(state_key))
@@ -677,6 +699,72 @@ class RedisTier:
             stored.append(length)
         return held, tuple(stored)
 
+    def _prompt_end_records(
+        self, handle: CacheHandle, chain: Sequence[int], lengths: Sequence[int]
+    ) -> list[_Record]:
+        """The records of the partial last blocks of ``handle``'s prefixes of the mid-block
+        ``lengths``: each the last block record of a session of exactly those tokens."""
+        salt, tokens, size = handle.salt, handle.token_ids, self.spec.block_tokens
+        return [
+            _Record(
+                n // size,
+                self.keys.block_key(salt, self.keys.prefix_chain_key(salt, tokens, chain, n)),
+                n // size * size,
+                n,
+            )
+            for n in lengths
+            if n % size
+        ]
+
+    def _prompt_ends_key(self, handle: CacheHandle, chain: Sequence[int], n: int) -> str:
+        """The :meth:`KeySpace.prompt_ends_key` that lists a snapshot after ``n`` tokens."""
+        j = n // self.spec.block_tokens
+        return self.keys.prompt_ends_key(
+            handle.salt, chain[j - 1] if j else self.keys.root(handle.salt)
+        )
+
+    def _save_prompt_ends(
+        self, pool: BlockPool, handle: CacheHandle, chain: Sequence[int], lengths: Sequence[int]
+    ) -> int:
+        """Make the prompt-end snapshots among ``lengths`` (mid-block; their states are in
+        Redis) importable as a prefix by another server: the K/V of each one's partial last
+        block, under the key a session of exactly its tokens ends with (``SET NX``, like
+        every block; with a secret, one found there unchecked is checked first), and its
+        length in the set :meth:`KeySpace.prompt_ends_key` (``SADD``). Returns the bytes of
+        these records in Redis."""
+        recs = self._prompt_end_records(handle, chain, lengths)
+        if not recs:
+            return 0
+        tokens = handle.token_ids
+        what = f"saving the prompt ends of agent {handle.agent_id!r}"
+        with self._redis(what) as r:
+            pipe = r.pipeline(transaction=False)
+            for rec in recs:
+                self._refresh(pipe, rec.key)
+            for rec in recs:
+                index = self._prompt_ends_key(handle, chain, rec.stop)
+                pipe.sadd(index, rec.stop - rec.start)
+                if self.ttl_s is not None:
+                    pipe.expire(index, self.ttl_s)
+            present = pipe.execute()[: len(recs)]
+        replace = self._unverified(recs, present, tokens) if self._mac else set()
+        held = 0
+        for i, rec in enumerate(recs):
+            if present[i] and i not in replace:
+                held += record_bytes(self.spec, rec.stop - rec.start, None)
+                continue
+            record = read_block(
+                pool, handle, tokens, rec.start, rec.stop, self._mac, self._context(rec.key)
+            )
+            with self._redis(what) as r:
+                # a concurrent writer's record is as good (and checked on read)
+                r.set(rec.key, record, nx=i not in replace, ex=self.ttl_s)
+            self._trust(rec.key)
+            self._counts["num_blocks_written"] += 1
+            self._counts["bytes_sent"] += len(record)
+            held += len(record)
+        return held
+
     def _snapshot_keys(
         self, handle: CacheHandle, chain: Sequence[int], lengths: Sequence[int]
     ) -> list[str]:
@@ -764,10 +852,10 @@ class RedisTier:
 
     def missing(self, pool: BlockPool, handles: Sequence[CacheHandle]) -> set[str]:
         """One pipelined EXISTS over every key a save of ``handles`` writes: the manifest,
-        the blocks, the end state, and the prefix's state snapshots and window blocks the
-        pool holds (gone from Redis, they would be sent again only at the session's next
-        save; meanwhile a load falls back to a shorter snapshot, an import to a shorter
-        prefix)."""
+        the blocks, the end state, and the prefix's state snapshots (with the prompt ends'
+        rows and listings) and window blocks the pool holds (gone from Redis, they would be
+        sent again only at the session's next save; meanwhile a load falls back to a
+        shorter snapshot, an import to a shorter prefix)."""
         self._check_pool(pool)
         keys_of = {}
         for h in handles:
@@ -779,7 +867,11 @@ class RedisTier:
             ]
             if self.spec.has_recurrent and chain:
                 keys.append(self.keys.state_key(h.salt, chain[-1]))
-                keys += self._snapshot_keys(h, chain, pool.snapshot_lengths(h))
+                lengths = pool.snapshot_lengths(h)
+                keys += self._snapshot_keys(h, chain, lengths)
+                if not self._windowed:  # the prompt ends' rows and listings
+                    for rec in self._prompt_end_records(h, chain, lengths):
+                        keys += (rec.key, self._prompt_ends_key(h, chain, rec.stop))
             if self._windowed:
                 keys += self._prefix_window_records(pool, h, chain)
             keys_of[h.agent_id] = list(dict.fromkeys(keys))
@@ -810,23 +902,31 @@ class RedisTier:
         return True
 
     def import_prefix(self, pool: BlockPool, tokens: Sequence[int], salt: str, have: int) -> int:
-        """Import the longest run of ``tokens``' whole blocks past ``have`` that Redis holds,
-        ending at a block boundary where it holds what the pool needs there besides: for a
-        recurrent model the state (below the prompt's end), imported as a snapshot of
-        exactly that prefix; for a sliding-window model every sliding group's whole blocks
-        of the window (:meth:`_window_records`), published with the prefix. Nothing on any
-        miss, bad record or full pool. Returns the tokens imported."""
+        """Import the longest prefix of ``tokens`` past ``have`` that Redis holds with what
+        the pool needs at its end. Either a run of whole blocks ending at a block boundary
+        where Redis holds, for a recurrent model, the state (below the prompt's end),
+        imported as a snapshot of exactly that prefix, and for a sliding-window model every
+        sliding group's whole blocks of the window (:meth:`_window_records`), published
+        with the prefix; or, for a recurrent model without sliding groups, such a run and
+        then the partial block of a longer prompt-end snapshot another session left
+        (:meth:`_save_prompt_ends`): its state comes in as the snapshot of exactly that
+        prefix. A prompt end that fails its check or is gone falls back to the boundary.
+        Nothing on any miss, bad record or full pool. Returns the tokens imported."""
         self._check_pool(pool)
         size, recurrent = self.spec.block_tokens, self.spec.has_recurrent
         # the engine feeds a prompt's last token itself: a state after all of them serves no
         # lookup, and a recurrent group supplies a prefix only where it has a state
-        num_full = (len(tokens) - 1 if recurrent else len(tokens)) // size
-        first = have // size
-        if first >= num_full:
+        last = len(tokens) - 1 if recurrent else len(tokens)
+        num_full, first = last // size, have // size
+        if have >= last:
+            return 0
+        # prompt ends can lie in blocks first.. (mid-block, past ``have``, up to ``last``)
+        ends_in = range(first, last // size + 1) if recurrent and not self._windowed else range(0)
+        if first >= num_full and not ends_in:
             return 0
         full = tokens[: num_full * size]
         chain = self.keys.chain(full, salt)
-        n = num_full - first
+        n = max(0, num_full - first)
         # the window records any boundary past ``first`` needs (blocks before it: shared)
         windows = list(
             dict.fromkeys(
@@ -836,6 +936,7 @@ class RedisTier:
                 if rec.j >= first
             )
         )
+        root = self.keys.root(salt)
         what = f"looking up {n} prefix blocks"
         with self._redis(what) as r:
             pipe = r.pipeline(transaction=False)
@@ -846,10 +947,14 @@ class RedisTier:
                     pipe.exists(self.keys.state_key(salt, c))
             for key in windows:
                 pipe.exists(key)
-            found = pipe.execute()
+            for j in ends_in:
+                pipe.smembers(self.keys.prompt_ends_key(salt, chain[j - 1] if j else root))
+            found = _raise_outage(pipe.execute(raise_on_error=False))
         present = found[:n]
         with_state = found[n : 2 * n] if recurrent else []
-        window_there = dict(zip(windows, found[len(found) - len(windows) :], strict=True))
+        base = 2 * n if recurrent else n
+        window_there = dict(zip(windows, found[base : base + len(windows)], strict=True))
+        listed = found[base + len(windows) :]
 
         def has_windows(k: int) -> bool:
             """Redis holds the window records a boundary of ``k`` blocks needs."""
@@ -859,31 +964,70 @@ class RedisTier:
                 if rec.j >= first
             )
 
-        run = 0
-        while run < n and present[run]:
-            run += 1
+        whole = 0  # blocks past ``first`` that Redis holds, in a run
+        while whole < n and present[whole]:
+            whole += 1
+        run = whole
         while run and ((recurrent and not with_state[run - 1]) or not has_windows(first + run)):
             run -= 1
+        boundary = (first + run) * size if run else 0
+        chains = {
+            end: [*chain[: end // size], self.keys.prefix_chain_key(salt, tokens, chain, end)]
+            for j, lengths in zip(ends_in, listed, strict=True)
+            if j - first <= whole  # the whole blocks before it are in Redis
+            for end in (j * size + length for length in _prompt_end_lengths(lengths, size))
+            if max(have, boundary) < end <= last
+        }
+        for end in self._prompt_ends_held(salt, chains):
+            imported = self._import_at(pool, tokens[:end], salt, chains[end])
+            if imported is not None:  # else gone or bad: the next shorter
+                return imported
         if not run:
             return 0
-        end = (first + run) * size
+        return self._import_at(pool, full[:boundary], salt, chain[: first + run]) or 0
+
+    def _prompt_ends_held(self, salt: str, chains: dict[int, list[int]]) -> list[int]:
+        """The prompt-end lengths among ``chains`` (length -> chain keys of exactly that
+        prefix), longest first, whose state and partial block records Redis holds (one
+        pipelined EXISTS: the sets that list them are hints, not records)."""
+        ends = sorted(chains, reverse=True)
+        if not ends:
+            return []
+        with self._redis(f"looking up {len(ends)} prompt ends") as r:
+            pipe = r.pipeline(transaction=False)
+            for end in ends:
+                pipe.exists(self.keys.state_key(salt, chains[end][-1]))
+                pipe.exists(self.keys.block_key(salt, chains[end][-1]))
+            found = pipe.execute()
+        return [end for i, end in enumerate(ends) if found[2 * i] and found[2 * i + 1]]
+
+    def _import_at(
+        self, pool: BlockPool, tokens: Sequence[int], salt: str, chain: Sequence[int]
+    ) -> int | None:
+        """Import exactly ``tokens`` (``chain``: their chain keys) as cached prefix blocks,
+        with, for a recurrent model, the state after them as the pool's snapshot of exactly
+        that prefix (fetched and checked before anything is reserved), and for a sliding
+        model each group's whole window blocks. Returns the tokens the pool did not hold;
+        0 if the pool has no room or held them all; None if a record is gone or fails its
+        check (deleted, counted), with nothing left in the pool."""
+        size, end = self.spec.block_tokens, len(tokens)
         states: tuple[LayerState, ...] | None = None
-        if recurrent:  # checked before anything is reserved
-            key = self.keys.state_key(salt, chain[first + run - 1])
+        if self.spec.has_recurrent:  # checked before anything is reserved
+            key = self.keys.state_key(salt, chain[-1])
             (record,) = self._fetch("importing a prefix state", [key])
             try:
                 states = self._checked_state(record, key, end)
             except CacheCorruptionError as exc:
                 logger.warning("not importing a prefix: %s", exc)
             if states is None:
-                return 0
+                return None
         # a sliding group holds its window's whole blocks: from the start of the block
         # holding the first position a lookup of exactly ``end`` tokens needs
         valid_from = [
             policy.needed_from(end) // size * size if g in self._windowed else 0
             for g, policy in enumerate(self._policies)
         ]
-        got = pool.write_from_host(_IMPORT_AGENT, full[:end], salt=salt)
+        got = pool.write_from_host(_IMPORT_AGENT, tokens, salt=salt)
         if isinstance(got, PoolFull):
             return 0  # no room now: the request prefills
         with got as write:
@@ -894,20 +1038,21 @@ class RedisTier:
                 ok = self._fill(
                     write,
                     "importing prefix blocks",
-                    full[:end],
+                    tokens,
                     salt,
-                    chain[: first + run],
+                    chain,
                     valid_from if self._windowed else (),
                 )
             except CacheCorruptionError as exc:
                 logger.warning("not importing a prefix: %s", exc)
                 ok = False
             if not ok:
-                return 0
+                return None
             if states is not None:
-                write.write(states)  # published as the snapshot of exactly full[:end]
-            # whole blocks: the sliding groups' first blocks are published too
-            handle = write.commit(valid_from, whole_blocks=True)
+                write.write(states)  # published as the snapshot of exactly these tokens
+            # whole blocks: the sliding groups' first blocks are published too; a state
+            # mid-block (a prompt end) is published as a snapshot
+            handle = write.commit(valid_from, whole_blocks=True, publish_state=end % size != 0)
         pool.release(handle)  # its published blocks stay cached for the engine's lookup
         self._counts["num_prefix_imports"] += 1
         self._counts["prefix_tokens_imported"] += end - shared
