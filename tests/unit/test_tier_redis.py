@@ -613,6 +613,25 @@ def test_a_new_agent_on_another_store_imports_a_sessions_prompt_end(
     assert [h.agent_id for h in b.pool.manager.handles] == ["t"]
 
 
+def test_a_listing_key_of_another_type_is_replaced_when_the_session_is_written() -> None:
+    """A key of another type planted where store A lists its prompt end: the save is not an
+    outage (no error, nothing skipped), the key becomes the set listing 1, and a new agent
+    on store B imports the prompt end."""
+    fake = FakeRedis()
+    prompt = prompt_of(10)
+    _, listing = _prompt_end_keys(prompt)
+    fake.data[listing] = b"planted"
+    a = hybrid_store(fake, None)
+    run(a, "s", prompt)
+    assert a.flush() == 1
+    tier = a.stats.tier
+    assert tier.available and tier.num_errors == 0 and a.stats.num_tier_errors == 0
+    assert listing not in fake.data and fake.sets[listing] == {b"1"}
+    assert fake.ttl[listing] == TTL
+    b = hybrid_store(fake, None)
+    assert run(b, "t", [*prompt, 7, 7, 7]).cached_tokens == 9
+
+
 @pytest.mark.parametrize(("damage", "imported"), [(None, 9), ("flip", 8), ("delete", 8)])
 def test_a_prompt_end_that_fails_falls_back_to_the_last_boundary_snapshot(
     damage: str | None, imported: int

@@ -737,16 +737,24 @@ class RedisTier:
             return 0
         tokens = handle.token_ids
         what = f"saving the prompt ends of agent {handle.agent_id!r}"
+        listings = [self._prompt_ends_key(handle, chain, rec.stop) for rec in recs]
         with self._redis(what) as r:
             pipe = r.pipeline(transaction=False)
             for rec in recs:
                 self._refresh(pipe, rec.key)
-            for rec in recs:
-                index = self._prompt_ends_key(handle, chain, rec.stop)
-                pipe.sadd(index, rec.stop - rec.start)
-                if self.ttl_s is not None:
-                    pipe.expire(index, self.ttl_s)
-            present = pipe.execute()[: len(recs)]
+            for rec, listing in zip(recs, listings, strict=True):
+                pipe.sadd(listing, rec.stop - rec.start)
+                self._refresh(pipe, listing)
+            found = _raise_outage(pipe.execute(raise_on_error=False))
+            present, added = found[: len(recs)], found[len(recs) :: 2]
+            wrong = [i for i, result in enumerate(added) if result is _WRONG_TYPE]
+            if wrong:  # a key of another type (planted, or a bug): replaced by the set
+                pipe = r.pipeline(transaction=False)
+                for i in wrong:
+                    pipe.delete(listings[i])
+                    pipe.sadd(listings[i], recs[i].stop - recs[i].start)
+                    self._refresh(pipe, listings[i])
+                pipe.execute()
         replace = self._unverified(recs, present, tokens) if self._mac else set()
         held = 0
         for i, rec in enumerate(recs):
