@@ -59,6 +59,15 @@ class FakeRedis:
         self._other_type(key, self.data, self.lists)
         return set(self.sets.get(key, ()))
 
+    def sscan(self, key: str, cursor: int = 0, count: int | None = None) -> tuple[int, list[bytes]]:
+        """One page of about ``count`` members (as Redis pages a big set), sorted; the
+        cursor of the next page, 0 after the last."""
+        self._tick("sscan", key)
+        self._other_type(key, self.data, self.lists)
+        members = sorted(self.sets.get(key, ()))
+        stop = len(members) if count is None else min(len(members), cursor + count)
+        return (0 if stop >= len(members) else stop), members[cursor:stop]
+
     def lpush(self, key: str, value: bytes) -> int:
         self._tick("lpush", key)
         self.data.pop(key, None)

@@ -583,8 +583,8 @@ def test_a_new_agent_on_another_store_imports_a_sessions_prompt_end(
     imports the 9 as a prefix (the rows as cached blocks, the state as the pool's snapshot
     of exactly them) and prefills the rest, token-exact. A state or rows record failing its
     check (deleted, counted), gone, or not listed: nothing imported, nothing left in the
-    pool. Junk listed beside it is ignored; a listing key of another type is a miss, not an
-    outage."""
+    pool. Junk listed beside it is ignored (one page of a bloated listing is read); a
+    listing key of another type is a miss, not an outage."""
     fake = FakeRedis()
     prompt, at9 = _chat_session(fake)
     rows, listing = _prompt_end_keys(prompt)
@@ -596,12 +596,14 @@ def test_a_new_agent_on_another_store_imports_a_sessions_prompt_end(
         del fake.sets[listing]
     elif damage == "junk listed":  # 3: a length with no records; the others are no lengths
         fake.sets[listing] |= {b"x", b"0", b"4", b"999", b"-1", b"3"}
+        fake.sets[listing] |= {f"z{i}".encode() for i in range(5000)}  # read a page only
     elif damage == "listing of another type":
         del fake.sets[listing]
         fake.data[listing] = b"junk"
     b = hybrid_store(fake, None)
     new = [*prompt, 7, 7, 7, *prompt_of(3, seed=9)]  # a new agent, the 10 tokens first
     got = run(b, "t", new)
+    assert ("smembers", listing) not in fake.log  # the listing is paged (SSCAN)
     assert got.error is None
     assert got.cached_tokens == imported == b.stats.prefix_tokens_imported
     assert got.token_ids == run(hybrid_store(FakeRedis(), None), "ref", new).token_ids

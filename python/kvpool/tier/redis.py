@@ -124,6 +124,7 @@ class _Record:
 
 
 _IMPORT_AGENT = "_kvpool-import"  # the throwaway handle prefix imports commit
+_LISTING_PAGE = 512  # members of a prompt-end listing read per block (255 lengths at most)
 _MAX_VERIFIED = 1 << 16  # block keys remembered as checked (with a secret), least recent out
 _WRONG_TYPE = b""  # what a GET of a key of another type (a list) reads as: a bad record
 
@@ -149,12 +150,16 @@ def _raise_outage(results: Sequence[object]) -> list[object]:
 
 
 def _prompt_end_lengths(listed: object, size: int) -> list[int]:
-    """The lengths ``1..size-1`` in a :meth:`KeySpace.prompt_ends_key` set as SMEMBERS
-    returns it (anything else, e.g. a key of another type or a bad member, lists none)."""
-    if not isinstance(listed, set | frozenset | list | tuple):
+    """The lengths ``1..size-1`` in a page of a :meth:`KeySpace.prompt_ends_key` set as
+    ``SSCAN`` returns it, ``(cursor, members)`` (anything else, e.g. a key of another type,
+    lists none; so does a member that is no such length)."""
+    if not isinstance(listed, list | tuple) or len(listed) != 2:
+        return []
+    members = listed[1]
+    if not isinstance(members, list | tuple | set):
         return []
     out = []
-    for member in listed:
+    for member in members:
         try:
             length = int(member)
         except (TypeError, ValueError):
@@ -955,8 +960,9 @@ class RedisTier:
                     pipe.exists(self.keys.state_key(salt, c))
             for key in windows:
                 pipe.exists(key)
-            for j in ends_in:
-                pipe.smembers(self.keys.prompt_ends_key(salt, chain[j - 1] if j else root))
+            for j in ends_in:  # one page: a set bloated by junk costs no more than this
+                key = self.keys.prompt_ends_key(salt, chain[j - 1] if j else root)
+                pipe.sscan(key, 0, count=_LISTING_PAGE)
             found = _raise_outage(pipe.execute(raise_on_error=False))
         present = found[:n]
         with_state = found[n : 2 * n] if recurrent else []
